@@ -1,0 +1,3 @@
+"""Nuclio entry of pth-preannotate-fasterrcnn-resnet50-fpn: the model is named by PREANNOTATE_MODEL in function.yaml; the code is shared."""
+
+from preannotate.serving.nuclio import handler, init_context  # noqa: F401

@@ -1,0 +1,179 @@
+"""The ``preannotate`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from preannotate.serving.core import DEFAULT_STORE
+
+
+class CommandError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def _store_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=os.environ.get("PREANNOTATE_MODEL_STORE", DEFAULT_STORE),
+                        help="model store directory (env PREANNOTATE_MODEL_STORE; default %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="preannotate", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    models = commands.add_parser("models", help="list, show and create model versions in the store")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    listing = models_commands.add_parser("list", help="published models and their versions")
+    _store_argument(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    show = models_commands.add_parser("show", help="the manifest of NAME[@VERSION] or of an artifact directory")
+    _store_argument(show)
+    show.add_argument("model")
+    architectures = models_commands.add_parser("architectures", help="the architectures of the registry")
+    architectures.add_argument("--json", action="store_true", help="print JSON")
+    create = models_commands.add_parser(
+        "create", help="publish an untrained or pretrained version of an architecture (what an image build does)")
+    _store_argument(create)
+    create.add_argument("architecture")
+    create.add_argument("--labels", help="comma-separated label names, optionally name:type "
+                                         "(default with --init pretrained: the COCO labels)")
+    create.add_argument("--name", help="model name in the store (default: the architecture)")
+    create.add_argument("--init", choices=("random", "pretrained"), default="random")
+    create.add_argument("-H", "--hyperparameters", default="", help='e.g. "image-size=512; score-threshold=0.4"')
+
+    functions = commands.add_parser("functions", help="render and check the Nuclio functions")
+    functions_commands = functions.add_subparsers(dest="functions_command", required=True)
+    render = functions_commands.add_parser("render", help="write functions/ from the model registry")
+    render.add_argument("--out", default="functions", help="directory (default %(default)s)")
+    validate = functions_commands.add_parser("validate", help="check function directories against CVAT's rules")
+    validate.add_argument("directories", nargs="*", default=["functions"],
+                          help="function directories, or roots searched for function.yaml (default functions)")
+
+    serve = commands.add_parser("serve", help="serve a model over HTTP with the routes of the Nuclio function")
+    _store_argument(serve)
+    serve.add_argument("--model", required=True, help="NAME[@VERSION] in the store, an architecture, or a path")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    return parser
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from preannotate.models import ARCHITECTURES, Manifest, ModelStore
+
+    store = ModelStore(args.store) if hasattr(args, "store") else None
+    if args.models_command == "architectures":
+        rows = [{"name": a.name, "output": a.output, "pretrained": a.pretrained_kind, "image_size": a.image_size,
+                 "description": a.description} for a in ARCHITECTURES.values()]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for row in rows:
+                print(f"{row['name']:40} {row['output']:10} {row['description']}")
+        return 0
+    if args.models_command == "list":
+        rows = store.describe()
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        elif not rows:
+            print(f"no models in {store.root}")
+        else:
+            print(f"{'NAME':32} {'VERSION':>7}  {'ARCHITECTURE':38} {'LABELS':>6}  {'mAP@.5':>6}  CREATED")
+            for row in rows:
+                ap50 = row["metrics"].get("map50")
+                print(f"{row['name']:32} {row['version']:>7}  {row['architecture']:38} {row['labels']:>6}  "
+                      f"{'' if ap50 is None else f'{ap50:.3f}':>6}  {row['created']}")
+        return 0
+    if args.models_command == "show":
+        path = Path(args.model)
+        directory = path if (path / "manifest.json").is_file() else store.resolve(args.model)
+        print(json.dumps(Manifest.read(directory).to_dict(), indent=2))
+        return 0
+    if args.models_command == "create":
+        from preannotate.models import create_detector, publish_detector
+        from preannotate.shapes import parse_label_list
+
+        labels = None
+        if args.labels:
+            from preannotate.models import get_architecture
+
+            output = get_architecture(args.architecture).output
+            labels = parse_label_list(args.labels, default_type="mask" if output == "mask" else "rectangle")
+        detector = create_detector(args.architecture, labels, init=args.init, hyperparameters=args.hyperparameters)
+        name = args.name or args.architecture
+        version = publish_detector(detector, store, name)
+        print(f"published {name}@{version} ({args.init}, {len(detector.labels)} labels) in {store.root}")
+        return 0
+    raise AssertionError(args.models_command)
+
+
+def cmd_functions(args: argparse.Namespace) -> int:
+    from preannotate import functions
+
+    if args.functions_command == "render":
+        for path in functions.render_all(Path(args.out)):
+            print(path)
+        return 0
+    directories = []
+    for given in map(Path, args.directories):
+        found = sorted({p.parent for p in given.rglob("function.yaml")}) if not (given / "function.yaml").exists() \
+            else [given]
+        if not found:
+            raise CommandError(f"no function.yaml under {given}")
+        directories += found
+    problems = [p for directory in directories for p in functions.validate_directory(directory)]
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"{len(directories)} function directories checked, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from preannotate.models import ModelStore
+    from preannotate.serving.core import App, ModelProvider
+    from preannotate.serving.http import make_server
+
+    app = App(ModelProvider(args.model, ModelStore(args.store), args.device))
+    app.provider.current()  # load now: fail before listening if the model cannot be served
+    server = make_server(app, args.host, args.port)
+    print(f"serving {args.model} on http://{args.host}:{server.server_address[1]}/ "
+          "(POST / with {\"image\": base64}; GET /health, /models)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+COMMANDS = {"models": cmd_models, "functions": cmd_functions, "serve": cmd_serve}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from preannotate.models import ModelNotFound
+    from preannotate.models.registry import UnknownArchitecture
+    from preannotate.serving.core import ModelUnavailable
+    from preannotate.training.hyperparameters import HyperparameterError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (CommandError, ModelNotFound, UnknownArchitecture, ModelUnavailable, HyperparameterError,
+            ValueError, OSError) as error:
+        print(f"preannotate: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # e.g. pretrained weights that are not on disk
+        print(f"preannotate: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Model artifacts (weights + manifest) and the model store that publishes them as numbered versions.
+
+Store layout::
+
+    STORE/<name>/v1/{manifest.json, model.pt}
+    STORE/<name>/v2/...
+    STORE/.staging/<random>/     a version being written; renamed into place in one step when complete
+
+A version directory exists only once complete (``os.rename`` of a directory is atomic), so a reader never sees a
+half-written version and a crash while publishing leaves only a stale staging directory behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from preannotate.shapes import Label
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+_VERSION_DIR = re.compile(r"v(\d+)")
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
+@dataclass
+class Manifest:
+    """What a model artifact carries about itself: enough to load it and to know where it came from."""
+
+    architecture: str
+    labels: list[Label]
+    framework: str = "pytorch"
+    name: str = ""
+    version: int | None = None
+    weights: str = "model.pt"
+    input_size: dict[str, int | None] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    score_threshold: float = 0.5
+    metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    libraries: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version, "name": self.name, "version": self.version,
+            "architecture": self.architecture, "framework": self.framework, "weights": self.weights,
+            "labels": [label.to_dict() for label in self.labels], "input_size": self.input_size,
+            "score_threshold": self.score_threshold, "hyperparameters": self.hyperparameters,
+            "metrics": self.metrics, "provenance": self.provenance, "libraries": self.libraries,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if data.get("format_version", 1) > FORMAT_VERSION:
+            raise ValueError(f"manifest format {data['format_version']} is newer than this preannotate "
+                             f"understands ({FORMAT_VERSION}); upgrade preannotate")
+        return cls(
+            architecture=data["architecture"], labels=[Label.from_dict(x) for x in data["labels"]],
+            framework=data.get("framework", "pytorch"), name=data.get("name", ""), version=data.get("version"),
+            weights=data.get("weights", "model.pt"), input_size=data.get("input_size", {}),
+            hyperparameters=data.get("hyperparameters", {}), score_threshold=data.get("score_threshold", 0.5),
+            metrics=data.get("metrics", {}), provenance=data.get("provenance", {}),
+            libraries=data.get("libraries", {}), created=data.get("created", ""),
+            format_version=data.get("format_version", FORMAT_VERSION))
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        path = Path(directory) / MANIFEST_FILE
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise ModelNotFound(f"{directory} is not a model artifact (no {MANIFEST_FILE})") from None
+        except (KeyError, TypeError, ValueError) as error:
+            raise ModelNotFound(f"{path} is not a valid manifest: {error}") from None
+
+    def write(self, directory: Path) -> None:
+        (Path(directory) / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("cvat-preannotate", "torch", "torchvision", "tensorflow", "keras-hub", "numpy", "pillow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class ModelStore:
+    """Published model versions under one directory (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and self.versions(p.name))
+
+    def versions(self, name: str) -> list[int]:
+        directory = self.root / name
+        if not directory.is_dir():
+            return []
+        found = (_VERSION_DIR.fullmatch(p.name) for p in directory.iterdir())
+        return sorted(int(m.group(1)) for m in found if m and (directory / m.group(0) / MANIFEST_FILE).is_file())
+
+    def path(self, name: str, version: int) -> Path:
+        return self.root / name / f"v{version}"
+
+    def latest(self, name: str) -> int | None:
+        """The newest version of ``name``, or None when it has none yet."""
+        versions = self.versions(name)
+        return versions[-1] if versions else None
+
+    def resolve(self, reference: str) -> Path:
+        """``NAME`` (its newest version) or ``NAME@VERSION`` → the version directory."""
+        name, _, version_text = reference.partition("@")
+        versions = self.versions(name)
+        if not versions:
+            known = ", ".join(self.names()) or "none"
+            raise ModelNotFound(f"no published model named {name!r} in {self.root} (models there: {known})")
+        if not version_text:
+            return self.path(name, versions[-1])
+        version = int(version_text.lstrip("v")) if version_text.lstrip("v").isdigit() else None
+        if version not in versions:
+            raise ModelNotFound(f"{name} has no version {version_text!r} (versions: "
+                                f"{', '.join(map(str, versions))})")
+        return self.path(name, version)
+
+    def publish(self, name: str, write: Callable[[Path], Manifest]) -> int:
+        """Publish a new version of ``name``: ``write(directory)`` fills a staging directory and returns the
+        manifest, which gets the name and version stamped in; then the directory is renamed into place."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError(f"model name {name!r}: use letters, digits, '_', '.' and '-'")
+        staging_root = self.root / ".staging"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
+        try:
+            manifest = write(staging)
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+            version = (self.latest(name) or 0) + 1
+            while True:
+                manifest.name, manifest.version = name, version
+                manifest.created = manifest.created or now_iso()
+                manifest.write(staging)
+                try:
+                    os.rename(staging, self.path(name, version))  # atomic; fails if a racer took the number
+                    return version
+                except OSError:
+                    if not self.path(name, version).exists():
+                        raise
+                    version += 1
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def describe(self) -> list[dict[str, Any]]:
+        rows = []
+        for name in self.names():
+            for version in self.versions(name):
+                manifest = Manifest.read(self.path(name, version))
+                rows.append({"name": name, "version": version, "architecture": manifest.architecture,
+                             "labels": len(manifest.labels), "metrics": manifest.metrics,
+                             "created": manifest.created})
+        return rows

@@ -1,0 +1,96 @@
+"""The model registry: every architecture we can build, train and serve, with its defaults — in one place."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UnknownArchitecture(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    family: str                      # the module in preannotate.models that builds and runs it
+    output: str                      # "rectangle" (boxes) or "mask" (instance masks, also sent as polygons)
+    description: str
+    pretrained: str | None           # torchvision weights enum member with COCO (or backbone) weights
+    pretrained_kind: str = "coco"    # "coco": whole detector trained on COCO; "backbone": ImageNet backbone only
+    image_size: int = 800            # shorter side the model resizes to (square side for SSD)
+    max_image_size: int = 1333
+    cpu_timeout_s: int = 30          # Nuclio eventTimeout on the CPU (one frame, with margin) ...
+    gpu_timeout_s: int = 30          # ... and on a GPU
+    defaults: dict[str, Any] = field(default_factory=dict)  # hyperparameters that differ from the global defaults
+
+    @property
+    def function_name(self) -> str:
+        """The Nuclio function (and CVAT function id) that serves this architecture."""
+        return "pth-preannotate-" + self.name.replace("_", "-")
+
+
+# Defaults follow what our users trained with (Onepanel's TF OD API templates): SSD batch 24, learning rate 0.004,
+# 15,000 steps; Faster R-CNN batch 1, 0.0003, 10,000 steps. The trainer scales steps down for small data.
+_SSD = {"batch_size": 24, "initial_learning_rate": 0.004, "num_steps": 15000, "optimizer": "sgd",
+        "schedule": "cosine", "warmup_steps": 500, "weight_decay": 4e-5}
+_RCNN = {"batch_size": 1, "initial_learning_rate": 0.0003, "num_steps": 10000, "optimizer": "sgd",
+         "schedule": "multi-step", "schedule_steps": [9000], "schedule_lrs": [0.00003], "warmup_steps": 100}
+_RETINA = {**_RCNN, "batch_size": 2, "initial_learning_rate": 0.001}
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
+    Architecture(
+        "ssdlite320_mobilenet_v3_large", "torchvision", "rectangle",
+        "SSDlite 320 with a MobileNetV3-Large backbone: the recommended default, fast on a CPU",
+        "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1", image_size=320, max_image_size=320,
+        defaults=_SSD),
+    Architecture(
+        "fasterrcnn_mobilenet_v3_large_320_fpn", "torchvision", "rectangle",
+        "Faster R-CNN, MobileNetV3-Large FPN at 320 px: quick two-stage detector for CPUs",
+        "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1", image_size=320, max_image_size=640,
+        defaults={**_RCNN, "batch_size": 4, "initial_learning_rate": 0.002}),
+    Architecture(
+        "fasterrcnn_mobilenet_v3_large_fpn", "torchvision", "rectangle",
+        "Faster R-CNN, MobileNetV3-Large FPN at 800 px",
+        "FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1", image_size=800, max_image_size=1333,
+        cpu_timeout_s=60, defaults={**_RCNN, "batch_size": 2, "initial_learning_rate": 0.001}),
+    Architecture(
+        "fasterrcnn_resnet50_fpn", "torchvision", "rectangle",
+        "Faster R-CNN, ResNet-50 FPN: accurate boxes, best on a GPU",
+        "FasterRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=60, defaults=_RCNN),
+    Architecture(
+        "fasterrcnn_resnet101_fpn", "torchvision", "rectangle",
+        "Faster R-CNN, ResNet-101 FPN (ImageNet backbone; train it on your labels)",
+        "ResNet101_Weights.IMAGENET1K_V2", pretrained_kind="backbone", cpu_timeout_s=90,
+        defaults=_RCNN),
+    Architecture(
+        "retinanet_resnet50_fpn", "torchvision", "rectangle",
+        "RetinaNet, ResNet-50 FPN: one-stage detector, good on many small objects",
+        "RetinaNet_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=60, defaults=_RETINA),
+    Architecture(
+        "maskrcnn_resnet50_fpn", "torchvision", "mask",
+        "Mask R-CNN, ResNet-50 FPN: instance masks, returned as CVAT masks with polygons",
+        "MaskRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=90, defaults=_RCNN),
+]}
+
+DEFAULT_ARCHITECTURE = "ssdlite320_mobilenet_v3_large"
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, ARCHITECTURES, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UnknownArchitecture(
+            f"unknown architecture {name!r}{hint}; known: {', '.join(ARCHITECTURES)}") from None
+
+
+def default_hyperparameters(name: str):
+    """The architecture's default hyperparameters, with its input size."""
+    from preannotate.training.hyperparameters import Hyperparameters
+
+    arch = get_architecture(name)
+    return Hyperparameters().updated(
+        {"image_size": arch.image_size, "max_image_size": arch.max_image_size, **arch.defaults})

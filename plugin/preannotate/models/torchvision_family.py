@@ -1,0 +1,182 @@
+"""torchvision detection models: build (random, COCO-pretrained or from a previous model), run, save.
+
+Every model is built the same way — torchvision's own builder without weights, sized for our labels — and
+weights are then loaded by name and shape. That one path serves COCO-pretrained starts (class heads of another
+size stay freshly initialized), ImageNet backbones, published artifacts, and fine-tuning a previous version
+whose label set changed (new heads, kept backbone).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.transforms.v2 import functional as F
+
+from preannotate.formats import masks
+from preannotate.models.registry import Architecture
+from preannotate.shapes import Label, Shape
+
+log = logging.getLogger(__name__)
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """The pretrained weights are neither on disk nor downloadable; the message says where to put them."""
+
+
+def build_model(arch: Architecture, num_classes: int, image_size: int | None = None,
+                max_image_size: int | None = None) -> torch.nn.Module:
+    """An untrained model of ``arch`` with ``num_classes`` classes (background excluded)."""
+    kwargs = {"num_classes": num_classes + 1, "weights": None, "weights_backbone": None}
+    if arch.name.startswith(("fasterrcnn", "maskrcnn", "retinanet")):
+        kwargs.update(min_size=image_size or arch.image_size, max_size=max_image_size or arch.max_image_size)
+    if arch.name == "fasterrcnn_resnet101_fpn":
+        # torchvision has no builder for it: its FPN backbone builder with ResNet-101, as the R-50 builder does.
+        backbone = resnet_fpn_backbone(backbone_name="resnet101", weights=None, trainable_layers=5)
+        return FasterRCNN(backbone, num_classes=num_classes + 1, min_size=kwargs["min_size"],
+                          max_size=kwargs["max_size"])
+    return torchvision.models.get_model(arch.name, **kwargs)
+
+
+def coco_labels(arch: Architecture) -> list[Label]:
+    """The COCO labels of the architecture's pretrained weights, ids = the model's class indices."""
+    if arch.pretrained_kind != "coco":
+        raise PretrainedWeightsUnavailable(
+            f"{arch.name} has no COCO-trained weights in torchvision (only an ImageNet backbone): "
+            "give the labels to train it on (--labels a,b,...)")
+    categories = _weights_enum(arch).meta["categories"]
+    label_type = "mask" if arch.output == "mask" else "rectangle"
+    return [Label(name=name, type=label_type, id=index) for index, name in enumerate(categories)
+            if index > 0 and name != "N/A"]
+
+
+def pretrained_state_dict(arch: Architecture) -> dict[str, torch.Tensor]:
+    """The architecture's pretrained weights, keyed as in our model, from torchvision's cache (or
+    ``PREANNOTATE_WEIGHTS_DIR``), downloaded there if missing unless ``PREANNOTATE_OFFLINE`` is set."""
+    weights = _weights_enum(arch)
+    filename = os.path.basename(weights.url)
+    candidates = [Path(torch.hub.get_dir()) / "checkpoints" / filename]
+    if os.environ.get("PREANNOTATE_WEIGHTS_DIR"):
+        candidates.insert(0, Path(os.environ["PREANNOTATE_WEIGHTS_DIR"]) / filename)
+    found = next((path for path in candidates if path.is_file()), None)
+    if found is not None:
+        state = torch.load(found, map_location="cpu", weights_only=True)
+    elif os.environ.get("PREANNOTATE_OFFLINE"):
+        raise PretrainedWeightsUnavailable(_missing_weights_message(arch, candidates, weights.url, "offline"))
+    else:
+        try:
+            state = torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", progress=False,
+                                                       check_hash=True, weights_only=True)
+        except Exception as error:  # any network or hash failure: tell the operator what to do instead
+            raise PretrainedWeightsUnavailable(
+                _missing_weights_message(arch, candidates, weights.url, f"{type(error).__name__}: {error}")) from None
+    if arch.pretrained_kind == "backbone":  # an ImageNet classifier: its layers are our FPN body
+        state = {"backbone.body." + k: v for k, v in state.items() if not k.startswith("fc.")}
+    return state
+
+
+def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load every tensor of ``state`` whose name and shape match ``model``; return the names left as they were
+    (class heads sized for other labels, or parts the source lacks)."""
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    skipped = sorted(k for k in own if k not in usable and not k.endswith("num_batches_tracked"))
+    if skipped:
+        log.info("kept fresh initialization for %d tensors (e.g. %s)", len(skipped), ", ".join(skipped[:3]))
+    return skipped
+
+
+class TorchvisionDetector:
+    """A torchvision detection model ready to detect, with its labels (class index = ``Label.id``)."""
+
+    def __init__(self, model: torch.nn.Module, labels: Sequence[Label], output: str,
+                 device: str | torch.device | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.labels = list(labels)
+        self.output = output
+        self._label_by_class = {label.id: label for label in self.labels}
+
+    @torch.inference_mode()
+    def detect(self, images: Sequence[Image.Image | np.ndarray], threshold: float) -> list[list[Shape]]:
+        """Shapes found on each image, in its pixel coordinates, with ``score >= threshold``."""
+        tensors = [self.to_tensor(image) for image in images]
+        return [self.to_shapes(output, threshold) for output in self.model(tensors)]
+
+    def to_tensor(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        tensor = F.pil_to_tensor(image) if isinstance(image, Image.Image) else torch.from_numpy(
+            np.ascontiguousarray(image)).permute(2, 0, 1)
+        return F.to_dtype(tensor.to(self.device), torch.float32, scale=True)
+
+    def to_shapes(self, output: dict[str, torch.Tensor], threshold: float) -> list[Shape]:
+        keep = output["scores"] >= threshold
+        boxes = output["boxes"][keep].cpu().tolist()
+        classes = output["labels"][keep].cpu().tolist()
+        scores = output["scores"][keep].cpu().tolist()
+        bitmaps = (output["masks"][keep, 0] > 0.5).cpu().numpy() if "masks" in output else None
+        shapes = []
+        for i, (box, cls, score) in enumerate(zip(boxes, classes, scores, strict=True)):
+            label = self._label_by_class.get(cls)
+            if label is None:
+                continue
+            if bitmaps is not None and bitmaps[i].any():
+                shapes.append(Shape(label.name, "mask", masks.bitmap_to_cvat_rle(bitmaps[i]), score=score,
+                                    source="auto"))
+            else:
+                shapes.append(Shape(label.name, "rectangle", [round(v, 2) for v in box], score=score,
+                                    source="auto"))
+        return shapes
+
+
+def create(arch: Architecture, labels: Sequence[Label], init: str = "random", image_size: int | None = None,
+           max_image_size: int | None = None, state: dict[str, torch.Tensor] | None = None,
+           device: str | None = None) -> TorchvisionDetector:
+    """Build a detector for ``labels``: ``random``, ``pretrained`` (torchvision's weights) or from ``state``
+    (a previous model's weights; heads for a changed label set start fresh)."""
+    model = build_model(arch, num_classes(labels), image_size, max_image_size)
+    if init == "pretrained":
+        load_matching(model, pretrained_state_dict(arch))
+    elif state is not None:
+        load_matching(model, state)
+    return TorchvisionDetector(model, labels, arch.output, device)
+
+
+def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, image_size: int | None = None,
+         max_image_size: int | None = None, device: str | None = None) -> TorchvisionDetector:
+    """A published model: its architecture, labels and weights file — nothing downloaded."""
+    model = build_model(arch, num_classes(labels), image_size, max_image_size)
+    model.load_state_dict(read_weights(weights_path))
+    return TorchvisionDetector(model, labels, arch.output, device)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_weights(detector: TorchvisionDetector, path: Path) -> None:
+    torch.save(detector.model.state_dict(), path)
+
+
+def num_classes(labels: Sequence[Label]) -> int:
+    """Classes the model predicts (background excluded): the largest class index among the labels."""
+    if any(label.id is None or label.id < 1 for label in labels):
+        raise ValueError("every label needs its model class index (id >= 1)")
+    return max(label.id for label in labels)
+
+
+def _weights_enum(arch: Architecture):
+    return torchvision.models.get_weight(arch.pretrained)
+
+
+def _missing_weights_message(arch: Architecture, candidates: list[Path], url: str, reason: str) -> str:
+    return (f"pretrained weights for {arch.name} are not on disk and could not be downloaded ({reason}). "
+            f"Put {Path(url).name} (from {url}) into {candidates[-1].parent} or into PREANNOTATE_WEIGHTS_DIR, "
+            "or use --init random.")

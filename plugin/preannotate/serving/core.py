@@ -1,0 +1,192 @@
+"""The serving core: which model a function serves, kept current, and the routes every door shares.
+
+The Nuclio handler, the local HTTP server and scripts all call ``App.handle(Request) -> Reply``; they only
+translate their own request and response objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from preannotate.models import ARCHITECTURES, ModelNotFound, ModelStore, create_detector, load_detector
+from preannotate.models.artifact import MANIFEST_FILE, Manifest
+from preannotate.serving import contract
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE = "/opt/preannotate/store"
+
+
+class ModelUnavailable(Exception):
+    """No model can be served yet (answered 503 with the reason)."""
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    body: Any = None                       # dict/list when the door already decoded JSON, else bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    query: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ModelProvider:
+    """The model named by ``reference``, loaded once, swapped for a newer published version when one appears.
+
+    ``reference`` is an artifact directory, ``NAME`` (newest version in the store), ``NAME@VERSION`` (pinned),
+    or a registry architecture: its store entry of that name if published, else its COCO-pretrained weights.
+    """
+
+    def __init__(self, reference: str, store: ModelStore, device: str | None = None):
+        self.reference = reference
+        self.store = store
+        self.device = device
+        self._detector = None
+        self._loaded_version: int | None = None
+        self._load_lock = threading.Lock()
+        self._name, _, pinned = reference.partition("@")
+        self._pinned = pinned or None
+        self._path = Path(reference) if (Path(reference) / MANIFEST_FILE).is_file() else None
+        if self._path is None and self._name not in ARCHITECTURES and not store.versions(self._name):
+            log.warning("model %r is neither an artifact, an architecture nor published in %s yet",
+                        reference, store.root)
+
+    def current(self):
+        """The detector to use for this request (loads or swaps when needed)."""
+        wanted = self._wanted_version()
+        if self._detector is not None and wanted == self._loaded_version:
+            return self._detector
+        if self._detector is None:
+            with self._load_lock:  # first load: everyone waits for it
+                if self._detector is None or wanted != self._loaded_version:
+                    self._load(wanted)
+        elif self._load_lock.acquire(blocking=False):  # a newer version: one request loads it, others go on
+            try:
+                if wanted != self._loaded_version:
+                    self._load(wanted)
+            finally:
+                self._load_lock.release()
+        return self._detector
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"reference": self.reference, "store": str(self.store.root)}
+        if self._detector is not None:
+            manifest: Manifest = self._detector.manifest
+            info.update(name=manifest.name or self._name, version=manifest.version,
+                        architecture=manifest.architecture, labels=[label.to_dict() for label in manifest.labels],
+                        metrics=manifest.metrics)
+        return info
+
+    def _wanted_version(self) -> int | None:
+        if self._path is not None or self._pinned:
+            return 0 if self._path is not None else int(self._pinned.lstrip("v"))
+        return self.store.latest(self._name)
+
+    def _load(self, version: int | None) -> None:
+        started = time.perf_counter()
+        if self._path is not None:
+            detector = load_detector(self._path, self.device)
+        elif version is not None:
+            detector = load_detector(self.store.resolve(f"{self._name}@{version}"), self.device)
+        elif self._name in ARCHITECTURES:
+            try:
+                detector = create_detector(self._name, init="pretrained", device=self.device)
+            except Exception as error:
+                raise ModelUnavailable(f"model {self._name!r} has no published version in {self.store.root} "
+                                       f"and its pretrained weights cannot be loaded: {error}") from None
+        else:
+            raise ModelUnavailable(f"model {self._name!r} has no published version in {self.store.root} yet; "
+                                   "train one (POST /train or `preannotate train`) or publish one with "
+                                   "`preannotate models create`")
+        self._detector, self._loaded_version = detector, version
+        log.info("serving %s (version %s) after %.1fs", self.reference, version, time.perf_counter() - started)
+
+
+Handler = Callable[[Request, re.Match], Reply]
+
+
+class App:
+    """The routes of a function: ``POST /`` (CVAT detector call), ``GET /health``, ``GET /models``; later
+    features add theirs with ``route``."""
+
+    def __init__(self, provider: ModelProvider):
+        self.provider = provider
+        self._routes: list[tuple[str, re.Pattern, Handler]] = []
+        self.route("POST", "/", self.detect)
+        self.route("GET", "/health", self.health)
+        self.route("GET", "/models", self.models)
+
+    @classmethod
+    def from_environment(cls, environ: dict[str, str] | None = None) -> App:
+        env = os.environ if environ is None else environ
+        store = ModelStore(env.get("PREANNOTATE_MODEL_STORE", DEFAULT_STORE))
+        reference = env.get("PREANNOTATE_MODEL")
+        if not reference:
+            raise RuntimeError("PREANNOTATE_MODEL is not set: name a model in the store, an architecture, "
+                               "or an artifact directory")
+        return cls(ModelProvider(reference, store, env.get("PREANNOTATE_DEVICE") or None))
+
+    def route(self, method: str, pattern: str, handler: Handler) -> None:
+        self._routes.append((method.upper(), re.compile(pattern.rstrip("/") + "/?$"), handler))
+
+    def handle(self, request: Request) -> Reply:
+        path = "/" + (request.path or "/").split("?", 1)[0].strip("/")
+        method = (request.method or "POST").upper()
+        allowed = []
+        for route_method, pattern, handler in self._routes:
+            match = pattern.match(path)
+            if not match:
+                continue
+            if route_method != method:
+                allowed.append(route_method)
+                continue
+            try:
+                return handler(request, match)
+            except contract.ContractError as error:
+                return Reply(error.status, {"error": str(error)})
+            except ModelUnavailable as error:
+                return Reply(503, {"error": str(error)})
+            except Exception as error:  # a bug must not take the function down: answer 500 and keep serving
+                log.error("%s %s failed:\n%s", method, path, traceback.format_exc())
+                return Reply(500, {"error": f"internal error: {type(error).__name__}: {error}"})
+        if allowed:
+            return Reply(405, {"error": f"{method} is not allowed on {path}; use {', '.join(sorted(set(allowed)))}"},
+                         {"Allow": ", ".join(sorted(set(allowed)))})
+        routes = ", ".join(f"{m} {p.pattern[:-3] or '/'}" for m, p, _ in self._routes)
+        return Reply(404, {"error": f"no route for {method} {path}; routes: {routes}"})
+
+    def detect(self, request: Request, _: re.Match) -> Reply:
+        detect_request = contract.parse_detect_request(request.body)
+        detector = self.provider.current()
+        threshold = detect_request.threshold
+        if threshold is None:
+            threshold = detector.manifest.score_threshold
+        shapes = detector.detect([detect_request.image], threshold)[0]
+        return Reply(200, contract.shapes_to_response(shapes))
+
+    def health(self, request: Request, _: re.Match) -> Reply:
+        return Reply(200, {"status": "ok", "model": self.provider.describe()})
+
+    def models(self, request: Request, _: re.Match) -> Reply:
+        name = self.provider.reference.partition("@")[0]
+        try:
+            versions = [row for row in self.provider.store.describe() if row["name"] == name]
+        except ModelNotFound:
+            versions = []
+        return Reply(200, {"serving": self.provider.describe(), "versions": versions})

@@ -1,0 +1,173 @@
+"""The in-memory model every module speaks: labels, shapes and the annotations of one frame.
+
+Geometry stays in CVAT's own encoding (``points`` exactly as the CVAT REST API stores them), so a shape read
+from CVAT can be written back unchanged and every conversion lives in one place (``formats``):
+
+* rectangle ``[xtl, ytl, xbr, ybr]`` of the *unrotated* box, plus ``rotation`` in degrees about its centre;
+* polygon / polyline / points: flat ``[x1, y1, x2, y2, ...]``;
+* ellipse ``[cx, cy, cx + rx, cy - ry]``;
+* mask: CVAT's row-major run-length encoding followed by the inclusive box ``left, top, right, bottom``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Label types a CVAT label may have, and shape types a CVAT shape may have.
+LABEL_TYPES = ("any", "rectangle", "polygon", "polyline", "points", "ellipse", "cuboid", "mask", "skeleton", "tag")
+SHAPE_TYPES = ("rectangle", "polygon", "polyline", "points", "ellipse", "cuboid", "mask", "skeleton")
+# Shapes a detector can learn from and predict; the others are counted and reported by the readers.
+DETECTABLE_TYPES = ("rectangle", "polygon", "mask", "ellipse")
+ATTRIBUTE_INPUT_TYPES = ("number", "checkbox", "text", "select", "radio")
+
+
+@dataclass(frozen=True)
+class AttributeSpec:
+    """A label attribute as CVAT declares it (``values`` are strings; ``number`` is ``[min, max, step]``)."""
+
+    name: str
+    input_type: str = "text"
+    values: tuple[str, ...] = ()
+    default_value: str | None = None
+    mutable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.input_type not in ATTRIBUTE_INPUT_TYPES:
+            raise ValueError(f"attribute {self.name!r}: input_type {self.input_type!r} is not one of "
+                             f"{', '.join(ATTRIBUTE_INPUT_TYPES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "input_type": self.input_type, "values": list(self.values)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttributeSpec:
+        return cls(name=data["name"], input_type=data.get("input_type", "text"),
+                   values=tuple(str(v) for v in data.get("values", ())),
+                   default_value=data.get("default_value"), mutable=bool(data.get("mutable", False)))
+
+
+@dataclass(frozen=True)
+class Label:
+    """A CVAT label. ``id`` is the model's class index for that label (1-based; 0 is background)."""
+
+    name: str
+    type: str = "any"
+    attributes: tuple[AttributeSpec, ...] = ()
+    id: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.strip():
+            raise ValueError("a label needs a non-empty name")
+        if self.type not in LABEL_TYPES:
+            raise ValueError(f"label {self.name!r}: type {self.type!r} is not one of {', '.join(LABEL_TYPES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The label as CVAT's function ``spec`` and our manifests write it."""
+        data: dict[str, Any] = {"name": self.name, "type": self.type,
+                                "attributes": [a.to_dict() for a in self.attributes]}
+        if self.id is not None:
+            data = {"id": self.id, **data}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Label:
+        return cls(name=data["name"], type=data.get("type") or "any",
+                   attributes=tuple(AttributeSpec.from_dict(a) for a in data.get("attributes") or ()),
+                   id=data.get("id"))
+
+
+def parse_label_list(text: str, default_type: str = "any") -> list[Label]:
+    """``"car,person:polygon"`` → labels numbered 1..N in the order given."""
+    labels = []
+    for position, item in enumerate((part.strip() for part in text.split(",") if part.strip()), start=1):
+        name, _, label_type = item.partition(":")
+        labels.append(Label(name=name.strip(), type=label_type.strip() or default_type, id=position))
+    names = [label.name for label in labels]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate label names: {', '.join(duplicates)}")
+    if not labels:
+        raise ValueError("no labels given")
+    return labels
+
+
+@dataclass
+class Shape:
+    """One annotated or predicted object on one frame, in CVAT's encoding (see the module docstring)."""
+
+    label: str
+    type: str
+    points: list[float]
+    frame: int = 0
+    score: float | None = None
+    rotation: float = 0.0
+    attributes: dict[str, str] = field(default_factory=dict)
+    group: int = 0
+    occluded: bool = False
+    z_order: int = 0
+    source: str = "manual"
+    track_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in SHAPE_TYPES:
+            raise ValueError(f"shape type {self.type!r} is not one of {', '.join(SHAPE_TYPES)}")
+
+    def bbox(self) -> tuple[float, float, float, float]:
+        """The axis-aligned box ``(x1, y1, x2, y2)`` that holds the shape (rotation included)."""
+        if self.type == "mask":
+            left, top, right, bottom = self.points[-4:]
+            return float(left), float(top), float(right) + 1.0, float(bottom) + 1.0
+        xs, ys = self.polygon()[0::2], self.polygon()[1::2]
+        return min(xs), min(ys), max(xs), max(ys)
+
+    def polygon(self) -> list[float]:
+        """The outline as a flat polygon: rotated rectangle corners, the polygon itself, a sampled ellipse,
+        or the largest contour of a mask (see ``formats.masks``)."""
+        if self.type == "rectangle":
+            return rectangle_corners(self.points, self.rotation)
+        if self.type == "ellipse":
+            return ellipse_polygon(self.points, self.rotation)
+        if self.type == "mask":
+            from preannotate.formats import masks
+
+            return masks.cvat_rle_to_polygon(self.points)
+        return [float(p) for p in self.points]
+
+
+def rectangle_corners(points: list[float], rotation: float = 0.0) -> list[float]:
+    """Corners of a CVAT rectangle (clockwise from top-left) rotated by ``rotation`` degrees about its centre."""
+    x1, y1, x2, y2 = (float(p) for p in points[:4])
+    corners = [(x1, y1), (x2, y1), (x2, y2), (x1, y2)]
+    if rotation % 360:
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        cos, sin = math.cos(math.radians(rotation)), math.sin(math.radians(rotation))
+        # CVAT rotates clockwise on screen (y points down), which is the usual rotation matrix in image axes.
+        corners = [(cx + (x - cx) * cos - (y - cy) * sin, cy + (x - cx) * sin + (y - cy) * cos) for x, y in corners]
+    return [c for corner in corners for c in corner]
+
+
+def ellipse_polygon(points: list[float], rotation: float = 0.0, segments: int = 32) -> list[float]:
+    """A CVAT ellipse ``[cx, cy, cx + rx, cy - ry]`` sampled as a polygon."""
+    cx, cy, right, top = (float(p) for p in points[:4])
+    rx, ry = abs(right - cx), abs(cy - top)
+    cos, sin = math.cos(math.radians(rotation)), math.sin(math.radians(rotation))
+    out: list[float] = []
+    for k in range(segments):
+        t = 2 * math.pi * k / segments
+        dx, dy = rx * math.cos(t), ry * math.sin(t)
+        out += [cx + dx * cos - dy * sin, cy + dx * sin + dy * cos]
+    return out
+
+
+@dataclass
+class FrameAnnotations:
+    """Everything known about one frame: its size and name, its shapes (tracks already interpolated) and tags."""
+
+    frame: int
+    width: int
+    height: int
+    name: str = ""
+    shapes: list[Shape] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)

@@ -1,0 +1,231 @@
+"""The hyperparameter language our users know, in one place.
+
+Written as ``key=value`` lines or ``;``/``,``-separated (``num-steps=2000; batch-size=4``), dashes or underscores
+alike. A list value may continue after a comma (``augment=flip,colour``). ``schedule-step-N`` / ``schedule-lr-N``
+give the multi-step schedule (step N switches to learning rate N). Unknown keys and bad values are errors that
+say what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adamax", "adagrad", "adadelta")
+SCHEDULES = ("constant", "multi-step", "one-cycle", "step", "exponential", "cosine", "on-plateau")
+AUGMENTATIONS = ("flip", "scale", "colour")
+INITS = ("random", "pretrained", "previous")
+
+
+class HyperparameterError(ValueError):
+    """A hyperparameter text that cannot be used; the message names the key and what is valid."""
+
+
+def _choice(options: tuple[str, ...]):
+    def parse(text: str) -> str:
+        value = text.strip().lower().replace("_", "-")
+        value = {"multistep": "multi-step", "onecycle": "one-cycle", "plateau": "on-plateau",
+                 "color": "colour", "cosine-annealing": "cosine"}.get(value, value)
+        if value not in options:
+            raise ValueError(f"{text!r} is not one of {', '.join(options)}")
+        return value
+    return parse
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false)")
+
+
+def _augmentations(text: str) -> tuple[str, ...]:
+    items = [t for t in re.split(r"[,+\s]+", text.strip().lower()) if t]
+    if items in (["none"], ["off"], []):
+        return ()
+    parse = _choice(AUGMENTATIONS)
+    return tuple(dict.fromkeys(parse(item) for item in items))
+
+
+def _optional(parse):
+    def wrapped(text: str):
+        return None if text.strip().lower() in ("", "none", "null", "off") else parse(text)
+    return wrapped
+
+
+def _param(default=dataclasses.MISSING, parse=None, help: str = "", low=None, high=None, **kwargs):
+    return field(default=default, metadata={"parse": parse, "help": help, "low": low, "high": high}, **kwargs)
+
+
+@dataclass
+class Hyperparameters:
+    num_steps: int | None = _param(None, _optional(int), "optimizer steps (wins over epochs)", low=1)
+    epochs: float | None = _param(None, _optional(float), "passes over the training set", low=0.01)
+    batch_size: int = _param(4, int, "images per step (per GPU)", low=1)
+    initial_learning_rate: float = _param(0.001, float, "peak learning rate", low=1e-8, high=10)
+    optimizer: str = _param("sgd", _choice(OPTIMIZERS), "one of " + ", ".join(OPTIMIZERS))
+    momentum: float = _param(0.9, float, "SGD/RMSprop momentum", low=0, high=1)
+    weight_decay: float = _param(1e-4, float, "L2 weight decay", low=0, high=1)
+    schedule: str = _param("one-cycle", _choice(SCHEDULES), "one of " + ", ".join(SCHEDULES))
+    schedule_steps: list[int] = _param(help="multi-step boundaries (schedule-step-N)", default_factory=list)
+    schedule_lrs: list[float] = _param(help="learning rate after each boundary (schedule-lr-N)",
+                                       default_factory=list)
+    schedule_gamma: float = _param(0.1, float, "decay factor of step/exponential/multi-step", low=0, high=1)
+    schedule_step_size: int | None = _param(None, _optional(int), "steps between decays of the step schedule", low=1)
+    warmup_steps: int = _param(0, int, "linear warm-up steps", low=0)
+    early_stopping_patience: int | None = _param(None, _optional(int), "validations without improvement", low=1)
+    early_stopping_delta: float = _param(0.0, float, "least mAP gain that counts as improvement", low=0)
+    gradient_clip_norm: float | None = _param(None, _optional(float), "max gradient norm", low=0)
+    trainable_backbone_layers: int | None = _param(None, _optional(int), "backbone layers retrained (0-5)",
+                                                   low=0, high=6)
+    max_training_hours: float | None = _param(None, _optional(float), "stop (and publish) after this long", low=0)
+    num_validations: int = _param(5, int, "evaluations on the validation split per run", low=0)
+    image_size: int | None = _param(None, _optional(int), "shorter side (square side for SSD) in pixels", low=32)
+    max_image_size: int | None = _param(None, _optional(int), "longest side in pixels", low=32)
+    letterbox: bool = _param(False, _bool, "resize keeping the aspect ratio and pad to a square")
+    augment: tuple[str, ...] = _param(("flip",), _augmentations, "any of " + ", ".join(AUGMENTATIONS) + " or none")
+    val_fraction: float = _param(0.2, float, "share of frames held out for validation", low=0, high=0.9)
+    seed: int = _param(0, int, "seed of the split, the shuffling and the initialization")
+    num_clones: int = _param(1, int, "GPUs to train on (DistributedDataParallel)", low=1)
+    init: str = _param("pretrained", _choice(INITS), "random, pretrained or previous (a published version)")
+    score_threshold: float = _param(0.5, float, "default detection threshold of the published model", low=0, high=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["augment"] = list(self.augment)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Hyperparameters:
+        return cls().updated(data)
+
+    def updated(self, values: dict[str, Any] | str) -> Hyperparameters:
+        """A copy with ``values`` (a dict of Python values or of strings, or a hyperparameter text) applied."""
+        if isinstance(values, str):
+            values = parse_pairs(values)
+        known = {f.name: f for f in dataclasses.fields(self)}
+        changes: dict[str, Any] = {}
+        steps: dict[int, int] = dict(enumerate(self.schedule_steps, 1))
+        lrs: dict[int, float] = dict(enumerate(self.schedule_lrs, 1))
+        for raw_key, value in values.items():
+            key = normalize_key(raw_key)
+            numbered = re.fullmatch(r"schedule_(step|lr)_(\d+)", key)
+            if numbered:
+                target, parse = (steps, int) if numbered.group(1) == "step" else (lrs, float)
+                target[int(numbered.group(2))] = _convert(raw_key, value, parse)
+                continue
+            key = ALIASES.get(key, key)
+            if key == "val_split":  # Onepanel's percentage
+                key, value = "val_fraction", float(value) / 100
+            if key not in known:
+                raise HyperparameterError(f"unknown hyperparameter {raw_key!r}; valid keys: {', '.join(valid_keys())}")
+            meta = known[key].metadata
+            if key in ("schedule_steps", "schedule_lrs"):
+                parse = int if key == "schedule_steps" else float
+                items = value if isinstance(value, list) else re.split(r"[,+\s]+", str(value).strip())
+                target = steps if key == "schedule_steps" else lrs
+                target.clear()
+                target.update({i: _convert(raw_key, v, parse) for i, v in enumerate(items, 1) if str(v)})
+                continue
+            converted = _convert(raw_key, value, meta["parse"])
+            _check_range(raw_key, converted, meta["low"], meta["high"])
+            changes[key] = converted
+        changes["schedule_steps"] = [steps[i] for i in sorted(steps)]
+        changes["schedule_lrs"] = [lrs[i] for i in sorted(lrs)]
+        result = dataclasses.replace(self, **changes)
+        result.check()
+        return result
+
+    def check(self) -> None:
+        if self.schedule_lrs and len(self.schedule_lrs) != len(self.schedule_steps):
+            raise HyperparameterError("schedule-lr-N needs a schedule-step-N for every N "
+                                      f"(got {len(self.schedule_steps)} steps, {len(self.schedule_lrs)} rates)")
+        if self.schedule_steps != sorted(self.schedule_steps):
+            raise HyperparameterError(f"schedule steps must increase, got {self.schedule_steps}")
+        if self.schedule == "multi-step" and not self.schedule_steps:
+            raise HyperparameterError("schedule=multi-step needs schedule-step-1=N (and optionally schedule-lr-1=LR)")
+
+    def total_steps(self, train_images: int) -> int:
+        """Optimizer steps of a run on ``train_images`` images: ``num-steps``, else ``epochs`` worth of batches."""
+        if self.num_steps:
+            return self.num_steps
+        per_epoch = max(1, -(-train_images // (self.batch_size * self.num_clones)))
+        return max(1, round((self.epochs or 1.0) * per_epoch))
+
+
+# Spellings our users bring from Onepanel, the TF Object Detection API and torchvision's references.
+ALIASES = {
+    "steps": "num_steps", "num_train_steps": "num_steps", "iterations": "num_steps",
+    "num_epochs": "epochs", "batch": "batch_size",
+    "learning_rate": "initial_learning_rate", "lr": "initial_learning_rate",
+    "clip_grad_norm": "gradient_clip_norm", "grad_clip": "gradient_clip_norm",
+    "trainable_layers": "trainable_backbone_layers",
+    "early_stopping": "early_stopping_patience", "patience": "early_stopping_patience",
+    "warmup": "warmup_steps", "augmentation": "augment", "augmentations": "augment",
+    "min_dimension": "image_size", "max_dimension": "max_image_size", "gpus": "num_clones",
+    "validations": "num_validations",
+}
+
+
+def normalize_key(key: str) -> str:
+    return key.strip().lower().replace("-", "_")
+
+
+def valid_keys() -> list[str]:
+    names = [f.name.replace("_", "-") for f in dataclasses.fields(Hyperparameters)
+             if f.name not in ("schedule_steps", "schedule_lrs")]
+    return names + ["schedule-step-N", "schedule-lr-N"]
+
+
+def parse_pairs(text: str) -> dict[str, str]:
+    """``"a=1; b=2\\nc=x,y"`` → ``{"a": "1", "b": "2", "c": "x,y"}``; a comma item without ``=`` continues
+    the previous value (a list)."""
+    pairs: dict[str, str] = {}
+    last_key = None
+    for token in re.split(r"[;\n,]", text):
+        token = token.strip()
+        if not token or token.startswith("#"):
+            continue
+        if "=" not in token:
+            if last_key is None:
+                raise HyperparameterError(f"{token!r} is not key=value; valid keys: {', '.join(valid_keys())}")
+            pairs[last_key] += "," + token
+            continue
+        key, _, value = token.partition("=")
+        last_key = key.strip()
+        pairs[last_key] = value.strip()
+    return pairs
+
+
+def help_text() -> str:
+    lines = []
+    for f in dataclasses.fields(Hyperparameters):
+        if f.name in ("schedule_steps", "schedule_lrs"):
+            continue
+        lines.append(f"  {f.name.replace('_', '-'):28} {f.metadata['help']}")
+    lines.append(f"  {'schedule-step-N, schedule-lr-N':28} multi-step schedule: at step N switch to rate N")
+    return "\n".join(lines)
+
+
+def _convert(key: str, value: Any, parse) -> Any:
+    if not isinstance(value, str):
+        if isinstance(value, (list, tuple)) and parse is _augmentations:
+            value = ",".join(value)
+        else:
+            return value
+    try:
+        return parse(value)
+    except ValueError as error:
+        raise HyperparameterError(f"bad value for {key}: {error}") from None
+
+
+def _check_range(key: str, value: Any, low, high) -> None:
+    if value is None or isinstance(value, (str, tuple, bool)):
+        return
+    if low is not None and value < low or high is not None and value > high:
+        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+        raise HyperparameterError(f"bad value for {key}: {value} (must be {bounds})")
