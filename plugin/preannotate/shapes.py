@@ -119,7 +119,14 @@ class Shape:
         if self.type == "mask":
             left, top, right, bottom = self.points[-4:]
             return float(left), float(top), float(right) + 1.0, float(bottom) + 1.0
-        xs, ys = self.polygon()[0::2], self.polygon()[1::2]
+        if self.type == "ellipse":  # exact: the sampled outline would fall short of a rotated ellipse's box
+            cx, cy, right, top = (float(p) for p in self.points[:4])
+            rx, ry = abs(right - cx), abs(cy - top)
+            cos, sin = math.cos(math.radians(self.rotation)), math.sin(math.radians(self.rotation))
+            half_width, half_height = math.hypot(rx * cos, ry * sin), math.hypot(rx * sin, ry * cos)
+            return cx - half_width, cy - half_height, cx + half_width, cy + half_height
+        polygon = self.polygon()
+        xs, ys = polygon[0::2], polygon[1::2]
         return min(xs), min(ys), max(xs), max(ys)
 
     def polygon(self) -> list[float]:

@@ -59,19 +59,19 @@ def nuclio_mask_to_cvat_rle(mask: Sequence[float]) -> list[float]:
 
 
 def bitmap_to_polygon(bitmap: np.ndarray, tolerance: float = 1.0) -> list[float]:
-    """The outline of the largest connected region of a bitmap, simplified to within ``tolerance`` pixels;
-    ``[]`` when the bitmap is empty or the region is too small to make a polygon."""
+    """The outline of the largest connected region of a bitmap along its pixel edges, simplified to within
+    ``tolerance`` pixels (a region too thin to survive that keeps its exact outline); ``[]`` when it is empty."""
     bitmap = np.asarray(bitmap, dtype=bool)
     if not bitmap.any():
         return []
     # Pad so regions touching the border still give closed contours; level 0.5 runs between pixel centres.
     contours = measure.find_contours(np.pad(bitmap, 1).astype(np.uint8), 0.5)
-    contour = max(contours, key=_contour_area)
-    contour = measure.approximate_polygon(contour, tolerance=tolerance)[:-1]  # drop the closing repeat
-    if len(contour) < 3:
-        return []
+    corners = _pixel_edge_outline(max(contours, key=_contour_area))
+    simplified = measure.approximate_polygon(np.vstack([corners, corners[:1]]), tolerance=tolerance)[:-1]
+    if len(simplified) < 3:  # a region a pixel or two thin: keep its exact outline rather than lose it
+        simplified = corners
     # (row, col) in padded pixel-centre coordinates → (x, y) in pixel-edge coordinates: -1 padding, +0.5 centre.
-    xy = np.stack([contour[:, 1] - 0.5, contour[:, 0] - 0.5], axis=1)
+    xy = np.stack([simplified[:, 1] - 0.5, simplified[:, 0] - 0.5], axis=1)
     return [round(float(v), 2) for v in xy.ravel()]
 
 
@@ -107,12 +107,29 @@ def coco_rle_to_bitmap(rle: dict) -> np.ndarray:
     return coco_mask.decode(rle).astype(bool)
 
 
+def _pixel_edge_outline(contour: np.ndarray) -> np.ndarray:
+    """A closed marching-squares contour of a 0/1 image → the corners of the staircase along the pixel edges.
+
+    Each contour point is the midpoint of a pixel edge and consecutive points are two edges meeting at the
+    centre of their marching-squares cell — a pixel corner. Walking those corners gives the exact outline
+    (the contour itself cuts every corner by half a pixel); only the corners where it turns are kept."""
+    starts, ends = contour[:-1], contour[1:]
+    moved = np.any(starts != ends, axis=1)
+    path = np.floor(np.minimum(starts[moved], ends[moved])) + 0.5
+    path = path[np.any(path != np.roll(path, 1, axis=0), axis=1)]
+    before, after = np.roll(path, 1, axis=0), np.roll(path, -1, axis=0)
+    cross = (path[:, 0] - before[:, 0]) * (after[:, 1] - path[:, 1]) - (path[:, 1] - before[:, 1]) * (
+        after[:, 0] - path[:, 0])
+    return path[cross != 0]
+
+
 def _contour_area(contour: np.ndarray) -> float:
     rows, cols = contour[:, 0], contour[:, 1]
     return 0.5 * abs(float(np.dot(cols, np.roll(rows, 1)) - np.dot(rows, np.roll(cols, 1))))
 
 
 def _as_int(value: float) -> int:
-    if float(value) != int(value):
+    number = float(value)
+    if not number.is_integer():  # also NaN and infinity, which int() would not turn into a ValueError
         raise ValueError(f"mask values must be whole numbers, got {value!r}")
-    return int(value)
+    return int(number)

@@ -127,9 +127,10 @@ class TorchvisionDetector:
             label = self._label_by_class.get(cls)
             if label is None:
                 continue
-            if bitmaps is not None and bitmaps[i].any():
-                shapes.append(Shape(label.name, "mask", masks.bitmap_to_cvat_rle(bitmaps[i]), score=score,
-                                    source="auto"))
+            if bitmaps is not None:  # a mask model's detection with no mask pixel found nothing
+                if bitmaps[i].any():
+                    shapes.append(Shape(label.name, "mask", masks.bitmap_to_cvat_rle(bitmaps[i]), score=score,
+                                        source="auto"))
             else:
                 shapes.append(Shape(label.name, "rectangle", [round(v, 2) for v in box], score=score,
                                     source="auto"))

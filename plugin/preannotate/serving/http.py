@@ -21,6 +21,7 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 8080) -> Threadin
             url = urlsplit(self.path)
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_BODY_BYTES:
+                self._discard(length)  # read it, so the client gets to see the answer
                 self._send(Reply(413, {"error": f"request body of {length} bytes is over the "
                                                 f"{MAX_BODY_BYTES}-byte limit"}), close=True)
                 return
@@ -33,6 +34,10 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 8080) -> Threadin
                     pass  # left as bytes: the contract reports what is wrong with it
             self._send(app.handle(Request(method=self.command, path=url.path, body=body,
                                           headers=dict(self.headers.items()), query=dict(parse_qsl(url.query)))))
+
+        def _discard(self, length: int) -> None:
+            while length > 0 and (chunk := self.rfile.read(min(length, 1 << 20))):
+                length -= len(chunk)
 
         def _send(self, reply: Reply, close: bool = False) -> None:
             payload = json.dumps(reply.body).encode()

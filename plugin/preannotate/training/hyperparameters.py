@@ -9,6 +9,7 @@ say what is valid.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,24 +117,30 @@ class Hyperparameters:
             numbered = re.fullmatch(r"schedule_(step|lr)_(\d+)", key)
             if numbered:
                 target, parse = (steps, int) if numbered.group(1) == "step" else (lrs, float)
-                target[int(numbered.group(2))] = _convert(raw_key, value, parse)
+                target[int(numbered.group(2))] = converted = _convert(raw_key, value, parse)
+                _check_range(raw_key, converted, 0, None)
                 continue
             key = ALIASES.get(key, key)
             if key == "val_split":  # Onepanel's percentage
-                key, value = "val_fraction", float(value) / 100
+                key, value = "val_fraction", _convert(raw_key, value, float) / 100
             if key not in known:
                 raise HyperparameterError(f"unknown hyperparameter {raw_key!r}; valid keys: {', '.join(valid_keys())}")
             meta = known[key].metadata
             if key in ("schedule_steps", "schedule_lrs"):
                 parse = int if key == "schedule_steps" else float
-                items = value if isinstance(value, list) else re.split(r"[,+\s]+", str(value).strip())
+                items = value if isinstance(value, (list, tuple)) else re.split(r"[,+\s]+", str(value).strip())
                 target = steps if key == "schedule_steps" else lrs
                 target.clear()
                 target.update({i: _convert(raw_key, v, parse) for i, v in enumerate(items, 1) if str(v)})
+                for converted in target.values():
+                    _check_range(raw_key, converted, 0, None)
                 continue
             converted = _convert(raw_key, value, meta["parse"])
             _check_range(raw_key, converted, meta["low"], meta["high"])
             changes[key] = converted
+        if lrs and set(lrs) != set(steps):
+            raise HyperparameterError("schedule-lr-N needs a schedule-step-N for every N and the other way round "
+                                      f"(got steps for N in {sorted(steps)}, rates for N in {sorted(lrs)})")
         changes["schedule_steps"] = [steps[i] for i in sorted(steps)]
         changes["schedule_lrs"] = [lrs[i] for i in sorted(lrs)]
         result = dataclasses.replace(self, **changes)
@@ -183,12 +190,13 @@ def valid_keys() -> list[str]:
 
 def parse_pairs(text: str) -> dict[str, str]:
     """``"a=1; b=2\\nc=x,y"`` → ``{"a": "1", "b": "2", "c": "x,y"}``; a comma item without ``=`` continues
-    the previous value (a list)."""
+    the previous value (a list); ``#`` starts a comment that runs to the end of its line."""
     pairs: dict[str, str] = {}
     last_key = None
-    for token in re.split(r"[;\n,]", text):
+    uncommented = "\n".join(line.partition("#")[0] for line in text.splitlines())
+    for token in re.split(r"[;\n,]", uncommented):
         token = token.strip()
-        if not token or token.startswith("#"):
+        if not token:
             continue
         if "=" not in token:
             if last_key is None:
@@ -212,11 +220,12 @@ def help_text() -> str:
 
 
 def _convert(key: str, value: Any, parse) -> Any:
-    if not isinstance(value, str):
-        if isinstance(value, (list, tuple)) and parse is _augmentations:
-            value = ",".join(value)
-        else:
-            return value
+    """``value`` (text, or a Python value as ``to_dict`` and the registry give them) parsed and checked by
+    ``parse``: a Python value goes through its text, so ``2.5`` steps or a ``None`` rate fail as text would."""
+    if isinstance(value, (list, tuple)) and parse is _augmentations:
+        value = ",".join(str(v) for v in value)
+    elif not isinstance(value, str):
+        value = str(value)
     try:
         return parse(value)
     except ValueError as error:
@@ -226,6 +235,8 @@ def _convert(key: str, value: Any, parse) -> Any:
 def _check_range(key: str, value: Any, low, high) -> None:
     if value is None or isinstance(value, (str, tuple, bool)):
         return
+    if not math.isfinite(value):
+        raise HyperparameterError(f"bad value for {key}: {value} (must be a finite number)")
     if low is not None and value < low or high is not None and value > high:
         bounds = f"at least {low}" if high is None else f"between {low} and {high}"
         raise HyperparameterError(f"bad value for {key}: {value} (must be {bounds})")

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+FIXTURES = Path(__file__).parent / "fixtures" / "cvat-2.42"
+
+# Tests never reach the network for weights: a missing file must fail fast with our message.
+os.environ.setdefault("PREANNOTATE_OFFLINE", "1")
+
+
+def photo(width: int = 96, height: int = 64, seed: int = 0) -> Image.Image:
+    """A small deterministic RGB picture (gradient, a bright box, noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    array = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
+                      np.full_like(x, 90)], axis=-1).astype(np.int32)
+    array[height // 4: height // 2, width // 4: width // 2] = [240, 30, 30]
+    array += rng.integers(-10, 10, array.shape)
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+@pytest.fixture(scope="session")
+def published_store(tmp_path_factory):
+    """A store with a random-init ``fasterrcnn_mobilenet_v3_large_320_fpn`` published as ``boxes@1`` and a small
+    Mask R-CNN published as ``masks@1``."""
+    from preannotate.models import ModelStore, create_detector, publish_detector
+    from preannotate.shapes import parse_label_list
+
+    store = ModelStore(tmp_path_factory.mktemp("store"))
+    publish_detector(create_detector("fasterrcnn_mobilenet_v3_large_320_fpn", parse_label_list("car,person"),
+                                     hyperparameters={"score_threshold": 0.3}), store, "boxes")
+    publish_detector(create_detector("maskrcnn_resnet50_fpn", parse_label_list("road:mask,person:mask"),
+                                     hyperparameters={"image_size": 96, "max_image_size": 128}), store, "masks")
+    return store

@@ -1,0 +1,104 @@
+"""The Nuclio function directories: rendered from the registry, valid for CVAT and Nuclio, not drifting."""
+
+from __future__ import annotations
+
+import copy
+import filecmp
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from preannotate import functions
+from preannotate.cli import main as cli
+from preannotate.models import ARCHITECTURES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_checked_in_functions_match_their_source(tmp_path):
+    functions.render_all(tmp_path)
+    rendered = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    checked_in = sorted(p.relative_to(REPO / "functions") for p in (REPO / "functions").rglob("*")
+                        if p.is_file() and "__pycache__" not in p.parts)
+    assert checked_in == rendered, "functions/ differs from the registry: run `make functions`"
+    drifted = [str(p) for p in rendered if not filecmp.cmp(tmp_path / p, REPO / "functions" / p, shallow=False)]
+    assert not drifted, f"edited by hand or stale, run `make functions`: {drifted}"
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_registry_model_has_a_valid_cpu_and_gpu_function(name):
+    directory = REPO / "functions" / "pytorch" / name / "nuclio"
+    assert functions.validate_directory(directory) == []
+    cpu = yaml.safe_load((directory / "function.yaml").read_text())
+    gpu = yaml.safe_load((directory / "function-gpu.yaml").read_text())
+    assert cpu["metadata"]["name"] == gpu["metadata"]["name"] == ARCHITECTURES[name].function_name
+    assert cpu["metadata"]["annotations"]["type"] == "detector"
+    assert cpu["metadata"]["annotations"]["spec"] == gpu["metadata"]["annotations"]["spec"]
+    env = {e["name"]: e["value"] for e in cpu["spec"]["env"]}
+    assert env["PREANNOTATE_MODEL"] == name
+    assert gpu["spec"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert cpu["spec"]["triggers"]["myHttpTrigger"]["attributes"]["maxRequestBodySize"] == 32 * 1024 * 1024
+    timeout = functions.parse_duration(cpu["spec"]["eventTimeout"])
+    assert ARCHITECTURES[name].cpu_timeout_s == timeout <= 120
+    labels = json.loads(cpu["metadata"]["annotations"]["spec"])
+    expected_type = "mask" if ARCHITECTURES[name].output == "mask" else "rectangle"
+    assert all(label["type"] == expected_type for label in labels)
+    main = (directory / "main.py").read_text()
+    assert len([line for line in main.splitlines() if line.strip()]) <= 3
+
+
+def test_coco_functions_list_the_coco_labels_and_bake_them_at_build_time():
+    config = yaml.safe_load((REPO / "functions/pytorch/ssdlite320_mobilenet_v3_large/nuclio/function.yaml")
+                            .read_text())
+    labels = json.loads(config["metadata"]["annotations"]["spec"])
+    assert len(labels) == 80 and labels[0] == {"id": 1, "name": "person", "type": "rectangle", "attributes": []}
+    build = config["spec"]["build"]["directives"]["postCopy"][0]["value"]
+    assert build.startswith("preannotate models create ssdlite320_mobilenet_v3_large --init pretrained")
+
+
+def _valid_config():
+    arch = ARCHITECTURES["ssdlite320_mobilenet_v3_large"]
+    from preannotate.shapes import parse_label_list
+
+    return functions.function_config(arch, parse_label_list("car,person", "rectangle"), gpu=False)
+
+
+@pytest.mark.parametrize("break_it, problem", [
+    (lambda c: c["spec"].pop("description"), "spec.description is missing"),
+    (lambda c: c["metadata"]["annotations"].update(type="classifier"), "is not one of detector"),
+    (lambda c: c["metadata"]["annotations"].update(spec='[{"name": "car"},]'), "not valid JSON"),
+    (lambda c: c["metadata"]["annotations"].update(spec='[{"name": "car"}, {"name": "car"}]'), "appears twice"),
+    (lambda c: c["metadata"]["annotations"].update(
+        spec='[{"name": "car", "attributes": [{"name": "color", "values": ["red"]}]}]'), "lacks input_type"),
+    (lambda c: c["metadata"]["annotations"].update(spec='[{"name": "car", "type": "box"}]'), "type 'box'"),
+    (lambda c: c["metadata"]["annotations"].update(version=2), "must be a string"),
+    (lambda c: c["metadata"].pop("labels"), "nuclio.io/project-name"),
+    (lambda c: c["metadata"].update(name="Bad_Name"), "metadata.name"),
+    (lambda c: c["spec"].update(eventTimeout="5m"), "longer than CVAT waits"),
+    (lambda c: c["spec"].update(eventTimeout="thirty"), "not a duration"),
+    (lambda c: c["spec"]["triggers"]["myHttpTrigger"]["attributes"].pop("maxRequestBodySize"), "below 32 MiB"),
+    (lambda c: c["spec"].update(resources={"limits": {"nvidia.com/gpu": 1}}), "must not request a GPU"),
+])
+def test_validator_catches_what_breaks_cvat(break_it, problem):
+    config = copy.deepcopy(_valid_config())
+    assert functions.validate_config(config, gpu=False) == []
+    break_it(config)
+    assert any(problem in p for p in functions.validate_config(config, gpu=False)), problem
+
+
+def test_gpu_file_must_request_a_gpu_and_one_worker():
+    config = _valid_config()
+    problems = functions.validate_config(config, gpu=True)
+    assert any("nvidia.com/gpu" in p for p in problems) and any("numWorkers 1" in p for p in problems)
+
+
+def test_functions_cli_renders_and_validates(tmp_path, capsys):
+    assert cli(["functions", "render", "--out", str(tmp_path)]) == 0
+    assert cli(["functions", "validate", str(tmp_path)]) == 0
+    assert "7 function directories checked, 0 problems" in capsys.readouterr().out
+    broken = tmp_path / "pytorch" / "retinanet_resnet50_fpn" / "nuclio" / "function-gpu.yaml"
+    broken.write_text(broken.read_text().replace("description:", "summary:"))
+    assert cli(["functions", "validate", str(tmp_path)]) == 1
+    assert "spec.description is missing" in capsys.readouterr().err

@@ -1,0 +1,99 @@
+"""The local HTTP door: `preannotate serve`, used as a new user would (a process and HTTP requests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from preannotate.serving.core import App, ModelProvider
+from preannotate.serving.http import make_server
+from tests.conftest import b64, encode, photo
+
+
+def request(url, body=None, method=None, content_type="application/json"):
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
+    if data is not None:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), dict(error.headers)
+
+
+@pytest.fixture
+def server(published_store):
+    app = App(ModelProvider("boxes", published_store))
+    httpd = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_local_server_serves_the_function_routes(server):
+    status, items, headers = request(server + "/", {"image": b64(encode(photo())), "threshold": 0.0})
+    assert status == 200 and items and headers["Content-Type"] == "application/json"
+    assert {item["label"] for item in items} <= {"car", "person"}
+    status, health, _ = request(server + "/health")
+    assert status == 200 and health["model"]["name"] == "boxes"
+    status, models, _ = request(server + "/models")
+    assert status == 200 and models["serving"]["version"] == 1
+
+
+def test_local_server_errors_are_json_and_it_keeps_serving(server):
+    status, reply, _ = request(server + "/", b"{broken", content_type="application/json")
+    assert status == 400 and "not JSON" in reply["error"]
+    status, reply, _ = request(server + "/", {"image": "@@"})
+    assert status == 400 and "base64" in reply["error"]
+    status, reply, _ = request(server + "/", b"x" * (32 * 1024 * 1024 + 1), content_type="application/json")
+    assert status == 413 and "limit" in reply["error"]
+    status, reply, headers = request(server + "/health", b"{}", method="POST")
+    assert status == 405 and headers["Allow"] == "GET"
+    assert request(server + "/", {"image": b64(encode(photo()))})[0] == 200
+
+
+def test_concurrent_requests_are_all_answered(server):
+    body = {"image": b64(encode(photo(64, 48))), "threshold": 0.0}
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(request(server + "/", body)[0])) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [200] * 8
+
+
+def test_preannotate_serve_command_with_a_model_from_the_store(published_store):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "preannotate.cli", "serve", "--model", "boxes", "--store",
+         str(published_store.root), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert match, line + process.stderr.read()
+        url = f"http://127.0.0.1:{match.group(1)}"
+        # What a user sends with curl: the CVAT body.
+        status, items, _ = request(url + "/", {"image": b64(encode(photo(640, 480))), "threshold": 0.0})
+        assert status == 200 and all(len(item["points"]) == 4 for item in items)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_preannotate_serve_refuses_an_unknown_model_before_listening(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "preannotate.cli", "serve", "--model", "nothing", "--store",
+                             str(tmp_path), "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "model 'nothing' has no published version" in result.stderr and "Traceback" not in result.stderr

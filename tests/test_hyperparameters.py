@@ -1,0 +1,333 @@
+"""The hyperparameter language: parsing, aliases, schedules, errors that say what is valid, and round trips."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from preannotate.models.registry import ARCHITECTURES, default_hyperparameters
+from preannotate.training.hyperparameters import (
+    OPTIMIZERS,
+    HyperparameterError,
+    Hyperparameters,
+    help_text,
+    parse_pairs,
+    valid_keys,
+)
+
+
+def parse(text: str) -> Hyperparameters:
+    return Hyperparameters().updated(text)
+
+
+# --- the language --------------------------------------------------------------------------------------------
+
+
+def test_key_value_lines():
+    hp = parse("num-steps=2000\nbatch-size=8\ninitial-learning-rate=0.02\noptimizer=adamw\n")
+
+    assert (hp.num_steps, hp.batch_size, hp.initial_learning_rate, hp.optimizer) == (2000, 8, 0.02, "adamw")
+    assert isinstance(hp.num_steps, int) and isinstance(hp.initial_learning_rate, float)
+
+
+@pytest.mark.parametrize("text", [
+    "num-steps=2000; batch-size=4; momentum=0.8",
+    "num-steps=2000, batch-size=4, momentum=0.8",
+    "num_steps = 2000 ;batch_size= 4\n\n  momentum =0.8  ",
+    "NUM-STEPS=2000;Batch_Size=4;MOMENTUM=0.8;",
+])
+def test_separators_dashes_and_underscores_alike(text):
+    hp = parse(text)
+
+    assert (hp.num_steps, hp.batch_size, hp.momentum) == (2000, 4, 0.8)
+
+
+def test_a_list_continues_after_a_comma():
+    hp = parse("augment=flip,colour, batch-size=2")
+
+    assert hp.augment == ("flip", "colour") and hp.batch_size == 2
+    assert parse("augment=scale\nwarmup-steps=10").augment == ("scale",)
+    assert parse("augment=color+flip+flip").augment == ("colour", "flip")  # spelling, '+', duplicates
+    assert parse("augment=none").augment == ()
+    assert parse_pairs("augment=flip,colour,scale; seed=3") == {"augment": "flip,colour,scale", "seed": "3"}
+
+
+def test_comments_run_to_the_end_of_the_line():
+    hp = parse("# one epoch, to try\nepochs=1  # quick, for now\naugment=flip\n# colour, scale later\nseed=7")
+
+    assert (hp.epochs, hp.augment, hp.seed) == (1.0, ("flip",), 7)
+
+
+def test_value_without_a_key_is_an_error():
+    with pytest.raises(HyperparameterError, match="'2000' is not key=value; valid keys: .*num-steps"):
+        parse("2000; batch-size=4")
+
+
+def test_empty_text_changes_nothing():
+    assert parse("") == Hyperparameters()
+    assert parse(" ;\n, ") == Hyperparameters()
+
+
+# --- schedules -----------------------------------------------------------------------------------------------
+
+
+def test_multi_step_schedule_in_step_order():
+    hp = parse("schedule=multi-step; schedule-step-2=8000; schedule-lr-2=0.0001; "
+               "schedule_step_1=5000; schedule_lr_1=0.001")
+
+    assert hp.schedule == "multi-step"
+    assert hp.schedule_steps == [5000, 8000] and hp.schedule_lrs == [0.001, 0.0001]
+
+
+def test_schedule_steps_without_rates_decay_by_gamma():
+    hp = parse("schedule=multistep; schedule-step-1=100; schedule-step-2=200; schedule-gamma=0.5")
+
+    assert hp.schedule_steps == [100, 200] and hp.schedule_lrs == [] and hp.schedule_gamma == 0.5
+
+
+def test_schedule_steps_as_one_list():
+    hp = parse("schedule=multi-step; schedule-steps=100,200; schedule-lrs=0.01 0.001")
+
+    assert hp.schedule_steps == [100, 200] and hp.schedule_lrs == [0.01, 0.001]
+
+
+def test_numbered_step_replaces_the_one_it_names():
+    rcnn = default_hyperparameters("fasterrcnn_resnet50_fpn")
+    assert rcnn.schedule_steps == [9000] and rcnn.schedule_lrs == [0.00003]
+
+    hp = rcnn.updated("schedule-step-1=6000; schedule-step-2=8000; schedule-lr-2=0.000001")
+
+    assert hp.schedule_steps == [6000, 8000] and hp.schedule_lrs == [0.00003, 0.000001]
+
+
+def test_schedule_steps_must_increase():
+    with pytest.raises(HyperparameterError, match="must increase"):
+        parse("schedule=multi-step; schedule-step-1=8000; schedule-step-2=5000")
+
+
+def test_schedule_rates_need_matching_steps():
+    with pytest.raises(HyperparameterError, match="schedule-lr-N needs a schedule-step-N"):
+        parse("schedule=multi-step; schedule-step-1=100; schedule-lr-1=0.01; schedule-lr-2=0.001")
+    with pytest.raises(HyperparameterError, match="schedule-lr-N needs a schedule-step-N"):
+        parse("schedule-lr-1=0.01")
+    # as many rates as steps, but rate 2 has no step 2
+    with pytest.raises(HyperparameterError, match=r"steps for N in \[1, 3\], rates for N in \[1, 2\]"):
+        parse("schedule=multi-step; schedule-step-1=100; schedule-step-3=300; schedule-lr-1=0.1; schedule-lr-2=0.01")
+
+
+def test_multi_step_without_steps_is_an_error():
+    with pytest.raises(HyperparameterError, match="multi-step needs schedule-step-1"):
+        parse("schedule=multi-step")
+    with pytest.raises(HyperparameterError, match="multi-step"):
+        parse("schedule=multistep; schedule-steps=")
+
+
+@pytest.mark.parametrize("text, key", [
+    ("schedule-step-1=1.5", "schedule-step-1"),
+    ("schedule-step-1=-100", "schedule-step-1"),
+    ("schedule-lr-1=fast; schedule-step-1=10", "schedule-lr-1"),
+    ("schedule-steps=100,abc", "schedule-steps"),
+])
+def test_bad_schedule_values_name_the_key(text, key):
+    with pytest.raises(HyperparameterError, match=f"bad value for {key}"):
+        parse(text)
+
+
+@pytest.mark.parametrize("text, schedule", [
+    ("schedule=OneCycle", "one-cycle"), ("schedule=plateau", "on-plateau"),
+    ("schedule=cosine_annealing", "cosine"), ("schedule=step; schedule-step-size=100", "step"),
+])
+def test_schedule_spellings(text, schedule):
+    assert parse(text).schedule == schedule
+
+
+# --- aliases -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, field, value", [
+    ("lr=0.05", "initial_learning_rate", 0.05),
+    ("learning-rate=0.05", "initial_learning_rate", 0.05),
+    ("steps=300", "num_steps", 300),
+    ("num_train_steps=300", "num_steps", 300),
+    ("iterations=300", "num_steps", 300),
+    ("num-epochs=2.5", "epochs", 2.5),
+    ("batch=6", "batch_size", 6),
+    ("gpus=2", "num_clones", 2),
+    ("patience=3", "early_stopping_patience", 3),
+    ("warmup=50", "warmup_steps", 50),
+    ("augmentations=scale", "augment", ("scale",)),
+    ("min-dimension=600", "image_size", 600),
+    ("max-dimension=1024", "max_image_size", 1024),
+    ("clip-grad-norm=10", "gradient_clip_norm", 10.0),
+    ("trainable-layers=3", "trainable_backbone_layers", 3),
+])
+def test_aliases(text, field, value):
+    hp = parse(text)
+
+    assert getattr(hp, field) == value
+    changed = {f.name for f in dataclasses.fields(hp) if getattr(hp, f.name) != getattr(Hyperparameters(), f.name)}
+    assert changed == {field}
+
+
+@pytest.mark.parametrize("text, fraction", [("val-split=25", 0.25), ("val_split=0", 0.0), ("val-split=12.5", 0.125)])
+def test_val_split_is_a_percentage(text, fraction):
+    assert parse(text).val_fraction == pytest.approx(fraction)
+
+
+def test_val_split_errors_name_the_key():
+    with pytest.raises(HyperparameterError, match="bad value for val-split"):
+        parse("val-split=a fifth")
+    with pytest.raises(HyperparameterError, match="bad value for val-split"):
+        parse("val-split=95")  # 0.95 of the frames held out is more than the 0.9 allowed
+    assert parse("val-fraction=0.9").val_fraction == 0.9
+
+
+# --- errors --------------------------------------------------------------------------------------------------
+
+
+def test_unknown_key_lists_the_valid_keys():
+    with pytest.raises(HyperparameterError) as error:
+        parse("batch-size=2; learnin-rate=0.1")
+
+    message = str(error.value)
+    assert "'learnin-rate'" in message
+    for key in ("num-steps", "batch-size", "initial-learning-rate", "val-fraction", "schedule-step-N",
+                "schedule-lr-N"):
+        assert key in message
+    assert "schedule-steps" not in valid_keys() and "schedule_steps" not in message
+
+
+@pytest.mark.parametrize("text, key", [
+    ("batch-size=four", "batch-size"),
+    ("batch-size=2.5", "batch-size"),
+    ("batch-size=0", "batch-size"),
+    ("lr=fast", "lr"),
+    ("lr=0", "lr"),
+    ("lr=11", "lr"),
+    ("lr=nan", "lr"),
+    ("epochs=inf", "epochs"),
+    ("momentum=1.5", "momentum"),
+    ("weight_decay=-0.1", "weight_decay"),
+    ("optimizer=lbfgs", "optimizer"),
+    ("schedule=linear", "schedule"),
+    ("augment=flip,rotate", "augment"),
+    ("letterbox=maybe", "letterbox"),
+    ("init=imagenet", "init"),
+    ("image-size=16", "image-size"),
+    ("trainable-backbone-layers=7", "trainable-backbone-layers"),
+    ("score-threshold=1.2", "score-threshold"),
+    ("num-clones=0", "num-clones"),
+])
+def test_bad_values_name_the_key(text, key):
+    with pytest.raises(HyperparameterError, match=f"bad value for {key}:"):
+        parse(text)
+
+
+def test_bad_value_messages_say_what_is_valid():
+    with pytest.raises(HyperparameterError, match="'lbfgs' is not one of " + ", ".join(OPTIMIZERS)):
+        parse("optimizer=lbfgs")
+    with pytest.raises(HyperparameterError, match=r"must be between 0 and 1\)"):
+        parse("momentum=1.5")
+    with pytest.raises(HyperparameterError, match=r"must be at least 1\)"):
+        parse("batch-size=0")
+
+
+def test_hyperparameter_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        parse("optimizer=lbfgs")
+
+
+def test_choices_booleans_and_optional_values():
+    hp = parse("optimizer=Adam; letterbox=yes; init=previous; early-stopping-patience=4; image-size=512")
+    assert (hp.optimizer, hp.letterbox, hp.init, hp.early_stopping_patience, hp.image_size) == (
+        "adam", True, "previous", 4, 512)
+
+    cleared = hp.updated("letterbox=off; early-stopping-patience=none; image-size=")
+    assert (cleared.letterbox, cleared.early_stopping_patience, cleared.image_size) == (False, None, None)
+
+
+# --- Python values, dicts and round trips --------------------------------------------------------------------
+
+
+def test_to_dict_from_dict_round_trip():
+    hp = parse("num-steps=1234; lr=0.02; optimizer=rmsprop; schedule=multi-step; schedule-step-1=500; "
+               "schedule-step-2=900; schedule-lr-1=0.01; schedule-lr-2=0.001; augment=flip,scale; "
+               "letterbox=true; image-size=256; max-image-size=512; gradient-clip-norm=5; val-split=10; "
+               "early-stopping-patience=3; max-training-hours=1.5; seed=42")
+    data = hp.to_dict()
+
+    assert data["augment"] == ["flip", "scale"] and data["schedule_steps"] == [500, 900]
+    assert Hyperparameters.from_dict(data) == hp
+    assert Hyperparameters.from_dict(json.loads(json.dumps(data))) == hp
+    assert Hyperparameters.from_dict(Hyperparameters().to_dict()) == Hyperparameters()
+
+
+def test_from_dict_checks_python_values_too():
+    assert Hyperparameters.from_dict({"batch_size": 3, "epochs": 2, "letterbox": True}).epochs == 2.0
+    assert Hyperparameters.from_dict({"batch-size": "3"}).batch_size == 3
+
+    for bad in ({"batch_size": 2.5}, {"batch_size": None}, {"batch_size": True}, {"optimizer": 3},
+                {"initial_learning_rate": float("nan")}, {"schedule_steps": [100, "x"]}):
+        with pytest.raises(HyperparameterError, match="bad value"):
+            Hyperparameters.from_dict(bad)
+    with pytest.raises(HyperparameterError, match="unknown hyperparameter 'speed'"):
+        Hyperparameters.from_dict({"speed": 3})
+
+
+def test_updated_leaves_the_original_alone():
+    base = Hyperparameters()
+    changed = base.updated({"batch_size": 16, "augment": ["colour"]})
+
+    assert (base.batch_size, base.augment) == (4, ("flip",))
+    assert (changed.batch_size, changed.augment) == (16, ("colour",))
+
+
+# --- total steps ---------------------------------------------------------------------------------------------
+
+
+def test_total_steps_num_steps_wins_over_epochs():
+    assert parse("num-steps=750; epochs=100").total_steps(train_images=10_000) == 750
+
+
+@pytest.mark.parametrize("text, images, steps", [
+    ("epochs=1; batch-size=4", 10, 3),              # ceil(10 / 4)
+    ("epochs=1; batch-size=4", 12, 3),
+    ("epochs=3; batch-size=4", 13, 12),             # 3 x ceil(13 / 4)
+    ("epochs=2; batch-size=4; num-clones=2", 17, 6),  # 2 x ceil(17 / 8)
+    ("epochs=0.5; batch-size=1", 10, 5),
+    ("epochs=0.01; batch-size=1", 10, 1),           # at least one step
+    ("batch-size=4", 9, 3),                         # neither: one epoch
+    ("epochs=5; batch-size=4", 0, 5),               # no images: one batch an epoch
+])
+def test_total_steps_from_epochs(text, images, steps):
+    assert parse(text).total_steps(train_images=images) == steps
+
+
+# --- the registry's defaults ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_default_hyperparameters_of_every_architecture(name):
+    architecture = ARCHITECTURES[name]
+    hp = default_hyperparameters(name)
+
+    assert isinstance(hp, Hyperparameters)
+    assert hp.image_size == architecture.image_size and hp.max_image_size == architecture.max_image_size
+    assert hp.image_size >= 32 and hp.max_image_size >= hp.image_size
+    for key, value in architecture.defaults.items():
+        assert getattr(hp, key) == (value if not isinstance(value, tuple) else tuple(value))
+    hp.check()
+    assert Hyperparameters.from_dict(hp.to_dict()) == hp
+    assert hp.total_steps(train_images=100) == hp.num_steps
+    if hp.schedule == "multi-step":
+        assert hp.schedule_steps and all(step < hp.num_steps for step in hp.schedule_steps)
+
+
+def test_help_text_lists_every_key():
+    text = help_text()
+
+    for key in valid_keys()[:-2]:
+        assert f"  {key} " in text
+    assert "schedule-step-N, schedule-lr-N" in text

@@ -1,0 +1,186 @@
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from preannotate.cli import main as cli
+from preannotate.models import (
+    ARCHITECTURES,
+    Manifest,
+    ModelNotFound,
+    ModelStore,
+    create_detector,
+    get_architecture,
+    load_detector,
+    publish_detector,
+)
+from preannotate.models.registry import UnknownArchitecture
+from preannotate.models.torchvision_family import PretrainedWeightsUnavailable, build_model
+from preannotate.shapes import parse_label_list
+from tests.conftest import photo
+
+SMALL = {"image_size": 96, "max_image_size": 128}
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_every_architecture_builds_and_detects_on_our_labels(name):
+    detector = create_detector(name, parse_label_list("car,person"), hyperparameters=SMALL)
+    image = photo(80, 60)
+    shapes = detector.detect([image, photo(64, 48, seed=1)], threshold=0.0)
+    assert len(shapes) == 2
+    for shape in shapes[0]:
+        assert shape.label in {"car", "person"}
+        assert shape.type == ("mask" if ARCHITECTURES[name].output == "mask" else "rectangle")
+        x1, y1, x2, y2 = shape.bbox()
+        assert 0 <= x1 <= x2 <= 80 and 0 <= y1 <= y2 <= 60
+        assert 0.0 <= shape.score <= 1.0
+    # the class heads are sized for our two labels plus background
+    assert detector.manifest.labels[1].id == 2 and detector.manifest.architecture == name
+
+
+def test_unknown_architecture_suggests_the_close_name():
+    with pytest.raises(UnknownArchitecture, match="did you mean fasterrcnn_resnet50_fpn"):
+        get_architecture("fasterrcnn_resnet50")
+
+
+def _cache_weights(tmp_path, monkeypatch, weights_name: str, state: dict) -> Path:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    url = torchvision.models.get_weight(weights_name).url
+    path = tmp_path / "torch" / "hub" / "checkpoints" / Path(url).name
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    return path
+
+
+def test_pretrained_without_weights_on_disk_fails_with_a_clear_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("PREANNOTATE_OFFLINE", "1")
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"ssdlite320_mobilenet_v3_large_coco-a79551df\.pth"):
+        create_detector("ssdlite320_mobilenet_v3_large", init="pretrained")
+    code = cli(["models", "create", "ssdlite320_mobilenet_v3_large", "--init", "pretrained",
+                "--store", str(tmp_path / "store")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pretrained weights for ssdlite320_mobilenet_v3_large are not on disk" in err
+    assert "--init random" in err and "Traceback" not in err
+    assert not (tmp_path / "store" / "ssdlite320_mobilenet_v3_large").exists()
+
+
+def test_pretrained_loads_cached_coco_weights_with_coco_labels(tmp_path, monkeypatch):
+    arch = get_architecture("fasterrcnn_mobilenet_v3_large_320_fpn")
+    coco_model = build_model(arch, 90)  # 91 classes with background, as torchvision's COCO weights
+    _cache_weights(tmp_path, monkeypatch, arch.pretrained, coco_model.state_dict())
+
+    detector = create_detector(arch.name, init="pretrained")
+    names = [label.name for label in detector.labels]
+    assert len(names) == 80 and names[:3] == ["person", "bicycle", "car"] and "N/A" not in names
+    assert detector.labels[-1].id == 90  # model class index kept, COCO gaps included
+    for key, value in coco_model.state_dict().items():
+        assert torch.equal(detector.model.state_dict()[key], value), key
+
+    # Our own labels: everything but the class-specific heads comes from the pretrained weights.
+    custom = create_detector(arch.name, parse_label_list("car,person"), init="pretrained")
+    own = custom.model.state_dict()
+    predictor = "roi_heads.box_predictor.cls_score.weight"
+    assert own[predictor].shape[0] == 3
+    body = "backbone.body.0.0.weight"
+    assert torch.equal(own[body], coco_model.state_dict()[body])
+
+
+def test_resnet101_starts_from_an_imagenet_backbone(tmp_path, monkeypatch):
+    arch = get_architecture("fasterrcnn_resnet101_fpn")
+    imagenet = torchvision.models.resnet101(weights=None).state_dict()
+    _cache_weights(tmp_path, monkeypatch, arch.pretrained, imagenet)
+    with pytest.raises(PretrainedWeightsUnavailable, match="no COCO-trained weights"):
+        create_detector(arch.name, init="pretrained")
+    detector = create_detector(arch.name, parse_label_list("car"), init="pretrained", hyperparameters=SMALL)
+    own = detector.model.state_dict()
+    assert torch.equal(own["backbone.body.layer4.2.conv3.weight"], imagenet["layer4.2.conv3.weight"])
+
+
+def test_fine_tuning_from_a_previous_version_with_a_changed_label_set(tmp_path):
+    store = ModelStore(tmp_path)
+    first = create_detector("fasterrcnn_mobilenet_v3_large_320_fpn", parse_label_list("car,person"))
+    publish_detector(first, store, "traffic")
+    second = create_detector("fasterrcnn_mobilenet_v3_large_320_fpn", parse_label_list("car,person,bike"),
+                             init="previous", previous=store.resolve("traffic"))
+    before, after = first.model.state_dict(), second.model.state_dict()
+    assert torch.equal(before["backbone.body.0.0.weight"], after["backbone.body.0.0.weight"])
+    assert torch.equal(before["rpn.head.conv.0.0.weight"], after["rpn.head.conv.0.0.weight"])
+    assert after["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4  # fresh head for 3 labels
+    assert second.manifest.provenance["init"] == "previous"
+
+
+def test_a_published_artifact_loads_alone_and_predicts_the_same(tmp_path):
+    store = ModelStore(tmp_path)
+    detector = create_detector("maskrcnn_resnet50_fpn", parse_label_list("road:mask"), hyperparameters=SMALL)
+    version = publish_detector(detector, store, "roads")
+    directory = store.path("roads", version)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["name"] == "roads" and manifest["version"] == 1
+    assert manifest["architecture"] == "maskrcnn_resnet50_fpn"
+    assert manifest["labels"] == [{"id": 1, "name": "road", "type": "mask", "attributes": []}]
+    assert manifest["input_size"] == {"image_size": 96, "max_image_size": 128}
+    assert manifest["libraries"]["torch"] == torch.__version__.split("+")[0] or manifest["libraries"]["torch"]
+    assert {"hyperparameters", "metrics", "provenance", "created"} <= set(manifest)
+
+    loaded = load_detector(directory)
+    image = photo(80, 60, seed=3)
+    expected, got = detector.detect([image], 0.0)[0], loaded.detect([image], 0.0)[0]
+    assert [(s.label, s.points) for s in got] == [(s.label, s.points) for s in expected]
+    assert got and got[0].type == "mask"
+
+
+def test_store_versions_are_published_atomically(tmp_path):
+    store = ModelStore(tmp_path)
+
+    def broken(directory):
+        (directory / "model.pt").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        store.publish("m", broken)
+    assert store.versions("m") == [] and not any((tmp_path / ".staging").iterdir())
+
+    def write(directory):
+        (directory / "model.pt").write_bytes(b"w")
+        return Manifest(architecture="ssdlite320_mobilenet_v3_large", labels=parse_label_list("a"))
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(store.publish("m", write))) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [1, 2, 3, 4, 5, 6] and store.versions("m") == [1, 2, 3, 4, 5, 6]
+    assert Manifest.read(store.path("m", 4)).version == 4
+    assert store.resolve("m") == store.path("m", 6) and store.resolve("m@2") == store.path("m", 2)
+    with pytest.raises(ModelNotFound, match="versions: 1, 2, 3, 4, 5, 6"):
+        store.resolve("m@9")
+    with pytest.raises(ModelNotFound, match="models there: m"):
+        store.resolve("other")
+    with pytest.raises(ValueError):
+        store.publish("../escape", write)
+
+
+def test_models_cli_create_list_show(tmp_path, capsys):
+    store = str(tmp_path)
+    assert cli(["models", "create", "ssdlite320_mobilenet_v3_large", "--labels", "cat,dog", "--store", store]) == 0
+    assert cli(["models", "create", "ssdlite320_mobilenet_v3_large", "--labels", "cat", "--name", "pets",
+                "--store", store]) == 0
+    capsys.readouterr()
+    assert cli(["models", "list", "--json", "--store", store]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["version"], r["labels"]) for r in rows] == [
+        ("pets", 1, 1), ("ssdlite320_mobilenet_v3_large", 1, 2)]
+    assert cli(["models", "show", "pets@1", "--store", store]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["labels"][0]["name"] == "cat" and shown["provenance"]["init"] == "random"
+    assert shown["hyperparameters"]["batch_size"] == 24  # the SSD defaults our users know
+    assert cli(["models", "show", "nothing", "--store", store]) == 2
+    assert "no published model named 'nothing'" in capsys.readouterr().err
