@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
 from PIL import Image
-
 from preannotate.formats import masks
 from preannotate.serving.contract import (
     ContractError,
@@ -17,6 +17,7 @@ from preannotate.serving.contract import (
     shapes_to_response,
 )
 from preannotate.shapes import Shape
+
 from tests.conftest import b64, encode, photo
 
 
@@ -52,7 +53,7 @@ def test_oversized_images_are_refused_before_decoding(monkeypatch):
 
 
 def test_request_body_as_bytes_and_threshold():
-    raw = ('{"image": "%s", "threshold": 0.25}' % b64(encode(photo()))).encode()
+    raw = json.dumps({"image": b64(encode(photo())), "threshold": 0.25}).encode()
     request = parse_detect_request(raw)
     assert request.threshold == 0.25 and request.image.mode == "RGB" and request.image.size == (96, 64)
     assert parse_detect_request({"image": b64(encode(photo()))}).threshold is None

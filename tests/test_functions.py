@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from preannotate import functions
 from preannotate.cli import main as cli
 from preannotate.models import ARCHITECTURES

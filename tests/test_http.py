@@ -12,9 +12,9 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from preannotate.serving.core import App, ModelProvider
 from preannotate.serving.http import make_server
+
 from tests.conftest import b64, encode, photo
 
 

@@ -6,7 +6,6 @@ import dataclasses
 import json
 
 import pytest
-
 from preannotate.models.registry import ARCHITECTURES, default_hyperparameters
 from preannotate.training.hyperparameters import (
     OPTIMIZERS,
@@ -22,7 +21,7 @@ def parse(text: str) -> Hyperparameters:
     return Hyperparameters().updated(text)
 
 
-# --- the language --------------------------------------------------------------------------------------------
+# --- the language -------------------------------------------------------------------------------------------
 
 
 def test_key_value_lines():
@@ -70,7 +69,7 @@ def test_empty_text_changes_nothing():
     assert parse(" ;\n, ") == Hyperparameters()
 
 
-# --- schedules -----------------------------------------------------------------------------------------------
+# --- schedules ----------------------------------------------------------------------------------------------
 
 
 def test_multi_step_schedule_in_step_order():
@@ -143,7 +142,7 @@ def test_schedule_spellings(text, schedule):
     assert parse(text).schedule == schedule
 
 
-# --- aliases -------------------------------------------------------------------------------------------------
+# --- aliases ------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("text, field, value", [
@@ -184,7 +183,7 @@ def test_val_split_errors_name_the_key():
     assert parse("val-fraction=0.9").val_fraction == 0.9
 
 
-# --- errors --------------------------------------------------------------------------------------------------
+# --- errors -------------------------------------------------------------------------------------------------
 
 
 def test_unknown_key_lists_the_valid_keys():
@@ -248,7 +247,7 @@ def test_choices_booleans_and_optional_values():
     assert (cleared.letterbox, cleared.early_stopping_patience, cleared.image_size) == (False, None, None)
 
 
-# --- Python values, dicts and round trips --------------------------------------------------------------------
+# --- Python values, dicts and round trips -------------------------------------------------------------------
 
 
 def test_to_dict_from_dict_round_trip():
@@ -284,7 +283,7 @@ def test_updated_leaves_the_original_alone():
     assert (changed.batch_size, changed.augment) == (16, ("colour",))
 
 
-# --- total steps ---------------------------------------------------------------------------------------------
+# --- total steps --------------------------------------------------------------------------------------------
 
 
 def test_total_steps_num_steps_wins_over_epochs():
@@ -305,7 +304,7 @@ def test_total_steps_from_epochs(text, images, steps):
     assert parse(text).total_steps(train_images=images) == steps
 
 
-# --- the registry's defaults ---------------------------------------------------------------------------------
+# --- the registry's defaults --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

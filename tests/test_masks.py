@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from pycocotools import mask as coco_mask
-
 from preannotate.formats import masks
 from preannotate.shapes import Shape, ellipse_polygon
+from pycocotools import mask as coco_mask
 
-FIXTURES = Path(__file__).parent / "fixtures" / "cvat-2.42"
+from tests.conftest import FIXTURES
+
 MASK_WIDTH, MASK_HEIGHT = 96, 64      # frame 2, where shape 91 (a mask) lies
 ELLIPSE_WIDTH, ELLIPSE_HEIGHT = 80, 60  # frame 3, where shape 93 (an ellipse) lies
 
@@ -41,7 +40,7 @@ def pixel_rectangle(width: int, height: int, left: int, top: int, right: int, bo
 
 
 def vertices(polygon: list[float]) -> list[tuple[float, float]]:
-    return list(zip(polygon[0::2], polygon[1::2]))
+    return list(zip(polygon[0::2], polygon[1::2], strict=True))
 
 
 def shoelace(polygon: list[float]) -> float:
@@ -74,7 +73,7 @@ def odd_shapes() -> list[np.ndarray]:
     return [blob, triangle, ell, neck, saddle]
 
 
-# --- CVAT RLE against CVAT's own COCO export -------------------------------------------------------------------
+# --- CVAT RLE against CVAT's own COCO export ----------------------------------------------------------------
 
 
 def test_recorded_cvat_rle_decodes_to_the_bitmap_cvat_exported(recorded_mask):
@@ -142,7 +141,7 @@ def test_coco_rle_round_trip_of_the_exported_ellipse():
     assert [left, top, right - left + 1, bottom - top + 1] == annotation["bbox"]
 
 
-# --- Nuclio detector masks -----------------------------------------------------------------------------------
+# --- Nuclio detector masks ----------------------------------------------------------------------------------
 
 
 def test_cvat_rle_to_nuclio_mask_of_the_recorded_mask(recorded_mask):
@@ -182,7 +181,7 @@ def test_nuclio_mask_all_background():
     assert not masks.cvat_rle_to_bitmap(rle, 5, 5).any()
 
 
-# --- polygons ------------------------------------------------------------------------------------------------
+# --- polygons -----------------------------------------------------------------------------------------------
 
 
 def test_bitmap_to_polygon_of_a_rectangle_is_its_pixel_edge_outline():
@@ -268,7 +267,7 @@ def test_polygon_to_bitmap_joins_polygons_and_skips_degenerate_ones():
     assert masks.polygon_to_bitmap([], 10, 7).shape == (7, 10)
 
 
-# --- masks at the image border -------------------------------------------------------------------------------
+# --- masks at the image border ------------------------------------------------------------------------------
 
 
 def test_mask_covering_the_whole_image():
@@ -308,7 +307,7 @@ def test_empty_bitmap_encodes_as_an_empty_one_pixel_box():
     assert masks.cvat_rle_to_nuclio_mask(rle) == [0, 0, 0, 0, 0]
 
 
-# --- invalid input -------------------------------------------------------------------------------------------
+# --- invalid input ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("points", [
@@ -360,7 +359,7 @@ def test_nuclio_mask_not_matching_its_box_is_rejected(mask):
         masks.nuclio_mask_to_cvat_rle(mask)
 
 
-# --- an ellipse against CVAT's export of it ------------------------------------------------------------------
+# --- an ellipse against CVAT's export of it -----------------------------------------------------------------
 
 
 def test_ellipse_rasterized_against_cvat_export():

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-
 from preannotate.cli import main as cli
 from preannotate.models import (
     ARCHITECTURES,
@@ -22,6 +21,7 @@ from preannotate.models import (
 from preannotate.models.registry import UnknownArchitecture
 from preannotate.models.torchvision_family import PretrainedWeightsUnavailable, build_model
 from preannotate.shapes import parse_label_list
+
 from tests.conftest import photo
 
 SMALL = {"image_size": 96, "max_image_size": 128}

@@ -7,10 +7,10 @@ import json
 import nuclio_sdk
 import nuclio_sdk.test
 import pytest
-
 from preannotate.models import ModelStore, create_detector, publish_detector
 from preannotate.serving import nuclio
 from preannotate.shapes import parse_label_list
+
 from tests.conftest import b64, encode, photo
 
 

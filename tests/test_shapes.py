@@ -5,10 +5,10 @@ from __future__ import annotations
 import cmath
 import json
 import math
-from pathlib import Path
 
+import numpy as np
 import pytest
-
+from preannotate.formats import masks
 from preannotate.shapes import (
     LABEL_TYPES,
     AttributeSpec,
@@ -19,7 +19,7 @@ from preannotate.shapes import (
     rectangle_corners,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures" / "cvat-2.42"
+from tests.conftest import FIXTURES
 
 
 def api_shape(shape_id: int) -> Shape:
@@ -37,10 +37,10 @@ def exported_bbox(image_id: int, area: float) -> tuple[float, float, float, floa
 
 
 def pairs(flat: list[float]) -> list[tuple[float, float]]:
-    return list(zip(flat[0::2], flat[1::2]))
+    return list(zip(flat[0::2], flat[1::2], strict=True))
 
 
-# --- rotated rectangles --------------------------------------------------------------------------------------
+# --- rotated rectangles -------------------------------------------------------------------------------------
 
 
 def test_recorded_rotated_rectangle_corners_turn_30_degrees_about_the_centre():
@@ -52,7 +52,7 @@ def test_recorded_rotated_rectangle_corners_turn_30_degrees_about_the_centre():
     corners = [complex(x, y) for x, y in pairs(rectangle_corners(shape.points, shape.rotation))]
 
     assert len(corners) == 4
-    for before, after in zip(unrotated, corners):
+    for before, after in zip(unrotated, corners, strict=True):
         assert abs(after - centre) == pytest.approx(abs(before - centre))
         turned = math.degrees(cmath.phase((after - centre) / (before - centre)))  # angle in image axes (y down)
         assert turned == pytest.approx(30.0)
@@ -83,7 +83,7 @@ def test_negative_rotation_is_the_same_as_its_complement():
     assert rectangle_corners([10, 8, 40, 28], 390) == pytest.approx(rectangle_corners([10, 8, 40, 28], 30))
 
 
-# --- bounding boxes ------------------------------------------------------------------------------------------
+# --- bounding boxes -----------------------------------------------------------------------------------------
 
 
 def test_bbox_of_recorded_shapes_matches_cvat_export():
@@ -127,10 +127,6 @@ def test_bbox_of_points_and_polylines():
 
 
 def test_bbox_of_a_mask_encoded_from_a_bitmap():
-    import numpy as np
-
-    from preannotate.formats import masks
-
     bitmap = np.zeros((20, 30), dtype=bool)
     bitmap[4:9, 7:19] = True
     bitmap[4, 7] = False
@@ -155,7 +151,7 @@ def test_polygon_of_each_type():
     assert all(isinstance(v, float) for v in Shape("a", "polyline", [1, 2, 3, 4]).polygon())
 
 
-# --- labels --------------------------------------------------------------------------------------------------
+# --- labels -------------------------------------------------------------------------------------------------
 
 
 def test_label_round_trip_with_attributes():
@@ -217,7 +213,7 @@ def test_invalid_shape_type(shape_type):
         Shape("car", shape_type, [0, 0, 1, 1])
 
 
-# --- label lists ---------------------------------------------------------------------------------------------
+# --- label lists --------------------------------------------------------------------------------------------
 
 
 def test_parse_label_list():

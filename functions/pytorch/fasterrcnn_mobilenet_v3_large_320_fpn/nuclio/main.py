@@ -1,3 +1,3 @@
-"""Nuclio entry of pth-preannotate-fasterrcnn-mobilenet-v3-large-320-fpn: the model is named by PREANNOTATE_MODEL in function.yaml; the code is shared."""
+"""Nuclio entry of fasterrcnn_mobilenet_v3_large_320_fpn; its model is PREANNOTATE_MODEL in function.yaml."""
 
 from preannotate.serving.nuclio import handler, init_context  # noqa: F401

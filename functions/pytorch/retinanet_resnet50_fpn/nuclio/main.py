@@ -1,3 +1,3 @@
-"""Nuclio entry of pth-preannotate-retinanet-resnet50-fpn: the model is named by PREANNOTATE_MODEL in function.yaml; the code is shared."""
+"""Nuclio entry of retinanet_resnet50_fpn; its model is PREANNOTATE_MODEL in function.yaml."""
 
 from preannotate.serving.nuclio import handler, init_context  # noqa: F401

@@ -1,3 +1,3 @@
-"""Nuclio entry of pth-preannotate-ssdlite320-mobilenet-v3-large: the model is named by PREANNOTATE_MODEL in function.yaml; the code is shared."""
+"""Nuclio entry of ssdlite320_mobilenet_v3_large; its model is PREANNOTATE_MODEL in function.yaml."""
 
 from preannotate.serving.nuclio import handler, init_context  # noqa: F401
