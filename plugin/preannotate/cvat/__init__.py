@@ -1,0 +1,1 @@
+"""Everything that speaks CVAT: its annotation JSON (``annotations``) and, later, the server itself."""

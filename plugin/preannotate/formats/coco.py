@@ -1,0 +1,147 @@
+"""COCO instances (ground truth) and COCO results (predictions), from and to our shapes — in this one module.
+
+Deliberate differences from CVAT's own ``COCO 1.0`` export (what a trainer needs, listed in the README too):
+
+* masks and ellipses are RLE with ``iscrowd: 0`` (CVAT writes ``iscrowd: 1``, which trainers and COCOeval skip);
+* a rotated rectangle is written as its rotated polygon with the box that holds it (CVAT writes the unrotated box
+  and puts ``rotation`` in the attributes);
+* every shape is its own instance: CVAT merges a ``group`` into one annotation under the leader's label, which
+  would teach a detector the wrong class; the group id stays in ``attributes.group``;
+* ``attributes.track_id`` is CVAT's track id (CVAT renumbers tracks from 0);
+* points, polylines and tags are not exported (neither does CVAT); the readers count them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as coco_mask
+
+from preannotate.formats import masks
+from preannotate.shapes import DETECTABLE_TYPES, FrameAnnotations, Label, Shape
+
+
+def categories(labels: Sequence[Label]) -> list[dict[str, Any]]:
+    """COCO categories: every CVAT label in CVAT's order, ids from 1 (as CVAT's export numbers them)."""
+    return [{"id": i, "name": label.name, "supercategory": ""} for i, label in enumerate(labels, start=1)]
+
+
+def shape_to_annotation(shape: Shape, width: int, height: int) -> dict[str, Any] | None:
+    """One shape → the geometry part of a COCO annotation (``bbox``, ``area``, ``segmentation``, ``iscrowd``);
+    None for shapes a detector cannot learn or that are empty."""
+    if shape.type not in DETECTABLE_TYPES:
+        return None
+    if shape.type == "rectangle" and not shape.rotation % 360:
+        x1, y1, x2, y2 = (float(v) for v in shape.points[:4])
+        x1, x2 = sorted((max(0.0, min(x1, width)), max(0.0, min(x2, width))))
+        y1, y2 = sorted((max(0.0, min(y1, height)), max(0.0, min(y2, height))))
+        if x2 - x1 <= 0 or y2 - y1 <= 0:
+            return None
+        return {"bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "segmentation": [],
+                "iscrowd": 0}
+    if shape.type in ("polygon", "rectangle"):  # rotated rectangles as their corners
+        polygon = shape.polygon()
+        if len(polygon) < 6:
+            return None
+        rle = coco_mask.frPyObjects([polygon], height, width)
+        area = float(coco_mask.area(coco_mask.merge(rle)))
+        xs, ys = np.clip(polygon[0::2], 0, width), np.clip(polygon[1::2], 0, height)
+        box = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min()), float(ys.max() - ys.min())]
+        if box[2] <= 0 or box[3] <= 0:
+            return None
+        return {"bbox": box, "area": area, "segmentation": [[round(float(v), 3) for v in polygon]], "iscrowd": 0}
+    bitmap = (masks.cvat_rle_to_bitmap(shape.points, width, height) if shape.type == "mask"
+              else masks.polygon_to_bitmap([shape.polygon()], width, height))
+    if not bitmap.any():
+        return None
+    rle = masks.bitmap_to_coco_rle(bitmap)
+    encoded = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+    return {"bbox": [float(v) for v in coco_mask.toBbox(encoded)], "area": float(coco_mask.area(encoded)),
+            "segmentation": rle, "iscrowd": 0}
+
+
+def to_coco(frames: Iterable[tuple[FrameAnnotations, str]], labels: Sequence[Label]) -> dict[str, Any]:
+    """A COCO instances dataset of ``(frame, file_name)`` pairs; image ids count from 1 in the order given."""
+    category_of = {label.name: i for i, label in enumerate(labels, start=1)}
+    images, annotations = [], []
+    for image_id, (frame, file_name) in enumerate(frames, start=1):
+        images.append({"id": image_id, "file_name": file_name, "width": frame.width, "height": frame.height,
+                       "frame": frame.frame})
+        for shape in frame.shapes:
+            geometry = shape_to_annotation(shape, frame.width, frame.height)
+            if geometry is None or shape.label not in category_of:
+                continue
+            attributes: dict[str, Any] = {**shape.attributes, "occluded": shape.occluded}
+            if shape.rotation:
+                attributes["rotation"] = shape.rotation
+            if shape.track_id is not None:
+                attributes["track_id"] = shape.track_id
+            if shape.group:
+                attributes["group"] = shape.group
+            annotation = {"id": len(annotations) + 1, "image_id": image_id, "category_id": category_of[shape.label],
+                          **geometry, "attributes": attributes}
+            if shape.score is not None:
+                annotation["score"] = shape.score
+            annotations.append(annotation)
+    return {"info": {"description": "exported by cvat-preannotate"}, "licenses": [], "images": images,
+            "annotations": annotations, "categories": categories(labels)}
+
+
+def annotation_to_shape(annotation: dict[str, Any], label: str, width: int, height: int, frame: int = 0,
+                        source: str = "manual") -> Shape:
+    """A COCO annotation (ground truth or result) → a shape: a polygon, a mask (RLE) or a rectangle (bbox)."""
+    segmentation = annotation.get("segmentation")
+    attributes = dict(annotation.get("attributes") or {})
+    common = {"label": label, "frame": frame, "score": annotation.get("score"), "source": source,
+              "occluded": bool(attributes.pop("occluded", False)), "group": int(attributes.pop("group", 0) or 0),
+              "track_id": attributes.pop("track_id", None)}
+    attributes.pop("rotation", None)
+    attributes.pop("keyframe", None)
+    common["attributes"] = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in attributes.items()}
+    if isinstance(segmentation, dict):
+        bitmap = masks.coco_rle_to_bitmap(segmentation)
+        return Shape(type="mask", points=masks.bitmap_to_cvat_rle(bitmap), **common)
+    if isinstance(segmentation, list) and segmentation and len(segmentation[0]) >= 6:
+        if len(segmentation) == 1:
+            return Shape(type="polygon", points=[float(v) for v in segmentation[0]], **common)
+        bitmap = masks.polygon_to_bitmap(segmentation, width, height)  # several parts: one mask instance
+        return Shape(type="mask", points=masks.bitmap_to_cvat_rle(bitmap), **common)
+    x, y, w, h = (float(v) for v in annotation["bbox"])
+    return Shape(type="rectangle", points=[x, y, x + w, y + h], **common)
+
+
+def from_coco(dataset: dict[str, Any]) -> tuple[list[Label], list[tuple[FrameAnnotations, str]]]:
+    """A COCO instances dataset → labels (in category order) and ``(frame, file_name)`` pairs."""
+    ordered = sorted(dataset["categories"], key=lambda c: c["id"])
+    labels = [Label(name=c["name"], id=i) for i, c in enumerate(ordered, start=1)]
+    name_of = {c["id"]: c["name"] for c in ordered}
+    frames: dict[int, FrameAnnotations] = {}
+    names: dict[int, str] = {}
+    for position, image in enumerate(dataset["images"]):
+        frames[image["id"]] = FrameAnnotations(frame=int(image.get("frame", position)), width=int(image["width"]),
+                                               height=int(image["height"]), name=image["file_name"])
+        names[image["id"]] = image["file_name"]
+    for annotation in dataset["annotations"]:
+        frame = frames[annotation["image_id"]]
+        frame.shapes.append(annotation_to_shape(annotation, name_of[annotation["category_id"]], frame.width,
+                                                frame.height, frame.frame))
+    return labels, [(frames[i], names[i]) for i in frames]
+
+
+def to_results(frames: Iterable[tuple[int, FrameAnnotations]], labels: Sequence[Label]) -> list[dict[str, Any]]:
+    """Predictions as a COCO results array (``image_id`` given per frame, ``category_id`` by label order)."""
+    category_of = {label.name: i for i, label in enumerate(labels, start=1)}
+    results = []
+    for image_id, frame in frames:
+        for shape in frame.shapes:
+            geometry = shape_to_annotation(shape, frame.width, frame.height)
+            if geometry is None or shape.label not in category_of:
+                continue
+            result = {"image_id": image_id, "category_id": category_of[shape.label], "bbox": geometry["bbox"],
+                      "score": round(float(shape.score if shape.score is not None else 1.0), 5)}
+            if geometry["segmentation"]:
+                result["segmentation"] = geometry["segmentation"]
+            results.append(result)
+    return results
