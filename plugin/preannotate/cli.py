@@ -166,11 +166,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
+    # RuntimeError covers e.g. pretrained weights that are not on disk
     except (CommandError, ModelNotFound, UnknownArchitecture, ModelUnavailable, HyperparameterError,
-            ValueError, OSError) as error:
-        print(f"preannotate: error: {error}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:  # e.g. pretrained weights that are not on disk
+            ValueError, OSError, RuntimeError) as error:
         print(f"preannotate: error: {error}", file=sys.stderr)
         return 2
 
