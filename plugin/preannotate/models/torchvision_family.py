@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,13 +113,16 @@ class TorchvisionDetector:
         return [self.to_shapes(output, threshold) for output in self.model(tensors)]
 
     def to_tensor(self, image: Image.Image | np.ndarray) -> torch.Tensor:
-        tensor = F.pil_to_tensor(image) if isinstance(image, Image.Image) else torch.from_numpy(
-            np.ascontiguousarray(image)).permute(2, 0, 1)
+        # a read-only HWC view, no copy: the float conversion below makes the one copy the model needs
+        array = np.asarray(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "non-writable array": never written to
+            tensor = torch.from_numpy(array).permute(2, 0, 1)
         return F.to_dtype(tensor.to(self.device), torch.float32, scale=True)
 
     def to_shapes(self, output: dict[str, torch.Tensor], threshold: float) -> list[Shape]:
         keep = output["scores"] >= threshold
-        boxes = output["boxes"][keep].cpu().tolist()
+        boxes = output["boxes"][keep].round(decimals=2).cpu().tolist()
         classes = output["labels"][keep].cpu().tolist()
         scores = output["scores"][keep].cpu().tolist()
         bitmaps = (output["masks"][keep, 0] > 0.5).cpu().numpy() if "masks" in output else None
@@ -132,7 +136,7 @@ class TorchvisionDetector:
                     shapes.append(Shape(label.name, "mask", masks.bitmap_to_cvat_rle(bitmaps[i]), score=score,
                                         source="auto"))
             else:
-                shapes.append(Shape(label.name, "rectangle", [round(v, 2) for v in box], score=score,
+                shapes.append(Shape(label.name, "rectangle", box, score=score,
                                     source="auto"))
         return shapes
 
