@@ -135,11 +135,12 @@ def test_points_and_polylines_are_kept_and_counted_and_tags_become_label_names()
     assert [label.name for label in result.labels] == ["car", "person", "road", "sign", "daytime"]
 
 
-def test_labels_keep_cvat_ids_and_attribute_specs():
+def test_labels_are_numbered_in_cvat_order_with_attribute_specs():
     labels = read_labels(LABELS)  # the whole page is accepted as well as its results
     assert labels == read_labels(LABELS["results"])
     car = labels[0]
-    assert (car.name, car.type, car.id) == ("car", "rectangle", 18)
+    assert (car.name, car.type, car.id) == ("car", "rectangle", 1)  # CVAT's id is 18: class indices are 1..N
+    assert [label.id for label in labels] == list(range(1, len(labels) + 1))
     assert [(a.name, a.input_type, a.values, a.default_value, a.mutable) for a in car.attributes] == [
         ("color", "select", ("red", "blue"), "red", False), ("parked", "checkbox", ("false",), "false", True)]
     assert attribute_names(LABELS) == {1: "color", 2: "parked"}

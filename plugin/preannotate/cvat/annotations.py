@@ -40,9 +40,11 @@ class AnnotationSet:
 
 
 def read_labels(label_dicts: Iterable[Any] | Mapping[str, Any]) -> list[Label]:
-    """``/api/labels`` results (the list, or the whole page) → labels. ``Label.id`` keeps CVAT's label id (not a
-    model class index); skeleton parts are left out. ``attribute_names`` maps CVAT's attribute ids to names."""
-    return [Label.from_dict(item) for item in _label_dicts(label_dicts) if item.get("parent_id") is None]
+    """``/api/labels`` results (the list, or the whole page) → labels numbered 1..N in CVAT's order: ``Label.id``
+    is the model's class index (and the COCO category id), not CVAT's label id, which differs per task and
+    server. Skeleton parts are left out. ``attribute_names`` maps CVAT's attribute ids to names."""
+    labels = [Label.from_dict(item) for item in _label_dicts(label_dicts) if item.get("parent_id") is None]
+    return [Label(label.name, label.type, label.attributes, position) for position, label in enumerate(labels, 1)]
 
 
 def attribute_names(label_dicts: Iterable[Any] | Mapping[str, Any]) -> dict[int, str]:
