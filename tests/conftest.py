@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.cvat_double import cvat_double  # noqa: F401  (the fixture, for every test module)
+
 FIXTURES = Path(__file__).parent / "fixtures" / "cvat-2.42"
 
 # Tests never reach the network for weights: a missing file must fail fast with our message.
