@@ -184,3 +184,37 @@ def test_models_cli_create_list_show(tmp_path, capsys):
     assert shown["hyperparameters"]["batch_size"] == 24  # the SSD defaults our users know
     assert cli(["models", "show", "nothing", "--store", store]) == 2
     assert "no published model named 'nothing'" in capsys.readouterr().err
+
+
+def test_a_version_published_without_promotion_is_kept_but_not_served(tmp_path):
+    store = ModelStore(tmp_path)
+
+    def write(directory):
+        (directory / "model.pt").write_bytes(b"w")
+        return Manifest(architecture="ssdlite320_mobilenet_v3_large", labels=parse_label_list("a"))
+
+    assert store.serving("m") is None
+    assert [store.publish("m", write) for _ in range(2)] == [1, 2] and store.serving("m") == 2
+    assert store.publish("m", write, promote=False) == 3
+    assert store.serving("m") == 2 and store.resolve("m") == store.path("m", 2)
+    assert [row["serving"] for row in store.describe()] == [False, True, False]
+    store.promote("m", 1)  # roll back
+    assert store.resolve("m") == store.path("m", 1)
+    assert store.publish("m", write) == 4 and store.serving("m") == 4  # a promoted publish serves the newest
+    with pytest.raises(ModelNotFound, match="no version 9"):
+        store.promote("m", 9)
+
+
+def test_models_cli_promote_rolls_back(tmp_path, capsys):
+    store = str(tmp_path)
+    for _ in range(2):
+        assert cli(["models", "create", "ssdlite320_mobilenet_v3_large", "--labels", "cat", "--name", "pets",
+                    "--store", store]) == 0
+    assert cli(["models", "promote", "pets@1", "--store", store]) == 0
+    assert ModelStore(store).serving("pets") == 1
+    capsys.readouterr()
+    assert cli(["models", "list", "--store", store]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:2] == ["pets", "1*"] and lines[2].split()[:2] == ["pets", "2"]
+    assert cli(["models", "promote", "pets", "--store", store]) == 2
+    assert "NAME@VERSION" in capsys.readouterr().err

@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = models_commands.add_parser("show", help="the manifest of NAME[@VERSION] or of an artifact directory")
     _store_argument(show)
     show.add_argument("model")
+    promote = models_commands.add_parser(
+        "promote", help="serve NAME@VERSION from now on (roll back or forward); functions switch on their next call")
+    _store_argument(promote)
+    promote.add_argument("model", help="NAME@VERSION")
     architectures = models_commands.add_parser("architectures", help="the architectures of the registry")
     architectures.add_argument("--json", action="store_true", help="print JSON")
     create = models_commands.add_parser(
@@ -86,8 +90,17 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{'NAME':32} {'VERSION':>7}  {'ARCHITECTURE':38} {'LABELS':>6}  {'mAP@.5':>6}  CREATED")
             for row in rows:
                 ap50 = row["metrics"].get("map50")
-                print(f"{row['name']:32} {row['version']:>7}  {row['architecture']:38} {row['labels']:>6}  "
-                      f"{'' if ap50 is None else f'{ap50:.3f}':>6}  {row['created']}")
+                print(f"{row['name']:32} {row['version']:>7}{'*' if row['serving'] else ' '} "
+                      f"{row['architecture']:38} {row['labels']:>6}  {'' if ap50 is None else f'{ap50:.3f}':>6}  "
+                      f"{row['created']}")
+            print("* the version served")
+        return 0
+    if args.models_command == "promote":
+        name, _, version = args.model.partition("@")
+        if not version.lstrip("v").isdigit():
+            raise CommandError(f"give the version to serve as NAME@VERSION, not {args.model!r}")
+        store.promote(name, int(version.lstrip("v")))
+        print(f"{name}@{int(version.lstrip('v'))} is served from now on")
         return 0
     if args.models_command == "show":
         path = Path(args.model)

@@ -74,9 +74,10 @@ def save_artifact(detector: Detector, directory: Path) -> Manifest:
     return detector.manifest
 
 
-def publish_detector(detector: Detector, store: ModelStore, name: str) -> int:
-    """Publish the detector as the next version of ``name`` in ``store``; returns the version number."""
-    return store.publish(name, lambda directory: save_artifact(detector, directory))
+def publish_detector(detector: Detector, store: ModelStore, name: str, promote: bool = True) -> int:
+    """Publish the detector as the next version of ``name`` in ``store``; returns the version number. With
+    ``promote=False`` it is kept without replacing the version being served."""
+    return store.publish(name, lambda directory: save_artifact(detector, directory), promote=promote)
 
 
 def load_detector(directory: str | Path, device: str | None = None) -> Detector:

@@ -4,15 +4,20 @@ Store layout::
 
     STORE/<name>/v1/{manifest.json, model.pt}
     STORE/<name>/v2/...
+    STORE/<name>/SERVING         the promoted version number (absent: the newest version is served)
     STORE/.staging/<random>/     a version being written; renamed into place in one step when complete
 
 A version directory exists only once complete (``os.rename`` of a directory is atomic), so a reader never sees a
-half-written version and a crash while publishing leaves only a stale staging directory behind.
+half-written version and a crash while publishing leaves only a stale staging directory behind. A version that is
+published but not promoted (say, a retrained model that evaluates worse) is kept and can be promoted later;
+promoting an older version is how an operator rolls back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
@@ -30,6 +35,7 @@ from preannotate.shapes import Label
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 _VERSION_DIR = re.compile(r"v(\d+)")
+SERVING_FILE = "SERVING"
 
 
 class ModelNotFound(LookupError):
@@ -134,24 +140,43 @@ class ModelStore:
         versions = self.versions(name)
         return versions[-1] if versions else None
 
+    def serving(self, name: str) -> int | None:
+        """The version of ``name`` to serve: the promoted one, else the newest; None when it has none yet."""
+        try:
+            promoted = int((self.root / name / SERVING_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return self.latest(name)
+        return promoted if (self.path(name, promoted) / MANIFEST_FILE).is_file() else self.latest(name)
+
+    def promote(self, name: str, version: int) -> None:
+        """Serve ``version`` of ``name`` from now on (functions switch on their next request)."""
+        if version not in self.versions(name):
+            raise ModelNotFound(f"{name} has no version {version} (versions: "
+                                f"{', '.join(map(str, self.versions(name))) or 'none'})")
+        pointer = self.root / name / SERVING_FILE
+        temporary = pointer.with_name(f".{SERVING_FILE}.{os.getpid()}")
+        temporary.write_text(f"{version}\n")
+        os.replace(temporary, pointer)  # atomic: a reader sees the old number or the new one
+
     def resolve(self, reference: str) -> Path:
-        """``NAME`` (its newest version) or ``NAME@VERSION`` → the version directory."""
+        """``NAME`` (its serving version) or ``NAME@VERSION`` → the version directory."""
         name, _, version_text = reference.partition("@")
         versions = self.versions(name)
         if not versions:
             known = ", ".join(self.names()) or "none"
             raise ModelNotFound(f"no published model named {name!r} in {self.root} (models there: {known})")
         if not version_text:
-            return self.path(name, versions[-1])
+            return self.path(name, self.serving(name))
         version = int(version_text.lstrip("v")) if version_text.lstrip("v").isdigit() else None
         if version not in versions:
             raise ModelNotFound(f"{name} has no version {version_text!r} (versions: "
                                 f"{', '.join(map(str, versions))})")
         return self.path(name, version)
 
-    def publish(self, name: str, write: Callable[[Path], Manifest]) -> int:
+    def publish(self, name: str, write: Callable[[Path], Manifest], promote: bool = True) -> int:
         """Publish a new version of ``name``: ``write(directory)`` fills a staging directory and returns the
-        manifest, which gets the name and version stamped in; then the directory is renamed into place."""
+        manifest, which gets the name and version stamped in; then the directory is renamed into place.
+        With ``promote=False`` the version is kept but the one served so far stays served."""
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ValueError(f"model name {name!r}: use letters, digits, '_', '.' and '-'")
         staging_root = self.root / ".staging"
@@ -166,7 +191,13 @@ class ModelStore:
                 manifest.created = manifest.created or now_iso()
                 manifest.write(staging)
                 try:
-                    os.rename(staging, self.path(name, version))  # atomic; fails if a racer took the number
+                    with self._locked(name):
+                        serving = self.serving(name)
+                        os.rename(staging, self.path(name, version))  # atomic; fails if a racer took the number
+                        if promote and (serving is None or version > serving):
+                            self.promote(name, version)
+                        elif not promote and serving is not None:
+                            self.promote(name, serving)  # pin what is served, or "newest" would move to this one
                     return version
                 except OSError:
                     if not self.path(name, version).exists():
@@ -176,12 +207,23 @@ class ModelStore:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
 
+    @contextlib.contextmanager
+    def _locked(self, name: str):
+        """Publishers of one name take turns (across processes) deciding which version is served."""
+        with open(self.root / name / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def describe(self) -> list[dict[str, Any]]:
         rows = []
         for name in self.names():
+            serving = self.serving(name)
             for version in self.versions(name):
                 manifest = Manifest.read(self.path(name, version))
                 rows.append({"name": name, "version": version, "architecture": manifest.architecture,
                              "labels": len(manifest.labels), "metrics": manifest.metrics,
-                             "created": manifest.created})
+                             "created": manifest.created, "serving": version == serving})
         return rows

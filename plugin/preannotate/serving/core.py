@@ -96,7 +96,7 @@ class ModelProvider:
     def _wanted_version(self) -> int | None:
         if self._path is not None or self._pinned:
             return 0 if self._path is not None else int(self._pinned.lstrip("v"))
-        return self.store.latest(self._name)
+        return self.store.serving(self._name)
 
     def _load(self, version: int | None) -> None:
         started = time.perf_counter()
