@@ -37,6 +37,7 @@ class Request:
     body: Any = None                       # dict/list when the door already decoded JSON, else bytes
     headers: dict[str, str] = field(default_factory=dict)
     query: dict[str, str] = field(default_factory=dict)
+    raw: bytes | None = None               # the body's bytes when the door still has them (webhook signatures)
 
 
 @dataclass

@@ -25,14 +25,14 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 8080) -> Threadin
                 self._send(Reply(413, {"error": f"request body of {length} bytes is over the "
                                                 f"{MAX_BODY_BYTES}-byte limit"}), close=True)
                 return
-            body = self.rfile.read(length) if length else b""
+            body = raw = self.rfile.read(length) if length else b""
             # As Nuclio does: JSON is decoded only when the content type says exactly application/json.
             if self.headers.get("Content-Type", "").split(";")[0].strip() == "application/json":
                 try:
                     body = json.loads(body)
                 except (UnicodeDecodeError, json.JSONDecodeError):
                     pass  # left as bytes: the contract reports what is wrong with it
-            self._send(app.handle(Request(method=self.command, path=url.path, body=body,
+            self._send(app.handle(Request(method=self.command, path=url.path, body=body, raw=raw,
                                           headers=dict(self.headers.items()), query=dict(parse_qsl(url.query)))))
 
         def _discard(self, length: int) -> None:

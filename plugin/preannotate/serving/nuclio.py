@@ -6,17 +6,27 @@ from __future__ import annotations
 import json
 
 from preannotate.serving.core import App, Request
+from preannotate.serving.training import TrainingRoutes
 
 
 def init_context(context) -> None:
     app = App.from_environment()
+    TrainingRoutes.attach(app)  # the training routes and the runner that trains queued jobs in a process
     context.logger.info(f"preannotate serving {app.provider.reference} from {app.provider.store.root}")
     context.user_data.app = app
 
 
+def _is_cron(event) -> bool:
+    # Nuclio's own cron trigger, or (cronTriggerCreationMode "kube") a CronJob calling the HTTP trigger
+    headers = {str(k).lower(): str(v) for k, v in (event.headers or {}).items()}
+    return getattr(event.trigger, "kind", "") == "cron" or headers.get("x-nuclio-invoke-trigger") == "cron"
+
+
 def handler(context, event):
+    cron = _is_cron(event)
     reply = context.user_data.app.handle(Request(
-        method=event.method or "POST", path=event.path or "/", body=event.body,
+        method="POST" if cron else event.method or "POST", path="/cron" if cron else event.path or "/",
+        body=event.body,
         headers={str(k): str(v) for k, v in (event.headers or {}).items()},
         query={str(k): str(v) for k, v in (event.fields or {}).items()}))
     return context.Response(body=json.dumps(reply.body), headers={k: str(v) for k, v in reply.headers.items()},

@@ -1,0 +1,248 @@
+"""Training jobs: the store, the runner (one at a time, in a process of its own, surviving restarts) and the training
+routes of a function (``/train``, ``/jobs``, ``/webhook``, ``/cron``).
+
+The runner's mechanics are tested with a small real process in place of training (it writes progress, then exits
+as told); training itself is exercised end to end in test_training_jobs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from preannotate.models import ModelStore
+from preannotate.serving.core import App, ModelProvider, Request
+from preannotate.serving.training import TrainingRoutes
+from preannotate.training.jobs import JobRunner, JobStore
+
+from tests.conftest import FIXTURES
+
+# Stands in for a training process: progress lines, then success (a version), failure, or a clean stop on SIGTERM.
+FAKE_TRAINING = textwrap.dedent("""
+    import json, signal, sys, time
+    from pathlib import Path
+    from preannotate.training.jobs import JobStore
+    store, job_id = sys.argv[1], sys.argv[2]
+    jobs = JobStore(store)
+    request = jobs.get(job_id).request
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    print("training", job_id, flush=True)
+    with open(jobs.work_dir(job_id) / "metrics.jsonl", "a") as metrics:
+        for step in range(1, 4):
+            metrics.write(json.dumps({"step": step, "total_steps": 3, "loss": 1.0 / step, "eta_s": 3 - step}) + "\\n")
+            metrics.flush()
+            time.sleep(request.get("sleep", 0))
+    if request.get("fail"):
+        print("CUDA out of memory", flush=True)
+        sys.exit(3)
+    jobs.update(job_id, lambda j: setattr(j, "version", 7))
+""")
+
+
+def fake_command(store_root: Path, job_id: str) -> list[str]:
+    return [sys.executable, "-c", FAKE_TRAINING, str(store_root), job_id]
+
+
+def wait_for(predicate, timeout: float = 30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture
+def jobs(tmp_path) -> JobStore:
+    return JobStore(tmp_path)
+
+
+@pytest.fixture
+def runner(jobs):
+    runner = JobRunner(jobs, command=fake_command, poll_s=0.05).start()
+    yield runner
+    runner.stop()
+
+
+def test_jobs_run_one_at_a_time_in_order_and_record_their_outcome(jobs, runner):
+    first = jobs.create({"sleep": 0.2})
+    second = jobs.create({"fail": True})
+    runner.wake()
+    # while the first runs, the second waits
+    wait_for(lambda: jobs.get(first.id).state == "running")
+    assert jobs.get(second.id).state == "queued"
+    done = wait_for(lambda: (j := jobs.get(first.id)).state == "succeeded" and j)
+    assert (done.version, done.attempts) == (7, 1) and done.finished >= done.started
+    failed = wait_for(lambda: (j := jobs.get(second.id)).state == "failed" and j)
+    assert "exited with code 3" in failed.error and "CUDA out of memory" in failed.error
+    described = jobs.describe(jobs.get(first.id))
+    assert (described["step"], described["total_steps"], described["log_tail"]) == (3, 3, [f"training {first.id}"])
+
+
+def test_a_job_waits_out_its_debounce(jobs, runner):
+    job = jobs.create({}, not_before=time.time() + 0.6)
+    runner.wake()
+    time.sleep(0.3)
+    assert jobs.get(job.id).state == "queued"
+    wait_for(lambda: jobs.get(job.id).state == "succeeded")
+
+
+def test_cancel_stops_a_running_job_and_drops_a_queued_one(jobs, runner, tmp_path):
+    app = App(ModelProvider("nothing", ModelStore(tmp_path)))
+    TrainingRoutes(app, jobs, runner, environ={})
+    running = jobs.create({"sleep": 5})
+    queued = jobs.create({})
+    runner.wake()
+    wait_for(lambda: jobs.progress(running.id).get("step"))
+    reply = app.handle(Request("POST", f"/jobs/{queued.id}/cancel"))
+    assert reply.status == 200 and reply.body["state"] == "cancelled"
+    assert app.handle(Request("POST", f"/jobs/{running.id}/cancel")).body["cancel_requested"] is True
+    stopped = wait_for(lambda: (j := jobs.get(running.id)).state == "cancelled" and j)
+    assert stopped.version is None and stopped.finished - stopped.started < 4  # stopped, not run to the end
+    assert jobs.get(queued.id).started is None  # never started
+
+
+def test_a_job_interrupted_by_a_restart_runs_again(jobs):
+    job = jobs.create({})
+    jobs.update(job.id, lambda j: (setattr(j, "state", "running"), setattr(j, "attempts", 1)))  # its runner died
+    runner = JobRunner(jobs, command=fake_command, poll_s=0.05).start()
+    try:
+        resumed = wait_for(lambda: (j := jobs.get(job.id)).state == "succeeded" and j)
+    finally:
+        runner.stop()
+    assert resumed.attempts == 2
+
+
+def test_only_the_runner_holding_the_store_lock_trains(jobs):
+    with jobs.runner_lock() as mine:
+        assert mine
+        job = jobs.create({})
+        runner = JobRunner(jobs, command=fake_command, poll_s=0.05).start()
+        time.sleep(0.4)
+        assert jobs.get(job.id).state == "queued"  # another process (here: this lock) is training
+    try:
+        wait_for(lambda: jobs.get(job.id).state == "succeeded")
+    finally:
+        runner.stop()
+
+
+# ------------------------------------------------------------------------- routes
+
+
+@pytest.fixture
+def routed(tmp_path):
+    """An app with training routes whose jobs are recorded but not run (no runner in this process)."""
+
+    def make(**environ):
+        app = App(ModelProvider("fasterrcnn_mobilenet_v3_large_320_fpn", ModelStore(tmp_path)))
+        routes = TrainingRoutes(app, JobStore(tmp_path), None, environ=environ)
+        return app, routes.jobs
+    return make
+
+
+@pytest.mark.parametrize("body, message", [
+    ({}, "'tasks' (CVAT task ids) or 'project'"),
+    ({"tasks": ["7"]}, "'tasks' must be a list of CVAT task ids"),
+    ({"project": -1}, "'project' must be a CVAT project id"),
+    ({"tasks": [7], "model": "yolo"}, "unknown model 'yolo'"),
+    ({"tasks": [7], "hyperparameters": "batch-size=0"}, "batch-size: 0 (must be at least 1)"),
+    ({"tasks": [7], "hyperparameters": "learning-rat=0.1"}, "initial-learning-rate"),
+    ({"tasks": [7], "epochs": 3}, "unknown field(s) epochs"),
+    ({"tasks": [7], "promote": "yes"}, "'promote' must be one of auto, always, never"),
+    ([7], "must be a JSON object"),
+])
+def test_a_bad_train_request_is_a_400_naming_the_problem_and_records_nothing(routed, body, message):
+    app, jobs = routed()
+    reply = app.handle(Request("POST", "/train", body=body))
+    assert reply.status == 400 and message in reply.body["error"]
+    assert jobs.all() == []
+
+
+def test_train_answers_202_at_once_with_the_job(routed):
+    app, jobs = routed(PREANNOTATE_TRAIN_HYPERPARAMETERS="num-steps=50")
+    started = time.perf_counter()
+    reply = app.handle(Request("POST", "/train", body=json.dumps({"tasks": [7, 8]}).encode()))
+    assert time.perf_counter() - started < 1.0
+    assert reply.status == 202 and reply.body["state"] == "queued"
+    job = jobs.get(reply.body["job"])
+    assert job.request == {"tasks": [7, 8], "project": None, "model": "fasterrcnn_mobilenet_v3_large_320_fpn",
+                           "name": "fasterrcnn_mobilenet_v3_large_320_fpn", "hyperparameters": "num-steps=50",
+                           "from_model": None, "promote": "auto"}
+    listed = app.handle(Request("GET", "/jobs")).body["jobs"]
+    assert [j["id"] for j in listed] == [job.id]
+    assert app.handle(Request("GET", f"/jobs/{job.id}")).body["state"] == "queued"
+    assert app.handle(Request("GET", "/jobs/nope")).status == 404
+
+
+def test_with_an_api_token_training_routes_need_it_but_detection_does_not(routed):
+    app, jobs = routed(PREANNOTATE_API_TOKEN="t0ken")
+    refused = app.handle(Request("POST", "/train", body={"tasks": [7]}))
+    assert refused.status == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+    assert app.handle(Request("GET", "/jobs", headers={"Authorization": "Bearer wrong"})).status == 401
+    accepted = app.handle(Request("POST", "/train", body={"tasks": [7]}, headers={"authorization": "Bearer t0ken"}))
+    assert accepted.status == 202 and len(jobs.all()) == 1
+    assert app.handle(Request("POST", "/", body={})).status == 400  # CVAT's call: no credentials, still served
+
+
+def _delivery(name: str) -> dict:
+    return json.loads((FIXTURES / "webhooks" / f"{name}.json").read_text())
+
+
+def _post_delivery(app: App, name: str, decoded: bool = True):
+    recorded = _delivery(name)
+    body = json.loads(recorded["body_raw"]) if decoded else recorded["body_raw"].encode()
+    return app.handle(Request("POST", "/webhook", body=body, headers=recorded["headers"]))
+
+
+def test_a_signed_completed_job_starts_training_on_its_project(routed):
+    app, jobs = routed(PREANNOTATE_WEBHOOK_SECRET="s3cret")
+    reply = _post_delivery(app, "update_job.state_completed")
+    assert reply.status == 202 and reply.body["reason"] == "job 7 state=completed"
+    job = jobs.get(reply.body["job"])
+    assert job.request["project"] == 6 and job.trigger == "webhook: job 7 state=completed"
+
+
+def test_unsigned_or_wrongly_signed_deliveries_get_401_and_start_nothing(routed):
+    app, jobs = routed(PREANNOTATE_WEBHOOK_SECRET="another")
+    assert _post_delivery(app, "update_job.state_completed").status == 401
+    recorded = _delivery("update_job.state_completed")
+    headers = {k: v for k, v in recorded["headers"].items() if k != "X-Signature-256"}
+    assert app.handle(Request("POST", "/webhook", body=recorded["body_json"], headers=headers)).status == 401
+    assert jobs.all() == []
+
+
+def test_ping_and_other_events_are_answered_without_training(routed):
+    app, jobs = routed(PREANNOTATE_WEBHOOK_SECRET="s3cret")
+    assert _post_delivery(app, "ping.project_webhook", decoded=False).body == {"pong": True, "started": None}
+    saved = _post_delivery(app, "update_job.annotation_save_on_job")
+    assert saved.status == 200 and saved.body["started"] is None
+    assert jobs.all() == []
+
+
+def test_training_waits_for_enough_new_frames_and_debounces(routed):
+    app, jobs = routed(PREANNOTATE_WEBHOOK_SECRET="s3cret", PREANNOTATE_TRAIN_MIN_NEW_FRAMES="5",
+                       PREANNOTATE_TRAIN_DEBOUNCE="10m")
+    first = _post_delivery(app, "update_job.state_completed")  # job 7: 3 frames
+    assert first.status == 200 and "3 of 5 new frames" in first.body["reason"]
+    again = _post_delivery(app, "update_job.state_completed")  # the same job again counts once
+    assert "3 of 5" in again.body["reason"]
+    second = _post_delivery(app, "update_job.stage_acceptance")  # job 8: 3 more frames
+    assert second.status == 202
+    job = jobs.get(second.body["job"])
+    assert job.not_before > time.time() + 500  # waits out the debounce window
+    # more finished work inside the window joins the waiting job instead of queueing another
+    for _ in range(2):
+        _post_delivery(app, "update_job.state_completed")
+        _post_delivery(app, "update_job.stage_acceptance")
+    assert [j.id for j in jobs.all()] == [job.id]
+
+
+def test_cron_without_a_target_does_nothing_and_says_so(routed):
+    app, jobs = routed()
+    reply = app.handle(Request("POST", "/cron", body=b""))
+    assert reply.status == 200 and "PREANNOTATE_TRAIN_PROJECT" in reply.body["reason"] and jobs.all() == []
