@@ -3,7 +3,8 @@
 
 State lives in memory and is seeded from the recordings: project 6 with labels 18-22, task 7
 "fixtures-images" (6 JPEG frames, jobs 7 and 8, the final annotations) and task 8 "fixtures-standalone"
-(3 PNG frames, job 9). ``add_task`` adds synthetic tasks (e.g. 300 frames for a benchmark).
+(3 PNG frames, job 9). ``add_task`` adds synthetic tasks (e.g. 300 frames for a benchmark), image or video (MP4
+chunks encoded with PyAV; not recorded from a server). ``fail_next`` injects errors and cut connections.
 
 Not modelled: organizations, webhooks, exports/imports, task creation over HTTP, and the server-side cutting of
 tracks at job boundaries (tracks are stored as sent, in the job holding their first frame; task-level views add
@@ -40,6 +41,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "cvat-2.42"
 RECORDED_BASE = "http://127.0.0.1:8080"  # the base URL inside the recorded bodies; replaced on the way out
 JSON_TYPE = "application/vnd.cvat+json"
 USERNAME = "admin"
+CUT = 0  # fail_next status: drop the connection halfway through the answer
 PASSWORD = "double-password"
 
 FrameSpec = tuple[str, bytes, int, int]  # (name, file bytes, width, height)
@@ -131,6 +133,8 @@ class Task:
     image_quality: int
     chunks_updated_date: str
     annotations: dict[str, list[dict]] = field(default_factory=lambda: {kind: [] for kind in _KINDS})
+    video: str | None = None  # the video's file name for a video task: its chunks are MP4s
+    deleted_frames: list[int] = field(default_factory=list)  # as PATCH data/meta would mark them
 
 
 @dataclass
@@ -160,6 +164,7 @@ class Response:
     body: bytes = b""
     content_type: str | None = JSON_TYPE
     headers: list[tuple[str, str]] = field(default_factory=list)
+    cut: bool = False  # the connection drops halfway through the body (a reset mid-download)
 
 
 class HttpError(Exception):
@@ -215,6 +220,7 @@ _VIEWS: list[tuple[re.Pattern[str], str, dict[str, str], bool]] = [
          {m: "_job_annotations" for m in ("GET", "PUT", "PATCH", "DELETE")}, True),
         (r"/api/labels", "GET, HEAD, OPTIONS", {"GET": "_label_list"}, True),
         (r"/api/labels/(\d+)", "GET, PATCH, DELETE, HEAD, OPTIONS", {"GET": "_label"}, True),
+        (r"/api/webhooks", "GET, POST, HEAD, OPTIONS", {"GET": "_webhook_list", "POST": "_webhook_create"}, True),
     ]
 ]
 
@@ -245,6 +251,7 @@ class CvatDouble:
         self.labels: dict[int, dict] = {}
         self.tasks: dict[int, Task] = {}
         self.jobs: dict[int, Job] = {}
+        self.webhooks: dict[int, dict] = {}  # as created, secret included (CVAT never returns it)
         # Next ids: after the recorded objects (task 9 / job 10 / shape 99 were created and deleted).
         self._next = {"task": 10, "job": 11, "data": 10, "label": 25, "attribute": 3,
                       "shape": 100, "tag": 9, "track": 7, "track_shape": 15}
@@ -288,7 +295,8 @@ class CvatDouble:
     def fail_next(self, path_regex: str, status: int = 500, times: int = 1, *, method: str | None = None,
                   body: Any = None) -> None:
         """Answer the next ``times`` requests whose ``path?query`` matches ``path_regex`` with ``status``.
-        The default 500 body is Django's HTML error page; otherwise ``body`` (JSON) or ``{"detail": ...}``."""
+        The default 500 body is Django's HTML error page; otherwise ``body`` (JSON) or ``{"detail": ...}``.
+        ``status=CUT`` sends the real answer but drops the connection halfway through the body (logged as 0)."""
         with self._lock:
             self.faults.append(Fault(re.compile(path_regex), method, status, times, body))
 
@@ -313,11 +321,12 @@ class CvatDouble:
 
     def add_task(self, name: str, frames: Sequence[FrameSpec], labels: Sequence[dict] | None = None, *,
                  project_id: int | None = None, segment_size: int | None = None, chunk_size: int = 72,
-                 image_quality: int = 70, annotations: dict | None = None) -> int:
-        """Add an image task and return its id. ``labels``: ``[{"name", "type"?, "color"?, "attributes"?: [{"name",
+                 image_quality: int = 70, annotations: dict | None = None, video: str | None = None) -> int:
+        """Add a task and return its id. ``labels``: ``[{"name", "type"?, "color"?, "attributes"?: [{"name",
         "input_type", "values", "default_value"?, "mutable"?}]}]`` for a standalone task; with ``project_id`` the
         project's labels are used. ``segment_size`` None = one job. ``annotations`` (request format) are stored
-        as a PATCH ``action=create`` would."""
+        as a PATCH ``action=create`` would. ``video`` (a file name, e.g. ``"clip.mp4"``) makes it a video task: the
+        frames (same size, even width and height) are served as H.264 MP4 chunks and the meta lists one entry."""
         with self._lock:
             if project_id is not None and project_id not in self.projects:
                 raise KeyError(f"no project {project_id}")
@@ -337,7 +346,11 @@ class CvatDouble:
             })
             template["jobs"]["url"] = f"{RECORDED_BASE}/api/jobs?task_id={task_id}"
             template["labels"]["url"] = f"{RECORDED_BASE}/api/labels?task_id={task_id}"
-            task = Task(task_id, template, [Frame(*spec) for spec in frames], [], chunk_size, image_quality, now)
+            task = Task(task_id, template, [Frame(*spec) for spec in frames], [], chunk_size, image_quality, now,
+                        video=video)
+            if video:
+                template.update({"mode": "interpolation", "data_original_chunk_type": "video",
+                                 "data_compressed_chunk_type": "video"})
             self.tasks[task_id] = task
             for spec in labels or []:
                 self._add_label(spec, task_id=task_id)
@@ -435,7 +448,7 @@ class CvatDouble:
             except Exception as error:  # a bug in the double: answer like Django would, keep it for the test to see
                 self.errors.append(error)
                 response = Response(500, _SERVER_ERROR_HTML.encode(), "text/html; charset=utf-8")
-            self.requests.append(RequestRecord(method, request.path, query, response.status))
+            self.requests.append(RequestRecord(method, request.path, query, CUT if response.cut else response.status))
         return response
 
     def _fault(self, request: _Request) -> Response | None:
@@ -443,6 +456,10 @@ class CvatDouble:
         for fault in self.faults:
             if fault.times > 0 and (fault.method in (None, request.method)) and fault.pattern.search(target):
                 fault.times -= 1
+                if fault.status == CUT:
+                    response = self._route(request)
+                    response.cut = True
+                    return response
                 if fault.body is None and fault.status == 500:
                     return Response(500, _SERVER_ERROR_HTML.encode(), "text/html; charset=utf-8")
                 return self._json(fault.body if fault.body is not None else {"detail": "Injected failure."},
@@ -609,6 +626,33 @@ class CvatDouble:
     def _user_self(self, request: _Request) -> Response:
         return self._json(self.users[self.username])
 
+    # ----------------------------------------------------------------- handlers: webhooks
+
+    def _webhook_create(self, request: _Request) -> Response:
+        body = request.json()
+        errors = {k: ["This field is required."] for k in ("target_url", "type", "events") if not body.get(k)}
+        if body.get("type") == "project" and body.get("project_id") not in self.projects:
+            errors["project_id"] = [f'Invalid pk "{body.get("project_id")}" - object does not exist.']
+        if errors:
+            raise HttpError(400, errors)
+        webhook_id = len(self.webhooks) + 1
+        now = _now()
+        record = load_fixture("webhooks/api/POST_api_webhooks.project.json")
+        record.update({
+            "id": webhook_id, "url": f"{self._current_base}/api/webhooks/{webhook_id}",
+            "target_url": body["target_url"], "description": body.get("description", ""), "type": body["type"],
+            "content_type": body.get("content_type", "application/json"), "is_active": body.get("is_active", True),
+            "enable_ssl": body.get("enable_ssl", True), "created_date": now, "updated_date": now,
+            "project_id": body.get("project_id"), "organization": None, "events": sorted(body["events"])})
+        self.webhooks[webhook_id] = {**record, "secret": body.get("secret", "")}
+        return self._json(record, 201)
+
+    def _webhook_list(self, request: _Request) -> Response:
+        project_id = request.int_param("project_id")
+        return self._page(request, [{k: v for k, v in w.items() if k != "secret"}
+                                    for _, w in sorted(self.webhooks.items(), reverse=True)
+                                    if project_id is None or w["project_id"] == project_id])
+
     # ----------------------------------------------------------------- handlers: projects, tasks, jobs, labels
 
     def _project_json(self, project: dict) -> dict:
@@ -682,11 +726,13 @@ class CvatDouble:
     # ----------------------------------------------------------------- handlers: media
 
     def _meta(self, task: Task, first: int, last: int, updated: str) -> dict:
-        frames = [{"width": f.width, "height": f.height, "name": f.name, "related_files": 0,
-                   "has_related_context": False} for f in task.frames[first:last + 1]]
-        return {"chunks_updated_date": updated, "chunk_size": task.chunk_size, "size": len(frames),
+        described = task.frames[first:first + 1] if task.video else task.frames[first:last + 1]  # a video: one entry
+        frames = [{"width": f.width, "height": f.height, "name": task.video or f.name, "related_files": 0,
+                   "has_related_context": False} for f in described]
+        deleted = [n for n in task.deleted_frames if first <= n <= last]
+        return {"chunks_updated_date": updated, "chunk_size": task.chunk_size, "size": last - first + 1,
                 "image_quality": task.image_quality, "start_frame": first, "stop_frame": last, "frame_filter": "",
-                "frames": frames, "deleted_frames": [], "included_frames": None}
+                "frames": frames, "deleted_frames": deleted, "included_frames": None}
 
     def _task_meta(self, request: _Request, task_id: int) -> Response:
         task = self._get_task(task_id)
@@ -733,8 +779,8 @@ class CvatDouble:
                                  f"[0, {chunks - 1}] range")
         frames = [i for i in positions[number * task.chunk_size:(number + 1) * task.chunk_size] if first <= i <= last]
         body = self._chunk(task, frames, quality)
-        return Response(200, body, "application/zip", [("x-checksum", str(zlib.crc32(body))),
-                                                      ("x-updated-date", updated)])
+        return Response(200, body, "video/mp4" if task.video else "application/zip",
+                        [("x-checksum", str(zlib.crc32(body))), ("x-updated-date", updated)])
 
     def _compressed(self, task: Task, frame: Frame) -> bytes:
         if frame.compressed is None:
@@ -745,8 +791,11 @@ class CvatDouble:
 
     def _chunk(self, task: Task, frame_numbers: list[int], quality: str) -> bytes:
         """A zip (stored, not deflated) whose entries are named by position in the chunk, 6 digits, with the
-        uploaded file's extension for original quality and ``.jpeg`` for compressed."""
+        uploaded file's extension for original quality and ``.jpeg`` for compressed; an MP4 for a video task."""
         key = (task.id, quality, tuple(frame_numbers))
+        if key not in self._chunk_cache and task.video:
+            self._chunk_cache[key] = _mp4([task.frames[n] for n in frame_numbers],
+                                          0 if quality == "original" else round(51 * (100 - task.image_quality) / 99))
         if key not in self._chunk_cache:
             buffer = io.BytesIO()
             with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
@@ -917,6 +966,22 @@ class CvatDouble:
                          "elements": copy.deepcopy(sent.get("elements") or [])}, _STORED_ORDER["tracks"])
 
 
+def _mp4(frames: Sequence[Frame], crf: int) -> bytes:
+    """A video chunk as CVAT writes one: H.264 in MP4, lossless-ish for original quality (crf 0), crf from the
+    task's image quality for compressed."""
+    import av  # only video tasks need it
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=25, options={"crf": str(crf)})
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        for frame in frames:
+            image = Image.open(io.BytesIO(frame.data)).convert("RGB")
+            container.mux(stream.encode(av.VideoFrame.from_image(image)))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
 def _echo(kind: str, sent: dict, stored: dict) -> dict:
     """Create/PUT responses echo the request (ints stay ints, no default attribute values) plus defaults and the
     new ids."""
@@ -1018,7 +1083,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("content-encoding", encoding)
         self.send_header("content-length", str(len(payload)))
         self.end_headers()
-        if self.command != "HEAD":
+        if response.cut:
+            self.wfile.write(payload[:len(payload) // 2])
+            self.close_connection = True  # the client sees the connection end before content-length bytes
+        elif self.command != "HEAD":
             self.wfile.write(payload)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
@@ -1034,4 +1102,4 @@ def cvat_double() -> Iterator[CvatDouble]:
         yield double
 
 
-__all__ = ["FIXTURES", "PASSWORD", "CvatDouble", "Frame", "RequestRecord", "cvat_double", "load_fixture"]
+__all__ = ["CUT", "FIXTURES", "PASSWORD", "CvatDouble", "Frame", "RequestRecord", "cvat_double", "load_fixture"]
