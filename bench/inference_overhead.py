@@ -22,18 +22,16 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime as dt
 import io
 import json
 import os
-import platform as pyplatform
-import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import _results  # bench/_results.py: the script's own folder is on sys.path
 import numpy as np
 import torch
 import torchvision
@@ -55,7 +53,7 @@ MODELS = [
     ("fasterrcnn_mobilenet_v3_large_320_fpn", 100, 5),
     ("fasterrcnn_resnet50_fpn", 12, 2),
 ]
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+RESULTS = _results.RESULTS
 
 
 def synthetic_photo(width: int = 640, height: int = 480, seed: int = 0) -> bytes:
@@ -220,18 +218,8 @@ def stage_breakdown(app, served, jpeg: bytes, output: dict, repetitions: int) ->
 
 
 def machine() -> dict[str, str]:
-    cpu = pyplatform.processor() or "unknown"
-    try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        cpu = match.group(1).strip() if match else cpu
-    except OSError:
-        pass
-    return {
-        "cpu": cpu, "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
-        "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "python": pyplatform.python_version(),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
+    return {**_results.machine(), "torch_threads": str(torch.get_num_threads()), "torch": torch.__version__,
+            "torchvision": torchvision.__version__}
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -286,17 +274,6 @@ def section(rows: list[dict], info: dict[str, str], total_s: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(text: str, path: Path = RESULTS) -> None:
-    """Replace (or append) this benchmark's section; keep every other section of the file."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}[ \t]*\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text + "\n", old, count=1).rstrip("\n") + "\n"
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-write", action="store_true", help="print only, leave bench/RESULTS.md alone")
@@ -321,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(rows, info, total_s)
     print("\n" + text)
     if not args.no_write:
-        write_results(text)
+        _results.write_results(SECTION, text)
         print(f"wrote {RESULTS}", file=sys.stderr)
     return 1 if args.check and any(r["ratio"] > TARGET for r in rows) else 0
 

@@ -42,7 +42,14 @@ def test_same_images_and_categories_as_cvat(exported):
 
 
 def test_boxes_and_polygons_match_cvat_except_the_documented_differences(exported):
-    ours, cvat = _by_image(exported[0]), _by_image(exported[1])
+    assert_like_cvat(*exported)
+
+
+def assert_like_cvat(ours, cvat):
+    """Every annotation of CVAT's export has one of ours with the same category, its box within half a pixel
+    (a pixel for ellipses), the same polygon or the same mask pixels, and the same attributes — apart from the
+    documented differences (rotated rectangles, merged groups), checked by their own tests."""
+    ours, cvat = _by_image(ours), _by_image(cvat)
     for image_id, theirs in cvat.items():
         mine = list(ours.get(image_id, []))
         for annotation in theirs:
@@ -109,3 +116,53 @@ def test_results_array_for_predictions():
         Shape("car", "rectangle", [1, 2, 11, 22], score=0.9), Shape("car", "points", [1, 1])])
     results = coco.to_results([(7, frame)], parse_label_list("car,person"))
     assert results == [{"image_id": 7, "category_id": 1, "bbox": [1.0, 2.0, 10.0, 20.0], "score": 0.9}]
+
+
+def test_mask_and_ellipse_rle_equal_the_full_frame_encoding():
+    """The RLE made from a mask's box (or an ellipse's outline) without drawing the frame is exactly what encoding
+    the full-frame bitmap gives — masks on the borders, running off the image or filling whole columns included."""
+    rng = np.random.default_rng(0)
+    checked = 0
+    for trial in range(400):
+        width, height = int(rng.integers(1, 30)), int(rng.integers(1, 30))
+        canvas = np.zeros((height + 100, width + 100), dtype=bool)  # the frame sits at (40, 40) on it
+        if trial % 2:
+            box = rng.random((int(rng.integers(1, 40)), int(rng.integers(1, 40)))) < (1.0 if trial % 6 == 1 else 0.5)
+            if not box.any():
+                continue
+            rows, cols = np.nonzero(box)
+            box = box[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # CVAT's box is tight
+            left, top = int(rng.integers(-8, width + 3)), int(rng.integers(-8, height + 3))
+            canvas[top + 40:top + 40 + box.shape[0], left + 40:left + 40 + box.shape[1]] = box
+            points = masks.bitmap_to_cvat_rle(box)[:-4] + [left, top, left + box.shape[1] - 1, top + box.shape[0] - 1]
+            shape = Shape("road", "mask", points)
+            bitmap = canvas[40:40 + height, 40:40 + width]
+        else:
+            cx, cy = rng.uniform(-5, width + 5), rng.uniform(-5, height + 5)
+            shape = Shape("sign", "ellipse", [cx, cy, cx + rng.uniform(0, 15), cy - rng.uniform(0, 15)],
+                          rotation=float(rng.uniform(0, 360)))
+            bitmap = masks.polygon_to_bitmap([shape.polygon()], width, height)
+        annotation = coco.shape_to_annotation(shape, width, height)
+        if not bitmap.any():
+            assert annotation is None
+            continue
+        assert annotation["segmentation"] == masks.bitmap_to_coco_rle(bitmap), trial
+        assert annotation["area"] == bitmap.sum()
+        rows, cols = np.nonzero(bitmap)
+        assert annotation["bbox"] == [cols.min(), rows.min(), cols.max() + 1 - cols.min(), rows.max() + 1 - rows.min()]
+        checked += 1
+    assert checked > 250
+
+
+def test_shapes_left_out_are_counted():
+    from collections import Counter
+
+    from preannotate.shapes import FrameAnnotations, parse_label_list
+
+    frame = FrameAnnotations(frame=0, width=50, height=40, shapes=[
+        Shape("car", "rectangle", [1, 2, 11, 22]), Shape("car", "points", [1, 1]),
+        Shape("bus", "rectangle", [1, 2, 11, 22]), Shape("car", "rectangle", [60, 50, 70, 60])])
+    skipped = Counter()
+    dataset = coco.to_coco([(frame, "a.jpg")], parse_label_list("car"), skipped)
+    assert len(dataset["annotations"]) == 1
+    assert skipped == {"points": 1, "rectangle": 2}  # an unknown label and a box outside the image

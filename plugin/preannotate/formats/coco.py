@@ -13,6 +13,7 @@ Deliberate differences from CVAT's own ``COCO 1.0`` export (what a trainer needs
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -45,33 +46,38 @@ def shape_to_annotation(shape: Shape, width: int, height: int) -> dict[str, Any]
         polygon = shape.polygon()
         if len(polygon) < 6:
             return None
-        rle = coco_mask.frPyObjects([polygon], height, width)
-        area = float(coco_mask.area(coco_mask.merge(rle)))
-        xs, ys = np.clip(polygon[0::2], 0, width), np.clip(polygon[1::2], 0, height)
+        area = float(coco_mask.area(coco_mask.frPyObjects([polygon], height, width))[0])
+        corners = np.asarray(polygon, dtype=float)
+        xs, ys = corners[0::2].clip(0, width), corners[1::2].clip(0, height)
         box = [float(xs.min()), float(ys.min()), float(xs.max() - xs.min()), float(ys.max() - ys.min())]
         if box[2] <= 0 or box[3] <= 0:
             return None
         return {"bbox": box, "area": area, "segmentation": [[round(float(v), 3) for v in polygon]], "iscrowd": 0}
-    bitmap = (masks.cvat_rle_to_bitmap(shape.points, width, height) if shape.type == "mask"
-              else masks.polygon_to_bitmap([shape.polygon()], width, height))
-    if not bitmap.any():
+    # Masks and ellipses as RLE, made without drawing the whole frame (a shape is small next to the frame, and
+    # a full-frame bitmap per shape made this the slowest part of an export).
+    rle = (masks.cvat_rle_to_coco_rle(shape.points, width, height) if shape.type == "mask"
+           else coco_mask.frPyObjects([shape.polygon()], height, width)[0])
+    area = float(coco_mask.area(rle)) if rle is not None else 0.0
+    if not area:
         return None
-    rle = masks.bitmap_to_coco_rle(bitmap)
-    encoded = {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
-    return {"bbox": [float(v) for v in coco_mask.toBbox(encoded)], "area": float(coco_mask.area(encoded)),
-            "segmentation": rle, "iscrowd": 0}
+    return {"bbox": [float(v) for v in coco_mask.toBbox(rle)], "area": area,
+            "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")}, "iscrowd": 0}
 
 
-def to_coco(frames: Iterable[tuple[FrameAnnotations, str]], labels: Sequence[Label]) -> dict[str, Any]:
-    """A COCO instances dataset of ``(frame, file_name)`` pairs; image ids count from 1 in the order given."""
+def to_coco(frames: Iterable[tuple[FrameAnnotations, str]], labels: Sequence[Label],
+            skipped: Counter[str] | None = None) -> dict[str, Any]:
+    """A COCO instances dataset of ``(frame, file_name)`` pairs; image ids count from 1 in the order given.
+    Shapes left out (not detectable, empty, or with a label not in ``labels``) are counted by type in ``skipped``."""
     category_of = {label.name: i for i, label in enumerate(labels, start=1)}
     images, annotations = [], []
     for image_id, (frame, file_name) in enumerate(frames, start=1):
         images.append({"id": image_id, "file_name": file_name, "width": frame.width, "height": frame.height,
                        "frame": frame.frame})
         for shape in frame.shapes:
-            geometry = shape_to_annotation(shape, frame.width, frame.height)
-            if geometry is None or shape.label not in category_of:
+            geometry = shape_to_annotation(shape, frame.width, frame.height) if shape.label in category_of else None
+            if geometry is None:
+                if skipped is not None:
+                    skipped[shape.type] += 1
                 continue
             attributes: dict[str, Any] = {**shape.attributes, "occluded": shape.occluded}
             if shape.rotation:

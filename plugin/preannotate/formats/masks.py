@@ -26,12 +26,13 @@ def bitmap_to_cvat_rle(bitmap: np.ndarray) -> list[float]:
 
 def cvat_rle_to_bitmap(points: Sequence[float], width: int, height: int) -> np.ndarray:
     """CVAT RLE → whole-image boolean bitmap of ``height × width``."""
-    return decode_mask([_as_int(p) for p in points], image_width=width, image_height=height)
+    return decode_mask(_whole_numbers(points).tolist(), image_width=width, image_height=height)
 
 
 def cvat_rle_box(points: Sequence[float]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """CVAT RLE → (the bitmap of its box, the inclusive box ``left, top, right, bottom``), no image size needed."""
-    *runs, left, top, right, bottom = (_as_int(p) for p in points)
+    numbers = _whole_numbers(points)
+    runs, (left, top, right, bottom) = numbers[:-4], numbers[-4:].tolist()
     width, height = right - left + 1, bottom - top + 1
     if width <= 0 or height <= 0:
         raise ValueError(f"mask box {left, top, right, bottom} is empty")
@@ -49,7 +50,8 @@ def cvat_rle_to_nuclio_mask(points: Sequence[float]) -> list[int]:
 
 def nuclio_mask_to_cvat_rle(mask: Sequence[float]) -> list[float]:
     """A detector response's ``mask`` (0/1 or 0/255 box bitmap + inclusive box) → CVAT RLE."""
-    *values, left, top, right, bottom = (_as_int(v) for v in mask)
+    numbers = _whole_numbers(mask)
+    values, (left, top, right, bottom) = numbers[:-4], numbers[-4:].tolist()
     width, height = right - left + 1, bottom - top + 1
     if width <= 0 or height <= 0 or len(values) != width * height:
         raise ValueError(f"mask has {len(values)} values for a box of {width}x{height}")
@@ -91,6 +93,27 @@ def polygon_to_bitmap(polygons: Sequence[Sequence[float]], width: int, height: i
     return coco_mask.decode(coco_mask.merge(rles)).astype(bool)
 
 
+def cvat_rle_to_coco_rle(points: Sequence[float], width: int, height: int) -> dict | None:
+    """CVAT RLE (row-major, over its box) → compressed COCO RLE (column-major, over the image), cropped to the
+    image: the box's columns are walked in COCO's order and only the run boundaries are placed; None if empty."""
+    box, (left, top, _, _) = cvat_rle_box(points)
+    x0, y0 = max(0, -left), max(0, -top)
+    box = box[y0:max(0, height - top), x0:max(0, width - left)]
+    left, top = left + x0, top + y0
+    if not box.any():
+        return None
+    columns = np.zeros((box.shape[1], box.shape[0] + 2), dtype=np.int8)  # each column with a 0 above and below
+    columns[:, 1:-1] = box.T
+    column, row = np.nonzero(np.diff(columns, axis=1))  # in column-major order already
+    changes = (left + column) * height + top + row  # image index where each run of 1s starts or ends
+    touching = np.nonzero(changes[1:] == changes[:-1])[0]  # a run ends on the last row, the next starts on row 0
+    changes = np.delete(changes, np.concatenate([touching, touching + 1]))
+    counts = np.diff(np.concatenate([[0], changes, [width * height]]))
+    if counts[-1] == 0:  # the last run of 1s reaches the image's end: no background run after it
+        counts = counts[:-1]
+    return coco_mask.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width)
+
+
 def bitmap_to_coco_rle(bitmap: np.ndarray) -> dict:
     """Whole-image bitmap → compressed COCO RLE ``{"size": [h, w], "counts": str}`` (JSON-ready)."""
     rle = coco_mask.encode(np.asfortranarray(np.asarray(bitmap, dtype=np.uint8)))
@@ -128,8 +151,10 @@ def _contour_area(contour: np.ndarray) -> float:
     return 0.5 * abs(float(np.dot(cols, np.roll(rows, 1)) - np.dot(rows, np.roll(cols, 1))))
 
 
-def _as_int(value: float) -> int:
-    number = float(value)
-    if not number.is_integer():  # also NaN and infinity, which int() would not turn into a ValueError
-        raise ValueError(f"mask values must be whole numbers, got {value!r}")
-    return int(number)
+def _whole_numbers(values: Sequence[float]) -> np.ndarray:
+    """Mask numbers as int64, checked in one vectorised step (exports convert millions of them)."""
+    array = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(array).all() or (array != np.floor(array)).any():
+        bad = next(v for v in values if not float(v).is_integer())
+        raise ValueError(f"mask values must be whole numbers, got {bad!r}")
+    return array.astype(np.int64)
