@@ -21,6 +21,21 @@ def _store_argument(parser: argparse.ArgumentParser) -> None:
                         help="model store directory (env PREANNOTATE_MODEL_STORE; default %(default)s)")
 
 
+def _cvat_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("CVAT server (credentials only from the environment, so they stay out of "
+                                      "shell history: CVAT_USERNAME + CVAT_PASSWORD, or CVAT_ACCESS_TOKEN)")
+    group.add_argument("--cvat-url", default=os.environ.get("CVAT_URL"), help="e.g. http://localhost:8080 "
+                                                                               "(env CVAT_URL)")
+    group.add_argument("--org", default=os.environ.get("CVAT_ORG"), help="organization slug (env CVAT_ORG)")
+    group.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
+
+
+def _connect(args: argparse.Namespace):
+    from preannotate.cvat.client import connect
+
+    return connect(args.cvat_url, organization=args.org, verify_tls=not args.insecure)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="preannotate", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -58,18 +73,49 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("directories", nargs="*", default=["functions"],
                           help="function directories, or roots searched for function.yaml (default functions)")
 
+    export = commands.add_parser("export", help="a CVAT task, job or project as a COCO or TFRecord training folder")
+    _cvat_arguments(export)
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", type=int)
+    source.add_argument("--job", type=int)
+    source.add_argument("--project", type=int)
+    export.add_argument("--format", choices=("coco", "tfrecord"), default="coco")
+    export.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    export.add_argument("--val-fraction", type=float, default=0.0, help="share of frames in the val split")
+    export.add_argument("--seed", type=int, default=0, help="the split's seed (same seed, same split)")
+    export.add_argument("--quality", choices=("original", "compressed"), default="original")
+
+    webhook = commands.add_parser("webhook", help="CVAT webhooks that start training in a function")
+    webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True)
+    register = webhook_commands.add_parser("register", help="send a project's (or organization's) job updates "
+                                                             "to a function's /webhook")
+    _cvat_arguments(register)
+    register.add_argument("--project", type=int, help="project id (default: an organization webhook, with --org)")
+    register.add_argument("--url", required=True, help="the function's webhook URL, e.g. http://host:32001/webhook")
+    register.add_argument("--secret", default=os.environ.get("PREANNOTATE_WEBHOOK_SECRET"),
+                          help="the function's PREANNOTATE_WEBHOOK_SECRET (default: that env var)")
+    register.add_argument("--no-verify-ssl", action="store_true", help="CVAT does not check the URL's certificate")
+
     serve = commands.add_parser("serve", help="serve a model over HTTP with the routes of the Nuclio function")
     _store_argument(serve)
     serve.add_argument("--model", required=True, help="NAME[@VERSION] in the store, an architecture, or a path")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+    from preannotate import deploy
+
+    deploy.add_commands(commands, models_commands)  # `deploy` and `models fetch-weights`
     return parser
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     from preannotate.models import ARCHITECTURES, Manifest, ModelStore
 
+    if args.models_command == "fetch-weights":
+        from preannotate.deploy import cmd_fetch_weights
+
+        return cmd_fetch_weights(args)
     store = ModelStore(args.store) if hasattr(args, "store") else None
     if args.models_command == "architectures":
         rows = [{"name": a.name, "output": a.output, "pretrained": a.pretrained_kind, "image_size": a.image_size,
@@ -146,12 +192,44 @@ def cmd_functions(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from preannotate.cvat.export import export
+
+    if not 0 <= args.val_fraction < 1:
+        raise CommandError("--val-fraction must be at least 0 and below 1")
+    with _connect(args) as client:
+        summary = export(client, args.out, args.format, task=args.task, job=args.job, project=args.project,
+                         val_fraction=args.val_fraction, seed=args.seed, quality=args.quality)
+    for split, frames in summary.frames.items():
+        print(f"{split}: {frames} frames, {summary.objects.get(split, 0)} objects")
+    if summary.skipped:
+        print("left out (a detector cannot learn them): "
+              + ", ".join(f"{n} {kind}" for kind, n in sorted(summary.skipped.items())))
+    print(f"wrote {args.format} to {summary.path}")
+    return 0
+
+
+def cmd_webhook(args: argparse.Namespace) -> int:
+    from preannotate.cvat import webhooks
+
+    if not args.secret:
+        raise CommandError("give --secret (or set PREANNOTATE_WEBHOOK_SECRET): the function refuses unsigned "
+                           "deliveries")
+    with _connect(args) as client:
+        created = webhooks.register(client, url=args.url, secret=args.secret, project_id=args.project,
+                                    organization=args.org, verify_ssl=not args.no_verify_ssl)
+    print(f"webhook {created['id']} sends {', '.join(created['events'])} to {created['target_url']}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from preannotate.models import ModelStore
     from preannotate.serving.core import App, ModelProvider
     from preannotate.serving.http import make_server
+    from preannotate.serving.training import TrainingRoutes
 
     app = App(ModelProvider(args.model, ModelStore(args.store), args.device))
+    TrainingRoutes.attach(app)  # POST /train, /jobs, /webhook as in the function; jobs train in a process
     app.provider.current()  # load now: fail before listening if the model cannot be served
     server = make_server(app, args.host, args.port)
     print(f"serving {args.model} on http://{args.host}:{server.server_address[1]}/ "
@@ -165,13 +243,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"models": cmd_models, "functions": cmd_functions, "serve": cmd_serve}
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from preannotate.deploy import cmd_deploy as deploy
+
+    return deploy(args)
+
+
+COMMANDS = {"models": cmd_models, "functions": cmd_functions, "serve": cmd_serve, "export": cmd_export,
+            "webhook": cmd_webhook, "deploy": cmd_deploy}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from preannotate.cvat.client import CvatError
     from preannotate.models import ModelNotFound
     from preannotate.models.registry import UnknownArchitecture
     from preannotate.serving.core import ModelUnavailable
@@ -180,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     # RuntimeError covers e.g. pretrained weights that are not on disk
-    except (CommandError, ModelNotFound, UnknownArchitecture, ModelUnavailable, HyperparameterError,
+    except (CommandError, CvatError, ModelNotFound, UnknownArchitecture, ModelUnavailable, HyperparameterError,
             ValueError, OSError, RuntimeError) as error:
         print(f"preannotate: error: {error}", file=sys.stderr)
         return 2

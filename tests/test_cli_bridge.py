@@ -1,0 +1,79 @@
+"""The bridge from the command line, as a user runs it: `preannotate export` and `preannotate webhook register`
+against the CVAT test double (credentials from the environment)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tensorflow as tf
+from preannotate.cli import main as cli
+from preannotate.formats.dataset import read_dataset
+
+from tests.conftest import FIXTURES
+from tests.test_coco import assert_like_cvat
+
+
+@pytest.fixture
+def cvat_env(cvat_double, monkeypatch, tmp_path):
+    monkeypatch.setenv("CVAT_URL", cvat_double.base_url)
+    monkeypatch.setenv("CVAT_USERNAME", cvat_double.credentials[0])
+    monkeypatch.setenv("CVAT_PASSWORD", cvat_double.credentials[1])
+    monkeypatch.setenv("PREANNOTATE_CACHE", str(tmp_path / "cache"))
+    return cvat_double
+
+
+def test_export_a_task_to_coco_matches_cvats_own_export(cvat_env, tmp_path, capsys):
+    out = tmp_path / "coco"
+    assert cli(["export", "--task", "7", "--format", "coco", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "train: 6 frames" in printed and "left out" in printed and f"wrote coco to {out}" in printed
+    ours = json.loads((out / "annotations" / "instances_train.json").read_text())
+    cvat = json.loads((FIXTURES / "export" / "instances_default.json").read_text())
+    assert_like_cvat(ours, cvat)
+    assert sorted(p.name for p in (out / "images").rglob("*") if p.is_file()) == sorted(
+        image["file_name"].rsplit("/", 1)[-1] for image in cvat["images"])
+
+
+def test_export_a_task_to_tfrecord_with_a_val_split_reads_back_in_tensorflow(cvat_env, tmp_path):
+    out = tmp_path / "records"
+    assert cli(["export", "--task", "7", "--format", "tfrecord", "--out", str(out), "--val-fraction", "0.3",
+                "--seed", "1"]) == 0
+    labels, splits = read_dataset(out)
+    assert set(splits) == {"train", "val"} and sum(len(v) for v in splits.values()) == 6
+    records = sorted(out.glob("*.record-*"))
+    count = sum(1 for _ in tf.data.TFRecordDataset([str(p) for p in records]))
+    assert count == 6 and (out / "label_map.pbtxt").is_file()
+    assert [label.name for label in labels][:1] == ["car"]
+
+
+def test_export_a_job_holds_only_its_frames(cvat_env, tmp_path):
+    job = max(j.id for j in cvat_env.jobs.values() if j.task_id == 7)  # the second job: frames 3-5
+    first, last = cvat_env.jobs[job].start, cvat_env.jobs[job].stop
+    assert first > 0
+    out = tmp_path / "job"
+    assert cli(["export", "--job", str(job), "--format", "coco", "--out", str(out)]) == 0
+    frames = [image["frame"] for image in json.loads((out / "annotations" / "instances_train.json").read_text())[
+        "images"]]
+    assert frames == list(range(first, last + 1))
+
+
+def test_export_of_an_unknown_task_is_a_clear_error(cvat_env, tmp_path, capsys):
+    assert cli(["export", "--task", "999999", "--out", str(tmp_path / "x")]) == 2
+    assert "task 999999 was not found" in capsys.readouterr().err
+
+
+def test_wrong_credentials_are_reported_without_the_password(cvat_env, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("CVAT_PASSWORD", "not-the-Password-42")
+    assert cli(["export", "--task", "7", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "username or password" in err and "not-the-Password-42" not in err
+
+
+def test_webhook_register_from_the_command_line(cvat_env, capsys):
+    project = next(iter(cvat_env.projects))
+    assert cli(["webhook", "register", "--project", str(project), "--url", "http://fn:8080/webhook",
+                "--secret", "s3"]) == 0
+    assert "sends update:job to http://fn:8080/webhook" in capsys.readouterr().out
+    assert [w["secret"] for w in cvat_env.webhooks.values()] == ["s3"]
+    assert cli(["webhook", "register", "--project", str(project), "--url", "http://fn:8080/webhook"]) == 2
