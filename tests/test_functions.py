@@ -48,13 +48,53 @@ def test_every_registry_model_has_a_valid_cpu_and_gpu_function(name):
     assert len([line for line in main.splitlines() if line.strip()]) <= 3
 
 
-def test_coco_functions_list_the_coco_labels_and_bake_them_at_build_time():
+def test_coco_functions_list_the_coco_labels_and_bake_the_weights_at_build_time():
     config = yaml.safe_load((REPO / "functions/pytorch/ssdlite320_mobilenet_v3_large/nuclio/function.yaml")
                             .read_text())
     labels = json.loads(config["metadata"]["annotations"]["spec"])
     assert len(labels) == 80 and labels[0] == {"id": 1, "name": "person", "type": "rectangle", "attributes": []}
-    build = config["spec"]["build"]["directives"]["postCopy"][0]["value"]
-    assert build.startswith("preannotate models create ssdlite320_mobilenet_v3_large --init pretrained")
+    directives = config["spec"]["build"]["directives"]["postCopy"]
+    assert directives == [{"kind": "ENV", "value": f"TORCH_HOME={functions.TORCH_HOME}"},
+                          {"kind": "RUN", "value": "preannotate models fetch-weights ssdlite320_mobilenet_v3_large"}]
+
+
+@pytest.mark.parametrize("filename", ["function.yaml", "function-gpu.yaml"])
+def test_functions_train_into_a_store_outside_the_image_and_carry_no_secrets(filename):
+    for name in ARCHITECTURES:
+        config = yaml.safe_load((REPO / "functions" / "pytorch" / name / "nuclio" / filename).read_text())
+        spec = config["spec"]
+        env = {e["name"]: e["value"] for e in spec["env"]}
+        (volume,) = spec["volumes"]
+        assert volume["volume"] == {"name": "preannotate-store", "hostPath": {"path": "/var/lib/preannotate/store"}}
+        assert volume["volumeMount"] == {"name": "preannotate-store", "mountPath": env["PREANNOTATE_MODEL_STORE"]}
+        assert env["TORCH_HOME"] == functions.TORCH_HOME and env["PREANNOTATE_TRAIN_MODEL"] == name
+        assert env["PREANNOTATE_TRAIN_ON"] == "state=completed,stage=acceptance"
+        assert all(isinstance(value, str) for value in env.values())
+        assert not set(env) & set(functions.SECRET_ENV)
+        assert list(spec["triggers"]) == ["myHttpTrigger"]  # cron only when asked for
+
+
+def test_training_settings_in_the_yaml_are_ones_the_function_accepts():
+    from preannotate.cvat.webhooks import TrainingPolicy
+    from preannotate.training.hyperparameters import Hyperparameters
+
+    config = yaml.safe_load((REPO / "functions/pytorch/retinanet_resnet50_fpn/nuclio/function.yaml").read_text())
+    env = {e["name"]: e["value"] for e in config["spec"]["env"]}
+    policy = TrainingPolicy.from_environment(env)
+    assert policy.train_on == ("state=completed", "stage=acceptance") and policy.debounce_s == 300
+    Hyperparameters().updated(env["PREANNOTATE_TRAIN_HYPERPARAMETERS"])
+
+
+@pytest.mark.parametrize("when, attributes", [
+    ("6h", {"interval": "6h"}), ("30m", {"interval": "30m"}), ("0 3 * * *", {"schedule": "0 3 * * *"}),
+    ("@daily", {"schedule": "@daily"})])
+def test_cron_trigger_is_rendered_when_asked(when, attributes):
+    arch = ARCHITECTURES["ssdlite320_mobilenet_v3_large"]
+    config = functions.function_config(arch, [], gpu=False, cron=when, train_project=4)
+    trigger = config["spec"]["triggers"]["retrain"]
+    assert trigger == {"kind": "cron", "attributes": {**attributes, "event": {"body": '{"trigger": "cron"}'}}}
+    assert {"name": "PREANNOTATE_TRAIN_PROJECT", "value": "4"} in config["spec"]["env"]
+    assert functions.validate_config(config, gpu=False) == []
 
 
 def _valid_config():
@@ -79,6 +119,25 @@ def _valid_config():
     (lambda c: c["spec"].update(eventTimeout="thirty"), "not a duration"),
     (lambda c: c["spec"]["triggers"]["myHttpTrigger"]["attributes"].pop("maxRequestBodySize"), "below 32 MiB"),
     (lambda c: c["spec"].update(resources={"limits": {"nvidia.com/gpu": 1}}), "must not request a GPU"),
+    (lambda c: c["spec"].pop("volumes"), "is not on a volume"),
+    (lambda c: c["spec"]["volumes"][0]["volumeMount"].update(mountPath="/data"), "is not on a volume"),
+    (lambda c: c["spec"]["volumes"][0]["volumeMount"].update(name="other"), "must be set and equal"),
+    (lambda c: c["spec"]["volumes"][0]["volume"]["hostPath"].update(path="store"), "absolute path on the host"),
+    (lambda c: c["spec"]["volumes"][0].update(volume={"name": "preannotate-store", "persistentVolumeClaim": {}}),
+     "claimName is missing"),
+    (lambda c: c["spec"]["env"].append({"name": "CVAT_PASSWORD", "value": "hunter2"}), "holds a secret"),
+    (lambda c: c["spec"]["env"].append({"name": "PREANNOTATE_TRAIN_MIN_NEW_FRAMES", "value": 10}), "must be a string"),
+    (lambda c: [e.update(value="/opt/other") for e in c["spec"]["env"] if e["name"] == "PREANNOTATE_MODEL_STORE"],
+     "is not on a volume"),
+    (lambda c: c["spec"]["triggers"].update(retrain={"kind": "cron", "attributes": {}}), "exactly one of"),
+    (lambda c: c["spec"]["triggers"].update(retrain={"kind": "cron", "attributes": {"interval": "6h",
+                                                                                    "schedule": "0 * * * *"}}),
+     "exactly one of"),
+    (lambda c: c["spec"]["triggers"].update(retrain={"kind": "cron", "attributes": {"interval": "often"}}),
+     "not a duration"),
+    (lambda c: c["spec"]["triggers"].update(retrain={"kind": "cron", "attributes": {"schedule": "0 3 *"}}),
+     "not a cron schedule"),
+    (lambda c: c["spec"]["triggers"].update(retrain=functions.cron_trigger("6h")), "would do nothing"),
 ])
 def test_validator_catches_what_breaks_cvat(break_it, problem):
     config = copy.deepcopy(_valid_config())
