@@ -31,7 +31,8 @@ FAKE_TRAINING = textwrap.dedent("""
     request = jobs.get(job_id).request
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print("training", job_id, flush=True)
-    with open(jobs.work_dir(job_id) / "metrics.jsonl", "a") as metrics:
+    (jobs.work_dir(job_id) / "run").mkdir(exist_ok=True)
+    with open(jobs.work_dir(job_id) / "run" / "metrics.jsonl", "a") as metrics:
         for step in range(1, 4):
             metrics.write(json.dumps({"step": step, "total_steps": 3, "loss": 1.0 / step, "eta_s": 3 - step}) + "\\n")
             metrics.flush()

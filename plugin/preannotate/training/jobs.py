@@ -6,7 +6,8 @@ event never waits for training and a crash in training cannot take the detector 
 
     STORE/.jobs/<id>/job.json     state, request, trigger, progress, the version published, error
     STORE/.jobs/<id>/log.txt      the training process's output (its tail is in GET /jobs/<id>)
-    STORE/.jobs/<id>/work/        checkpoints, metrics.jsonl, TensorBoard events (the trainer's output directory)
+    STORE/.jobs/<id>/work/        the job's dataset (exported from CVAT once) and run/, the trainer's output
+                                  directory: checkpoints, metrics.jsonl, TensorBoard events
     STORE/.jobs/runner.lock       held by the runner whose process is training; free when none is
 
 Everything lives in the store, so jobs survive a restart: a job left ``running`` by a runner that died (its lock is
@@ -132,7 +133,7 @@ class JobStore:
 
     def progress(self, job_id: str) -> dict[str, Any]:
         """The trainer's latest record (step, total steps, loss, learning rate, ETA) from ``metrics.jsonl``."""
-        path = self.work_dir(job_id) / "metrics.jsonl"
+        path = self.work_dir(job_id) / "run" / "metrics.jsonl"
         last: dict[str, Any] = {}
         with contextlib.suppress(OSError):
             with open(path, "rb") as file:
