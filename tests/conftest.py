@@ -3,10 +3,12 @@ from __future__ import annotations
 import base64
 import io
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torchvision  # noqa: F401  before any test module imports TensorFlow: the other order crashes the process
 from PIL import Image
 
 from tests.cvat_double import cvat_double  # noqa: F401  (the fixture, for every test module)
@@ -15,6 +17,10 @@ FIXTURES = Path(__file__).parent / "fixtures" / "cvat-2.42"
 
 # Tests never reach the network for weights: a missing file must fail fast with our message.
 os.environ.setdefault("PREANNOTATE_OFFLINE", "1")
+# Chunk caches and upload journals of the tests stay out of the user's ~/.cache.
+_SCRATCH = tempfile.mkdtemp(prefix="preannotate-tests-")
+os.environ.setdefault("PREANNOTATE_CACHE", os.path.join(_SCRATCH, "chunks"))
+os.environ.setdefault("PREANNOTATE_STATE_DIR", os.path.join(_SCRATCH, "journal"))
 
 
 def photo(width: int = 96, height: int = 64, seed: int = 0) -> Image.Image:

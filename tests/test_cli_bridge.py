@@ -4,6 +4,7 @@ against the CVAT test double (credentials from the environment)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import tensorflow as tf
@@ -77,3 +78,37 @@ def test_webhook_register_from_the_command_line(cvat_env, capsys):
     assert "sends update:job to http://fn:8080/webhook" in capsys.readouterr().out
     assert [w["secret"] for w in cvat_env.webhooks.values()] == ["s3"]
     assert cli(["webhook", "register", "--project", str(project), "--url", "http://fn:8080/webhook"]) == 2
+
+
+def test_import_of_our_own_export_as_predictions_is_idempotent(cvat_env, tmp_path, capsys):
+    out = tmp_path / "coco"
+    assert cli(["export", "--task", "8", "--format", "coco", "--out", str(out)]) == 0
+    instances = out / "annotations" / "instances_train.json"
+    manual = [s for s in cvat_env.annotations(8)["shapes"] if s["source"] != "auto"]
+    capsys.readouterr()
+    for _ in range(2):  # twice: the second run replaces what the first wrote
+        assert cli(["import", "--task", "8", str(instances), "--format", "coco"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    created = int(printed[0].split(" shapes created")[0].rsplit(" ", 1)[1])
+    assert created > 0 and f"{created} earlier auto shapes replaced" in printed[1]
+    shapes = cvat_env.annotations(8)["shapes"]
+    assert sum(s["source"] == "auto" for s in shapes) == created
+    assert [s for s in shapes if s["source"] != "auto"] == manual  # a person's work is never touched
+
+
+def test_annotate_a_task_with_a_model_from_the_store(cvat_env, published_store, tmp_path, capsys):
+    # the model knows car and person; task 8 has cat and dog
+    assert cli(["annotate", "--task", "8", "--model", "boxes", "--store", str(published_store.root),
+                "--threshold", "0", "--frames", "0-1"]) == 0
+    unmapped = capsys.readouterr().out.split("not in the task (left out; --label-map renames): ")[1]
+    assert set(re.findall(r"(\w+) \(\d+\)", unmapped)) <= {"car", "person"} and unmapped.strip()
+    assert not [s for s in cvat_env.annotations(8)["shapes"] if s["source"] == "auto"]
+    assert cli(["annotate", "--task", "8", "--model", "boxes", "--store", str(published_store.root),
+                "--threshold", "0", "--frames", "0-1", "--label-map", "car=cat,person=dog"]) == 0
+    printed = capsys.readouterr().out
+    assert "task 8: 2 frames annotated" in printed
+    auto = [s for s in cvat_env.annotations(8)["shapes"] if s["source"] == "auto"]
+    assert auto and {s["frame"] for s in auto} <= {0, 1} and {s["type"] for s in auto} == {"rectangle"}
+    assert cli(["annotate", "--task", "8", "--model", "boxes", "--store", str(published_store.root),
+                "--frames", "x-1"]) == 2
+    assert "--frames 'x-1'" in capsys.readouterr().err

@@ -85,6 +85,36 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--seed", type=int, default=0, help="the split's seed (same seed, same split)")
     export.add_argument("--quality", choices=("original", "compressed"), default="original")
 
+    importer = commands.add_parser("import", help="predictions from a file into a task, as auto shapes (re-running "
+                                                  "replaces them, never duplicates)")
+    _cvat_arguments(importer)
+    importer.add_argument("--task", type=int, required=True)
+    importer.add_argument("file", help="COCO results (a list of detections) or a COCO dataset")
+    importer.add_argument("--format", choices=("coco-results", "coco"), default="coco-results")
+    importer.add_argument("--coco-file", help="coco-results: the COCO dataset they refer to (default: our export's "
+                                              "convention, image id = frame + 1, categories in CVAT label order)")
+    importer.add_argument("--threshold", type=float, help="keep detections scoring at least this")
+    importer.add_argument("--label-map", help="renames, e.g. 'automobile=car,human=person'")
+    importer.add_argument("--replace", action="store_true", help="replace every shape of those frames, manual too")
+
+    annotate = commands.add_parser("annotate", help="pre-annotate a task or project with a model or a deployed "
+                                                    "function")
+    _cvat_arguments(annotate)
+    _store_argument(annotate)
+    target = annotate.add_mutually_exclusive_group(required=True)
+    target.add_argument("--task", type=int)
+    target.add_argument("--project", type=int)
+    model = annotate.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="NAME[@VERSION] in the store, an architecture, or an artifact directory")
+    model.add_argument("--function-url", help="a deployed detector function, e.g. http://localhost:32001")
+    annotate.add_argument("--threshold", type=float, help="minimum score (default: the model's)")
+    annotate.add_argument("--frames", help="a range of frames, e.g. 0-99 (default: all)")
+    annotate.add_argument("--only-unannotated", action="store_true", help="skip frames someone annotated")
+    annotate.add_argument("--batch-size", type=int, default=1, help="frames per forward pass (GPU: 4-16)")
+    annotate.add_argument("--upload-every", type=int, default=200, help="frames per upload (finished work is kept)")
+    annotate.add_argument("--label-map", help="model=task label renames, e.g. 'automobile=car'")
+    annotate.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+
     webhook = commands.add_parser("webhook", help="CVAT webhooks that start training in a function")
     webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True)
     register = webhook_commands.add_parser("register", help="send a project's (or organization's) job updates "
@@ -209,6 +239,58 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from preannotate.cvat.upload import import_file
+
+    with _connect(args) as client:
+        report = import_file(client, args.task, args.file, args.format, threshold=args.threshold,
+                             label_map=args.label_map, replace=args.replace, coco_file=args.coco_file,
+                             progress=sys.stderr.isatty())
+    print(f"task {args.task}: {report.frames} frames written, {report.created} shapes created, "
+          f"{report.deleted} earlier auto shapes replaced" + (f", {report.resumed} frames done before" if
+                                                              report.resumed else ""))
+    _report_unmapped(report.unmapped)
+    if report.unmatched_images:
+        print(f"{len(report.unmatched_images)} images match no frame of the task, e.g. "
+              f"{', '.join(report.unmatched_images[:3])}")
+    return 0
+
+
+def _report_unmapped(unmapped) -> None:
+    if unmapped:
+        print("not in the task (left out; --label-map renames): "
+              + ", ".join(f"{label} ({n})" for label, n in unmapped.most_common()))
+
+
+def _frame_range(text: str | None) -> range | None:
+    if not text:
+        return None
+    first, _, last = text.partition("-")
+    if not first.strip().isdigit() or (last and not last.strip().isdigit()):
+        raise CommandError(f"--frames {text!r}: give FIRST-LAST, e.g. 0-99")
+    return range(int(first), int(last or first) + 1)
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    from preannotate.cvat.annotate import annotate_project, annotate_task
+
+    options = dict(threshold=args.threshold, frames=_frame_range(args.frames),
+                   only_unannotated=args.only_unannotated, batch_size=args.batch_size,
+                   upload_every=args.upload_every, label_map=args.label_map, progress=sys.stderr.isatty())
+    source = dict(detector=args.model, store=args.store, device=args.device) if args.model else dict(
+        function_url=args.function_url)
+    with _connect(args) as client:
+        reports = ({args.task: annotate_task(client, args.task, **source, **options)} if args.task else
+                   annotate_project(client, args.project, **source, **options))
+    for task_id, report in reports.items():
+        print(f"task {task_id}: {report.annotated} frames annotated ({report.frames_per_second:.1f} frames/s), "
+              f"{report.created} shapes created, {report.deleted} earlier auto shapes replaced"
+              + (f", {report.skipped_annotated} annotated frames left alone" if report.skipped_annotated else "")
+              + (f", {report.resumed} frames done before" if report.resumed else ""))
+        _report_unmapped(report.unmapped)
+    return 0
+
+
 def cmd_webhook(args: argparse.Namespace) -> int:
     from preannotate.cvat import webhooks
 
@@ -250,7 +332,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"models": cmd_models, "functions": cmd_functions, "serve": cmd_serve, "export": cmd_export,
-            "webhook": cmd_webhook, "deploy": cmd_deploy}
+            "webhook": cmd_webhook, "import": cmd_import, "annotate": cmd_annotate, "deploy": cmd_deploy}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,10 @@ MASK_TYPES = ("polygon", "mask", "ellipse")  # shapes that make a dataset a mask
 
 def tensorflow() -> Any:
     """TensorFlow, imported on first use with a clear message when it is missing."""
+    try:  # torchvision imported *after* TensorFlow crashes the process (their bundled C++ libraries clash)
+        import torchvision  # noqa: F401
+    except ImportError:
+        pass
     try:
         import tensorflow as tf
     except ImportError as error:  # pragma: no cover - depends on the environment

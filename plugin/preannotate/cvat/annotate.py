@@ -1,0 +1,315 @@
+"""Pre-annotate CVAT tasks with one of our models, or with any deployed CVAT detector function, in a pipeline.
+
+Frames stream chunk by chunk (``CvatFrames``: downloads run ahead in threads, decoding runs ahead in one more),
+the model takes them ``batch_size`` at a time, and every ``upload_every`` frames the predictions go to a background
+uploader (a queue of two batches, so inference only waits on a server slower than the model). Each upload goes
+through ``upload.TaskWriter``: the frames' earlier ``auto`` shapes are replaced, manual work stays, and a journal
+records the uploaded frames, so an interrupted run started again continues where it stopped and never duplicates.
+
+With ``function_url`` the frames' files are POSTed as CVAT's lambda manager would (``{"image": base64,
+"threshold"?}``) to a Nuclio function or ``preannotate serve``, ``workers`` requests in flight on one connection pool.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import urllib3
+from cvat_sdk import Client
+from tqdm import tqdm
+
+from preannotate.cvat.client import CvatError, cvat_errors
+from preannotate.cvat.frames import CvatFrames
+from preannotate.cvat.upload import Journal, TaskWriter, UploadReport, digest
+from preannotate.models import Detector, ModelStore
+from preannotate.serving import contract
+from preannotate.shapes import Shape
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class FunctionError(RuntimeError):
+    """A deployed detector function failed or answered something that is not CVAT's detector contract."""
+
+
+@dataclass
+class AnnotateReport:
+    task_id: int
+    frames: int = 0                  # frames of the task in the range asked
+    annotated: int = 0               # frames run through the model and uploaded in this run
+    skipped_annotated: int = 0       # only_unannotated: frames a person had annotated
+    resumed: int = 0                 # frames an interrupted earlier run had finished
+    created: int = 0
+    deleted: int = 0
+    unmapped: Counter[str] = field(default_factory=Counter)  # predictions dropped: the task has no such label
+    unshared_labels: list[str] = field(default_factory=list)  # model labels the task lacks (known up front)
+    seconds: float = 0.0             # from the first frame asked to the last upload done
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.annotated / self.seconds if self.seconds > 0 else 0.0
+
+    def add_upload(self, upload: UploadReport) -> None:
+        self.created += upload.created
+        self.deleted += upload.deleted
+        self.unmapped.update(upload.unmapped)
+
+
+def resolve_detector(model: Detector | str, store: str | os.PathLike | None = None,
+                     device: str | None = None) -> Detector:
+    """A detector, or a reference to one as ``preannotate serve --model`` takes it (a name in the store, its
+    ``NAME@VERSION``, an architecture or an artifact directory)."""
+    if not isinstance(model, str):
+        return model
+    from preannotate.serving.core import DEFAULT_STORE, ModelProvider
+
+    root = store or os.environ.get("PREANNOTATE_MODEL_STORE") or DEFAULT_STORE
+    return ModelProvider(model, ModelStore(root), device).current()
+
+
+def annotate_task(client: Client, task_id: int, *, detector: Detector | str | None = None,
+                  function_url: str | None = None, threshold: float | None = None, frames: range | None = None,
+                  only_unannotated: bool = False, batch_size: int = 1, upload_every: int = 200,
+                  state_dir: str | os.PathLike | None = None, progress: bool = True,
+                  label_map: Mapping[str, str] | str | None = None, replace: bool = False,
+                  store: str | os.PathLike | None = None, device: str | None = None, workers: int = 2,
+                  quality: str = "original", cache_dir: str | os.PathLike | None = None,
+                  prefetch: int = 2) -> AnnotateReport:
+    """Pre-annotate task ``task_id`` with ``detector`` (or a deployed function at ``function_url``).
+
+    ``threshold``: minimum score (default: the model's own; for a function, the function's). ``frames``: a range
+    of task frames (default all; deleted frames are skipped). ``only_unannotated``: leave frames that have a shape
+    or a track someone made (any source but ``auto``). ``label_map``: ``model=task`` label renames; predictions
+    whose label the task lacks are counted in ``unmapped``. ``replace``: replace every shape on the frames
+    annotated, not only earlier ``auto`` ones. ``state_dir``: where the resume journal lives (see
+    ``upload.default_state_dir``). Returns what was done; ``CvatError`` for server problems."""
+    if (detector is None) == (function_url is None):
+        raise ValueError("give a detector (or model reference) or a function_url, not both")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+    model = resolve_detector(detector, store, device) if detector is not None else None
+
+    writer = TaskWriter(client, task_id, label_map=label_map, replace=replace)
+    report = AnnotateReport(task_id)
+    wanted = [f for f in writer.frames() if frames is None or f in frames]
+    report.frames = len(wanted)
+    if only_unannotated:
+        human = writer.human_frames()
+        report.skipped_annotated = sum(f in human for f in wanted)
+        wanted = [f for f in wanted if f not in human]
+    if model is not None:
+        report.unshared_labels = writer.unshared(label.name for label in model.labels)
+        if threshold is None:
+            threshold = model.manifest.score_threshold
+        identity = ["model", model.manifest.name, model.manifest.version, model.manifest.architecture,
+                    model.manifest.created]
+    else:
+        identity = ["function", function_url]
+    if report.unshared_labels:
+        log.warning("task %d has no label %s: those predictions are not written", task_id,
+                    ", ".join(report.unshared_labels))
+    journal = Journal.open(state_dir, client, task_id, digest(identity, threshold, writer.label_map, replace))
+    report.resumed = sum(f in journal.frames for f in wanted)
+    todo = [f for f in wanted if f not in journal.frames]
+
+    images = CvatFrames(client, task_id, quality=quality, cache_dir=cache_dir, prefetch=prefetch)
+    started = time.perf_counter()
+    with _Uploader(writer, journal, report) as uploader, \
+            tqdm(total=len(wanted), initial=report.resumed, unit="frame", desc=f"task {task_id}",
+                 disable=not progress) as bar:
+        if model is not None:
+            predictions = _detect(model, _ahead(images.decoded(todo)), batch_size, threshold)
+        else:
+            predictions = _call_function(function_url, _ahead(images.encoded(todo)), threshold, workers)
+        pending: dict[int, list[Shape]] = {}
+        with closing(predictions):  # on an error: stop the downloads and the decoding thread at once
+            for frame, shapes in predictions:
+                pending[frame] = shapes
+                bar.update(1)
+                if len(pending) >= upload_every:
+                    uploader.put(pending)
+                    pending = {}
+        if pending:
+            uploader.put(pending)
+    report.seconds = time.perf_counter() - started
+    report.annotated = len(todo)
+    journal.finish()
+    if report.unmapped:
+        log.warning("task %d: %d predictions had no task label (%s)", task_id, sum(report.unmapped.values()),
+                    ", ".join(f"{name} {count}" for name, count in report.unmapped.most_common()))
+    return report
+
+
+def annotate_project(client: Client, project_id: int, *, detector: Detector | str | None = None,
+                     store: str | os.PathLike | None = None, device: str | None = None,
+                     **options: Any) -> dict[int, AnnotateReport]:
+    """``annotate_task`` on every task of a project (the model is loaded once), task by task in id order."""
+    with cvat_errors(client, f"project {project_id}"):
+        tasks = sorted(task.id for task in client.projects.retrieve(project_id).get_tasks())
+    model = resolve_detector(detector, store, device) if detector is not None else None
+    return {task_id: annotate_task(client, task_id, detector=model, **options) for task_id in tasks}
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline
+
+def _detect(model: Detector, images: Iterator[tuple[int, Any]], batch_size: int, threshold: float
+            ) -> Iterator[tuple[int, list[Shape]]]:
+    batch: list[tuple[int, Any]] = []
+    for item in images:
+        batch.append(item)
+        if len(batch) >= batch_size:
+            yield from zip([f for f, _ in batch], model.detect([image for _, image in batch], threshold), strict=True)
+            batch = []
+    if batch:
+        yield from zip([f for f, _ in batch], model.detect([image for _, image in batch], threshold), strict=True)
+
+
+def _call_function(url: str, files: Iterator[tuple[int, bytes]], threshold: float | None, workers: int
+                   ) -> Iterator[tuple[int, list[Shape]]]:
+    """POST each frame to a CVAT detector function, ``workers`` at a time, answers in frame order."""
+    # A busy Nuclio function answers 503 (no free worker) and a starting one may drop connections: retry those.
+    retries = urllib3.Retry(total=4, backoff_factor=0.5, status_forcelist=(502, 503, 504),
+                            allowed_methods=None, raise_on_status=False)
+    pool = urllib3.PoolManager(maxsize=max(1, workers), retries=retries)
+
+    def call(frame: int, data: bytes) -> list[Shape]:
+        body: dict[str, Any] = {"image": base64.b64encode(data).decode("ascii")}
+        if threshold is not None:
+            body["threshold"] = threshold
+        try:
+            response = pool.request("POST", url, body=json.dumps(body).encode(),
+                                    headers={"Content-Type": "application/json"}, timeout=120.0)
+        except urllib3.exceptions.HTTPError as error:
+            raise FunctionError(f"the function at {url} did not answer for frame {frame}: {error}") from None
+        if response.status != 200:
+            raise FunctionError(f"the function at {url} answered {response.status} for frame {frame}: "
+                                f"{response.data[:300].decode(errors='replace')}")
+        try:
+            return contract.response_to_shapes(json.loads(response.data), frame)
+        except (ValueError, KeyError, TypeError) as error:
+            raise FunctionError(f"the function at {url} answered frame {frame} with something that is not a "
+                                f"CVAT detector response: {error}") from None
+
+    try:
+        yield from _in_order(call, files, workers)
+    finally:
+        pool.clear()
+
+
+def _in_order(call: Callable[[int, Any], T], items: Iterable[tuple[int, Any]], workers: int
+              ) -> Iterator[tuple[int, T]]:
+    """``(key, call(key, value))`` for each item, ``workers`` calls running at once, in the order of the items
+    (never more than ``2 * workers`` items read ahead)."""
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="function") as executor:
+        running: deque[tuple[int, Future[T]]] = deque()
+        try:
+            for key, value in items:
+                running.append((key, executor.submit(call, key, value)))
+                if len(running) >= 2 * max(1, workers):
+                    key, future = running.popleft()
+                    yield key, future.result()
+            while running:
+                key, future = running.popleft()
+                yield key, future.result()
+        finally:
+            for _, future in running:
+                future.cancel()
+
+
+_END = object()
+
+
+def _ahead(items: Iterator[T], depth: int = 4) -> Iterator[T]:
+    """The items of ``items``, produced by a background thread up to ``depth`` ahead: fetching and decoding
+    frames overlaps with inference. An exception in the producer is raised here."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        """False once the consumer has gone."""
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    break
+            else:
+                put(_END)
+        except BaseException as error:  # handed to the consumer
+            put(error)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # an unfinished frame iterator stops its downloads
+
+    thread = threading.Thread(target=produce, name="frames-ahead", daemon=True)
+    thread.start()
+    try:
+        while (item := buffer.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+class _Uploader:
+    """Uploads batches of predictions in a background thread, in order; a bounded queue, so a slow server slows
+    inference down rather than piling predictions up in memory. An upload error stops the run at the next put
+    (or at the end) with that error; what was uploaded before stays uploaded and journaled."""
+
+    def __init__(self, writer: TaskWriter, journal: Journal, report: AnnotateReport, depth: int = 2):
+        self.writer, self.journal, self.report = writer, journal, report
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"upload-task{writer.task_id}", daemon=True)
+
+    def __enter__(self) -> _Uploader:
+        self.thread.start()
+        return self
+
+    def put(self, batch: dict[int, Sequence[Shape]]) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(batch)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.queue.put(None)  # the thread drains the queue (skipping work after an error), so this never blocks long
+        self.thread.join()
+        if self.error is not None and exc is None:
+            raise self.error
+
+    def _run(self) -> None:
+        while (batch := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                self.report.add_upload(self.writer.write(batch))
+                self.journal.add(batch)
+            except BaseException as error:  # re-raised in the inference thread
+                self.error = error
+
+
+__all__ = ["AnnotateReport", "CvatError", "FunctionError", "annotate_project", "annotate_task", "resolve_detector"]

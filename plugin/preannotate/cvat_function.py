@@ -1,0 +1,77 @@
+"""Our models as a cvat-sdk auto-annotation function, the door for ``cvat-cli task auto-annotate``::
+
+    cvat-cli --server-host http://cvat:8080 --auth user task auto-annotate 12 \\
+        --function-module preannotate.cvat_function -p model=str:boxes [-p store=str:/models] [-p device=str:cpu]
+
+cvat-cli calls ``create(**parameters)`` (the ``-p`` values; the model defaults to ``$PREANNOTATE_MODEL``, the
+store to ``$PREANNOTATE_MODEL_STORE``). ``model`` is anything ``preannotate serve --model`` takes: a name in the
+store (its newest version), ``NAME@VERSION``, an architecture, or an artifact directory. The labels come from the
+model's manifest, each declared with the shape type the model returns (``rectangle``, or ``mask`` — polygons with
+``--conv-mask-to-poly``); ``--conf-threshold`` is honoured, else the manifest's score threshold.
+The same ``cvataa.annotate_task`` drives it from Python.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import cvat_sdk.auto_annotation as cvataa
+import PIL.Image
+from cvat_sdk import models
+
+from preannotate.models import Detector, ModelStore, get_architecture
+from preannotate.serving.core import DEFAULT_STORE, ModelProvider
+from preannotate.shapes import Shape
+
+
+class DetectionFunction:
+    """A ``cvataa.DetectionFunction`` around one of our detectors."""
+
+    def __init__(self, detector: Detector):
+        self.detector = detector
+        self.labels = list(detector.manifest.labels)
+        self._id_of = {label.name: index for index, label in enumerate(self.labels)}
+        # Every label is declared with the shape type the model returns ("rectangle" or "mask"), so cvat-sdk
+        # checks it against the task's label types before the first frame; ids are local to the spec.
+        output = get_architecture(detector.manifest.architecture).output
+        self.spec = cvataa.DetectionFunctionSpec(labels=[
+            cvataa.label_spec(label.name, index, type=output) for index, label in enumerate(self.labels)])
+
+    def detect(self, context: cvataa.DetectionFunctionContext, image: PIL.Image.Image
+               ) -> list[models.LabeledShapeRequest]:
+        threshold = getattr(context, "conf_threshold", None)  # contexts of older cvat-sdk versions lack it
+        if threshold is None:
+            threshold = self.detector.manifest.score_threshold
+        conv_mask_to_poly = bool(getattr(context, "conv_mask_to_poly", False))
+        shapes = self.detector.detect([image.convert("RGB")], threshold)[0]
+        return [request for shape in shapes if (request := self._request(shape, conv_mask_to_poly)) is not None]
+
+    def _request(self, shape: Shape, conv_mask_to_poly: bool) -> models.LabeledShapeRequest | None:
+        label_id = self._id_of.get(shape.label)
+        if label_id is None:
+            return None
+        if shape.type == "rectangle":
+            return cvataa.rectangle(label_id, _floats(shape.points), rotation=float(shape.rotation) % 360)
+        if shape.type == "mask" and not conv_mask_to_poly:
+            return cvataa.mask(label_id, _floats(shape.points))
+        if shape.type in ("mask", "polygon"):
+            outline = shape.polygon()
+            return cvataa.polygon(label_id, _floats(outline)) if len(outline) >= 6 else None
+        return cvataa.shape(label_id, type=shape.type, points=_floats(shape.points),
+                            rotation=float(shape.rotation) % 360)
+
+
+def _floats(points: Sequence[float]) -> list[float]:
+    return [float(p) for p in points]
+
+
+def create(model: str | None = None, store: str | None = None, device: str | None = None) -> DetectionFunction:
+    """The factory ``cvat-cli ... -p model=str:NAME [-p store=str:DIR] [-p device=str:cpu]`` calls."""
+    model = model or os.environ.get("PREANNOTATE_MODEL")
+    if not model:
+        raise ValueError("name the model: -p model=str:NAME (a model in the store, NAME@VERSION, an architecture "
+                         "or an artifact directory), or set PREANNOTATE_MODEL")
+    store_root = store or os.environ.get("PREANNOTATE_MODEL_STORE") or DEFAULT_STORE
+    provider = ModelProvider(model, ModelStore(store_root), device or os.environ.get("PREANNOTATE_DEVICE") or None)
+    return DetectionFunction(provider.current())
