@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from preannotate.cvat.frames import decode_rgb
 from preannotate.formats import coco
 from preannotate.shapes import FrameAnnotations, Label
 
@@ -294,3 +296,24 @@ def _source_id(key: Hashable, frame: FrameAnnotations) -> str:
     task = task_of(key)
     return str(frame.frame) if task is None else f"{task}/{frame.frame}"
 
+
+
+class StoredImage:
+    """``FrameImages`` of one frame of a dataset folder (its file, or its bytes in a record): what lets the trainer
+    read a folder written by ``export_dataset`` as it reads CVAT."""
+
+    def __init__(self, ref: ImageRef):
+        self.ref = ref
+
+    def encoded(self, frames: Iterable[int]) -> Iterator[tuple[int, bytes]]:
+        for frame in frames:
+            yield frame, self.ref.read_bytes() if isinstance(self.ref, Path) else self.ref()
+
+    def decoded(self, frames: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+        for frame, data in self.encoded(frames):
+            yield frame, decode_rgb(data)
+
+
+def training_items(pairs: Iterable[tuple[FrameAnnotations, ImageRef]]) -> list[tuple[FrameAnnotations, StoredImage]]:
+    """A split of ``read_dataset`` as the trainer's items."""
+    return [(frame, StoredImage(ref)) for frame, ref in pairs]

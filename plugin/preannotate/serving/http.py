@@ -57,6 +57,8 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 8080) -> Threadin
         def log_message(self, format: str, *args) -> None:
             log.info("%s - %s", self.address_string(), format % args)
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 256  # the listen backlog: CVAT's workers and users may connect hundreds at once
+
+    return Server((host, port), Handler)

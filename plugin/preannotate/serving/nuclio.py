@@ -11,7 +11,8 @@ from preannotate.serving.training import TrainingRoutes
 
 def init_context(context) -> None:
     app = App.from_environment()
-    TrainingRoutes.attach(app)  # the training routes and the runner that trains queued jobs in a process
+    # the training routes, and the runner that trains queued jobs in a process of their own
+    context.user_data.training = TrainingRoutes.attach(app)
     context.logger.info(f"preannotate serving {app.provider.reference} from {app.provider.store.root}")
     context.user_data.app = app
 

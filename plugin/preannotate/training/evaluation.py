@@ -1,0 +1,153 @@
+"""COCO metrics with pycocotools: mAP@[.5:.95], mAP@.5, mAP@.75 and per-class AP, for boxes and for masks.
+
+``evaluate`` runs a model over a validation loader and scores it in the coordinates the loader gives (the resized
+frames: IoU does not care about scale); ``coco_metrics`` scores COCO ground truth against COCO results and is what
+the trainer, the benchmarks and the tests share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from preannotate.shapes import Label
+
+
+def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]], labels: Sequence[Label],
+                 iou_type: str = "bbox") -> dict[str, Any]:
+    """``{"map", "map50", "map75", "per_class": {name: {"ap", "ap50"}}}`` of ``results`` against ``ground_truth``
+    (category id = ``Label.id``). A metric with no ground truth to score against is None."""
+    gt = COCO()
+    gt.dataset = {"info": {}, "categories": [{"id": label.id, "name": label.name} for label in labels],
+                  **{k: ground_truth[k] for k in ("images", "annotations")}}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and table
+        gt.createIndex()
+        if not results:  # loadRes cannot take an empty list: nothing found scores zero where there was something
+            return _empty(gt, labels)
+        evaluation = COCOeval(gt, gt.loadRes(results), iou_type)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    stats = evaluation.stats
+    # precision[T iou thresholds, R recall points, K classes, A area ranges, M max-detection settings]
+    precision = evaluation.eval["precision"]
+    per_class = {}
+    for k, category in enumerate(evaluation.params.catIds):
+        name = next(label.name for label in labels if label.id == category)
+        per_class[name] = {"ap": _mean(precision[:, :, k, 0, -1]), "ap50": _mean(precision[0, :, k, 0, -1])}
+    return {"map": _value(stats[0]), "map50": _value(stats[1]), "map75": _value(stats[2]), "per_class": per_class}
+
+
+def _empty(gt: COCO, labels: Sequence[Label]) -> dict[str, Any]:
+    counts = {label.id: len(gt.getAnnIds(catIds=[label.id])) for label in labels}
+    zero = 0.0 if any(counts.values()) else None
+    per_class = {label.name: {"ap": 0.0 if counts[label.id] else None, "ap50": 0.0 if counts[label.id] else None}
+                 for label in labels}
+    return {"map": zero, "map50": zero, "map75": zero, "per_class": per_class}
+
+
+def _value(stat: float) -> float | None:
+    return None if stat < 0 else round(float(stat), 6)
+
+
+def _mean(values: np.ndarray) -> float | None:
+    valid = values[values > -1]
+    return round(float(valid.mean()), 6) if valid.size else None
+
+
+def _rle(bitmap: np.ndarray) -> dict[str, Any]:
+    rle = coco_mask.encode(np.asfortranarray(bitmap.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+class CocoAccumulator:
+    """Ground truth and detections, image by image, as COCO dicts (image ids from 1)."""
+
+    def __init__(self, with_masks: bool):
+        self.with_masks = with_masks
+        self.images: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
+        self.results: dict[str, list[dict[str, Any]]] = {"bbox": [], "segm": []}
+
+    def add(self, target: dict[str, torch.Tensor], output: dict[str, torch.Tensor], height: int, width: int) -> None:
+        image_id = len(self.images) + 1
+        self.images.append({"id": image_id, "height": height, "width": width})
+        target_masks = target["masks"].cpu().numpy().astype(bool) if self.with_masks else None
+        for i, (box, label) in enumerate(zip(target["boxes"].tolist(), target["labels"].tolist(), strict=True)):
+            x1, y1, x2, y2 = box
+            annotation = {"id": len(self.annotations) + 1, "image_id": image_id, "category_id": int(label),
+                          "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0}
+            if target_masks is not None:
+                annotation["segmentation"] = _rle(target_masks[i])
+                annotation["area"] = float(target_masks[i].sum())
+            self.annotations.append(annotation)
+        boxes, scores, labels = (output[k].detach().cpu() for k in ("boxes", "scores", "labels"))
+        output_masks = (output["masks"][:, 0] > 0.5).cpu().numpy() if self.with_masks else None
+        for i, (box, score, label) in enumerate(zip(boxes.tolist(), scores.tolist(), labels.tolist(), strict=True)):
+            x1, y1, x2, y2 = box
+            result = {"image_id": image_id, "category_id": int(label), "bbox": [x1, y1, x2 - x1, y2 - y1],
+                      "score": float(score)}
+            self.results["bbox"].append(result)
+            if output_masks is not None:
+                self.results["segm"].append({**result, "segmentation": _rle(output_masks[i])})
+
+    def metrics(self, labels: Sequence[Label]) -> dict[str, Any]:
+        """``{"bbox": {...}, "segm": {...}}`` (segm for mask models), plus the headline ``map``/``map50``: those of
+        masks for a mask model (what it hands CVAT), of boxes otherwise."""
+        ground_truth = {"images": self.images, "annotations": self.annotations}
+        out = {"bbox": coco_metrics(ground_truth, self.results["bbox"], labels, "bbox"), "images": len(self.images)}
+        if self.with_masks:
+            out["segm"] = coco_metrics(ground_truth, self.results["segm"], labels, "segm")
+        headline = out["segm" if self.with_masks else "bbox"]
+        return {"map": headline["map"], "map50": headline["map50"], **out}
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: torch.nn.Module, batches: Iterable[tuple[Sequence[torch.Tensor], Any]],
+                           device: torch.device | str = "cpu", frozen: Sequence[torch.nn.Module] = ()) -> int:
+    """Recompute the running statistics of the model's batch norms (all but ``frozen``) as the plain average over
+    ``batches`` of training frames ("precise BN"); returns how many norms were updated.
+
+    Running averages with torchvision's momenta trail the weights by dozens of steps; early in a run from scratch
+    the network's features change faster than that, and a model in eval mode then sees statistics of weights it
+    no longer has (a model that finds everything with batch statistics can score near zero with running ones).
+    Averaging over a few hundred frames of the current weights, just before a validation, fixes that."""
+    skip = {id(module) for module in frozen}
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and id(m) not in skip]
+    if not norms:
+        return 0
+    momenta = [norm.momentum for norm in norms]
+    model.eval()  # inference path (no targets needed) ...
+    for norm in norms:  # ... with the norms measuring
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average
+        norm.train()
+    for images, _ in batches:
+        model([image.to(device, non_blocking=True) for image in images])
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.eval()
+    return len(norms)
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[dict]]],
+             labels: Sequence[Label], with_masks: bool = False, device: torch.device | str = "cpu"
+             ) -> dict[str, Any]:
+    """COCO metrics of ``model`` on ``batches`` of ``(images, targets)`` (a validation loader). The model is
+    left in eval mode."""
+    model.eval()
+    accumulator = CocoAccumulator(with_masks)
+    for images, targets in batches:
+        outputs = model([image.to(device, non_blocking=True) for image in images])
+        for image, target, output in zip(images, targets, outputs, strict=True):
+            accumulator.add(target, output, int(image.shape[-2]), int(image.shape[-1]))
+    return accumulator.metrics(labels)

@@ -1,0 +1,156 @@
+"""Synthetic CVAT-like tasks: annotated frames for tests, benchmarks and the demo, with no CVAT and no downloads.
+
+Each label has its own shape, colour and CVAT shape type, so a small detector learns them in minutes on a CPU:
+
+=========  ===========  ================================================  ======================
+label      CVAT type    drawn as                                          annotated as
+=========  ===========  ================================================  ======================
+box        rectangle    a red rectangle, sometimes rotated                rectangle (+ rotation)
+disc       ellipse      a blue ellipse                                    ellipse
+triangle   polygon      a green triangle                                  polygon
+blob       mask         a yellow irregular star                           mask (its visible pixels)
+=========  ===========  ================================================  ======================
+
+Frames are textured (smooth colour noise, stripes, grain) and stored as JPEG or PNG bytes in ``InMemoryFrames``,
+so they go through the same decoders and formats as CVAT's frames. Objects may overlap (then the one below is
+``occluded``); some frames are empty, as real tasks have negatives. Everything is a function of ``seed``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from preannotate.cvat.annotations import AnnotationSet
+from preannotate.cvat.frames import InMemoryFrames
+from preannotate.formats import masks
+from preannotate.shapes import FrameAnnotations, Label, Shape, ellipse_polygon, rectangle_corners
+
+LABELS = (Label("box", "rectangle", id=1), Label("disc", "ellipse", id=2), Label("triangle", "polygon", id=3),
+          Label("blob", "mask", id=4))
+COLOURS = {"box": (215, 45, 40), "disc": (40, 85, 225), "triangle": (35, 185, 60), "blob": (240, 205, 30)}
+
+
+@dataclass
+class SyntheticTask:
+    """What reading a CVAT task gives: the annotations of every frame and the frame images."""
+
+    annotations: AnnotationSet
+    images: InMemoryFrames
+
+
+def generate(num_frames: int = 40, width: int = 160, height: int = 120, seed: int = 0,
+             labels: tuple[str, ...] | None = None, objects: tuple[int, int] = (1, 3),
+             size: tuple[float, float] = (0.2, 0.45), empty_fraction: float = 0.05,
+             image_format: str = "JPEG") -> SyntheticTask:
+    """``num_frames`` annotated frames of ``width × height`` with ``objects`` (min, max) objects each, sized
+    ``size`` (a fraction of the shorter side), of the named ``labels`` (default: all four)."""
+    chosen = [label for label in LABELS if labels is None or label.name in labels]
+    if not chosen:
+        raise ValueError(f"no known labels among {labels}; known: {', '.join(label.name for label in LABELS)}")
+    task_labels = [Label(label.name, label.type, id=i) for i, label in enumerate(chosen, start=1)]
+    frames, files = {}, {}
+    extension = "png" if image_format.upper() == "PNG" else "jpg"
+    for number in range(num_frames):
+        rng = np.random.default_rng([seed, number])
+        count = 0 if rng.random() < empty_fraction else int(rng.integers(objects[0], objects[1] + 1))
+        image, shapes = _frame(rng, width, height, [chosen[int(rng.integers(len(chosen)))] for _ in range(count)],
+                               size)
+        for shape in shapes:
+            shape.frame = number
+        frames[number] = FrameAnnotations(number, width, height, name=f"frame_{number:06d}.{extension}",
+                                          shapes=shapes)
+        buffer = io.BytesIO()
+        image.save(buffer, format=image_format, **({"quality": 92} if extension == "jpg" else {}))
+        files[number] = buffer.getvalue()
+    return SyntheticTask(AnnotationSet(frames=frames, labels=task_labels), InMemoryFrames(files))
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Muted smooth colour noise with a few grey stripes and grain: texture the objects must be told from."""
+    coarse = rng.integers(60, 170, size=(4, 5, 3)).astype(np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.float32)
+    grey = smooth.mean(axis=2, keepdims=True)
+    array = 0.5 * smooth + 0.5 * grey  # desaturated, so object colours stand out without being trivial
+    image = Image.fromarray(array.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(2, 6))):
+        x1, y1, x2, y2 = (int(v) for v in rng.integers(0, [width, height, width, height]))
+        tone = int(rng.integers(40, 200))
+        draw.line([x1, y1, x2, y2], fill=(tone, tone, tone), width=int(rng.integers(1, 4)))
+    grain = rng.normal(0, 6, size=(height, width, 3))
+    return np.clip(np.asarray(image, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
+
+
+def _outline(rng: np.random.Generator, label: Label, cx: float, cy: float, radius: float
+             ) -> tuple[list[float], Shape]:
+    """A polygon to draw and the CVAT shape that annotates it (mask points are filled in after drawing)."""
+    if label.type == "rectangle":
+        half_w, half_h = radius * rng.uniform(0.6, 1.0), radius * rng.uniform(0.6, 1.0)
+        rotation = float(rng.choice([0.0, 0.0, 0.0, rng.uniform(-30, 30)]))
+        points = [cx - half_w, cy - half_h, cx + half_w, cy + half_h]
+        return rectangle_corners(points, rotation), Shape(label.name, "rectangle", points, rotation=rotation)
+    if label.type == "ellipse":
+        rx, ry = radius * rng.uniform(0.6, 1.0), radius * rng.uniform(0.6, 1.0)
+        points = [cx, cy, cx + rx, cy - ry]
+        return ellipse_polygon(points, 0.0, 48), Shape(label.name, "ellipse", points)
+    if label.type == "polygon":
+        start = rng.uniform(0, 2 * math.pi)
+        angles = [start + k * 2 * math.pi / 3 + rng.uniform(-0.3, 0.3) for k in range(3)]
+        polygon = [v for a in angles for v in (cx + radius * math.cos(a), cy + radius * math.sin(a))]
+        return polygon, Shape(label.name, "polygon", [round(v, 2) for v in polygon])
+    corners = int(rng.integers(5, 8))  # a star: alternating outer and inner radii
+    start = rng.uniform(0, 2 * math.pi)
+    polygon = []
+    for k in range(2 * corners):
+        r = radius * (rng.uniform(0.85, 1.0) if k % 2 == 0 else rng.uniform(0.45, 0.6))
+        a = start + k * math.pi / corners
+        polygon += [cx + r * math.cos(a), cy + r * math.sin(a)]
+    return polygon, Shape(label.name, "mask", [])
+
+
+def _frame(rng: np.random.Generator, width: int, height: int, chosen: list[Label], size: tuple[float, float]
+           ) -> tuple[Image.Image, list[Shape]]:
+    canvas = _background(rng, width, height)
+    placed: list[tuple[Shape, np.ndarray, tuple[float, float, float, float]]] = []
+    side = min(width, height)
+    for label in chosen:
+        for _ in range(30):  # find a place that overlaps the objects already there by at most a third
+            radius = side * rng.uniform(*size) / 2
+            cx, cy = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
+            polygon, shape = _outline(rng, label, cx, cy, radius)
+            box = (min(polygon[0::2]), min(polygon[1::2]), max(polygon[0::2]), max(polygon[1::2]))
+            if all(_overlap(box, other) <= 1 / 3 for _, _, other in placed):
+                break
+        else:
+            continue
+        bitmap = masks.polygon_to_bitmap([polygon], width, height)
+        colour = np.clip(np.array(COLOURS[label.name]) + rng.integers(-25, 26, 3), 0, 255)
+        shading = rng.normal(0, 8, size=(int(bitmap.sum()), 1))
+        canvas[bitmap] = np.clip(colour + shading, 0, 255).astype(np.uint8)
+        for below, below_bitmap, _ in placed:  # what is drawn later covers what is below
+            if (below_bitmap & bitmap).any():
+                below.occluded = True
+                below_bitmap &= ~bitmap
+        placed.append((shape, bitmap, box))
+    shapes = []
+    for shape, visible, _ in placed:
+        if shape.type == "mask":  # a painted mask holds the pixels one sees
+            if not visible.any():
+                continue
+            shape.points = masks.bitmap_to_cvat_rle(visible)
+        shapes.append(shape)
+    return Image.fromarray(canvas), shapes
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over the smaller box: how much of one box the other hides."""
+    iw, ih = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return iw * ih / smaller

@@ -1,0 +1,589 @@
+"""The training loop: annotated frames in, a validated model version in the store out.
+
+In the style of torchvision's ``references/detection`` (the model returns its losses in train mode; images and
+targets are lists; warm-up, gradient clipping, AMP on CUDA, DistributedDataParallel under ``torchrun``), plus
+what a job that may be killed at any moment needs. The output directory holds::
+
+    run.json            what is being trained (architecture, labels, hyperparameters, frames): a restart must match
+    last.pt             the checkpoint: model, optimizer, scheduler, AMP scaler, RNG states, step, best mAP, ...
+    best.pt             the weights of the best validation so far (what gets published)
+    metrics.jsonl       a record per logged step and per validation
+    events.out.tfevents.*  the same as TensorBoard scalars
+    result.json         the published version, once published
+
+A run killed even with SIGKILL and started again on the same directory resumes from ``last.pt`` and ends at the
+same step count, seeing the very batches it would have seen (``data.StepBatchSampler``). SIGTERM and SIGINT (or
+the ``stop`` event) make it write a checkpoint and raise ``TrainingInterrupted``.
+
+Before each validation the batch-norm statistics are re-measured on training frames
+(``evaluation.recalibrate_batch_norm``): from scratch, torchvision's running averages trail the weights so far
+that a model which finds everything in train mode can score near zero in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from preannotate.models import ModelStore, create_detector, get_architecture, publish_detector
+from preannotate.models.artifact import Manifest, library_versions
+from preannotate.models.registry import default_hyperparameters
+from preannotate.shapes import Label
+from preannotate.training import data, optim
+from preannotate.training.evaluation import evaluate, recalibrate_batch_norm
+from preannotate.training.hyperparameters import (
+    ALIASES,
+    HyperparameterError,
+    Hyperparameters,
+    normalize_key,
+    parse_pairs,
+)
+from preannotate.training.logs import EventWriter, MetricsLog
+
+log = logging.getLogger(__name__)
+
+# Small-data scaling of the registry's step budgets (made for datasets of thousands of frames).
+SMALL_DATA_EPOCHS = 100
+MIN_DEFAULT_STEPS = 300
+CALIBRATION_FRAMES = 96  # training frames that re-measure batch-norm statistics before each validation
+
+
+class TrainingInterrupted(RuntimeError):
+    """Stopped by a signal or the ``stop`` event; ``checkpoint`` resumes it."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"training stopped at step {step}; checkpoint {checkpoint} (run again to resume)")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class RunMismatch(ValueError):
+    """The output directory holds a different run."""
+
+
+@dataclass
+class TrainingResult:
+    name: str
+    version: int | None       # None when nothing was published (no store given)
+    path: Path | None         # the published version's directory
+    metrics: dict[str, Any]   # those of the published weights (best validation), see ``evaluation``
+    steps: int                # optimizer steps trained
+    stopped: str              # "completed", "early-stopping" or "time-limit"
+    output_dir: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "path": str(self.path) if self.path else None,
+                "output_dir": str(self.output_dir)}
+
+
+def effective_hyperparameters(architecture: str, overrides: dict[str, Any] | str | None, train_frames: int,
+                              previous: bool = False) -> Hyperparameters:
+    """The architecture's defaults with ``overrides`` applied, fitted to ``train_frames``.
+
+    The registry's defaults are recipes for thousands of frames. A batch never exceeds the data; without
+    ``num-steps`` or ``epochs`` the budget is at most ``SMALL_DATA_EPOCHS`` epochs (at least ``MIN_DEFAULT_STEPS``
+    steps); and whenever the run is shorter or longer than the recipe's, the warm-up and schedule boundaries the
+    user did not set keep their share of it (SSD's 500 warm-up steps of 15,000 become 10 of 300). Given a
+    ``previous`` version to start from, ``init`` defaults to ``previous``."""
+    pairs = parse_pairs(overrides) if isinstance(overrides, str) else dict(overrides or {})
+    given = {ALIASES.get(normalize_key(key), normalize_key(key)) for key in pairs}
+    given |= {"schedule_steps" for key in given if key.startswith("schedule_step_")}
+    recipe = default_hyperparameters(architecture)
+    hp = recipe.updated(pairs)
+    changes: dict[str, Any] = {}
+    if previous and "init" not in given:
+        changes["init"] = "previous"
+    if "batch_size" not in given and hp.batch_size > max(2, train_frames):
+        changes["batch_size"] = max(2, train_frames)  # two at least: SSD's last batch norms see 1x1 maps
+    if "epochs" in given and "num_steps" not in given:
+        changes["num_steps"] = None  # the user's epochs, not the registry's step budget
+    elif not given & {"num_steps", "epochs"} and hp.num_steps:
+        per_epoch = math.ceil(train_frames / (changes.get("batch_size", hp.batch_size) * hp.num_clones))
+        changes["num_steps"] = min(hp.num_steps, max(MIN_DEFAULT_STEPS, SMALL_DATA_EPOCHS * per_epoch))
+    hp = dataclasses.replace(hp, **changes)
+    total = hp.total_steps(train_frames)
+    if recipe.num_steps and total != recipe.num_steps:
+        scale = total / recipe.num_steps
+        scaled: dict[str, Any] = {}
+        if "warmup_steps" not in given:
+            scaled["warmup_steps"] = round(hp.warmup_steps * scale)
+        if "schedule_steps" not in given:
+            scaled["schedule_steps"] = [max(1, round(s * scale)) for s in hp.schedule_steps]
+        if "schedule_step_size" not in given and hp.schedule_step_size:
+            scaled["schedule_step_size"] = max(1, round(hp.schedule_step_size * scale))
+        hp = dataclasses.replace(hp, **scaled)
+    return hp
+
+
+def train(architecture: str, labels: Sequence[Label], train_items: Sequence[data.Item],
+          val_items: Sequence[data.Item], output_dir: str | Path, *, store: ModelStore | str | Path | None = None,
+          name: str | None = None, hyperparameters: dict[str, Any] | str | None = None,
+          previous: str | Path | None = None, provenance: dict[str, Any] | None = None, device: str | None = None,
+          progress: bool = True, checkpoint_every: int | None = None, workers: int | None = None,
+          stop: threading.Event | None = None, promote: Callable[[dict[str, Any]], bool] | None = None
+          ) -> TrainingResult:
+    """Train ``architecture`` on ``train_items`` (``(FrameAnnotations, FrameImages)`` pairs), validate on
+    ``val_items``, and publish the best weights to ``store`` as the next version of ``name`` (default: the
+    architecture), served at once unless ``promote(metrics)`` says otherwise.
+
+    ``hyperparameters`` (a dict or ``key=value`` text) override the architecture's defaults (see
+    ``effective_hyperparameters``); ``init=previous`` starts from the artifact directory ``previous``.
+    ``provenance`` (the CVAT tasks, say) goes into the manifest with the frames learned from. ``progress``: a
+    progress bar on stderr; ``checkpoint_every``: steps between checkpoints (default: a twentieth of the run, 50 to
+    500); ``workers``: data-loading processes (default ``data.default_workers()``); ``stop``: an event that stops
+    the run as SIGTERM does. Raises ``TrainingInterrupted`` when stopped, ``RunMismatch`` when ``output_dir`` holds
+    another run. Resumes from ``output_dir`` when it holds this run's checkpoint; returns at once when it holds
+    this run's result. Under ``torchrun`` every process calls it; only the main one publishes."""
+    run = _Run(architecture, labels, list(train_items), list(val_items), Path(output_dir),
+               hyperparameters, previous, device, workers, stop)
+    try:
+        return run.execute(store=ModelStore(store) if isinstance(store, (str, Path)) else store,
+                           name=name or architecture, provenance=provenance or {}, progress=progress,
+                           checkpoint_every=checkpoint_every, promote=promote)
+    finally:
+        run.close()
+
+
+def frame_ranges(numbers: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` → ``"0-2,5,7-8"``: the frames learned from, compact enough for a manifest."""
+    parts, ordered = [], sorted(set(numbers))
+    start = previous = None
+    for number in [*ordered, None]:
+        if number is not None and previous is not None and number == previous + 1:
+            previous = number
+            continue
+        if start is not None:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = number
+    return ",".join(parts)
+
+
+def _digest(items: Sequence[data.Item]) -> str:
+    """Which frames (number, name, shapes) a run learns from: a restart on other data is another run."""
+    text = json.dumps([(f.frame, f.name, [(s.label, s.type, s.points, s.rotation) for s in f.shapes])
+                       for f, _ in items], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a checkpoint."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss]
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def freeze_backbone(model: torch.nn.Module, architecture: str, trainable_layers: int | None, init: str
+                    ) -> list[torch.nn.Module]:
+    """Freeze all but the last ``trainable_layers`` stages of the backbone, as torchvision's builders do (None:
+    all of them from scratch, else torchvision's default of 3 — all for SSDlite). From pretrained or previous
+    weights the backbone's batch norms are frozen too (torchvision's ``FrozenBatchNorm2d``; small detection
+    batches would wreck their statistics); they are returned so the loop keeps them in eval mode."""
+    ssd = architecture.startswith("ssd")
+    if ssd:  # the builder split MobileNet's C4 block in two: its first half starts a stage
+        first, rest = model.backbone.features
+        blocks = [*first, *rest]
+        starts = sorted({0, len(first) - 1, len(blocks) - 1,
+                         *(i for i, b in enumerate(blocks) if getattr(b, "_is_cn", False))})
+    elif hasattr(model.backbone.body, "layer4"):  # ResNet: conv1 + bn1, then layer1..layer4
+        names = [name for name, _ in model.backbone.body.named_children()]
+        blocks = list(model.backbone.body.children())
+        starts = [0, *(names.index(f"layer{k}") for k in range(1, 5))]
+    else:  # MobileNetV3 features: stages start at the strided blocks (torchvision's stage_indices)
+        blocks = list(model.backbone.body.children())
+        starts = sorted({0, len(blocks) - 1, *(i for i, b in enumerate(blocks) if getattr(b, "_is_cn", False))})
+    if trainable_layers is None:
+        trainable_layers = len(starts) if init == "random" or ssd else 3
+    trainable_layers = min(trainable_layers, len(starts))
+    freeze_before = len(blocks) if trainable_layers == 0 else starts[len(starts) - trainable_layers]
+    for block in blocks[:freeze_before]:
+        block.requires_grad_(False)
+    frozen_norms: list[torch.nn.Module] = []
+    if init != "random" and not ssd:
+        for module in model.backbone.body.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.requires_grad_(False)
+                frozen_norms.append(module)
+    return frozen_norms
+
+
+class _Run:
+    """One training run (one process of it under torchrun); ``train`` is its public face."""
+
+    def __init__(self, architecture: str, labels: Sequence[Label], train_items: list[data.Item],
+                 val_items: list[data.Item], output_dir: Path, overrides: dict[str, Any] | str | None,
+                 previous: str | Path | None, device: str | None, workers: int | None,
+                 stop: threading.Event | None):
+        if not train_items:
+            raise ValueError("no training frames")
+        self.arch = get_architecture(architecture)
+        self.labels = [Label(label.name, label.type, label.attributes, i) for i, label in enumerate(labels, 1)]
+        self.train_items, self.val_items = train_items, val_items
+        self.output = output_dir
+        self.previous = Path(previous) if previous else None
+        self.workers = workers
+        self.stop = stop or threading.Event()
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        hp = effective_hyperparameters(architecture, overrides, len(train_items), previous=self.previous is not None)
+        if self.arch.name.startswith("ssd") and hp.batch_size < 2:
+            raise HyperparameterError(f"{self.arch.name} needs batch-size=2 or more: its last batch norms work on "
+                                      "1x1 feature maps and cannot normalize a single image")
+        if hp.num_clones > 1 and self.world == 1:
+            raise RuntimeError(f"num-clones={hp.num_clones} trains on {hp.num_clones} GPUs with "
+                               f"DistributedDataParallel: start it with torchrun --nproc-per-node={hp.num_clones} "
+                               "(the same command after it)")
+        if self.world > 1:
+            hp = dataclasses.replace(hp, num_clones=self.world)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.hp = hp
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.total = hp.total_steps(len(train_items))
+        self.with_masks = self.arch.output == "mask"
+        self.identity = {"architecture": self.arch.name, "labels": [label.to_dict() for label in self.labels],
+                         "hyperparameters": hp.to_dict(), "train": _digest(train_items),
+                         "val": _digest(val_items), "previous": str(self.previous) if self.previous else None}
+        self.main = self.rank == 0
+        self._handlers: dict[int, Any] = {}
+        self._events: EventWriter | None = None
+
+    # ------------------------------------------------------------------------------------------------- the run
+
+    def execute(self, store: ModelStore | None, name: str, provenance: dict[str, Any], progress: bool,
+                checkpoint_every: int | None, promote: Callable[[dict[str, Any]], bool] | None) -> TrainingResult:
+        self.output.mkdir(parents=True, exist_ok=True)
+        run_id = self._claim_directory()
+        if (self.output / "result.json").exists():
+            saved = json.loads((self.output / "result.json").read_text())
+            log.info("%s already holds this run's result (version %s)", self.output, saved.get("version"))
+            return TrainingResult(**{**saved, "path": Path(saved["path"]) if saved["path"] else None,
+                                     "output_dir": self.output})
+        torch.manual_seed(self.hp.seed)
+        detector = create_detector(self.arch.name, self.labels, init=self.hp.init, hyperparameters=self.hp.to_dict(),
+                                   previous=self.previous, device=str(self.device))
+        model = detector.model
+        frozen_norms = freeze_backbone(model, self.arch.name, self.hp.trainable_backbone_layers, self.hp.init)
+        optimizer = optim.build_optimizer(model.parameters(), self.hp)
+        scheduler = optim.build_scheduler(optimizer, self.hp, self.total)
+        amp = self.device.type == "cuda"
+        scaler = torch.amp.GradScaler(self.device.type, enabled=amp)
+        state = {"step": 0, "best_map": None, "best_step": None, "best_metrics": {}, "bad_validations": 0,
+                 "elapsed_s": 0.0, "stopped": None, "validated_at": None}
+        checkpoint_path = self.output / "last.pt"
+        resumed = checkpoint_path.exists()
+        if resumed:
+            checkpoint = torch.load(checkpoint_path, map_location=self.device, weights_only=True)
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            _set_rng_state(checkpoint["rng"])
+            state.update(checkpoint["state"])
+            log.info("resuming %s at step %d of %d", self.output, state["step"], self.total)
+        trained = model
+        if self.world > 1:
+            trained = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        metrics_log = MetricsLog(self.output / "metrics.jsonl", state["step"] if resumed else None) \
+            if self.main else None
+        events = EventWriter(self.output, state["step"] if resumed else None) if self.main else None
+        self._events = events
+        val_loader = self._val_loader() if self.main and self.val_items else None
+        calibration = self._calibration_loader() if self.main else None
+        # a checkpoint costs a second or two (weights + optimizer state); a kill costs at most this many steps
+        every = checkpoint_every or min(500, max(50, math.ceil(self.total / 20)))
+        n = self.hp.num_validations
+        validation_steps = {max(1, round(self.total * k / n)) for k in range(1, n + 1)} | {self.total}
+
+        def save_checkpoint() -> None:
+            if self.main:
+                _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                              "rng": _rng_state(), "state": dict(state), "total_steps": self.total,
+                              "samples_drawn": state["step"] * self.hp.batch_size * self.world}, checkpoint_path)
+
+        def validate() -> None:
+            """Evaluate (main process), keep the best weights, tell the schedule, decide on early stopping."""
+            if not self.main:
+                return
+            recalibrate_batch_norm(model, calibration, self.device, frozen_norms)
+            if val_loader is None:
+                return
+            metrics = evaluate(model, val_loader, self.labels, self.with_masks, self.device)
+            score = metrics["map"]
+            state["validated_at"] = state["step"]
+            improved = score is not None and (state["best_map"] is None
+                                              or score > state["best_map"] + self.hp.early_stopping_delta)
+            if improved or state["best_step"] is None:
+                state.update(best_map=score, best_step=state["step"], best_metrics=metrics, bad_validations=0)
+                _atomic_save({"model": model.state_dict(), "step": state["step"], "metrics": metrics},
+                             self.output / "best.pt")
+            else:
+                state["bad_validations"] += 1
+            optim.validated(scheduler, score)
+            patience = self.hp.early_stopping_patience
+            if patience and state["bad_validations"] >= patience:
+                state["stopped"] = "early-stopping"
+            metrics_log.write({"event": "validation", "step": state["step"], "total_steps": self.total, **metrics})
+            events.scalars(state["step"], {"val/map": metrics["map"], "val/map50": metrics["map50"],
+                                           **{f"val/ap/{k}": v["ap"] for k, v in metrics["bbox"]["per_class"].items()}})
+            events.flush()
+            log.info("step %d: mAP %s, mAP@.5 %s", state["step"], metrics["map"], metrics["map50"])
+
+        def train_mode() -> None:
+            trained.train()
+            for module in frozen_norms:
+                module.eval()
+
+        self._install_signal_handlers()
+        start_time = time.monotonic()
+        elapsed_before = state["elapsed_s"]
+        if state["stopped"] is None and state["step"] < self.total:
+            sampler = data.StepBatchSampler(len(self.train_items), self.hp.batch_size, self.hp.seed, state["step"],
+                                            self.total, self.rank, self.world)
+            batches = iter(self._train_loader(sampler))
+            bar = tqdm(total=self.total, initial=state["step"], unit="step", dynamic_ncols=True,
+                       disable=not (progress and self.main), desc=f"train {self.arch.name}")
+            window = {"start": time.perf_counter(), "steps": 0, "wait": 0.0, "losses": {}}
+            log_every = min(50, max(1, self.total // 100))
+            train_mode()
+            while state["step"] < self.total:
+                waited = time.perf_counter()
+                images, targets = next(batches)
+                window["wait"] += time.perf_counter() - waited
+                images = [image.to(self.device, non_blocking=True) for image in images]
+                targets = [{k: v.to(self.device, non_blocking=True) for k, v in t.items()} for t in targets]
+                with torch.autocast(self.device.type, dtype=torch.float16, enabled=amp):
+                    losses = trained(images, targets)
+                    loss = sum(losses.values())
+                # one device sync per step for all the numbers logged (as the references' MetricLogger does)
+                values = dict(zip(["loss", *losses], torch.stack([loss, *losses.values()]).detach().tolist(),
+                                  strict=True))
+                if not math.isfinite(values["loss"]):
+                    raise FloatingPointError(f"the loss is {values} at step {state['step'] + 1}; "
+                                             "try a lower initial-learning-rate or gradient-clip-norm")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if self.hp.gradient_clip_norm:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), self.hp.gradient_clip_norm)
+                lr = optimizer.param_groups[0]["lr"]
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                state["step"] += 1
+                state["elapsed_s"] = elapsed_before + time.monotonic() - start_time
+                window["steps"] += 1
+                for key, value in values.items():
+                    window["losses"][key] = window["losses"].get(key, 0.0) + value
+                bar.update()
+                if window["steps"] >= log_every or state["step"] == self.total:
+                    self._log_window(window, state, lr, bar, metrics_log, events)
+                if state["step"] in validation_steps and val_loader is not None:
+                    paused = time.perf_counter()
+                    validate()
+                    train_mode()
+                    window["start"] += time.perf_counter() - paused  # images/s and ETA count training only
+                if self.hp.max_training_hours is not None and state["elapsed_s"] >= self.hp.max_training_hours * 3600:
+                    state["stopped"] = state["stopped"] or "time-limit"
+                signalled = self._agree(self.stop.is_set(), state)
+                if signalled or state["stopped"] or state["step"] % every == 0:
+                    save_checkpoint()
+                if signalled:
+                    bar.close()
+                    if self.main:
+                        metrics_log.write({"event": "interrupted", "step": state["step"], "total_steps": self.total})
+                    raise TrainingInterrupted(state["step"], checkpoint_path)
+                if state["stopped"]:
+                    break
+            bar.close()
+        if state["validated_at"] != state["step"]:  # stopped between validations: the final one
+            validate()
+        state["stopped"] = state["stopped"] or "completed"
+        save_checkpoint()
+        if not self.main:
+            return TrainingResult(name, None, None, {}, state["step"], state["stopped"], self.output)
+        metrics_log.write({"event": "end", "step": state["step"], "total_steps": self.total,
+                           "stopped": state["stopped"], "best_step": state["best_step"]})
+        return self._publish(detector, model, state, store, name, run_id, provenance, promote)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+
+    def _claim_directory(self) -> str:
+        """This run's id; the directory must be empty or hold this very run (``RunMismatch`` otherwise). The main
+        process decides and tells the others."""
+        run_id, error = None, None
+        if self.main:
+            path = self.output / "run.json"
+            identity = json.loads(json.dumps(self.identity))  # as JSON gives it back: tuples become lists
+            if path.exists():
+                saved = json.loads(path.read_text())
+                run_id = saved.pop("run_id")
+                changed = sorted(k for k in identity if saved.get(k) != identity[k])
+                if changed:
+                    error = (f"{self.output} holds another run (different {', '.join(changed)}): "
+                             "train into a new directory, or delete this one to start over")
+            else:
+                run_id = uuid.uuid4().hex
+                _atomic_write_text(path, json.dumps({"run_id": run_id, **identity}, indent=1) + "\n")
+        if self.world > 1:
+            shared = [run_id, error]
+            dist.broadcast_object_list(shared, src=0)
+            run_id, error = shared
+        if error:
+            raise RunMismatch(error)
+        return run_id
+
+    def _transforms(self, train: bool):
+        return data.transforms(self.hp, self.arch.name.startswith("ssd"), train)
+
+    def _train_loader(self, sampler: data.StepBatchSampler):
+        dataset = data.DetectionDataset(self.train_items, self.labels, self._transforms(True), self.with_masks,
+                                        self.hp.seed)
+        return data.loader(dataset, batch_sampler=sampler, workers=self.workers,
+                           pin_memory=self.device.type == "cuda")
+
+    def _val_loader(self):
+        dataset = data.DetectionDataset(self.val_items, self.labels, self._transforms(False), self.with_masks)
+        return data.loader(dataset, batch_size=self.hp.batch_size, workers=self.workers,
+                           pin_memory=self.device.type == "cuda")
+
+    def _calibration_loader(self):
+        """Training frames spread over the set, unaugmented; loaded in this process (a few dozen frames)."""
+        every = max(1, len(self.train_items) // CALIBRATION_FRAMES)
+        items = self.train_items[::every][:CALIBRATION_FRAMES]
+        batch = max(2, self.hp.batch_size)  # full batches only: a batch norm cannot measure one 1x1 map
+        items = (items * batch)[:max(batch, len(items) // batch * batch)]
+        dataset = data.DetectionDataset(items, self.labels, self._transforms(False), self.with_masks)
+        return data.loader(dataset, batch_size=batch, workers=0)
+
+    def _log_window(self, window: dict[str, Any], state: dict[str, Any], lr: float, bar: tqdm,
+                    metrics_log: MetricsLog | None, events: EventWriter | None) -> None:
+        seconds = time.perf_counter() - window["start"]
+        steps = window["steps"]
+        losses = {k: v / steps for k, v in window["losses"].items()}
+        images_per_s = steps * self.hp.batch_size * self.world / max(seconds, 1e-9)
+        eta = (self.total - state["step"]) * seconds / steps
+        bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}", refresh=False)
+        if metrics_log is not None:
+            metrics_log.write({"event": "train", "step": state["step"], "total_steps": self.total, "lr": lr,
+                               **{k: round(v, 5) for k, v in losses.items()},
+                               "images_per_s": round(images_per_s, 2), "data_wait": round(window["wait"] / seconds, 4),
+                               "eta_s": round(eta, 1), "elapsed_s": round(state["elapsed_s"], 3)})
+            events.scalars(state["step"], {"train/lr": lr, "train/images_per_s": images_per_s,
+                                           **{f"train/{k}": v for k, v in losses.items()}})
+        window.update(start=time.perf_counter(), steps=0, wait=0.0, losses={})
+
+    def _agree(self, signalled: bool, state: dict[str, Any]) -> bool:
+        """Whether to stop for a signal, and any early or time-limit stop, agreed by every process."""
+        if self.world == 1:
+            return signalled
+        codes = {None: 0, "early-stopping": 1, "time-limit": 2}
+        flags = torch.tensor([int(signalled), codes[state["stopped"]]], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        state["stopped"] = {v: k for k, v in codes.items()}[int(flags[1])]
+        return bool(flags[0])
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may; the caller's ``stop`` event still works
+
+        def handler(signum: int, _frame: Any) -> None:
+            log.warning("%s: checkpointing and stopping (send it again to stop at once)", signal.Signals(signum).name)
+            self.stop.set()
+            signal.signal(signum, self._handlers.get(signum, signal.SIG_DFL))
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._handlers[signum] = signal.signal(signum, handler)
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.close()
+        for signum, previous in self._handlers.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, previous)
+        self._handlers.clear()
+
+    def _publish(self, detector: Any, model: torch.nn.Module, state: dict[str, Any], store: ModelStore | None,
+                 name: str, run_id: str, provenance: dict[str, Any],
+                 promote: Callable[[dict[str, Any]], bool] | None) -> TrainingResult:
+        best = self.output / "best.pt"
+        if best.exists():
+            model.load_state_dict(torch.load(best, map_location=self.device, weights_only=True)["model"])
+        metrics = {**state["best_metrics"], "best_step": state["best_step"], "steps": state["step"],
+                   "stopped": state["stopped"], "train_frames": len(self.train_items),
+                   "val_frames": len(self.val_items)}
+        version, path = None, None
+        if store is not None:
+            version = self._already_published(store, name, run_id)
+            if version is None:
+                manifest: Manifest = detector.manifest
+                manifest.hyperparameters = self.hp.to_dict()
+                manifest.metrics = metrics
+                manifest.libraries = library_versions()
+                manifest.provenance = {
+                    **provenance, "init": self.hp.init, "previous": str(self.previous) if self.previous else None,
+                    "run_id": run_id, "output_dir": str(self.output.resolve()),
+                    "frames": {"train": frame_ranges([f.frame for f, _ in self.train_items]),
+                               "val": frame_ranges([f.frame for f, _ in self.val_items])}}
+                version = publish_detector(detector, store, name,
+                                           promote=True if promote is None else bool(promote(metrics)))
+            path = store.path(name, version)
+        result = TrainingResult(name, version, path, metrics, state["step"], state["stopped"], self.output)
+        _atomic_write_text(self.output / "result.json", json.dumps(result.to_dict(), indent=1) + "\n")
+        return result
+
+    @staticmethod
+    def _already_published(store: ModelStore, name: str, run_id: str) -> int | None:
+        """A version this run published before it was killed (a restart must not publish twice)."""
+        for version in reversed(store.versions(name)):
+            if Manifest.read(store.path(name, version)).provenance.get("run_id") == run_id:
+                return version
+        return None
+
