@@ -6,7 +6,7 @@ EXTRAS ?= torch,tf,dev
 STAMP := $(VENV)/.installed-$(shell echo "$(EXTRAS)" | tr ',' '-')
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint bench demo functions constraints clean
+.PHONY: setup test test-fast lint bench bench-all demo functions constraints clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,22 @@ test-fast: setup
 lint: setup
 	$(BIN)/python -m ruff check plugin tests bench functions
 
+# The main job: generate a task, train on the CPU, publish, serve through the Nuclio handler, pre-annotate and score
+# (a few minutes). With CVAT_URL and credentials set, `make demo TASK=7` learns from that CVAT task instead.
+demo: setup
+	$(BIN)/preannotate demo --out demo-output $(if $(TASK),--task $(TASK))
+
+# Benchmarks compare against a peer in the same run; run them on an idle machine. Each writes its bench/RESULTS.md
+# section.
 bench: setup
 	$(BIN)/python bench/inference_overhead.py
+
+bench-all: bench
+	$(BIN)/python bench/export_speed.py
+	$(BIN)/python bench/annotate_throughput.py
+	$(BIN)/python bench/train_speed.py
+	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/serve_under_training.py
 
 functions: setup
 	$(BIN)/preannotate functions render
@@ -36,4 +50,4 @@ constraints: setup
 	  $(BIN)/python -m pip freeze --exclude-editable ) > constraints.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-bench .pytest_cache demo-output

@@ -112,3 +112,36 @@ def test_annotate_a_task_with_a_model_from_the_store(cvat_env, published_store, 
     assert cli(["annotate", "--task", "8", "--model", "boxes", "--store", str(published_store.root),
                 "--frames", "x-1"]) == 2
     assert "--frames 'x-1'" in capsys.readouterr().err
+
+
+TINY = "init=random; num-steps=2; batch-size=2; image-size=64; max-image-size=96; num-validations=1"
+
+
+@pytest.mark.slow
+def test_train_from_a_cvat_task_and_from_its_export_publishes_versions(cvat_env, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert cli(["train", "--task", "7", "--model", "fasterrcnn_mobilenet_v3_large_320_fpn", "-H",
+                TINY + "; val-fraction=0.3", "--store", str(store), "--name", "cars", "--out",
+                str(tmp_path / "run1")]) == 0
+    assert "published cars@1 after 2 steps" in capsys.readouterr().out
+    manifest = json.loads((store / "cars" / "v1" / "manifest.json").read_text())
+    assert list(manifest["provenance"]["cvat"]["tasks"]) == ["7"] and manifest["labels"][0]["name"] == "car"
+
+    assert cli(["export", "--task", "7", "--format", "tfrecord", "--out", str(tmp_path / "records"),
+                "--val-fraction", "0.3"]) == 0
+    assert cli(["train", "--data", str(tmp_path / "records"), "--model", "fasterrcnn_mobilenet_v3_large_320_fpn",
+                "-H", TINY.replace("init=random; ", ""), "--store", str(store), "--name", "cars",
+                "--from-model", "cars@1", "--out", str(tmp_path / "run2")]) == 0
+    printed = capsys.readouterr().out
+    assert "left out (a detector cannot learn them): 1 points, 1 polyline" in printed
+    assert "validating on 3" in printed and "cars@2" in printed
+    assert json.loads((store / "cars" / "v2" / "manifest.json").read_text())["provenance"]["init"] == "previous"
+
+
+def test_train_says_what_is_wrong_before_doing_anything(cvat_env, tmp_path, capsys):
+    assert cli(["train", "--model", "yolo", "--task", "7"]) == 2
+    assert "yolo" in capsys.readouterr().err
+    assert cli(["train", "--model", "ssdlite320_mobilenet_v3_large"]) == 2
+    assert "--task/--project" in capsys.readouterr().err
+    assert cli(["train", "--task", "7", "--model", "ssdlite320_mobilenet_v3_large", "-H", "batch-siz=4"]) == 2
+    assert "batch-size" in capsys.readouterr().err

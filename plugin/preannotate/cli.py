@@ -115,6 +115,30 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--label-map", help="model=task label renames, e.g. 'automobile=car'")
     annotate.add_argument("--device", help="cpu, cuda (default: cuda when available)")
 
+    train = commands.add_parser("train", help="train a model from CVAT tasks or an exported folder and publish it")
+    _cvat_arguments(train)
+    _store_argument(train)
+    train.add_argument("--task", type=int, action="append", default=[], help="a CVAT task (repeatable)")
+    train.add_argument("--project", type=int, help="every task of a CVAT project")
+    train.add_argument("--data", help="an export folder (COCO or TFRecord); a 'val' split there is the validation "
+                                      "set")
+    train.add_argument("--model", required=True, help="the architecture (preannotate models architectures)")
+    train.add_argument("-H", "--hyperparameters", default="", help='e.g. "num-steps=2000; batch-size=8" '
+                                                                    "(key=value lines or ;/, lists)")
+    train.add_argument("--from-model", help="fine-tune NAME[@VERSION] from the store (init=previous)")
+    train.add_argument("--name", help="the model name to publish under (default: the architecture)")
+    train.add_argument("--out", help="checkpoints and logs; run again with the same --out to resume "
+                                     "(default: runs/NAME)")
+    train.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+
+    demo = commands.add_parser("demo", help="the whole loop on this machine: generate (or read --task), train, "
+                                            "publish, serve, pre-annotate, score")
+    demo.add_argument("--out", default="demo-output", help="where everything goes (default %(default)s)")
+    demo.add_argument("--task", type=int, help="learn from this CVAT task instead (CVAT_URL and credentials "
+                                               "from the environment)")
+    demo.add_argument("--model", default="ssdlite320_mobilenet_v3_large", help="architecture (default %(default)s)")
+    demo.add_argument("--steps", type=int, default=120, help="training steps (default %(default)s)")
+
     webhook = commands.add_parser("webhook", help="CVAT webhooks that start training in a function")
     webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True)
     register = webhook_commands.add_parser("register", help="send a project's (or organization's) job updates "
@@ -291,6 +315,63 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from preannotate.formats.dataset import read_dataset, split_frames, training_items
+    from preannotate.models import ModelStore
+    from preannotate.models.registry import get_architecture
+    from preannotate.training.hyperparameters import Hyperparameters
+    from preannotate.training.trainer import TrainingInterrupted, train
+
+    get_architecture(args.model)  # an unknown name fails before anything is downloaded
+    if bool(args.data) == bool(args.task or args.project):
+        raise CommandError("learn from CVAT (--task/--project) or from an export folder (--data), one of them")
+    hp = Hyperparameters().updated(args.hyperparameters)
+    name = args.name or args.model
+    out = Path(args.out or Path("runs") / name)
+    provenance: dict = {}
+    if args.data:
+        dataset = Path(args.data)
+    else:
+        from preannotate.training.execute import prepare_dataset
+
+        with _connect(args) as client:
+            dataset = prepare_dataset(client, {"tasks": args.task, "project": args.project}, out / "dataset",
+                                      hp.val_fraction, hp.seed)
+        provenance["cvat"] = json.loads((dataset / "cvat.json").read_text())
+    labels, splits = read_dataset(dataset)
+    if "val" in splits:
+        train_pairs, val_pairs = [p for split, pairs in splits.items() if split != "val" for p in pairs], splits["val"]
+    else:  # a folder with one split: hold out val-fraction of it, by frame, as the export would
+        pairs = [p for pairs in splits.values() for p in pairs]
+        chosen = split_frames([(i, frame) for i, (frame, _) in enumerate(pairs)], hp.val_fraction, hp.seed)
+        train_pairs = [pairs[i] for i in chosen.get("train", [])]
+        val_pairs = [pairs[i] for i in chosen.get("val", [])]
+    store = ModelStore(args.store)
+    previous = store.resolve(args.from_model) if args.from_model else None
+    print(f"training {args.model} on {len(train_pairs)} frames, validating on {len(val_pairs)}; output in {out}",
+          flush=True)
+    try:
+        result = train(args.model, labels, training_items(train_pairs), training_items(val_pairs), out,
+                       store=store, name=name, hyperparameters=args.hyperparameters, previous=previous,
+                       provenance=provenance, device=args.device, progress=True)
+    except TrainingInterrupted as stopped:
+        print(f"preannotate: {stopped}", file=sys.stderr)
+        return 130
+    metrics = result.metrics
+    print(f"published {name}@{result.version} after {result.steps} steps ({result.stopped}): "
+          f"mAP@.5 {metrics.get('map50')}, mAP {metrics.get('map')}" + (
+              "" if store.serving(name) == result.version else " — kept, not served: it scores below the served "
+                                                               "version"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from preannotate.training.demo import run_demo
+
+    run_demo(args.out, architecture=args.model, steps=args.steps, task=args.task, progress=sys.stderr.isatty())
+    return 0
+
+
 def cmd_webhook(args: argparse.Namespace) -> int:
     from preannotate.cvat import webhooks
 
@@ -332,7 +413,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"models": cmd_models, "functions": cmd_functions, "serve": cmd_serve, "export": cmd_export,
-            "webhook": cmd_webhook, "import": cmd_import, "annotate": cmd_annotate, "deploy": cmd_deploy}
+            "webhook": cmd_webhook, "import": cmd_import, "annotate": cmd_annotate,
+            "train": cmd_train, "demo": cmd_demo, "deploy": cmd_deploy}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,6 @@ Annotations come through ``reader`` (tracks interpolated), images through ``Cvat
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 from cvat_sdk import Client
@@ -31,7 +30,6 @@ def export(client: Client, out_dir: str | Path, fmt: str, *, task: int | None = 
         items = [((task_id, number), frame) for task_id, annotation_set in sets.items()
                  for number, frame in sorted(annotation_set.frames.items())]
         images = {task_id: CvatFrames(client, task_id, quality=quality, cache_dir=cache_dir) for task_id in sets}
-        skipped = sum((s.skipped for s in sets.values()), Counter())
     else:
         if job is not None:
             annotation_set = reader.read_job(client, job)
@@ -42,8 +40,5 @@ def export(client: Client, out_dir: str | Path, fmt: str, *, task: int | None = 
         labels = annotation_set.labels
         items = sorted(annotation_set.frames.items())
         images = CvatFrames(client, task, quality=quality, cache_dir=cache_dir)
-        skipped = annotation_set.skipped
-    summary = export_dataset(out_dir, fmt, labels, items, images, val_fraction=val_fraction, seed=seed,
-                             progress=progress)
-    summary.skipped.update(skipped)  # points, polylines, ... that CVAT had and no detector dataset can hold
-    return summary
+    return export_dataset(out_dir, fmt, labels, items, images, val_fraction=val_fraction, seed=seed,
+                          progress=progress)  # its summary counts the points, polylines, ... left out

@@ -72,6 +72,36 @@ def serve_and_annotate(store: ModelStore, name: str, frames: list[tuple[FrameAnn
     return answered
 
 
+def _synthetic(frames: int, held_out: int, seed: int, say: Callable[[str], None]):
+    task = generate(frames + held_out, width=320, height=240, seed=seed)
+    labels = task.annotations.labels
+    held = dict(list(task.annotations.frames.items())[-held_out:])
+    annotations = type(task.annotations)(frames={k: v for k, v in task.annotations.frames.items() if k not in held},
+                                         labels=labels)
+    train_items, val_items = data.split_task(annotations, task.images, val_fraction=0.15, seed=seed)
+    say(f"generated a task of {frames + held_out} frames (labels: {', '.join(label.name for label in labels)}): "
+        f"{len(train_items)} to train on, {len(val_items)} to validate on, {held_out} held out")
+    held_frames = list(held.values())
+    return labels, train_items, val_items, held_frames, dict(task.images.encoded([f.frame for f in held_frames]))
+
+
+def _from_cvat(task: int, output: Path, seed: int, say: Callable[[str], None]):
+    from preannotate.cvat.client import connect
+    from preannotate.formats.dataset import read_dataset, training_items
+    from preannotate.training.execute import prepare_dataset
+
+    with connect() as client:
+        dataset = prepare_dataset(client, {"tasks": [task]}, output / "dataset", val_fraction=0.2, seed=seed)
+    labels, splits = read_dataset(dataset)
+    train_items, val_items = training_items(splits.get("train", [])), training_items(splits.get("val", []))
+    say(f"exported CVAT task {task}: {len(train_items)} frames to train on, {len(val_items)} to validate and "
+        "pre-annotate")
+    held_frames = [frame for frame, _ in val_items]
+    images = {frame.frame: next(image.encoded([frame.frame]))[1] for frame, image in val_items}
+    return labels, train_items, val_items, held_frames, images, {
+        "cvat": json.loads((dataset / "cvat.json").read_text())}
+
+
 def picture(image: bytes, truth: FrameAnnotations, predicted: FrameAnnotations) -> Image.Image:
     """The frame with its ground truth (thin white) and the detections (label colour, with label and score)."""
     canvas = Image.open(io.BytesIO(image)).convert("RGB")
@@ -90,28 +120,26 @@ def picture(image: bytes, truth: FrameAnnotations, predicted: FrameAnnotations) 
 
 def run_demo(output: str | Path, *, architecture: str = DEFAULT_ARCHITECTURE, steps: int = 120,
              frames: int = 200, held_out: int = 40, seed: int = 0, hyperparameters: str = "",
-             progress: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
+             progress: bool = True, say: Callable[[str], None] = print, task: int | None = None) -> dict[str, Any]:
     """Generate, train, publish, serve, pre-annotate, score; everything lands in ``output`` (store included).
-    Returns what it printed as a dict."""
+    With ``task`` (a CVAT task id; ``CVAT_URL`` and credentials from the environment) the frames come from that
+    task instead: its validation frames (a fifth) are the ones pre-annotated and scored. Returns what it printed
+    as a dict."""
     output = Path(output)
     started = time.monotonic()
-    task = generate(frames + held_out, width=320, height=240, seed=seed)
-    labels = task.annotations.labels
-    held = dict(list(task.annotations.frames.items())[-held_out:])
-    annotations = type(task.annotations)(frames={k: v for k, v in task.annotations.frames.items() if k not in held},
-                                         labels=labels)
-    train_items, val_items = data.split_task(annotations, task.images, val_fraction=0.15, seed=seed)
-    say(f"generated a task of {frames + held_out} frames (labels: {', '.join(label.name for label in labels)}): "
-        f"{len(train_items)} to train on, {len(val_items)} to validate on, {held_out} held out")
+    if task is None:
+        labels, train_items, val_items, held_frames, images = _synthetic(frames, held_out, seed, say)
+        provenance: dict[str, Any] = {"synthetic": {"seed": seed, "frames": frames + held_out}}
+    else:
+        labels, train_items, val_items, held_frames, images, provenance = _from_cvat(task, output, seed, say)
+    held_out = len(held_frames)
     store = ModelStore(output / "store")
     result = train(architecture, labels, train_items, val_items, output / "run", store=store, name="demo",
                    hyperparameters=f"{DEFAULT_HYPERPARAMETERS}; num-steps={steps}; {hyperparameters}",
-                   provenance={"synthetic": {"seed": seed, "frames": frames + held_out}}, progress=progress)
+                   provenance=provenance, progress=progress)
     say(f"trained {architecture} for {result.steps} steps; published demo@{result.version} "
         f"(validation mAP@.5 {result.metrics.get('map50')}) in {store.root}")
 
-    held_frames = list(held.values())
-    images = dict(task.images.encoded([f.frame for f in held_frames]))
     predicted = serve_and_annotate(store, "demo", [(f, images[f.frame]) for f in held_frames])
     truth = coco.to_coco([(f, f.name) for f in held_frames], labels)
     results = coco.to_results(list(enumerate(predicted, start=1)), labels)
