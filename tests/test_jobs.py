@@ -11,6 +11,7 @@ import json
 import sys
 import textwrap
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -247,3 +248,57 @@ def test_cron_without_a_target_does_nothing_and_says_so(routed):
     app, jobs = routed()
     reply = app.handle(Request("POST", "/cron", body=b""))
     assert reply.status == 200 and "PREANNOTATE_TRAIN_PROJECT" in reply.body["reason"] and jobs.all() == []
+
+
+# ------------------------------------------------------------------------- cron and promotion
+
+
+def _publish_learned(store_root: Path, name: str, tasks: dict[str, str], map_: float | None = None) -> int:
+    from preannotate.models.artifact import Manifest
+    from preannotate.shapes import parse_label_list
+
+    def write(directory):
+        (directory / "model.pt").write_bytes(b"w")
+        return Manifest(architecture="fasterrcnn_mobilenet_v3_large_320_fpn", labels=parse_label_list("car"),
+                        metrics={} if map_ is None else {"map": map_},
+                        provenance={"cvat": {"server": "x", "tasks": tasks}})
+    return ModelStore(store_root).publish(name, write)
+
+
+def test_cron_retrains_only_when_the_annotations_changed(cvat_double, monkeypatch, tmp_path):
+    monkeypatch.setenv("CVAT_URL", cvat_double.base_url)
+    monkeypatch.setenv("CVAT_USERNAME", cvat_double.credentials[0])
+    monkeypatch.setenv("CVAT_PASSWORD", cvat_double.credentials[1])
+    app = App(ModelProvider("cars", ModelStore(tmp_path)))
+    routes = TrainingRoutes(app, JobStore(tmp_path), None, environ={
+        "PREANNOTATE_TRAIN_TASKS": "7", "PREANNOTATE_TRAIN_MODEL": "fasterrcnn_mobilenet_v3_large_320_fpn"})
+    first = app.handle(Request("POST", "/cron"))
+    assert first.status == 202 and "cars has no version yet" in first.body["reason"]
+    assert app.handle(Request("POST", "/cron")).body["reason"] == \
+        "cron: a training job is already queued or running"
+    routes.jobs.update(first.body["job"], lambda j: setattr(j, "state", "succeeded"))
+
+    updated = datetime.fromisoformat(cvat_double.tasks[7].record["updated_date"].replace("Z", "+00:00"))
+    _publish_learned(tmp_path, "cars", {"7": updated.isoformat()})  # as the job recorded what it learned
+    unchanged = app.handle(Request("POST", "/cron"))
+    assert unchanged.status == 200 and unchanged.body["reason"] == "cron: annotations unchanged since cars@1"
+
+    cvat_double.tasks[7].record["updated_date"] = "2030-01-01T00:00:00.000000Z"  # someone saved annotations
+    changed = app.handle(Request("POST", "/cron"))
+    assert changed.status == 202 and changed.body["reason"] == "task(s) 7 changed since cars@1"
+    assert routes.jobs.get(changed.body["job"]).trigger.startswith("cron: task(s) 7 changed")
+
+
+@pytest.mark.parametrize("promote, new, served, expected", [
+    ("auto", 0.50, 0.40, True), ("auto", 0.30, 0.40, False), ("auto", 0.30, None, True), ("auto", None, 0.4, False),
+    ("always", 0.10, 0.40, True), ("never", 0.90, 0.40, False),
+])
+def test_a_worse_version_is_kept_but_not_served_unless_asked(promote, new, served, expected):
+    from preannotate.models.artifact import Manifest
+    from preannotate.shapes import parse_label_list
+    from preannotate.training.execute import should_promote
+
+    serving = Manifest(architecture="x", labels=parse_label_list("a"), metrics={} if served is None else
+                       {"map": served})
+    assert should_promote(promote, {} if new is None else {"map": new}, serving) is expected
+    assert should_promote("auto", {"map": 0.0}, None) is True  # the first version is always served

@@ -52,7 +52,8 @@ def task_versions(client, ids: Sequence[int]) -> dict[str, str]:
     versions = {}
     for task_id in ids:
         with cvat_errors(client, f"task {task_id}"):
-            versions[str(task_id)] = str(client.tasks.retrieve(task_id).updated_date)
+            updated = client.tasks.retrieve(task_id).updated_date
+            versions[str(task_id)] = updated.isoformat() if hasattr(updated, "isoformat") else str(updated)
     return versions
 
 
