@@ -144,6 +144,7 @@ class Fault:
     status: int
     times: int
     body: Any
+    after: int = 0  # matching requests answered normally before the fault starts
 
 
 @dataclass(frozen=True)
@@ -293,12 +294,13 @@ class CvatDouble:
     # ----------------------------------------------------------------- test helpers
 
     def fail_next(self, path_regex: str, status: int = 500, times: int = 1, *, method: str | None = None,
-                  body: Any = None) -> None:
-        """Answer the next ``times`` requests whose ``path?query`` matches ``path_regex`` with ``status``.
+                  body: Any = None, after: int = 0) -> None:
+        """Answer the next ``times`` requests whose ``path?query`` matches ``path_regex`` with ``status`` (after
+        letting ``after`` of them through).
         The default 500 body is Django's HTML error page; otherwise ``body`` (JSON) or ``{"detail": ...}``.
         ``status=CUT`` sends the real answer but drops the connection halfway through the body (logged as 0)."""
         with self._lock:
-            self.faults.append(Fault(re.compile(path_regex), method, status, times, body))
+            self.faults.append(Fault(re.compile(path_regex), method, status, times, body, after))
 
     def count(self, path_regex: str = "", method: str | None = None) -> int:
         """How many logged requests match ``path_regex`` (searched in ``path?query``) and ``method``."""
@@ -455,6 +457,9 @@ class CvatDouble:
         target = request.path + ("?" + request.raw_query if request.raw_query else "")
         for fault in self.faults:
             if fault.times > 0 and (fault.method in (None, request.method)) and fault.pattern.search(target):
+                if fault.after > 0:
+                    fault.after -= 1
+                    continue
                 fault.times -= 1
                 if fault.status == CUT:
                     response = self._route(request)
