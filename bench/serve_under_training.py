@@ -40,7 +40,7 @@ from tests.cvat_double import CvatDouble  # noqa: E402
 SECTION = "## Detection while training (issue 6)"
 REQUESTS = 200
 MODEL = "ssdlite320_mobilenet_v3_large"
-TRAINING = ("init=random; num-steps=400; batch-size=4; image-size=160; num-validations=1; val-fraction=0.2; "
+TRAINING = ("init=random; num-steps=2000; batch-size=4; image-size=160; num-validations=1; val-fraction=0.2; "
             "optimizer=adamw; initial-learning-rate=0.002")
 
 
@@ -76,7 +76,7 @@ def burst(url: str, body: bytes) -> dict:
 
 
 def synthetic_task(double: CvatDouble) -> int:
-    task = generate(60, width=320, height=240, seed=3, labels=("box", "disc"))
+    task = generate(16, width=160, height=120, seed=3, labels=("box", "disc"))
     frames = [(f.name, data, f.width, f.height) for (_, f), (_, data) in
               zip(sorted(task.annotations.frames.items()), task.images.encoded(sorted(task.annotations.frames)),
                   strict=True)]
@@ -119,10 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             status, _, payload = request(url + "/train", json.dumps({"tasks": [task_id]}).encode())
             job = json.loads(payload)["job"]
             assert status == 202, payload
-            while json.loads(request(f"{url}/jobs/{job}", b"", method="GET")[2])["state"] == "queued":
-                time.sleep(0.2)
-            while json.loads(request(f"{url}/jobs/{job}", b"", method="GET")[2]).get("step", 0) < 1:
-                time.sleep(0.5)  # the job process is past its start-up and is training
+            while (state := json.loads(request(f"{url}/jobs/{job}", b"", method="GET")[2]))["state"] in (
+                    "queued", "running") and state.get("step", 0) < 1:
+                time.sleep(0.5)  # until the job process is past its start-up and is training
+            if state["state"] != "running":
+                raise RuntimeError(f"the training job did not start training: {state['state']} "
+                                   f"{state.get('error')} {state.get('log_tail', [])[-5:]}")
             training = burst(url + "/", body)
             state = json.loads(request(f"{url}/jobs/{job}", b"", method="GET")[2])
             print(f"training: {training}; job {state['state']} at step {state.get('step')}", file=sys.stderr)
