@@ -316,7 +316,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from preannotate.formats.dataset import read_dataset, split_frames, training_items
+    from preannotate.formats.dataset import training_split
     from preannotate.models import ModelStore
     from preannotate.models.registry import get_architecture
     from preannotate.training.hyperparameters import Hyperparameters
@@ -338,20 +338,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             dataset = prepare_dataset(client, {"tasks": args.task, "project": args.project}, out / "dataset",
                                       hp.val_fraction, hp.seed)
         provenance["cvat"] = json.loads((dataset / "cvat.json").read_text())
-    labels, splits = read_dataset(dataset)
-    if "val" in splits:
-        train_pairs, val_pairs = [p for split, pairs in splits.items() if split != "val" for p in pairs], splits["val"]
-    else:  # a folder with one split: hold out val-fraction of it, by frame, as the export would
-        pairs = [p for pairs in splits.values() for p in pairs]
-        chosen = split_frames([(i, frame) for i, (frame, _) in enumerate(pairs)], hp.val_fraction, hp.seed)
-        train_pairs = [pairs[i] for i in chosen.get("train", [])]
-        val_pairs = [pairs[i] for i in chosen.get("val", [])]
+    labels, train_items, val_items = training_split(dataset, hp.val_fraction, hp.seed)
     store = ModelStore(args.store)
     previous = store.resolve(args.from_model) if args.from_model else None
-    print(f"training {args.model} on {len(train_pairs)} frames, validating on {len(val_pairs)}; output in {out}",
+    print(f"training {args.model} on {len(train_items)} frames, validating on {len(val_items)}; output in {out}",
           flush=True)
     try:
-        result = train(args.model, labels, training_items(train_pairs), training_items(val_pairs), out,
+        result = train(args.model, labels, train_items, val_items, out,
                        store=store, name=name, hyperparameters=args.hyperparameters, previous=previous,
                        provenance=provenance, device=args.device, progress=True)
     except TrainingInterrupted as stopped:

@@ -317,3 +317,19 @@ class StoredImage:
 def training_items(pairs: Iterable[tuple[FrameAnnotations, ImageRef]]) -> list[tuple[FrameAnnotations, StoredImage]]:
     """A split of ``read_dataset`` as the trainer's items."""
     return [(frame, StoredImage(ref)) for frame, ref in pairs]
+
+
+def training_split(path: str | Path, val_fraction: float = 0.0, seed: int = 0
+                   ) -> tuple[list[Label], list[tuple[FrameAnnotations, StoredImage]],
+                              list[tuple[FrameAnnotations, StoredImage]]]:
+    """A dataset folder as the trainer takes it: labels, training items, validation items. A ``val`` split there
+    is the validation set; a folder without one holds out ``val_fraction`` of its frames, by frame, as the export
+    would."""
+    labels, splits = read_dataset(path)
+    if "val" in splits:
+        train = [pair for split, pairs in splits.items() if split != "val" for pair in pairs]
+        return labels, training_items(train), training_items(splits["val"])
+    pairs = [pair for pairs in splits.values() for pair in pairs]
+    chosen = split_frames([(i, frame) for i, (frame, _) in enumerate(pairs)], val_fraction, seed)
+    return (labels, training_items(pairs[i] for i in chosen.get("train", [])),
+            training_items(pairs[i] for i in chosen.get("val", [])))

@@ -87,13 +87,12 @@ def _synthetic(frames: int, held_out: int, seed: int, say: Callable[[str], None]
 
 def _from_cvat(task: int, output: Path, seed: int, say: Callable[[str], None]):
     from preannotate.cvat.client import connect
-    from preannotate.formats.dataset import read_dataset, training_items
+    from preannotate.formats.dataset import training_split
     from preannotate.training.execute import prepare_dataset
 
     with connect() as client:
         dataset = prepare_dataset(client, {"tasks": [task]}, output / "dataset", val_fraction=0.2, seed=seed)
-    labels, splits = read_dataset(dataset)
-    train_items, val_items = training_items(splits.get("train", [])), training_items(splits.get("val", []))
+    labels, train_items, val_items = training_split(dataset, val_fraction=0.2, seed=seed)
     say(f"exported CVAT task {task}: {len(train_items)} frames to train on, {len(val_items)} to validate and "
         "pre-annotate")
     held_frames = [frame for frame, _ in val_items]

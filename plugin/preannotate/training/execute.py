@@ -135,7 +135,7 @@ def merged_labels(label_lists: Sequence[Sequence[Label]]) -> list[Label]:
 def execute_job(job, work_dir: Path, store_root: Path, stop: threading.Event) -> dict[str, Any] | None:
     """Train as ``job.request`` says; ``None`` when stopped by a signal (its checkpoint stays for a resume)."""
     from preannotate.cvat.client import connect
-    from preannotate.formats.dataset import read_dataset, training_items
+    from preannotate.formats.dataset import training_split
     from preannotate.training.hyperparameters import Hyperparameters
     from preannotate.training.trainer import TrainingInterrupted, train
 
@@ -144,13 +144,13 @@ def execute_job(job, work_dir: Path, store_root: Path, stop: threading.Event) ->
     hp = Hyperparameters().updated(request.get("hyperparameters") or "")
     with connect() as client:
         dataset = prepare_dataset(client, request, work_dir / "dataset", hp.val_fraction, hp.seed)
-    labels, splits = read_dataset(dataset)
+    labels, train_items, val_items = training_split(dataset, hp.val_fraction, hp.seed)
     serving = store.serving(request["name"])
     serving_manifest = Manifest.read(store.path(request["name"], serving)) if serving is not None else None
     previous = store.resolve(request["from_model"]) if request.get("from_model") else None
     try:
-        result = train(request["model"], labels, training_items(splits.get("train", [])),
-                       training_items(splits.get("val", [])), work_dir / "run", store=store, name=request["name"],
+        result = train(request["model"], labels, train_items, val_items, work_dir / "run", store=store,
+                       name=request["name"],
                        hyperparameters=request.get("hyperparameters") or "", previous=previous,
                        provenance={"cvat": json.loads((dataset / "cvat.json").read_text()), "job": job.id,
                                    "trigger": job.trigger},
