@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--threshold", type=float, help="minimum score (default: the model's)")
     annotate.add_argument("--frames", help="a range of frames, e.g. 0-99 (default: all)")
     annotate.add_argument("--only-unannotated", action="store_true", help="skip frames someone annotated")
-    annotate.add_argument("--batch-size", type=int, default=1, help="frames per forward pass (GPU: 4-16)")
+    annotate.add_argument("--batch-size", type=int, default=4, help="frames per forward pass (GPU: 8-16)")
     annotate.add_argument("--upload-every", type=int, default=200, help="frames per upload (finished work is kept)")
     annotate.add_argument("--label-map", help="model=task label renames, e.g. 'automobile=car'")
     annotate.add_argument("--device", help="cpu, cuda (default: cuda when available)")
