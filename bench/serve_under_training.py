@@ -22,8 +22,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -112,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             server.stdout.readline()  # "serving ... on http://..." once the model is loaded
+            # Keep reading the server's output: a full pipe would block its logging, and with it every request.
+            output: deque[str] = deque(maxlen=50)
+            threading.Thread(target=lambda: output.extend(server.stdout), daemon=True).start()
             url = f"http://127.0.0.1:{port}"
             request(url + "/", body)  # warm-up
             idle = burst(url + "/", body)
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.5)  # until the job process is past its start-up and is training
             if state["state"] != "running":
                 raise RuntimeError(f"the training job did not start training: {state['state']} "
-                                   f"{state.get('error')} {state.get('log_tail', [])[-5:]}")
+                                   f"{state.get('error')} {state.get('log_tail', [])[-5:]}\n{''.join(output)}")
             training = burst(url + "/", body)
             state = json.loads(request(f"{url}/jobs/{job}", b"", method="GET")[2])
             print(f"training: {training}; job {state['state']} at step {state.get('step')}", file=sys.stderr)
