@@ -65,7 +65,7 @@ def test_one_request_per_chunk_touched_then_the_disk_cache(cvat_double, client, 
     assert [n for n, _ in decoded] == list(range(10))
     assert all(np.array_equal(array, np.asarray(photo(24, 16, seed=n))) for n, array in decoded)
     assert cvat_double.count("type=chunk") == 0 and cvat_double.count(r"/data/meta") == 1
-    assert not list(tmp_path.rglob("*.part"))
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_recorded_chunks_original_and_compressed(cvat_double, client, tmp_path):
@@ -116,7 +116,7 @@ def test_a_failed_chunk_request_is_tried_again(cvat_double, client, tmp_path, st
     if status != 502:  # urllib3 itself retries 502-504 (the SDK's Retry); 500 and a cut body are ours
         assert ours == [f"chunk 1 of task {task_id} failed ({'ProtocolError' if status == CUT else 500}); "
                         "trying again in 0.01 s"]
-    assert not list(tmp_path.rglob("*.part"))  # the cut download left nothing behind
+    assert not list(tmp_path.rglob("*.tmp"))  # the cut download left nothing behind
 
 
 def test_a_chunk_that_keeps_failing_gives_a_clear_error(cvat_double, client, tmp_path):
@@ -160,7 +160,7 @@ def test_prefetch_runs_ahead_and_an_early_close_does_not_hang(cvat_double, clien
         assert time.monotonic() < deadline, "prefetch threads still running"
         time.sleep(0.01)
     assert cvat_double.count("type=chunk") == 3  # nothing more was fetched after the close
-    assert not list(tmp_path.rglob("*.part"))
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def video_frames(count: int) -> list[np.ndarray]:

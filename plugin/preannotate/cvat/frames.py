@@ -11,7 +11,6 @@ import io
 import itertools
 import logging
 import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,6 +25,7 @@ from cvat_sdk.api_client.exceptions import ApiException
 from PIL import Image
 
 from preannotate.cvat.client import CvatError, cvat_errors
+from preannotate.files import replacing
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +134,9 @@ class CvatFrames:
             return path
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         for attempt in itertools.count(1):
-            handle, partial = tempfile.mkstemp(dir=self.cache_dir, prefix=path.name, suffix=".part")
             try:
-                with os.fdopen(handle, "wb") as out:
+                with replacing(path) as partial, open(partial, "wb") as out:
                     self._task.download_chunk(number, out, quality=self.quality)
-                os.replace(partial, path)
                 return path
             except (ApiException, urllib3.exceptions.HTTPError) as error:
                 transient = not isinstance(error, ApiException) or error.status is None or error.status >= 500
@@ -149,9 +147,6 @@ class CvatFrames:
                 log.warning("chunk %d of task %d failed (%s); trying again in %.2f s", number, self.task_id,
                             getattr(error, "status", None) or type(error).__name__, delay)
                 time.sleep(delay)
-            finally:
-                if os.path.exists(partial):
-                    os.unlink(partial)
         raise AssertionError("not reached")  # for type checkers: the loop returns or raises
 
     def _images(self, path: Path, chunk: int, group: list[int]) -> Iterator[tuple[int, bytes]]:

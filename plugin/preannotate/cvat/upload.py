@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from preannotate.cvat.annotations import frames_from_annotations, read_labels
 from preannotate.cvat.client import CvatError, cvat_errors
+from preannotate.files import write_atomically
 from preannotate.formats import coco
 from preannotate.shapes import Shape
 
@@ -121,9 +121,7 @@ class Journal:
         self.frames.update(frames)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({**self.header, "frames": _ranges(self.frames)})
-        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as handle:
-            handle.write(text)
-        os.replace(handle.name, self.path)
+        write_atomically(self.path, text)
 
     def finish(self) -> None:
         """Everything was written: a later run with the same input starts afresh (and is idempotent anyway)."""

@@ -30,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from preannotate.files import write_atomically
 from preannotate.shapes import Label
 
 MANIFEST_FILE = "manifest.json"
@@ -153,10 +154,7 @@ class ModelStore:
         if version not in self.versions(name):
             raise ModelNotFound(f"{name} has no version {version} (versions: "
                                 f"{', '.join(map(str, self.versions(name))) or 'none'})")
-        pointer = self.root / name / SERVING_FILE
-        temporary = pointer.with_name(f".{SERVING_FILE}.{os.getpid()}")
-        temporary.write_text(f"{version}\n")
-        os.replace(temporary, pointer)  # atomic: a reader sees the old number or the new one
+        write_atomically(self.root / name / SERVING_FILE, f"{version}\n")  # readers: the old number or the new
 
     def resolve(self, reference: str) -> Path:
         """``NAME`` (its serving version) or ``NAME@VERSION`` → the version directory."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from preannotate.cvat import webhooks
+from preannotate.files import write_atomically
 from preannotate.models import ARCHITECTURES
 from preannotate.serving.contract import ContractError, json_body
 from preannotate.serving.core import App, Reply, Request
@@ -55,7 +56,7 @@ class TrainingRoutes:
     @classmethod
     def attach(cls, app: App, environ: Mapping[str, str] | None = None, start_runner: bool = True) -> TrainingRoutes:
         jobs = JobStore(app.provider.store.root)
-        runner = JobRunner(jobs, env=None).start() if start_runner else None
+        runner = JobRunner(jobs).start() if start_runner else None
         return cls(app, jobs, runner, environ)
 
     # ---------------------------------------------------------------- what is trained by default
@@ -245,6 +246,4 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}")
-    temporary.write_text(json.dumps(data))
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(data))

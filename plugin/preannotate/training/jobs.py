@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preannotate.files import write_atomically
+
 log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -88,10 +90,7 @@ class JobStore:
         return job
 
     def save(self, job: Job) -> None:
-        path = self.directory(job.id) / "job.json"
-        temporary = path.with_name(f".job.json.{os.getpid()}.{threading.get_ident()}")
-        temporary.write_text(json.dumps(dataclasses.asdict(job), indent=2))
-        os.replace(temporary, path)  # readers see the old state or the new one, never half
+        write_atomically(self.directory(job.id) / "job.json", json.dumps(dataclasses.asdict(job), indent=2))
 
     def get(self, job_id: str) -> Job:
         try:
@@ -190,11 +189,10 @@ class JobRunner:
     runner lock lets only one process train at a time."""
 
     def __init__(self, jobs: JobStore, command: Callable[[Path, str], list[str]] = job_command,
-                 poll_s: float = 1.0, env: dict[str, str] | None = None):
+                 poll_s: float = 1.0):
         self.jobs = jobs
         self.command = command
         self.poll_s = poll_s
-        self.env = env
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -253,7 +251,7 @@ class JobRunner:
             self.running_job = job.id
             self.process = subprocess.Popen(self.command(self.jobs.root.parent, job.id), stdout=output,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True, env=self.env)
+                                            start_new_session=True)
             signalled = False
             while (code := self.process.poll()) is None:
                 if self._stop.wait(self.poll_s):

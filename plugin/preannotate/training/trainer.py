@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from preannotate.files import replacing, write_atomically
 from preannotate.models import ModelStore, create_detector, get_architecture, publish_detector
 from preannotate.models.artifact import Manifest, library_versions
 from preannotate.models.registry import default_hyperparameters
@@ -185,15 +186,8 @@ def _digest(items: Sequence[data.Item]) -> str:
 
 def _atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a checkpoint."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    with replacing(path) as temporary:
+        torch.save(obj, temporary)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -471,7 +465,7 @@ class _Run:
                              "train into a new directory, or delete this one to start over")
             else:
                 run_id = uuid.uuid4().hex
-                _atomic_write_text(path, json.dumps({"run_id": run_id, **identity}, indent=1) + "\n")
+                write_atomically(path, json.dumps({"run_id": run_id, **identity}, indent=1) + "\n")
         if self.world > 1:
             shared = [run_id, error]
             dist.broadcast_object_list(shared, src=0)
@@ -576,7 +570,7 @@ class _Run:
                                            promote=True if promote is None else bool(promote(metrics)))
             path = store.path(name, version)
         result = TrainingResult(name, version, path, metrics, state["step"], state["stopped"], self.output)
-        _atomic_write_text(self.output / "result.json", json.dumps(result.to_dict(), indent=1) + "\n")
+        write_atomically(self.output / "result.json", json.dumps(result.to_dict(), indent=1) + "\n")
         return result
 
     @staticmethod
