@@ -125,7 +125,7 @@ def test_a_published_artifact_loads_alone_and_predicts_the_same(tmp_path):
     assert manifest["name"] == "roads" and manifest["version"] == 1
     assert manifest["architecture"] == "maskrcnn_resnet50_fpn"
     assert manifest["labels"] == [{"id": 1, "name": "road", "type": "mask", "attributes": []}]
-    assert manifest["input_size"] == {"image_size": 96, "max_image_size": 128}
+    assert manifest["input_size"] == {"image_size": 96, "max_image_size": 128, "letterbox": False}
     assert manifest["libraries"]["torch"] == torch.__version__.split("+")[0] or manifest["libraries"]["torch"]
     assert {"hyperparameters", "metrics", "provenance", "created"} <= set(manifest)
 
@@ -134,6 +134,49 @@ def test_a_published_artifact_loads_alone_and_predicts_the_same(tmp_path):
     expected, got = detector.detect([image], 0.0)[0], loaded.detect([image], 0.0)[0]
     assert [(s.label, s.points) for s in got] == [(s.label, s.points) for s in expected]
     assert got and got[0].type == "mask"
+
+
+class _FindsTheImage(torch.nn.Module):
+    """A stand-in model that "detects" the non-black part of what it is given, box and mask: with a letterbox it
+    is fed a square, and the detector must map its answer back onto the frame it was asked about."""
+
+    def forward(self, images):
+        outputs = []
+        for image in images:
+            assert image.shape[-1] == image.shape[-2], "a letterboxing detector feeds the model squares"
+            content = image.sum(0) > 0
+            rows, columns = content.any(1).nonzero()[:, 0], content.any(0).nonzero()[:, 0]
+            box = [columns[0], rows[0], columns[-1] + 1, rows[-1] + 1]
+            outputs.append({"boxes": torch.tensor([box], dtype=torch.float32), "labels": torch.tensor([1]),
+                            "scores": torch.tensor([0.9]), "masks": content[None, None].float()})
+        return outputs
+
+
+@pytest.mark.parametrize(("width", "height"), [(80, 50), (50, 81), (64, 64)])
+def test_a_letterboxed_model_answers_in_the_frames_own_coordinates(width, height):
+    from preannotate.formats import masks
+    from preannotate.models.torchvision_family import TorchvisionDetector
+
+    detector = TorchvisionDetector(_FindsTheImage(), parse_label_list("thing:mask"), "mask", "cpu", letterbox=True)
+    frame = torch.full((height, width, 3), 200, dtype=torch.uint8).numpy()
+    [[shape]] = detector.detect([frame], 0.5)
+    bitmap = masks.cvat_rle_to_bitmap(shape.points, width, height)
+    assert bitmap.shape == (height, width) and bitmap.all()  # the whole frame, none of the padding
+
+
+def test_the_letterbox_is_recorded_and_a_loaded_model_pads_again(tmp_path):
+    store = ModelStore(tmp_path)
+    detector = create_detector("ssdlite320_mobilenet_v3_large", parse_label_list("car"),
+                               hyperparameters={"letterbox": True, "image-size": 160})
+    directory = store.path("cars", publish_detector(detector, store, "cars"))
+    assert json.loads((directory / "manifest.json").read_text())["input_size"]["letterbox"] is True
+    loaded = load_detector(directory)
+    assert loaded.letterbox and not load_detector(store.path("plain", publish_detector(
+        create_detector("ssdlite320_mobilenet_v3_large", parse_label_list("car")), store, "plain"))).letterbox
+    image = photo(120, 70, seed=1)
+    expected, got = detector.detect([image], 0.0)[0], loaded.detect([image], 0.0)[0]
+    assert got and [s.points for s in got] == [s.points for s in expected]
+    assert all(0 <= x <= 120 and 0 <= y <= 70 for s in got for x, y in zip(s.points[::2], s.points[1::2], strict=True))
 
 
 def test_store_versions_are_published_atomically(tmp_path):

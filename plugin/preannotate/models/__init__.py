@@ -55,10 +55,10 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
         previous_manifest = Manifest.read(previous)
         state = family.read_weights(Path(previous) / previous_manifest.weights)
     detector = family.create(arch, labels, init=init, image_size=hp.image_size, max_image_size=hp.max_image_size,
-                             state=state, device=device)
+                             state=state, device=device, letterbox=hp.letterbox)
     detector.manifest = Manifest(
         architecture=arch.name, labels=list(labels), framework=arch.family,
-        input_size={"image_size": hp.image_size, "max_image_size": hp.max_image_size},
+        input_size={"image_size": hp.image_size, "max_image_size": hp.max_image_size, "letterbox": hp.letterbox},
         hyperparameters=hp.to_dict(), score_threshold=hp.score_threshold,
         provenance={"init": init, **({"previous": str(previous)} if previous else {})},
         libraries=library_versions())
@@ -86,6 +86,7 @@ def load_detector(directory: str | Path, device: str | None = None) -> Detector:
     arch = get_architecture(manifest.architecture)
     detector = _family(arch).load(arch, manifest.labels, Path(directory) / manifest.weights,
                                   image_size=manifest.input_size.get("image_size"),
-                                  max_image_size=manifest.input_size.get("max_image_size"), device=device)
+                                  max_image_size=manifest.input_size.get("max_image_size"), device=device,
+                                  letterbox=bool(manifest.input_size.get("letterbox")))
     detector.manifest = manifest
     return detector

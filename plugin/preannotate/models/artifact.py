@@ -53,7 +53,7 @@ class Manifest:
     name: str = ""
     version: int | None = None
     weights: str = "model.pt"
-    input_size: dict[str, int | None] = field(default_factory=dict)
+    input_size: dict[str, Any] = field(default_factory=dict)  # image_size, max_image_size, letterbox
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     score_threshold: float = 0.5
     metrics: dict[str, Any] = field(default_factory=dict)

@@ -99,8 +99,9 @@ class TorchvisionDetector:
     """A torchvision detection model ready to detect, with its labels (class index = ``Label.id``)."""
 
     def __init__(self, model: torch.nn.Module, labels: Sequence[Label], output: str,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, letterbox: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.letterbox = letterbox  # trained on frames padded to a square: pad them so here too
         self.model = model.to(self.device).eval()
         self.labels = list(labels)
         self.output = output
@@ -110,7 +111,12 @@ class TorchvisionDetector:
     def detect(self, images: Sequence[Image.Image | np.ndarray], threshold: float) -> list[list[Shape]]:
         """Shapes found on each image, in its pixel coordinates, with ``score >= threshold``."""
         tensors = [self.to_tensor(image) for image in images]
-        return [self.to_shapes(output, threshold) for output in self.model(tensors)]
+        if not self.letterbox:
+            return [self.to_shapes(output, threshold) for output in self.model(tensors)]
+        sizes = [tuple(tensor.shape[-2:]) for tensor in tensors]
+        squares = [F.center_crop(tensor, [max(size)] * 2) for tensor, size in zip(tensors, sizes, strict=True)]
+        return [self.to_shapes(_unpad(output, size), threshold)
+                for output, size in zip(self.model(squares), sizes, strict=True)]
 
     def to_tensor(self, image: Image.Image | np.ndarray) -> torch.Tensor:
         # a read-only HWC view, no copy: the float conversion below makes the one copy the model needs
@@ -141,9 +147,24 @@ class TorchvisionDetector:
         return shapes
 
 
+def _unpad(output: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """A letterboxed image's detections in the coordinates of the image before padding. ``center_crop`` pads
+    ``(side - height) // 2`` rows above and ``(side - width) // 2`` columns left, as the training letterbox does."""
+    height, width = size
+    top, left = (max(size) - height) // 2, (max(size) - width) // 2
+    boxes = output["boxes"] - torch.tensor([left, top, left, top], dtype=output["boxes"].dtype,
+                                           device=output["boxes"].device)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    unpadded = {**output, "boxes": boxes}
+    if "masks" in output:
+        unpadded["masks"] = output["masks"][..., top:top + height, left:left + width]
+    return unpadded
+
+
 def create(arch: Architecture, labels: Sequence[Label], init: str = "random", image_size: int | None = None,
            max_image_size: int | None = None, state: dict[str, torch.Tensor] | None = None,
-           device: str | None = None) -> TorchvisionDetector:
+           device: str | None = None, letterbox: bool = False) -> TorchvisionDetector:
     """Build a detector for ``labels``: ``random``, ``pretrained`` (torchvision's weights) or from ``state``
     (a previous model's weights; heads for a changed label set start fresh)."""
     model = build_model(arch, num_classes(labels), image_size, max_image_size)
@@ -151,15 +172,16 @@ def create(arch: Architecture, labels: Sequence[Label], init: str = "random", im
         load_matching(model, pretrained_state_dict(arch))
     elif state is not None:
         load_matching(model, state)
-    return TorchvisionDetector(model, labels, arch.output, device)
+    return TorchvisionDetector(model, labels, arch.output, device, letterbox)
 
 
 def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, image_size: int | None = None,
-         max_image_size: int | None = None, device: str | None = None) -> TorchvisionDetector:
+         max_image_size: int | None = None, device: str | None = None, letterbox: bool = False
+         ) -> TorchvisionDetector:
     """A published model: its architecture, labels and weights file — nothing downloaded."""
     model = build_model(arch, num_classes(labels), image_size, max_image_size)
     model.load_state_dict(read_weights(weights_path))
-    return TorchvisionDetector(model, labels, arch.output, device)
+    return TorchvisionDetector(model, labels, arch.output, device, letterbox)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -8,8 +8,8 @@ resize or a letterbox moves them with the pixels.
 Resizing happens here, not only inside the model, so that batches are small before they cross process boundaries;
 it is the model's own rule (so serving, which hands the model the original image, sees the same geometry):
 SSD squashes to ``image-size`` squared, the others scale the shorter side to ``image-size`` with the longer at most
-``max-image-size``. ``letterbox=true`` instead keeps the aspect ratio and pads to an ``image-size`` square (the
-serving core does not letterbox, so such a model sees frames squashed at inference that it learned padded).
+``max-image-size``. ``letterbox=true`` instead keeps the aspect ratio and pads to an ``image-size`` square; the
+manifest records it, and the detector pads frames the same way when it serves.
 
 The order of samples and every random augmentation are functions of ``(seed, draw)`` — the position of the sample
 in the run — not of worker processes or of how often the run was restarted, so a resumed run sees the very batches
