@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from cvat_sdk import Client
+from cvat_sdk.api_client.exceptions import ApiException
+from cvat_sdk.core.helpers import make_request_headers
 from tqdm import tqdm
 
 from preannotate.cvat.annotations import frames_from_annotations, read_labels
@@ -246,13 +248,20 @@ class TaskWriter:
                                for name, value in shape.attributes.items() if name in label.attributes]}
 
     def _patch(self, action: str, shapes: list[dict[str, Any]]) -> dict[str, Any]:
-        """PATCH ``/api/tasks/ID/annotations?action=create|delete`` with a plain JSON body (see ``_request``)
-        through cvat-sdk's API client, as cvat-cli does for its own raw calls: same session, auth and errors."""
+        """PATCH ``/api/tasks/ID/annotations?action=create|delete`` with a plain JSON body (see ``_request``) on
+        cvat-sdk's connection, headers and auth, as cvat-sdk's own downloader makes its raw calls. Not through
+        ``call_api``: it first walks the body in Python (``model_utils.to_json``), 25x the time of ``json.dumps``
+        (seconds for the 50,000 boxes of 200 frames)."""
+        api = self.client.api_client
+        url = self.client.api_map.make_endpoint_url("/api/tasks/{id}/annotations", kwsub={"id": self.task_id},
+                                                    query_params={"action": action})
+        headers = {**make_request_headers(api), "Content-Type": "application/json",
+                   "Accept": "application/vnd.cvat+json"}
         with cvat_errors(self.client, f"task {self.task_id} ({action} {len(shapes)} shapes)"):
-            _, response = self.client.api_client.call_api(
-                "/api/tasks/{id}/annotations", "PATCH", path_params={"id": self.task_id},
-                query_params=[("action", action)], body={"shapes": shapes}, _parse_response=False,
-                header_params={"Content-Type": "application/json", "Accept": "application/vnd.cvat+json"})
+            response = api.rest_client.pool_manager.request("PATCH", url, headers=headers,
+                                                             body=json.dumps({"shapes": shapes}).encode())
+            if not 200 <= response.status <= 299:
+                raise ApiException(http_resp=response)
         return json.loads(response.data or b"{}")
 
 
