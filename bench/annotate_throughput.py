@@ -61,7 +61,8 @@ SECTION = "## Pre-annotation throughput (issue 4)"
 ARCHITECTURES = ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"]
 LABELS = "car,person,bicycle,dog"
 TASK_LABELS = [{"name": name, "type": "rectangle"} for name in LABELS.split(",")]
-TARGET_BARE, TARGET_CLI = 0.95, 1.2
+TARGET_BARE, TARGET_CLI = 0.95, 1.2  # for TARGETED, on the CPU
+TARGETED = "ssdlite320_mobilenet_v3_large"
 BATCH = 4  # annotate_task's default batch size
 
 # The function file cvat-cli loads: our module, plus a note of the time the model was ready (end of start-up).
@@ -111,15 +112,17 @@ class Contention:
     def __init__(self, server_pid: int):
         self.server_pid = server_pid
 
+    def _server(self) -> float:
+        stat = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
     def _own(self) -> float:
         times = os.times()  # children: the cvat-cli subprocesses, once waited for
-        stat = Path(f"/proc/{self.server_pid}/stat").read_text().rsplit(")", 1)[1].split()
-        server = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-        return times.user + times.system + times.children_user + times.children_system + server
+        return times.user + times.system + times.children_user + times.children_system + self._server()
 
     def __enter__(self) -> Contention:
         self.busy, self.steal, _ = cpu_accounting()
-        self.own, self.started = self._own(), time.perf_counter()
+        self.own, self.server_started, self.started = self._own(), self._server(), time.perf_counter()
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -127,6 +130,7 @@ class Contention:
         wall = time.perf_counter() - self.started
         self.other = max(0.0, (busy - self.busy) - (steal - self.steal) - (self._own() - self.own)) / wall
         self.stolen = (steal - self.steal) / wall
+        self.server = self._server() - self.server_started  # the double's CPU seconds: a real server's are elsewhere
 
 
 def cli_command(base_url: str, task: int, function_file: Path, store: Path, model: str, threshold: float
@@ -188,7 +192,7 @@ def bench_model(arch: str, frames: int, thresholds: list[float], repeat: int, cl
         decoded = [array for _, array in CvatFrames(client, new_task(), cache_dir=work / "warm").decoded(range(frames))]
         for threshold in thresholds:
             detector.detect(decoded[:BATCH], threshold)  # warm-up
-            bare, batched, ours, cli, loads, counts = [], [], [], [], [], set()
+            bare, batched, ours, served, cli, loads, counts = [], [], [], [], [], [], set()
             for _ in range(repeat):  # the three in turn, so a slow stretch of the machine hits each alike
                 with Contention(server_pid) as load:
                     bare.append(time_bare(detector, decoded, threshold, 1))
@@ -202,6 +206,7 @@ def bench_model(arch: str, frames: int, thresholds: list[float], repeat: int, cl
                                   progress=False)
                     ours.append(time.perf_counter() - started)
                 loads.append(load)
+                served.append(load.server)
                 counts.add(("ours", shapes_of(task)))
             for _ in range(cli_repeat):  # ~2 minutes a run: fewer repetitions
                 task = new_task()
@@ -213,7 +218,7 @@ def bench_model(arch: str, frames: int, thresholds: list[float], repeat: int, cl
                 raise RuntimeError(f"{arch} at {threshold}: the pipelines wrote different numbers of shapes: {counts}")
             rows.append({"arch": arch, "threshold": threshold, "frames": frames, "repeat": repeat,
                          "shapes": counts.pop()[1], "bare": frames / median(bare), "batched": frames / median(batched),
-                         "ours": frames / median(ours),
+                         "ours": frames / median(ours), "double_ms": 1000 * median(served) / frames,
                          "vs_bare": median(b / o for b, o in zip(bare, ours, strict=True)),
                          "vs_batched": median(b / o for b, o in zip(batched, ours, strict=True)),
                          "cli": frames / median(c["without_startup"] for c in cli),
@@ -246,18 +251,28 @@ def report(rows: list[dict], seconds: float, frames: int, repeat: int, cli_repea
         "box alike, so threshold 0.5 keeps no box (the pipelines' own cost) and 0 keeps every proposal "
         "(upload-heavy).", "",
         f"| model | threshold | shapes | bare fr/s (1 / {BATCH} per call) | ours fr/s | ours / bare (1 / {BATCH} "
-        "per call) | cvat-cli fr/s (without / with start-up) | ours / cvat-cli (without / with) | targets | "
-        "other processes, steal (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "per call) | the double's CPU during ours (ms/frame) | cvat-cli fr/s (without / with start-up) | ours / "
+        "cvat-cli (without / with) | targets | other processes, steal (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in rows:
         vs_cli, vs_cli_total = row["ours"] / row["cli"], row["ours"] / row["cli_total"]
-        met = row["vs_bare"] >= TARGET_BARE and vs_cli >= TARGET_CLI
+        if row["arch"] == TARGETED:  # the issue's targets: ours/bare (one per call), ours/cvat-cli end to end
+            met = row["vs_bare"] >= TARGET_BARE and vs_cli_total >= TARGET_CLI
+            targets = f"{'pass' if met else 'miss'} (>= {TARGET_BARE}, >= {TARGET_CLI})"
+        else:
+            targets = "(none set)"
+        double = f"{row['double_ms']:.1f}" if "double_ms" in row else "not measured"
         lines.append(
             f"| {row['arch']} | {row['threshold']:g} | {row['shapes']} | {row['bare']:.2f} / {row['batched']:.2f} | "
-            f"{row['ours']:.2f} | {row['vs_bare']:.3f} / {row['vs_batched']:.3f} | {row['cli']:.2f} / "
-            f"{row['cli_total']:.2f} | {vs_cli:.2f} / {vs_cli_total:.2f} | {'pass' if met else 'miss'} (>= "
-            f"{TARGET_BARE} bare one per call, >= {TARGET_CLI} cvat-cli) | {row['other']:.2f}, {row['stolen']:.2f} |")
+            f"{row['ours']:.2f} | {row['vs_bare']:.3f} / {row['vs_batched']:.3f} | {double} | {row['cli']:.2f} / "
+            f"{row['cli_total']:.2f} | {vs_cli:.2f} / {vs_cli_total:.2f} | {targets} | {row['other']:.2f}, "
+            f"{row['stolen']:.2f} |")
+    lines += ["", f"Targets (issue 4, for `{TARGETED}` on the CPU): ours >= {TARGET_BARE}x the bare model called one "
+              f"frame at a time, and >= {TARGET_CLI}x cvat-cli end to end (with its start-up). The double answers "
+              "from the same cores: with every proposal kept (threshold 0) it spends the CPU of the column above on "
+              "storing the uploaded shapes, CPU a real CVAT server spends on its own machine; the threshold 0.5 "
+              "rows are the pipelines' own cost."]
     if any(row["other"] + row["stolen"] > 0.2 for row in rows):
         lines += ["", "**Other processes or the hypervisor took CPU during this run** (last column: the most taken "
                   "during any of a row's timings): the ratios are skewed by contention — rerun on an idle "
