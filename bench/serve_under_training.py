@@ -85,7 +85,7 @@ def synthetic_task(double: CvatDouble) -> int:
     task_id = double.add_task("bench-shapes", frames, [{"name": "box", "type": "rectangle"},
                                                         {"name": "disc", "type": "ellipse"}])
     shapes = [{"type": s.type, "frame": s.frame, "label_id": double.label_id(task_id, s.label), "points": s.points,
-               "rotation": s.rotation, "source": "manual", "occluded": False, "z_order": 0, "group": 0,
+               "rotation": s.rotation % 360, "source": "manual", "occluded": False, "z_order": 0, "group": 0,
                "attributes": []}
               for frame in task.annotations.frames.values() for s in frame.shapes]
     double._write(double.tasks[task_id], None, "create", {"shapes": shapes, "tags": [], "tracks": []})

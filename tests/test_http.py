@@ -74,6 +74,36 @@ def test_concurrent_requests_are_all_answered(server):
     assert results == [200] * 8
 
 
+def test_concurrent_requests_take_the_model_in_turn(server, monkeypatch):
+    """Requests are decoded side by side but run the model one at a time: each then finishes in turn (torch spreads
+    one forward pass over every core already) instead of all of them at the end."""
+    from preannotate.models.torchvision_family import TorchvisionDetector
+
+    inside, most = 0, 0
+    lock = threading.Lock()
+    detect = TorchvisionDetector.detect
+
+    def counted(self, images, threshold):
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        try:
+            return detect(self, images, threshold)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(TorchvisionDetector, "detect", counted)
+    body = {"image": b64(encode(photo(64, 48))), "threshold": 0.0}
+    threads = [threading.Thread(target=request, args=(server + "/", body)) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most == 1
+
+
 def test_preannotate_serve_command_with_a_model_from_the_store(published_store):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
