@@ -72,8 +72,10 @@ def test_the_spec_comes_from_the_manifest(store):
 def test_cvat_sdk_driver_gives_what_annotate_task_gives(cvat_double, client, store, tmp_path):
     labels = [{"name": "car", "type": "rectangle"}, {"name": "person", "type": "rectangle"}]
     ours, theirs = add_task(cvat_double, labels), add_task(cvat_double, labels)
+    # One frame per forward pass, as cvat-sdk's driver calls the model: batched convolutions are not bit-identical,
+    # and this random-init model's near-equal scores reorder on such differences.
     annotate_task(client, ours, detector="boxes", store=store.root, threshold=0.0, state_dir=tmp_path / "state",
-                  cache_dir=tmp_path / "chunks", progress=False)
+                  cache_dir=tmp_path / "chunks", progress=False, batch_size=1)
     function = cvat_function.create(model="boxes", store=str(store.root))
     cvataa.annotate_task(client, theirs, function, conf_threshold=0.0)
     assert stored(cvat_double, theirs) == stored(cvat_double, ours)
