@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -34,3 +35,11 @@ def write_results(section: str, text: str, path: Path = RESULTS) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + text
     path.write_text(new)
+
+
+def publish(section: str, text: str, write: bool = True) -> None:
+    """Print a benchmark's section and, unless told not to, put it into bench/RESULTS.md."""
+    print("\n" + text)
+    if write:
+        write_results(section, text)
+        print(f"wrote {RESULTS}", file=sys.stderr)

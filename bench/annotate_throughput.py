@@ -47,7 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from _results import machine, write_results  # noqa: E402
+from _results import machine, publish  # noqa: E402
 from cvat_sdk import make_client  # noqa: E402
 from inference_overhead import cpu_accounting, synthetic_photo  # noqa: E402
 from preannotate.cvat.annotate import annotate_task, resolve_detector  # noqa: E402
@@ -306,9 +306,7 @@ def main() -> int:
         parent.send("stop")
         server.join(timeout=10)
     text = report(rows, time.perf_counter() - started, args.frames, args.repeat, args.cli_repeat)
-    print(text)
-    if not args.no_write:
-        write_results(SECTION, text)
+    publish(SECTION, text, write=not args.no_write)
     return 0
 
 

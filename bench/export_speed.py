@@ -266,10 +266,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         check = compare(ours["file"], theirs["file"])
     text = section(args, info, ours, theirs, check, datumaro_version)
-    print("\n" + text)
-    if not args.no_write and (args.write or args.frames >= 5000):
-        _results.write_results(SECTION, text)
-        print(f"wrote {_results.RESULTS}", file=sys.stderr)
+    _results.publish(SECTION, text, write=not args.no_write and (args.write or args.frames >= 5000))
     return 1 if args.check and theirs["total_s"] / ours["total_s"] < TARGET else 0
 
 

@@ -53,7 +53,6 @@ MODELS = [
     ("fasterrcnn_mobilenet_v3_large_320_fpn", 100, 5),
     ("fasterrcnn_resnet50_fpn", 12, 2),
 ]
-RESULTS = _results.RESULTS
 
 
 def synthetic_photo(width: int = 640, height: int = 480, seed: int = 0) -> bytes:
@@ -296,10 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     total_s = time.perf_counter() - started
     text = section(rows, info, total_s)
-    print("\n" + text)
-    if not args.no_write:
-        _results.write_results(SECTION, text)
-        print(f"wrote {RESULTS}", file=sys.stderr)
+    _results.publish(SECTION, text, write=not args.no_write)
     return 1 if args.check and any(r["ratio"] > TARGET for r in rows) else 0
 
 

@@ -107,9 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Ratio ours/plain (mAP@.5): **{ratio:.3f}** (target >= {TARGET}: {'pass' if ratio >= TARGET else 'FAIL'}).",
     ]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        _results.write_results(SECTION, text)
+    _results.publish(SECTION, text, write=not args.no_write)
     return 1 if args.check and ratio < TARGET else 0
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from _results import machine, write_results  # noqa: E402
+from _results import machine, publish  # noqa: E402
 from preannotate.models import ModelStore, create_detector, publish_detector  # noqa: E402
 from preannotate.shapes import parse_label_list  # noqa: E402
 from preannotate.training.synthetic import generate  # noqa: E402
@@ -151,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"p50 while training / idle: {training['p50'] / idle['p50']:.2f}; "
                   f"p99: {training['p99'] / idle['p99']:.2f}. Target: no failed request."]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        write_results(SECTION, text)
+    publish(SECTION, text, write=not args.no_write)
     return 0 if idle["failed"] == training["failed"] == 0 else 1
 
 
