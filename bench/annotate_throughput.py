@@ -50,7 +50,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from _results import machine, publish  # noqa: E402
 from cvat_sdk import make_client  # noqa: E402
 from inference_overhead import cpu_accounting, synthetic_photo  # noqa: E402
-from preannotate.cvat.annotate import annotate_task, resolve_detector  # noqa: E402
+from preannotate.annotate import annotate_task, resolve_detector  # noqa: E402
 from preannotate.cvat.frames import CvatFrames  # noqa: E402
 from preannotate.models import ModelStore, create_detector, publish_detector  # noqa: E402
 from preannotate.shapes import parse_label_list  # noqa: E402

@@ -89,7 +89,7 @@ def test_import_of_our_own_export_as_predictions_is_idempotent(cvat_env, tmp_pat
     for _ in range(2):  # twice: the second run replaces what the first wrote
         assert cli(["import", "--task", "8", str(instances), "--format", "coco"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    created = int(printed[0].split(" shapes created")[0].rsplit(" ", 1)[1])
+    created = int(re.search(r"(\d+) shapes? created", printed[0]).group(1))  # "1 shape", "2 shapes"
     assert created > 0 and f"{created} earlier auto shapes replaced" in printed[1]
     shapes = cvat_env.annotations(8)["shapes"]
     assert sum(s["source"] == "auto" for s in shapes) == created

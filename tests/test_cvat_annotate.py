@@ -11,9 +11,9 @@ import pytest
 import torch
 from cvat_sdk import make_client, models
 from cvat_sdk.core.proxies.annotations import AnnotationUpdateAction
-from preannotate.cvat.annotate import FunctionError, annotate_project, annotate_task, resolve_detector
+from preannotate.annotate import FunctionError, annotate_project, annotate_task, resolve_detector
 from preannotate.cvat.client import CvatError
-from preannotate.cvat.frames import decode_rgb
+from preannotate.frames import decode_rgb
 from preannotate.models import ModelStore, create_detector, publish_detector
 from preannotate.serving.core import App, ModelProvider
 from preannotate.serving.http import make_server

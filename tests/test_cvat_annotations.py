@@ -8,8 +8,8 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from preannotate.cvat.annotations import AnnotationSet, attribute_names, frames_from_annotations, read_labels
-from preannotate.shapes import Shape
+from preannotate.cvat.annotations import attribute_names, frames_from_annotations, read_labels
+from preannotate.shapes import AnnotationSet, Shape
 
 from tests.conftest import FIXTURES
 

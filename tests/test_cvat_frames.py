@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from preannotate.cvat.client import CvatError, connect
-from preannotate.cvat.frames import CvatFrames, decode_rgb
+from preannotate.cvat.frames import CvatFrames
+from preannotate.frames import decode_rgb
 
 from tests import cvat_double as double_module
 from tests.conftest import encode, photo

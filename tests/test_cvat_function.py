@@ -14,8 +14,8 @@ import pytest
 import torch
 from cvat_sdk import Client, Config
 from preannotate import cvat_function
-from preannotate.cvat.annotate import annotate_task
-from preannotate.cvat.frames import decode_rgb
+from preannotate.annotate import annotate_task
+from preannotate.frames import decode_rgb
 from preannotate.models import ModelStore, create_detector, publish_detector
 from preannotate.shapes import parse_label_list
 

@@ -9,9 +9,9 @@ import zipfile
 import numpy as np
 import pytest
 from preannotate.cvat.annotations import frames_from_annotations
-from preannotate.cvat.frames import InMemoryFrames
 from preannotate.formats import masks
 from preannotate.formats.dataset import export_dataset, read_dataset, split_frames
+from preannotate.frames import InMemoryFrames
 from preannotate.shapes import FrameAnnotations, Shape, parse_label_list
 
 from tests.conftest import FIXTURES, encode, photo

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from preannotate import functions
 from preannotate.cli import main as cli
+from preannotate.durations import parse_duration
 from preannotate.models import ARCHITECTURES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def test_every_registry_model_has_a_valid_cpu_and_gpu_function(name):
     assert env["PREANNOTATE_MODEL"] == name
     assert gpu["spec"]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert cpu["spec"]["triggers"]["myHttpTrigger"]["attributes"]["maxRequestBodySize"] == 32 * 1024 * 1024
-    timeout = functions.parse_duration(cpu["spec"]["eventTimeout"])
+    timeout = parse_duration(cpu["spec"]["eventTimeout"])
     assert ARCHITECTURES[name].cpu_timeout_s == timeout <= 120
     labels = json.loads(cpu["metadata"]["annotations"]["spec"])
     expected_type = "mask" if ARCHITECTURES[name].output == "mask" else "rectangle"
@@ -75,8 +76,8 @@ def test_functions_train_into_a_store_outside_the_image_and_carry_no_secrets(fil
 
 
 def test_training_settings_in_the_yaml_are_ones_the_function_accepts():
-    from preannotate.cvat.webhooks import TrainingPolicy
-    from preannotate.training.hyperparameters import Hyperparameters
+    from preannotate.training.triggers import TrainingPolicy
+    from preannotate.hyperparameters import Hyperparameters
 
     config = yaml.safe_load((REPO / "functions/pytorch/retinanet_resnet50_fpn/nuclio/function.yaml").read_text())
     env = {e["name"]: e["value"] for e in config["spec"]["env"]}

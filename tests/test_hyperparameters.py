@@ -6,8 +6,7 @@ import dataclasses
 import json
 
 import pytest
-from preannotate.models.registry import ARCHITECTURES, default_hyperparameters
-from preannotate.training.hyperparameters import (
+from preannotate.hyperparameters import (
     OPTIMIZERS,
     HyperparameterError,
     Hyperparameters,
@@ -15,6 +14,7 @@ from preannotate.training.hyperparameters import (
     parse_pairs,
     valid_keys,
 )
+from preannotate.models.registry import ARCHITECTURES, default_hyperparameters
 
 
 def parse(text: str) -> Hyperparameters:

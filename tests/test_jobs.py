@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -96,7 +97,7 @@ def test_a_job_waits_out_its_debounce(jobs, runner):
 
 def test_cancel_stops_a_running_job_and_drops_a_queued_one(jobs, runner, tmp_path):
     app = App(ModelProvider("nothing", ModelStore(tmp_path)))
-    TrainingRoutes(app, jobs, runner, environ={})
+    TrainingRoutes(app, jobs, runner, environ={"PREANNOTATE_API_AUTH": "none"})
     running = jobs.create({"sleep": 5})
     queued = jobs.create({})
     runner.wake()
@@ -141,6 +142,8 @@ def routed(tmp_path):
     """An app with training routes whose jobs are recorded but not run (no runner in this process)."""
 
     def make(**environ):
+        if "PREANNOTATE_API_TOKEN" not in environ:
+            environ.setdefault("PREANNOTATE_API_AUTH", "none")  # these tests are about the routes, not their guard
         app = App(ModelProvider("fasterrcnn_mobilenet_v3_large_320_fpn", ModelStore(tmp_path)))
         routes = TrainingRoutes(app, JobStore(tmp_path), None, environ=environ)
         return app, routes.jobs
@@ -265,28 +268,67 @@ def _publish_learned(store_root: Path, name: str, tasks: dict[str, str], map_: f
     return ModelStore(store_root).publish(name, write)
 
 
-def test_cron_retrains_only_when_the_annotations_changed(cvat_double, monkeypatch, tmp_path):
+def test_cron_records_a_job_that_retrains_only_when_the_annotations_changed(cvat_double, monkeypatch, tmp_path):
+    """The cron event only records a job (no call to CVAT inside it); the job's process asks CVAT."""
+    from preannotate.training.execute import execute_job
+
     monkeypatch.setenv("CVAT_URL", cvat_double.base_url)
     monkeypatch.setenv("CVAT_USERNAME", cvat_double.credentials[0])
     monkeypatch.setenv("CVAT_PASSWORD", cvat_double.credentials[1])
     app = App(ModelProvider("cars", ModelStore(tmp_path)))
     routes = TrainingRoutes(app, JobStore(tmp_path), None, environ={
         "PREANNOTATE_TRAIN_TASKS": "7", "PREANNOTATE_TRAIN_MODEL": "fasterrcnn_mobilenet_v3_large_320_fpn"})
-    first = app.handle(Request("POST", "/cron"))
-    assert first.status == 202 and "cars has no version yet" in first.body["reason"]
-    assert app.handle(Request("POST", "/cron")).body["reason"] == \
+    requests_before = len(cvat_double.requests)
+    first = app.handle(Request("POST", "/cron", from_platform_cron=True))
+    assert first.status == 202 and len(cvat_double.requests) == requests_before  # CVAT not asked in the event
+    assert routes.jobs.get(first.body["job"]).request["only_if_changed"] is True
+    assert app.handle(Request("POST", "/cron", from_platform_cron=True)).body["reason"] == \
         "cron: a training job is already queued or running"
     routes.jobs.update(first.body["job"], lambda j: setattr(j, "state", "succeeded"))
 
+    def check(job_id: str) -> dict:
+        job = routes.jobs.get(job_id)
+        return execute_job(job, routes.jobs.work_dir(job_id), tmp_path, threading.Event())
+
     updated = datetime.fromisoformat(cvat_double.tasks[7].record["updated_date"].replace("Z", "+00:00"))
     _publish_learned(tmp_path, "cars", {"7": updated.isoformat()})  # as the job recorded what it learned
-    unchanged = app.handle(Request("POST", "/cron"))
-    assert unchanged.status == 200 and unchanged.body["reason"] == "cron: annotations unchanged since cars@1"
+    unchanged = app.handle(Request("POST", "/cron", from_platform_cron=True))
+    assert unchanged.status == 202
+    assert check(unchanged.body["job"]) == {"skipped": "annotations unchanged since cars@1"}
+    routes.jobs.update(unchanged.body["job"], lambda j: setattr(j, "state", "skipped"))
 
     cvat_double.tasks[7].record["updated_date"] = "2030-01-01T00:00:00.000000Z"  # someone saved annotations
-    changed = app.handle(Request("POST", "/cron"))
-    assert changed.status == 202 and changed.body["reason"] == "task(s) 7 changed since cars@1"
-    assert routes.jobs.get(changed.body["job"]).trigger.startswith("cron: task(s) 7 changed")
+    changed = app.handle(Request("POST", "/cron", from_platform_cron=True))
+    assert changed.status == 202
+    from preannotate.cvat.client import connect
+    from preannotate.training.triggers import annotations_changed
+
+    with connect() as client:
+        assert annotations_changed(client, routes.jobs.get(changed.body["job"]).request, {"7": updated.isoformat()},
+                                   "cars@1") == (True, "task(s) 7 changed since cars@1")
+
+
+def test_cron_over_http_needs_the_token_and_a_nuclio_cron_event_does_not(tmp_path):
+    app = App(ModelProvider("cars", ModelStore(tmp_path)))
+    TrainingRoutes(app, JobStore(tmp_path), None, environ={"PREANNOTATE_TRAIN_TASKS": "7",
+                                                         "PREANNOTATE_TRAIN_MODEL": "ssdlite320_mobilenet_v3_large"})
+    assert app.handle(Request("POST", "/cron")).status == 403  # no token configured: closed
+    assert app.handle(Request("POST", "/cron", from_platform_cron=True)).status == 202
+
+
+def test_without_a_token_the_training_routes_are_closed_and_health_says_so(tmp_path):
+    app = App(ModelProvider("cars", ModelStore(tmp_path)))
+    routes = TrainingRoutes(app, JobStore(tmp_path), None, environ={})
+    refused = app.handle(Request("POST", "/train", body={"tasks": [7], "model": "ssdlite320_mobilenet_v3_large"}))
+    assert refused.status == 403 and "PREANNOTATE_API_TOKEN" in refused.body["error"]
+    assert app.handle(Request("GET", "/jobs")).status == 403 and routes.jobs.all() == []
+    assert app.handle(Request("GET", "/health")).body["training_routes"].startswith("closed")
+    opened = App(ModelProvider("cars", ModelStore(tmp_path)))
+    TrainingRoutes(opened, JobStore(tmp_path), None, environ={"PREANNOTATE_API_AUTH": "none"})
+    assert opened.handle(Request("GET", "/health")).body["training_routes"].startswith("open")
+    tokened = App(ModelProvider("cars", ModelStore(tmp_path)))
+    TrainingRoutes(tokened, JobStore(tmp_path), None, environ={"PREANNOTATE_API_TOKEN": "t"})
+    assert tokened.handle(Request("GET", "/health")).body["training_routes"].startswith("token")
 
 
 @pytest.mark.parametrize("promote, new, served, expected", [
@@ -296,9 +338,9 @@ def test_cron_retrains_only_when_the_annotations_changed(cvat_double, monkeypatc
 def test_a_worse_version_is_kept_but_not_served_unless_asked(promote, new, served, expected):
     from preannotate.models.artifact import Manifest
     from preannotate.shapes import parse_label_list
-    from preannotate.training.execute import should_promote
+    from preannotate.training.recipe import should_promote
 
     serving = Manifest(architecture="x", labels=parse_label_list("a"), metrics={} if served is None else
                        {"map": served})
-    assert should_promote(promote, {} if new is None else {"map": new}, serving) is expected
-    assert should_promote("auto", {"map": 0.0}, None) is True  # the first version is always served
+    assert should_promote(promote, {} if new is None else {"map": new}, serving).served is expected
+    assert should_promote("auto", {"map": 0.0}, None).served is True  # the first version is always served

@@ -14,19 +14,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from preannotate.cvat.frames import InMemoryFrames
 from preannotate.formats import coco, masks
+from preannotate.frames import InMemoryFrames
+from preannotate.hyperparameters import HyperparameterError, Hyperparameters
 from preannotate.models import create_detector
+from preannotate.models.torchvision_family import freeze_backbone
 from preannotate.shapes import FrameAnnotations, Label, Shape
 from preannotate.training import data, optim
 from preannotate.training.evaluation import CocoAccumulator, coco_metrics, recalibrate_batch_norm
-from preannotate.training.hyperparameters import HyperparameterError, Hyperparameters
 from preannotate.training.logs import EventWriter, MetricsLog, crc32c
 from preannotate.training.trainer import (
     RunMismatch,
     effective_hyperparameters,
     frame_ranges,
-    freeze_backbone,
     train,
 )
 
@@ -369,14 +369,14 @@ def test_trainable_backbone_layers_freeze_the_early_stages():
     for arch in ("ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"):
         model = create_detector(arch, labels, hyperparameters={"image_size": 64}).model
         backbone = model.backbone.features if arch.startswith("ssd") else model.backbone.body
-        freeze_backbone(model, arch, None, "random")
+        freeze_backbone(model, None, "random")
         assert all(p.requires_grad for p in model.parameters())  # from scratch: everything learns
-        freeze_backbone(model, arch, 0, "random")
+        freeze_backbone(model, 0, "random")
         assert not any(p.requires_grad for p in backbone.parameters())
         assert all(p.requires_grad for p in model.head.parameters()) if arch.startswith("ssd") else all(
             p.requires_grad for p in model.roi_heads.parameters())
     model = create_detector("fasterrcnn_mobilenet_v3_large_320_fpn", labels, hyperparameters={"image_size": 64}).model
-    norms = freeze_backbone(model, "fasterrcnn_mobilenet_v3_large_320_fpn", 2, "pretrained")
+    norms = freeze_backbone(model, 2, "pretrained")
     blocks = list(model.backbone.body.children())
     assert norms and all(not p.requires_grad for n in norms for p in n.parameters())
     assert not any(p.requires_grad for p in blocks[0].parameters())

@@ -283,7 +283,7 @@ def test_early_stopping_and_the_time_limit_stop_the_run_and_still_publish(tmp_pa
 # --- the demo -------------------------------------------------------------------------------------------------------
 
 def test_demo_trains_publishes_serves_through_nuclio_and_scores_held_out_frames(tmp_path):
-    from preannotate.training.demo import run_demo
+    from preannotate.demo import run_demo
 
     said = []
     summary = run_demo(tmp_path, steps=3, frames=20, held_out=4, progress=False, say=said.append,

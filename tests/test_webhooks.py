@@ -7,7 +7,9 @@ import json
 import pytest
 from cvat_sdk import make_client
 from preannotate.cvat import webhooks
-from preannotate.cvat.webhooks import TrainingPolicy, Trigger, WebhookError
+from preannotate.cvat.webhooks import WebhookError
+from preannotate.training import triggers
+from preannotate.training.triggers import TrainingPolicy, Trigger
 
 from tests.conftest import FIXTURES
 
@@ -57,9 +59,9 @@ def test_header_name_is_matched_without_regard_to_case():
 
 def test_completed_job_and_acceptance_stage_start_training_by_default():
     policy = TrainingPolicy()
-    completed = webhooks.qualifying_change(delivery("update_job.state_completed")["body_json"], policy)
+    completed = triggers.qualifying_change(delivery("update_job.state_completed")["body_json"], policy)
     assert completed == Trigger(project_id=6, task_id=7, job_id=7, frames=3, reason="job 7 state=completed")
-    accepted = webhooks.qualifying_change(delivery("update_job.stage_acceptance")["body_json"], policy)
+    accepted = triggers.qualifying_change(delivery("update_job.stage_acceptance")["body_json"], policy)
     assert isinstance(accepted, Trigger) and accepted.job_id == 8 and accepted.reason == "job 8 stage=acceptance"
 
 
@@ -71,7 +73,7 @@ def test_completed_job_and_acceptance_stage_start_training_by_default():
     ("delete_task", "delete:task does not start training"),
 ])
 def test_other_deliveries_start_nothing_and_say_why(name, why):
-    answer = webhooks.qualifying_change(delivery(name)["body_json"], TrainingPolicy())
+    answer = triggers.qualifying_change(delivery(name)["body_json"], TrainingPolicy())
     assert isinstance(answer, str) and why in answer
 
 
@@ -80,10 +82,10 @@ def test_policy_from_environment_narrows_what_counts():
         "PREANNOTATE_TRAIN_ON": "state=completed", "PREANNOTATE_TRAIN_MIN_NEW_FRAMES": "500",
         "PREANNOTATE_TRAIN_DEBOUNCE": "10m", "PREANNOTATE_TRAIN_PROJECTS": "6;9"})
     assert policy == TrainingPolicy(("state=completed",), 500, 600.0, frozenset({6, 9}))
-    acceptance = webhooks.qualifying_change(delivery("update_job.stage_acceptance")["body_json"], policy)
+    acceptance = triggers.qualifying_change(delivery("update_job.stage_acceptance")["body_json"], policy)
     assert acceptance == "job 8: stage=acceptance is not one of state=completed"
     other_project = TrainingPolicy(projects=frozenset({1}))
-    assert "project 6" in webhooks.qualifying_change(delivery("update_job.state_completed")["body_json"],
+    assert "project 6" in triggers.qualifying_change(delivery("update_job.state_completed")["body_json"],
                                                      other_project)
     assert TrainingPolicy.from_environment({}) == TrainingPolicy()
 

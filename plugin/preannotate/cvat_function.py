@@ -20,8 +20,7 @@ import cvat_sdk.auto_annotation as cvataa
 import PIL.Image
 from cvat_sdk import models
 
-from preannotate.models import Detector, ModelStore, get_architecture
-from preannotate.serving.core import DEFAULT_STORE, ModelProvider
+from preannotate.models import Detector, get_architecture, load_model
 from preannotate.shapes import Shape
 
 
@@ -72,6 +71,4 @@ def create(model: str | None = None, store: str | None = None, device: str | Non
     if not model:
         raise ValueError("name the model: -p model=str:NAME (a model in the store, NAME@VERSION, an architecture "
                          "or an artifact directory), or set PREANNOTATE_MODEL")
-    store_root = store or os.environ.get("PREANNOTATE_MODEL_STORE") or DEFAULT_STORE
-    provider = ModelProvider(model, ModelStore(store_root), device or os.environ.get("PREANNOTATE_DEVICE") or None)
-    return DetectionFunction(provider.current())
+    return DetectionFunction(load_model(model, store, device or os.environ.get("PREANNOTATE_DEVICE") or None))

@@ -23,8 +23,7 @@ from typing import Any, TextIO
 import yaml
 
 from preannotate import functions
-from preannotate.models.artifact import Manifest, ModelStore
-from preannotate.models.registry import get_architecture
+from preannotate.models import DEFAULT_STORE, Manifest, ModelReference, ModelStore, get_architecture, open_store
 
 PROJECT = "cvat"                 # CVAT lists only the functions of this Nuclio project
 NETWORK = "cvat_cvat"            # CVAT's compose network: the function reaches cvat_server by name
@@ -50,9 +49,9 @@ def render_model_function(store: ModelStore, reference: str, out: Path, cron: st
     """Write the function directory (function.yaml, function-gpu.yaml, main.py) that serves ``reference``
     (``NAME``: its served version, swapped when a new one is promoted; ``NAME@VERSION``: pinned) with the CVAT label
     spec of its manifest. The store is mounted from where it is now (``store.root``) or from ``store_claim``."""
-    manifest = Manifest.read(store.resolve(reference))  # ModelNotFound lists the models there
+    manifest = Manifest.read(ModelReference.parse(reference).directory(store))  # ModelNotFound lists the models
     arch = get_architecture(manifest.architecture)
-    name = reference.partition("@")[0]
+    name = ModelReference.parse(reference).name
     settings = {"model": reference, "name": function_name(name), "cron": cron, "train_project": train_project,
                 "description": f"preannotate model {name} ({arch.name}, {len(manifest.labels)} labels)",
                 "store_host_path": str(store.root.resolve()), "store_claim": store_claim}
@@ -131,9 +130,9 @@ def deploy_model(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         raise DeployError("--cron retrains a project: give it with --train-project N")
     if args.platform == "kube" and not args.store_claim:
         raise DeployError("on Kubernetes the store is a PersistentVolumeClaim: give it with --store-claim NAME")
-    name = args.model.partition("@")[0]
+    name = ModelReference.parse(args.model).name
     directory = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "preannotate-functions" / name
-    render_model_function(ModelStore(args.store), args.model, directory, cron=args.cron,
+    render_model_function(open_store(args.store), args.model, directory, cron=args.cron,
                           train_project=args.train_project, store_claim=args.store_claim)
     print(f"# function {function_name(name)} rendered in {directory}", file=out)
     commands = nuctl_commands(directory, args.gpu, environ, platform=args.platform, namespace=args.namespace,
@@ -262,19 +261,20 @@ def submit_kubernetes_job(manifest: dict[str, Any], dry_run: bool = False, kubec
 
 # ------------------------------------------------------------------------------------------ command line
 
-def add_commands(commands: argparse._SubParsersAction, models_commands: argparse._SubParsersAction) -> None:
-    """``preannotate deploy`` and ``preannotate models fetch-weights``."""
-    fetch = models_commands.add_parser(
-        "fetch-weights", help="put architectures' pretrained weights into torch's cache (a function image build step)")
-    fetch.add_argument("architectures", nargs="+")
+def add_commands(commands: argparse._SubParsersAction, models_commands: argparse._SubParsersAction,
+                 common: argparse.ArgumentParser) -> None:
+    """``preannotate deploy`` and ``preannotate models fetch-weights`` (``common``: the options every command takes)."""
+    what = "put architectures' pretrained weights into torch's cache (a function image build step)"
+    fetch = models_commands.add_parser("fetch-weights", help=what, description=what, parents=[common])
+    fetch.add_argument("architectures", nargs="+", help="registry architectures")
 
-    deploy = commands.add_parser(
-        "deploy", help="deploy a Nuclio function serving a trained model (nuctl), or submit a training job to "
-                       "Kubernetes (--runner kubernetes)")
+    what = ("deploy a Nuclio function serving a trained model (nuctl), or submit a training job to Kubernetes "
+            "(--runner kubernetes)")
+    deploy = commands.add_parser("deploy", help=what, description=what, parents=[common])
     deploy.add_argument("--model", help="NAME[@VERSION] in the store (NAME follows the served version)")
-    deploy.add_argument("--store", default=os.environ.get("PREANNOTATE_MODEL_STORE", functions.STORE_HOST_PATH),
-                        help="the model store on this machine, mounted into the function "
-                             "(env PREANNOTATE_MODEL_STORE; default %(default)s)")
+    deploy.add_argument("--store", default=None,
+                        help="the model store on this machine, mounted into the function (default "
+                             f"$PREANNOTATE_MODEL_STORE, else {DEFAULT_STORE})")
     deploy.add_argument("--gpu", action="store_true", help="deploy function-gpu.yaml (or a GPU training Job)")
     deploy.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
     deploy.add_argument("--cron", help="retrain on a schedule when the annotations changed: an interval (6h) or a "

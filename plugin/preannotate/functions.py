@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from preannotate.durations import parse_duration
+from preannotate.models import DEFAULT_STORE
 from preannotate.models.registry import ARCHITECTURES, Architecture
 from preannotate.shapes import ATTRIBUTE_INPUT_TYPES, LABEL_TYPES, Label
 
@@ -18,8 +20,7 @@ MIN_BODY_BYTES = 32 * 1024 * 1024
 CVAT_REQUEST_TIMEOUT_S = 120  # CVAT_NUCLIO_DEFAULT_TIMEOUT: no event may take longer than CVAT waits
 # The model store lives on the host (a volume), not in the image: versions trained by the function outlive its
 # container, and every function mounting the same store serves what the others trained.
-STORE_HOST_PATH = "/var/lib/preannotate/store"
-STORE_MOUNT = "/var/lib/preannotate/store"
+STORE_HOST_PATH = STORE_MOUNT = DEFAULT_STORE  # the same path on the host and inside: one default everywhere
 STORE_VOLUME = "preannotate-store"
 TORCH_HOME = "/opt/preannotate/torch"  # pretrained weights baked into the image at build time (Dockerfile.base)
 BASE_IMAGE = {False: "cvat.preannotate.base:cpu", True: "cvat.preannotate.base:gpu"}
@@ -150,15 +151,6 @@ def render_all(root: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------- validation
-
-def parse_duration(text: str) -> float:
-    """A Go duration (``30s``, ``1m30s``, ``500ms``) in seconds."""
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", str(text))
-    if not parts or "".join(n + u for n, u in parts) != str(text):
-        raise ValueError(f"{text!r} is not a duration like 30s or 1m30s")
-    scale = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
-    return sum(float(n) * scale[u] for n, u in parts)
-
 
 def validate_config(config: dict[str, Any], gpu: bool) -> list[str]:
     """Problems that would stop CVAT from listing or calling the function (empty when none)."""

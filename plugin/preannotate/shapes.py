@@ -12,6 +12,7 @@ from CVAT can be written back unchanged and every conversion lives in one place 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,3 +179,14 @@ class FrameAnnotations:
     name: str = ""
     shapes: list[Shape] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AnnotationSet:
+    """Every non-deleted frame of a task or job range — empty frames included, they are the negatives — the
+    labels, and how many per-frame shapes of each type a detector cannot learn from (counted by the reader,
+    ``preannotate.cvat.annotations``)."""
+
+    frames: dict[int, FrameAnnotations]
+    labels: list[Label]
+    skipped: Counter[str] = field(default_factory=Counter)

@@ -19,24 +19,12 @@ A track stores only its keyframes; the other frames are derived the way CVAT's e
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from preannotate.shapes import DETECTABLE_TYPES, FrameAnnotations, Label, Shape
-
-
-@dataclass
-class AnnotationSet:
-    """Every non-deleted frame of a task or job range — empty frames included, they are the negatives — the
-    labels, and how many per-frame shapes of each type a detector cannot learn from (``frames_from_annotations``)."""
-
-    frames: dict[int, FrameAnnotations]
-    labels: list[Label]
-    skipped: Counter[str] = field(default_factory=Counter)
+from preannotate.shapes import DETECTABLE_TYPES, AnnotationSet, FrameAnnotations, Label, Shape
 
 
 def read_labels(label_dicts: Iterable[Any] | Mapping[str, Any]) -> list[Label]:

@@ -1,8 +1,4 @@
-"""Frame images, by frame number: the one interface exporters, annotators and trainers read pixels through.
-
-``FrameImages`` is the protocol; ``InMemoryFrames`` holds encoded files in memory (tests, synthetic data, a COCO
-folder); ``CvatFrames`` reads a CVAT task by chunk, caches the chunks on disk and fetches ahead.
-"""
+"""The frames of a CVAT task as ``preannotate.frames.FrameImages``: read by chunk, cached on disk, fetched ahead."""
 
 from __future__ import annotations
 
@@ -13,10 +9,9 @@ import logging
 import os
 import time
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import urllib3
@@ -26,39 +21,9 @@ from PIL import Image
 
 from preannotate.cvat.client import CvatError, cvat_errors
 from preannotate.files import replacing
+from preannotate.frames import decode_rgb
 
 log = logging.getLogger(__name__)
-
-
-class FrameImages(Protocol):
-    def encoded(self, frames: Iterable[int]) -> Iterator[tuple[int, bytes]]:
-        """``(frame, file bytes)`` — JPEG or PNG as stored (or encoded once for video) — in the order asked."""
-        ...
-
-    def decoded(self, frames: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
-        """``(frame, RGB HxWx3 uint8 array)`` in the order asked."""
-        ...
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Image file bytes → RGB array (EXIF orientation ignored, as CVAT shows frames)."""
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
-
-
-class InMemoryFrames:
-    """Encoded frame files held in memory."""
-
-    def __init__(self, files: Mapping[int, bytes]):
-        self.files = dict(files)
-
-    def encoded(self, frames: Iterable[int]) -> Iterator[tuple[int, bytes]]:
-        for frame in frames:
-            yield frame, self.files[frame]
-
-    def decoded(self, frames: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
-        for frame, data in self.encoded(frames):
-            yield frame, decode_rgb(data)
 
 
 class CvatFrames:

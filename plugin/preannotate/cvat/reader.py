@@ -13,8 +13,9 @@ from collections import Counter
 
 from cvat_sdk import Client
 
-from preannotate.cvat.annotations import AnnotationSet, frames_from_annotations
+from preannotate.cvat.annotations import frames_from_annotations
 from preannotate.cvat.client import cvat_errors
+from preannotate.shapes import AnnotationSet
 
 log = logging.getLogger(__name__)
 

@@ -27,18 +27,15 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from preannotate.cvat.frames import decode_rgb
 from preannotate.formats import coco
+from preannotate.frames import FrameImages, decode_rgb
 from preannotate.shapes import FrameAnnotations, Label
-
-if TYPE_CHECKING:  # only a protocol; the CVAT implementation's module pulls in cvat-sdk's client
-    from preannotate.cvat.frames import FrameImages
 
 FORMATS = ("coco", "tfrecord")
 FRAMES_PER_SHARD = 1000  # default sharding: a few hundred MB per file for typical photos

@@ -2,7 +2,9 @@
 
 Everything else speaks to models through three calls: ``create_detector`` (a new model for some labels),
 ``save_artifact`` (weights + manifest into a directory) and ``load_detector`` (an artifact back, nothing else
-needed). A detector has ``labels``, ``manifest`` and ``detect(images, threshold) -> list[list[Shape]]``.
+needed). A detector has ``labels``, ``manifest`` and ``detect(images, threshold) -> list[list[Shape]]``. What a user
+names a model by, and the store's default, is ``reference``; what a model family knows about its own internals
+(which layers to freeze when training) is asked through ``family_of``.
 """
 
 from __future__ import annotations
@@ -12,13 +14,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from preannotate.hyperparameters import Hyperparameters
 from preannotate.models.artifact import Manifest, ModelNotFound, ModelStore, library_versions, now_iso
-from preannotate.models.registry import ARCHITECTURES, Architecture, default_hyperparameters, get_architecture
+from preannotate.models.reference import DEFAULT_STORE, ModelReference, default_store, open_store
+from preannotate.models.registry import (
+    ARCHITECTURES,
+    Architecture,
+    default_hyperparameters,
+    get_architecture,
+    hyperparameters_for,
+)
 from preannotate.shapes import Label, Shape
 
-__all__ = ["ARCHITECTURES", "Architecture", "Detector", "Manifest", "ModelNotFound", "ModelStore",
-           "create_detector", "default_hyperparameters", "get_architecture", "load_detector", "publish_detector",
-           "save_artifact"]
+__all__ = ["ARCHITECTURES", "DEFAULT_STORE", "Architecture", "Detector", "Manifest", "ModelNotFound",
+           "ModelReference", "ModelStore", "UnsupportedLabels", "check_label_types", "create_detector",
+           "default_hyperparameters", "default_store", "family_of", "get_architecture", "hyperparameters_for",
+           "load_detector", "load_model", "open_store", "publish_detector", "save_artifact"]
+
+
+class UnsupportedLabels(ValueError):
+    """Labels of a type the model can never produce (points for a box detector, say)."""
 
 
 class Detector(Protocol):
@@ -28,20 +43,35 @@ class Detector(Protocol):
     def detect(self, images: Sequence[Any], threshold: float) -> list[list[Shape]]: ...
 
 
-def _family(arch: Architecture):
+def family_of(arch: Architecture):
+    """The module that builds, runs and trains models of ``arch`` (``preannotate.models.<family>_family``)."""
     return importlib.import_module(f"preannotate.models.{arch.family}_family")
 
 
-def create_detector(architecture: str, labels: Sequence[Label] | None = None, init: str = "random",
-                    hyperparameters: dict[str, Any] | None = None, previous: Path | None = None,
-                    device: str | None = None) -> Detector:
+def check_label_types(arch: Architecture, labels: Sequence[Label]) -> None:
+    """``UnsupportedLabels`` naming every label whose CVAT type the model's output can never fill (for labels a
+    person declares; training learns boxes from any outline, so it does not ask)."""
+    wrong = [label for label in labels if label.type not in arch.label_types]
+    if wrong:
+        listed = ", ".join(f"{label.name} ({label.type})" for label in wrong)
+        raise UnsupportedLabels(f"{arch.name} predicts {'boxes' if arch.output == 'rectangle' else 'masks'}: it "
+                                f"cannot fill {listed}; its labels may be {', '.join(arch.label_types)}")
+
+
+def create_detector(architecture: str, labels: Sequence[Label] | None = None, init: str | None = None,
+                    hyperparameters: Hyperparameters | dict[str, Any] | str | None = None,
+                    previous: Path | None = None, device: str | None = None) -> Detector:
     """A new detector of ``architecture`` for ``labels`` (COCO's when pretrained and none given).
 
-    ``init``: ``random``, ``pretrained`` (the registry's torchvision weights) or ``previous`` (the weights of the
-    artifact at ``previous``; heads for a changed label set start fresh)."""
+    ``init`` (default: the hyperparameters' ``init``, ``random`` when they do not give one): ``random``,
+    ``pretrained`` (the registry's torchvision weights) or ``previous`` (the weights of the artifact at
+    ``previous``; heads for a changed label set start fresh). The manifest records the init used."""
     arch = get_architecture(architecture)
-    family = _family(arch)
-    hp = default_hyperparameters(architecture).updated(hyperparameters or {})
+    family = family_of(arch)
+    hp = hyperparameters_for(architecture, hyperparameters)
+    init = init or (hp.init if "init" in hp.given else "random")
+    if hp.init != init:
+        hp = hp.updated({"init": init})
     if labels is None:
         if init != "pretrained":
             raise ValueError("labels are needed unless the model starts from COCO-pretrained weights")
@@ -67,7 +97,7 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
 
 def save_artifact(detector: Detector, directory: Path) -> Manifest:
     """Write the detector's weights and manifest into ``directory``; return the manifest written."""
-    family = _family(get_architecture(detector.manifest.architecture))
+    family = family_of(get_architecture(detector.manifest.architecture))
     family.write_weights(detector, Path(directory) / detector.manifest.weights)
     detector.manifest.created = detector.manifest.created or now_iso()
     detector.manifest.write(Path(directory))
@@ -84,9 +114,27 @@ def load_detector(directory: str | Path, device: str | None = None) -> Detector:
     """Load a published artifact: only its directory is needed."""
     manifest = Manifest.read(Path(directory))
     arch = get_architecture(manifest.architecture)
-    detector = _family(arch).load(arch, manifest.labels, Path(directory) / manifest.weights,
+    detector = family_of(arch).load(arch, manifest.labels, Path(directory) / manifest.weights,
                                   image_size=manifest.input_size.get("image_size"),
                                   max_image_size=manifest.input_size.get("max_image_size"), device=device,
                                   letterbox=bool(manifest.input_size.get("letterbox")))
     detector.manifest = manifest
     return detector
+
+
+def load_model(reference: str | ModelReference, store: ModelStore | str | Path | None = None,
+               device: str | None = None, version: int | None = None) -> Detector:
+    """The detector a reference names (``models.reference``: an artifact directory, ``NAME``, ``NAME@VERSION``, or
+    an architecture's pretrained weights while nothing is published under its name); ``version`` overrides the
+    store's choice. ``ModelNotFound`` says what the store holds instead."""
+    reference = reference if isinstance(reference, ModelReference) else ModelReference.parse(reference)
+    store = store if isinstance(store, ModelStore) else open_store(store)
+    if reference.path is None and version is None:
+        version = reference.wanted_version(store)
+    if reference.path is not None or version is not None:
+        return load_detector(reference.path or store.resolve(f"{reference.name}@{version}"), device)
+    if reference.architecture:
+        return create_detector(reference.architecture, init="pretrained", device=device)
+    known = ", ".join(store.names()) or "none"
+    raise ModelNotFound(f"model {reference.name!r} has no published version in {store.root} yet (models there: "
+                        f"{known})")

@@ -6,6 +6,8 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
+from preannotate.hyperparameters import Hyperparameters
+
 
 class UnknownArchitecture(ValueError):
     pass
@@ -21,9 +23,18 @@ class Architecture:
     pretrained_kind: str = "coco"    # "coco": whole detector trained on COCO; "backbone": ImageNet backbone only
     image_size: int = 800            # shorter side the model resizes to (square side for SSD)
     max_image_size: int = 1333
+    fixed_size: bool = False         # squashes every frame to an image_size square (SSD), else keeps the aspect
+    min_batch_size: int = 1          # SSD: its last batch norms see 1x1 maps and cannot normalize a single image
     cpu_timeout_s: int = 30          # Nuclio eventTimeout on the CPU (one frame, with margin) ...
     gpu_timeout_s: int = 30          # ... and on a GPU
     defaults: dict[str, Any] = field(default_factory=dict)  # hyperparameters that differ from the global defaults
+    scratch: dict[str, Any] = field(default_factory=dict)   # what differs when it starts from random weights
+
+    @property
+    def label_types(self) -> tuple[str, ...]:
+        """The CVAT label types this model's output fills: boxes fill rectangle labels; instance masks fill mask
+        and polygon labels (CVAT's lambda manager turns a mask into a polygon for a polygon label)."""
+        return ("rectangle", "any") if self.output == "rectangle" else ("mask", "polygon", "any")
 
     @property
     def function_name(self) -> str:
@@ -31,47 +42,53 @@ class Architecture:
         return "pth-preannotate-" + self.name.replace("_", "-")
 
 
-# Defaults follow what our users trained with (Onepanel's TF OD API templates): SSD batch 24, learning rate 0.004,
-# 15,000 steps; Faster R-CNN batch 1, 0.0003, 10,000 steps. The trainer scales steps down for small data.
+# Defaults follow what our users trained with from pretrained weights (Onepanel's TF OD API templates): SSD batch 24,
+# learning rate 0.004, 15,000 steps; Faster R-CNN batch 1, 0.0003, 10,000 steps. The trainer fits the budget to
+# the data and keeps the warm-up's and the schedule's share of the run (training.trainer.effective_hyperparameters).
 _SSD = {"batch_size": 24, "initial_learning_rate": 0.004, "num_steps": 15000, "optimizer": "sgd",
         "schedule": "cosine", "warmup_steps": 500, "weight_decay": 4e-5}
 _RCNN = {"batch_size": 1, "initial_learning_rate": 0.0003, "num_steps": 10000, "optimizer": "sgd",
          "schedule": "multi-step", "schedule_steps": [9000], "schedule_lrs": [0.00003], "warmup_steps": 100}
 _RETINA = {**_RCNN, "batch_size": 2, "initial_learning_rate": 0.001}
+# From random weights nothing is there to protect from a high rate, and SGD at a fine-tuning rate crawls: the recipe
+# of torchvision-style from-scratch training (AdamW, one-cycle: a 30 % rise then annealing, clipped gradients).
+_SCRATCH = {"optimizer": "adamw", "initial_learning_rate": 0.003, "weight_decay": 1e-4, "schedule": "one-cycle",
+            "warmup_steps": 0, "schedule_steps": [], "schedule_lrs": [], "gradient_clip_norm": 10.0}
+_RCNN_SCRATCH = {**_SCRATCH, "initial_learning_rate": 0.001}
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
     Architecture(
         "ssdlite320_mobilenet_v3_large", "torchvision", "rectangle",
         "SSDlite 320 with a MobileNetV3-Large backbone: the recommended default, fast on a CPU",
         "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1", image_size=320, max_image_size=320,
-        defaults=_SSD),
+        fixed_size=True, min_batch_size=2, defaults=_SSD, scratch=_SCRATCH),
     Architecture(
         "fasterrcnn_mobilenet_v3_large_320_fpn", "torchvision", "rectangle",
         "Faster R-CNN, MobileNetV3-Large FPN at 320 px: quick two-stage detector for CPUs",
         "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1", image_size=320, max_image_size=640,
-        defaults={**_RCNN, "batch_size": 4, "initial_learning_rate": 0.002}),
+        defaults={**_RCNN, "batch_size": 4, "initial_learning_rate": 0.002}, scratch=_RCNN_SCRATCH),
     Architecture(
         "fasterrcnn_mobilenet_v3_large_fpn", "torchvision", "rectangle",
         "Faster R-CNN, MobileNetV3-Large FPN at 800 px",
         "FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1", image_size=800, max_image_size=1333,
-        cpu_timeout_s=60, defaults={**_RCNN, "batch_size": 2, "initial_learning_rate": 0.001}),
+        cpu_timeout_s=60, defaults={**_RCNN, "batch_size": 2, "initial_learning_rate": 0.001}, scratch=_RCNN_SCRATCH),
     Architecture(
         "fasterrcnn_resnet50_fpn", "torchvision", "rectangle",
         "Faster R-CNN, ResNet-50 FPN: accurate boxes, best on a GPU",
-        "FasterRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=60, defaults=_RCNN),
+        "FasterRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=60, defaults=_RCNN, scratch=_RCNN_SCRATCH),
     Architecture(
         "fasterrcnn_resnet101_fpn", "torchvision", "rectangle",
         "Faster R-CNN, ResNet-101 FPN (ImageNet backbone; train it on your labels)",
         "ResNet101_Weights.IMAGENET1K_V2", pretrained_kind="backbone", cpu_timeout_s=90,
-        defaults=_RCNN),
+        defaults=_RCNN, scratch=_RCNN_SCRATCH),
     Architecture(
         "retinanet_resnet50_fpn", "torchvision", "rectangle",
         "RetinaNet, ResNet-50 FPN: one-stage detector, good on many small objects",
-        "RetinaNet_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=60, defaults=_RETINA),
+        "RetinaNet_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=60, defaults=_RETINA, scratch=_RCNN_SCRATCH),
     Architecture(
         "maskrcnn_resnet50_fpn", "torchvision", "mask",
         "Mask R-CNN, ResNet-50 FPN: instance masks, returned as CVAT masks with polygons",
-        "MaskRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=90, defaults=_RCNN),
+        "MaskRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=90, defaults=_RCNN, scratch=_RCNN_SCRATCH),
 ]}
 
 DEFAULT_ARCHITECTURE = "ssdlite320_mobilenet_v3_large"
@@ -87,10 +104,26 @@ def get_architecture(name: str) -> Architecture:
             f"unknown architecture {name!r}{hint}; known: {', '.join(ARCHITECTURES)}") from None
 
 
-def default_hyperparameters(name: str):
-    """The architecture's default hyperparameters, with its input size."""
-    from preannotate.training.hyperparameters import Hyperparameters
-
+def default_hyperparameters(name: str, init: str | None = None) -> Hyperparameters:
+    """The architecture's default hyperparameters, with its input size; with ``init="random"`` its from-scratch
+    recipe on top (none of them counts as given)."""
     arch = get_architecture(name)
-    return Hyperparameters().updated(
-        {"image_size": arch.image_size, "max_image_size": arch.max_image_size, **arch.defaults})
+    defaults = {"image_size": arch.image_size, "max_image_size": arch.max_image_size, **arch.defaults}
+    if init == "random":
+        defaults.update(arch.scratch)
+    return Hyperparameters().updated(defaults, given=False)
+
+
+def hyperparameters_for(name: str, text: str | dict[str, Any] | Hyperparameters | None = None) -> Hyperparameters:
+    """The one parse of a user's hyperparameters for an architecture: its defaults with ``text`` on top, the keys
+    given remembered. ``init=random`` brings the architecture's from-scratch recipe for every key the user did not
+    give. Hyperparameters already parsed pass through."""
+    if isinstance(text, Hyperparameters):
+        return text
+    hp = default_hyperparameters(name).updated(text or "")
+    if hp.init == "random":
+        scratch = default_hyperparameters(name, "random")
+        hp = hp.replaced(**{key: getattr(scratch, key) for key in get_architecture(name).scratch
+                                        if key not in hp.given})
+        hp.check()
+    return hp

@@ -147,6 +147,39 @@ class TorchvisionDetector:
         return shapes
 
 
+def freeze_backbone(model: torch.nn.Module, trainable_layers: int | None, init: str) -> list[torch.nn.Module]:
+    """Freeze all but the last ``trainable_layers`` stages of the backbone, as torchvision's builders do (None:
+    all of them from scratch, else torchvision's default of 3 — all for SSDlite). From pretrained or previous
+    weights the backbone's batch norms are frozen too (torchvision's ``FrozenBatchNorm2d``; small detection
+    batches would wreck their statistics); they are returned so the loop keeps them in eval mode."""
+    ssd = hasattr(model.backbone, "features")  # SSDlite's MobileNet extractor; the others wrap an FPN body
+    if ssd:  # the builder split MobileNet's C4 block in two: its first half starts a stage
+        first, rest = model.backbone.features
+        blocks = [*first, *rest]
+        starts = sorted({0, len(first) - 1, len(blocks) - 1,
+                         *(i for i, b in enumerate(blocks) if getattr(b, "_is_cn", False))})
+    elif hasattr(model.backbone.body, "layer4"):  # ResNet: conv1 + bn1, then layer1..layer4
+        names = [name for name, _ in model.backbone.body.named_children()]
+        blocks = list(model.backbone.body.children())
+        starts = [0, *(names.index(f"layer{k}") for k in range(1, 5))]
+    else:  # MobileNetV3 features: stages start at the strided blocks (torchvision's stage_indices)
+        blocks = list(model.backbone.body.children())
+        starts = sorted({0, len(blocks) - 1, *(i for i, b in enumerate(blocks) if getattr(b, "_is_cn", False))})
+    if trainable_layers is None:
+        trainable_layers = len(starts) if init == "random" or ssd else 3
+    trainable_layers = min(trainable_layers, len(starts))
+    freeze_before = len(blocks) if trainable_layers == 0 else starts[len(starts) - trainable_layers]
+    for block in blocks[:freeze_before]:
+        block.requires_grad_(False)
+    frozen_norms: list[torch.nn.Module] = []
+    if init != "random" and not ssd:
+        for module in model.backbone.body.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.requires_grad_(False)
+                frozen_norms.append(module)
+    return frozen_norms
+
+
 def _unpad(output: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
     """A letterboxed image's detections in the coordinates of the image before padding. ``center_crop`` pads
     ``(side - height) // 2`` rows above and ``(side - width) // 2`` columns left, as the training letterbox does."""

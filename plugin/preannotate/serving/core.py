@@ -14,16 +14,19 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from preannotate.models import ARCHITECTURES, ModelNotFound, ModelStore, create_detector, load_detector
-from preannotate.models.artifact import MANIFEST_FILE, Manifest
+from preannotate.models import (
+    Manifest,
+    ModelNotFound,
+    ModelReference,
+    ModelStore,
+    default_store,
+    load_model,
+)
 from preannotate.serving import contract
 
 log = logging.getLogger(__name__)
-
-DEFAULT_STORE = "/opt/preannotate/store"
 
 
 class ModelUnavailable(Exception):
@@ -38,6 +41,7 @@ class Request:
     headers: dict[str, str] = field(default_factory=dict)
     query: dict[str, str] = field(default_factory=dict)
     raw: bytes | None = None               # the body's bytes when the door still has them (webhook signatures)
+    from_platform_cron: bool = False       # a Nuclio cron event: the platform, not a client, is asking
 
 
 @dataclass
@@ -48,29 +52,23 @@ class Reply:
 
 
 class ModelProvider:
-    """The model named by ``reference``, loaded once, swapped for a newer published version when one appears.
+    """The model named by ``reference`` (``models.reference``: an artifact directory, ``NAME``, ``NAME@VERSION`` or
+    an architecture), loaded once and swapped for the newly served version when the store's changes."""
 
-    ``reference`` is an artifact directory, ``NAME`` (newest version in the store), ``NAME@VERSION`` (pinned),
-    or a registry architecture: its store entry of that name if published, else its COCO-pretrained weights.
-    """
-
-    def __init__(self, reference: str, store: ModelStore, device: str | None = None):
-        self.reference = reference
+    def __init__(self, reference: str | ModelReference, store: ModelStore, device: str | None = None):
+        self.reference = reference if isinstance(reference, ModelReference) else ModelReference.parse(reference)
         self.store = store
         self.device = device
         self._detector = None
         self._loaded_version: int | None = None
         self._load_lock = threading.Lock()
-        self._name, _, pinned = reference.partition("@")
-        self._pinned = pinned or None
-        self._path = Path(reference) if (Path(reference) / MANIFEST_FILE).is_file() else None
-        if self._path is None and self._name not in ARCHITECTURES and not store.versions(self._name):
+        if self.reference.path is None and not self.reference.architecture and not store.versions(self.reference.name):
             log.warning("model %r is neither an artifact, an architecture nor published in %s yet",
-                        reference, store.root)
+                        self.reference.text, store.root)
 
     def current(self):
         """The detector to use for this request (loads or swaps when needed)."""
-        wanted = self._wanted_version()
+        wanted = self.reference.wanted_version(self.store)
         if self._detector is not None and wanted == self._loaded_version:
             return self._detector
         if self._detector is None:
@@ -86,37 +84,26 @@ class ModelProvider:
         return self._detector
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"reference": self.reference, "store": str(self.store.root)}
+        info: dict[str, Any] = {"reference": self.reference.text, "store": str(self.store.root)}
         if self._detector is not None:
             manifest: Manifest = self._detector.manifest
-            info.update(name=manifest.name or self._name, version=manifest.version,
+            info.update(name=manifest.name or self.reference.name, version=manifest.version,
                         architecture=manifest.architecture, labels=[label.to_dict() for label in manifest.labels],
                         metrics=manifest.metrics)
         return info
 
-    def _wanted_version(self) -> int | None:
-        if self._path is not None or self._pinned:
-            return 0 if self._path is not None else int(self._pinned.lstrip("v"))
-        return self.store.serving(self._name)
-
     def _load(self, version: int | None) -> None:
         started = time.perf_counter()
-        if self._path is not None:
-            detector = load_detector(self._path, self.device)
-        elif version is not None:
-            detector = load_detector(self.store.resolve(f"{self._name}@{version}"), self.device)
-        elif self._name in ARCHITECTURES:
-            try:
-                detector = create_detector(self._name, init="pretrained", device=self.device)
-            except Exception as error:
-                raise ModelUnavailable(f"model {self._name!r} has no published version in {self.store.root} "
-                                       f"and its pretrained weights cannot be loaded: {error}") from None
-        else:
-            raise ModelUnavailable(f"model {self._name!r} has no published version in {self.store.root} yet; "
-                                   "train one (POST /train or `preannotate train`) or publish one with "
-                                   "`preannotate models create`")
+        try:
+            detector = load_model(self.reference, self.store, self.device, version)
+        except ModelNotFound as error:
+            raise ModelUnavailable(f"{error}; train one (POST /train or `preannotate train`) or publish one with "
+                                   "`preannotate models create`") from None
+        except RuntimeError as error:  # pretrained weights not in the image
+            raise ModelUnavailable(f"model {self.reference.name!r} has no published version in {self.store.root} "
+                                   f"and its pretrained weights cannot be loaded: {error}") from None
         self._detector, self._loaded_version = detector, version
-        log.info("serving %s (version %s) after %.1fs", self.reference, version, time.perf_counter() - started)
+        log.info("serving %s (version %s) after %.1fs", self.reference.text, version, time.perf_counter() - started)
 
 
 Handler = Callable[[Request, re.Match], Reply]
@@ -132,6 +119,7 @@ class App:
         # server's threads) then finish one after another, instead of all of them together at the very end.
         self._inference = threading.Lock()
         self._routes: list[tuple[str, re.Pattern, Handler]] = []
+        self.status: dict[str, Any] = {}  # what features add to GET /health (how the training routes are guarded)
         self.route("POST", "/", self.detect)
         self.route("GET", "/health", self.health)
         self.route("GET", "/models", self.models)
@@ -139,7 +127,7 @@ class App:
     @classmethod
     def from_environment(cls, environ: dict[str, str] | None = None) -> App:
         env = os.environ if environ is None else environ
-        store = ModelStore(env.get("PREANNOTATE_MODEL_STORE", DEFAULT_STORE))
+        store = ModelStore(env.get("PREANNOTATE_MODEL_STORE") or default_store())
         reference = env.get("PREANNOTATE_MODEL")
         if not reference:
             raise RuntimeError("PREANNOTATE_MODEL is not set: name a model in the store, an architecture, "
@@ -186,10 +174,10 @@ class App:
         return Reply(200, contract.shapes_to_response(shapes))
 
     def health(self, request: Request, _: re.Match) -> Reply:
-        return Reply(200, {"status": "ok", "model": self.provider.describe()})
+        return Reply(200, {"status": "ok", "model": self.provider.describe(), **self.status})
 
     def models(self, request: Request, _: re.Match) -> Reply:
-        name = self.provider.reference.partition("@")[0]
+        name = self.provider.reference.name
         try:
             versions = [row for row in self.provider.store.describe() if row["name"] == name]
         except ModelNotFound:

@@ -13,7 +13,10 @@ from preannotate.serving.core import App, Reply, Request
 log = logging.getLogger(__name__)
 
 
-def make_server(app: App, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
+def make_server(app: App | None, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
+    """A server bound to ``host:port`` (an ``OSError`` at once when the port is taken) answering with ``app``; it
+    may be set later (``server.app``), so that a busy port fails before a model is loaded."""
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -32,7 +35,7 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 8080) -> Threadin
                     body = json.loads(body)
                 except (UnicodeDecodeError, json.JSONDecodeError):
                     pass  # left as bytes: the contract reports what is wrong with it
-            self._send(app.handle(Request(method=self.command, path=url.path, body=body, raw=raw,
+            self._send(self.server.app.handle(Request(method=self.command, path=url.path, body=body, raw=raw,
                                           headers=dict(self.headers.items()), query=dict(parse_qsl(url.query)))))
 
         def _discard(self, length: int) -> None:
@@ -61,4 +64,6 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 8080) -> Threadin
         daemon_threads = True
         request_queue_size = 256  # the listen backlog: CVAT's workers and users may connect hundreds at once
 
-    return Server((host, port), Handler)
+    server = Server((host, port), Handler)
+    server.app = app
+    return server

@@ -13,22 +13,23 @@ def init_context(context) -> None:
     app = App.from_environment()
     # the training routes, and the runner that trains queued jobs in a process of their own
     context.user_data.training = TrainingRoutes.attach(app)
-    context.logger.info(f"preannotate serving {app.provider.reference} from {app.provider.store.root}")
+    context.logger.info(f"preannotate serving {app.provider.reference.text} from {app.provider.store.root}")
     context.user_data.app = app
 
 
 def _is_cron(event) -> bool:
-    # Nuclio's own cron trigger, or (cronTriggerCreationMode "kube") a CronJob calling the HTTP trigger
-    headers = {str(k).lower(): str(v) for k, v in (event.headers or {}).items()}
-    return getattr(event.trigger, "kind", "") == "cron" or headers.get("x-nuclio-invoke-trigger") == "cron"
+    """Nuclio's own cron trigger. (A Kubernetes CronJob that Nuclio creates instead calls the HTTP trigger: anyone
+    could send its header, so such a call goes to ``/cron`` as any client's, with the API token.)"""
+    return getattr(event.trigger, "kind", "") == "cron"
 
 
 def handler(context, event):
     cron = _is_cron(event)
+    headers = {str(k): str(v) for k, v in (event.headers or {}).items()}
+    cron_over_http = {k.lower(): v for k, v in headers.items()}.get("x-nuclio-invoke-trigger") == "cron"
     reply = context.user_data.app.handle(Request(
-        method="POST" if cron else event.method or "POST", path="/cron" if cron else event.path or "/",
-        body=event.body,
-        headers={str(k): str(v) for k, v in (event.headers or {}).items()},
-        query={str(k): str(v) for k, v in (event.fields or {}).items()}))
+        method="POST" if cron or cron_over_http else event.method or "POST",
+        path="/cron" if cron or cron_over_http else event.path or "/", body=event.body, headers=headers,
+        query={str(k): str(v) for k, v in (event.fields or {}).items()}, from_platform_cron=cron))
     return context.Response(body=json.dumps(reply.body), headers={k: str(v) for k, v in reply.headers.items()},
                             content_type="application/json", status_code=reply.status)

@@ -1,40 +1,42 @@
 """The training routes of a function: ``POST /train``, ``GET /jobs``, ``GET /jobs/<id>``, ``POST /jobs/<id>/cancel``,
 ``POST /webhook`` (a signed CVAT delivery) and ``POST /cron`` (a Nuclio cron trigger).
 
-Every route answers at once: it validates, records a job in the store and returns ``202 {"job": id}``; the
-``JobRunner`` trains in a separate process. Settings come from the function's environment:
+Every route answers at once: it validates, records a job in the store (what counts is ``training.triggers``) and
+returns ``202 {"job": id}``; the ``JobRunner`` trains in a separate process. Nothing that trains or changes state is
+open to whoever can reach the function:
 
-* ``PREANNOTATE_TRAIN_MODEL`` — the architecture to train (default: that of the served model);
-* ``PREANNOTATE_TRAIN_HYPERPARAMETERS`` — hyperparameters for triggered training (``key=value; ...``);
-* ``PREANNOTATE_TRAIN_PROJECT`` / ``PREANNOTATE_TRAIN_TASKS`` — what cron retrains on (a project id, or task ids);
-* ``PREANNOTATE_API_TOKEN`` — when set, ``/train`` and ``/jobs…`` need ``Authorization: Bearer <token>``;
-* ``PREANNOTATE_WEBHOOK_SECRET`` and the policy of ``preannotate.cvat.webhooks`` for ``/webhook``.
+* ``/train``, ``/jobs…`` and ``/cron`` over HTTP need ``Authorization: Bearer <PREANNOTATE_API_TOKEN>``; without a
+  token set they are closed, unless the operator opens them on purpose with ``PREANNOTATE_API_AUTH=none``
+  (``GET /health`` says which mode is on);
+* ``/webhook`` needs CVAT's signature with ``PREANNOTATE_WEBHOOK_SECRET``;
+* a Nuclio cron event (its trigger's kind is ``cron``) reaches ``/cron`` without a token: it comes from the platform.
+
+Settings come from the function's environment: ``PREANNOTATE_TRAIN_MODEL`` (the architecture to train; default:
+that of the served model), ``PREANNOTATE_TRAIN_HYPERPARAMETERS`` (``key=value; ...``), ``PREANNOTATE_TRAIN_PROJECT`` /
+``PREANNOTATE_TRAIN_TASKS`` (what cron retrains on) and the policy of ``training.triggers``.
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import os
 import re
-import threading
-import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from preannotate.cvat import webhooks
-from preannotate.files import write_atomically
-from preannotate.models import ARCHITECTURES
+from preannotate.hyperparameters import HyperparameterError
+from preannotate.models import ARCHITECTURES, Manifest, hyperparameters_for
 from preannotate.serving.contract import ContractError, json_body
 from preannotate.serving.core import App, Reply, Request
-from preannotate.training.hyperparameters import HyperparameterError, Hyperparameters
 from preannotate.training.jobs import Job, JobNotFound, JobRunner, JobStore, request_cancel
+from preannotate.training.recipe import PROMOTE_CHOICES
+from preannotate.training.triggers import Decision, TrainingPolicy, Triggers, qualifying_change
 
 log = logging.getLogger(__name__)
 
-PROMOTE_CHOICES = ("auto", "always", "never")
+AUTH_MODES = ("token", "none")
 
 
 class TrainingRoutes:
@@ -44,14 +46,17 @@ class TrainingRoutes:
         self.jobs = jobs
         self.runner = runner
         self.env = dict(os.environ if environ is None else environ)
-        self.policy = webhooks.TrainingPolicy.from_environment(self.env)
-        self._webhook_lock = threading.Lock()
+        self.auth = (self.env.get("PREANNOTATE_API_AUTH") or "token").strip().lower()
+        if self.auth not in AUTH_MODES:
+            raise ValueError(f"PREANNOTATE_API_AUTH is {self.auth!r}: use token (the default) or none")
+        self.triggers = Triggers(jobs, TrainingPolicy.from_environment(self.env))
         app.route("POST", "/train", self._guarded(self.train))
         app.route("GET", "/jobs", self._guarded(self.list_jobs))
         app.route("GET", r"/jobs/([\w.-]+)", self._guarded(self.get_job))
         app.route("POST", r"/jobs/([\w.-]+)/cancel", self._guarded(self.cancel_job))
         app.route("POST", "/webhook", self.webhook)  # guarded by its signature
-        app.route("POST", "/cron", self.cron)
+        app.route("POST", "/cron", self._guarded(self.cron, platform_cron=True))
+        app.status["training_routes"] = self.mode()
 
     @classmethod
     def attach(cls, app: App, environ: Mapping[str, str] | None = None, start_runner: bool = True) -> TrainingRoutes:
@@ -59,37 +64,47 @@ class TrainingRoutes:
         runner = JobRunner(jobs).start() if start_runner else None
         return cls(app, jobs, runner, environ)
 
+    def mode(self) -> str:
+        """How the training routes are guarded, as ``/health`` reports it."""
+        if self.auth == "none":
+            return "open: no credentials needed (PREANNOTATE_API_AUTH=none)"
+        if self.env.get("PREANNOTATE_API_TOKEN"):
+            return "token: Authorization: Bearer <PREANNOTATE_API_TOKEN>"
+        return "closed: set PREANNOTATE_API_TOKEN to use them"
+
     # ---------------------------------------------------------------- what is trained by default
 
     def default_architecture(self) -> str:
         if self.env.get("PREANNOTATE_TRAIN_MODEL"):
             return self.env["PREANNOTATE_TRAIN_MODEL"]
-        reference = self.app.provider.reference.partition("@")[0]
-        if reference in ARCHITECTURES:
-            return reference
-        store = self.app.provider.store
-        version = store.serving(reference)
-        if version is not None:
-            from preannotate.models.artifact import Manifest
-
-            return Manifest.read(store.path(reference, version)).architecture
-        raise ContractError("no architecture to train: set PREANNOTATE_TRAIN_MODEL or give 'model'")
+        reference, store = self.app.provider.reference, self.app.provider.store
+        if reference.architecture:
+            return reference.architecture
+        try:
+            return Manifest.read(reference.directory(store)).architecture
+        except LookupError:
+            raise ContractError("no architecture to train: set PREANNOTATE_TRAIN_MODEL or give 'model'") from None
 
     def default_name(self) -> str:
-        reference = self.app.provider.reference
-        return Path(reference).name if (Path(reference) / "manifest.json").is_file() else reference.partition("@")[0]
+        return self.app.provider.reference.name
 
     # ---------------------------------------------------------------- routes
 
-    def _guarded(self, handler):
+    def _guarded(self, handler, platform_cron: bool = False):
         def guarded(request: Request, match: re.Match) -> Reply:
+            if platform_cron and request.from_platform_cron:
+                return handler(request, match)
             token = self.env.get("PREANNOTATE_API_TOKEN")
-            if token:
-                given = next((v for k, v in request.headers.items() if k.lower() == "authorization"), "")
-                scheme, _, value = given.partition(" ")
-                if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-                    return Reply(401, {"error": "this route needs 'Authorization: Bearer <PREANNOTATE_API_TOKEN>'"},
-                                 {"WWW-Authenticate": "Bearer"})
+            if self.auth == "none":
+                return handler(request, match)
+            if not token:
+                return Reply(403, {"error": "the training routes are closed: the operator sets PREANNOTATE_API_TOKEN "
+                                            "(then send Authorization: Bearer <token>)"})
+            given = next((v for k, v in request.headers.items() if k.lower() == "authorization"), "")
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+                return Reply(401, {"error": "this route needs 'Authorization: Bearer <PREANNOTATE_API_TOKEN>'"},
+                             {"WWW-Authenticate": "Bearer"})
             return handler(request, match)
         return guarded
 
@@ -121,7 +136,7 @@ class TrainingRoutes:
         if not tasks and project is None:
             raise ContractError("say what to learn from: 'tasks' (CVAT task ids) or 'project' (a project id)")
         model = body.get("model") or self.default_architecture()
-        if model not in ARCHITECTURES:
+        if not isinstance(model, str) or model not in ARCHITECTURES:
             raise ContractError(f"unknown model {model!r}; architectures: {', '.join(ARCHITECTURES)}")
         text = body.get("hyperparameters", self.env.get("PREANNOTATE_TRAIN_HYPERPARAMETERS", ""))
         if isinstance(text, dict):
@@ -129,7 +144,7 @@ class TrainingRoutes:
         if not isinstance(text, str):
             raise ContractError("'hyperparameters' must be 'key=value; ...' text or an object")
         try:
-            Hyperparameters().updated(text)
+            hyperparameters_for(model, text)  # checked here; the job parses its copy once more in its process
         except HyperparameterError as error:
             raise ContractError(f"hyperparameters: {error}") from None
         promote = body.get("promote", "auto")
@@ -170,62 +185,33 @@ class TrainingRoutes:
         except webhooks.WebhookError as error:
             log.warning("webhook refused: %s", error)
             return Reply(error.status, {"error": str(error)})
-        change = webhooks.qualifying_change(payload, self.policy)
+        change = qualifying_change(payload, self.triggers.policy)
         if change == "ping":
             return Reply(200, {"pong": True, "started": None})
         if isinstance(change, str):
             return Reply(200, {"started": None, "reason": change})
-        with self._webhook_lock:
-            return self._webhook_trigger(change)
-
-    def _webhook_trigger(self, change: webhooks.Trigger) -> Reply:
-        """Count the finished frames; record (or extend, while it waits out the debounce) a training job."""
-        state_path = self.jobs.root / "webhook-state.json"
-        scope = f"project:{change.project_id}" if change.project_id is not None else f"task:{change.task_id}"
-        state = _read_json(state_path)
-        pending = state.get(scope, {"frames": 0, "jobs": []})
-        if change.job_id not in pending["jobs"]:  # the same job finished twice counts once
-            pending = {"frames": pending["frames"] + change.frames, "jobs": pending["jobs"] + [change.job_id]}
-        if pending["frames"] < self.policy.min_new_frames:
-            state[scope] = pending
-            _write_json(state_path, state)
-            return Reply(200, {"started": None, "reason": f"{change.reason}: {pending['frames']} of "
-                                                          f"{self.policy.min_new_frames} new frames so far"})
-        state.pop(scope, None)
-        _write_json(state_path, state)
-        not_before = time.time() + self.policy.debounce_s
-        waiting = [job for job in self.jobs.all() if job.state == "queued" and job.request.get("scope") == scope]
-        if waiting:  # debounce: a job still waiting starts later, once
-            job = self.jobs.update(waiting[-1].id, lambda j: setattr(j, "not_before", max(j.not_before, not_before)))
-            return Reply(202, {"job": job.id, "state": job.state, "reason": f"{change.reason}: joined the "
-                                                                            "waiting job"})
-        target = {"project": change.project_id} if change.project_id is not None else {"tasks": [change.task_id]}
-        job_request = {**self.training_request(target), "scope": scope}
-        job = self.jobs.create(job_request, trigger=f"webhook: {change.reason}", not_before=not_before)
-        self._wake()
-        return Reply(202, {"job": job.id, "state": job.state, "reason": change.reason})
+        return self._answer(self.triggers.on_job_change(change, self.training_request))
 
     def cron(self, request: Request, _: re.Match) -> Reply:
-        """Retrain when the annotations changed since the served version learned them (else do nothing)."""
+        """Record a job that retrains if the annotations changed since the served version learned them."""
         target: dict[str, Any] = {}
-        if self.env.get("PREANNOTATE_TRAIN_PROJECT"):
-            target["project"] = int(self.env["PREANNOTATE_TRAIN_PROJECT"])
-        if self.env.get("PREANNOTATE_TRAIN_TASKS"):
-            target["tasks"] = [int(t) for t in re.split(r"[,; ]+", self.env["PREANNOTATE_TRAIN_TASKS"]) if t]
+        try:
+            if self.env.get("PREANNOTATE_TRAIN_PROJECT"):
+                target["project"] = int(self.env["PREANNOTATE_TRAIN_PROJECT"])
+            if self.env.get("PREANNOTATE_TRAIN_TASKS"):
+                target["tasks"] = [int(t) for t in re.split(r"[,; ]+", self.env["PREANNOTATE_TRAIN_TASKS"]) if t]
+        except ValueError:
+            raise ContractError("PREANNOTATE_TRAIN_PROJECT and PREANNOTATE_TRAIN_TASKS take CVAT ids") from None
         if not target:
             return Reply(200, {"started": None, "reason": "cron: set PREANNOTATE_TRAIN_PROJECT or "
                                                           "PREANNOTATE_TRAIN_TASKS to retrain on a schedule"})
-        if any(job.state in ("queued", "running") for job in self.jobs.all()):
-            return Reply(200, {"started": None, "reason": "cron: a training job is already queued or running"})
-        job_request = self.training_request(target)
-        from preannotate.training.execute import annotations_changed
+        return self._answer(self.triggers.on_schedule(self.training_request(target)))
 
-        changed, why = annotations_changed(job_request, self.app.provider.store)
-        if not changed:
-            return Reply(200, {"started": None, "reason": f"cron: {why}"})
-        job = self.jobs.create(job_request, trigger=f"cron: {why}")
+    def _answer(self, decision: Decision) -> Reply:
+        if decision.job is None:
+            return Reply(200, {"started": None, "reason": decision.reason})
         self._wake()
-        return Reply(202, {"job": job.id, "state": job.state, "reason": why})
+        return Reply(202, {"job": decision.job.id, "state": decision.job.state, "reason": decision.reason})
 
     def _wake(self) -> None:
         if self.runner is not None:
@@ -235,15 +221,3 @@ class TrainingRoutes:
 def _progress(jobs: JobStore, job: Job) -> dict[str, Any]:
     progress = jobs.progress(job.id) if job.state == "running" else {}
     return {k: progress[k] for k in ("step", "total_steps", "eta_s") if k in progress}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, json.dumps(data))

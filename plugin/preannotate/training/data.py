@@ -29,11 +29,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from preannotate.cvat.annotations import AnnotationSet
-from preannotate.cvat.frames import FrameImages, decode_rgb
 from preannotate.formats import coco, masks
-from preannotate.shapes import FrameAnnotations, Label
-from preannotate.training.hyperparameters import Hyperparameters
+from preannotate.frames import FrameImages, decode_rgb
+from preannotate.hyperparameters import Hyperparameters
+from preannotate.shapes import AnnotationSet, FrameAnnotations, Label
 
 Item = tuple[FrameAnnotations, FrameImages]  # a frame's annotations and where its image comes from
 

@@ -38,8 +38,8 @@ from preannotate.files import write_atomically
 
 log = logging.getLogger(__name__)
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINISHED = ("succeeded", "failed", "cancelled")
+STATES = ("queued", "running", "succeeded", "skipped", "failed", "cancelled")
+FINISHED = ("succeeded", "skipped", "failed", "cancelled")
 LOG_TAIL_LINES = 20
 
 
@@ -51,7 +51,7 @@ class JobNotFound(LookupError):
 class Job:
     id: str
     request: dict[str, Any]                 # what to train: tasks/project, model, name, hyperparameters, ...
-    trigger: str = "http"                   # "http", "webhook: job 7 state=completed", "cron", "cli"
+    trigger: str = "http"                   # "http", "webhook: job 7 state=completed", "cron"
     state: str = "queued"
     created: float = field(default_factory=time.time)
     not_before: float = 0.0                 # debounce: a queued job does not start before this time
@@ -61,7 +61,9 @@ class Job:
     cancel_requested: bool = False
     version: int | None = None              # the store version it published
     promoted: bool | None = None
+    promotion: str | None = None            # why the version is served, or kept unserved
     metrics: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None              # why it ended without training (cron: nothing changed)
     error: str | None = None
 
     @classmethod
@@ -280,6 +282,8 @@ def _finish(job: Job, code: int, tail: list[str]) -> None:
     job.finished = time.time()
     if job.cancel_requested:
         job.state = "cancelled"
+    elif code == 0 and job.skipped:
+        job.state = "skipped"
     elif code == 0 and job.version is not None:
         job.state = "succeeded"
     else:
@@ -302,14 +306,18 @@ def run(store_root: Path, job_id: str) -> int:
         outcome = execute_job(job, jobs.work_dir(job_id), store_root, stop)
     except Exception as error:
         log.exception("job %s failed", job_id)
-        message = f"{type(error).__name__}: {error}"
+        message = str(error) or type(error).__name__
         jobs.update(job_id, lambda j: setattr(j, "error", message))
         return 1
     if outcome is None:  # stopped by a signal: the checkpoint is kept, the runner records the end
         return 143
 
     def record(j: Job) -> None:
+        if "skipped" in outcome:
+            j.skipped = outcome["skipped"]
+            return
         j.version, j.promoted, j.metrics = outcome["version"], outcome["promoted"], outcome["metrics"]
+        j.promotion = outcome.get("promotion")
 
     jobs.update(job_id, record)
     return 0

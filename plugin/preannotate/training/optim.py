@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 import torch
 
-from preannotate.training.hyperparameters import Hyperparameters
+from preannotate.hyperparameters import Hyperparameters
 
 WARMUP_START = 0.001
 

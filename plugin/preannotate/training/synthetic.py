@@ -25,10 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from preannotate.cvat.annotations import AnnotationSet
-from preannotate.cvat.frames import InMemoryFrames
 from preannotate.formats import masks
-from preannotate.shapes import FrameAnnotations, Label, Shape, ellipse_polygon, rectangle_corners
+from preannotate.frames import InMemoryFrames
+from preannotate.shapes import AnnotationSet, FrameAnnotations, Label, Shape, ellipse_polygon, rectangle_corners
 
 LABELS = (Label("box", "rectangle", id=1), Label("disc", "ellipse", id=2), Label("triangle", "polygon", id=3),
           Label("blob", "mask", id=4))

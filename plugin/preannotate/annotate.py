@@ -33,7 +33,7 @@ from tqdm import tqdm
 from preannotate.cvat.client import CvatError, cvat_errors
 from preannotate.cvat.frames import CvatFrames
 from preannotate.cvat.upload import Journal, TaskWriter, UploadReport, digest
-from preannotate.models import Detector, ModelStore
+from preannotate.models import Detector, load_model
 from preannotate.serving import contract
 from preannotate.shapes import Shape
 
@@ -73,12 +73,7 @@ def resolve_detector(model: Detector | str, store: str | os.PathLike | None = No
                      device: str | None = None) -> Detector:
     """A detector, or a reference to one as ``preannotate serve --model`` takes it (a name in the store, its
     ``NAME@VERSION``, an architecture or an artifact directory)."""
-    if not isinstance(model, str):
-        return model
-    from preannotate.serving.core import DEFAULT_STORE, ModelProvider
-
-    root = store or os.environ.get("PREANNOTATE_MODEL_STORE") or DEFAULT_STORE
-    return ModelProvider(model, ModelStore(root), device).current()
+    return model if not isinstance(model, str) else load_model(model, store, device)
 
 
 def annotate_task(client: Client, task_id: int, *, detector: Detector | str | None = None,

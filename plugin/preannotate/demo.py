@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,18 +23,18 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from preannotate.formats import coco
-from preannotate.models import ModelStore
+from preannotate.models import ModelStore, hyperparameters_for
 from preannotate.shapes import FrameAnnotations
 from preannotate.training import data
 from preannotate.training.evaluation import coco_metrics
+from preannotate.training.recipe import TrainingData, train_and_publish
 from preannotate.training.synthetic import COLOURS, generate
-from preannotate.training.trainer import train
 
 DEFAULT_ARCHITECTURE = "ssdlite320_mobilenet_v3_large"
-# From scratch on 2 CPU cores: about 0.9 mAP@.5 on the held-out frames in a few minutes (batch norms re-measured
-# before each validation is what makes so short a run usable; see evaluation.recalibrate_batch_norm).
-DEFAULT_HYPERPARAMETERS = ("init=random; optimizer=adamw; initial-learning-rate=0.003; weight-decay=0.0001; "
-                           "schedule=one-cycle; warmup-steps=0; batch-size=8; num-validations=3; augment=flip")
+# From scratch on 2 CPU cores, with the registry's from-scratch defaults: about 0.9 mAP@.5 on the held-out frames in
+# a few minutes (batch norms re-measured before each validation is what makes so short a run usable; see
+# evaluation.recalibrate_batch_norm).
+DEFAULT_HYPERPARAMETERS = "init=random; batch-size=8; num-validations=3"
 
 
 @contextlib.contextmanager
@@ -87,18 +88,17 @@ def _synthetic(frames: int, held_out: int, seed: int, say: Callable[[str], None]
 
 def _from_cvat(task: int, output: Path, seed: int, say: Callable[[str], None]):
     from preannotate.cvat.client import connect
-    from preannotate.formats.dataset import training_split
-    from preannotate.training.execute import prepare_dataset
+    from preannotate.training.recipe import cvat_provenance, export_from_cvat
 
+    hp = hyperparameters_for(DEFAULT_ARCHITECTURE, f"val-fraction=0.2; seed={seed}")
     with connect() as client:
-        dataset = prepare_dataset(client, {"tasks": [task]}, output / "dataset", val_fraction=0.2, seed=seed)
-    labels, train_items, val_items = training_split(dataset, val_fraction=0.2, seed=seed)
-    say(f"exported CVAT task {task}: {len(train_items)} frames to train on, {len(val_items)} to validate and "
+        dataset = export_from_cvat(client, {"tasks": [task]}, output / "dataset", hp)
+    split = TrainingData.from_folder(dataset, hp)
+    say(f"exported CVAT task {task}: {len(split.train)} frames to train on, {len(split.val)} to validate and "
         "pre-annotate")
-    held_frames = [frame for frame, _ in val_items]
-    images = {frame.frame: next(image.encoded([frame.frame]))[1] for frame, image in val_items}
-    return labels, train_items, val_items, held_frames, images, {
-        "cvat": json.loads((dataset / "cvat.json").read_text())}
+    held_frames = [frame for frame, _ in split.val]
+    images = {frame.frame: next(image.encoded([frame.frame]))[1] for frame, image in split.val}
+    return split.labels, split.train, split.val, held_frames, images, cvat_provenance(dataset)
 
 
 def picture(image: bytes, truth: FrameAnnotations, predicted: FrameAnnotations) -> Image.Image:
@@ -119,13 +119,19 @@ def picture(image: bytes, truth: FrameAnnotations, predicted: FrameAnnotations) 
 
 def run_demo(output: str | Path, *, architecture: str = DEFAULT_ARCHITECTURE, steps: int = 120,
              frames: int = 200, held_out: int = 40, seed: int = 0, hyperparameters: str = "",
-             progress: bool = True, say: Callable[[str], None] = print, task: int | None = None) -> dict[str, Any]:
+             progress: bool = True, say: Callable[[str], None] = print, task: int | None = None,
+             restart: bool = False) -> dict[str, Any]:
     """Generate, train, publish, serve, pre-annotate, score; everything lands in ``output`` (store included).
     With ``task`` (a CVAT task id; ``CVAT_URL`` and credentials from the environment) the frames come from that
-    task instead: its validation frames (a fifth) are the ones pre-annotated and scored. Returns what it printed
-    as a dict."""
+    task instead: its validation frames (a fifth) are the ones pre-annotated and scored. A finished run in
+    ``output`` is reused (and said so) unless ``restart``. Returns what it printed as a dict."""
     output = Path(output)
     started = time.monotonic()
+    if restart and output.exists():
+        shutil.rmtree(output)
+    if (output / "run" / "result.json").is_file():
+        say(f"{output} holds a finished demo run: reusing its model (`preannotate demo --restart` or "
+            "`make demo RESTART=1` trains anew)")
     if task is None:
         labels, train_items, val_items, held_frames, images = _synthetic(frames, held_out, seed, say)
         provenance: dict[str, Any] = {"synthetic": {"seed": seed, "frames": frames + held_out}}
@@ -133,9 +139,12 @@ def run_demo(output: str | Path, *, architecture: str = DEFAULT_ARCHITECTURE, st
         labels, train_items, val_items, held_frames, images, provenance = _from_cvat(task, output, seed, say)
     held_out = len(held_frames)
     store = ModelStore(output / "store")
-    result = train(architecture, labels, train_items, val_items, output / "run", store=store, name="demo",
-                   hyperparameters=f"{DEFAULT_HYPERPARAMETERS}; num-steps={steps}; {hyperparameters}",
-                   provenance=provenance, progress=progress)
+    hp = hyperparameters_for(architecture, f"{DEFAULT_HYPERPARAMETERS}; num-steps={steps}; {hyperparameters}")
+    say(f"training {architecture} from random weights for {hp.num_steps} steps of {hp.batch_size} frames "
+        f"({hp.optimizer}, {hp.schedule} to {hp.initial_learning_rate:g}; validating {hp.num_validations} times)")
+    result = train_and_publish(TrainingData(labels, train_items, val_items), architecture=architecture,
+                               hyperparameters=hp, store=store, name="demo", output_dir=output / "run",
+                               provenance=provenance, progress=progress)
     say(f"trained {architecture} for {result.steps} steps; published demo@{result.version} "
         f"(validation mAP@.5 {result.metrics.get('map50')}) in {store.root}")
 

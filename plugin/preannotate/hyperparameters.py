@@ -4,6 +4,10 @@ Written as ``key=value`` lines or ``;``/``,``-separated (``num-steps=2000; batch
 alike. A list value may continue after a comma (``augment=flip,colour``). ``schedule-step-N`` / ``schedule-lr-N``
 give the multi-step schedule (step N switches to learning rate N). Unknown keys and bad values are errors that
 say what is valid.
+
+A text is parsed once, into ``Hyperparameters`` that remember which keys the user gave (``given``): the registry's
+defaults for an architecture, ``Hyperparameters.updated`` with the user's text on top (``models.hyperparameters_for``),
+and that one object travels down to the optimizer. What the user did not give, the trainer may fit to the data.
 """
 
 from __future__ import annotations
@@ -35,6 +39,20 @@ def _choice(options: tuple[str, ...]):
     return parse
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"{text.strip()!r} is not a whole number") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ValueError(f"{text.strip()!r} is not a number") from None
+
+
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -64,36 +82,47 @@ def _param(default=dataclasses.MISSING, parse=None, help: str = "", low=None, hi
 
 @dataclass
 class Hyperparameters:
-    num_steps: int | None = _param(None, _optional(int), "optimizer steps (wins over epochs)", low=1)
-    epochs: float | None = _param(None, _optional(float), "passes over the training set", low=0.01)
-    batch_size: int = _param(4, int, "images per step (per GPU)", low=1)
-    initial_learning_rate: float = _param(0.001, float, "peak learning rate", low=1e-8, high=10)
+    num_steps: int | None = _param(None, _optional(_int), "optimizer steps (wins over epochs)", low=1)
+    epochs: float | None = _param(None, _optional(_float), "passes over the training set", low=0.01)
+    batch_size: int = _param(4, _int, "images per step (per GPU)", low=1)
+    initial_learning_rate: float = _param(0.001, _float, "peak learning rate", low=1e-8, high=10)
     optimizer: str = _param("sgd", _choice(OPTIMIZERS), "one of " + ", ".join(OPTIMIZERS))
-    momentum: float = _param(0.9, float, "SGD/RMSprop momentum", low=0, high=1)
-    weight_decay: float = _param(1e-4, float, "L2 weight decay", low=0, high=1)
+    momentum: float = _param(0.9, _float, "SGD/RMSprop momentum", low=0, high=1)
+    weight_decay: float = _param(1e-4, _float, "L2 weight decay", low=0, high=1)
     schedule: str = _param("one-cycle", _choice(SCHEDULES), "one of " + ", ".join(SCHEDULES))
     schedule_steps: list[int] = _param(help="multi-step boundaries (schedule-step-N)", default_factory=list)
     schedule_lrs: list[float] = _param(help="learning rate after each boundary (schedule-lr-N)",
                                        default_factory=list)
-    schedule_gamma: float = _param(0.1, float, "decay factor of step/exponential/multi-step", low=0, high=1)
-    schedule_step_size: int | None = _param(None, _optional(int), "steps between decays of the step schedule", low=1)
-    warmup_steps: int = _param(0, int, "linear warm-up steps", low=0)
-    early_stopping_patience: int | None = _param(None, _optional(int), "validations without improvement", low=1)
-    early_stopping_delta: float = _param(0.0, float, "least mAP gain that counts as improvement", low=0)
-    gradient_clip_norm: float | None = _param(None, _optional(float), "max gradient norm", low=0)
-    trainable_backbone_layers: int | None = _param(None, _optional(int), "backbone layers retrained (0-5)",
+    schedule_gamma: float = _param(0.1, _float, "decay factor of step/exponential/multi-step", low=0, high=1)
+    schedule_step_size: int | None = _param(None, _optional(_int), "steps between decays of the step schedule", low=1)
+    warmup_steps: int = _param(0, _int, "linear warm-up steps", low=0)
+    early_stopping_patience: int | None = _param(None, _optional(_int), "validations without improvement", low=1)
+    early_stopping_delta: float = _param(0.0, _float, "least mAP gain that counts as improvement", low=0)
+    gradient_clip_norm: float | None = _param(None, _optional(_float), "max gradient norm", low=0)
+    trainable_backbone_layers: int | None = _param(None, _optional(_int), "backbone layers retrained (0-5)",
                                                    low=0, high=6)
-    max_training_hours: float | None = _param(None, _optional(float), "stop (and publish) after this long", low=0)
-    num_validations: int = _param(5, int, "evaluations on the validation split per run", low=0)
-    image_size: int | None = _param(None, _optional(int), "shorter side (square side for SSD) in pixels", low=32)
-    max_image_size: int | None = _param(None, _optional(int), "longest side in pixels", low=32)
+    max_training_hours: float | None = _param(None, _optional(_float), "stop (and publish) after this long", low=0)
+    num_validations: int = _param(5, _int, "evaluations on the validation split per run", low=0)
+    image_size: int | None = _param(None, _optional(_int), "shorter side (square side for SSD) in pixels", low=32)
+    max_image_size: int | None = _param(None, _optional(_int), "longest side in pixels", low=32)
     letterbox: bool = _param(False, _bool, "resize keeping the aspect ratio and pad to a square")
     augment: tuple[str, ...] = _param(("flip",), _augmentations, "any of " + ", ".join(AUGMENTATIONS) + " or none")
-    val_fraction: float = _param(0.2, float, "share of frames held out for validation", low=0, high=0.9)
-    seed: int = _param(0, int, "seed of the split, the shuffling and the initialization")
-    num_clones: int = _param(1, int, "GPUs to train on (DistributedDataParallel)", low=1)
+    val_fraction: float = _param(0.2, _float, "share of frames held out for validation", low=0, high=0.9)
+    seed: int = _param(0, _int, "seed of the split, the shuffling and the initialization")
+    num_clones: int = _param(1, _int, "GPUs to train on (DistributedDataParallel)", low=1)
     init: str = _param("pretrained", _choice(INITS), "random, pretrained or previous (a published version)")
-    score_threshold: float = _param(0.5, float, "default detection threshold of the published model", low=0, high=1)
+    score_threshold: float = _param(0.5, _float, "default detection threshold of the published model", low=0, high=1)
+
+    @property
+    def given(self) -> frozenset[str]:
+        """The keys the user gave (canonical names): the trainer fits only the others to the data."""
+        return self.__dict__.get("_given", frozenset())
+
+    def replaced(self, **changes: Any) -> Hyperparameters:
+        """A copy with ``changes`` that are not the user's (what the trainer fits), ``given`` kept."""
+        result = dataclasses.replace(self, **changes)
+        result.__dict__["_given"] = self.given
+        return result
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -102,13 +131,15 @@ class Hyperparameters:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Hyperparameters:
-        return cls().updated(data)
+        return cls().updated(data, given=False)
 
-    def updated(self, values: dict[str, Any] | str) -> Hyperparameters:
-        """A copy with ``values`` (a dict of Python values or of strings, or a hyperparameter text) applied."""
+    def updated(self, values: dict[str, Any] | str, given: bool = True) -> Hyperparameters:
+        """A copy with ``values`` (a dict of Python values or of strings, or a hyperparameter text) applied; their
+        keys join ``given`` unless ``given=False`` (defaults, not the user's choice)."""
         if isinstance(values, str):
             values = parse_pairs(values)
         known = {f.name: f for f in dataclasses.fields(self)}
+        named: set[str] = set()
         changes: dict[str, Any] = {}
         steps: dict[int, int] = dict(enumerate(self.schedule_steps, 1))
         lrs: dict[int, float] = dict(enumerate(self.schedule_lrs, 1))
@@ -116,18 +147,20 @@ class Hyperparameters:
             key = normalize_key(raw_key)
             numbered = re.fullmatch(r"schedule_(step|lr)_(\d+)", key)
             if numbered:
-                target, parse = (steps, int) if numbered.group(1) == "step" else (lrs, float)
+                named.add("schedule_steps" if numbered.group(1) == "step" else "schedule_lrs")
+                target, parse = (steps, _int) if numbered.group(1) == "step" else (lrs, _float)
                 target[int(numbered.group(2))] = converted = _convert(raw_key, value, parse)
                 _check_range(raw_key, converted, 0, None)
                 continue
             key = ALIASES.get(key, key)
             if key == "val_split":  # Onepanel's percentage
-                key, value = "val_fraction", _convert(raw_key, value, float) / 100
+                key, value = "val_fraction", _convert(raw_key, value, _float) / 100
             if key not in known:
                 raise HyperparameterError(f"unknown hyperparameter {raw_key!r}; valid keys: {', '.join(valid_keys())}")
+            named.add(key)
             meta = known[key].metadata
             if key in ("schedule_steps", "schedule_lrs"):
-                parse = int if key == "schedule_steps" else float
+                parse = _int if key == "schedule_steps" else _float
                 items = value if isinstance(value, (list, tuple)) else re.split(r"[,+\s]+", str(value).strip())
                 target = steps if key == "schedule_steps" else lrs
                 target.clear()
@@ -144,6 +177,7 @@ class Hyperparameters:
         changes["schedule_steps"] = [steps[i] for i in sorted(steps)]
         changes["schedule_lrs"] = [lrs[i] for i in sorted(lrs)]
         result = dataclasses.replace(self, **changes)
+        result.__dict__["_given"] = self.given | named if given else self.given
         result.check()
         return result
 

@@ -1,0 +1,140 @@
+"""The one training recipe — load → split → train (validating) → publish → promote — for ``preannotate train``, a
+function's training jobs and the demo alike.
+
+Loading is ``export_from_cvat`` (CVAT tasks exported once into a COCO folder that training reads, so a resumed run
+never reads the server again) or a folder the user exported; ``TrainingData.from_folder`` splits it.
+
+The hyperparameters arrive parsed once (``models.hyperparameters_for``); their ``val-fraction`` and ``seed`` split
+the data, and the same object goes on to the trainer. Whether the new version is served is ``should_promote``:
+
+* ``always`` / ``never``: as asked;
+* ``auto`` (the default): the first version is served; a scored version is served unless it scores below the
+  version served now (COCO mAP on its own validation frames); an *unscored* version (it had no validation frames)
+  is never served over a scored one, and when it is served the reason says it was not scored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from preannotate.formats.dataset import export_dataset, training_split
+from preannotate.hyperparameters import Hyperparameters
+from preannotate.models import Manifest, ModelStore
+from preannotate.shapes import Label
+from preannotate.training import data
+from preannotate.training.trainer import Promotion, TrainingResult, train
+
+log = logging.getLogger(__name__)
+
+PROMOTE_CHOICES = ("auto", "always", "never")
+
+
+@dataclass
+class TrainingData:
+    """Labels, training frames and validation frames, as the trainer takes them."""
+
+    labels: list[Label]
+    train: list[data.Item]
+    val: list[data.Item]
+
+    @classmethod
+    def from_folder(cls, path: str | Path, hp: Hyperparameters) -> TrainingData:
+        """A dataset folder (``preannotate export``, or a job's export): its ``val`` split, or ``val-fraction`` of
+        its frames held out by the ``seed``."""
+        labels, train_items, val_items = training_split(path, hp.val_fraction, hp.seed)
+        return cls(labels, train_items, val_items)
+
+
+def should_promote(policy: str, metrics: dict[str, Any], serving: Manifest | None) -> Promotion:
+    """Whether a version scoring ``metrics`` is served instead of ``serving`` (see the module docstring)."""
+    if policy not in PROMOTE_CHOICES:
+        raise ValueError(f"promote must be one of {', '.join(PROMOTE_CHOICES)}, not {policy!r}")
+    new = metrics.get("map")
+    old = serving.metrics.get("map") if serving is not None else None
+    served_now = f"{serving.name}@{serving.version}" if serving is not None else ""
+    if policy == "always":
+        return Promotion(True, "served (promote=always)")
+    if policy == "never":
+        return Promotion(False, "kept, not served (promote=never)")
+    if serving is None:
+        return Promotion(True, "served: the first version" + ("" if new is not None else
+                                                               ", not scored (it had no validation frames)"))
+    if new is None:
+        if old is not None:
+            return Promotion(False, f"kept, not served: it was not scored (no validation frames), and {served_now} "
+                                    f"scored mAP {old:.3f}")
+        return Promotion(True, "served, not scored (no validation frames), as the version before it")
+    if old is None:
+        return Promotion(True, f"served: mAP {new:.3f}, where {served_now} was not scored")
+    if new >= old:
+        return Promotion(True, f"served: mAP {new:.3f} >= {old:.3f} of {served_now}")
+    return Promotion(False, f"kept, not served: mAP {new:.3f} < {old:.3f} of {served_now}, which stays served")
+
+
+def train_and_publish(training_data: TrainingData, *, architecture: str, hyperparameters: Hyperparameters,
+                      store: ModelStore, name: str, output_dir: str | Path, previous: Path | None = None,
+                      provenance: dict[str, Any] | None = None, promote: str = "auto", device: str | None = None,
+                      progress: bool = True, stop: threading.Event | None = None, workers: int | None = None,
+                      restart: bool = False) -> TrainingResult:
+    """Train on ``training_data``, publish the best validation as the next version of ``name`` in ``store``, and
+    serve it if ``should_promote`` says so (``result.served``, ``result.promotion``)."""
+    serving_version = store.serving(name)
+    serving = Manifest.read(store.path(name, serving_version)) if serving_version is not None else None
+    return train(architecture, training_data.labels, training_data.train, training_data.val, output_dir,
+                 store=store, name=name, hyperparameters=hyperparameters, previous=previous,
+                 provenance=provenance, device=device, progress=progress, stop=stop, workers=workers,
+                 restart=restart, promote=lambda metrics: should_promote(promote, metrics, serving))
+
+
+def export_from_cvat(client, request: Mapping[str, Any], directory: Path, hp: Hyperparameters) -> Path:
+    """The CVAT tasks a request names (``tasks``, every task of ``project``) exported once into ``directory`` as a
+    COCO folder, images included, split by ``hp``; ``cvat.json`` there records the server and each task's
+    ``updated_date`` (what the version learned, for cron). A folder found complete is reused."""
+    from preannotate.cvat.frames import CvatFrames
+    from preannotate.cvat.reader import read_task
+    from preannotate.training.triggers import task_ids, task_versions
+
+    if (directory / "COMPLETE").is_file():
+        return directory
+    versions = task_versions(client, task_ids(client, request))
+    if not versions:
+        raise ValueError("nothing to learn from: no task named (an empty project?)")
+    tasks = {int(task_id): read_task(client, int(task_id)) for task_id in versions}
+    labels = merged_labels([annotations.labels for annotations in tasks.values()])
+    items = [((task_id, number), frame) for task_id, annotations in tasks.items()
+             for number, frame in sorted(annotations.frames.items())]
+    images = {task_id: CvatFrames(client, task_id, cache_dir=directory.parent / "chunks") for task_id in tasks}
+    partial = directory.with_name(directory.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    export_dataset(partial, "coco", labels, items, images, val_fraction=hp.val_fraction, seed=hp.seed,
+                   progress=False)
+    (partial / "cvat.json").write_text(json.dumps({"server": client.api_map.host, "tasks": versions}))
+    (partial / "COMPLETE").write_text("")
+    if directory.exists():
+        shutil.rmtree(directory)
+    partial.rename(directory)
+    return directory
+
+
+def cvat_provenance(dataset: Path) -> dict[str, Any]:
+    """What a folder exported by ``export_from_cvat`` learned from, for the manifest (``provenance.cvat``)."""
+    path = Path(dataset) / "cvat.json"
+    return {"cvat": json.loads(path.read_text())} if path.is_file() else {}
+
+
+def merged_labels(label_lists: Sequence[Sequence[Label]]) -> list[Label]:
+    """The labels of several tasks by name, in the order first seen, numbered 1..N (tasks of one project share
+    theirs; standalone tasks may each have their own)."""
+    seen: dict[str, Label] = {}
+    for labels in label_lists:
+        for label in labels:
+            seen.setdefault(label.name, label)
+    return [Label(label.name, label.type, label.attributes, i) for i, label in enumerate(seen.values(), 1)]

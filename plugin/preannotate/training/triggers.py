@@ -1,0 +1,209 @@
+"""When training starts — the trigger policy, in one place.
+
+A trigger never trains and never calls CVAT inside the event that fired it: it decides, records a job in the store
+(``jobs.JobStore``) and returns; the job's own process reads CVAT. The policy comes from the function's environment:
+
+* ``PREANNOTATE_TRAIN_ON`` — job changes that count, comma-separated: ``state=completed`` and ``stage=acceptance``
+  by default; ``any`` counts every ``update:job`` that changed the state or stage;
+* ``PREANNOTATE_TRAIN_MIN_NEW_FRAMES`` — train only once jobs covering at least this many frames were finished
+  since the last training run (default 0: the first qualifying job starts it);
+* ``PREANNOTATE_TRAIN_DEBOUNCE`` — wait this long (``90s``, ``10m``, ``1h``) after the last qualifying event before
+  training starts, so a reviewer closing ten jobs starts one run, not ten (default 0);
+* ``PREANNOTATE_TRAIN_PROJECTS`` — only these project ids (default: any project the webhook reports).
+
+Cron records a *check* job (``only_if_changed``) while no job is queued or running; its process retrains only when
+a task's ``updated_date`` differs from what the served version learned (``annotations_changed``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from preannotate.cvat.webhooks import JOB_EVENTS
+from preannotate.durations import parse_duration
+from preannotate.files import write_atomically
+from preannotate.training.jobs import Job, JobStore
+
+DEFAULT_TRAIN_ON = ("state=completed", "stage=acceptance")
+
+
+@dataclass(frozen=True)
+class TrainingPolicy:
+    train_on: tuple[str, ...] = DEFAULT_TRAIN_ON
+    min_new_frames: int = 0
+    debounce_s: float = 0.0
+    projects: frozenset[int] | None = None
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> TrainingPolicy:
+        env = os.environ if environ is None else environ
+        train_on = tuple(t.strip() for t in env.get("PREANNOTATE_TRAIN_ON", "").split(",") if t.strip())
+        for item in train_on:
+            key, _, value = item.partition("=")
+            if item != "any" and (key not in ("state", "stage") or not value):
+                raise ValueError(f"PREANNOTATE_TRAIN_ON: {item!r} is not state=VALUE, stage=VALUE or any")
+        projects = env.get("PREANNOTATE_TRAIN_PROJECTS", "").replace(";", ",")
+        try:
+            min_new_frames = int(env.get("PREANNOTATE_TRAIN_MIN_NEW_FRAMES") or 0)
+            project_ids = frozenset(int(p) for p in projects.split(",") if p.strip()) or None
+        except ValueError:
+            raise ValueError("PREANNOTATE_TRAIN_MIN_NEW_FRAMES and PREANNOTATE_TRAIN_PROJECTS take whole numbers"
+                             ) from None
+        debounce = env.get("PREANNOTATE_TRAIN_DEBOUNCE")
+        try:
+            debounce_s = parse_duration(debounce) if debounce else 0.0
+        except ValueError as error:
+            raise ValueError(f"PREANNOTATE_TRAIN_DEBOUNCE: {error}") from None
+        return cls(train_on=train_on or DEFAULT_TRAIN_ON, min_new_frames=min_new_frames, debounce_s=debounce_s,
+                   projects=project_ids)
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A job change that counts toward training: what was finished and where."""
+
+    project_id: int | None
+    task_id: int
+    job_id: int
+    frames: int
+    reason: str
+
+    @property
+    def scope(self) -> str:
+        """What is retrained: the project, or the task when it belongs to none."""
+        return f"project:{self.project_id}" if self.project_id is not None else f"task:{self.task_id}"
+
+    @property
+    def target(self) -> dict[str, Any]:
+        return {"project": self.project_id} if self.project_id is not None else {"tasks": [self.task_id]}
+
+
+def qualifying_change(payload: Mapping[str, Any], policy: TrainingPolicy) -> Trigger | str:
+    """The ``Trigger`` this delivery represents, or why it does not count (a string, for the answer and the log)."""
+    event = payload.get("event")
+    if event == "ping":
+        return "ping"
+    if event not in JOB_EVENTS:
+        return f"{event} does not start training (only job updates do)"
+    job = payload.get("job") or {}
+    before = payload.get("before_update") or {}
+    changed = {key: job.get(key) for key in ("state", "stage") if key in before and before[key] != job.get(key)}
+    if not changed:
+        return f"job {job.get('id')}: neither state nor stage changed"
+    matched = next((f"{k}={v}" for k, v in changed.items() if "any" in policy.train_on
+                    or f"{k}={v}" in policy.train_on), None)
+    if matched is None:
+        now = ", ".join(f"{k}={v}" for k, v in changed.items())
+        return f"job {job.get('id')}: {now} is not one of {', '.join(policy.train_on)}"
+    project_id = job.get("project_id")
+    if policy.projects is not None and project_id not in policy.projects:
+        return f"job {job.get('id')}: project {project_id} is not one this function trains for"
+    try:
+        return Trigger(project_id=project_id, task_id=int(job["task_id"]), job_id=int(job["id"]),
+                       frames=int(job.get("frame_count") or 0), reason=f"job {job['id']} {matched}")
+    except (KeyError, TypeError, ValueError):
+        return f"job {job.get('id')}: the delivery lacks the job's task id or frame count"
+
+
+@dataclass
+class Decision:
+    """What a trigger did: the job it recorded (or joined), or None and why not."""
+
+    job: Job | None
+    reason: str
+
+
+class Triggers:
+    """Turns qualifying events into recorded jobs, by the policy (see the module docstring)."""
+
+    def __init__(self, jobs: JobStore, policy: TrainingPolicy):
+        self.jobs, self.policy = jobs, policy
+        self._lock = threading.Lock()  # the pending counts are read and written by the routes' threads
+        self.state_path = jobs.root / "webhook-state.json"
+
+    def on_job_change(self, change: Trigger, request_for: Callable[[dict[str, Any]], dict[str, Any]]) -> Decision:
+        """Count the finished frames of ``change``'s scope; once there are enough, record a training job (made by
+        ``request_for(target)``) that waits out the debounce, or push back the one already waiting."""
+        with self._lock:
+            state = _read_json(self.state_path)
+            pending = state.get(change.scope, {"frames": 0, "jobs": []})
+            if change.job_id not in pending["jobs"]:  # the same job finished twice counts once
+                pending = {"frames": pending["frames"] + change.frames, "jobs": pending["jobs"] + [change.job_id]}
+            if pending["frames"] < self.policy.min_new_frames:
+                state[change.scope] = pending
+                _write_json(self.state_path, state)
+                return Decision(None, f"{change.reason}: {pending['frames']} of {self.policy.min_new_frames} new "
+                                      "frames so far")
+            state.pop(change.scope, None)
+            _write_json(self.state_path, state)
+            not_before = time.time() + self.policy.debounce_s
+            waiting = [job for job in self.jobs.all()
+                       if job.state == "queued" and job.request.get("scope") == change.scope]
+            if waiting:
+                job = self.jobs.update(waiting[-1].id,
+                                       lambda j: setattr(j, "not_before", max(j.not_before, not_before)))
+                return Decision(job, f"{change.reason}: joined the waiting job")
+            request = {**request_for(change.target), "scope": change.scope}
+            job = self.jobs.create(request, trigger=f"webhook: {change.reason}", not_before=not_before)
+            return Decision(job, change.reason)
+
+    def on_schedule(self, request: dict[str, Any]) -> Decision:
+        """Cron: record a job that retrains only if the annotations changed, unless a job is already pending."""
+        if any(job.state in ("queued", "running") for job in self.jobs.all()):
+            return Decision(None, "cron: a training job is already queued or running")
+        job = self.jobs.create({**request, "only_if_changed": True}, trigger="cron")
+        return Decision(job, "cron: recorded a job that retrains if the annotations changed")
+
+
+def task_ids(client, request: Mapping[str, Any]) -> list[int]:
+    """The tasks a request names: its ``tasks`` and every task of its ``project``."""
+    from preannotate.cvat.client import cvat_errors
+
+    ids = list(request.get("tasks") or [])
+    if request.get("project") is not None:
+        with cvat_errors(client, f"project {request['project']}"):
+            ids += [task.id for task in client.projects.retrieve(request["project"]).get_tasks()]
+    return sorted(set(ids))
+
+
+def task_versions(client, ids: Sequence[int]) -> dict[str, str]:
+    """Task id → its ``updated_date`` (it changes whenever annotations are saved)."""
+    from preannotate.cvat.client import cvat_errors
+
+    versions = {}
+    for task_id in ids:
+        with cvat_errors(client, f"task {task_id}"):
+            updated = client.tasks.retrieve(task_id).updated_date
+            versions[str(task_id)] = updated.isoformat() if hasattr(updated, "isoformat") else str(updated)
+    return versions
+
+
+def annotations_changed(client, request: Mapping[str, Any], learned: Mapping[str, str] | None, served: str
+                        ) -> tuple[bool, str]:
+    """Whether the tasks of ``request`` changed since the version ``served`` (``NAME@V``, or None when there is
+    none) learned them: ``learned`` is task id → ``updated_date`` from its manifest (``provenance.cvat.tasks``)."""
+    now = task_versions(client, task_ids(client, request))
+    if learned is None:
+        return True, f"{served} has no version yet"
+    changed = sorted((t for t in now if learned.get(t) != now[t]), key=int)
+    if not changed:
+        return False, f"annotations unchanged since {served}"
+    return True, f"task(s) {', '.join(changed)} changed since {served}"
+
+
+def _read_json(path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_json(path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, json.dumps(data))
