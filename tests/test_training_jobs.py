@@ -28,6 +28,7 @@ def function(cvat_double, monkeypatch, tmp_path):
         "PREANNOTATE_MODEL": "shapes", "PREANNOTATE_MODEL_STORE": str(tmp_path / "store"),
         "PREANNOTATE_DEVICE": "cpu", "PREANNOTATE_TRAIN_MODEL": "fasterrcnn_mobilenet_v3_large_320_fpn",
         "PREANNOTATE_TRAIN_HYPERPARAMETERS": TINY, "PREANNOTATE_WEBHOOK_SECRET": "s3cret",
+        "PREANNOTATE_API_TOKEN": "t0ken",
         "CVAT_URL": cvat_double.base_url, "CVAT_USERNAME": cvat_double.credentials[0],
         "CVAT_PASSWORD": cvat_double.credentials[1],
     }
@@ -63,7 +64,7 @@ def test_a_completed_job_retrains_the_function_and_the_next_detection_uses_the_n
 
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        status, job = call(platform, "GET", f"/jobs/{job_id}")
+        status, job = call(platform, "GET", f"/jobs/{job_id}", headers={"Authorization": "Bearer t0ken"})
         if job["state"] in ("succeeded", "failed", "cancelled"):
             break
         time.sleep(0.5)

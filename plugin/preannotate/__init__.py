@@ -1,3 +1,33 @@
-"""cvat-preannotate: train detectors from CVAT annotations and pre-annotate new tasks."""
+"""cvat-preannotate: train detectors from CVAT annotations and pre-annotate new tasks.
+
+Data flows one way — CVAT → frames and shapes → formats → training → store → serving → CVAT — and so do the imports:
+a module imports only from its own layer or the layers below it; composition (the command line, pre-annotating a
+task with a model, the demo, deploying) lives at the top. ``tests/test_layers.py`` holds the package to this list.
+
+Layers, bottom to top (a module belongs to the first entry naming it or a package above it):
+
+1. vocabulary: `preannotate.shapes`, `preannotate.frames`, `preannotate.hyperparameters`, `preannotate.durations`,
+   `preannotate.files`, `preannotate.formats.masks`
+   — labels, shapes and the annotations of a frame; frame images; the hyperparameter language; file helpers;
+   the mask codecs (a mask shape's points *are* CVAT's RLE, so a shape's outline needs them);
+2. formats: `preannotate.formats`
+   — COCO, TF Object Detection API records, dataset folders on disk and their train/val split;
+3. cvat: `preannotate.cvat`
+   — the cvat-sdk bridge: connect, read annotations and frames, write shapes (the one encoder into CVAT's request
+   format), webhooks; it turns CVAT into the vocabulary and back and knows nothing of models;
+4. models: `preannotate.models`
+   — the registry, the model families, artifacts, the store and the model-reference grammar;
+5. training: `preannotate.training`
+   — the one training recipe, the trainer, evaluation, reports, jobs and the trigger policy;
+6. serving: `preannotate.serving`
+   — the CVAT detector contract, the serving core and its doors (Nuclio, local HTTP);
+7. top: `preannotate.cli`, `preannotate.annotate`, `preannotate.demo`, `preannotate.deploy`,
+   `preannotate.functions`, `preannotate.cvat_function`
+   — entry points and orchestration.
+
+A framework is imported only by what needs it: torch by the torchvision family, the trainer and what runs models;
+TensorFlow only by ``formats.tfrecord`` (through ``formats.tfrecord.tensorflow()``, which imports torchvision first:
+the other order crashes the process).
+"""
 
 __version__ = "0.1.0"

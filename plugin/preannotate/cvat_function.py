@@ -14,12 +14,12 @@ The same ``cvataa.annotate_task`` drives it from Python.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
 import cvat_sdk.auto_annotation as cvataa
 import PIL.Image
 from cvat_sdk import models
 
+from preannotate.cvat import encoding
 from preannotate.models import Detector, get_architecture, load_model
 from preannotate.shapes import Shape
 
@@ -48,21 +48,9 @@ class DetectionFunction:
 
     def _request(self, shape: Shape, conv_mask_to_poly: bool) -> models.LabeledShapeRequest | None:
         label_id = self._id_of.get(shape.label)
-        if label_id is None:
-            return None
-        if shape.type == "rectangle":
-            return cvataa.rectangle(label_id, _floats(shape.points), rotation=float(shape.rotation) % 360)
-        if shape.type == "mask" and not conv_mask_to_poly:
-            return cvataa.mask(label_id, _floats(shape.points))
-        if shape.type in ("mask", "polygon"):
-            outline = shape.polygon()
-            return cvataa.polygon(label_id, _floats(outline)) if len(outline) >= 6 else None
-        return cvataa.shape(label_id, type=shape.type, points=_floats(shape.points),
-                            rotation=float(shape.rotation) % 360)
-
-
-def _floats(points: Sequence[float]) -> list[float]:
-    return [float(p) for p in points]
+        body = None if label_id is None else encoding.labeled_shape(shape, frame=0, label_id=label_id,
+                                                                     as_polygon=conv_mask_to_poly, source=None)
+        return None if body is None else models.LabeledShapeRequest(**body)
 
 
 def create(model: str | None = None, store: str | None = None, device: str | None = None) -> DetectionFunction:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from preannotate.cvat import encoding
 from preannotate.shapes import DETECTABLE_TYPES, AnnotationSet, FrameAnnotations, Label, Shape
 
 
@@ -85,11 +86,7 @@ def frames_from_annotations(annotations: Any, labels: Iterable[Any] | Mapping[st
             frames[tag["frame"]].tags.append(label_of(tag))
     for raw in sorted(data.get("shapes") or (), key=_id):
         if raw["frame"] in frames:
-            add(Shape(label=label_of(raw), type=raw["type"], points=[float(p) for p in raw["points"]],
-                      frame=raw["frame"], rotation=float(raw.get("rotation") or 0.0),
-                      attributes=named(raw.get("attributes") or ()), group=raw.get("group") or 0,
-                      occluded=bool(raw.get("occluded")), z_order=raw.get("z_order") or 0,
-                      source=raw.get("source") or "manual"))
+            add(encoding.shape_from_stored(raw, label_of(raw), named(raw.get("attributes") or ())))
     if not frames:
         return result
     start, stop = min(frames), max(frames) + 1

@@ -33,6 +33,7 @@ from cvat_sdk.api_client.exceptions import ApiException
 from cvat_sdk.core.helpers import make_request_headers
 from tqdm import tqdm
 
+from preannotate.cvat import encoding
 from preannotate.cvat.annotations import frames_from_annotations, read_labels
 from preannotate.cvat.client import CvatError, cvat_errors
 from preannotate.files import write_atomically
@@ -230,22 +231,12 @@ class TaskWriter:
         return report
 
     def _request(self, shape: Shape, frame: int) -> dict[str, Any] | None:
-        """The shape as a ``LabeledShapeRequest`` body (a plain dict: building cvat-sdk's checked models costs
-        ~200 us a shape, a tenth of a 100-box frame's inference)."""
+        """The shape as a ``LabeledShapeRequest`` body for this task's label (``encoding.labeled_shape``)."""
         label = self.labels.get(self.label_map.get(shape.label, shape.label))
         if label is None:
             return None
-        kind, points = shape.type, shape.points
-        if kind == "mask" and label.type == "polygon":  # as CVAT's lambda manager does for a polygon label
-            kind, points = "polygon", shape.polygon()
-            if len(points) < 6:
-                return None
-        # Groups are left out: a detector's or a file's group ids would join the task's own groups.
-        return {"type": kind, "frame": frame, "label_id": label.id, "points": [float(p) for p in points],
-                "rotation": float(shape.rotation) % 360 if kind in ("rectangle", "ellipse") else 0.0,
-                "occluded": bool(shape.occluded), "z_order": int(shape.z_order), "source": AUTO,
-                "attributes": [{"spec_id": label.attributes[name], "value": str(value)}
-                               for name, value in shape.attributes.items() if name in label.attributes]}
+        return encoding.labeled_shape(shape, frame=frame, label_id=label.id, attribute_ids=label.attributes,
+                                      label_type=label.type, source=AUTO)
 
     def _patch(self, action: str, shapes: list[dict[str, Any]]) -> dict[str, Any]:
         """PATCH ``/api/tasks/ID/annotations?action=create|delete`` with a plain JSON body (see ``_request``) on

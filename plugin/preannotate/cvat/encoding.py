@@ -1,0 +1,103 @@
+"""Our shapes in CVAT's JSON and back — the one encoder, for every way a shape reaches CVAT.
+
+* ``labeled_shape``: a ``LabeledShapeRequest`` body, what ``PATCH /api/tasks/ID/annotations`` takes (our uploads)
+  and what cvat-sdk's auto-annotation driver sends (``cvat-cli task auto-annotate``); ``shape_from_stored`` reads
+  a stored shape back (``GET .../annotations``);
+* ``detector_item`` / ``shape_from_detector_item``: an item of a CVAT detector function's response, which CVAT's
+  lambda manager turns into the same request (``../shared/reference/cvat-nuclio-contract.md``).
+
+The rules, the same on every path:
+
+* a mask is written as its outline when the target label takes polygons (``label_type="polygon"``, as CVAT's
+  lambda manager does) or when asked (``as_polygon``: cvat-cli's ``--conv-mask-to-poly``); an outline of fewer
+  than three points is dropped, as CVAT drops it;
+* ``rotation`` is kept in ``[0, 360)`` for rectangles and ellipses, and is 0 for every other type;
+* groups are left out of requests: a detector's or a file's group ids would join the task's own groups;
+* attributes are written by the target label's attribute ids, by name; names the label lacks are left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from preannotate.formats import masks
+from preannotate.shapes import Shape
+
+ROTATING = ("rectangle", "ellipse")
+
+
+def geometry(shape: Shape, label_type: str = "any", as_polygon: bool = False) -> tuple[str, list[float]] | None:
+    """The CVAT type and points ``shape`` is written as (see the module docstring); None when nothing is left."""
+    if shape.type == "mask" and (as_polygon or label_type == "polygon"):
+        outline = masks.cvat_rle_to_polygon(shape.points)
+        return ("polygon", [float(v) for v in outline]) if len(outline) >= 6 else None
+    if shape.type == "polygon" and len(shape.points) < 6:
+        return None
+    return shape.type, [float(p) for p in shape.points]
+
+
+def rotation(shape: Shape, shape_type: str) -> float:
+    return float(shape.rotation) % 360 if shape_type in ROTATING else 0.0
+
+
+def labeled_shape(shape: Shape, *, frame: int, label_id: int, attribute_ids: Mapping[str, int] | None = None,
+                  label_type: str = "any", as_polygon: bool = False, source: str | None = "auto"
+                  ) -> dict[str, Any] | None:
+    """``shape`` as a ``LabeledShapeRequest`` body (a plain dict: cvat-sdk's checked models cost ~200 µs a shape,
+    a tenth of a 100-box frame's inference; ``cvat_sdk.models.LabeledShapeRequest(**body)`` builds one).
+    ``source=None`` leaves the source out, for cvat-sdk's driver, which sets it itself."""
+    encoded = geometry(shape, label_type, as_polygon)
+    if encoded is None:
+        return None
+    kind, points = encoded
+    attribute_ids = attribute_ids or {}
+    body = {"type": kind, "frame": frame, "label_id": label_id, "points": points, "rotation": rotation(shape, kind),
+            "occluded": bool(shape.occluded), "z_order": int(shape.z_order),
+            "attributes": [{"spec_id": attribute_ids[name], "value": str(value)}
+                           for name, value in shape.attributes.items() if name in attribute_ids]}
+    return body if source is None else {**body, "source": source}
+
+
+def shape_from_stored(stored: Mapping[str, Any], label: str, attributes: Mapping[str, str]) -> Shape:
+    """A stored shape (``GET .../annotations``: ``label_id``, ``spec_id`` attributes) as ours, its label and
+    attributes already named."""
+    return Shape(label=label, type=stored["type"], points=[float(p) for p in stored["points"]],
+                 frame=stored["frame"], rotation=float(stored.get("rotation") or 0.0), attributes=dict(attributes),
+                 group=stored.get("group") or 0, occluded=bool(stored.get("occluded")),
+                 z_order=stored.get("z_order") or 0, source=stored.get("source") or "manual")
+
+
+def detector_item(shape: Shape) -> dict[str, Any]:
+    """``shape`` as an item of a CVAT detector's response: a mask carries its box bitmap (``mask``) and its outline
+    (``points``), so CVAT's *convert masks to polygons* works; the lambda manager maps ``label`` by name."""
+    item: dict[str, Any] = {"label": shape.label, "type": shape.type,
+                            "attributes": [{"name": k, "value": str(v)} for k, v in shape.attributes.items()]}
+    if shape.score is not None:
+        item = {"confidence": f"{shape.score:.4f}", **item}
+    if shape.type == "mask":
+        item["mask"] = masks.cvat_rle_to_nuclio_mask(shape.points)
+        item["points"] = masks.cvat_rle_to_polygon(shape.points)
+    else:
+        item["points"] = [float(p) for p in shape.points]
+    if rotation(shape, shape.type):
+        item["rotation"] = rotation(shape, shape.type)
+    if shape.group:
+        item["group_id"] = shape.group
+    return item
+
+
+def shape_from_detector_item(item: Mapping[str, Any], frame: int = 0) -> Shape | None:
+    """An item of any CVAT detector's response as a shape with ``source: auto`` (masks in CVAT's RLE); None for a
+    tag, which is not a shape."""
+    shape_type = item["type"]
+    if shape_type == "tag":
+        return None
+    points = (masks.nuclio_mask_to_cvat_rle(item["mask"]) if shape_type == "mask"
+              else [float(p) for p in item["points"]])
+    confidence = item.get("confidence")
+    return Shape(label=item["label"], type=shape_type, points=points, frame=frame,
+                 score=float(confidence) if confidence not in (None, "") else None,
+                 rotation=float(item.get("rotation", 0.0)),
+                 attributes={a["name"]: a["value"] for a in item.get("attributes") or ()},
+                 group=int(item.get("group_id") or 0), source="auto")
