@@ -75,9 +75,9 @@ def endless(loader: DataLoader) -> Iterator:
 
 
 def plain_train(architecture: str, labels, loader: DataLoader, steps: int, lr: float, weight_decay: float,
-                seed: int = 0, on_step=None) -> torch.nn.Module:
-    """``steps`` optimizer steps as ``engine.train_one_epoch`` takes them; ``on_step(step, seconds)`` is told
-    the wall time after each."""
+                seed: int = 0, on_step=None, clip_norm: float | None = None) -> torch.nn.Module:
+    """``steps`` optimizer steps as ``engine.train_one_epoch`` takes them (gradients clipped to ``clip_norm`` when
+    given); ``on_step(step, seconds)`` is told the wall time after each."""
     torch.manual_seed(seed)
     model = create_detector(architecture, labels, init="random", device="cpu").model
     model.train()
@@ -97,6 +97,8 @@ def plain_train(architecture: str, labels, loader: DataLoader, steps: int, lr: f
             raise FloatingPointError(f"loss is {loss_value}")
         optimizer.zero_grad()
         losses.backward()
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(params, clip_norm)
         optimizer.step()
         scheduler.step()
         if on_step:

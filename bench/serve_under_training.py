@@ -46,6 +46,10 @@ TRAINING = ("init=random; num-steps=2000; batch-size=4; image-size=160; num-vali
             "optimizer=adamw; initial-learning-rate=0.002")
 
 
+TOKEN = "bench-token"  # the training routes are closed without one
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         env = {**os.environ, "CVAT_URL": double.base_url, "CVAT_USERNAME": double.credentials[0],
                "CVAT_PASSWORD": double.credentials[1], "PREANNOTATE_TRAIN_HYPERPARAMETERS": TRAINING,
-               "PREANNOTATE_CACHE": str(Path(tmp) / "cache")}
+               "PREANNOTATE_CACHE": str(Path(tmp) / "cache"), "PREANNOTATE_API_TOKEN": TOKEN}
         server = subprocess.Popen([sys.executable, "-m", "preannotate.cli", "serve", "--model", "shapes", "--store",
                                    str(store), "--port", str(port), "--device", "cpu"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -121,21 +125,21 @@ def main(argv: list[str] | None = None) -> int:
             request(url + "/", body)  # warm-up
             idle = burst(url + "/", body)
             print(f"idle: {idle}", file=sys.stderr)
-            status, _, payload = request(url + "/train", json.dumps({"tasks": [task_id]}).encode())
+            status, _, payload = request(url + "/train", json.dumps({"tasks": [task_id]}).encode(), AUTH)
             job = json.loads(payload)["job"]
             assert status == 202, payload
-            while (state := json.loads(request(f"{url}/jobs/{job}", b"", method="GET")[2]))["state"] in (
+            while (state := json.loads(request(f"{url}/jobs/{job}", b"", AUTH, method="GET")[2]))["state"] in (
                     "queued", "running") and state.get("step", 0) < 1:
                 time.sleep(0.5)  # until the job process is past its start-up and is training
             if state["state"] != "running":
                 raise RuntimeError(f"the training job did not start training: {state['state']} "
                                    f"{state.get('error')} {state.get('log_tail', [])[-5:]}\n{''.join(output)}")
             training = burst(url + "/", body)
-            state = json.loads(request(f"{url}/jobs/{job}", b"", method="GET")[2])
+            state = json.loads(request(f"{url}/jobs/{job}", b"", AUTH, method="GET")[2])
             print(f"training: {training}; job {state['state']} at step {state.get('step')}", file=sys.stderr)
             if state["state"] != "running":
                 raise RuntimeError(f"the job was not running during the burst: {state['state']}")
-            request(f"{url}/jobs/{job}/cancel", b"")
+            request(f"{url}/jobs/{job}/cancel", b"", AUTH)
         finally:
             server.terminate()
             server.wait(30)

@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * mine['data_wait']:.1f} % of the step), plain {theirs['images_per_s']:.2f} img/s, "
                   f"ratio {mine['images_per_s'] / theirs['images_per_s']:.3f}", flush=True)
         hp = effective_hyperparameters(args.arch, f"batch-size={args.batch}; augment=flip", len(items))
-        ours_data = data.DetectionDataset(items, labels, data.transforms(hp, args.arch.startswith("ssd"), True),
-                                          get_architecture(args.arch).output == "mask")
+        arch = get_architecture(args.arch)
+        ours_data = data.DetectionDataset(items, labels, data.transforms(hp, arch.fixed_size, True),
+                                          arch.output == "mask")
         sampler = data.StepBatchSampler(len(items), args.batch, 0, 0, 10 ** 6)
         ours_loading = loading_alone(iter(data.loader(ours_data, batch_sampler=sampler, workers=workers)),
                                      args.batch, 20)

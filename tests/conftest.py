@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import atexit
 import base64
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -19,6 +21,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "cvat-2.42"
 os.environ.setdefault("PREANNOTATE_OFFLINE", "1")
 # Chunk caches and upload journals of the tests stay out of the user's ~/.cache.
 _SCRATCH = tempfile.mkdtemp(prefix="preannotate-tests-")
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)  # nothing left in the temporary directory
 os.environ.setdefault("PREANNOTATE_CACHE", os.path.join(_SCRATCH, "chunks"))
 os.environ.setdefault("PREANNOTATE_STATE_DIR", os.path.join(_SCRATCH, "journal"))
 

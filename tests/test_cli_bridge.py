@@ -145,3 +145,52 @@ def test_train_says_what_is_wrong_before_doing_anything(cvat_env, tmp_path, caps
     assert "--task/--project" in capsys.readouterr().err
     assert cli(["train", "--task", "7", "--model", "ssdlite320_mobilenet_v3_large", "-H", "batch-siz=4"]) == 2
     assert "batch-size" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- what a newcomer hit (issue 11)
+
+def test_a_broken_import_file_is_one_sentence_naming_it(cvat_env, tmp_path, capsys):
+    broken = tmp_path / "predictions.json"
+    broken.write_text("this is not json")
+    assert cli(["import", "--task", "8", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"{broken} is not a JSON file (expecting value at line 1, column 1)" in err
+    assert "Expecting value: line" not in err and "Traceback" not in err
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [1, 2], "score": 0.9}]))
+    assert cli(["import", "--task", "8", str(short)]) == 2
+    err = capsys.readouterr().err
+    assert "short.json: result #1: bbox must be [x, y, width, height] (4 numbers), not [1, 2]" in err
+    assert "unpack" not in err
+    assert cli(["import", "--task", "8", str(short), "--format", "coco"]) == 2
+    assert "short.json is not a COCO dataset" in capsys.readouterr().err
+    assert not [s for s in cvat_env.annotations(8)["shapes"] if s["source"] == "auto"]  # nothing half-written
+
+
+def test_annotate_refuses_frames_it_cannot_annotate(cvat_env, published_store, capsys):
+    common = ["annotate", "--task", "8", "--model", "boxes", "--store", str(published_store.root)]
+    assert cli([*common, "--frames", "5-2"]) == 2
+    assert "--frames '5-2': the last frame comes before the first" in capsys.readouterr().err
+    assert cli([*common, "--frames", "10-20"]) == 2  # task 8 has 3 frames
+    assert "task 8 has frames 0-2: frames 10-20 are none of them" in capsys.readouterr().err
+
+
+def test_export_says_once_what_it_left_out(cvat_env, tmp_path, capsys, caplog):
+    assert cli(["export", "--task", "7", "--out", str(tmp_path / "coco")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("left out") == 1 and "cannot learn" not in captured.err
+    assert not [r for r in caplog.records if r.levelno >= 30 and "cannot learn" in r.getMessage()]
+
+
+def test_a_closed_port_is_one_error_without_retry_warnings(monkeypatch, tmp_path, capsys, caplog):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("CVAT_USERNAME", "someone")
+    monkeypatch.setenv("CVAT_PASSWORD", "secret")
+    assert cli(["export", "--task", "1", "--out", str(tmp_path / "x"), "--cvat-url", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot connect to CVAT at http://127.0.0.1:{port}" in err[0]
+    assert not [r for r in caplog.records if r.name.startswith("urllib3") and r.levelno >= 30]

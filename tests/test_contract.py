@@ -31,16 +31,65 @@ from tests.conftest import b64, encode, photo
     ({"image": ""}, 400, "non-empty base64"),
     ({"image": 12}, 400, "non-empty base64"),
     ({"image": "%%%not-base64%%%"}, 400, "not valid base64"),
-    ({"image": b64(b"plain text, not an image")}, 400, "not a readable image"),
+    ({"image": b64(b"plain text, not an image")}, 400, "not an image file"),
     ({"image": b64(encode(photo())), "threshold": 1.5}, 400, "between 0 and 1"),
     ({"image": b64(encode(photo())), "threshold": -0.1}, 400, "between 0 and 1"),
     ({"image": b64(encode(photo())), "threshold": "0.5"}, 400, "between 0 and 1"),
     ({"image": b64(encode(photo())), "threshold": True}, 400, "between 0 and 1"),
+    # what a fuzz run found answered 500 (or dropped) and the texts that were Python's own
+    (b"2", 400, "must be a JSON object .*, not 2$"),
+    (2, 400, "must be a JSON object .*, not 2$"),  # as Nuclio decodes an application/json body
+    (b"1e+308", 400, "not 1e[+]308$"),
+    (True, 400, "not true$"),
+    (b'"string"', 400, "not a string$"),
+    (b"[" * 5000 + b"]" * 5000, 400, "nested too deeply"),
+    (b'{"a":' * 5000 + b"1" + b"}" * 5000, 400, "nested too deeply"),
+    (b"1" * 5000, 400, "too many digits"),
+    (b"\x80{}", 400, "not UTF-8 text"),
+    (b'{"image": 1', 400, "not JSON from line 1, column 12"),
+    (b'{"image": "x", "threshold": NaN}', 400, "between 0 and 1, got NaN"),
+    ({"image": b64(encode(photo())), "threshold": "x" * 10000}, 400, "between 0 and 1, got a string$"),
+    ({"image": b64(encode(photo(), "PNG")[:60])}, 400, "damaged or truncated PNG file"),
+    ({"image": b64(encode(photo())[:300])}, 400, "damaged image file: its header"),
+    ({"image": b64(encode(photo())[:1000])}, 400, "damaged or truncated JPEG file"),
 ])
 def test_bad_requests_name_the_problem(body, status, message):
     with pytest.raises(ContractError, match=message) as caught:
         parse_detect_request(body)
     assert caught.value.status == status
+    text = str(caught.value)
+    assert "0x" not in text and "Error" not in text and "Expecting" not in text and len(text) < 200
+
+
+def test_bytes_that_are_not_an_image_are_named_so():
+    with pytest.raises(ContractError) as caught:
+        decode_image(b"plain text, not an image")
+    assert str(caught.value) == "'image' is not an image file (JPEG, PNG, or another format Pillow reads)"
+
+
+@pytest.mark.parametrize("width, height", [(20000, 20000), (9000, 9000)])
+def test_an_image_over_the_pixel_limit_is_a_413_read_from_its_header(width, height):
+    from tests.test_fuzz import png_of_size  # a few hundred bytes of PNG that say width x height
+
+    with pytest.raises(ContractError, match="over the limit of 67108864 pixels") as caught:
+        decode_image(png_of_size(width, height))
+    assert caught.value.status == 413 and "Pillow" not in str(caught.value) and "bomb" not in str(caught.value)
+
+
+def test_an_image_too_narrow_for_a_detector_is_refused():
+    with pytest.raises(ContractError, match="1x20000 pixels is too narrow") as caught:
+        decode_image(encode(photo(1, 20000), "PNG"))  # the model's resize would make it 0 pixels wide
+    assert caught.value.status == 400
+    assert decode_image(encode(photo(1, 100), "PNG")).size == (1, 100)
+
+
+def test_the_pixel_limit_is_a_number_or_width_x_height(monkeypatch):
+    monkeypatch.setenv("PREANNOTATE_MAX_IMAGE_PIXELS", "96x63")
+    with pytest.raises(ContractError, match="96x64 pixels is over the limit of 6048 pixels"):
+        decode_image(encode(photo()))
+    monkeypatch.setenv("PREANNOTATE_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="PREANNOTATE_MAX_IMAGE_PIXELS is 'lots'"):  # the operator's mistake: a 500
+        decode_image(encode(photo()))
 
 
 def test_oversized_images_are_refused_before_decoding(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 
 import pytest
@@ -27,7 +28,13 @@ def client(cvat_double):
 
 
 def warnings(caplog) -> list[str]:
+    """What the reader said about shapes left out (at INFO: the command writing the dataset tells the user)."""
     return [r.getMessage() for r in caplog.records if r.name == "preannotate.cvat.reader"]
+
+
+@pytest.fixture(autouse=True)
+def _reader_log(caplog):
+    caplog.set_level(logging.INFO, logger="preannotate.cvat.reader")
 
 
 def outlines(frame) -> list[tuple]:

@@ -76,8 +76,8 @@ def test_functions_train_into_a_store_outside_the_image_and_carry_no_secrets(fil
 
 
 def test_training_settings_in_the_yaml_are_ones_the_function_accepts():
-    from preannotate.training.triggers import TrainingPolicy
     from preannotate.hyperparameters import Hyperparameters
+    from preannotate.training.triggers import TrainingPolicy
 
     config = yaml.safe_load((REPO / "functions/pytorch/retinanet_resnet50_fpn/nuclio/function.yaml").read_text())
     env = {e["name"]: e["value"] for e in config["spec"]["env"]}

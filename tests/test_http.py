@@ -63,6 +63,27 @@ def test_local_server_errors_are_json_and_it_keeps_serving(server):
     assert request(server + "/", {"image": b64(encode(photo()))})[0] == 200
 
 
+def test_json_that_is_no_object_and_broken_http_get_a_sentence_and_the_connection_goes_on(server):
+    import http.client
+    import socket
+
+    port = int(server.rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for body, message in [(b"2", "must be a JSON object"), (b"true", "not true"), (b"[" * 5000, "nested too deeply"),
+                          (b'{"a":' * 5000, "nested too deeply"), (b"1" * 5000, "too many digits")]:
+        connection.request("POST", "/", body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()  # one connection throughout: none of them drops it
+        assert response.status == 400 and message in json.loads(response.read())["error"]
+    connection.request("POST", "/", body=json.dumps({"image": b64(encode(photo()))}),
+                       headers={"Content-Type": "application/json"})
+    assert connection.getresponse().status == 200
+    connection.close()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nContent-Length: twelve\r\n\r\n")
+        answer = sock.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Content-Length header must be a number" in answer
+
+
 def test_concurrent_requests_are_all_answered(server):
     body = {"image": b64(encode(photo(64, 48))), "threshold": 0.0}
     results = []

@@ -376,3 +376,68 @@ def test_ellipse_rasterized_against_cvat_export():
     cx, cy, right, top = shape["points"]
     pixel_centred = ellipse_polygon([cx + 0.5, cy + 0.5, right + 1, top], segments=64)
     assert iou(masks.polygon_to_bitmap([pixel_centred], ELLIPSE_WIDTH, ELLIPSE_HEIGHT), cvat) >= 0.95
+
+
+# --- polygons traced by OpenCV ------------------------------------------------------------------------------
+
+
+def test_polygon_is_opencvs_contour_moved_out_to_the_pixel_edges():
+    import cv2
+
+    bitmap = pixel_rectangle(12, 10, left=2, top=3, right=5, bottom=6)
+    (centres,), _ = cv2.findContours(bitmap.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+
+    # CVAT's functions outline the boundary pixels' centres, half a pixel inside; ours is the pixels' own edges
+    assert set(map(tuple, centres.reshape(-1, 2).tolist())) == {(2, 3), (5, 3), (5, 6), (2, 6)}
+    assert set(vertices(masks.bitmap_to_polygon(bitmap))) == {(2, 3), (6, 3), (6, 7), (2, 7)}
+
+
+def test_outline_runs_through_a_pinch_and_keeps_the_pocket_out():
+    # a square ring cut open at its top-right pixel: its ends (2, 6) and (3, 7) touch at the corner (7, 3) only,
+    # so it is one region (through the other three sides) whose inside is open to the outside through that corner
+    ring = pixel_rectangle(12, 12, 2, 2, 7, 7) & ~pixel_rectangle(12, 12, 3, 3, 6, 6)
+    ring[2, 7] = False
+    polygon = masks.bitmap_to_polygon(ring, tolerance=0)
+
+    assert np.array_equal(masks.polygon_to_bitmap([polygon], 12, 12), ring)  # the inside is not filled
+    assert vertices(polygon).count((7, 3)) == 2  # the outline passes through the pinch twice
+
+
+def test_of_equal_regions_the_first_in_row_major_order_is_outlined():
+    bitmap = pixel_rectangle(20, 10, 12, 1, 14, 2) | pixel_rectangle(20, 10, 1, 6, 3, 7)  # two 3x2 regions
+
+    assert set(vertices(masks.bitmap_to_polygon(bitmap))) == {(12, 1), (15, 1), (15, 3), (12, 3)}
+
+
+def test_polygon_of_a_noisy_mask_is_the_largest_region_with_its_holes_filled():
+    import cv2
+
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:300, 0:300]
+    bitmap = ((x - 150) / 100.0) ** 2 + ((y - 140) / 80.0) ** 2 + rng.normal(0, 0.2, (300, 300)) < 1
+    bitmap |= rng.random((300, 300)) < 0.03  # specks everywhere, some touching the blob at a corner only
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(bitmap.astype(np.uint8), connectivity=4)
+    region = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    outside = np.pad(~region, 1, constant_values=True).astype(np.uint8)
+    cv2.floodFill(outside, None, (0, 0), 2, flags=8)  # background reaching the border, 8-connected
+    filled = outside[1:-1, 1:-1] != 2
+
+    exact = masks.bitmap_to_polygon(bitmap, tolerance=0)
+    assert count > 100 and np.array_equal(masks.polygon_to_bitmap([exact], 300, 300), filled)
+    simplified = masks.bitmap_to_polygon(bitmap, tolerance=1.5)
+    assert len(simplified) < len(exact) / 2
+    assert iou(masks.polygon_to_bitmap([simplified], 300, 300), filled) >= 0.95
+
+
+@pytest.mark.parametrize("tolerance", [0.5, 1.0, 3.0])
+def test_simplified_outline_stays_within_the_tolerance(odd_shapes, tolerance):
+    blob, triangle, *_ = odd_shapes
+    for bitmap in (blob, triangle):
+        exact = np.reshape(masks.bitmap_to_polygon(bitmap, tolerance=0), (-1, 2))
+        simplified = np.reshape(masks.bitmap_to_polygon(bitmap, tolerance), (-1, 2))
+        starts, ends = simplified, np.roll(simplified, -1, axis=0)
+        for corner in exact:  # every corner of the exact outline lies within the tolerance of some simplified edge
+            along = np.clip(np.einsum("ij,ij->i", corner - starts, ends - starts)
+                            / np.einsum("ij,ij->i", ends - starts, ends - starts), 0, 1)
+            nearest = starts + along[:, None] * (ends - starts)
+            assert np.min(np.linalg.norm(corner - nearest, axis=1)) <= tolerance + 1e-9

@@ -72,12 +72,23 @@ def test_body_delivered_as_bytes_is_read_too(boxes):
     (b"{not json", 400, "not JSON"),
     ({"threshold": 0.5}, 400, "no 'image'"),
     ({"image": "***"}, 400, "not valid base64"),
-    ({"image": b64(b"GIF89a but broken")}, 400, "not a readable image"),
+    ({"image": b64(b"GIF89a but broken")}, 400, "not an image file"),
     ({"image": b64(encode(photo())), "threshold": 2}, 400, "between 0 and 1"),
 ])
 def test_bad_input_gets_a_4xx_json_error_and_the_next_request_is_served(boxes, body, status, message):
     got_status, reply = boxes.call(body, content_type="application/json" if isinstance(body, dict) else "text/plain")
     assert got_status == status and message in reply["error"]
+    assert boxes.call(detect_body(threshold=0.0))[0] == 200
+
+
+@pytest.mark.parametrize("decoded, message", [
+    (2, "not 2"), (1e308, "not 1e+308"), (True, "not true"), ("string", "not a string"), (None, "empty request body"),
+])
+def test_json_that_nuclio_decoded_to_no_object_gets_a_400(boxes, decoded, message):
+    # Nuclio decodes every JSON value of an application/json body: a bare number reaches the handler as an int
+    event = nuclio_sdk.Event(body=decoded, content_type="application/json", method="POST", path="/", headers={})
+    response = boxes.platform.call_handler(nuclio.handler, event)
+    assert response.status_code == 400 and message in json.loads(response.body)["error"]
     assert boxes.call(detect_body(threshold=0.0))[0] == 200
 
 
@@ -148,15 +159,17 @@ def test_function_without_a_model_keeps_answering_and_says_why(monkeypatch, tmp_
     assert status == 503 and "pretrained weights for retinanet_resnet50_fpn are not on disk" in reply["error"]
 
 
-def test_an_internal_error_is_a_500_and_the_function_keeps_serving(boxes):
+def test_an_internal_error_is_a_500_and_the_function_keeps_serving(boxes, caplog):
     boxes.call(detect_body())
     app = boxes.platform._get_handler_context(nuclio.handler).user_data.app
     detector = app.provider.current()
     original = detector.detect
     detector.detect = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("CUDA out of memory"))
     try:
-        status, reply = boxes.call(detect_body())
-        assert status == 500 and "CUDA out of memory" in reply["error"]
+        with caplog.at_level("ERROR", logger="preannotate.serving.core"):
+            status, reply = boxes.call(detect_body())
+        assert status == 500 and "internal error" in reply["error"]
+        assert "RuntimeError" not in reply["error"] and "CUDA out of memory" in caplog.text  # the log has it
     finally:
         detector.detect = original
     assert boxes.call(detect_body())[0] == 200

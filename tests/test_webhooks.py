@@ -108,3 +108,21 @@ def test_register_creates_a_signed_project_webhook_for_job_updates(cvat_double):
 def test_register_refuses_an_unsigned_webhook():
     with pytest.raises(ValueError, match="secret"):
         webhooks.register(None, url="http://x/webhook", secret="", project_id=1)
+
+
+@pytest.mark.parametrize("payload", [
+    {"event": "update:job", "job": [1]},
+    {"event": "update:job", "job": {"id": 7, "state": "completed"}, "before_update": ["state"]},
+    {"event": "update:job", "job": {"id": 7, "task_id": 7, "state": "completed", "project_id": [6]},
+     "before_update": {"state": "new"}},
+    {"event": "update:job", "job": {"id": 7, "state": "completed"}, "before_update": {"state": "new"}},
+])
+def test_a_signed_delivery_that_is_not_cvats_says_why_and_starts_nothing(payload):
+    answer = triggers.qualifying_change(payload, TrainingPolicy(projects=frozenset({6})))
+    assert isinstance(answer, str)
+
+
+def test_a_signed_body_with_a_huge_number_is_refused_as_not_json():
+    body = b'{"event": "ping", "n": ' + b"9" * 5000 + b"}"
+    with pytest.raises(WebhookError, match="not JSON"):
+        webhooks.verify(SECRET, body, {"X-Signature-256": webhooks.signature(SECRET, body)})

@@ -103,6 +103,9 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
     writer = TaskWriter(client, task_id, label_map=label_map, replace=replace)
     report = AnnotateReport(task_id)
     wanted = [f for f in writer.frames() if frames is None or f in frames]
+    if frames is not None and not wanted:
+        raise CvatError(f"task {task_id} has frames 0-{writer.meta.size - 1}: frames {frames.start}-{frames.stop - 1} "
+                        "are none of them")
     report.frames = len(wanted)
     if only_unannotated:
         human = writer.human_frames()

@@ -390,6 +390,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = result.metrics
     print(f"published {name}@{result.version} after {result.steps} steps ({result.stopped}): "
           f"mAP@.5 {_score(metrics.get('map50'))}, mAP {_score(metrics.get('map'))}; {result.promotion}")
+    if result.report:
+        print(f"training report: {', '.join(str(path) for path in result.report)} (copied into {result.path})")
     return 0
 
 

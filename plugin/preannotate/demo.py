@@ -4,14 +4,14 @@ A generated annotated "task" (``synthetic``) is split into training and validati
 from scratch on the CPU and published into a store; the published version is then served through the very Nuclio
 handler a function runs (``serving.nuclio`` on nuclio_sdk's test platform) and pre-annotates frames held out from
 everything. Their predictions are scored against the generated ground truth (COCO mAP in the frames' own pixels,
-exactly what CVAT would receive) and written as COCO results, with a picture of one frame and its detections.
+exactly what CVAT would receive) and written as COCO results beside their COCO ground truth, with a grid of
+held-out frames showing truth and detections, and the training run's own report.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -20,21 +20,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
-
 from preannotate.formats import coco
 from preannotate.models import ModelStore, hyperparameters_for
 from preannotate.shapes import FrameAnnotations
-from preannotate.training import data
+from preannotate.training import data, report
 from preannotate.training.evaluation import coco_metrics
 from preannotate.training.recipe import TrainingData, train_and_publish
-from preannotate.training.synthetic import COLOURS, generate
+from preannotate.training.synthetic import generate
 
 DEFAULT_ARCHITECTURE = "ssdlite320_mobilenet_v3_large"
 # From scratch on 2 CPU cores, with the registry's from-scratch defaults: about 0.9 mAP@.5 on the held-out frames in
 # a few minutes (batch norms re-measured before each validation is what makes so short a run usable; see
 # evaluation.recalibrate_batch_norm).
 DEFAULT_HYPERPARAMETERS = "init=random; batch-size=8; num-validations=3"
+GRID_FRAMES = 12  # held-out frames in demo.png, those with the most objects
 
 
 @contextlib.contextmanager
@@ -101,20 +100,8 @@ def _from_cvat(task: int, output: Path, seed: int, say: Callable[[str], None]):
     return split.labels, split.train, split.val, held_frames, images, cvat_provenance(dataset)
 
 
-def picture(image: bytes, truth: FrameAnnotations, predicted: FrameAnnotations) -> Image.Image:
-    """The frame with its ground truth (thin white) and the detections (label colour, with label and score)."""
-    canvas = Image.open(io.BytesIO(image)).convert("RGB")
-    scale = max(1, 640 // canvas.width)
-    canvas = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
-    draw = ImageDraw.Draw(canvas)
-    for shape in truth.shapes:
-        draw.rectangle([v * scale for v in shape.bbox()], outline=(255, 255, 255), width=1)
-    for shape in predicted.shapes:
-        x1, y1, x2, y2 = (v * scale for v in shape.bbox())
-        colour = tuple(255 - c // 3 for c in COLOURS.get(shape.label, (0, 0, 0)))
-        draw.rectangle([x1, y1, x2, y2], outline=colour, width=3)
-        draw.text((x1 + 3, y1 + 2), f"{shape.label} {shape.score or 0:.2f}", fill=colour)
-    return canvas
+def _score(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3f}"
 
 
 def run_demo(output: str | Path, *, architecture: str = DEFAULT_ARCHITECTURE, steps: int = 120,
@@ -148,19 +135,31 @@ def run_demo(output: str | Path, *, architecture: str = DEFAULT_ARCHITECTURE, st
     say(f"trained {architecture} for {result.steps} steps; published demo@{result.version} "
         f"(validation mAP@.5 {result.metrics.get('map50')}) in {store.root}")
 
+    if result.report:
+        say(f"training report: {', '.join(str(path) for path in result.report)}")
+
     predicted = serve_and_annotate(store, "demo", [(f, images[f.frame]) for f in held_frames])
     truth = coco.to_coco([(f, f.name) for f in held_frames], labels)
     results = coco.to_results(list(enumerate(predicted, start=1)), labels)
     metrics = coco_metrics(truth, [{k: v for k, v in r.items() if k != "segmentation"} for r in results], labels)
     (output / "predictions.json").write_text(json.dumps(results))
-    shown = max(range(len(held_frames)), key=lambda i: len(held_frames[i].shapes))
-    picture(images[held_frames[shown].frame], held_frames[shown], predicted[shown]).save(output / "demo.png")
+    (output / "ground_truth.json").write_text(json.dumps(truth))  # what predictions.json is scored against
+    held = output / "held-out"  # the frames themselves, for trying the model on them (README: quick try)
+    held.mkdir(exist_ok=True)
+    for frame in held_frames:
+        (held / Path(frame.name).name).write_bytes(images[frame.frame])
+    shown = sorted(range(len(held_frames)), key=lambda i: -len(held_frames[i].shapes))[:GRID_FRAMES]
+    report.prediction_grid([(images[held_frames[i].frame], held_frames[i], predicted[i]) for i in sorted(shown)],
+                           output / "demo.png", labels=labels,
+                           title=f"demo@{result.version} served through the Nuclio handler: held-out frames")
     summary = {"version": result.version, "steps": result.steps, "validation": result.metrics.get("map50"),
                "map": metrics["map"], "map50": metrics["map50"], "per_class": metrics["per_class"],
-               "predictions": str(output / "predictions.json"), "picture": str(output / "demo.png"),
+               "predictions": str(output / "predictions.json"), "ground_truth": str(output / "ground_truth.json"),
+               "picture": str(output / "demo.png"), "report": [str(path) for path in result.report],
                "minutes": round((time.monotonic() - started) / 60, 1)}
+    per_class = ", ".join(f"{name} {_score(values['ap50'])}" for name, values in metrics["per_class"].items())
     say(f"served demo@{result.version} through the Nuclio handler on {held_out} held-out frames: "
-        f"mAP@.5 {metrics['map50']}, mAP@[.5:.95] {metrics['map']}")
-    say(f"predictions (COCO results): {summary['predictions']}; picture: {summary['picture']}; "
-        f"{summary['minutes']} min in all")
+        f"mAP@.5 {_score(metrics['map50'])}, mAP@[.5:.95] {_score(metrics['map'])}; AP@.5 per class: {per_class}")
+    say(f"predictions (COCO results): {summary['predictions']}, scored against {summary['ground_truth']}; "
+        f"picture: {summary['picture']}; {summary['minutes']} min in all")
     return summary

@@ -20,8 +20,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
 from preannotate import functions
 from preannotate.models import DEFAULT_STORE, Manifest, ModelReference, ModelStore, get_architecture, open_store
 
@@ -247,7 +245,7 @@ def submit_kubernetes_job(manifest: dict[str, Any], dry_run: bool = False, kubec
     if problems:
         raise DeployError("the Job manifest is not valid: " + "; ".join(problems))
     command = [kubectl, "apply", "-f", "-"]
-    text = yaml.safe_dump(manifest, sort_keys=False)
+    text = functions.dump(manifest, header="")
     if dry_run:
         print(f"{shlex.join(command)} <<'EOF'\n{text}EOF", file=out or sys.stdout)
         return command

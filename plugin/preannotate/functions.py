@@ -44,8 +44,15 @@ class _Literal(str):
     """A string YAML writes as a ``|`` block (the label spec, as CVAT's own functions write it)."""
 
 
-yaml.SafeDumper.add_representer(_Literal, lambda dumper, data: dumper.represent_scalar(
-    "tag:yaml.org,2002:str", data, style="|"))
+class _Dumper(yaml.SafeDumper):
+    """YAML as a person writes it: no ``&id001`` anchors for values that happen to be shared objects."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+_Dumper.add_representer(_Literal, lambda dumper, data: dumper.represent_scalar("tag:yaml.org,2002:str", data,
+                                                                              style="|"))
 
 
 def label_spec(labels: list[Label]) -> str:
@@ -123,7 +130,7 @@ def cron_trigger(when: str) -> dict[str, Any]:
 
 
 def dump(config: dict[str, Any], header: str = HEADER) -> str:
-    return header + yaml.safe_dump(config, sort_keys=False, width=120)
+    return header + yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=120)
 
 
 def function_directory(root: Path, arch: Architecture) -> Path:
@@ -132,7 +139,8 @@ def function_directory(root: Path, arch: Architecture) -> Path:
 
 def render_all(root: Path) -> list[Path]:
     """Write every registry architecture's function directory under ``root``; return the files written."""
-    from preannotate.models.torchvision_family import PretrainedWeightsUnavailable, coco_labels
+    from preannotate.models import PretrainedWeightsUnavailable
+    from preannotate.models.torchvision_family import coco_labels
 
     written = []
     for arch in ARCHITECTURES.values():

@@ -55,6 +55,15 @@ def connect(url: str | None = None, *, username: str | None = None, password: st
     # The SDK's version check would warn on every client (cvat-sdk 2.80 against a 2.42 server): the version is
     # logged once per server instead.
     client = Client(url.rstrip("/"), config=Config(verify_ssl=verify_tls), check_server_version=False)
+    # cvat-sdk retries a refused connection three times with backoff, warning each time, and resets urllib3's
+    # log level to WARNING for every client: one retry of the connection, the 5xx retries kept, and the warnings
+    # only with -v (our error says once what went wrong).
+    client.api_client.configuration.retries = urllib3.util.Retry(
+        total=3, connect=1, status_forcelist=(502, 503, 504), backoff_factor=0.5)
+    client.api_client.rest_client.pool_manager.connection_pool_kw["retries"] = \
+        client.api_client.configuration.retries
+    if not log.isEnabledFor(logging.INFO):
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
     secrets = [s for s in (password, access_token) if s]
     try:
         with cvat_errors(client, "the CVAT API", secrets=secrets):

@@ -2,8 +2,8 @@
 
 Each read fetches the annotations, the labels (every page) and the data meta, and hands them to
 ``annotations.frames_from_annotations``, which interpolates tracks. Frame numbers are task-relative throughout.
-Shapes a detector cannot learn from (points, polylines, cuboids, skeletons) are counted in ``skipped`` and reported
-once per read as a warning, so a dataset that lost them says so.
+Shapes a detector cannot learn from (points, polylines, cuboids, skeletons) are counted in ``skipped`` (and logged
+at INFO); what writes a dataset from them tells the user once what it left out.
 """
 
 from __future__ import annotations
@@ -57,5 +57,5 @@ def read_project(client: Client, project_id: int) -> dict[int, AnnotationSet]:
 def _report_skipped(skipped: Counter[str], where: str) -> None:
     if skipped:
         counts = ", ".join(f"{count} {kind}" for kind, count in sorted(skipped.items()))
-        log.warning("%s has %d per-frame shapes a detector cannot learn from (%s); detector datasets leave them out",
+        log.info("%s has %d per-frame shapes a detector cannot learn from (%s); detector datasets leave them out",
                     where, sum(skipped.values()), counts)

@@ -323,14 +323,14 @@ def import_file(client: Client, task_id: int, path: str | os.PathLike, fmt: str 
     ``threshold`` drops shapes scoring below it (shapes without a score are kept)."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    raw = Path(path).read_bytes()
+    raw, data = _read_json(path)
+    extra, dataset = _read_json(coco_file) if coco_file is not None else (b"", None)
     writer = TaskWriter(client, task_id, label_map=label_map, replace=replace)
-    data = json.loads(raw)
-    extra = Path(coco_file).read_bytes() if coco_file is not None else b""
+    name = Path(path).name
     if fmt == "coco":
-        shapes_by_frame, unmatched = _from_dataset(data, writer)
+        shapes_by_frame, unmatched = _from_dataset(data, writer, name)
     else:
-        shapes_by_frame, unmatched = _from_results(data, json.loads(extra) if coco_file else None, writer)
+        shapes_by_frame, unmatched = _from_results(data, dataset, writer, name)
     if threshold is not None:
         shapes_by_frame = {f: [s for s in shapes if s.score is None or s.score >= threshold]
                            for f, shapes in shapes_by_frame.items()}
@@ -340,6 +340,39 @@ def import_file(client: Client, task_id: int, path: str | os.PathLike, fmt: str 
                                                    hashlib.sha256(extra).hexdigest()))
     report.unmatched_images = unmatched
     return report
+
+
+def _read_json(path: str | os.PathLike) -> tuple[bytes, Any]:
+    raw = Path(path).read_bytes()
+    try:
+        return raw, json.loads(raw)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a JSON file (it is not even text)") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a JSON file ({error.msg.lower()} at line {error.lineno}, column "
+                         f"{error.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests its JSON too deep to be a COCO file") from None
+
+
+def _shape(item: Any, kind: str, index: int, file: str, label_of, sizes, frame_of) -> tuple[int, Shape] | None:
+    """One COCO annotation or result of ``file`` as (task frame, auto shape); None when its image is no frame of
+    the task; a ``ValueError`` naming the item when it is not COCO."""
+    where = f"{file}: {kind} #{index + 1}"
+    if not isinstance(item, dict):
+        raise ValueError(f"{where} is not a JSON object")
+    frame = frame_of.get(item.get("image_id"))
+    if frame is None:
+        return None
+    bbox, segmentation = item.get("bbox"), item.get("segmentation")
+    if not segmentation and (not isinstance(bbox, list) or len(bbox) != 4
+                             or not all(isinstance(v, (int, float)) for v in bbox)):
+        raise ValueError(f"{where}: bbox must be [x, y, width, height] (4 numbers), not {bbox!r}"[:300])
+    try:
+        return frame, coco.annotation_to_shape(item, label_of(item.get("category_id")), *sizes[frame], frame=frame,
+                                               source=AUTO)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise ValueError(f"{where}: its segmentation is neither polygons nor COCO RLE") from None
 
 
 def _frame_matcher(writer: TaskWriter):
@@ -358,11 +391,13 @@ def _frame_matcher(writer: TaskWriter):
     return match
 
 
-def _images_to_frames(images: Sequence[dict[str, Any]], writer: TaskWriter) -> tuple[dict[int, int], list[str]]:
+def _images_to_frames(images: Sequence[Any], writer: TaskWriter, file: str) -> tuple[dict[int, int], list[str]]:
     """COCO image id → task frame, and the file names that match no frame (all unmatched is an error)."""
     match = _frame_matcher(writer)
     frame_of, unmatched = {}, []
-    for image in images:
+    for index, image in enumerate(images):
+        if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) or "id" not in image:
+            raise ValueError(f"{file}: image #{index + 1} needs an id and a file_name")
         frame = match(image["file_name"])
         if frame is None:
             unmatched.append(image["file_name"])
@@ -376,39 +411,54 @@ def _images_to_frames(images: Sequence[dict[str, Any]], writer: TaskWriter) -> t
     return frame_of, unmatched
 
 
-def _from_dataset(dataset: dict[str, Any], writer: TaskWriter) -> tuple[dict[int, list[Shape]], list[str]]:
-    frame_of, unmatched = _images_to_frames(dataset.get("images") or [], writer)
+def _from_dataset(dataset: Any, writer: TaskWriter, file: str) -> tuple[dict[int, list[Shape]], list[str]]:
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
+        raise ValueError(f"{file} is not a COCO dataset (an object with images, annotations and categories)")
+    frame_of, unmatched = _images_to_frames(dataset["images"], writer, file)
     sizes = writer.frame_sizes()
-    name_of = {c["id"]: c["name"] for c in dataset.get("categories") or []}
+    name_of = _categories(dataset, file)
     shapes_by_frame: dict[int, list[Shape]] = {frame: [] for frame in frame_of.values()}
-    for annotation in dataset.get("annotations") or []:
-        frame = frame_of.get(annotation["image_id"])
-        if frame is not None:
-            shapes_by_frame[frame].append(coco.annotation_to_shape(
-                annotation, name_of[annotation["category_id"]], *sizes[frame], frame=frame, source=AUTO))
+    for index, annotation in enumerate(dataset.get("annotations") or []):
+        found = _shape(annotation, "annotation", index, file, lambda c: _category(name_of, c, file), sizes, frame_of)
+        if found is not None:
+            shapes_by_frame[found[0]].append(found[1])
     return shapes_by_frame, unmatched
 
 
-def _from_results(results: list[dict[str, Any]], dataset: dict[str, Any] | None, writer: TaskWriter
+def _categories(dataset: dict[str, Any], file: str) -> dict[Any, str]:
+    try:
+        return {c["id"]: c["name"] for c in dataset.get("categories") or []}
+    except (KeyError, TypeError):
+        raise ValueError(f"{file}: every category needs an id and a name") from None
+
+
+def _category(name_of: dict[Any, str], category_id: Any, file: str) -> str:
+    if category_id not in name_of:
+        raise ValueError(f"{file}: category_id {category_id!r} is not among its categories")
+    return name_of[category_id]
+
+
+def _from_results(results: Any, dataset: Any, writer: TaskWriter, file: str
                   ) -> tuple[dict[int, list[Shape]], list[str]]:
     if not isinstance(results, list):
-        raise ValueError("a COCO results file is a JSON list of {image_id, category_id, bbox, score}")
+        raise ValueError(f"{file} is not COCO results: a JSON list of {{image_id, category_id, bbox, score}} "
+                         "(a COCO dataset is imported with --format coco)")
     sizes = writer.frame_sizes()
     if dataset is not None:
-        frame_of, unmatched = _images_to_frames(dataset.get("images") or [], writer)
-        name_of = {c["id"]: c["name"] for c in dataset.get("categories") or []}
+        if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
+            raise ValueError("the --coco-file is not a COCO dataset (an object with images and categories)")
+        frame_of, unmatched = _images_to_frames(dataset["images"], writer, "the --coco-file")
+        name_of = _categories(dataset, "the --coco-file")
     else:  # our export's convention (see import_file)
         frame_of, unmatched = {f + 1: f for f in writer.frames()}, []
         name_of = dict(enumerate(writer.task_label_names(), start=1))
     shapes_by_frame: dict[int, list[Shape]] = {}
-    for result in results:
-        frame = frame_of.get(result["image_id"])
-        if frame is None:
-            unmatched.append(f"image_id {result['image_id']}")
+    for index, result in enumerate(results):
+        found = _shape(result, "result", index, file, lambda c: name_of.get(c, f"category {c}"), sizes, frame_of)
+        if found is None:
+            unmatched.append(f"image_id {result.get('image_id')}")
             continue
-        label = name_of.get(result["category_id"], f"category {result['category_id']}")
-        shapes_by_frame.setdefault(frame, []).append(
-            coco.annotation_to_shape(result, label, *sizes[frame], frame=frame, source=AUTO))
+        shapes_by_frame.setdefault(found[0], []).append(found[1])
     if results and not shapes_by_frame:
         raise CvatError(f"no result of the file names a frame of task {writer.task_id} "
                         f"(e.g. {unmatched[0]}; give the COCO file the results refer to)")

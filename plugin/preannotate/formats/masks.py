@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 from cvat_sdk.masks import decode_mask, encode_mask
 from pycocotools import mask as coco_mask
-from skimage import measure
 
 
 def bitmap_to_cvat_rle(bitmap: np.ndarray) -> list[float]:
@@ -62,19 +62,24 @@ def nuclio_mask_to_cvat_rle(mask: Sequence[float]) -> list[float]:
 
 def bitmap_to_polygon(bitmap: np.ndarray, tolerance: float = 1.0) -> list[float]:
     """The outline of the largest connected region of a bitmap along its pixel edges, simplified to within
-    ``tolerance`` pixels (a region too thin to survive that keeps its exact outline); ``[]`` when it is empty."""
+    ``tolerance`` pixels (a region too thin to survive that keeps its exact outline); ``[]`` when it is empty.
+
+    Regions are 4-connected (pixels touching only at a corner are separate regions) and the outline is the outer
+    one (holes are not cut out). Traced by OpenCV — ``cv2.findContours`` then ``cv2.approxPolyDP``, as CVAT's own
+    serverless functions do — but on the pixel edges rather than through the boundary pixels' centres."""
     bitmap = np.asarray(bitmap, dtype=bool)
-    if not bitmap.any():
+    rows, cols = np.flatnonzero(bitmap.any(axis=1)), np.flatnonzero(bitmap.any(axis=0))
+    if not rows.size:
         return []
-    # Pad so regions touching the border still give closed contours; level 0.5 runs between pixel centres.
-    contours = measure.find_contours(np.pad(bitmap, 1).astype(np.uint8), 0.5)
-    corners = _pixel_edge_outline(max(contours, key=_contour_area))
-    simplified = measure.approximate_polygon(np.vstack([corners, corners[:1]]), tolerance=tolerance)[:-1]
-    if len(simplified) < 3:  # a region a pixel or two thin: keep its exact outline rather than lose it
-        simplified = corners
-    # (row, col) in padded pixel-centre coordinates → (x, y) in pixel-edge coordinates: -1 padding, +0.5 centre.
-    xy = np.stack([simplified[:, 1] - 0.5, simplified[:, 0] - 0.5], axis=1)
-    return [round(float(v), 2) for v in xy.ravel()]
+    top, left = int(rows[0]), int(cols[0])
+    box = bitmap[top:rows[-1] + 1, left:cols[-1] + 1]  # trace only the tight box: masks are mostly background
+    corners = max(_pixel_edge_outlines(box), key=lambda outline: _largest_first(outline, box.shape[1]))
+    simplified = corners
+    if tolerance > 0:
+        simplified = cv2.approxPolyDP(corners.reshape(-1, 1, 2), float(tolerance), closed=True).reshape(-1, 2)
+        if len(simplified) < 3:  # a region a pixel or two thin: keep its exact outline rather than lose it
+            simplified = corners
+    return np.round(simplified + (left, top), 2).astype(np.float64).ravel().tolist()
 
 
 def cvat_rle_to_polygon(points: Sequence[float], tolerance: float = 1.0) -> list[float]:
@@ -130,25 +135,67 @@ def coco_rle_to_bitmap(rle: dict) -> np.ndarray:
     return coco_mask.decode(rle).astype(bool)
 
 
-def _pixel_edge_outline(contour: np.ndarray) -> np.ndarray:
-    """A closed marching-squares contour of a 0/1 image → the corners of the staircase along the pixel edges.
+def _pixel_edge_outlines(bitmap: np.ndarray) -> list[np.ndarray]:
+    """The outer outlines along the pixel edges of the 4-connected regions that may be the largest, from one
+    ``cv2.findContours`` call: their corners (``x, y``, int32, where the outline turns).
 
-    Each contour point is the midpoint of a pixel edge and consecutive points are two edges meeting at the
-    centre of their marching-squares cell — a pixel corner. Walking those corners gives the exact outline
-    (the contour itself cuts every corner by half a pixel); only the corners where it turns are kept."""
-    starts, ends = contour[:-1], contour[1:]
-    moved = np.any(starts != ends, axis=1)
-    path = np.floor(np.minimum(starts[moved], ends[moved])) + 0.5
-    path = path[np.any(path != np.roll(path, 1, axis=0), axis=1)]
-    before, after = np.roll(path, 1, axis=0), np.roll(path, -1, axis=0)
-    cross = (path[:, 0] - before[:, 0]) * (after[:, 1] - path[:, 1]) - (path[:, 1] - before[:, 1]) * (
-        after[:, 0] - path[:, 0])
-    return path[cross != 0]
+    OpenCV traces the centres of 8-connected foreground pixels; the pixel-edge outline of 4-connected regions is
+    the border of the *background* instead, so it is traced on a grid of twice the resolution in which every cell
+    is a pixel centre (odd, odd), a pixel edge (odd, even or even, odd) or a pixel corner (even, even): a cell is
+    set when it touches a background pixel (background pixels drawn as closed squares, 8-connected). Each
+    foreground region is then a hole of that grid and its hole border runs exactly along the region's edges and
+    corners — except that OpenCV steps diagonally past a corner of a pixel, which is put back."""
+    height, width = bitmap.shape
+    # cell (row, col) of the grid sits at [row + 2, col + 2]: one ring for the padding pixels around the bitmap
+    # (background, so regions on the border close) and an empty ring outside it, all OpenCV assumes is there
+    centres = np.zeros((2 * height + 5, 2 * width + 5), dtype=np.uint8)
+    centres[1::2, 1::2] = 1
+    centres[3:-3:2, 3:-3:2] = ~bitmap
+    grid = cv2.dilate(centres, np.ones((3, 3), dtype=np.uint8))
+    grid[[0, -1], :] = grid[:, [0, -1]] = 0
+    contours, hierarchy = cv2.findContours(grid, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    holes = np.flatnonzero(hierarchy[0][:, 3] >= 0)  # the borders of the grid's holes: the regions' outlines
+    # Only regions that may be the largest are converted (one, or a few, in all but noise). A border of n cells
+    # runs along at most n pixel edges, so encloses at most (n / 4)² pixels, and OpenCV's contourArea of it is
+    # within n / 8 square pixels of the outline's (a diagonal step cuts or adds 1/8): longest borders first.
+    lengths = np.array([len(contours[i]) for i in holes])
+    candidates, smallest_largest = [], -np.inf
+    for i in holes[np.argsort(-lengths, kind="stable")]:
+        slack = len(contours[i]) / 8
+        if (2 * slack) ** 2 < smallest_largest:
+            break
+        area = cv2.contourArea(contours[i]) / 4
+        candidates.append((contours[i], area + slack))
+        smallest_largest = max(smallest_largest, area - slack)
+    return [_outline_corners(c.reshape(-1, 2) - 2) for c, most in candidates if most >= smallest_largest]
 
 
-def _contour_area(contour: np.ndarray) -> float:
-    rows, cols = contour[:, 0], contour[:, 1]
-    return 0.5 * abs(float(np.dot(cols, np.roll(rows, 1)) - np.dot(rows, np.roll(cols, 1))))
+def _outline_corners(cells: np.ndarray) -> np.ndarray:
+    """A closed hole border of the double-resolution grid (cells ``x, y``) → the outline's corners in pixel-edge
+    coordinates, only those where it turns, with a positive area (clockwise on the image, ``y`` down)."""
+    after = np.roll(cells, -1, axis=0)
+    diagonal = np.flatnonzero(np.all(cells != after, axis=1))
+    # a diagonal step joins two edge midpoints; the path between them runs through their shared (even, even) corner
+    start, end = cells[diagonal], after[diagonal]
+    shared = np.where((start[:, :1] % 2 == 0), np.stack([start[:, 0], end[:, 1]], axis=1),
+                      np.stack([end[:, 0], start[:, 1]], axis=1))
+    path = np.insert(cells, diagonal + 1, shared, axis=0)
+    path = path[np.all(path % 2 == 0, axis=1)] // 2  # the corners along the path, one pixel apart
+    into, out = path - np.roll(path, 1, axis=0), np.roll(path, -1, axis=0) - path
+    turns = into[:, 0] * out[:, 1] != into[:, 1] * out[:, 0]
+    corners = path[turns].astype(np.int32)
+    return corners if _signed_area(corners) > 0 else corners[::-1]
+
+
+def _largest_first(corners: np.ndarray, width: int) -> tuple[float, int]:
+    """Sort key: the larger area first, then (of equals) the region met first in row-major order — the one whose
+    top-left pixel comes first (as scikit-image's contours came, which this module used before OpenCV)."""
+    return _signed_area(corners), -int(np.min(corners[:, 1] * (width + 1) + corners[:, 0]))
+
+
+def _signed_area(corners: np.ndarray) -> float:
+    xs, ys = corners[:, 0].astype(np.float64), corners[:, 1].astype(np.float64)
+    return 0.5 * float(np.sum(xs * np.roll(ys, -1) - ys * np.roll(xs, -1)))  # (not np.dot: BLAS threads)
 
 
 def _whole_numbers(values: Sequence[float]) -> np.ndarray:

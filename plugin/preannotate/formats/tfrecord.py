@@ -16,10 +16,13 @@ or read, since nothing else in the package needs it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import os
 import re
 import struct
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
@@ -36,17 +39,40 @@ MASK_TYPES = ("polygon", "mask", "ellipse")  # shapes that make a dataset a mask
 
 
 def tensorflow() -> Any:
-    """TensorFlow, imported on first use with a clear message when it is missing."""
+    """TensorFlow, imported on first use with a clear message when it is missing, and without the lines its C++
+    runtime prints while it starts (CPU features, "could not find cuda drivers"): they say nothing a user of
+    TFRecords needs, before our own output. ``TF_CPP_MIN_LOG_LEVEL=0`` shows them again."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
     try:  # torchvision imported *after* TensorFlow crashes the process (their bundled C++ libraries clash)
         import torchvision  # noqa: F401
     except ImportError:
         pass
+    quiet = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2") != "0"
     try:
-        import tensorflow as tf
+        with _stderr_silenced(quiet):  # some of those lines come before TensorFlow reads its log level
+            import tensorflow as tf
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("TFRecord export needs TensorFlow: pip install 'cvat-preannotate[tf]' "
                           "(or pip install tensorflow)") from error
     return tf
+
+
+@contextlib.contextmanager
+def _stderr_silenced(enabled: bool):
+    """File descriptor 2 pointed at /dev/null for the block (C++ code writes there, not to ``sys.stderr``)."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 # ----------------------------------------------------------------------------------------------- label_map.pbtxt

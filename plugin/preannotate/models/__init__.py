@@ -10,6 +10,7 @@ names a model by, and the store's default, is ``reference``; what a model family
 from __future__ import annotations
 
 import importlib
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ from preannotate.models.reference import DEFAULT_STORE, ModelReference, default_
 from preannotate.models.registry import (
     ARCHITECTURES,
     Architecture,
+    PretrainedWeightsUnavailable,
     default_hyperparameters,
     get_architecture,
     hyperparameters_for,
@@ -27,9 +29,10 @@ from preannotate.models.registry import (
 from preannotate.shapes import Label, Shape
 
 __all__ = ["ARCHITECTURES", "DEFAULT_STORE", "Architecture", "Detector", "Manifest", "ModelNotFound",
-           "ModelReference", "ModelStore", "UnsupportedLabels", "check_label_types", "create_detector",
-           "default_hyperparameters", "default_store", "family_of", "get_architecture", "hyperparameters_for",
-           "load_detector", "load_model", "open_store", "publish_detector", "save_artifact"]
+           "ModelReference", "ModelStore", "PretrainedWeightsUnavailable", "UnsupportedLabels",
+           "check_label_types", "create_detector", "default_hyperparameters", "default_store", "family_of",
+           "get_architecture", "hyperparameters_for", "load_detector", "load_model", "open_store",
+           "publish_detector", "save_artifact"]
 
 
 class UnsupportedLabels(ValueError):
@@ -95,19 +98,24 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
     return detector
 
 
-def save_artifact(detector: Detector, directory: Path) -> Manifest:
-    """Write the detector's weights and manifest into ``directory``; return the manifest written."""
+def save_artifact(detector: Detector, directory: Path, files: Sequence[Path] = ()) -> Manifest:
+    """Write the detector's weights and manifest into ``directory``, with copies of ``files`` (its training
+    report) that the manifest lists; return the manifest written."""
     family = family_of(get_architecture(detector.manifest.architecture))
     family.write_weights(detector, Path(directory) / detector.manifest.weights)
+    for file in files:
+        shutil.copyfile(file, Path(directory) / Path(file).name)
+    detector.manifest.report = [Path(file).name for file in files]
     detector.manifest.created = detector.manifest.created or now_iso()
     detector.manifest.write(Path(directory))
     return detector.manifest
 
 
-def publish_detector(detector: Detector, store: ModelStore, name: str, promote: bool = True) -> int:
-    """Publish the detector as the next version of ``name`` in ``store``; returns the version number. With
-    ``promote=False`` it is kept without replacing the version being served."""
-    return store.publish(name, lambda directory: save_artifact(detector, directory), promote=promote)
+def publish_detector(detector: Detector, store: ModelStore, name: str, promote: bool = True,
+                     files: Sequence[Path] = ()) -> int:
+    """Publish the detector (with ``files``, see ``save_artifact``) as the next version of ``name`` in ``store``;
+    returns the version number. With ``promote=False`` it is kept without replacing the version being served."""
+    return store.publish(name, lambda directory: save_artifact(detector, directory, files), promote=promote)
 
 
 def load_detector(directory: str | Path, device: str | None = None) -> Detector:

@@ -59,6 +59,7 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     libraries: dict[str, str] = field(default_factory=dict)
+    report: list[str] = field(default_factory=list)  # pictures of its training run, beside the weights
     created: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -69,7 +70,7 @@ class Manifest:
             "labels": [label.to_dict() for label in self.labels], "input_size": self.input_size,
             "score_threshold": self.score_threshold, "hyperparameters": self.hyperparameters,
             "metrics": self.metrics, "provenance": self.provenance, "libraries": self.libraries,
-            "created": self.created,
+            "report": self.report, "created": self.created,
         }
 
     @classmethod
@@ -83,7 +84,8 @@ class Manifest:
             weights=data.get("weights", "model.pt"), input_size=data.get("input_size", {}),
             hyperparameters=data.get("hyperparameters", {}), score_threshold=data.get("score_threshold", 0.5),
             metrics=data.get("metrics", {}), provenance=data.get("provenance", {}),
-            libraries=data.get("libraries", {}), created=data.get("created", ""),
+            libraries=data.get("libraries", {}), report=list(data.get("report") or []),
+            created=data.get("created", ""),
             format_version=data.get("format_version", FORMAT_VERSION))
 
     @classmethod

@@ -13,6 +13,10 @@ class UnknownArchitecture(ValueError):
     pass
 
 
+class PretrainedWeightsUnavailable(RuntimeError):
+    """The pretrained weights are neither on disk nor downloadable; the message says where to put them."""
+
+
 @dataclass(frozen=True)
 class Architecture:
     name: str

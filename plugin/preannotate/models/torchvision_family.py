@@ -23,14 +23,10 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.transforms.v2 import functional as F
 
 from preannotate.formats import masks
-from preannotate.models.registry import Architecture
+from preannotate.models.registry import Architecture, PretrainedWeightsUnavailable
 from preannotate.shapes import Label, Shape
 
 log = logging.getLogger(__name__)
-
-class PretrainedWeightsUnavailable(RuntimeError):
-    """The pretrained weights are neither on disk nor downloadable; the message says where to put them."""
-
 
 def build_model(arch: Architecture, num_classes: int, image_size: int | None = None,
                 max_image_size: int | None = None) -> torch.nn.Module:
@@ -43,7 +39,13 @@ def build_model(arch: Architecture, num_classes: int, image_size: int | None = N
         backbone = resnet_fpn_backbone(backbone_name="resnet101", weights=None, trainable_layers=5)
         return FasterRCNN(backbone, num_classes=num_classes + 1, min_size=kwargs["min_size"],
                           max_size=kwargs["max_size"])
-    return torchvision.models.get_model(arch.name, **kwargs)
+    model = torchvision.models.get_model(arch.name, **kwargs)
+    if arch.fixed_size and image_size and image_size != arch.image_size:
+        # SSDlite's builder fixes its square at 320; its head is convolutional and its default boxes are relative
+        # to the image, so another square only needs the transform that resizes to it
+        model.transform.min_size, model.transform.max_size = (image_size,), image_size
+        model.transform.fixed_size = (image_size, image_size)
+    return model
 
 
 def coco_labels(arch: Architecture) -> list[Label]:
@@ -76,8 +78,9 @@ def pretrained_state_dict(arch: Architecture) -> dict[str, torch.Tensor]:
             state = torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", progress=False,
                                                        check_hash=True, weights_only=True)
         except Exception as error:  # any network or hash failure: tell the operator what to do instead
+            reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or "the download failed"
             raise PretrainedWeightsUnavailable(
-                _missing_weights_message(arch, candidates, weights.url, f"{type(error).__name__}: {error}")) from None
+                _missing_weights_message(arch, candidates, weights.url, str(reason))) from None
     if arch.pretrained_kind == "backbone":  # an ImageNet classifier: its layers are our FPN body
         state = {"backbone.body." + k: v for k, v in state.items() if not k.startswith("fc.")}
     return state
@@ -239,4 +242,5 @@ def _weights_enum(arch: Architecture):
 def _missing_weights_message(arch: Architecture, candidates: list[Path], url: str, reason: str) -> str:
     return (f"pretrained weights for {arch.name} are not on disk and could not be downloaded ({reason}). "
             f"Put {Path(url).name} (from {url}) into {candidates[-1].parent} or into PREANNOTATE_WEIGHTS_DIR, "
-            "or use --init random.")
+            "or start from random weights (`-H init=random` for `preannotate train`, `--init random` for "
+            "`preannotate models create`).")

@@ -21,23 +21,28 @@ import base64
 import binascii
 import io
 import json
+import math
 import os
-import warnings
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from preannotate.formats import masks
+from preannotate.cvat import encoding
 from preannotate.shapes import Shape
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # the maxRequestBodySize CVAT's functions declare
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_ASPECT_RATIO = 100  # a detector scales the long side into its input: past this the short one would round to 0
+EXAMPLE_BODY = '{"image": "<base64 of the frame>"}'
+NOT_AN_IMAGE = "'image' is not an image file (JPEG, PNG, or another format Pillow reads)"
 
 
 class ContractError(Exception):
-    """A request that breaks the contract: answered with ``status`` and ``{"error": message}``."""
+    """A request that breaks the contract: answered with ``status`` and ``{"error": message}``; the message is one
+    sentence for the client, never an exception's text."""
 
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
@@ -51,36 +56,79 @@ class DetectRequest:
 
 
 def max_image_pixels() -> int:
-    return int(os.environ.get("PREANNOTATE_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS))
+    """``PREANNOTATE_MAX_IMAGE_PIXELS``: a number of pixels (``67108864``) or ``WIDTHxHEIGHT`` (``8192x8192``)."""
+    text = os.environ.get("PREANNOTATE_MAX_IMAGE_PIXELS", "").strip()
+    if not text:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    match = re.fullmatch(r"(\d{1,12})(?:\s*[x*×]\s*(\d{1,12}))?", text)
+    if not match or int(match.group(1)) * int(match.group(2) or 1) <= 0:
+        # the operator's mistake, not the client's: a 500, with this sentence in the function's log
+        raise ValueError(f"PREANNOTATE_MAX_IMAGE_PIXELS is {text[:40]!r}: set a number of pixels (67108864) or "
+                         "WIDTHxHEIGHT (8192x8192)")
+    return int(match.group(1)) * int(match.group(2) or 1)
+
+
+def describe(value: Any) -> str:
+    """A JSON value named for a message, short whatever its size: ``a string``, ``an array``, ``1.5``, ``null``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, (int, float)):
+        text = repr(value) if not isinstance(value, int) or abs(value) < 10 ** 20 else ""
+        return text if text and len(text) <= 24 else "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a value that is not JSON"
 
 
 def json_body(body: Any) -> Any:
-    """The request body as JSON: Nuclio hands over a dict for ``application/json``, bytes otherwise."""
-    if isinstance(body, (dict, list)):
+    """The request body as a JSON value, for every door: bytes or text are decoded; a value a door already decoded
+    (Nuclio decodes ``application/json`` bodies) is returned as it is. Whatever is wrong is a ``ContractError``."""
+    if body is None:  # no body, or a JSON null Nuclio decoded
+        raise ContractError(f"empty request body (or a JSON null): send JSON like {EXAMPLE_BODY}")
+    if isinstance(body, (bytes, bytearray, str)) and not body.strip():
+        raise ContractError(f"empty request body: send JSON like {EXAMPLE_BODY}")
+    if not isinstance(body, (bytes, bytearray, str)):
         return body
-    if body is None or (isinstance(body, (bytes, bytearray, str)) and not body.strip()):
-        raise ContractError("empty request body: send JSON like {\"image\": \"<base64>\"}")
-    if isinstance(body, (bytes, bytearray)) and len(body) > MAX_BODY_BYTES:
+    if len(body) > MAX_BODY_BYTES:
         raise ContractError(f"request body of {len(body)} bytes is over the {MAX_BODY_BYTES}-byte limit", 413)
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ContractError(f"request body is not JSON: {error}") from None
+    except UnicodeDecodeError:
+        raise ContractError("request body is not JSON: it is not UTF-8 text") from None
+    except json.JSONDecodeError as error:
+        where = f" from line {error.lineno}, column {error.colno} on" if error.pos else ""
+        raise ContractError(f"request body is not JSON{where}: send JSON like {EXAMPLE_BODY}") from None
+    except RecursionError:
+        raise ContractError("request body is not JSON this function reads: its arrays or objects are nested too "
+                            "deeply") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise ContractError("request body is not JSON this function reads: a number in it has too many "
+                            "digits") from None
 
 
 def parse_detect_request(body: Any) -> DetectRequest:
     data = json_body(body)
     if not isinstance(data, dict):
-        raise ContractError(f"request body must be a JSON object, got {type(data).__name__}")
+        raise ContractError(f"request body must be a JSON object like {EXAMPLE_BODY}, not {describe(data)}")
     if "image" not in data:
         raise ContractError("request has no 'image' (base64 of the frame)")
     encoded = data["image"]
     if not isinstance(encoded, str) or not encoded:
-        raise ContractError("'image' must be a non-empty base64 string")
+        got = "" if encoded == "" else f", not {describe(encoded)}"
+        raise ContractError(f"'image' must be a non-empty base64 string{got}")
     threshold = data.get("threshold")
     if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-            raise ContractError(f"'threshold' must be a number between 0 and 1, got {threshold!r}")
+        if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                or not 0 <= threshold <= 1):  # NaN compares False: refused too
+            raise ContractError(f"'threshold' must be a number between 0 and 1, got {describe(threshold)}")
         threshold = float(threshold)
     try:
         raw = base64.b64decode(encoded, validate=True)
@@ -91,23 +139,37 @@ def parse_detect_request(body: Any) -> DetectRequest:
 
 def decode_image(raw: bytes) -> Image.Image:
     """Image file bytes → RGB image, upright per its EXIF orientation; 16-bit, grayscale, palette and alpha images
-    are converted the way a viewer shows them."""
+    are converted the way a viewer shows them. An image over ``max_image_pixels()`` is a 413, refused from its
+    header before its pixels are decoded."""
     limit = max_image_pixels()
+    over = f"pixels is over the limit of {limit} pixels (PREANNOTATE_MAX_IMAGE_PIXELS)"
+    if Image.MAX_IMAGE_PIXELS is not None and limit > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = limit  # Pillow's own bomb check must not refuse what the operator allows
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(raw))
-            if image.width * image.height > limit:
-                raise ContractError(f"image of {image.width}x{image.height} pixels is over the limit of {limit} "
-                                    "pixels (PREANNOTATE_MAX_IMAGE_PIXELS)", 413)
-            image.load()
-    except ContractError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as error:
-        raise ContractError(f"'image' is not a readable image: {error}") from None
-    image = ImageOps.exif_transpose(image)
-    return to_rgb(image)
+        image = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as error:  # past twice Pillow's limit, itself at least ours
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        raise ContractError(f"image of {pixels.group(1) if pixels else 'more'} {over}", 413) from None
+    except UnidentifiedImageError:
+        raise ContractError(NOT_AN_IMAGE) from None
+    except Exception:  # whatever a damaged header makes a Pillow plugin raise
+        raise ContractError("'image' is a damaged image file: its header cannot be read") from None
+    if image.width * image.height > limit:
+        raise ContractError(f"image of {image.width}x{image.height} {over}", 413)
+    if max(image.size) > MAX_ASPECT_RATIO * max(min(image.size), 1):
+        raise ContractError(f"image of {image.width}x{image.height} pixels is too narrow to detect anything in: "
+                            f"one side may be at most {MAX_ASPECT_RATIO} times the other")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # truncated or corrupt data, from any of Pillow's decoders
+        raise ContractError(f"'image' is a damaged or truncated {image.format or 'image'} file: its pixels "
+                            "cannot be decoded") from None
+    try:
+        return to_rgb(image)
+    except (ValueError, OSError):
+        raise ContractError(f"'image' has pixels of a kind this function cannot convert to RGB "
+                            f"(mode {image.mode})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -127,47 +189,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def shape_to_response(shape: Shape) -> dict[str, Any]:
-    """One shape as an item of CVAT's detector response."""
-    item: dict[str, Any] = {
-        "confidence": f"{shape.score:.4f}" if shape.score is not None else None,
-        "label": shape.label,
-        "type": shape.type,
-        "attributes": [{"name": k, "value": str(v)} for k, v in shape.attributes.items()],
-    }
-    if shape.type == "mask":
-        item["mask"] = masks.cvat_rle_to_nuclio_mask(shape.points)
-        item["points"] = shape.polygon()
-    else:
-        item["points"] = [float(p) for p in shape.points]
-    if shape.rotation and shape.type in ("rectangle", "ellipse"):
-        item["rotation"] = shape.rotation
-    if shape.group:
-        item["group_id"] = shape.group
-    if item["confidence"] is None:
-        del item["confidence"]
-    return item
-
-
 def shapes_to_response(shapes: list[Shape]) -> list[dict[str, Any]]:
-    return [shape_to_response(shape) for shape in shapes]
+    """The response to a detector call: one item per shape (``cvat.encoding.detector_item``)."""
+    return [encoding.detector_item(shape) for shape in shapes]
 
 
 def response_to_shapes(items: list[dict[str, Any]], frame: int = 0) -> list[Shape]:
     """A detector response (ours or any CVAT function's) → shapes with ``source: auto``; masks come back in
-    CVAT's RLE."""
-    shapes = []
-    for item in items:
-        shape_type = item["type"]
-        if shape_type == "tag":
-            continue
-        points = (masks.nuclio_mask_to_cvat_rle(item["mask"]) if shape_type == "mask"
-                  else [float(p) for p in item["points"]])
-        confidence = item.get("confidence")
-        shapes.append(Shape(
-            label=item["label"], type=shape_type, points=points, frame=frame,
-            score=float(confidence) if confidence not in (None, "") else None,
-            rotation=float(item.get("rotation", 0.0)),
-            attributes={a["name"]: a["value"] for a in item.get("attributes") or ()},
-            group=int(item.get("group_id") or 0), source="auto"))
-    return shapes
+    CVAT's RLE, tags are left out."""
+    if not isinstance(items, list):
+        raise ValueError("a detector response is a JSON list of shapes")
+    return [shape for item in items if (shape := encoding.shape_from_detector_item(item, frame)) is not None]

@@ -21,6 +21,7 @@ from preannotate.models import (
     ModelNotFound,
     ModelReference,
     ModelStore,
+    PretrainedWeightsUnavailable,
     default_store,
     load_model,
 )
@@ -99,7 +100,7 @@ class ModelProvider:
         except ModelNotFound as error:
             raise ModelUnavailable(f"{error}; train one (POST /train or `preannotate train`) or publish one with "
                                    "`preannotate models create`") from None
-        except RuntimeError as error:  # pretrained weights not in the image
+        except PretrainedWeightsUnavailable as error:  # not baked into the image
             raise ModelUnavailable(f"model {self.reference.name!r} has no published version in {self.store.root} "
                                    f"and its pretrained weights cannot be loaded: {error}") from None
         self._detector, self._loaded_version = detector, version
@@ -154,14 +155,21 @@ class App:
                 return Reply(error.status, {"error": str(error)})
             except ModelUnavailable as error:
                 return Reply(503, {"error": str(error)})
-            except Exception as error:  # a bug must not take the function down: answer 500 and keep serving
-                log.error("%s %s failed:\n%s", method, path, traceback.format_exc())
-                return Reply(500, {"error": f"internal error: {type(error).__name__}: {error}"})
+            except Exception:  # a bug must not take the function down: answer 500 and keep serving
+                return self.internal_error(method, path)
         if allowed:
             return Reply(405, {"error": f"{method} is not allowed on {path}; use {', '.join(sorted(set(allowed)))}"},
                          {"Allow": ", ".join(sorted(set(allowed)))})
         routes = ", ".join(f"{m} {p.pattern[:-3] or '/'}" for m, p, _ in self._routes)
         return Reply(404, {"error": f"no route for {method} {path}; routes: {routes}"})
+
+    @staticmethod
+    def internal_error(method: str, path: str) -> Reply:
+        """The answer to a bug, called while its exception is handled: the traceback goes to the log, the client gets
+        a sentence without Python's names for things (every door answers its own failures with it too)."""
+        log.error("%s %s failed:\n%s", method, path, traceback.format_exc())
+        return Reply(500, {"error": "internal error: the function could not answer this request (its log has the "
+                                    "details)"})
 
     def detect(self, request: Request, _: re.Match) -> Reply:
         detect_request = contract.parse_detect_request(request.body)

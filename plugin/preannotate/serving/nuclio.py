@@ -23,13 +23,33 @@ def _is_cron(event) -> bool:
     return getattr(event.trigger, "kind", "") == "cron"
 
 
+def _body(event):
+    """The body as the core takes it: an object or array Nuclio decoded as it is, anything else bytes. Nuclio decodes
+    every JSON value of an ``application/json`` body, so a bare number, string or boolean goes back to the JSON it
+    came as: the route then says what is wrong with it."""
+    body = event.body
+    if body is None or isinstance(body, (bytes, bytearray, dict, list)):
+        return body
+    if isinstance(body, str) and event.content_type != "application/json":
+        return body.encode("utf-8", "surrogatepass")
+    if isinstance(body, (str, int, float)):  # bool is an int
+        return json.dumps(body).encode()
+    return body
+
+
 def handler(context, event):
     cron = _is_cron(event)
     headers = {str(k): str(v) for k, v in (event.headers or {}).items()}
     cron_over_http = {k.lower(): v for k, v in headers.items()}.get("x-nuclio-invoke-trigger") == "cron"
-    reply = context.user_data.app.handle(Request(
-        method="POST" if cron or cron_over_http else event.method or "POST",
-        path="/cron" if cron or cron_over_http else event.path or "/", body=event.body, headers=headers,
-        query={str(k): str(v) for k, v in (event.fields or {}).items()}, from_platform_cron=cron))
-    return context.Response(body=json.dumps(reply.body), headers={k: str(v) for k, v in reply.headers.items()},
+    method = "POST" if cron or cron_over_http else event.method or "POST"
+    path = "/cron" if cron or cron_over_http else event.path or "/"
+    try:
+        reply = context.user_data.app.handle(Request(
+            method=method, path=path, body=_body(event), headers=headers,
+            query={str(k): str(v) for k, v in (event.fields or {}).items()}, from_platform_cron=cron))
+        body = json.dumps(reply.body)
+    except Exception:  # a bug must not reach Nuclio, which would answer with Python's text of it
+        reply = App.internal_error(method, path)
+        body = json.dumps(reply.body)
+    return context.Response(body=body, headers={k: str(v) for k, v in reply.headers.items()},
                             content_type="application/json", status_code=reply.status)

@@ -137,7 +137,7 @@ class TrainingRoutes:
             raise ContractError("say what to learn from: 'tasks' (CVAT task ids) or 'project' (a project id)")
         model = body.get("model") or self.default_architecture()
         if not isinstance(model, str) or model not in ARCHITECTURES:
-            raise ContractError(f"unknown model {model!r}; architectures: {', '.join(ARCHITECTURES)}")
+            raise ContractError(f"unknown model {str(model)[:80]!r}; architectures: {', '.join(ARCHITECTURES)}")
         text = body.get("hyperparameters", self.env.get("PREANNOTATE_TRAIN_HYPERPARAMETERS", ""))
         if isinstance(text, dict):
             text = "; ".join(f"{k}={v}" for k, v in text.items())

@@ -20,18 +20,24 @@ from pycocotools.cocoeval import COCOeval
 
 from preannotate.shapes import Label
 
+# The recall points at which COCO interpolates precision (0, 0.01, ..., 1): those of ``precision50`` below.
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)
+
 
 def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]], labels: Sequence[Label],
-                 iou_type: str = "bbox") -> dict[str, Any]:
+                 iou_type: str = "bbox", *, curves: bool = False) -> dict[str, Any]:
     """``{"map", "map50", "map75", "per_class": {name: {"ap", "ap50"}}}`` of ``results`` against ``ground_truth``
-    (category id = ``Label.id``). A metric with no ground truth to score against is None."""
+    (category id = ``Label.id``). A metric with no ground truth to score against is None.
+
+    With ``curves``, each class also has ``precision50``: its interpolated precision at IoU .5 at each of COCO's
+    101 ``RECALL_POINTS`` (0 past the highest recall reached; -1 throughout for a class with no ground truth)."""
     gt = COCO()
     gt.dataset = {"info": {}, "categories": [{"id": label.id, "name": label.name} for label in labels],
                   **{k: ground_truth[k] for k in ("images", "annotations")}}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and table
         gt.createIndex()
         if not results:  # loadRes cannot take an empty list: nothing found scores zero where there was something
-            return _empty(gt, labels)
+            return _empty(gt, labels, curves)
         evaluation = COCOeval(gt, gt.loadRes(results), iou_type)
         evaluation.evaluate()
         evaluation.accumulate()
@@ -43,14 +49,19 @@ def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]], la
     for k, category in enumerate(evaluation.params.catIds):
         name = next(label.name for label in labels if label.id == category)
         per_class[name] = {"ap": _mean(precision[:, :, k, 0, -1]), "ap50": _mean(precision[0, :, k, 0, -1])}
+        if curves:
+            per_class[name]["precision50"] = [round(float(v), 6) for v in precision[0, :, k, 0, -1]]
     return {"map": _value(stats[0]), "map50": _value(stats[1]), "map75": _value(stats[2]), "per_class": per_class}
 
 
-def _empty(gt: COCO, labels: Sequence[Label]) -> dict[str, Any]:
+def _empty(gt: COCO, labels: Sequence[Label], curves: bool = False) -> dict[str, Any]:
     counts = {label.id: len(gt.getAnnIds(catIds=[label.id])) for label in labels}
     zero = 0.0 if any(counts.values()) else None
     per_class = {label.name: {"ap": 0.0 if counts[label.id] else None, "ap50": 0.0 if counts[label.id] else None}
                  for label in labels}
+    if curves:  # as COCOeval has it: nothing found is precision 0 where there was something to find
+        for label in labels:
+            per_class[label.name]["precision50"] = [0.0 if counts[label.id] else -1.0] * len(RECALL_POINTS)
     return {"map": zero, "map50": zero, "map75": zero, "per_class": per_class}
 
 

@@ -114,8 +114,11 @@ def export_from_cvat(client, request: Mapping[str, Any], directory: Path, hp: Hy
     partial = directory.with_name(directory.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    export_dataset(partial, "coco", labels, items, images, val_fraction=hp.val_fraction, seed=hp.seed,
-                   progress=False)
+    summary = export_dataset(partial, "coco", labels, items, images, val_fraction=hp.val_fraction, seed=hp.seed,
+                             progress=False)
+    if summary.skipped:
+        log.warning("left out of training (a detector cannot learn them): %s",
+                    ", ".join(f"{n} {kind}" for kind, n in sorted(summary.skipped.items())))
     (partial / "cvat.json").write_text(json.dumps({"server": client.api_map.host, "tasks": versions}))
     (partial / "COMPLETE").write_text("")
     if directory.exists():

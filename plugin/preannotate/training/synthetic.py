@@ -32,6 +32,12 @@ from preannotate.shapes import AnnotationSet, FrameAnnotations, Label, Shape, el
 LABELS = (Label("box", "rectangle", id=1), Label("disc", "ellipse", id=2), Label("triangle", "polygon", id=3),
           Label("blob", "mask", id=4))
 COLOURS = {"box": (215, 45, 40), "disc": (40, 85, 225), "triangle": (35, 185, 60), "blob": (240, 205, 30)}
+# Unlabelled look-alikes: the same outlines in colours no label has (they are negatives a detector must refuse).
+DISTRACTOR_COLOURS = ((150, 95, 60), (130, 60, 150), (200, 140, 170), (95, 130, 125))
+# A set a small detector does not learn perfectly in a short run (mAP@.5 stays below 1): three labels, smaller
+# objects, look-alike distractors, more lines, colours that vary more.
+HARD = {"labels": ("box", "disc", "triangle"), "objects": (1, 4), "size": (0.1, 0.3), "distractors": (1, 3),
+        "lines": (4, 10), "colour_jitter": 55}
 
 
 @dataclass
@@ -45,9 +51,12 @@ class SyntheticTask:
 def generate(num_frames: int = 40, width: int = 160, height: int = 120, seed: int = 0,
              labels: tuple[str, ...] | None = None, objects: tuple[int, int] = (1, 3),
              size: tuple[float, float] = (0.2, 0.45), empty_fraction: float = 0.05,
-             image_format: str = "JPEG") -> SyntheticTask:
+             image_format: str = "JPEG", distractors: tuple[int, int] = (0, 0), lines: tuple[int, int] = (2, 5),
+             colour_jitter: int = 25) -> SyntheticTask:
     """``num_frames`` annotated frames of ``width × height`` with ``objects`` (min, max) objects each, sized
-    ``size`` (a fraction of the shorter side), of the named ``labels`` (default: all four)."""
+    ``size`` (a fraction of the shorter side), of the named ``labels`` (default: all four); ``distractors`` (min,
+    max) unlabelled look-alikes under them, ``lines`` (min, max) grey lines in the background, object colours
+    varying by ``colour_jitter`` per channel. ``HARD`` is a harder set than the defaults."""
     chosen = [label for label in LABELS if labels is None or label.name in labels]
     if not chosen:
         raise ValueError(f"no known labels among {labels}; known: {', '.join(label.name for label in LABELS)}")
@@ -58,7 +67,7 @@ def generate(num_frames: int = 40, width: int = 160, height: int = 120, seed: in
         rng = np.random.default_rng([seed, number])
         count = 0 if rng.random() < empty_fraction else int(rng.integers(objects[0], objects[1] + 1))
         image, shapes = _frame(rng, width, height, [chosen[int(rng.integers(len(chosen)))] for _ in range(count)],
-                               size)
+                               size, distractors, lines, colour_jitter)
         for shape in shapes:
             shape.frame = number
         frames[number] = FrameAnnotations(number, width, height, name=f"frame_{number:06d}.{extension}",
@@ -69,7 +78,7 @@ def generate(num_frames: int = 40, width: int = 160, height: int = 120, seed: in
     return SyntheticTask(AnnotationSet(frames=frames, labels=task_labels), InMemoryFrames(files))
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+def _background(rng: np.random.Generator, width: int, height: int, lines: tuple[int, int] = (2, 5)) -> np.ndarray:
     """Muted smooth colour noise with a few grey stripes and grain: texture the objects must be told from."""
     coarse = rng.integers(60, 170, size=(4, 5, 3)).astype(np.uint8)
     smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.float32)
@@ -77,7 +86,7 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     array = 0.5 * smooth + 0.5 * grey  # desaturated, so object colours stand out without being trivial
     image = Image.fromarray(array.astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(2, 6))):
+    for _ in range(int(rng.integers(lines[0], lines[1] + 1))):
         x1, y1, x2, y2 = (int(v) for v in rng.integers(0, [width, height, width, height]))
         tone = int(rng.integers(40, 200))
         draw.line([x1, y1, x2, y2], fill=(tone, tone, tone), width=int(rng.integers(1, 4)))
@@ -112,11 +121,21 @@ def _outline(rng: np.random.Generator, label: Label, cx: float, cy: float, radiu
     return polygon, Shape(label.name, "mask", [])
 
 
-def _frame(rng: np.random.Generator, width: int, height: int, chosen: list[Label], size: tuple[float, float]
+def _frame(rng: np.random.Generator, width: int, height: int, chosen: list[Label], size: tuple[float, float],
+           distractors: tuple[int, int] = (0, 0), lines: tuple[int, int] = (2, 5), colour_jitter: int = 25
            ) -> tuple[Image.Image, list[Shape]]:
-    canvas = _background(rng, width, height)
+    canvas = _background(rng, width, height, lines)
     placed: list[tuple[Shape, np.ndarray, tuple[float, float, float, float]]] = []
     side = min(width, height)
+    if distractors[1]:
+        kinds = [label for label in LABELS if label.type != "mask"]
+        for _ in range(int(rng.integers(distractors[0], distractors[1] + 1))):
+            radius = side * rng.uniform(*size) / 2
+            cx, cy = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
+            polygon, _ = _outline(rng, kinds[int(rng.integers(len(kinds)))], cx, cy, radius)
+            colour = np.array(DISTRACTOR_COLOURS[int(rng.integers(len(DISTRACTOR_COLOURS)))])
+            canvas[masks.polygon_to_bitmap([polygon], width, height)] = np.clip(
+                colour + rng.integers(-colour_jitter, colour_jitter + 1, 3), 0, 255).astype(np.uint8)
     for label in chosen:
         for _ in range(30):  # find a place that overlaps the objects already there by at most a third
             radius = side * rng.uniform(*size) / 2
@@ -128,7 +147,7 @@ def _frame(rng: np.random.Generator, width: int, height: int, chosen: list[Label
         else:
             continue
         bitmap = masks.polygon_to_bitmap([polygon], width, height)
-        colour = np.clip(np.array(COLOURS[label.name]) + rng.integers(-25, 26, 3), 0, 255)
+        colour = np.clip(np.array(COLOURS[label.name]) + rng.integers(-colour_jitter, colour_jitter + 1, 3), 0, 255)
         shading = rng.normal(0, 8, size=(int(bitmap.sum()), 1))
         canvas[bitmap] = np.clip(colour + shading, 0, 255).astype(np.uint8)
         for below, below_bitmap, _ in placed:  # what is drawn later covers what is below

@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -77,7 +76,7 @@ SMALL_DATA_EPOCHS = 100
 MIN_DEFAULT_STEPS = 300
 CALIBRATION_FRAMES = 96  # training frames that re-measure batch-norm statistics before each validation
 PROGRESS_LINES = 20      # lines a run prints when its output is not a terminal (besides one per validation)
-RUN_FILES = ("run.json", "last.pt", "best.pt", "metrics.jsonl", "result.json")
+RUN_FILES = ("run.json", "last.pt", "best.pt", "metrics.jsonl", "result.json", "report.png", "predictions.png")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -111,10 +110,11 @@ class TrainingResult:
     output_dir: Path
     served: bool | None = None  # whether the published version is the one served now
     promotion: str = ""       # why it is served or kept unserved
+    report: list[Path] = field(default_factory=list)  # the run's pictures (training.report), copied into the version
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "path": str(self.path) if self.path else None,
-                "output_dir": str(self.output_dir)}
+                "output_dir": str(self.output_dir), "report": [str(path) for path in self.report]}
 
 
 def effective_hyperparameters(architecture: str, hyperparameters: Hyperparameters | dict[str, Any] | str | None,
@@ -195,8 +195,6 @@ def clear_run(directory: Path) -> None:
         (directory / name).unlink(missing_ok=True)
     for events in directory.glob("events.out.tfevents.*"):
         events.unlink()
-    for report in directory.glob("report*"):
-        shutil.rmtree(report) if report.is_dir() else report.unlink()
 
 
 def frame_ranges(numbers: Sequence[int]) -> str:
@@ -435,7 +433,7 @@ class _Run:
             saved = json.loads((self.output / "result.json").read_text())
             log.info("%s already holds this run's result (version %s)", self.output, saved.get("version"))
             return TrainingResult(**{**saved, "path": Path(saved["path"]) if saved["path"] else None,
-                                     "output_dir": self.output})
+                                     "output_dir": self.output, "report": [Path(p) for p in saved.get("report", [])]})
         torch.manual_seed(self.hp.seed)
         detector = create_detector(self.arch.name, self.labels, init=self.hp.init, hyperparameters=self.hp,
                                    previous=self.previous, device=str(self.device))
@@ -638,7 +636,8 @@ class _Run:
         was killed; whether it is served is ``promote``'s answer."""
         metrics = {**state.best_metrics, "best_step": state.best_step, "steps": state.step, "stopped": state.stopped,
                    "train_frames": len(self.train_items), "val_frames": len(self.val_items)}
-        result = TrainingResult(name, None, None, metrics, state.step, state.stopped, self.output)
+        result = TrainingResult(name, None, None, metrics, state.step, state.stopped, self.output,
+                                report=self._report(detector))
         if store is not None:
             result.version = self._already_published(store, name, run_id)
             decision = Promotion(True, "served") if promote is None else promote(metrics)
@@ -654,13 +653,27 @@ class _Run:
                     "run_id": run_id, "output_dir": str(self.output.resolve()),
                     "frames": {"train": frame_ranges([f.frame for f, _ in self.train_items]),
                                "val": frame_ranges([f.frame for f, _ in self.val_items])}}
-                result.version = publish_detector(detector, store, name, promote=decision.served)
+                result.version = publish_detector(detector, store, name, promote=decision.served,
+                                                  files=result.report)
             result.path = store.path(name, result.version)
             result.served = store.serving(name) == result.version
             result.promotion = decision.reason if result.served == decision.served else (
                 "served" if result.served else "kept, not served")
         write_atomically(self.output / "result.json", json.dumps(result.to_dict(), indent=1) + "\n")
         return result
+
+    def _report(self, detector: Any) -> list[Path]:
+        """The run's pictures (``training.report``) of the weights about to be published; a picture that cannot be
+        drawn is reported in the log and costs the run nothing."""
+        from preannotate.training import report
+
+        detector.model.eval()
+        try:
+            return report.write_report(self.output, detector, self.val_items, self.labels,
+                                       threshold=detector.manifest.score_threshold)
+        except Exception:
+            log.exception("the training report of %s could not be drawn", self.output)
+            return []
 
     @staticmethod
     def _already_published(store: ModelStore, name: str, run_id: str) -> int | None:

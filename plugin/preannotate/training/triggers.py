@@ -91,8 +91,9 @@ def qualifying_change(payload: Mapping[str, Any], policy: TrainingPolicy) -> Tri
         return "ping"
     if event not in JOB_EVENTS:
         return f"{event} does not start training (only job updates do)"
-    job = payload.get("job") or {}
-    before = payload.get("before_update") or {}
+    job, before = payload.get("job") or {}, payload.get("before_update") or {}
+    if not isinstance(job, Mapping) or not isinstance(before, Mapping):
+        return f"{event}: its job or before_update is not an object, not a CVAT delivery"
     changed = {key: job.get(key) for key in ("state", "stage") if key in before and before[key] != job.get(key)}
     if not changed:
         return f"job {job.get('id')}: neither state nor stage changed"
@@ -102,6 +103,8 @@ def qualifying_change(payload: Mapping[str, Any], policy: TrainingPolicy) -> Tri
         now = ", ".join(f"{k}={v}" for k, v in changed.items())
         return f"job {job.get('id')}: {now} is not one of {', '.join(policy.train_on)}"
     project_id = job.get("project_id")
+    if project_id is not None and (not isinstance(project_id, int) or isinstance(project_id, bool)):
+        return f"job {job.get('id')}: its project_id is not a CVAT id"
     if policy.projects is not None and project_id not in policy.projects:
         return f"job {job.get('id')}: project {project_id} is not one this function trains for"
     try:

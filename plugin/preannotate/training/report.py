@@ -1,0 +1,579 @@
+"""Pictures a person looks at after a training run, in the spirit of Ultralytics' ``results.png`` and mosaics.
+
+``write_report`` leaves two PNGs in a run directory:
+
+* ``report.png``: the training losses (total and each component) and the learning rate against steps (from
+  ``metrics.jsonl``), mAP@.5 and mAP@[.5:.95] at each validation, AP@.5 per class at the best validation, and
+  precision–recall curves per class at IoU .5 of the detector given, run over the validation frames with no score
+  threshold and scored with pycocotools (``evaluation.coco_metrics(curves=True)``) in the frames' own pixels;
+* ``predictions.png`` (``prediction_grid``): validation frames, upscaled, with their ground truth (dashed white on
+  black) and the detections above the threshold (solid, a colour per label, tagged "label 0.93").
+
+Only matplotlib's object API draws them (a ``Figure`` rendered by ``FigureCanvasAgg``): no pyplot, and no global
+backend or rcParams is touched, so this is safe in a server process beside other users of matplotlib.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import textwrap
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.legend_handler import HandlerTuple
+from matplotlib.lines import Line2D
+from matplotlib.patches import Polygon, Rectangle
+
+from preannotate.formats import coco, masks
+from preannotate.frames import FrameImages, decode_rgb
+from preannotate.shapes import FrameAnnotations, Label, Shape
+from preannotate.training.evaluation import RECALL_POINTS, coco_metrics
+
+__all__ = ["PR_FRAMES", "detect_frames", "precision_recall", "prediction_grid", "report_figure", "write_report"]
+
+DPI = 100
+PR_FRAMES = 200  # validation frames the precision-recall curves are computed over, at most
+DETECT_BATCH = 8
+MIN_CELL_PX = 560  # frames narrower than this are upscaled by a whole factor to at least this width
+MAX_CELL_PX = 800  # and wider ones shown at most this wide
+MAX_DRAWN = 40  # predictions drawn per frame at most, the most confident (its caption says so when it cuts)
+# Vivid colours that stand out on photographs and on white plots alike; the first four differ from the synthetic
+# objects' own colours (red boxes, blue discs, green triangles, yellow blobs) so an outline never vanishes into them.
+PALETTE = ("#ff37c7", "#00c8ff", "#ff8c1a", "#9b5cff", "#48d10a", "#ff3838", "#e6b800", "#1a6dff", "#00b386",
+           "#ff95c8", "#8c564b", "#6473ff", "#00d4bb", "#c71585", "#7f7f00", "#ff6f61")
+NOT_LOSSES = {"event", "step", "total_steps", "lr", "images_per_s", "data_wait", "eta_s", "elapsed_s"}
+TRUTH_UNDER = {"color": "black", "linewidth": 3.0}
+TRUTH_OVER = {"color": "white", "linewidth": 1.3, "linestyle": (0, (4, 3))}
+PREDICTION_UNDER = {"color": "black", "linewidth": 4.4}
+PREDICTION_WIDTH = 2.8
+
+
+# --- write_report ---------------------------------------------------------------------------------------------------
+
+def write_report(run_dir: Path, detector, val_items: Sequence[tuple[FrameAnnotations, FrameImages]],
+                 labels: Sequence[Label], *, threshold: float, max_frames: int = 16) -> list[Path]:
+    """Write ``run_dir/report.png`` and ``run_dir/predictions.png``; return their paths.
+
+    The detector runs once, with no threshold, over up to ``PR_FRAMES`` validation frames spread over
+    ``val_items``: all its detections make the precision-recall curves, those with ``score >= threshold`` on up to
+    ``max_frames`` of those frames make the prediction grid."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    records = read_records(run_dir / "metrics.jsonl")
+    scored = _spread(list(val_items), PR_FRAMES)
+    shown = set(_spread(list(range(len(scored))), max(0, max_frames)))
+    frames, predicted, images = [], [], {}
+    for index, (frame, image, shapes) in enumerate(detect_frames(detector, scored, 0.0)):
+        frames.append(frame)
+        predicted.append(shapes)
+        if index in shown:
+            images[index] = image
+    curves = precision_recall(frames, predicted, labels) if frames else None
+    manifest = getattr(detector, "manifest", None)
+    architecture = getattr(manifest, "architecture", "") or type(detector).__name__
+    report = run_dir / "report.png"
+    _save(report_figure(records, curves, labels, frames=len(frames), title=f"{run_dir.name} — {architecture}"),
+          report)
+    grid = [(images[i], frames[i], FrameAnnotations(frames[i].frame, frames[i].width, frames[i].height,
+                                                      frames[i].name,
+                                                      [s for s in predicted[i] if _score(s) >= threshold]))
+            for i in sorted(images)]
+    title = (f"{architecture} on {len(grid)} of {len(val_items)} validation frames, detections with score "
+             f"≥ {threshold:g}")
+    predictions = prediction_grid(grid, run_dir / "predictions.png", title=title, labels=labels)
+    return [report, predictions]
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (none when it is missing; a torn last line is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def detect_frames(detector, items: Sequence[tuple[FrameAnnotations, FrameImages]], threshold: float,
+                  batch: int = DETECT_BATCH) -> Iterator[tuple[FrameAnnotations, np.ndarray, list[Shape]]]:
+    """``(frame, its RGB array, the shapes the detector finds on it)`` for each item, decoded and detected a few
+    frames at a time (so hundreds of large frames are never all held at once)."""
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        arrays: list[np.ndarray] = []
+        for _, group in itertools.groupby(chunk, key=lambda item: id(item[1])):  # one read per frame source
+            group = list(group)
+            arrays += [array for _, array in group[0][1].decoded([frame.frame for frame, _ in group])]
+        for (frame, _), array, shapes in zip(chunk, arrays, detector.detect(arrays, threshold), strict=True):
+            yield frame, array, list(shapes)
+
+
+def precision_recall(frames: Sequence[FrameAnnotations], predictions: Sequence[Sequence[Shape]],
+                     labels: Sequence[Label]) -> dict[str, Any]:
+    """Box COCO metrics of ``predictions`` (the shapes found on each frame, scored) against the frames' ground
+    truth, in the frames' own pixels, with each class's precision at IoU .5 over COCO's 101 recall points
+    (``per_class[name]["precision50"]``, see ``coco_metrics``)."""
+    ordered = [Label(label.name, label.type, label.attributes, i) for i, label in enumerate(labels, start=1)]
+    truth = coco.to_coco([(frame, frame.name) for frame in frames], ordered)
+    found = [FrameAnnotations(frame.frame, frame.width, frame.height, frame.name, list(shapes))
+             for frame, shapes in zip(frames, predictions, strict=True)]
+    results = [{k: v for k, v in r.items() if k != "segmentation"}
+               for r in coco.to_results(list(enumerate(found, start=1)), ordered)]
+    return coco_metrics(truth, results, ordered, "bbox", curves=True)
+
+
+def _score(shape: Shape) -> float:
+    return 1.0 if shape.score is None else float(shape.score)  # unscored counts as sure, as coco.to_results has it
+
+
+def _spread(items: list, count: int) -> list:
+    """Up to ``count`` of ``items``, evenly spread over them, in order."""
+    if len(items) <= count:
+        return list(items)
+    if count <= 0:
+        return []
+    return [items[i] for i in sorted({round(i) for i in np.linspace(0, len(items) - 1, count)})]
+
+
+def _save(figure: Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure)
+    partial = path.with_name(path.name + ".partial")
+    figure.savefig(partial, format="png", dpi=DPI, facecolor="white")
+    partial.replace(path)  # a watcher never sees half a picture
+
+
+def _colours(names: Sequence[str]) -> dict[str, str]:
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+
+
+def _say(ax, text: str) -> None:
+    """An empty panel that says why it is empty."""
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=13, color="#555555")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+# --- report.png -----------------------------------------------------------------------------------------------------
+
+def report_figure(records: Sequence[dict[str, Any]], curves: dict[str, Any] | None, labels: Sequence[Label], *,
+                  frames: int = 0, title: str = "") -> Figure:
+    """The report: losses, learning rate, validation mAP, AP@.5 per class, precision-recall curves. ``curves`` is
+    ``precision_recall``'s answer over ``frames`` validation frames, None when there were none."""
+    train = sorted((r for r in records if r.get("event") == "train" and "step" in r), key=lambda r: r["step"])
+    validations = sorted((r for r in records if r.get("event") == "validation" and "step" in r),
+                         key=lambda r: r["step"])
+    end = next((r for r in reversed(records) if r.get("event") == "end"), None)
+    best = _best(validations, end)
+    figure = Figure(figsize=(17, 10), dpi=DPI, layout="constrained")
+    grid = figure.add_gridspec(2, 3, width_ratios=(1, 1, 1), height_ratios=(1, 1.15))
+    loss_ax, lr_ax, map_ax = (figure.add_subplot(grid[0, i]) for i in range(3))
+    ap_ax, pr_ax = figure.add_subplot(grid[1, 0]), figure.add_subplot(grid[1, 1:])
+    interrupted = [r["step"] for r in records if r.get("event") == "interrupted" and "step" in r]
+    _losses(loss_ax, train, interrupted)
+    _learning_rate(lr_ax, train)
+    if curves is None:
+        for ax, what in ((map_ax, "Validation mAP"), (ap_ax, "AP@.5 per class"),
+                         (pr_ax, "Precision–recall at IoU 0.5")):
+            ax.set_title(what, fontsize=12)
+            _say(ax, "no validation frames")
+    else:
+        _maps(map_ax, validations, best)
+        _per_class(ap_ax, best, curves, labels, frames)
+        _precision_recall(pr_ax, curves, labels, frames)
+    figure.suptitle(_headline(title, train, validations, best, end), fontsize=14, fontweight="bold")
+    return figure
+
+
+def _best(validations: Sequence[dict[str, Any]], end: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The validation whose weights were kept: the end record's ``best_step``, else the first of the best mAP."""
+    if end and end.get("best_step") is not None:
+        kept = [r for r in validations if r["step"] == end["best_step"]]
+        if kept:
+            return kept[-1]
+    scored = [r for r in validations if r.get("map") is not None]
+    return max(scored, key=lambda r: r["map"]) if scored else (validations[-1] if validations else None)
+
+
+def _headline(title: str, train: Sequence[dict], validations: Sequence[dict], best: dict | None,
+              end: dict | None) -> str:
+    parts = [title] if title else []
+    last = max([r["step"] for r in [*train, *validations, *([end] if end else [])]], default=None)
+    total = next((r.get("total_steps") for r in reversed([*train, *validations]) if r.get("total_steps")), None)
+    if last is not None:
+        parts.append(f"{last} of {total} steps" if total else f"{last} steps")
+    if end and end.get("stopped") and end["stopped"] != "completed":
+        parts.append(f"stopped: {end['stopped']}")
+    if best and best.get("map") is not None:
+        parts.append(f"best mAP@.5 {_fmt(best.get('map50'))}, mAP@[.5:.95] {_fmt(best['map'])} at step "
+                     f"{best['step']}")
+    return " · ".join(parts) or "Training report"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _smooth(values: np.ndarray) -> np.ndarray:
+    """A centred moving average (edges averaged over what they have) of about a twentieth of the series."""
+    window = max(3, len(values) // 20) | 1
+    kernel = np.ones(window)
+    padded = np.convolve(values, kernel, mode="same")
+    counts = np.convolve(np.ones_like(values), kernel, mode="same")
+    return padded / counts
+
+
+def _losses(ax, train: Sequence[dict[str, Any]], interrupted: Sequence[int]) -> None:
+    ax.set_title("Training loss", fontsize=12)
+    keys = ["loss"] if any("loss" in r for r in train) else []
+    for record in train:
+        keys += [k for k, v in record.items() if k not in NOT_LOSSES and k not in keys and isinstance(v, (int, float))
+                 and not isinstance(v, bool)]
+    if not keys:
+        _say(ax, "no training steps logged")
+        return
+    smooth = len(train) > 30
+    colours = ["black", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    for i, key in enumerate(keys):
+        points = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
+        steps, values = np.array([p[0] for p in points], float), np.array([p[1] for p in points], float)
+        colour, width = colours[i % len(colours)], 2.2 if key == "loss" else 1.4
+        name = "total" if key == "loss" else key
+        if smooth:
+            ax.plot(steps, values, color=colour, linewidth=0.8, alpha=0.3)
+            ax.plot(steps, _smooth(values), color=colour, linewidth=width, label=name)
+        else:
+            ax.plot(steps, values, color=colour, linewidth=width, label=name, marker="o" if len(steps) < 12 else None,
+                    markersize=3)
+    for j, step in enumerate(interrupted):
+        ax.axvline(step, color="#888888", linestyle=":", linewidth=1.2, label="interrupted" if j == 0 else None)
+    ax.set_xlabel("step", fontsize=11)
+    ax.set_ylabel("loss" + (" (faint: as logged, solid: smoothed)" if smooth else ""), fontsize=11)
+    ax.set_ylim(0, _top(*[line.get_ydata() for line in ax.get_lines()]) * (1.2 + 0.06 * len(keys)))  # room: legend
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="best", framealpha=0.85)
+
+
+def _top(*series) -> float:
+    """The highest finite value of the series (a diverged run logs NaN and inf), 1 when there is none above 0."""
+    values = np.concatenate([np.asarray(s, dtype=float).ravel() for s in series]) if series else np.zeros(0)
+    values = values[np.isfinite(values)]
+    return float(values.max()) if values.size and values.max() > 0 else 1.0
+
+
+def _learning_rate(ax, train: Sequence[dict[str, Any]]) -> None:
+    ax.set_title("Learning rate", fontsize=12)
+    points = [(r["step"], r["lr"]) for r in train if isinstance(r.get("lr"), (int, float))]
+    if not points:
+        _say(ax, "no training steps logged")
+        return
+    ax.plot([p[0] for p in points], [p[1] for p in points], color="#1f77b4", linewidth=2, label="learning rate",
+            marker="o" if len(points) < 12 else None, markersize=3)
+    ax.set_xlabel("step", fontsize=11)
+    ax.set_ylabel("learning rate", fontsize=11)
+    ax.set_ylim(0, _top([p[1] for p in points]) * 1.2)  # headroom for the legend
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="best", framealpha=0.85)
+
+
+def _maps(ax, validations: Sequence[dict[str, Any]], best: dict[str, Any] | None) -> None:
+    ax.set_title("Validation mAP", fontsize=12)
+    if not validations:
+        _say(ax, "no validation in metrics.jsonl yet")
+        return
+    masks_too = any("segm" in r for r in validations)
+    what = " (masks)" if masks_too else ""
+    steps = [r["step"] for r in validations]
+    for key, name, colour in (("map50", "mAP@.5", "#d62728"), ("map", "mAP@[.5:.95]", "#1f77b4")):
+        ax.plot(steps, [_nan(r.get(key)) for r in validations], color=colour, linewidth=2, marker="o",
+                markersize=5, label=name + what)
+        if masks_too:
+            ax.plot(steps, [_nan((r.get("bbox") or {}).get(key)) for r in validations], color=colour, linewidth=1.2,
+                    linestyle="--", marker=".", label=name + " (boxes)")
+    if best is not None and best.get("map") is not None:
+        ax.plot([best["step"]], [best["map"]], marker="*", markersize=16, color="#ffbf00", markeredgecolor="black",
+                linestyle="none", label=f"kept: step {best['step']}")
+    ax.set_xlabel("step", fontsize=11)
+    ax.set_ylabel("mAP", fontsize=11)
+    ax.set_ylim(0, 1.02)
+    if len(set(steps)) == 1:
+        ax.set_xlim(steps[0] - 1, steps[0] + 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="best", framealpha=0.85)
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _per_class(ax, best: dict[str, Any] | None, curves: dict[str, Any], labels: Sequence[Label], frames: int) -> None:
+    names = [label.name for label in labels]
+    if best is not None and (best.get("bbox") or {}).get("per_class"):
+        series = [("box AP@.5", best["bbox"]["per_class"])]
+        if (best.get("segm") or {}).get("per_class"):
+            series.append(("mask AP@.5", best["segm"]["per_class"]))
+        source = f"best validation, step {best['step']}"
+    else:  # nothing validated in the log: the detector's own score over the frames
+        series = [("box AP@.5", curves["per_class"])]
+        source = f"these weights on {frames} validation frames"
+    ax.set_title(f"AP@.5 per class ({source})", fontsize=12)
+    if not names:
+        _say(ax, "no labels")
+        return
+    height = 0.8 / len(series)
+    colours = _colours(names)
+    for j, (what, per_class) in enumerate(series):
+        positions = np.arange(len(names)) + (j - (len(series) - 1) / 2) * height
+        values = [(per_class.get(name) or {}).get("ap50") for name in names]
+        bars = ax.barh(positions, [v or 0.0 for v in values], height=height * 0.92,
+                       color=[colours[n] for n in names], edgecolor="black", linewidth=0.6,
+                       hatch="//" if j else None)
+        ax.add_patch(Rectangle((0, 0), 0, 0, facecolor="#cccccc", edgecolor="black", linewidth=0.6,
+                               hatch="//" if j else None, label=f"{what}" + (" (hatched)" if j else "")))
+        for bar, value in zip(bars, values, strict=True):
+            ax.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2,
+                    "no ground truth" if value is None else f"{value:.3f}", va="center", fontsize=9)
+    ax.set_yticks(np.arange(len(names)), names, fontsize=10 if len(names) <= 20 else 7)
+    ax.set_ylim(len(names) - 0.5 + 0.6 + 0.12 * len(names), -0.5)  # an empty strip at the bottom: the legend
+    ax.set_xlim(0, 1.25)
+    ax.set_xticks(np.linspace(0, 1, 6))
+    ax.set_xlabel("AP at IoU 0.5", fontsize=11)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=9, loc="lower right", framealpha=0.85)
+
+
+def _precision_recall(ax, curves: dict[str, Any], labels: Sequence[Label], frames: int) -> None:
+    ax.set_title(f"Precision–recall at IoU 0.5 (boxes; every detection on {frames} validation frames)", fontsize=12)
+    colours = _colours([label.name for label in labels])
+    defined, missing = [], []
+    for label in labels:
+        values = (curves["per_class"].get(label.name) or {}).get("precision50")
+        if values is None or min(values) < 0:
+            missing.append(label.name)
+            continue
+        curve = np.asarray(values, dtype=float)
+        defined.append(curve)
+        ap50 = curves["per_class"][label.name].get("ap50")
+        ax.plot(RECALL_POINTS, curve, color=colours[label.name], linewidth=1.6,
+                label=f"{label.name}  AP@.5 {_fmt(ap50)}")
+    if not defined:
+        _say(ax, "no ground truth among the validation frames")
+        return
+    ax.plot(RECALL_POINTS, np.mean(defined, axis=0), color="black", linewidth=3.5, zorder=1.9,  # under the classes
+            label=f"all classes  mAP@.5 {_fmt(curves.get('map50'))}")
+    if missing:
+        ax.plot([], [], linestyle="none", label="no ground truth: " + _shorten(", ".join(missing), 40))
+    ax.set_xlabel("recall", fontsize=11)
+    ax.set_ylabel("precision", fontsize=11)
+    ax.set_xlim(0, 1.0)
+    ax.set_ylim(-0.03, 1.03)  # a curve at 0 stays in sight above the axis
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=10, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+              ncols=1 if len(defined) <= 24 else 2)
+
+
+def _shorten(text: str, length: int, keep_end: bool = False) -> str:
+    if len(text) <= length:
+        return text
+    return "…" + text[len(text) - length + 1:] if keep_end else text[:length - 1] + "…"
+
+
+# --- predictions.png ------------------------------------------------------------------------------------------------
+
+def prediction_grid(frames: Sequence[tuple[bytes | np.ndarray, FrameAnnotations, FrameAnnotations]],
+                    path: Path, *, title: str = "", columns: int = 4,
+                    labels: Sequence[Label] | None = None) -> Path:
+    """A grid of frames (encoded image bytes or an RGB HxWx3 uint8 array; the ground truth; the predictions, whose
+    Shape.score is set) saved as a PNG at ``path``. Ground truth is dashed white on black, predictions solid in a
+    colour per label (``labels``' order when given, else the order met) with a "label score" tag; small frames are
+    upscaled by a whole factor so the tags stay legible."""
+    path = Path(path)
+    _save(_grid_figure(frames, title, columns, labels), path)
+    return path
+
+
+def _rgb(image: bytes | np.ndarray) -> np.ndarray:
+    array = decode_rgb(bytes(image)) if isinstance(image, (bytes, bytearray, memoryview)) else np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    return array[:, :, :3]
+
+
+def _text_px(text: str, fontsize: float) -> float:
+    """About how wide ``text`` is drawn in DejaVu Sans at ``fontsize`` points, in pixels (for layout only)."""
+    return len(text) * fontsize * 0.6 * DPI / 72
+
+
+def _grid_figure(frames: Sequence[tuple[bytes | np.ndarray, FrameAnnotations, FrameAnnotations]], title: str,
+                 columns: int, labels: Sequence[Label] | None) -> Figure:
+    if not frames:
+        figure = Figure(figsize=(8, 3), dpi=DPI)
+        if title:
+            figure.text(0.5, 0.95, textwrap.fill(title, 90), ha="center", va="top", fontsize=12, fontweight="bold")
+        figure.text(0.5, 0.45, "no validation frames", ha="center", va="center", fontsize=16, color="#555555")
+        return figure
+    images = [_rgb(image) for image, _, _ in frames]
+    names = [label.name for label in labels or ()]
+    for _, truth, predicted in frames:
+        names += [s.label for s in [*truth.shapes, *predicted.shapes] if s.label not in names]
+    colours = _colours(names)
+    widest = max(image.shape[1] for image in images)
+    cell = widest * math.ceil(MIN_CELL_PX / widest) if widest < MIN_CELL_PX else min(widest, MAX_CELL_PX)
+    scale = cell / widest  # screen pixels per frame pixel
+    aspect = max(image.shape[0] / image.shape[1] for image in images)
+    columns = max(1, min(columns, len(frames)))
+    rows = math.ceil(len(frames) / columns)
+    gap, caption = 14 / DPI, 28 / DPI  # inches: between cells, and for each frame's caption
+    cell_w, cell_h = cell / DPI, cell * aspect / DPI
+    width = columns * cell_w + (columns + 1) * gap
+    # The header: the title, wrapped to the figure's width, then the legend, as many entries a row as fit.
+    title_lines = textwrap.wrap(title, max(20, int(width * DPI * 0.95 / _text_px("x", 13)))) if title else []
+    used = sorted({s.label for _, _, predicted in frames for s in predicted.shapes}, key=names.index)
+    handles = _legend_handles(used, colours)
+    entry_px = max(_text_px(text, 12) for _, text in handles) * 0.85 + 100  # text, handle and spacing
+    legend_columns = max(1, min(len(handles), int(width * DPI * 0.95 // entry_px)))
+    legend_rows = math.ceil(len(handles) / legend_columns)
+    title_h = 0.1 + 0.25 * len(title_lines)
+    header = title_h + 0.27 * legend_rows + 0.2
+    height = header + rows * (cell_h + caption + gap)
+    figure = Figure(figsize=(width, height), dpi=DPI)
+    if title_lines:
+        figure.text(0.5, 1 - 0.1 / height, "\n".join(title_lines), ha="center", va="top", fontsize=13,
+                    fontweight="bold", linespacing=1.15)
+    figure.legend(handles=[h for h, _ in handles], labels=[n for _, n in handles], loc="upper center",
+                  bbox_to_anchor=(0.5, 1 - title_h / height), ncols=legend_columns, fontsize=12,
+                  frameon=False, handler_map={tuple: HandlerTuple(ndivide=1)}, handlelength=3.2,
+                  columnspacing=1.6)
+    for index, ((_, truth, predicted), image) in enumerate(zip(frames, images, strict=True)):
+        row, column = divmod(index, columns)
+        left = gap + column * (cell_w + gap)
+        top = header + row * (cell_h + caption + gap) + caption
+        ax = figure.add_axes((left / width, 1 - (top + cell_h) / height, cell_w / width, cell_h / height))
+        _draw_frame(ax, image, truth, predicted, colours, scale, cell)
+    return figure
+
+
+def _legend_handles(used: Sequence[str], colours: dict[str, str]) -> list[tuple[Any, str]]:
+    truth = (Line2D([], [], **TRUTH_UNDER), Line2D([], [], **TRUTH_OVER))
+    handles: list[tuple[Any, str]] = [(truth, "ground truth (dashed, label below)")]
+    for name in used:
+        handles.append(((Line2D([], [], **PREDICTION_UNDER), Line2D([], [], color=colours[name],
+                                                                     linewidth=PREDICTION_WIDTH)),
+                        f"predicted {_shorten(name, 30)} (solid, score above)"))
+    if not used:
+        handles.append(((Line2D([], [], **PREDICTION_UNDER), Line2D([], [], color="#bbbbbb",
+                                                                     linewidth=PREDICTION_WIDTH)),
+                        "predictions (solid, score above): none on these frames"))
+    return handles
+
+
+def _draw_frame(ax, image: np.ndarray, truth: FrameAnnotations, predicted: FrameAnnotations,
+                colours: dict[str, str], scale: float, cell: int) -> None:
+    height, width = image.shape[:2]
+    ax.imshow(image, extent=(0, width, height, 0), interpolation="nearest" if scale >= 1 else "antialiased")
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_color("#444444")
+    shown = sorted(predicted.shapes, key=_score)[-MAX_DRAWN:]  # the most confident, drawn last: on top
+    # Truth's white dashes go over everything, its black under everything: a detection right on the truth shows
+    # as its colour with the truth's dashes running along the middle, rather than hiding it.
+    for shape in truth.shapes:
+        for outline, closed in _outlines(shape, width, height):
+            ax.add_patch(Polygon(outline, closed=closed, fill=False, joinstyle="round", **TRUTH_UNDER, zorder=2))
+            ax.add_patch(Polygon(outline, closed=closed, fill=False, **TRUTH_OVER, zorder=5))
+    for shape in shown:
+        colour = colours.get(shape.label, PALETTE[0])
+        for outline, closed in _outlines(shape, width, height):
+            ax.add_patch(Polygon(outline, closed=closed, fill=False, joinstyle="round", **PREDICTION_UNDER, zorder=3))
+            ax.add_patch(Polygon(outline, closed=closed, fill=False, color=colour, linewidth=PREDICTION_WIDTH,
+                                 zorder=4))
+    for shape in truth.shapes:  # the true label under its outline, white on black; predictions' tags go above
+        _tag(ax, shape, shape.label, "#000000", width, height, scale, below=True)
+    for shape in shown:  # tags above every outline
+        text = f"{shape.label} {shape.score:.2f}" if shape.score is not None else shape.label
+        _tag(ax, shape, text, colours.get(shape.label, PALETTE[0]), width, height, scale)
+    counts = f": {len(truth.shapes)} true, {len(predicted.shapes)} predicted"
+    if len(shown) < len(predicted.shapes):
+        counts += f" ({len(shown)} most confident drawn)"
+    room = int(cell * 0.98 // _text_px("x", 11)) - len(counts)
+    name = _shorten(truth.name or predicted.name or f"frame {truth.frame}", max(8, room), keep_end=True)
+    ax.set_title(name + counts, fontsize=11, pad=4)
+
+
+def _tag(ax, shape: Shape, text: str, colour: str, width: int, height: int, scale: float,
+         below: bool = False) -> None:
+    """``text`` on a filled background at the shape's top-left corner (bottom-left ``below``), outside the box
+    when there is room and inside it at the frame's edge; right-aligned when it would run off the right edge."""
+    try:
+        x1, y1, x2, y2 = shape.bbox()
+    except (ValueError, IndexError):
+        return
+    fontsize = 8 if below else 10
+    text_h = (fontsize * 1.45 * DPI / 72) / scale  # frame pixels
+    text_w = (len(text) * fontsize * 0.62 * DPI / 72) / scale
+    x, ha = (max(0.0, x1), "left") if x1 + text_w <= width else (min(float(width), x2), "right")
+    if below:
+        y, va = (y2, "top") if y2 + text_h <= height else (min(float(height), y2), "bottom")
+    else:
+        y, va = (y1, "bottom") if y1 >= text_h else (max(0.0, y1), "top")
+    red, green, blue = (int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    ink = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.55 else "white"
+    ax.text(x, y, text, fontsize=fontsize, color=ink, ha=ha, va=va, zorder=6, clip_on=True,
+            bbox={"boxstyle": "square,pad=0.18", "facecolor": colour, "edgecolor": "black", "linewidth": 0.6})
+
+
+def _outlines(shape: Shape, width: int, height: int) -> list[tuple[np.ndarray, bool]]:
+    """The outlines to draw for a shape, as ``(N×2 points, closed)``: every region of a mask, a polygon, a sampled
+    ellipse or rotated rectangle; a polyline open; points as a tiny closed square each; anything else its box."""
+    try:
+        if shape.type == "mask":
+            return [(outline, True) for outline in _mask_outlines(shape.points)]
+        if shape.type in ("rectangle", "polygon", "ellipse"):
+            points = np.asarray(shape.polygon(), dtype=float).reshape(-1, 2)
+            return [(points, True)] if len(points) >= 2 else []
+        if shape.type == "polyline":
+            return [(np.asarray(shape.points, dtype=float).reshape(-1, 2), False)]
+        if shape.type == "points":
+            r = max(2.0, min(width, height) / 120)
+            return [(np.array([[x - r, y - r], [x + r, y - r], [x + r, y + r], [x - r, y + r]]), True)
+                    for x, y in np.asarray(shape.points, dtype=float).reshape(-1, 2)]
+        x1, y1, x2, y2 = shape.bbox()
+        return [(np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]]), True)]
+    except (ValueError, IndexError):  # a malformed shape is not drawn rather than failing the picture
+        return []
+
+
+def _mask_outlines(points: Sequence[float]) -> list[np.ndarray]:
+    """Every region's outline of a CVAT RLE mask, and of its holes, along the pixel edges in image coordinates
+    (``masks.bitmap_to_polygon`` of each 4-connected region, as the mask codecs count regions)."""
+    import cv2
+
+    box, (left, top, _, _) = masks.cvat_rle_box(points)
+    outlines = []
+    for part in (box, ~np.pad(box, 1)):  # the regions, then the background: its parts off the border are holes
+        count, regions = cv2.connectedComponents(part.astype(np.uint8), connectivity=4)
+        offset = 0 if part is box else -1
+        for region in range(1, count):
+            bitmap = regions == region
+            if part is not box and (bitmap[0].any() or bitmap[-1].any() or bitmap[:, 0].any() or bitmap[:, -1].any()):
+                continue  # the background around the mask, not a hole
+            outline = np.asarray(masks.bitmap_to_polygon(bitmap, tolerance=0), dtype=float).reshape(-1, 2)
+            if len(outline) >= 3:
+                outlines.append(outline + [left + offset, top + offset])
+    return outlines
