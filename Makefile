@@ -26,9 +26,10 @@ lint: setup
 	$(BIN)/python -m ruff check plugin tests bench functions
 
 # The main job: generate a task, train on the CPU, publish, serve through the Nuclio handler, pre-annotate and score
-# (a few minutes). With CVAT_URL and credentials set, `make demo TASK=7` learns from that CVAT task instead.
+# (a few minutes). With CVAT_URL and credentials set, `make demo TASK=7` learns from that CVAT task instead; a second
+# `make demo` reuses the trained model, `make demo RESTART=1` trains anew.
 demo: setup
-	$(BIN)/preannotate demo --out demo-output $(if $(TASK),--task $(TASK))
+	$(BIN)/preannotate demo --out demo-output $(if $(TASK),--task $(TASK)) $(if $(RESTART),--restart)
 
 # Benchmarks compare against a peer in the same run; run them on an idle machine. Each writes its bench/RESULTS.md
 # section.

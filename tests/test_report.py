@@ -19,31 +19,16 @@ import numpy as np
 import pytest
 import torch
 from preannotate.frames import decode_rgb
-from preannotate.shapes import FrameAnnotations, Label, Shape
+from preannotate.shapes import FrameAnnotations, Shape
 from preannotate.training import report
 from preannotate.training.evaluation import RECALL_POINTS, coco_metrics
 from preannotate.training.synthetic import generate
 
+from tests.test_training import LABELS, ground_truth, result  # the hand-made COCO cases' helpers
+
 CHECK_DIR = os.environ.get("PREANNOTATE_REPORT_CHECK")  # set it to keep the pictures for a look
 
 # --- coco_metrics(curves=True) on hand-made cases -------------------------------------------------------------------
-
-LABELS = [Label("car", "rectangle", id=1), Label("person", "polygon", id=2)]
-
-
-def ground_truth(*boxes_per_image):
-    images, annotations = [], []
-    for image_id, boxes in enumerate(boxes_per_image, start=1):
-        images.append({"id": image_id, "width": 100, "height": 100})
-        for category, (x, y, w, h) in boxes:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
-    return {"images": images, "annotations": annotations}
-
-
-def result(image_id, category, box, score):
-    return {"image_id": image_id, "category_id": category, "bbox": list(box), "score": score}
-
 
 PERFECT = ground_truth([(1, (10, 10, 30, 20)), (2, (50, 50, 20, 40))], [(1, (0, 0, 50, 50))])
 CASES = {  # name: (ground truth, results, what coco_metrics answered before curves existed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -60,6 +61,9 @@ def serve_and_annotate(store: ModelStore, name: str, frames: list[tuple[FrameAnn
 
     with _environment(PREANNOTATE_MODEL=name, PREANNOTATE_MODEL_STORE=str(store.root)):
         platform = nuclio_sdk.test.Platform()
+        chatter = logging.getLogger("mock_platform")  # the test platform's INFO lines, printed twice, say nothing
+        chatter.setLevel(logging.WARNING)
+        chatter.propagate = False
         answered = []
         for frame, image in frames:
             body = {"image": base64.b64encode(image).decode("ascii"), "threshold": threshold}
