@@ -342,5 +342,6 @@ def test_cli_submits_a_training_job_dry_run(capsys, tmp_path):
     assert first == "kubectl apply -f - <<'EOF'" and rest.endswith("EOF\n")
     manifest = yaml.safe_load(rest[: -len("EOF\n")])
     assert manifest == deploy.render_training_job(JOB_ID, "reg/preannotate:1", "store-pvc", gpu=True)
+    assert "&id" not in rest and "*id" not in rest  # the labels shared by two places are written out, as a person does
     assert cli(["deploy", "--runner", "kubernetes", "--job", JOB_ID, "--dry-run"]) == 2
     assert "needs --image, --store-claim" in capsys.readouterr().err

@@ -261,3 +261,19 @@ def test_models_cli_promote_rolls_back(tmp_path, capsys):
     assert lines[1].split()[:2] == ["pets", "1*"] and lines[2].split()[:2] == ["pets", "2"]
     assert cli(["models", "promote", "pets", "--store", store]) == 2
     assert "NAME@VERSION" in capsys.readouterr().err
+
+
+def test_one_grammar_names_a_model_everywhere(tmp_path):
+    from preannotate.models import ModelReference, load_model, open_store
+
+    assert ModelReference.parse("cars@v3") == ModelReference("cars@v3", "cars", 3)
+    assert ModelReference.parse("ssdlite320_mobilenet_v3_large").architecture == "ssdlite320_mobilenet_v3_large"
+    with pytest.raises(ModelNotFound, match="NAME@VERSION"):
+        ModelReference.parse("cars@latest")
+    with pytest.raises(ModelNotFound, match="no model store at"):
+        open_store(tmp_path / "missing")
+    # an architecture needs no store: its pretrained weights (not on this machine: the tests run offline)
+    with pytest.raises(PretrainedWeightsUnavailable):
+        load_model("ssdlite320_mobilenet_v3_large", tmp_path / "missing")
+    with pytest.raises(ModelNotFound, match="no model store at"):
+        load_model("cars", tmp_path / "missing")

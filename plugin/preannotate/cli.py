@@ -341,7 +341,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     options = dict(threshold=args.threshold, frames=_frame_range(args.frames),
                    only_unannotated=args.only_unannotated, batch_size=args.batch_size,
                    upload_every=args.upload_every, label_map=args.label_map, progress=sys.stderr.isatty())
-    source = dict(detector=args.model, store=_store(args), device=args.device) if args.model else dict(
+    source = dict(detector=args.model, store=args.store, device=args.device) if args.model else dict(
         function_url=args.function_url)
     with _connect(args) as client:
         reports = ({args.task: annotate_task(client, args.task, **source, **options)} if args.task else

@@ -120,9 +120,7 @@ def run_demo(output: str | Path, *, architecture: str = DEFAULT_ARCHITECTURE, st
     started = time.monotonic()
     if restart and output.exists():
         shutil.rmtree(output)
-    if (output / "run" / "result.json").is_file():
-        say(f"{output} holds a finished demo run: reusing its model (`preannotate demo --restart` or "
-            "`make demo RESTART=1` trains anew)")
+    finished = (output / "run" / "result.json").is_file()
     if task is None:
         labels, train_items, val_items, held_frames, images = _synthetic(frames, held_out, seed, say)
         provenance: dict[str, Any] = {"synthetic": {"seed": seed, "frames": frames + held_out}}
@@ -136,8 +134,11 @@ def run_demo(output: str | Path, *, architecture: str = DEFAULT_ARCHITECTURE, st
     result = train_and_publish(TrainingData(labels, train_items, val_items), architecture=architecture,
                                hyperparameters=hp, store=store, name="demo", output_dir=output / "run",
                                provenance=provenance, progress=progress)
+    if finished:  # the same run, finished before: train returned its result
+        say(f"{output} held this finished demo run: reusing its model (`preannotate demo --restart` or "
+            "`make demo RESTART=1` trains anew)")
     say(f"trained {architecture} for {result.steps} steps; published demo@{result.version} "
-        f"(validation mAP@.5 {result.metrics.get('map50')}) in {store.root}")
+        f"(validation mAP@.5 {_score(result.metrics.get('map50'))}) in {store.root}")
 
     if result.report:
         say(f"training report: {', '.join(str(path) for path in result.report)}")

@@ -136,11 +136,16 @@ def load_model(reference: str | ModelReference, store: ModelStore | str | Path |
     an architecture's pretrained weights while nothing is published under its name); ``version`` overrides the
     store's choice. ``ModelNotFound`` says what the store holds instead."""
     reference = reference if isinstance(reference, ModelReference) else ModelReference.parse(reference)
-    store = store if isinstance(store, ModelStore) else open_store(store)
-    if reference.path is None and version is None:
+    if reference.path is not None:
+        return load_detector(reference.path, device)
+    root = store.root if isinstance(store, ModelStore) else Path(store or default_store())
+    if not root.is_dir() and reference.architecture and reference.version is None and version is None:
+        return create_detector(reference.architecture, init="pretrained", device=device)  # no store needed
+    store = store if isinstance(store, ModelStore) else open_store(root)
+    if version is None:
         version = reference.wanted_version(store)
-    if reference.path is not None or version is not None:
-        return load_detector(reference.path or store.resolve(f"{reference.name}@{version}"), device)
+    if version is not None:
+        return load_detector(store.resolve(f"{reference.name}@{version}"), device)
     if reference.architecture:
         return create_detector(reference.architecture, init="pretrained", device=device)
     known = ", ".join(store.names()) or "none"

@@ -1,1 +1,2 @@
-"""Serving: the CVAT detector contract, the serving core, and its doors (Nuclio, local HTTP)."""
+"""Serving (layer 6): the CVAT detector contract (``contract``), the serving core every door calls (``core``), the
+doors (``nuclio``, ``http``) and the training routes a function carries (``training``)."""

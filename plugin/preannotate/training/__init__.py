@@ -1,13 +1,16 @@
-"""Training: from annotated frames to a validated model version in the store.
+"""Training (layer 5): from annotated frames to a validated model version in the store, and what starts it.
 
-* ``hyperparameters`` — the ``key=value`` language and its defaults;
-* ``synthetic`` — generated CVAT-like tasks (tests, benchmarks, the demo);
+* ``recipe`` — the one recipe: load (``export_from_cvat`` or a folder) → split → train → publish → promote
+  (``should_promote``), used by ``preannotate train``, a function's jobs and the demo;
+* ``trainer`` — the loop: ``train(...) -> TrainingResult`` (state, checkpoints, validation, resume, signals, DDP);
 * ``data`` — frames → image and target tensors (``transforms.v2``), resumable batch order, loaders;
 * ``evaluation`` — COCO mAP with pycocotools; batch-norm recalibration before each validation;
 * ``optim`` — optimizers and learning-rate schedules;
-* ``logs`` — ``metrics.jsonl`` and TensorBoard events;
-* ``trainer`` — the loop: ``train(...) -> TrainingResult`` (checkpoints, resume, signals, DDP, publishing);
-* ``jobs``, ``execute`` — training jobs started by a function's routes, in their own process.
+* ``logs`` — ``metrics.jsonl`` and TensorBoard events; ``report`` — the pictures of a run (matplotlib);
+* ``synthetic`` — generated CVAT-like tasks (tests, benchmarks, the demo);
+* ``triggers`` — what starts training (webhook policy, debounce, minimum new frames, cron's "changed?");
+* ``jobs``, ``execute`` — training jobs recorded in the store and run in their own process.
 
+The hyperparameter language is ``preannotate.hyperparameters`` (below the model registry, which holds the defaults).
 Nothing is imported here, so importing ``preannotate.training.jobs`` (the serving side) does not pull in torch.
 """

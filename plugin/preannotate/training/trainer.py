@@ -422,7 +422,7 @@ class _Run:
                          "val": _digest(val_items), "previous": str(self.previous) if self.previous else None}
         self.main = self.rank == 0
         self._handlers: dict[int, Any] = {}
-        self._events: EventWriter | None = None
+        self._events: _Logs | None = None
 
     def execute(self, store: ModelStore | None, name: str, provenance: dict[str, Any], progress: bool,
                 checkpoint_every: int | None, promote: Callable[[dict[str, Any]], Promotion | bool] | None
@@ -443,83 +443,75 @@ class _Run:
         state = restored or TrainState()
         if restored:
             log.info("resuming %s at step %d of %d", self.output, state.step, self.total)
-        resume_step = state.step if restored else None
-        metrics_log = MetricsLog(self.output / "metrics.jsonl", resume_step) if self.main else None
-        events = self._events = EventWriter(self.output, resume_step) if self.main else None
-        bar = Progress(self.total, state.step, progress and self.main, f"train {self.arch.name}")
-
-        def record(state: TrainState, metrics: dict[str, Any]) -> None:
-            metrics_log.write({"event": "validation", "step": state.step, "total_steps": self.total, **metrics})
-            events.scalars(state.step, {"val/map": metrics["map"], "val/map50": metrics["map50"],
-                                        **{f"val/ap/{k}": v["ap"] for k, v in metrics["bbox"]["per_class"].items()}})
-            events.flush()
-            best = " (best so far)" if state.best_step == state.step else ""
-            bar.say(f"step {state.step}: validation mAP@.5 {_score(metrics['map50'])}, mAP "
-                    f"{_score(metrics['map'])}{best}")
-
+        logs = self._events = _Logs(self.output, self.total, state.step if restored else None, self.main,
+                                    Progress(self.total, state.step, progress and self.main, f"train {self.arch.name}"))
         validator = Validator(self._val_loader() if self.main and self.val_items else None,
                               self._calibration_loader() if self.main else None, self.labels, self.with_masks,
-                              self.hp, checkpointer, record)
-
-        def validate() -> None:
-            if self.main:
-                if validator.loader is not None:
-                    bar.say(f"step {state.step}: validating on {len(self.val_items)} frames ...")
-                validator(engine, state)
-
+                              self.hp, checkpointer, logs.validation)
         if not self.val_items and self.main and not restored:
-            bar.say("no validation frames: the version will be published unscored (no mAP)")
-        # a checkpoint costs a second or two (weights + optimizer state); a kill costs at most this many steps
-        every = checkpoint_every or min(500, max(50, math.ceil(self.total / 20)))
-        n = self.hp.num_validations
-        validation_steps = {max(1, round(self.total * k / n)) for k in range(1, n + 1)} | {self.total}
-
+            logs.progress.say("no validation frames: the version will be published unscored (no mAP)")
         self._install_signal_handlers()
-        start_time, elapsed_before = time.monotonic(), state.elapsed_s
         if state.stopped is None and state.step < self.total:
-            sampler = data.StepBatchSampler(len(self.train_items), self.hp.batch_size, self.hp.seed, state.step,
-                                            self.total, self.rank, self.world)
-            batches = iter(self._train_loader(sampler))
-            window = _Window(min(50, max(1, self.total // 100)))
-            engine.train_mode()
-            while state.step < self.total:
-                waited = time.perf_counter()
-                images, targets = next(batches)
-                window.wait += time.perf_counter() - waited
-                values, lr = engine.step(images, targets, state.step + 1)
-                state.step += 1
-                state.elapsed_s = elapsed_before + time.monotonic() - start_time
-                window.add(values)
-                if window.full or state.step == self.total:
-                    self._log_window(window, state, lr, bar, metrics_log, events)
-                if state.step in validation_steps and validator.loader is not None:
-                    paused = time.perf_counter()
-                    validate()
-                    engine.train_mode()
-                    window.start += time.perf_counter() - paused  # images/s and ETA count training only
-                if self.hp.max_training_hours is not None and state.elapsed_s >= self.hp.max_training_hours * 3600:
-                    state.stopped = state.stopped or "time-limit"
-                signalled = self._agree(self.stop.is_set(), state)
-                if signalled or state.stopped or state.step % every == 0:
-                    checkpointer.save(engine, state)
-                if signalled:
-                    bar.close()
-                    if self.main:
-                        metrics_log.write({"event": "interrupted", "step": state.step, "total_steps": self.total})
-                    raise TrainingInterrupted(state.step, checkpointer.last)
-                if state.stopped:
-                    break
-        bar.close()
+            self._steps(engine, state, checkpointer, validator, logs, checkpoint_every)
+        logs.progress.close()
         if state.validated_at != state.step:  # stopped between validations: the final one
-            validate()
+            self._validate(validator, engine, state, logs)
         state.stopped = state.stopped or "completed"
         checkpointer.save(engine, state)
         if not self.main:
             return TrainingResult(name, None, None, {}, state.step, state.stopped, self.output)
-        metrics_log.write({"event": "end", "step": state.step, "total_steps": self.total, "stopped": state.stopped,
-                           "best_step": state.best_step})
+        logs.write({"event": "end", "step": state.step, "total_steps": self.total, "stopped": state.stopped,
+                    "best_step": state.best_step})
         checkpointer.load_best(engine)
         return self._publish(detector, state, store, name, run_id, provenance, promote)
+
+    def _steps(self, engine: Engine, state: TrainState, checkpointer: Checkpointer, validator: Validator,
+               logs: _Logs, checkpoint_every: int | None) -> None:
+        """The optimizer steps from ``state.step`` on: logged, validated ``num-validations`` times, checkpointed
+        (a checkpoint costs a second or two; a kill costs at most ``every`` steps), stopped by a signal, early
+        stopping or the time limit."""
+        every = checkpoint_every or min(500, max(50, math.ceil(self.total / 20)))
+        n = self.hp.num_validations
+        validation_steps = {max(1, round(self.total * k / n)) for k in range(1, n + 1)} | {self.total}
+        sampler = data.StepBatchSampler(len(self.train_items), self.hp.batch_size, self.hp.seed, state.step,
+                                        self.total, self.rank, self.world)
+        batches = iter(self._train_loader(sampler))
+        window = _Window(min(50, max(1, self.total // 100)))
+        start_time, elapsed_before = time.monotonic(), state.elapsed_s
+        engine.train_mode()
+        while state.step < self.total:
+            waited = time.perf_counter()
+            images, targets = next(batches)
+            window.wait += time.perf_counter() - waited
+            values, lr = engine.step(images, targets, state.step + 1)
+            state.step += 1
+            state.elapsed_s = elapsed_before + time.monotonic() - start_time
+            window.add(values)
+            if window.full or state.step == self.total:
+                self._log_window(window, state, lr, logs)
+            if state.step in validation_steps and validator.loader is not None:
+                paused = time.perf_counter()
+                self._validate(validator, engine, state, logs)
+                engine.train_mode()
+                window.start += time.perf_counter() - paused  # images/s and ETA count training only
+            if self.hp.max_training_hours is not None and state.elapsed_s >= self.hp.max_training_hours * 3600:
+                state.stopped = state.stopped or "time-limit"
+            signalled = self._agree(self.stop.is_set(), state)
+            if signalled or state.stopped or state.step % every == 0:
+                checkpointer.save(engine, state)
+            if signalled:
+                logs.progress.close()
+                logs.write({"event": "interrupted", "step": state.step, "total_steps": self.total})
+                raise TrainingInterrupted(state.step, checkpointer.last)
+            if state.stopped:
+                return
+
+    def _validate(self, validator: Validator, engine: Engine, state: TrainState, logs: _Logs) -> None:
+        if self.main:
+            if validator.loader is not None:
+                count = len(self.val_items)
+                logs.progress.say(f"step {state.step}: validating on {count} frame{'' if count == 1 else 's'} ...")
+            validator(engine, state)
 
     # ------------------------------------------------------------------------------------------------ helpers
 
@@ -583,20 +575,17 @@ class _Run:
         dataset = data.DetectionDataset(items, self.labels, self._transforms(False), self.with_masks)
         return data.loader(dataset, batch_size=batch, workers=0)
 
-    def _log_window(self, window: _Window, state: TrainState, lr: float, bar: Progress,
-                    metrics_log: MetricsLog | None, events: EventWriter | None) -> None:
+    def _log_window(self, window: _Window, state: TrainState, lr: float, logs: _Logs) -> None:
         seconds = time.perf_counter() - window.start
         losses = window.means()
         images_per_s = window.steps * self.hp.batch_size * self.world / max(seconds, 1e-9)
         eta = (self.total - state.step) * seconds / max(window.steps, 1)
-        bar.step(state.step, losses.get("loss"), lr, images_per_s, eta)
-        if metrics_log is not None:
-            metrics_log.write({"event": "train", "step": state.step, "total_steps": self.total, "lr": lr,
-                               **{k: round(v, 5) for k, v in losses.items()},
-                               "images_per_s": round(images_per_s, 2), "data_wait": round(window.wait / seconds, 4),
-                               "eta_s": round(eta, 1), "elapsed_s": round(state.elapsed_s, 3)})
-            events.scalars(state.step, {"train/lr": lr, "train/images_per_s": images_per_s,
-                                        **{f"train/{k}": v for k, v in losses.items()}})
+        logs.progress.step(state.step, losses.get("loss"), lr, images_per_s, eta)
+        logs.write({"event": "train", "step": state.step, "total_steps": self.total, "lr": lr,
+                    **{k: round(v, 5) for k, v in losses.items()}, "images_per_s": round(images_per_s, 2),
+                    "data_wait": round(window.wait / seconds, 4), "eta_s": round(eta, 1),
+                    "elapsed_s": round(state.elapsed_s, 3)},
+                   {"train/lr": lr, "train/images_per_s": images_per_s, **{f"train/{k}": v for k, v in losses.items()}})
         window.reset()
 
     def _agree(self, signalled: bool, state: TrainState) -> bool:
@@ -682,6 +671,36 @@ class _Run:
             if Manifest.read(store.path(name, version)).provenance.get("run_id") == run_id:
                 return version
         return None
+
+
+class _Logs:
+    """What a run leaves for people and tools (main process only): ``metrics.jsonl``, TensorBoard scalars and the
+    progress a person sees."""
+
+    def __init__(self, directory: Path, total: int, resume_step: int | None, main: bool, progress: Progress):
+        self.total, self.progress = total, progress
+        self.metrics = MetricsLog(directory / "metrics.jsonl", resume_step) if main else None
+        self.events = EventWriter(directory, resume_step) if main else None
+
+    def write(self, record: dict[str, Any], scalars: dict[str, float] | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+            if scalars:
+                self.events.scalars(record["step"], scalars)
+
+    def validation(self, state: TrainState, metrics: dict[str, Any]) -> None:
+        self.write({"event": "validation", "step": state.step, "total_steps": self.total, **metrics},
+                   {"val/map": metrics["map"], "val/map50": metrics["map50"],
+                    **{f"val/ap/{k}": v["ap"] for k, v in metrics["bbox"]["per_class"].items()}})
+        if self.events is not None:
+            self.events.flush()
+        best = " (best so far)" if state.best_step == state.step else ""
+        self.progress.say(f"step {state.step}: validation mAP@.5 {_score(metrics['map50'])}, mAP "
+                          f"{_score(metrics['map'])}{best}")
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
 
 
 class _Window:
