@@ -61,9 +61,12 @@ def serve_and_annotate(store: ModelStore, name: str, frames: list[tuple[FrameAnn
 
     with _environment(PREANNOTATE_MODEL=name, PREANNOTATE_MODEL_STORE=str(store.root)):
         platform = nuclio_sdk.test.Platform()
-        chatter = logging.getLogger("mock_platform")  # the test platform's INFO lines, printed twice, say nothing
-        chatter.setLevel(logging.WARNING)
+        # The test platform prints every INFO line twice (its own handler, and ours through propagation) and its
+        # logger skips level checks: only its handlers' levels keep the chatter out, warnings still shown.
+        chatter = logging.getLogger("mock_platform")
         chatter.propagate = False
+        for output in chatter.handlers:
+            output.setLevel(logging.WARNING)
         answered = []
         for frame, image in frames:
             body = {"image": base64.b64encode(image).decode("ascii"), "threshold": threshold}
