@@ -185,8 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _store(args: argparse.Namespace, create: bool = False):
     from preannotate.models import open_store
 
-    store = open_store(args.store, create=create)
-    return store
+    return open_store(args.store, create=create)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -43,6 +43,15 @@ class ModelNotFound(LookupError):
     pass
 
 
+def split_version(reference: str) -> tuple[str, int | None]:
+    """``NAME@VERSION`` (``cars@3``, ``cars@v3``) → ``("cars", 3)``; ``NAME`` → ``(NAME, None)``; ``ModelNotFound``
+    for a version that is not a number. (The rest of the grammar is ``models.reference``.)"""
+    name, at, version = reference.partition("@")
+    if at and not re.fullmatch(r"v?\d+", version):
+        raise ModelNotFound(f"{reference!r}: give the version as NAME@VERSION, e.g. {name}@2")
+    return name, int(version.lstrip("v")) if at else None
+
+
 @dataclass
 class Manifest:
     """What a model artifact carries about itself: enough to load it and to know where it came from."""
@@ -160,16 +169,15 @@ class ModelStore:
 
     def resolve(self, reference: str) -> Path:
         """``NAME`` (its serving version) or ``NAME@VERSION`` → the version directory."""
-        name, _, version_text = reference.partition("@")
+        name, version = split_version(reference)
         versions = self.versions(name)
         if not versions:
             known = ", ".join(self.names()) or "none"
             raise ModelNotFound(f"no published model named {name!r} in {self.root} (models there: {known})")
-        if not version_text:
+        if version is None:
             return self.path(name, self.serving(name))
-        version = int(version_text.lstrip("v")) if version_text.lstrip("v").isdigit() else None
         if version not in versions:
-            raise ModelNotFound(f"{name} has no version {version_text!r} (versions: "
+            raise ModelNotFound(f"{name} has no version {reference.partition('@')[2]!r} (versions: "
                                 f"{', '.join(map(str, versions))})")
         return self.path(name, version)
 

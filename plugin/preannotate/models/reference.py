@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from preannotate.models.artifact import MANIFEST_FILE, ModelNotFound, ModelStore
+from preannotate.models.artifact import MANIFEST_FILE, ModelNotFound, ModelStore, split_version
 from preannotate.models.registry import ARCHITECTURES
 
 DEFAULT_STORE = "/var/lib/preannotate/store"
@@ -53,13 +53,11 @@ class ModelReference:
         text = str(text).strip()
         if (Path(text) / MANIFEST_FILE).is_file():
             return cls(text, Path(text).resolve().name, path=Path(text))
-        name, at, version = text.partition("@")
+        name, version = split_version(text)
         if not _NAME.fullmatch(name) or "/" in text:
             raise ModelNotFound(f"{text!r} is neither a model directory (no {MANIFEST_FILE} there) nor a model "
                                 "name (NAME, NAME@VERSION or an architecture)")
-        if at and not re.fullmatch(r"v?\d+", version):
-            raise ModelNotFound(f"{text!r}: give the version as NAME@VERSION, e.g. {name}@2")
-        return cls(text, name, int(version.lstrip("v")) if at else None)
+        return cls(text, name, version)
 
     @property
     def architecture(self) -> str | None:
