@@ -386,16 +386,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     except RunMismatch as error:
         raise CommandError(f"{error}: use --restart to start it over, or another --out") from None
-    metrics = result.metrics
+    from preannotate.training.evaluation import score_text
+
+    map50, map_ = (score_text(result.metrics.get(key), "none (not validated)") for key in ("map50", "map"))
     print(f"published {name}@{result.version} after {result.steps} steps ({result.stopped}): "
-          f"mAP@.5 {_score(metrics.get('map50'))}, mAP {_score(metrics.get('map'))}; {result.promotion}")
+          f"mAP@.5 {map50}, mAP {map_}; {result.promotion}")
     if result.report:
         print(f"training report: {', '.join(str(path) for path in result.report)} (copied into {result.path})")
     return 0
-
-
-def _score(value) -> str:
-    return "none (not validated)" if value is None else f"{value:.3f}"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from preannotate.formats import coco
 from preannotate.models import ModelStore, hyperparameters_for
 from preannotate.shapes import FrameAnnotations
 from preannotate.training import data, report
-from preannotate.training.evaluation import coco_metrics
+from preannotate.training.evaluation import coco_metrics, score_text
 from preannotate.training.recipe import TrainingData, train_and_publish
 from preannotate.training.synthetic import generate
 
@@ -107,10 +107,6 @@ def _from_cvat(task: int, output: Path, seed: int, say: Callable[[str], None]):
     return split.labels, split.train, split.val, held_frames, images, cvat_provenance(dataset)
 
 
-def _score(value: float | None) -> str:
-    return "none" if value is None else f"{value:.3f}"
-
-
 def run_demo(output: str | Path, *, architecture: str = DEFAULT_ARCHITECTURE, steps: int = 120,
              frames: int = 200, held_out: int = 40, seed: int = 0, hyperparameters: str = "",
              progress: bool = True, say: Callable[[str], None] = print, task: int | None = None,
@@ -141,7 +137,7 @@ def run_demo(output: str | Path, *, architecture: str = DEFAULT_ARCHITECTURE, st
         say(f"{output} held this finished demo run: reusing its model (`preannotate demo --restart` or "
             "`make demo RESTART=1` trains anew)")
     say(f"trained {architecture} for {result.steps} steps; published demo@{result.version} "
-        f"(validation mAP@.5 {_score(result.metrics.get('map50'))}) in {store.root}")
+        f"(validation mAP@.5 {score_text(result.metrics.get('map50'))}) in {store.root}")
 
     if result.report:
         say(f"training report: {', '.join(str(path) for path in result.report)}")
@@ -165,9 +161,10 @@ def run_demo(output: str | Path, *, architecture: str = DEFAULT_ARCHITECTURE, st
                "predictions": str(output / "predictions.json"), "ground_truth": str(output / "ground_truth.json"),
                "picture": str(output / "demo.png"), "report": [str(path) for path in result.report],
                "minutes": round((time.monotonic() - started) / 60, 1)}
-    per_class = ", ".join(f"{name} {_score(values['ap50'])}" for name, values in metrics["per_class"].items())
+    per_class = ", ".join(f"{name} {score_text(values['ap50'])}" for name, values in metrics["per_class"].items())
     say(f"served demo@{result.version} through the Nuclio handler on {held_out} held-out frames: "
-        f"mAP@.5 {_score(metrics['map50'])}, mAP@[.5:.95] {_score(metrics['map'])}; AP@.5 per class: {per_class}")
+        f"mAP@.5 {score_text(metrics['map50'])}, mAP@[.5:.95] {score_text(metrics['map'])}; "
+        f"AP@.5 per class: {per_class}")
     say(f"predictions (COCO results): {summary['predictions']}, scored against {summary['ground_truth']}; "
         f"picture: {summary['picture']}; {summary['minutes']} min in all")
     return summary

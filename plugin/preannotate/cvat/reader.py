@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from cvat_sdk import Client
 
@@ -52,6 +54,25 @@ def read_project(client: Client, project_id: int) -> dict[int, AnnotationSet]:
             result[task.id] = frames_from_annotations(task.get_annotations(), labels, task.get_meta())
     _report_skipped(sum((s.skipped for s in result.values()), Counter()), f"project {project_id}")
     return result
+
+
+def task_ids(client, request: Mapping[str, Any]) -> list[int]:
+    """The tasks a request names: its ``tasks`` and every task of its ``project``."""
+    ids = list(request.get("tasks") or [])
+    if request.get("project") is not None:
+        with cvat_errors(client, f"project {request['project']}"):
+            ids += [task.id for task in client.projects.retrieve(request["project"]).get_tasks()]
+    return sorted(set(ids))
+
+
+def task_versions(client, ids: Sequence[int]) -> dict[str, str]:
+    """Task id → its ``updated_date`` (it changes whenever annotations are saved)."""
+    versions = {}
+    for task_id in ids:
+        with cvat_errors(client, f"task {task_id}"):
+            updated = client.tasks.retrieve(task_id).updated_date
+            versions[str(task_id)] = updated.isoformat() if hasattr(updated, "isoformat") else str(updated)
+    return versions
 
 
 def _report_skipped(skipped: Counter[str], where: str) -> None:

@@ -65,6 +65,11 @@ def _empty(gt: COCO, labels: Sequence[Label], curves: bool = False) -> dict[str,
     return {"map": zero, "map50": zero, "map75": zero, "per_class": per_class}
 
 
+def score_text(value: float | None, missing: str = "none") -> str:
+    """A metric as people read it: three decimals, or ``missing`` where there was nothing to score."""
+    return missing if value is None else f"{value:.3f}"
+
+
 def _value(stat: float) -> float | None:
     return None if stat < 0 else round(float(stat), 6)
 

@@ -98,8 +98,7 @@ def export_from_cvat(client, request: Mapping[str, Any], directory: Path, hp: Hy
     COCO folder, images included, split by ``hp``; ``cvat.json`` there records the server and each task's
     ``updated_date`` (what the version learned, for cron). A folder found complete is reused."""
     from preannotate.cvat.frames import CvatFrames
-    from preannotate.cvat.reader import read_task
-    from preannotate.training.triggers import task_ids, task_versions
+    from preannotate.cvat.reader import read_task, task_ids, task_versions
 
     if (directory / "COMPLETE").is_file():
         return directory

@@ -66,7 +66,7 @@ from preannotate.models import (
 from preannotate.models.artifact import library_versions
 from preannotate.shapes import Label
 from preannotate.training import data, optim
-from preannotate.training.evaluation import evaluate, recalibrate_batch_norm
+from preannotate.training.evaluation import evaluate, recalibrate_batch_norm, score_text
 from preannotate.training.logs import EventWriter, MetricsLog
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def train(architecture: str, labels: Sequence[Label], train_items: Sequence[data
           name: str | None = None, hyperparameters: Hyperparameters | dict[str, Any] | str | None = None,
           previous: str | Path | None = None, provenance: dict[str, Any] | None = None, device: str | None = None,
           progress: bool = True, checkpoint_every: int | None = None, workers: int | None = None,
-          stop: threading.Event | None = None, promote: Callable[[dict[str, Any]], Promotion | bool] | None = None,
+          stop: threading.Event | None = None, promote: Callable[[dict[str, Any]], Promotion] | None = None,
           restart: bool = False) -> TrainingResult:
     """Train ``architecture`` on ``train_items`` (``(FrameAnnotations, FrameImages)`` pairs), validate on
     ``val_items``, and publish the best weights to ``store`` as the next version of ``name`` (default: the
@@ -425,7 +425,7 @@ class _Run:
         self._events: _Logs | None = None
 
     def execute(self, store: ModelStore | None, name: str, provenance: dict[str, Any], progress: bool,
-                checkpoint_every: int | None, promote: Callable[[dict[str, Any]], Promotion | bool] | None
+                checkpoint_every: int | None, promote: Callable[[dict[str, Any]], Promotion] | None
                 ) -> TrainingResult:
         self.output.mkdir(parents=True, exist_ok=True)
         run_id = self._claim_directory()
@@ -619,7 +619,7 @@ class _Run:
         self._handlers.clear()
 
     def _publish(self, detector: Any, state: TrainState, store: ModelStore | None, name: str, run_id: str,
-                 provenance: dict[str, Any], promote: Callable[[dict[str, Any]], Promotion | bool] | None
+                 provenance: dict[str, Any], promote: Callable[[dict[str, Any]], Promotion] | None
                  ) -> TrainingResult:
         """The best weights (already loaded) as the next version of ``name``, unless this run published before it
         was killed; whether it is served is ``promote``'s answer."""
@@ -630,8 +630,6 @@ class _Run:
         if store is not None:
             result.version = self._already_published(store, name, run_id)
             decision = Promotion(True, "served") if promote is None else promote(metrics)
-            if isinstance(decision, bool):
-                decision = Promotion(decision, "served" if decision else "kept, not served")
             if result.version is None:
                 manifest: Manifest = detector.manifest
                 manifest.hyperparameters = self.hp.to_dict()
@@ -695,8 +693,8 @@ class _Logs:
         if self.events is not None:
             self.events.flush()
         best = " (best so far)" if state.best_step == state.step else ""
-        self.progress.say(f"step {state.step}: validation mAP@.5 {_score(metrics['map50'])}, mAP "
-                          f"{_score(metrics['map'])}{best}")
+        self.progress.say(f"step {state.step}: validation mAP@.5 {score_text(metrics['map50'])}, mAP "
+                          f"{score_text(metrics['map'])}{best}")
 
     def close(self) -> None:
         if self.events is not None:
@@ -724,10 +722,6 @@ class _Window:
 
     def means(self) -> dict[str, float]:
         return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
-
-
-def _score(value: float | None) -> str:
-    return "none" if value is None else f"{value:.3f}"
 
 
 def _digest(items: Sequence[data.Item]) -> str:

@@ -21,7 +21,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,34 +164,13 @@ class Triggers:
         return Decision(job, "cron: recorded a job that retrains if the annotations changed")
 
 
-def task_ids(client, request: Mapping[str, Any]) -> list[int]:
-    """The tasks a request names: its ``tasks`` and every task of its ``project``."""
-    from preannotate.cvat.client import cvat_errors
-
-    ids = list(request.get("tasks") or [])
-    if request.get("project") is not None:
-        with cvat_errors(client, f"project {request['project']}"):
-            ids += [task.id for task in client.projects.retrieve(request["project"]).get_tasks()]
-    return sorted(set(ids))
-
-
-def task_versions(client, ids: Sequence[int]) -> dict[str, str]:
-    """Task id → its ``updated_date`` (it changes whenever annotations are saved)."""
-    from preannotate.cvat.client import cvat_errors
-
-    versions = {}
-    for task_id in ids:
-        with cvat_errors(client, f"task {task_id}"):
-            updated = client.tasks.retrieve(task_id).updated_date
-            versions[str(task_id)] = updated.isoformat() if hasattr(updated, "isoformat") else str(updated)
-    return versions
-
-
 def annotations_changed(client, request: Mapping[str, Any], learned: Mapping[str, str] | None, served: str
                         ) -> tuple[bool, str]:
     """Whether the tasks of ``request`` changed since the version ``served`` (``NAME@V``, or None when there is
     none) learned them: ``learned`` is task id → ``updated_date`` from its manifest (``provenance.cvat.tasks``)."""
-    now = task_versions(client, task_ids(client, request))
+    from preannotate.cvat import reader  # cvat-sdk: only in the job's process, not in a function's routes
+
+    now = reader.task_versions(client, reader.task_ids(client, request))
     if learned is None:
         return True, f"{served} has no version yet"
     changed = sorted((t for t in now if learned.get(t) != now[t]), key=int)
