@@ -13,6 +13,7 @@ from preannotate import functions
 from preannotate.cli import main as cli
 from preannotate.durations import parse_duration
 from preannotate.models import ARCHITECTURES
+from preannotate.shapes import parse_label_list
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,19 @@ def test_checked_in_functions_match_their_source(tmp_path):
     assert not drifted, f"edited by hand or stale, run `make functions`: {drifted}"
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
+COCO_MODELS = [name for name, arch in ARCHITECTURES.items() if arch.pretrained_kind == "coco"]
+
+
+def test_no_function_is_rendered_with_an_empty_spec():
+    untrained = sorted(set(ARCHITECTURES) - set(COCO_MODELS))
+    assert untrained == ["fasterrcnn_resnet101_fpn"]  # an ImageNet backbone only: no labels before training
+    assert not (REPO / "functions" / "pytorch" / untrained[0]).exists()
+    config = functions.function_config(ARCHITECTURES[untrained[0]], [], gpu=False)
+    assert functions.validate_config(config, gpu=False) == [
+        "metadata.annotations.spec lists no labels: CVAT would list a detector with nothing to map"]
+
+
+@pytest.mark.parametrize("name", COCO_MODELS)
 def test_every_registry_model_has_a_valid_cpu_and_gpu_function(name):
     directory = REPO / "functions" / "pytorch" / name / "nuclio"
     assert functions.validate_directory(directory) == []
@@ -61,7 +74,7 @@ def test_coco_functions_list_the_coco_labels_and_bake_the_weights_at_build_time(
 
 @pytest.mark.parametrize("filename", ["function.yaml", "function-gpu.yaml"])
 def test_functions_train_into_a_store_outside_the_image_and_carry_no_secrets(filename):
-    for name in ARCHITECTURES:
+    for name in COCO_MODELS:
         config = yaml.safe_load((REPO / "functions" / "pytorch" / name / "nuclio" / filename).read_text())
         spec = config["spec"]
         env = {e["name"]: e["value"] for e in spec["env"]}
@@ -91,7 +104,7 @@ def test_training_settings_in_the_yaml_are_ones_the_function_accepts():
     ("@daily", {"schedule": "@daily"})])
 def test_cron_trigger_is_rendered_when_asked(when, attributes):
     arch = ARCHITECTURES["ssdlite320_mobilenet_v3_large"]
-    config = functions.function_config(arch, [], gpu=False, cron=when, train_project=4)
+    config = functions.function_config(arch, parse_label_list("box"), gpu=False, cron=when, train_project=4)
     trigger = config["spec"]["triggers"]["retrain"]
     assert trigger == {"kind": "cron", "attributes": {**attributes, "event": {"body": '{"trigger": "cron"}'}}}
     assert {"name": "PREANNOTATE_TRAIN_PROJECT", "value": "4"} in config["spec"]["env"]
@@ -156,7 +169,7 @@ def test_gpu_file_must_request_a_gpu_and_one_worker():
 def test_functions_cli_renders_and_validates(tmp_path, capsys):
     assert cli(["functions", "render", "--out", str(tmp_path)]) == 0
     assert cli(["functions", "validate", str(tmp_path)]) == 0
-    assert "7 function directories checked, 0 problems" in capsys.readouterr().out
+    assert "6 function directories checked, 0 problems" in capsys.readouterr().out
     broken = tmp_path / "pytorch" / "retinanet_resnet50_fpn" / "nuclio" / "function-gpu.yaml"
     broken.write_text(broken.read_text().replace("description:", "summary:"))
     assert cli(["functions", "validate", str(tmp_path)]) == 1

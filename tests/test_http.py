@@ -11,6 +11,8 @@ import threading
 import urllib.error
 import urllib.request
 
+import urllib3
+
 import pytest
 from preannotate.serving.core import App, ModelProvider
 from preannotate.serving.http import make_server
@@ -143,8 +145,33 @@ def test_preannotate_serve_command_with_a_model_from_the_store(published_store):
         process.wait(timeout=30)
 
 
-def test_preannotate_serve_refuses_an_unknown_model_before_listening(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "preannotate.cli", "serve", "--model", "nothing", "--store",
+def test_preannotate_serve_refuses_a_version_that_does_not_exist_before_listening(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "preannotate.cli", "serve", "--model", "nothing@3", "--store",
                              str(tmp_path), "--port", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "model 'nothing' has no published version" in result.stderr and "Traceback" not in result.stderr
+    assert "no published model named 'nothing'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_preannotate_serve_starts_before_the_first_version_as_the_function_does(tmp_path):
+    """A name with no version yet: /health and the training routes answer, POST / answers 503 until it is trained."""
+    server = subprocess.Popen([sys.executable, "-m", "preannotate.cli", "serve", "--model", "boxes", "--store",
+                               str(tmp_path), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "PREANNOTATE_API_AUTH": "none"})
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("serving"):
+            lines.append(server.stdout.readline())
+        assert any(line.startswith("boxes is not trained yet: POST / answers 503 until its first version")
+                   for line in lines), lines
+        url = re.search(r"on (http://\S+/)", lines[-1]).group(1)
+        pool = urllib3.PoolManager()
+        detect = pool.request("POST", url, body=json.dumps({"image": b64(encode(photo()))}).encode(),
+                              headers={"Content-Type": "application/json"})
+        assert detect.status == 503
+        assert json.loads(detect.data)["error"].startswith("not trained yet: POST /train")
+        health = json.loads(pool.request("GET", url + "health").data)
+        assert health["model"]["state"].startswith("not trained yet") and health["training_routes"].startswith("open")
+        assert json.loads(pool.request("GET", url + "jobs").data) == {"jobs": []}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

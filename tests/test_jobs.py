@@ -256,7 +256,8 @@ def test_cron_without_a_target_does_nothing_and_says_so(routed):
 # ------------------------------------------------------------------------- cron and promotion
 
 
-def _publish_learned(store_root: Path, name: str, tasks: dict[str, str], map_: float | None = None) -> int:
+def _publish_learned(store_root: Path, name: str, tasks: dict[str, str], map_: float | None = None,
+                     jobs: dict[str, str] | None = None) -> int:
     from preannotate.models.artifact import Manifest
     from preannotate.shapes import parse_label_list
 
@@ -264,12 +265,13 @@ def _publish_learned(store_root: Path, name: str, tasks: dict[str, str], map_: f
         (directory / "model.pt").write_bytes(b"w")
         return Manifest(architecture="fasterrcnn_mobilenet_v3_large_320_fpn", labels=parse_label_list("car"),
                         metrics={} if map_ is None else {"map": map_},
-                        provenance={"cvat": {"server": "x", "tasks": tasks}})
+                        provenance={"cvat": {"server": "x", "tasks": tasks, "jobs": jobs or {}}})
     return ModelStore(store_root).publish(name, write)
 
 
-def test_cron_records_a_job_that_retrains_only_when_the_annotations_changed(cvat_double, monkeypatch, tmp_path):
-    """The cron event only records a job (no call to CVAT inside it); the job's process asks CVAT."""
+def test_cron_records_a_job_that_retrains_only_when_finished_jobs_changed(cvat_double, monkeypatch, tmp_path):
+    """The cron event only records a job (no call to CVAT inside it); the job's process asks CVAT whether a job
+    people finished changed since the served version learned it (a save in an unfinished job does not count)."""
     from preannotate.training.execute import execute_job
 
     monkeypatch.setenv("CVAT_URL", cvat_double.base_url)
@@ -277,7 +279,7 @@ def test_cron_records_a_job_that_retrains_only_when_the_annotations_changed(cvat
     monkeypatch.setenv("CVAT_PASSWORD", cvat_double.credentials[1])
     app = App(ModelProvider("cars", ModelStore(tmp_path)))
     routes = TrainingRoutes(app, JobStore(tmp_path), None, environ={
-        "PREANNOTATE_TRAIN_TASKS": "7", "PREANNOTATE_TRAIN_MODEL": "fasterrcnn_mobilenet_v3_large_320_fpn"})
+        "PREANNOTATE_TRAIN_TASKS": "7,8", "PREANNOTATE_TRAIN_MODEL": "fasterrcnn_mobilenet_v3_large_320_fpn"})
     requests_before = len(cvat_double.requests)
     first = app.handle(Request("POST", "/cron", from_platform_cron=True))
     assert first.status == 202 and len(cvat_double.requests) == requests_before  # CVAT not asked in the event
@@ -290,22 +292,32 @@ def test_cron_records_a_job_that_retrains_only_when_the_annotations_changed(cvat
         job = routes.jobs.get(job_id)
         return execute_job(job, routes.jobs.work_dir(job_id), tmp_path, threading.Event())
 
-    updated = datetime.fromisoformat(cvat_double.tasks[7].record["updated_date"].replace("Z", "+00:00"))
-    _publish_learned(tmp_path, "cars", {"7": updated.isoformat()})  # as the job recorded what it learned
-    unchanged = app.handle(Request("POST", "/cron", from_platform_cron=True))
-    assert unchanged.status == 202
-    assert check(unchanged.body["job"]) == {"skipped": "annotations unchanged since cars@1"}
-    routes.jobs.update(unchanged.body["job"], lambda j: setattr(j, "state", "skipped"))
+    def cron() -> str:
+        reply = app.handle(Request("POST", "/cron", from_platform_cron=True))
+        assert reply.status == 202
+        return reply.body["job"]
 
-    cvat_double.tasks[7].record["updated_date"] = "2030-01-01T00:00:00.000000Z"  # someone saved annotations
-    changed = app.handle(Request("POST", "/cron", from_platform_cron=True))
-    assert changed.status == 202
+    # jobs 7 (completed) and 8 (stage acceptance) of task 7 are finished; job 9 of task 8 is new
+    learned = {str(job): cvat_double.jobs[job].record["updated_date"].replace("Z", "+00:00") for job in (7, 8)}
+    _publish_learned(tmp_path, "cars", {}, jobs=learned)  # as the job recorded what it learned
+    cvat_double.jobs[9].record["updated_date"] = "2030-01-01T00:00:00.000000Z"  # a save in the unfinished job
+    unchanged = cron()
+    assert check(unchanged) == {"skipped": "finished jobs unchanged since cars@1"}
+    routes.jobs.update(unchanged, lambda j: setattr(j, "state", "skipped"))
+
+    cvat_double.jobs[8].record["updated_date"] = "2030-01-01T00:00:00.000000Z"  # a reviewer saved job 8 again
+    changed = cron()
     from preannotate.cvat.client import connect
     from preannotate.training.triggers import annotations_changed
 
     with connect() as client:
-        assert annotations_changed(client, routes.jobs.get(changed.body["job"]).request, {"7": updated.isoformat()},
-                                   "cars@1") == (True, "task(s) 7 changed since cars@1")
+        request = routes.jobs.get(changed).request
+        assert annotations_changed(client, request, learned, "cars@1", ("completed", "acceptance")) == \
+            (True, "job(s) 8 finished, changed or reopened since cars@1")
+        cvat_double.jobs[8].record["stage"] = "annotation"  # reopened: no longer finished
+        cvat_double.jobs[8].record["updated_date"] = learned["8"]
+        assert annotations_changed(client, request, learned, "cars@1", ("completed", "acceptance")) == \
+            (True, "job(s) 8 finished, changed or reopened since cars@1")
 
 
 def test_cron_over_http_needs_the_token_and_a_nuclio_cron_event_does_not(tmp_path):

@@ -150,7 +150,7 @@ def test_pinned_version_and_artifact_path(monkeypatch, published_store):
 def test_function_without_a_model_keeps_answering_and_says_why(monkeypatch, tmp_path):
     function = Function(monkeypatch, "not-trained-yet", tmp_path)
     status, reply = function.call(detect_body())
-    assert status == 503 and "no published version" in reply["error"]
+    assert status == 503 and reply["error"] == "not trained yet: POST /train or `preannotate train`"
     assert function.call(method="GET", path="/health")[0] == 200
     # an architecture whose pretrained weights are not on disk (no network here)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -69,7 +69,7 @@ def test_completed_job_and_acceptance_stage_start_training_by_default():
     ("ping.project_webhook", "ping"),
     ("update_job.annotation_save_on_job", "neither state nor stage changed"),
     ("create_job", "create:job does not start training"),
-    ("update_task.annotation_save_on_job", "update:task does not start training"),
+    ("update_task.annotation_save_on_job", "update:task: new tasks are not pre-annotated (set PREANNOTATE_ANNOTATE_ON=task)"),
     ("delete_task", "delete:task does not start training"),
 ])
 def test_other_deliveries_start_nothing_and_say_why(name, why):
@@ -99,7 +99,8 @@ def test_register_creates_a_signed_project_webhook_for_job_updates(cvat_double):
     project_id = next(iter(cvat_double.projects))
     with make_client(cvat_double.base_url, credentials=cvat_double.credentials) as client:
         created = webhooks.register(client, url="http://preannotate:8080/webhook", secret="s3", project_id=project_id)
-    assert (created["type"], created["project_id"], created["events"]) == ("project", project_id, ["update:job"])
+    assert (created["type"], created["project_id"], sorted(created["events"])) == \
+        ("project", project_id, ["create:task", "update:job", "update:task"])
     assert "secret" not in created
     assert cvat_double.webhooks[created["id"]]["secret"] == "s3"
     assert cvat_double.webhooks[created["id"]]["target_url"] == "http://preannotate:8080/webhook"

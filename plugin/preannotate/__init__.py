@@ -7,8 +7,9 @@ task with a model, the demo, deploying) lives at the top. ``tests/test_layers.py
 Layers, bottom to top (a module belongs to the first entry naming it or a package above it):
 
 1. vocabulary: `preannotate.shapes`, `preannotate.frames`, `preannotate.hyperparameters`, `preannotate.durations`,
-   `preannotate.files`, `preannotate.formats.masks`
+   `preannotate.files`, `preannotate.formats.masks`, `preannotate.uncertainty`
    — labels, shapes and the annotations of a frame; frame images; the hyperparameter language; file helpers;
+   how sure a model is of a frame;
    the mask codecs (a mask shape's points *are* CVAT's RLE, so a shape's outline needs them);
 2. formats: `preannotate.formats`
    — COCO, TF Object Detection API records, dataset folders on disk and their train/val split;
@@ -22,8 +23,8 @@ Layers, bottom to top (a module belongs to the first entry naming it or a packag
 6. serving: `preannotate.serving`
    — the CVAT detector contract, the serving core and its doors (Nuclio, local HTTP);
 7. top: `preannotate.cli`, `preannotate.annotate`, `preannotate.demo`, `preannotate.deploy`,
-   `preannotate.functions`, `preannotate.cvat_function`
-   — entry points and orchestration.
+   `preannotate.functions`, `preannotate.cvat_function`, `preannotate.worker`
+   — entry points and orchestration (``worker``: the process a recorded job runs in).
 
 A framework is imported only by what needs it: torch by the torchvision family, the trainer and what runs models;
 TensorFlow only by ``formats.tfrecord`` (through ``formats.tfrecord.tensorflow()``, which imports torchvision first:

@@ -30,6 +30,8 @@ import urllib3
 from cvat_sdk import Client
 from tqdm import tqdm
 
+from preannotate import uncertainty
+from preannotate.cvat import review
 from preannotate.cvat.client import CvatError, cvat_errors
 from preannotate.cvat.frames import CvatFrames
 from preannotate.cvat.upload import Journal, TaskWriter, UploadReport, digest
@@ -40,6 +42,8 @@ from preannotate.shapes import Shape
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# A deployed function decides with its own threshold; scoring uncertainty needs one, and this is CVAT's default.
+DEFAULT_FUNCTION_THRESHOLD = 0.5
 
 
 class FunctionError(RuntimeError):
@@ -58,6 +62,8 @@ class AnnotateReport:
     unmapped: Counter[str] = field(default_factory=Counter)  # predictions dropped: the task has no such label
     unshared_labels: list[str] = field(default_factory=list)  # model labels the task lacks (known up front)
     seconds: float = 0.0             # from the first frame asked to the last upload done
+    model: str = ""                  # what annotated: NAME@VERSION (architecture) or the function's URL
+    confidence: dict[int, float] = field(default_factory=dict)  # frame → how sure the model is (``uncertainty``)
 
     @property
     def frames_per_second(self) -> float:
@@ -83,7 +89,7 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
                   label_map: Mapping[str, str] | str | None = None, replace: bool = False,
                   store: str | os.PathLike | None = None, device: str | None = None, workers: int = 2,
                   quality: str = "original", cache_dir: str | os.PathLike | None = None,
-                  prefetch: int = 2) -> AnnotateReport:
+                  prefetch: int = 2, confidence_tags: bool = True) -> AnnotateReport:
     """Pre-annotate task ``task_id`` with ``detector`` (or a deployed function at ``function_url``).
 
     ``threshold``: minimum score (default: the model's own; for a function, the function's). ``frames``: a range
@@ -92,14 +98,17 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
     whose label the task lacks are counted in ``unmapped``. ``replace``: replace every shape on the frames
     annotated, not only earlier ``auto`` ones. ``batch_size``: frames per forward pass; 4 pays on the CPU too
     (on 2 cores SSDlite runs about 1.3x as fast as frame by frame, Faster R-CNN about 1.05x). ``state_dir``:
-    where the resume journal lives (see ``upload.default_state_dir``). Returns what was done; ``CvatError`` for
-    server problems."""
+    where the resume journal lives (see ``upload.default_state_dir``). ``confidence_tags``: score every frame's
+    uncertainty (``preannotate.uncertainty``; near misses are asked for too) and write it as the frame's confidence
+    tag (``cvat.review``, the label added when missing). Returns what was done; ``CvatError`` for server
+    problems."""
     if (detector is None) == (function_url is None):
         raise ValueError("give a detector (or model reference) or a function_url, not both")
     if threshold is not None and not 0 <= threshold <= 1:
         raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
     model = resolve_detector(detector, store, device) if detector is not None else None
-
+    if confidence_tags:
+        review.ensure_confidence_label(client, task_id)
     writer = TaskWriter(client, task_id, label_map=label_map, replace=replace)
     report = AnnotateReport(task_id)
     wanted = [f for f in writer.frames() if frames is None or f in frames]
@@ -117,12 +126,18 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
             threshold = model.manifest.score_threshold
         identity = ["model", model.manifest.name, model.manifest.version, model.manifest.architecture,
                     model.manifest.created]
+        report.model = f"{model.manifest.name or model.manifest.architecture}@{model.manifest.version} " \
+                       f"({model.manifest.architecture})"
     else:
         identity = ["function", function_url]
+        report.model = function_url
+    scored = threshold if threshold is not None or not confidence_tags else DEFAULT_FUNCTION_THRESHOLD
+    asked = uncertainty.candidate_threshold(scored) if confidence_tags else threshold
     if report.unshared_labels:
         log.warning("task %d has no label %s: those predictions are not written", task_id,
                     ", ".join(report.unshared_labels))
-    journal = Journal.open(state_dir, client, task_id, digest(identity, threshold, writer.label_map, replace))
+    journal = Journal.open(state_dir, client, task_id, digest(identity, threshold, writer.label_map, replace,
+                                                               confidence_tags))
     report.resumed = sum(f in journal.frames for f in wanted)
     todo = [f for f in wanted if f not in journal.frames]
 
@@ -132,19 +147,23 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
             tqdm(total=len(wanted), initial=report.resumed, unit="frame", desc=f"task {task_id}",
                  disable=not progress) as bar:
         if model is not None:
-            predictions = _detect(model, _ahead(images.decoded(todo)), batch_size, threshold)
+            predictions = _detect(model, _ahead(images.decoded(todo)), batch_size, asked)
         else:
-            predictions = _call_function(function_url, _ahead(images.encoded(todo)), threshold, workers)
+            predictions = _call_function(function_url, _ahead(images.encoded(todo)), asked, workers)
         pending: dict[int, list[Shape]] = {}
+        confidence: dict[int, float] = {}
         with closing(predictions):  # on an error: stop the downloads and the decoding thread at once
-            for frame, shapes in predictions:
-                pending[frame] = shapes
+            for frame, candidates in predictions:
+                if confidence_tags:
+                    confidence[frame] = report.confidence[frame] = uncertainty.frame_confidence(candidates, scored)
+                    candidates = uncertainty.kept(candidates, scored)
+                pending[frame] = candidates
                 bar.update(1)
                 if len(pending) >= upload_every:
-                    uploader.put(pending)
-                    pending = {}
+                    uploader.put(pending, confidence)
+                    pending, confidence = {}, {}
         if pending:
-            uploader.put(pending)
+            uploader.put(pending, confidence)
     report.seconds = time.perf_counter() - started
     report.annotated = len(todo)
     journal.finish()
@@ -290,10 +309,10 @@ class _Uploader:
         self.thread.start()
         return self
 
-    def put(self, batch: dict[int, Sequence[Shape]]) -> None:
+    def put(self, batch: dict[int, Sequence[Shape]], confidence: dict[int, float]) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put(batch)
+        self.queue.put((batch, confidence))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.queue.put(None)  # the thread drains the queue (skipping work after an error), so this never blocks long
@@ -302,11 +321,12 @@ class _Uploader:
             raise self.error
 
     def _run(self) -> None:
-        while (batch := self.queue.get()) is not None:
+        while (item := self.queue.get()) is not None:
             if self.error is not None:
                 continue
+            batch, confidence = item
             try:
-                self.report.add_upload(self.writer.write(batch))
+                self.report.add_upload(self.writer.write(batch, confidence))
                 self.journal.add(batch)
             except BaseException as error:  # re-raised in the inference thread
                 self.error = error

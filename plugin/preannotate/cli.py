@@ -129,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--upload-every", type=int, default=200, help="frames per upload (finished work is kept)")
     annotate.add_argument("--label-map", help="model=task label renames, e.g. 'automobile=car'")
     annotate.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    annotate.add_argument("--no-confidence-tags", action="store_true",
+                          help="do not tag each frame with the model's confidence (a tag label is added to the "
+                               "project for them; `preannotate review` ranks frames by it)")
+
+    review = command(commands, "review", "the frames of a pre-annotated task the model is least sure of, first")
+    _cvat_arguments(review)
+    review.add_argument("--task", type=int, required=True, help="a CVAT task pre-annotated by preannotate")
+    review.add_argument("--top", type=int, default=20, help="how many frames to print (default %(default)s)")
+    review.add_argument("--out", help="the whole ranking as CSV (default: review-task-N.csv)")
 
     train = command(commands, "train", "train a model from CVAT tasks or an exported folder and publish it")
     _cvat_arguments(train)
@@ -178,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from preannotate import deploy
 
-    deploy.add_commands(commands, models_commands, common)  # `deploy` and `models fetch-weights`
+    _cvat_arguments(deploy.add_commands(commands, models_commands, common))  # `deploy` and `models fetch-weights`
     return parser
 
 
@@ -339,7 +348,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
     options = dict(threshold=args.threshold, frames=_frame_range(args.frames),
                    only_unannotated=args.only_unannotated, batch_size=args.batch_size,
-                   upload_every=args.upload_every, label_map=args.label_map, progress=sys.stderr.isatty())
+                   upload_every=args.upload_every, label_map=args.label_map, progress=sys.stderr.isatty(),
+                   confidence_tags=not args.no_confidence_tags)
     source = dict(detector=args.model, store=args.store, device=args.device) if args.model else dict(
         function_url=args.function_url)
     with _connect(args) as client:
@@ -356,9 +366,42 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    import csv
+
+    from preannotate.cvat.review import CONFIDENCE_LABEL, task_confidences
+    from preannotate.uncertainty import ranking
+
+    with _connect(args) as client:
+        confidences, names = task_confidences(client, args.task)
+    if not confidences:
+        raise CommandError(f"task {args.task} has no {CONFIDENCE_LABEL} tags: pre-annotate it first "
+                           f"(`preannotate annotate --task {args.task} --model NAME`, or a function with "
+                           "PREANNOTATE_ANNOTATE_ON=task)")
+    ranked = ranking(confidences)
+    out = Path(args.out or f"review-task-{args.task}.csv")
+    with open(out, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["rank", "frame", "name", "confidence"])
+        writer.writerows((rank, frame, names.get(frame, ""), value) for rank, (frame, value) in enumerate(ranked, 1))
+    rows = [("rank", "frame", "confidence", "name")] + [
+        (str(rank), str(frame), str(value), names.get(frame, "")) for rank, (frame, value) in
+        enumerate(ranked[:max(0, args.top)], 1)]
+    _table(rows)
+    print(f"{_count(len(ranked), 'frame')} ranked, least confident first: {out}. In CVAT, filter "
+          f"attr[\"confidence\"] < 60 on label {CONFIDENCE_LABEL!r} to step through them.")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from preannotate.models import get_architecture, hyperparameters_for
-    from preannotate.training.recipe import TrainingData, cvat_provenance, export_from_cvat, train_and_publish
+    from preannotate.training.recipe import (
+        NothingFinished,
+        TrainingData,
+        cvat_provenance,
+        export_from_cvat,
+        train_and_publish,
+    )
     from preannotate.training.trainer import RunMismatch, TrainingInterrupted
 
     arch = get_architecture(args.model)  # an unknown name fails before anything is downloaded
@@ -373,7 +416,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         dataset = Path(args.data)
     else:
         with _connect(args) as client:
-            dataset = export_from_cvat(client, {"tasks": args.task, "project": args.project}, out / "dataset", hp)
+            try:
+                dataset = export_from_cvat(client, {"tasks": args.task, "project": args.project}, out / "dataset",
+                                           hp)
+            except NothingFinished as nothing:
+                raise CommandError(str(nothing)) from None
     training_data = TrainingData.from_folder(dataset, hp)
     print(f"training {arch.name} on {_count(len(training_data.train), 'frame')}, validating on "
           f"{len(training_data.val)}; output in {out}", flush=True)
@@ -433,10 +480,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            "choose another --port") from None
     app = App(ModelProvider(args.model, _store(args), args.device))
     TrainingRoutes.attach(app)  # POST /train, /jobs, /webhook as in the function; jobs train in a process
-    app.provider.current()  # load now: fail before serving if the model cannot be served
+    url = f"http://{args.host}:{server.server_address[1]}/"
+    if app.provider.untrained():  # as the function: it starts, trains on request, and answers 503 until then
+        print(f"{args.model} is not trained yet: POST / answers 503 until its first version "
+              f"(POST {url}train, or a finished CVAT job through {url}webhook)", flush=True)
+    else:
+        app.provider.current()  # load now: fail before serving if the model cannot be served
     server.app = app
-    print(f"serving {args.model} on http://{args.host}:{server.server_address[1]}/ "
-          "(POST / with {\"image\": base64}; GET /health, /models)", flush=True)
+    print(f"serving {args.model} on {url} (POST / with {{\"image\": base64}}; GET /health, /models)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -461,7 +512,7 @@ def _setup_logging(verbose: bool) -> None:
 
 COMMANDS = {"models": cmd_models, "functions": cmd_functions, "serve": cmd_serve, "export": cmd_export,
             "webhook": cmd_webhook, "import": cmd_import, "annotate": cmd_annotate,
-            "train": cmd_train, "demo": cmd_demo, "deploy": cmd_deploy}
+            "train": cmd_train, "review": cmd_review, "demo": cmd_demo, "deploy": cmd_deploy}
 
 
 def main(argv: list[str] | None = None) -> int:

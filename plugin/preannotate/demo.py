@@ -96,7 +96,8 @@ def _from_cvat(task: int, output: Path, seed: int, say: Callable[[str], None]):
     from preannotate.cvat.client import connect
     from preannotate.training.recipe import cvat_provenance, export_from_cvat
 
-    hp = hyperparameters_for(DEFAULT_ARCHITECTURE, f"val-fraction=0.2; seed={seed}")
+    # A demo task need not have finished jobs: every shape people made counts (never the model's own auto ones).
+    hp = hyperparameters_for(DEFAULT_ARCHITECTURE, f"val-fraction=0.2; seed={seed}; train-on=all")
     with connect() as client:
         dataset = export_from_cvat(client, {"tasks": [task]}, output / "dataset", hp)
     split = TrainingData.from_folder(dataset, hp)

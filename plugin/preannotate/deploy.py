@@ -16,12 +16,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from preannotate import functions
-from preannotate.models import DEFAULT_STORE, Manifest, ModelReference, ModelStore, get_architecture, open_store
+from preannotate.cvat import lambda_spec
+from preannotate.cvat.review import CONFIDENCE_LABEL
+from preannotate.models import (
+    DEFAULT_STORE,
+    Manifest,
+    ModelNotFound,
+    ModelReference,
+    ModelStore,
+    get_architecture,
+    open_store,
+)
+from preannotate.models.registry import DEFAULT_ARCHITECTURE
+from preannotate.shapes import Label
 
 PROJECT = "cvat"                 # CVAT lists only the functions of this Nuclio project
 NETWORK = "cvat_cvat"            # CVAT's compose network: the function reaches cvat_server by name
@@ -43,20 +55,39 @@ def function_name(model_name: str) -> str:
 
 
 def render_model_function(store: ModelStore, reference: str, out: Path, cron: str | None = None,
-                          train_project: int | None = None, store_claim: str | None = None) -> Path:
+                          train_project: int | None = None, store_claim: str | None = None,
+                          project_labels: Sequence[Label] | None = None, architecture: str | None = None,
+                          annotate_on: str = "", reannotate: str = "") -> tuple[Path, list[Label]]:
     """Write the function directory (function.yaml, function-gpu.yaml, main.py) that serves ``reference``
-    (``NAME``: its served version, swapped when a new one is promoted; ``NAME@VERSION``: pinned) with the CVAT label
-    spec of its manifest. The store is mounted from where it is now (``store.root``) or from ``store_claim``."""
-    manifest = Manifest.read(ModelReference.parse(reference).directory(store))  # ModelNotFound lists the models
-    arch = get_architecture(manifest.architecture)
-    name = ModelReference.parse(reference).name
-    settings = {"model": reference, "name": function_name(name), "cron": cron, "train_project": train_project,
-                "description": f"preannotate model {name} ({arch.name}, {len(manifest.labels)} labels)",
-                "store_host_path": str(store.root.resolve()), "store_claim": store_claim}
-    header = f"# Rendered by `preannotate deploy --model {reference}` from the model's manifest.\n"
+    (``NAME``: its served version, swapped when a new one is promoted; ``NAME@VERSION``: pinned) and return it with
+    the labels left out of its CVAT spec (types the model can never return).
+
+    The spec lists the labels of the model's manifest or, before its first version, ``project_labels`` (the labels of
+    the project ``train_project`` it trains on, read from CVAT), typed as the model returns them. The store is
+    mounted from where it is now (``store.root``) or from ``store_claim``."""
+    parsed = ModelReference.parse(reference)
+    try:
+        manifest = Manifest.read(parsed.directory(store))
+    except ModelNotFound:
+        if project_labels is None or parsed.version is not None:
+            raise  # its message lists the models
+        manifest = None
+    arch = get_architecture(architecture or (manifest.architecture if manifest else DEFAULT_ARCHITECTURE))
+    labels, impossible = lambda_spec.spec_labels(manifest.labels if manifest else project_labels, arch.output)
+    if not labels:
+        raise DeployError(f"{arch.name} returns {arch.output} shapes: none of the labels "
+                          f"({', '.join(f'{label.name} ({label.type})' for label in impossible) or 'none'}) can take "
+                          f"them, so CVAT would get nothing; add a label of type {' or '.join(arch.label_types)}")
+    state = f"{len(labels)} labels" if manifest else f"{len(labels)} labels of project {train_project}, not trained yet"
+    settings = {"model": reference, "name": function_name(parsed.name), "cron": cron, "train_project": train_project,
+                "description": f"preannotate model {parsed.name} ({arch.name}, {state})",
+                "store_host_path": str(store.root.resolve()), "store_claim": store_claim,
+                "annotate_on": annotate_on, "reannotate": reannotate}
+    header = f"# Rendered by `preannotate deploy --model {reference}` from the model's " + \
+        ("manifest.\n" if manifest else f"project {train_project}'s labels.\n")
     files, problems = {}, []
     for filename, gpu in (("function.yaml", False), ("function-gpu.yaml", True)):
-        config = functions.function_config(arch, manifest.labels, gpu, **settings)
+        config = functions.function_config(arch, labels, gpu, **settings)
         problems += [f"{filename}: {p}" for p in functions.validate_config(config, gpu)]
         files[filename] = functions.dump(config, header)
     if problems:
@@ -65,7 +96,19 @@ def render_model_function(store: ModelStore, reference: str, out: Path, cron: st
     files["main.py"] = functions.MAIN_PY.format(name=reference)
     for filename, text in files.items():
         (out / filename).write_text(text)
-    return out
+    return out, impossible
+
+
+def project_labels(args: argparse.Namespace, project_id: int) -> list[Label]:
+    """The labels of a CVAT project (what its tasks are annotated with), read through cvat-sdk."""
+    from preannotate.cvat.annotations import read_labels
+    from preannotate.cvat.client import connect, cvat_errors
+
+    with connect(args.cvat_url, organization=args.org, verify_tls=not args.insecure) as client:
+        with cvat_errors(client, f"project {project_id}"):
+            labels = client.projects.retrieve(project_id).get_labels()
+    return [Label(label.name, label.type, label.attributes) for label in read_labels([m.to_dict() for m in labels])
+            if label.name != CONFIDENCE_LABEL]
 
 
 def secret_env_args(environ: Mapping[str, str]) -> list[str]:
@@ -128,16 +171,32 @@ def deploy_model(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         raise DeployError("--cron retrains a project: give it with --train-project N")
     if args.platform == "kube" and not args.store_claim:
         raise DeployError("on Kubernetes the store is a PersistentVolumeClaim: give it with --store-claim NAME")
-    name = ModelReference.parse(args.model).name
-    directory = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "preannotate-functions" / name
-    render_model_function(open_store(args.store), args.model, directory, cron=args.cron,
-                          train_project=args.train_project, store_claim=args.store_claim)
-    print(f"# function {function_name(name)} rendered in {directory}", file=out)
+    parsed = ModelReference.parse(args.model)
+    # Deploying for a project comes first: the store the function will train into is made (and mounted) now.
+    store = open_store(args.store, create=args.train_project is not None)
+    untrained = parsed.version is None and not store.versions(parsed.name)
+    if untrained and args.train_project is None:
+        raise DeployError(f"{parsed.name} has no version yet: deploy it for the CVAT project it learns from with "
+                          "--train-project P (the project's labels go into the function), or train it first")
+    directory = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "preannotate-functions" / parsed.name
+    labels = project_labels(args, args.train_project) if untrained else None
+    annotate_on = args.annotate_on if args.annotate_on is not None else ("task" if args.train_project else "")
+    directory, impossible = render_model_function(
+        store, args.model, directory, cron=args.cron, train_project=args.train_project, store_claim=args.store_claim,
+        project_labels=labels, architecture=args.arch, annotate_on="" if annotate_on == "none" else annotate_on,
+        reannotate="unreviewed" if args.reannotate_unreviewed else "")
+    print(f"# function {function_name(parsed.name)} rendered in {directory}", file=out)
+    if untrained:
+        print(f"# {parsed.name} is not trained yet: the function answers 503 until a job of project "
+              f"{args.train_project} is finished (its webhook starts training) or POST /train", file=out)
+    for label in impossible:
+        print(f"# left out of the spec: {label.name} ({label.type}): the model cannot return {label.type} shapes, "
+              "so CVAT could map nothing to it", file=out)
     commands = nuctl_commands(directory, args.gpu, environ, platform=args.platform, namespace=args.namespace,
                               registry=args.registry, base_image=args.base_image)
     run_commands(commands, args.dry_run, out, NUCTL_HINT)
     if not args.dry_run:
-        print(f"deployed {function_name(name)}: it appears in CVAT's Models page", file=out)
+        print(f"deployed {function_name(parsed.name)}: it appears in CVAT's Models page", file=out)
     return 0
 
 
@@ -260,8 +319,9 @@ def submit_kubernetes_job(manifest: dict[str, Any], dry_run: bool = False, kubec
 # ------------------------------------------------------------------------------------------ command line
 
 def add_commands(commands: argparse._SubParsersAction, models_commands: argparse._SubParsersAction,
-                 common: argparse.ArgumentParser) -> None:
-    """``preannotate deploy`` and ``preannotate models fetch-weights`` (``common``: the options every command takes)."""
+                 common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``preannotate deploy`` and ``preannotate models fetch-weights`` (``common``: the options every command takes);
+    returns the deploy parser (the command line adds its CVAT options: a project's labels are read from CVAT)."""
     what = "put architectures' pretrained weights into torch's cache (a function image build step)"
     fetch = models_commands.add_parser("fetch-weights", help=what, description=what, parents=[common])
     fetch.add_argument("architectures", nargs="+", help="registry architectures")
@@ -277,7 +337,17 @@ def add_commands(commands: argparse._SubParsersAction, models_commands: argparse
     deploy.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
     deploy.add_argument("--cron", help="retrain on a schedule when the annotations changed: an interval (6h) or a "
                                        "cron schedule ('0 3 * * *'); needs --train-project")
-    deploy.add_argument("--train-project", type=int, help="the CVAT project that cron retrains on")
+    deploy.add_argument("--train-project", type=int,
+                        help="the CVAT project the function learns from (finished jobs retrain it, cron retrains "
+                             "it) and pre-annotates; before the first version its labels go into the function")
+    deploy.add_argument("--arch", help="the architecture to train (default: the served version's, else "
+                                       f"{DEFAULT_ARCHITECTURE})")
+    deploy.add_argument("--annotate-on", choices=("task", "none"),
+                        help="task: pre-annotate each new task of --train-project once its data is uploaded "
+                             "(the default with --train-project); none: only when asked")
+    deploy.add_argument("--reannotate-unreviewed", action="store_true",
+                        help="when a better version is promoted, pre-annotate again the project's tasks no one "
+                             "has started (every job new, in annotation)")
     deploy.add_argument("--out", help="where to write the function directory (default: a temporary directory)")
     deploy.add_argument("--platform", choices=("local", "kube"), default="local",
                         help="Nuclio platform: local (Docker, default) or kube")
@@ -293,6 +363,7 @@ def add_commands(commands: argparse._SubParsersAction, models_commands: argparse
     deploy.add_argument("--image", help="the image of the training Job: the function's image")
     deploy.add_argument("--secret", default="preannotate",
                         help="Secret with CVAT_URL, credentials, ... for the training Job (default %(default)s)")
+    return deploy
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from preannotate.cvat import lambda_spec
 from preannotate.durations import parse_duration
 from preannotate.models import DEFAULT_STORE
 from preannotate.models.registry import ARCHITECTURES, Architecture
@@ -55,26 +56,27 @@ _Dumper.add_representer(_Literal, lambda dumper, data: dumper.represent_scalar("
                                                                               style="|"))
 
 
-def label_spec(labels: list[Label]) -> str:
-    """CVAT's ``metadata.annotations.spec``: a JSON list of labels, one per line."""
-    return "[\n" + ",\n".join("  " + json.dumps(label.to_dict()) for label in labels) + "\n]\n"
-
-
 def function_config(arch: Architecture, labels: list[Label], gpu: bool, model: str | None = None,
                     name: str | None = None, description: str | None = None, cron: str | None = None,
                     train_project: int | None = None, store_host_path: str = STORE_HOST_PATH,
-                    store_claim: str | None = None) -> dict[str, Any]:
+                    store_claim: str | None = None, annotate_on: str = "", reannotate: str = "") -> dict[str, Any]:
     """The function.yaml (or function-gpu.yaml) of a function serving ``model`` (default: the architecture, whose
     COCO-pretrained weights are baked into the image until the store has a version of that name) and training it.
 
     The store is a volume: ``store_host_path`` on the Docker host, or the PersistentVolumeClaim ``store_claim`` on
-    Kubernetes. ``cron`` adds a Nuclio cron trigger: an interval (``6h``) or a cron schedule (``0 3 * * *``)."""
+    Kubernetes. ``cron`` adds a Nuclio cron trigger: an interval (``6h``) or a cron schedule (``0 3 * * *``).
+    ``labels`` go into the CVAT spec as they are (typed by ``lambda_spec.spec_labels``), and their names into the
+    function's environment, so that it can say which labels of a later version CVAT would drop.
+    ``annotate_on="task"`` pre-annotates the project's new tasks; ``reannotate="unreviewed"`` re-annotates its
+    untouched tasks when a better version is promoted."""
     model = model or arch.name
     name = name or arch.function_name
     image_tag = "latest-gpu" if gpu else "latest"
     env = {"PREANNOTATE_MODEL": model, "PREANNOTATE_MODEL_STORE": STORE_MOUNT,
            "PREANNOTATE_DEVICE": "cuda" if gpu else "cpu", "TORCH_HOME": TORCH_HOME,
-           "PREANNOTATE_TRAIN_MODEL": arch.name, **TRAINING_ENV}
+           "PREANNOTATE_TRAIN_MODEL": arch.name, **TRAINING_ENV,
+           "PREANNOTATE_ANNOTATE_ON": annotate_on, "PREANNOTATE_REANNOTATE": reannotate,
+           lambda_spec.FUNCTION_LABELS_ENV: json.dumps([label.name for label in labels])}
     if train_project is not None:
         env["PREANNOTATE_TRAIN_PROJECT"] = str(train_project)
     build: dict[str, Any] = {
@@ -112,7 +114,7 @@ def function_config(arch: Architecture, labels: list[Label], gpu: bool, model: s
             "namespace": "cvat",
             "labels": {"nuclio.io/project-name": "cvat"},
             "annotations": {"name": f"{model} (preannotate{', GPU' if gpu else ''})", "type": "detector",
-                            "framework": "pytorch", "spec": _Literal(label_spec(labels))},
+                            "framework": "pytorch", "spec": _Literal(lambda_spec.spec_text(labels))},
         },
         "spec": spec,
     }
@@ -138,16 +140,19 @@ def function_directory(root: Path, arch: Architecture) -> Path:
 
 
 def render_all(root: Path) -> list[Path]:
-    """Write every registry architecture's function directory under ``root``; return the files written."""
+    """Write the function directory of every registry architecture with COCO weights under ``root`` (its spec: the
+    COCO labels); return the files written. An architecture without them has no labels before training: it is
+    deployed for a project (``preannotate deploy --train-project``) or for a trained version, never with an empty
+    spec."""
     from preannotate.models import PretrainedWeightsUnavailable
     from preannotate.models.torchvision_family import coco_labels
 
     written = []
     for arch in ARCHITECTURES.values():
         try:
-            labels = coco_labels(arch)
+            labels, _ = lambda_spec.spec_labels(coco_labels(arch), arch.output)
         except PretrainedWeightsUnavailable:
-            labels = []  # trained on the user's labels first; `preannotate deploy` renders those
+            continue
         directory = function_directory(root, arch)
         directory.mkdir(parents=True, exist_ok=True)
         for filename, text in (("function.yaml", dump(function_config(arch, labels, gpu=False))),
@@ -286,6 +291,8 @@ def validate_label_spec(text: str) -> list[str]:
         return [f"metadata.annotations.spec is not valid JSON ({error}): CVAT would hide every model"]
     if not isinstance(labels, list):
         return ["metadata.annotations.spec must be a JSON list of labels"]
+    if not labels:
+        return ["metadata.annotations.spec lists no labels: CVAT would list a detector with nothing to map"]
     problems, names = [], set()
     for index, label in enumerate(labels):
         where = f"spec label #{index}"

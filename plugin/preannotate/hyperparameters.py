@@ -22,6 +22,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adamax", "adagrad", "adadelta"
 SCHEDULES = ("constant", "multi-step", "one-cycle", "step", "exponential", "cosine", "on-plateau")
 AUGMENTATIONS = ("flip", "scale", "colour")
 INITS = ("random", "pretrained", "previous")
+# CVAT jobs whose frames training learns from: state completed, stage validation or acceptance, or all of them
+TRAIN_ON = ("completed", "validation", "acceptance", "all")
 
 
 class HyperparameterError(ValueError):
@@ -70,6 +72,14 @@ def _augmentations(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(parse(item) for item in items))
 
 
+def _train_on(text: str) -> tuple[str, ...]:
+    parse = _choice(TRAIN_ON)
+    items = tuple(dict.fromkeys(parse(item) for item in re.split(r"[,+\s]+", text.strip().lower()) if item))
+    if not items:
+        raise ValueError("name the jobs to learn from: completed, validation, acceptance or all")
+    return items
+
+
 def _optional(parse):
     def wrapped(text: str):
         return None if text.strip().lower() in ("", "none", "null", "off") else parse(text)
@@ -112,6 +122,9 @@ class Hyperparameters:
     num_clones: int = _param(1, _int, "GPUs to train on (DistributedDataParallel)", low=1)
     init: str = _param("pretrained", _choice(INITS), "random, pretrained or previous (a published version)")
     score_threshold: float = _param(0.5, _float, "default detection threshold of the published model", low=0, high=1)
+    train_on: tuple[str, ...] = _param(("completed", "acceptance"), _train_on,
+                                       "CVAT jobs to learn from: any of completed (state), validation, acceptance "
+                                       "(stage), or all")
 
     @property
     def given(self) -> frozenset[str]:
@@ -127,6 +140,7 @@ class Hyperparameters:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["augment"] = list(self.augment)
+        data["train_on"] = list(self.train_on)
         return data
 
     @classmethod
@@ -256,7 +270,7 @@ def help_text() -> str:
 def _convert(key: str, value: Any, parse) -> Any:
     """``value`` (text, or a Python value as ``to_dict`` and the registry give them) parsed and checked by
     ``parse``: a Python value goes through its text, so ``2.5`` steps or a ``None`` rate fail as text would."""
-    if isinstance(value, (list, tuple)) and parse is _augmentations:
+    if isinstance(value, (list, tuple)) and parse in (_augmentations, _train_on):
         value = ",".join(str(v) for v in value)
     elif not isinstance(value, str):
         value = str(value)

@@ -8,9 +8,11 @@ at INFO); what writes a dataset from them tells the user once what it left out.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cvat_sdk import Client
@@ -56,6 +58,58 @@ def read_project(client: Client, project_id: int) -> dict[int, AnnotationSet]:
     return result
 
 
+# What counts as finished by people (the ``train-on`` key, ``hyperparameters.TRAIN_ON``): a job whose state is ``completed``, or whose stage is
+# ``acceptance`` (a reviewer accepted it) — by default both; ``validation`` adds jobs handed to review; ``all`` every
+# job, with only the shapes people made (see ``read_finished``).
+DEFAULT_TRAIN_ON = ("completed", "acceptance")
+
+
+def job_finished(job: Any, train_on: Sequence[str] = DEFAULT_TRAIN_ON) -> bool:
+    """Whether people finished the job (a cvat-sdk job or a JobRead dict), by ``train_on``."""
+    get = job.get if isinstance(job, Mapping) else lambda key: getattr(job, key, None)
+    return "all" in train_on or (get("state") == "completed" and "completed" in train_on) or get("stage") in train_on
+
+
+@dataclass
+class FinishedFrames:
+    """A task's frames that people finished, and the jobs they came from."""
+
+    annotations: AnnotationSet
+    jobs: dict[int, str]           # job id → its updated_date, of every job used
+    unfinished: list[int]          # jobs left out (or, with ``all``, kept only for the shapes people made)
+
+
+def read_finished(client: Client, task_id: int, train_on: Sequence[str] = DEFAULT_TRAIN_ON) -> FinishedFrames:
+    """The task's annotations on the frames of its finished jobs only (``job_finished``): frames of untouched jobs
+    are not empty frames to learn from, and the model's own ``auto`` shapes there no one reviewed. With ``all``, the
+    frames of unfinished jobs count too, but only those with a shape a person made, and only with those shapes (a
+    finished job's shapes count whatever their source: someone reviewed them)."""
+    annotations = read_task(client, task_id)
+    with cvat_errors(client, f"jobs of task {task_id}"):
+        jobs = [job for job in client.tasks.retrieve(task_id).get_jobs()
+                if str(getattr(job, "type", "annotation")) == "annotation"]  # not ground-truth jobs
+    finished_frames: set[int] = set()
+    used, unfinished = {}, []
+    for job in jobs:
+        frames = range(job.start_frame, job.stop_frame + 1)
+        if job_finished(job, [t for t in train_on if t != "all"]):
+            finished_frames.update(frames)
+            used[job.id] = _date(job.updated_date)
+        else:
+            unfinished.append(job.id)
+            if "all" in train_on:
+                used[job.id] = _date(job.updated_date)
+    frames = {}
+    for number, frame in annotations.frames.items():
+        if number in finished_frames:
+            frames[number] = frame
+        elif "all" in train_on:
+            human = [shape for shape in frame.shapes if shape.source != "auto"]
+            if human:
+                frames[number] = dataclasses.replace(frame, shapes=human)
+    return FinishedFrames(dataclasses.replace(annotations, frames=frames), used, unfinished)
+
+
 def task_ids(client, request: Mapping[str, Any]) -> list[int]:
     """The tasks a request names: its ``tasks`` and every task of its ``project``."""
     ids = list(request.get("tasks") or [])
@@ -70,9 +124,25 @@ def task_versions(client, ids: Sequence[int]) -> dict[str, str]:
     versions = {}
     for task_id in ids:
         with cvat_errors(client, f"task {task_id}"):
-            updated = client.tasks.retrieve(task_id).updated_date
-            versions[str(task_id)] = updated.isoformat() if hasattr(updated, "isoformat") else str(updated)
+            versions[str(task_id)] = _date(client.tasks.retrieve(task_id).updated_date)
     return versions
+
+
+def finished_job_versions(client, ids: Sequence[int], train_on: Sequence[str] = DEFAULT_TRAIN_ON
+                          ) -> dict[str, str]:
+    """Job id → ``updated_date`` of the finished jobs of these tasks (what cron compares with what a version
+    learned: a save in a job nobody finished changes nothing training would read)."""
+    versions = {}
+    for task_id in ids:
+        with cvat_errors(client, f"jobs of task {task_id}"):
+            for job in client.tasks.retrieve(task_id).get_jobs():
+                if str(getattr(job, "type", "annotation")) == "annotation" and job_finished(job, train_on):
+                    versions[str(job.id)] = _date(job.updated_date)
+    return versions
+
+
+def _date(value: Any) -> str:
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
 def _report_skipped(skipped: Counter[str], where: str) -> None:

@@ -33,7 +33,7 @@ from cvat_sdk.api_client.exceptions import ApiException
 from cvat_sdk.core.helpers import make_request_headers
 from tqdm import tqdm
 
-from preannotate.cvat import encoding
+from preannotate.cvat import encoding, review
 from preannotate.cvat.annotations import frames_from_annotations, read_labels
 from preannotate.cvat.client import CvatError, cvat_errors
 from preannotate.files import write_atomically
@@ -169,6 +169,11 @@ class TaskWriter:
         self.shapes_on: dict[int, list[dict[str, Any]]] = {}  # frame → stored shapes (GET JSON), kept current
         for stored in self.annotations.get("shapes") or ():
             self.shapes_on.setdefault(stored["frame"], []).append(stored)
+        confidence = self.labels.get(review.CONFIDENCE_LABEL)
+        self.confidence_tags_on: dict[int, list[dict[str, Any]]] = {}  # frame → our confidence tags
+        for stored in self.annotations.get("tags") or ():
+            if confidence is not None and stored.get("label_id") == confidence.id:
+                self.confidence_tags_on.setdefault(stored["frame"], []).append(stored)
 
     def frame_names(self) -> list[str]:
         """Name of every task frame (index = frame number)."""
@@ -203,12 +208,15 @@ class TaskWriter:
         """The label names (a model's, a file's) that map to no task label."""
         return [name for name in names if self.label_map.get(name, name) not in self.labels]
 
-    def write(self, shapes_by_frame: Mapping[int, Sequence[Shape]]) -> UploadReport:
+    def write(self, shapes_by_frame: Mapping[int, Sequence[Shape]],
+              confidence: Mapping[int, float] | None = None) -> UploadReport:
         """Replace the ``auto`` shapes (every shape with ``replace``) of exactly these frames by the given ones;
-        a frame given with no shapes just loses its earlier ``auto`` shapes."""
+        a frame given with no shapes just loses its earlier ``auto`` shapes. ``confidence`` (frame → 0.0-1.0)
+        replaces the frames' confidence tags (``review``) when the task has the confidence label."""
         report = UploadReport(frames=len(shapes_by_frame))
         old = [stored for frame in shapes_by_frame for stored in self.shapes_on.get(frame, ())
                if self.replace or stored.get("source") == AUTO]
+        self._write_confidence(confidence or {})
         new = []
         for frame, shapes in shapes_by_frame.items():
             for shape in shapes:
@@ -230,6 +238,19 @@ class TaskWriter:
             report.created += len(part)
         return report
 
+    def _write_confidence(self, confidence: Mapping[int, float]) -> None:
+        label = self.labels.get(review.CONFIDENCE_LABEL)
+        if not confidence or label is None or review.CONFIDENCE_ATTRIBUTE not in label.attributes:
+            return
+        old = [_writable_tag(t) for frame in confidence for t in self.confidence_tags_on.pop(frame, ())]
+        if old:
+            self._patch("delete", [], old)
+        new = [review.confidence_tag(frame, value, label.id, label.attributes[review.CONFIDENCE_ATTRIBUTE])
+               for frame, value in confidence.items()]
+        for part in _chunks(new, self.max_shapes):
+            for stored in self._patch("create", [], part).get("tags") or ():
+                self.confidence_tags_on.setdefault(stored["frame"], []).append(stored)
+
     def _request(self, shape: Shape, frame: int) -> dict[str, Any] | None:
         """The shape as a ``LabeledShapeRequest`` body for this task's label (``encoding.labeled_shape``)."""
         label = self.labels.get(self.label_map.get(shape.label, shape.label))
@@ -238,7 +259,8 @@ class TaskWriter:
         return encoding.labeled_shape(shape, frame=frame, label_id=label.id, attribute_ids=label.attributes,
                                       label_type=label.type, source=AUTO)
 
-    def _patch(self, action: str, shapes: list[dict[str, Any]]) -> dict[str, Any]:
+    def _patch(self, action: str, shapes: list[dict[str, Any]], tags: Sequence[dict[str, Any]] = ()
+               ) -> dict[str, Any]:
         """PATCH ``/api/tasks/ID/annotations?action=create|delete`` with a plain JSON body (see ``_request``) on
         cvat-sdk's connection, headers and auth, as cvat-sdk's own downloader makes its raw calls. Not through
         ``call_api``: it first walks the body in Python (``model_utils.to_json``), 25x the time of ``json.dumps``
@@ -248,9 +270,11 @@ class TaskWriter:
                                                     query_params={"action": action})
         headers = {**make_request_headers(api), "Content-Type": "application/json",
                    "Accept": "application/vnd.cvat+json"}
-        with cvat_errors(self.client, f"task {self.task_id} ({action} {len(shapes)} shapes)"):
+        body = {"shapes": shapes, **({"tags": list(tags)} if tags else {})}
+        what = f"{len(shapes)} shapes" + (f", {len(tags)} tags" if tags else "")
+        with cvat_errors(self.client, f"task {self.task_id} ({action} {what})"):
             response = api.rest_client.pool_manager.request("PATCH", url, headers=headers,
-                                                             body=json.dumps({"shapes": shapes}).encode())
+                                                             body=json.dumps(body).encode())
             if not 200 <= response.status <= 299:
                 raise ApiException(http_resp=response)
         return json.loads(response.data or b"{}")
@@ -261,6 +285,10 @@ def _writable(stored: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stored.items() if k in ("id", "type", "frame", "label_id", "points", "rotation",
                                                        "occluded", "outside", "z_order", "group", "source",
                                                        "attributes", "elements")}
+
+
+def _writable_tag(stored: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in stored.items() if k in ("id", "frame", "label_id", "group", "source", "attributes")}
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -16,7 +16,10 @@ from collections.abc import Mapping
 from typing import Any
 
 SIGNATURE_HEADER = "X-Signature-256"
-JOB_EVENTS = ("update:job",)  # what a registered webhook sends (training.triggers decides what counts)
+# What a registered webhook sends (training.triggers decides what counts): job updates retrain, task events
+# pre-annotate new tasks.
+JOB_EVENTS = ("update:job",)
+TASK_EVENTS = ("create:task", "update:task")
 
 
 class WebhookError(Exception):
@@ -62,9 +65,10 @@ def verify(secret: str, body: Any, headers: Mapping[str, str], raw: bytes | None
 
 
 def register(client, *, url: str, secret: str, project_id: int | None = None, organization: str | None = None,
-             verify_ssl: bool = True, description: str = "preannotate: retrain when jobs are finished") -> dict:
-    """Create the CVAT webhook that sends job updates to a function's ``/webhook`` (a project webhook, or an
-    organization one when no project is given). Returns the webhook as CVAT answered it."""
+             verify_ssl: bool = True, description: str = "preannotate: retrain when jobs are finished, pre-annotate new tasks"
+             ) -> dict:
+    """Create the CVAT webhook that sends job updates and task events to a function's ``/webhook`` (a project
+    webhook, or an organization one when no project is given). Returns the webhook as CVAT answered it."""
     from cvat_sdk.api_client import models
 
     if not secret:
@@ -74,7 +78,7 @@ def register(client, *, url: str, secret: str, project_id: int | None = None, or
     request = models.WebhookWriteRequest(
         target_url=url, description=description, type="project" if project_id is not None else "organization",
         content_type="application/json", secret=secret, is_active=True, enable_ssl=verify_ssl,
-        events=list(JOB_EVENTS), **({"project_id": project_id} if project_id is not None else {}))
+        events=[*JOB_EVENTS, *TASK_EVENTS], **({"project_id": project_id} if project_id is not None else {}))
     kwargs = {"org": organization} if organization else {}
     webhook, _ = client.api_client.webhooks_api.create(request, **kwargs)
     return webhook.to_dict()

@@ -25,6 +25,7 @@ from preannotate.models import (
     default_store,
     load_model,
 )
+from preannotate.cvat import lambda_spec
 from preannotate.serving import contract
 
 log = logging.getLogger(__name__)
@@ -56,16 +57,18 @@ class ModelProvider:
     """The model named by ``reference`` (``models.reference``: an artifact directory, ``NAME``, ``NAME@VERSION`` or
     an architecture), loaded once and swapped for the newly served version when the store's changes."""
 
-    def __init__(self, reference: str | ModelReference, store: ModelStore, device: str | None = None):
+    def __init__(self, reference: str | ModelReference, store: ModelStore, device: str | None = None,
+                 how_to_train: str = "POST /train or `preannotate train`"):
         self.reference = reference if isinstance(reference, ModelReference) else ModelReference.parse(reference)
         self.store = store
         self.device = device
+        self.how_to_train = how_to_train  # said in the 503 before the first version
         self._detector = None
         self._loaded_version: int | None = None
         self._load_lock = threading.Lock()
-        if self.reference.path is None and not self.reference.architecture and not store.versions(self.reference.name):
-            log.warning("model %r is neither an artifact, an architecture nor published in %s yet",
-                        self.reference.text, store.root)
+        if self.untrained():
+            log.warning("model %r is not trained yet (nothing published in %s): %s", self.reference.text,
+                        store.root, how_to_train)
 
     def current(self):
         """The detector to use for this request (loads or swaps when needed)."""
@@ -84,6 +87,11 @@ class ModelProvider:
                 self._load_lock.release()
         return self._detector
 
+    def untrained(self) -> bool:
+        """A name in the store with no version yet (a function deployed for a project before its first training)."""
+        return (self.reference.path is None and not self.reference.architecture and self.reference.version is None
+                and not self.store.versions(self.reference.name))
+
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"reference": self.reference.text, "store": str(self.store.root)}
         if self._detector is not None:
@@ -93,18 +101,36 @@ class ModelProvider:
                         metrics=manifest.metrics)
         return info
 
+    def served_labels(self) -> list:
+        """The labels of the version served now (loaded or not yet), [] when there is none."""
+        if self._detector is not None:
+            return list(self._detector.manifest.labels)
+        try:
+            return list(Manifest.read(self.reference.directory(self.store)).labels)
+        except (LookupError, OSError, ValueError):
+            return []
+
     def _load(self, version: int | None) -> None:
         started = time.perf_counter()
         try:
             detector = load_model(self.reference, self.store, self.device, version)
         except ModelNotFound as error:
-            raise ModelUnavailable(f"{error}; train one (POST /train or `preannotate train`) or publish one with "
+            if self.untrained():
+                raise ModelUnavailable(f"not trained yet: {self.how_to_train}") from None  # 503
+            raise ModelUnavailable(f"{error}; train one ({self.how_to_train}) or publish one with "
                                    "`preannotate models create`") from None
         except PretrainedWeightsUnavailable as error:  # not baked into the image
             raise ModelUnavailable(f"model {self.reference.name!r} has no published version in {self.store.root} "
                                    f"and its pretrained weights cannot be loaded: {error}") from None
         self._detector, self._loaded_version = detector, version
         log.info("serving %s (version %s) after %.1fs", self.reference.text, version, time.perf_counter() - started)
+
+
+def spec_fix(name: str, dropped: list[str], project: str | None = None) -> str:
+    """The one command that brings a deployed function's CVAT spec in step with the model it serves."""
+    command = f"preannotate deploy --model {name}" + (f" --train-project {project}" if project else "")
+    return (f"CVAT drops the shapes of {', '.join(dropped)}: the function's spec lacks them; run `{command}` "
+            "(or set PREANNOTATE_NUCLIO_DASHBOARD, and training updates the function itself)")
 
 
 Handler = Callable[[Request, re.Match], Reply]
@@ -114,8 +140,10 @@ class App:
     """The routes of a function: ``POST /`` (CVAT detector call), ``GET /health``, ``GET /models``; later
     features add theirs with ``route``."""
 
-    def __init__(self, provider: ModelProvider):
+    def __init__(self, provider: ModelProvider, cvat_labels: list[str] | None = None, project: str | None = None):
         self.provider = provider
+        self.cvat_labels = cvat_labels  # the label names of the function's deployed CVAT spec, when it says
+        self.project = project          # the CVAT project it trains on (for the fixing command)
         # One forward pass at a time: torch already spreads one over every core. Concurrent requests (the local
         # server's threads) then finish one after another, instead of all of them together at the very end.
         self._inference = threading.Lock()
@@ -133,7 +161,11 @@ class App:
         if not reference:
             raise RuntimeError("PREANNOTATE_MODEL is not set: name a model in the store, an architecture, "
                                "or an artifact directory")
-        return cls(ModelProvider(reference, store, env.get("PREANNOTATE_DEVICE") or None))
+        project = env.get("PREANNOTATE_TRAIN_PROJECT")
+        how = (f"finish a job in CVAT project {project} (its webhook starts training) or POST /train" if project
+               else "POST /train or `preannotate train`")
+        return cls(ModelProvider(reference, store, env.get("PREANNOTATE_DEVICE") or None, how),
+                   lambda_spec.spec_names(env), project)
 
     def route(self, method: str, pattern: str, handler: Handler) -> None:
         self._routes.append((method.upper(), re.compile(pattern.rstrip("/") + "/?$"), handler))
@@ -182,7 +214,7 @@ class App:
         return Reply(200, contract.shapes_to_response(shapes))
 
     def health(self, request: Request, _: re.Match) -> Reply:
-        return Reply(200, {"status": "ok", "model": self.provider.describe(), **self.status})
+        return Reply(200, {"status": "ok", "model": self.serving(), **self.status})
 
     def models(self, request: Request, _: re.Match) -> Reply:
         name = self.provider.reference.name
@@ -190,4 +222,16 @@ class App:
             versions = [row for row in self.provider.store.describe() if row["name"] == name]
         except ModelNotFound:
             versions = []
-        return Reply(200, {"serving": self.provider.describe(), "versions": versions})
+        return Reply(200, {"serving": self.serving(), "versions": versions})
+
+    def serving(self) -> dict[str, Any]:
+        """What is served, and what of it CVAT cannot see: labels the deployed spec lacks (with the fix)."""
+        info = self.provider.describe()
+        if self.provider.untrained():
+            info["state"] = f"not trained yet: {self.provider.how_to_train}"
+        dropped = lambda_spec.unmapped(self.cvat_labels, self.provider.served_labels()) \
+            if self.cvat_labels is not None else []
+        if dropped:
+            info["cvat_unmapped"] = dropped
+            info["fix"] = spec_fix(self.provider.reference.name, dropped, self.project)
+        return info

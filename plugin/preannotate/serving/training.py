@@ -32,7 +32,7 @@ from preannotate.serving.contract import ContractError, json_body
 from preannotate.serving.core import App, Reply, Request
 from preannotate.training.jobs import Job, JobNotFound, JobRunner, JobStore, request_cancel
 from preannotate.training.recipe import PROMOTE_CHOICES
-from preannotate.training.triggers import Decision, TrainingPolicy, Triggers, qualifying_change
+from preannotate.training.triggers import Decision, NewTask, TrainingPolicy, Triggers, qualifying_change
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class TrainingRoutes:
                 "from_model": from_model, "promote": promote}
 
     def list_jobs(self, request: Request, _: re.Match) -> Reply:
-        keys = ("id", "state", "trigger", "created", "started", "finished", "version", "error")
+        keys = ("id", "state", "trigger", "created", "started", "finished", "version", "skipped", "error")
         return Reply(200, {"jobs": [{k: getattr(job, k) for k in keys} | _progress(self.jobs, job)
                                     for job in reversed(self.jobs.all())]})
 
@@ -190,6 +190,11 @@ class TrainingRoutes:
             return Reply(200, {"pong": True, "started": None})
         if isinstance(change, str):
             return Reply(200, {"started": None, "reason": change})
+        if isinstance(change, NewTask):
+            if self.app.provider.untrained():
+                return Reply(200, {"started": None, "reason": f"task {change.task_id}: not pre-annotated, the "
+                                                              "model is not trained yet"})
+            return self._answer(self.triggers.on_new_task(change, self.app.provider.reference.text))
         return self._answer(self.triggers.on_job_change(change, self.training_request))
 
     def cron(self, request: Request, _: re.Match) -> Reply:

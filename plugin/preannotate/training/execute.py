@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from preannotate.models import Manifest, ModelStore, hyperparameters_for
-from preannotate.training.recipe import TrainingData, cvat_provenance, export_from_cvat, train_and_publish
+from preannotate.training.recipe import (
+    NothingFinished,
+    TrainingData,
+    cvat_provenance,
+    export_from_cvat,
+    train_and_publish,
+)
 from preannotate.training.trainer import TrainingInterrupted
 from preannotate.training.triggers import annotations_changed
 
@@ -32,13 +38,17 @@ def execute_job(job, work_dir: Path, store_root: Path, stop: threading.Event) ->
             served = store.serving(name)
             learned = None
             if served is not None:
-                cvat = Manifest.read(store.path(name, served)).provenance.get("cvat") or {}
-                learned = cvat.get("tasks", {})
-            changed, why = annotations_changed(client, request, learned, f"{name}@{served}" if served else name)
+                learned = (Manifest.read(store.path(name, served)).provenance.get("cvat") or {}).get("jobs")
+            changed, why = annotations_changed(client, request, learned, f"{name}@{served}" if served else name,
+                                               hp.train_on)
             log.info("cron: %s", why)
             if not changed:
                 return {"skipped": why}
-        dataset = export_from_cvat(client, request, work_dir / "dataset", hp)
+        try:
+            dataset = export_from_cvat(client, request, work_dir / "dataset", hp)
+        except NothingFinished as nothing:
+            log.info("%s", nothing)
+            return {"skipped": str(nothing)}
     previous = store.resolve(request["from_model"]) if request.get("from_model") else None
     try:
         result = train_and_publish(TrainingData.from_folder(dataset, hp), architecture=request["model"],

@@ -1,8 +1,9 @@
 """Training jobs of a function: recorded in the model store, run one at a time in a separate process.
 
 A trigger (``POST /train``, a webhook, cron) only *records* a job and returns; the ``JobRunner`` thread of the
-function starts queued jobs, one at a time per store, each as ``python -m preannotate.training.jobs run ...``, so an
-event never waits for training and a crash in training cannot take the detector down. Layout::
+function starts queued jobs, one at a time per store, each as ``python -m preannotate.worker run ...`` (a training
+job, or a task's pre-annotation), so an event never waits for training and a crash in training cannot take the
+detector down. Layout::
 
     STORE/.jobs/<id>/job.json     state, request, trigger, progress, the version published, error
     STORE/.jobs/<id>/log.txt      the training process's output (its tail is in GET /jobs/<id>)
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 STATES = ("queued", "running", "succeeded", "skipped", "failed", "cancelled")
 FINISHED = ("succeeded", "skipped", "failed", "cancelled")
 LOG_TAIL_LINES = 20
+TRY_LATER = 75  # a job process's exit code for "not yet" (EX_TEMPFAIL): queued again, RETRY_S later
+RETRY_S = 15.0
 
 
 class JobNotFound(LookupError):
@@ -65,6 +68,7 @@ class Job:
     metrics: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None              # why it ended without training (cron: nothing changed)
     error: str | None = None
+    outcome: dict[str, Any] = field(default_factory=dict)  # what else it did (a pre-annotation: task, frames, ...)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
@@ -182,8 +186,9 @@ class JobStore:
 
 
 def job_command(store_root: Path, job_id: str) -> list[str]:
-    """How a job is run: this interpreter, in a process of its own."""
-    return [sys.executable, "-m", "preannotate.training.jobs", "run", str(store_root), job_id]
+    """How a job is run: this interpreter, in a process of its own (``preannotate.worker``, at the top of the
+    package: a job composes training, CVAT and pre-annotation)."""
+    return [sys.executable, "-m", "preannotate.worker", "run", str(store_root), job_id]
 
 
 class JobRunner:
@@ -238,7 +243,9 @@ class JobRunner:
     def _requeue_orphans(self) -> None:
         """Jobs left ``running`` while nobody holds the lock lost their runner (a restart): run them again."""
         for job in self.jobs.all():
-            if job.state == "running":
+            if job.state == "running" and job.version is not None:  # it had finished (then the function restarted)
+                self.jobs.update(job.id, lambda j: _finish(j, 0, []))
+            elif job.state == "running":
                 log.warning("job %s was interrupted; it resumes from its last checkpoint", job.id)
                 self.jobs.update(job.id, lambda j: setattr(j, "state", "queued"))
 
@@ -279,6 +286,9 @@ def request_cancel(job: Job) -> None:
 
 
 def _finish(job: Job, code: int, tail: list[str]) -> None:
+    if code == TRY_LATER and not job.cancel_requested:
+        job.state, job.not_before = "queued", time.time() + RETRY_S
+        return
     job.finished = time.time()
     if job.cancel_requested:
         job.state = "cancelled"
@@ -288,49 +298,4 @@ def _finish(job: Job, code: int, tail: list[str]) -> None:
         job.state = "succeeded"
     else:
         job.state = "failed"
-        job.error = job.error or f"training exited with code {code}: " + " | ".join(tail)
-
-
-# ---------------------------------------------------------------- the training process
-
-
-def run(store_root: Path, job_id: str) -> int:
-    """The body of a job's process: train as the request says, publish, and record the outcome."""
-    from preannotate.training.execute import execute_job
-
-    jobs = JobStore(store_root)
-    job = jobs.get(job_id)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        outcome = execute_job(job, jobs.work_dir(job_id), store_root, stop)
-    except Exception as error:
-        log.exception("job %s failed", job_id)
-        message = str(error) or type(error).__name__
-        jobs.update(job_id, lambda j: setattr(j, "error", message))
-        return 1
-    if outcome is None:  # stopped by a signal: the checkpoint is kept, the runner records the end
-        return 143
-
-    def record(j: Job) -> None:
-        if "skipped" in outcome:
-            j.skipped = outcome["skipped"]
-            return
-        j.version, j.promoted, j.metrics = outcome["version"], outcome["promoted"], outcome["metrics"]
-        j.promotion = outcome.get("promotion")
-
-    jobs.update(job_id, record)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 3 or args[0] != "run":
-        print("usage: python -m preannotate.training.jobs run STORE JOB_ID", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(Path(args[1]), args[2])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        job.error = job.error or f"the job's process exited with code {code}: " + " | ".join(tail)

@@ -93,20 +93,35 @@ def train_and_publish(training_data: TrainingData, *, architecture: str, hyperpa
                  restart=restart, promote=lambda metrics: should_promote(promote, metrics, serving))
 
 
+class NothingFinished(ValueError):
+    """No job of the tasks asked is finished by people yet: nothing to learn from (said, and nothing trains)."""
+
+
 def export_from_cvat(client, request: Mapping[str, Any], directory: Path, hp: Hyperparameters) -> Path:
-    """The CVAT tasks a request names (``tasks``, every task of ``project``) exported once into ``directory`` as a
-    COCO folder, images included, split by ``hp``; ``cvat.json`` there records the server and each task's
-    ``updated_date`` (what the version learned, for cron). A folder found complete is reused."""
+    """The frames people finished (``hp.train_on``, ``cvat.reader.read_finished``) of the CVAT tasks a request
+    names (``tasks``, every task of ``project``), exported once into ``directory`` as a COCO folder, images
+    included, split by ``hp``; ``cvat.json`` there records the server, each task's ``updated_date``, and the jobs and
+    frames used (the manifest's ``provenance.cvat``). A folder found complete is reused. ``NothingFinished`` when no
+    frame qualifies."""
     from preannotate.cvat.frames import CvatFrames
-    from preannotate.cvat.reader import read_task, task_ids, task_versions
+    from preannotate.cvat.reader import read_finished, task_ids, task_versions
+    from preannotate.cvat.review import CONFIDENCE_LABEL
 
     if (directory / "COMPLETE").is_file():
         return directory
     versions = task_versions(client, task_ids(client, request))
     if not versions:
         raise ValueError("nothing to learn from: no task named (an empty project?)")
-    tasks = {int(task_id): read_task(client, int(task_id)) for task_id in versions}
-    labels = merged_labels([annotations.labels for annotations in tasks.values()])
+    finished = {int(task_id): read_finished(client, int(task_id), hp.train_on) for task_id in versions}
+    tasks = {task_id: result.annotations for task_id, result in finished.items() if result.annotations.frames}
+    where = f"project {request['project']}" if request.get("project") is not None else \
+        "task(s) " + ", ".join(versions)
+    if not tasks:
+        raise NothingFinished(f"nothing finished to learn from in {where}: no job is "
+                              f"{' or '.join(hp.train_on)} yet (train-on={'+'.join(hp.train_on)}); finish a job in "
+                              "CVAT, or set train-on=all to learn from every shape people made")
+    labels = merged_labels([[label for label in annotations.labels if label.name != CONFIDENCE_LABEL]
+                            for annotations in tasks.values()])
     items = [((task_id, number), frame) for task_id, annotations in tasks.items()
              for number, frame in sorted(annotations.frames.items())]
     images = {task_id: CvatFrames(client, task_id, cache_dir=directory.parent / "chunks") for task_id in tasks}
@@ -118,12 +133,29 @@ def export_from_cvat(client, request: Mapping[str, Any], directory: Path, hp: Hy
     if summary.skipped:
         log.warning("left out of training (a detector cannot learn them): %s",
                     ", ".join(f"{n} {kind}" for kind, n in sorted(summary.skipped.items())))
-    (partial / "cvat.json").write_text(json.dumps({"server": client.api_map.host, "tasks": versions}))
+    used = {"server": client.api_map.host, "tasks": versions, "train_on": list(hp.train_on),
+            "jobs": {job: date for result in finished.values() for job, date in result.jobs.items()},
+            "frames": {str(task_id): _ranges(annotations.frames) for task_id, annotations in tasks.items()},
+            "unfinished_jobs": sorted(job for result in finished.values() for job in result.unfinished)}
+    log.info("learning from %d frames of %d finished job(s) (train-on=%s); %d job(s) left out", len(items),
+             len(used["jobs"]), "+".join(hp.train_on), len(used["unfinished_jobs"]))
+    (partial / "cvat.json").write_text(json.dumps(used))
     (partial / "COMPLETE").write_text("")
     if directory.exists():
         shutil.rmtree(directory)
     partial.rename(directory)
     return directory
+
+
+def _ranges(frames) -> list[list[int]]:
+    """Frame numbers as inclusive ``[first, last]`` runs (short, for the manifest)."""
+    runs: list[list[int]] = []
+    for number in sorted(frames):
+        if runs and runs[-1][1] == number - 1:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    return runs
 
 
 def cvat_provenance(dataset: Path) -> dict[str, Any]:

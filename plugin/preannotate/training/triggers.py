@@ -11,6 +11,11 @@ A trigger never trains and never calls CVAT inside the event that fired it: it d
   training starts, so a reviewer closing ten jobs starts one run, not ten (default 0);
 * ``PREANNOTATE_TRAIN_PROJECTS`` — only these project ids (default: any project the webhook reports).
 
+New tasks: with ``PREANNOTATE_ANNOTATE_ON=task``, a ``create:task`` or ``update:task`` delivery for a project the
+function serves (``PREANNOTATE_TRAIN_PROJECT``, else ``PREANNOTATE_TRAIN_PROJECTS``, else any) records one
+*pre-annotation* job per task (``queue_annotation``); the job waits for the task's upload to finish (CVAT sends
+``create:task`` before it) and leaves a task people already work on to them.
+
 Cron records a *check* job (``only_if_changed``) while no job is queued or running; its process retrains only when
 a task's ``updated_date`` differs from what the served version learned (``annotations_changed``).
 """
@@ -21,16 +26,20 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from preannotate.cvat.webhooks import JOB_EVENTS
+from preannotate.cvat.webhooks import JOB_EVENTS, TASK_EVENTS
 from preannotate.durations import parse_duration
 from preannotate.files import write_atomically
 from preannotate.training.jobs import Job, JobStore
 
 DEFAULT_TRAIN_ON = ("state=completed", "stage=acceptance")
+
+
+ANNOTATE_ON = ("", "task")
+REANNOTATE = "re-annotate"  # the reason of a pre-annotation queued by a promotion: it runs again on a done task
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,7 @@ class TrainingPolicy:
     min_new_frames: int = 0
     debounce_s: float = 0.0
     projects: frozenset[int] | None = None
+    annotate_on: str = ""  # "task": pre-annotate new tasks of the projects
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> TrainingPolicy:
@@ -60,8 +70,14 @@ class TrainingPolicy:
             debounce_s = parse_duration(debounce) if debounce else 0.0
         except ValueError as error:
             raise ValueError(f"PREANNOTATE_TRAIN_DEBOUNCE: {error}") from None
+        annotate_on = (env.get("PREANNOTATE_ANNOTATE_ON") or "").strip().lower()
+        if annotate_on not in ANNOTATE_ON:
+            raise ValueError(f"PREANNOTATE_ANNOTATE_ON is {annotate_on!r}: use task (pre-annotate new tasks) or "
+                             "leave it empty")
+        if project_ids is None and (env.get("PREANNOTATE_TRAIN_PROJECT") or "").strip().isdigit():
+            project_ids = frozenset({int(env["PREANNOTATE_TRAIN_PROJECT"])})
         return cls(train_on=train_on or DEFAULT_TRAIN_ON, min_new_frames=min_new_frames, debounce_s=debounce_s,
-                   projects=project_ids)
+                   projects=project_ids, annotate_on=annotate_on)
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,8 @@ def qualifying_change(payload: Mapping[str, Any], policy: TrainingPolicy) -> Tri
     event = payload.get("event")
     if event == "ping":
         return "ping"
+    if event in TASK_EVENTS:
+        return new_task(payload, policy)
     if event not in JOB_EVENTS:
         return f"{event} does not start training (only job updates do)"
     job, before = payload.get("job") or {}, payload.get("before_update") or {}
@@ -112,6 +130,30 @@ def qualifying_change(payload: Mapping[str, Any], policy: TrainingPolicy) -> Tri
                        frames=int(job.get("frame_count") or 0), reason=f"job {job['id']} {matched}")
     except (KeyError, TypeError, ValueError):
         return f"job {job.get('id')}: the delivery lacks the job's task id or frame count"
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """A task of a served project was created or its data attached: it is to be pre-annotated."""
+
+    project_id: int
+    task_id: int
+    event: str
+
+
+def new_task(payload: Mapping[str, Any], policy: TrainingPolicy) -> NewTask | str:
+    """The ``NewTask`` a ``create:task``/``update:task`` delivery stands for, or why it does not count."""
+    event, task = payload.get("event"), payload.get("task") or {}
+    if policy.annotate_on != "task":
+        return f"{event}: new tasks are not pre-annotated (set PREANNOTATE_ANNOTATE_ON=task)"
+    if not isinstance(task, Mapping) or not isinstance(task.get("id"), int):
+        return f"{event}: its task is not an object with an id, not a CVAT delivery"
+    project_id = task.get("project_id")
+    if not isinstance(project_id, int) or isinstance(project_id, bool):
+        return f"task {task['id']}: in no project, so not one this function pre-annotates"
+    if policy.projects is not None and project_id not in policy.projects:
+        return f"task {task['id']}: project {project_id} is not one this function pre-annotates"
+    return NewTask(project_id, task["id"], str(event))
 
 
 @dataclass
@@ -156,6 +198,11 @@ class Triggers:
             job = self.jobs.create(request, trigger=f"webhook: {change.reason}", not_before=not_before)
             return Decision(job, change.reason)
 
+    def on_new_task(self, change: NewTask, model: str) -> Decision:
+        """Record the task's pre-annotation job, once per task (``update:task`` also fires on every save)."""
+        with self._lock:
+            return queue_annotation(self.jobs, change.task_id, model, f"{change.event} in project {change.project_id}")
+
     def on_schedule(self, request: dict[str, Any]) -> Decision:
         """Cron: record a job that retrains only if the annotations changed, unless a job is already pending."""
         if any(job.state in ("queued", "running") for job in self.jobs.all()):
@@ -164,19 +211,37 @@ class Triggers:
         return Decision(job, "cron: recorded a job that retrains if the annotations changed")
 
 
-def annotations_changed(client, request: Mapping[str, Any], learned: Mapping[str, str] | None, served: str
-                        ) -> tuple[bool, str]:
-    """Whether the tasks of ``request`` changed since the version ``served`` (``NAME@V``, or None when there is
-    none) learned them: ``learned`` is task id → ``updated_date`` from its manifest (``provenance.cvat.tasks``)."""
+def queue_annotation(jobs: JobStore, task_id: int, model: str, reason: str) -> Decision:
+    """Record a pre-annotation job of ``task_id`` by ``model`` unless one is queued or running; a task already
+    pre-annotated is done again only for a new reason (a newly promoted version re-annotating it)."""
+    mine = [job for job in jobs.all() if job.request.get("kind") == "annotate" and job.request.get("task") == task_id]
+    pending = next((job for job in mine if job.state in ("queued", "running")), None)
+    if pending is not None:
+        jobs.update(pending.id, lambda j: setattr(j, "not_before", min(j.not_before, time.time())))  # data came
+        return Decision(pending, f"task {task_id}: its pre-annotation is already queued (job {pending.id})")
+    done = next((job for job in mine if job.state in ("succeeded", "skipped")), None)
+    if done is not None and not reason.startswith(REANNOTATE):
+        return Decision(None, f"task {task_id}: already pre-annotated (job {done.id}, version {done.version})")
+    job = jobs.create({"kind": "annotate", "task": task_id, "model": model, "reason": reason},
+                      trigger=f"{reason}: pre-annotate task {task_id}")
+    return Decision(job, f"task {task_id}: pre-annotation queued ({reason})")
+
+
+def annotations_changed(client, request: Mapping[str, Any], learned: Mapping[str, str] | None, served: str,
+                        train_on: Sequence[str]) -> tuple[bool, str]:
+    """Whether the finished jobs (``train_on``) of the tasks of ``request`` changed since the version ``served``
+    (``NAME@V``) learned them: ``learned`` is job id → ``updated_date`` from its manifest (``provenance.cvat.jobs``),
+    None when there is no version (or it predates that record). A job finished, saved again or reopened counts; a
+    save in a job no one finished does not (training would not read it)."""
     from preannotate.cvat import reader  # cvat-sdk: only in the job's process, not in a function's routes
 
-    now = reader.task_versions(client, reader.task_ids(client, request))
+    now = reader.finished_job_versions(client, reader.task_ids(client, request), train_on)
     if learned is None:
-        return True, f"{served} has no version yet"
-    changed = sorted((t for t in now if learned.get(t) != now[t]), key=int)
+        return True, f"{served} has no record of the jobs it learned" if "@" in served else f"{served} has no version yet"
+    changed = sorted((job for job in set(now) | set(learned) if learned.get(job) != now.get(job)), key=int)
     if not changed:
-        return False, f"annotations unchanged since {served}"
-    return True, f"task(s) {', '.join(changed)} changed since {served}"
+        return False, f"finished jobs unchanged since {served}"
+    return True, f"job(s) {', '.join(changed)} finished, changed or reopened since {served}"
 
 
 def _read_json(path) -> dict[str, Any]:

@@ -1,3 +1,0 @@
-"""Nuclio entry of fasterrcnn_resnet101_fpn; its model is PREANNOTATE_MODEL in function.yaml."""
-
-from preannotate.serving.nuclio import handler, init_context  # noqa: F401

@@ -1,0 +1,193 @@
+"""The process a recorded job runs in (``python -m preannotate.worker run STORE JOB_ID``): the function's
+``JobRunner`` starts one per job, and a Kubernetes Job runs the same command.
+
+Two kinds of job:
+
+* **train** (the default): the recipe (``training.execute``). When its version is promoted, the function is brought
+  in step with it — its CVAT spec updated through the Nuclio dashboard when labels CVAT cannot map were learned
+  (``PREANNOTATE_NUCLIO_DASHBOARD``; without it the log says which labels and the fixing command) — and, with
+  ``PREANNOTATE_REANNOTATE=unreviewed``, the project's tasks no one has started are queued for pre-annotation again.
+* **annotate**: one CVAT task pre-annotated by the served version (``annotate.annotate_task``: chunked frames,
+  batched, resumable, ``source=auto``, manual shapes untouched, a confidence tag per frame). A task whose data is
+  still uploading (CVAT sends ``create:task`` before the upload) ends with ``TRY_LATER``: the runner queues it again.
+
+The outcome is recorded before anything that may restart the function (a dashboard update redeploys it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from preannotate.cvat import lambda_spec
+from preannotate.shapes import Label
+from preannotate.training.jobs import TRY_LATER, Job, JobStore
+from preannotate.training.triggers import REANNOTATE, queue_annotation
+
+log = logging.getLogger(__name__)
+
+UPLOAD_WAIT_S = 3600  # how long a new task's upload may take before its pre-annotation job gives up
+
+
+class NotReady(Exception):
+    """The task's data is not uploaded yet: try again later."""
+
+
+def run(store_root: Path, job_id: str, environ: dict[str, str] | None = None) -> int:
+    """Run the job, record its outcome; the exit code tells the runner how it ended."""
+    env = dict(os.environ if environ is None else environ)
+    jobs = JobStore(store_root)
+    job = jobs.get(job_id)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        if job.request.get("kind") == "annotate":
+            outcome = annotate_job(job, store_root, env)
+        else:
+            from preannotate.training.execute import execute_job
+
+            outcome = execute_job(job, jobs.work_dir(job_id), store_root, stop)
+    except NotReady as waiting:
+        log.info("%s", waiting)
+        jobs.update(job_id, lambda j: setattr(j, "skipped", str(waiting)))
+        return TRY_LATER
+    except Exception as error:
+        log.exception("job %s failed", job_id)
+        message = str(error) or type(error).__name__
+        jobs.update(job_id, lambda j: setattr(j, "error", message))
+        return 1
+    if outcome is None:  # stopped by a signal: the checkpoint is kept, the runner records the end
+        return 143
+    jobs.update(job_id, lambda j: _record(j, outcome))
+    if outcome.get("promoted"):
+        after_promotion(jobs, job, outcome, env)
+    return 0
+
+
+def _record(job: Job, outcome: dict[str, Any]) -> None:
+    if "skipped" in outcome:
+        job.skipped = outcome["skipped"]
+        return
+    job.skipped = None
+    job.version, job.promoted = outcome["version"], outcome.get("promoted")
+    job.metrics, job.promotion = outcome.get("metrics") or {}, outcome.get("promotion")
+    job.outcome = {k: v for k, v in outcome.items() if k not in ("version", "promoted", "metrics", "promotion")}
+
+
+# ---------------------------------------------------------------------------------------------- annotate jobs
+
+def annotate_job(job: Job, store_root: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Pre-annotate ``job.request["task"]`` with the served version of ``job.request["model"]``."""
+    from preannotate.annotate import annotate_task
+    from preannotate.cvat.client import connect, cvat_errors
+    from preannotate.models import load_model
+
+    task_id = int(job.request["task"])
+    with connect() as client:
+        with cvat_errors(client, f"task {task_id}"):
+            task = client.tasks.retrieve(task_id)
+            jobs = task.get_jobs() if task.size else []
+        if not task.size or not jobs:
+            if time.time() - job.created > float(env.get("PREANNOTATE_UPLOAD_WAIT_S") or UPLOAD_WAIT_S):
+                raise RuntimeError(f"task {task_id} still has no data after {UPLOAD_WAIT_S // 60} minutes: "
+                                   "its upload failed or was never made")
+            raise NotReady(f"task {task_id}: its data is still uploading; pre-annotated once it is there")
+        started = [j.id for j in jobs if j.state != "new" or j.stage != "annotation"]
+        if started and not job.request.get("force"):
+            return {"skipped": f"task {task_id}: people already work on job(s) "
+                               f"{', '.join(map(str, started))}; it is left to them"}
+        detector = load_model(job.request["model"], store_root, env.get("PREANNOTATE_DEVICE") or None)
+        report = annotate_task(client, task_id, detector=detector, only_unannotated=True, progress=False,
+                               state_dir=store_root / ".journal", cache_dir=store_root / ".jobs" / job.id / "chunks")
+    least = sorted(report.confidence.items(), key=lambda item: (item[1], item[0]))[:10]
+    log.info("task %d pre-annotated by %s: %d frames (%d resumed), %d shapes; least confident frames: %s", task_id,
+             report.model, report.annotated, report.resumed, report.created,
+             ", ".join(f"{frame} ({value:.2f})" for frame, value in least) or "none")
+    return {"version": detector.manifest.version, "promoted": None, "task": task_id, "model": report.model,
+            "frames": report.annotated + report.resumed, "shapes": report.created,
+            "skipped_annotated": report.skipped_annotated, "least_confident": [f for f, _ in least],
+            "unmapped": dict(report.unmapped)}
+
+
+# ---------------------------------------------------------------------------------------------- after promotion
+
+def after_promotion(jobs: JobStore, job: Job, outcome: dict[str, Any], env: dict[str, str]) -> None:
+    """A new version is served: queue the re-annotation it asks for, then bring the function's spec in step."""
+    name = job.request["name"]
+    if env.get("PREANNOTATE_REANNOTATE") == "unreviewed" and job.request.get("project") is not None:
+        for task_id in unreviewed_tasks(int(job.request["project"])):
+            queued = queue_annotation(jobs, task_id, name, f"{REANNOTATE}: {name}@{outcome['version']} promoted")
+            log.info("task %d: %s", task_id, queued.reason)
+    sync_function_spec(jobs.root.parent, name, env)
+
+
+def unreviewed_tasks(project_id: int) -> list[int]:
+    """The project's tasks with data where no one has started a job (every job new, in annotation)."""
+    from preannotate.cvat.client import connect, cvat_errors
+
+    found = []
+    with connect() as client:
+        with cvat_errors(client, f"project {project_id}"):
+            for task in client.projects.retrieve(project_id).get_tasks():
+                jobs = task.get_jobs() if task.size else []
+                if jobs and all(j.state == "new" and j.stage == "annotation" for j in jobs):
+                    found.append(task.id)
+    return sorted(found)
+
+
+def sync_function_spec(store_root: Path, name: str, env: dict[str, str]) -> list[str]:
+    """Labels of the served version that the function's CVAT spec lacks, made known to CVAT: the spec updated
+    through the Nuclio dashboard (a redeploy of the function, which restarts this process too: everything else is
+    done first), or, without one, the log says which labels CVAT drops and the command that fixes it. Returns the
+    labels that were missing."""
+    from preannotate.cvat.dashboard import DashboardError, NuclioDashboard, function_name_from_environment
+    from preannotate.models import Manifest, ModelStore, get_architecture
+    from preannotate.serving.core import spec_fix
+
+    deployed = lambda_spec.spec_names(env)
+    if deployed is None:
+        return []  # not a deployed function (a local `preannotate serve`): no spec to follow
+    store = ModelStore(store_root)
+    manifest = Manifest.read(store.resolve(name))
+    missing = lambda_spec.unmapped(deployed, manifest.labels)
+    if not missing:
+        return []
+    output = get_architecture(manifest.architecture).output
+    # The spec keeps what CVAT maps now (the project's labels not learned yet stay listed) and gains the new ones.
+    kept = [Label(label, output) for label in deployed]
+    labels, _ = lambda_spec.spec_labels([*manifest.labels, *kept], output)
+    function = function_name_from_environment(env)
+    try:
+        dashboard = NuclioDashboard.from_environment(env)
+        if dashboard is None or function is None:
+            log.warning("%s", spec_fix(name, missing, env.get("PREANNOTATE_TRAIN_PROJECT")))
+            return missing
+        dashboard.update_function(function, annotations={"spec": lambda_spec.spec_text(labels)},
+                                  env={lambda_spec.FUNCTION_LABELS_ENV: json.dumps([label.name for label in labels])})
+    except DashboardError as error:
+        log.warning("could not update the function's CVAT spec (%s): %s", error,
+                    spec_fix(name, missing, env.get("PREANNOTATE_TRAIN_PROJECT")))
+        return missing
+    log.info("function %s: CVAT spec updated through the Nuclio dashboard with %s (it redeploys now)", function,
+             ", ".join(missing))
+    return missing
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 3 or args[0] != "run":
+        print("usage: python -m preannotate.worker run STORE JOB_ID", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(Path(args[1]), args[2])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The CVAT spec of a function: what CVAT's lambda manager maps, and what a model's labels become in it."""
+
+from __future__ import annotations
+
+import pytest
+from preannotate import uncertainty
+from preannotate.cvat import lambda_spec
+from preannotate.shapes import Label, Shape
+
+
+@pytest.mark.parametrize("spec_type, task_type, mapped", [
+    ("rectangle", "rectangle", True), ("rectangle", "any", True), ("any", "polygon", True),
+    ("mask", "polygon", True), ("polygon", "mask", True),           # CVAT's one compatible pair
+    ("rectangle", "polygon", False), ("mask", "rectangle", False), ("rectangle", "tag", False),
+    ("any", "skeleton", False), ("skeleton", "any", False)])
+def test_compatible_follows_cvats_lambda_manager(spec_type, task_type, mapped):
+    assert lambda_spec.compatible(spec_type, task_type) is mapped
+
+
+def test_spec_labels_type_what_the_model_returns_and_report_the_rest():
+    project = [Label("car", "rectangle"), Label("person", "polygon"), Label("road", "mask"), Label("sign", "any"),
+               Label("daytime", "tag"), Label("car", "polygon")]
+    boxes, impossible = lambda_spec.spec_labels(project, "rectangle")
+    assert [(label.name, label.type) for label in boxes] == [("car", "rectangle"), ("sign", "rectangle")]
+    assert [label.name for label in impossible] == ["person", "road", "daytime"]  # the second "car" is a duplicate
+    masks, impossible = lambda_spec.spec_labels(project, "mask")
+    assert [(label.name, label.type) for label in masks] == [("person", "mask"), ("road", "mask"), ("sign", "mask")]
+    assert [label.name for label in impossible] == ["car", "daytime"]
+
+
+def test_spec_names_and_unmapped_labels():
+    env = {lambda_spec.FUNCTION_LABELS_ENV: '["box", "disc"]'}
+    assert lambda_spec.spec_names(env) == ["box", "disc"]
+    assert lambda_spec.spec_names({}) is None and lambda_spec.spec_names({lambda_spec.FUNCTION_LABELS_ENV: "{"}) is None
+    learned = [Label("box", "rectangle"), Label("bar", "rectangle"), Label("disc", "rectangle")]
+    assert lambda_spec.unmapped(["box", "disc"], learned) == ["bar"]
+
+
+# ------------------------------------------------------------------------------------------ uncertainty
+
+def _scored(*scores: float) -> list[Shape]:
+    return [Shape("box", "rectangle", [0, 0, 1, 1], score=score) for score in scores]
+
+
+@pytest.mark.parametrize("score, expected", [(0.5, 1.0), (0.25, 0.5), (0.0, 0.0), (1.0, 0.0), (0.75, 0.5)])
+def test_ambiguity_peaks_at_the_threshold(score, expected):
+    assert uncertainty.ambiguity(score, 0.5) == pytest.approx(expected)
+
+
+def test_a_frame_is_as_uncertain_as_its_closest_call():
+    threshold = 0.5
+    assert uncertainty.frame_confidence(_scored(0.98, 0.97), threshold) == pytest.approx(0.94)  # sure: 0.97 is its closest call
+    assert uncertainty.frame_confidence(_scored(0.98, 0.45), threshold) == pytest.approx(0.1)  # a near miss
+    assert uncertainty.frame_confidence(_scored(0.98, 0.55), threshold) == pytest.approx(0.1)  # a barely kept box
+    assert uncertainty.frame_confidence(_scored(0.09), threshold) == 1.0  # clutter under the candidate floor
+    assert uncertainty.frame_confidence([], threshold) == 1.0
+    assert [s.score for s in uncertainty.kept(_scored(0.98, 0.45, 0.5), threshold)] == [0.98, 0.5]
+    assert uncertainty.candidate_threshold(threshold) == pytest.approx(0.1)
+    assert uncertainty.ranking({3: 0.9, 1: 0.2, 2: 0.2, 0: 1.0}) == [(1, 0.2), (2, 0.2), (3, 0.9), (0, 1.0)]

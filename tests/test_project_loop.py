@@ -1,0 +1,163 @@
+"""The loop inside CVAT's own menu, piece by piece through the CVAT test double: a function deployed for a project
+before any training, its spec following the model, training on what people finished only."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import threading
+
+import pytest
+import yaml
+from preannotate.cli import main as cli
+from preannotate.cvat import lambda_spec
+from preannotate.models import ModelStore
+from preannotate.serving.core import App, Request
+from preannotate.shapes import parse_label_list
+
+
+@pytest.fixture
+def cvat_env(cvat_double, monkeypatch):
+    monkeypatch.setenv("CVAT_URL", cvat_double.base_url)
+    monkeypatch.setenv("CVAT_USERNAME", cvat_double.credentials[0])
+    monkeypatch.setenv("CVAT_PASSWORD", cvat_double.credentials[1])
+    return cvat_double
+
+
+def _deploy(capsys, *args: str) -> tuple[int, list[str], str]:
+    code = cli(["deploy", *args])
+    captured = capsys.readouterr()
+    return code, captured.out.splitlines(), captured.err
+
+
+def _env(config: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in config["spec"]["env"]}
+
+
+# ------------------------------------------------------------------------------------------ deploy for a project
+
+def test_deploy_for_a_project_before_any_training_lists_the_project_labels(cvat_env, tmp_path, capsys):
+    """Project 6 has car (rectangle), person (polygon), road (mask), sign (any) and daytime (tag)."""
+    store, out = tmp_path / "store", tmp_path / "fn"
+    code, lines, err = _deploy(capsys, "--model", "streets", "--train-project", "6", "--store", str(store),
+                               "--out", str(out), "--dry-run")
+    assert code == 0, err
+    assert lines[1].startswith("# streets is not trained yet: the function answers 503 until a job of project 6")
+    assert [line for line in lines if line.startswith("# left out")] == [
+        "# left out of the spec: person (polygon): the model cannot return polygon shapes, so CVAT could map "
+        "nothing to it",
+        "# left out of the spec: road (mask): the model cannot return mask shapes, so CVAT could map nothing to it",
+        "# left out of the spec: daytime (tag): the model cannot return tag shapes, so CVAT could map nothing to it"]
+    config = yaml.safe_load((out / "function.yaml").read_text())
+    spec = json.loads(config["metadata"]["annotations"]["spec"])
+    assert [(label["name"], label["type"]) for label in spec] == [("car", "rectangle"), ("sign", "rectangle")]
+    assert [a["name"] for a in spec[0]["attributes"]] == ["color", "parked"]
+    env = _env(config)
+    assert env["PREANNOTATE_MODEL"] == "streets" and env["PREANNOTATE_TRAIN_PROJECT"] == "6"
+    assert env["PREANNOTATE_TRAIN_MODEL"] == "ssdlite320_mobilenet_v3_large"  # the recommended default
+    assert env["PREANNOTATE_ANNOTATE_ON"] == "task" and json.loads(env[lambda_spec.FUNCTION_LABELS_ENV]) == \
+        ["car", "sign"]
+    assert "not trained yet" in config["spec"]["description"]
+    nuctl = shlex.split(lines[-1])
+    assert nuctl[:2] == ["nuctl", "deploy"] and nuctl[nuctl.index("--path") + 1] == str(out)
+
+    # a mask model takes the polygon and mask labels (CVAT maps mask to polygon), not the rectangle one
+    code, lines, err = _deploy(capsys, "--model", "streets", "--train-project", "6", "--arch", "maskrcnn_resnet50_fpn",
+                               "--store", str(store), "--out", str(out), "--dry-run")
+    assert code == 0, err
+    spec = json.loads(yaml.safe_load((out / "function.yaml").read_text())["metadata"]["annotations"]["spec"])
+    assert [(label["name"], label["type"]) for label in spec] == [("person", "mask"), ("road", "mask"),
+                                                                   ("sign", "mask")]
+
+
+def test_deploy_for_a_project_whose_labels_no_model_output_fits_says_so(cvat_env, tmp_path, capsys):
+    project = cvat_env.add_project("tags only", [{"name": "day", "type": "tag"}, {"name": "cat", "type": "points"}])
+    code, _, err = _deploy(capsys, "--model", "x", "--train-project", str(project), "--store", str(tmp_path),
+                           "--out", str(tmp_path / "fn"), "--dry-run")
+    assert code == 2 and "none of the labels (day (tag), cat (points)) can take them" in err
+    assert not (tmp_path / "fn").exists()
+
+
+def test_the_function_of_an_untrained_model_answers_503_with_what_to_do(tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    app = App.from_environment({"PREANNOTATE_MODEL": "streets", "PREANNOTATE_MODEL_STORE": str(store),
+                                "PREANNOTATE_TRAIN_PROJECT": "6",
+                                lambda_spec.FUNCTION_LABELS_ENV: '["car", "sign"]'})
+    from tests.conftest import b64, encode, photo
+
+    reply = app.handle(Request("POST", "/", {"image": b64(encode(photo()))}))
+    assert reply.status == 503 and reply.body == {
+        "error": "not trained yet: finish a job in CVAT project 6 (its webhook starts training) or POST /train"}
+    health = app.handle(Request("GET", "/health")).body
+    assert health["model"]["state"] == reply.body["error"] and "cvat_unmapped" not in health["model"]
+
+
+def test_health_names_the_labels_cvat_would_drop_and_the_command_that_fixes_it(tmp_path):
+    from preannotate.models import create_detector, publish_detector
+
+    store = ModelStore(tmp_path)
+    publish_detector(create_detector("ssdlite320_mobilenet_v3_large", parse_label_list("car,sign,bus")), store,
+                     "streets")
+    app = App.from_environment({"PREANNOTATE_MODEL": "streets", "PREANNOTATE_MODEL_STORE": str(tmp_path),
+                                "PREANNOTATE_TRAIN_PROJECT": "6",
+                                lambda_spec.FUNCTION_LABELS_ENV: '["car", "sign"]'})
+    for path in ("/health", "/models"):
+        body = app.handle(Request("GET", path)).body
+        served = body["model"] if path == "/health" else body["serving"]
+        assert served["cvat_unmapped"] == ["bus"]
+        assert served["fix"].startswith("CVAT drops the shapes of bus: the function's spec lacks them; run "
+                                        "`preannotate deploy --model streets --train-project 6`")
+
+
+# ------------------------------------------------------------------------------------------ finished jobs only
+
+def test_training_reads_only_the_frames_of_finished_jobs(cvat_env, tmp_path):
+    """Task 7: job 7 (frames 0-2) completed, job 8 (3-5) in stage acceptance; task 8: job 9 new."""
+    from preannotate.cvat.client import connect
+    from preannotate.cvat.reader import read_finished
+    from preannotate.hyperparameters import Hyperparameters
+    from preannotate.training.recipe import NothingFinished, cvat_provenance, export_from_cvat
+
+    with connect() as client:
+        both = read_finished(client, 7)
+        assert sorted(both.annotations.frames) == [0, 1, 2, 3, 4, 5] and sorted(both.jobs) == [7, 8]
+        completed_only = read_finished(client, 7, ("completed",))
+        assert sorted(completed_only.annotations.frames) == [0, 1, 2] and completed_only.unfinished == [8]
+        assert read_finished(client, 8).annotations.frames == {} and read_finished(client, 8).unfinished == [9]
+
+        hp = Hyperparameters().updated("val-fraction=0")
+        dataset = export_from_cvat(client, {"tasks": [7, 8]}, tmp_path / "dataset", hp)
+        learned = cvat_provenance(dataset)["cvat"]
+        assert learned["frames"] == {"7": [[0, 5]]} and sorted(learned["jobs"]) == ["7", "8"]
+        assert learned["unfinished_jobs"] == [9] and learned["train_on"] == ["completed", "acceptance"]
+        images = json.loads((dataset / "annotations" / "instances_train.json").read_text())["images"]
+        assert len(images) == 6  # task 8's three frames, untouched, are not empty frames to learn from
+
+        with pytest.raises(NothingFinished, match=r"nothing finished to learn from in task\(s\) 8: no job is "
+                                                  r"completed or acceptance yet"):
+            export_from_cvat(client, {"tasks": [8]}, tmp_path / "none", hp)
+        # train-on=all: unfinished jobs count, with only the shapes people made
+        everything = export_from_cvat(client, {"tasks": [8]}, tmp_path / "all", hp.updated("train-on=all"))
+        assert cvat_provenance(everything)["cvat"]["jobs"].keys() == {"9"}
+
+
+def test_a_training_job_with_nothing_finished_says_so_and_trains_nothing(cvat_env, tmp_path):
+    from preannotate.training.execute import execute_job
+    from preannotate.training.jobs import JobStore
+
+    jobs = JobStore(tmp_path)
+    job = jobs.create({"tasks": [8], "project": None, "model": "ssdlite320_mobilenet_v3_large", "name": "x",
+                       "hyperparameters": "", "promote": "auto"})
+    outcome = execute_job(job, jobs.work_dir(job.id), tmp_path, threading.Event())
+    assert outcome == {"skipped": "nothing finished to learn from in task(s) 8: no job is completed or acceptance "
+                                  "yet (train-on=completed+acceptance); finish a job in CVAT, or set train-on=all "
+                                  "to learn from every shape people made"}
+    assert ModelStore(tmp_path).versions("x") == []
+
+
+def test_preannotate_train_with_nothing_finished_says_so(cvat_env, tmp_path, capsys):
+    code = cli(["train", "--task", "8", "--model", "ssdlite320_mobilenet_v3_large", "--store", str(tmp_path),
+                "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nothing finished to learn from in task(s) 8" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
