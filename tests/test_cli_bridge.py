@@ -75,7 +75,7 @@ def test_webhook_register_from_the_command_line(cvat_env, capsys):
     project = next(iter(cvat_env.projects))
     assert cli(["webhook", "register", "--project", str(project), "--url", "http://fn:8080/webhook",
                 "--secret", "s3"]) == 0
-    assert "sends update:job to http://fn:8080/webhook" in capsys.readouterr().out
+    assert "sends create:task, update:job, update:task to http://fn:8080/webhook" in capsys.readouterr().out
     assert [w["secret"] for w in cvat_env.webhooks.values()] == ["s3"]
     assert cli(["webhook", "register", "--project", str(project), "--url", "http://fn:8080/webhook"]) == 2
 

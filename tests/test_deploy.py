@@ -297,7 +297,7 @@ def test_training_job_manifest_has_what_batch_v1_requires():
     pod = spec["template"]["spec"]
     assert pod["restartPolicy"] in ("Never", "OnFailure")
     (container,) = pod["containers"]
-    assert container["command"] == ["python", "-m", "preannotate.training.jobs", "run", "/store", JOB_ID]
+    assert container["command"] == ["python", "-m", "preannotate.worker", "run", "/store", JOB_ID]
     assert container["envFrom"] == [{"secretRef": {"name": "cvat-creds"}}]
     assert container["resources"] == {"limits": {"nvidia.com/gpu": 1}}
     env = {e["name"]: e["value"] for e in container["env"]}

@@ -15,6 +15,8 @@ from preannotate.models import ModelStore
 from preannotate.serving.core import App, Request
 from preannotate.shapes import parse_label_list
 
+from tests import nuclio_dashboard_double
+
 
 @pytest.fixture
 def cvat_env(cvat_double, monkeypatch):
@@ -161,3 +163,47 @@ def test_preannotate_train_with_nothing_finished_says_so(cvat_env, tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2 and "nothing finished to learn from in task(s) 8" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------------ the spec follows the model
+
+nuclio_dashboard = nuclio_dashboard_double.nuclio_dashboard  # the fixture, for this module
+
+
+def test_a_promoted_version_with_new_labels_updates_the_function_through_the_nuclio_dashboard(
+        nuclio_dashboard, tmp_path, caplog):
+    from preannotate import functions, worker
+    from preannotate.models import ARCHITECTURES, create_detector, publish_detector
+
+    arch = ARCHITECTURES["ssdlite320_mobilenet_v3_large"]
+    deployed = parse_label_list("car,sign", "rectangle")
+    config = functions.function_config(arch, deployed, gpu=False, model="streets", name="pth-preannotate-streets",
+                                       train_project=6)
+    nuclio_dashboard.add_function(config)
+    store = ModelStore(tmp_path)
+    publish_detector(create_detector(arch.name, parse_label_list("car,bus")), store, "streets")  # learned "bus"
+    env = {**_env(config), "PREANNOTATE_NUCLIO_DASHBOARD": nuclio_dashboard.url,
+           "NUCLIO_FUNCTION_NAME": "pth-preannotate-streets"}
+
+    assert worker.sync_function_spec(tmp_path, "streets", env) == ["bus"]
+    nuclio_dashboard.settle()
+    after = nuclio_dashboard.function("pth-preannotate-streets")
+    spec = json.loads(after["metadata"]["annotations"]["spec"])
+    assert [(label["name"], label["type"]) for label in spec] == [("car", "rectangle"), ("bus", "rectangle"),
+                                                                   ("sign", "rectangle")]  # sign stays mapped
+    assert json.loads(_env(after)[lambda_spec.FUNCTION_LABELS_ENV]) == ["car", "bus", "sign"]
+    assert _env(after)["PREANNOTATE_TRAIN_PROJECT"] == "6" and nuclio_dashboard.builds == []  # no image rebuilt
+    assert after["status"]["state"] == "ready"
+
+    # in step now (the function restarted with the new environment): nothing more is sent
+    requests = len(nuclio_dashboard.requests)
+    assert worker.sync_function_spec(tmp_path, "streets", {**env, **{lambda_spec.FUNCTION_LABELS_ENV:
+                                                                     '["car", "bus", "sign"]'}}) == []
+    assert len(nuclio_dashboard.requests) == requests
+
+    # no dashboard: the job's log says which labels CVAT drops and the command that fixes it
+    del env["PREANNOTATE_NUCLIO_DASHBOARD"]
+    with caplog.at_level("WARNING", logger="preannotate.worker"):
+        assert worker.sync_function_spec(tmp_path, "streets", env) == ["bus"]
+    assert "CVAT drops the shapes of bus: the function's spec lacks them; run `preannotate deploy --model streets " \
+           "--train-project 6`" in caplog.text

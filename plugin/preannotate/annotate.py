@@ -153,9 +153,10 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
         pending: dict[int, list[Shape]] = {}
         confidence: dict[int, float] = {}
         with closing(predictions):  # on an error: stop the downloads and the decoding thread at once
-            for frame, candidates in predictions:
+            for frame, candidates, novelty in predictions:
                 if confidence_tags:
-                    confidence[frame] = report.confidence[frame] = uncertainty.frame_confidence(candidates, scored)
+                    confidence[frame] = report.confidence[frame] = uncertainty.frame_confidence(candidates, scored,
+                                                                                                novelty)
                     candidates = uncertainty.kept(candidates, scored)
                 pending[frame] = candidates
                 bar.update(1)
@@ -186,19 +187,27 @@ def annotate_project(client: Client, project_id: int, *, detector: Detector | st
 # ---------------------------------------------------------------------------------------------------- pipeline
 
 def _detect(model: Detector, images: Iterator[tuple[int, Any]], batch_size: int, threshold: float
-            ) -> Iterator[tuple[int, list[Shape]]]:
+            ) -> Iterator[tuple[int, list[Shape], float]]:
+    """``(frame, shapes, novelty)``; a model that cannot say how unfamiliar a frame is gives 0."""
+    def run(batch: list[tuple[int, Any]]) -> Iterator[tuple[int, list[Shape], float]]:
+        arrays = [image for _, image in batch]
+        scored = model.detect_scored(arrays, threshold) if hasattr(model, "detect_scored") else \
+            [(shapes, 0.0) for shapes in model.detect(arrays, threshold)]
+        for (frame, _), (shapes, novelty) in zip(batch, scored, strict=True):
+            yield frame, shapes, novelty
+
     batch: list[tuple[int, Any]] = []
     for item in images:
         batch.append(item)
         if len(batch) >= batch_size:
-            yield from zip([f for f, _ in batch], model.detect([image for _, image in batch], threshold), strict=True)
+            yield from run(batch)
             batch = []
     if batch:
-        yield from zip([f for f, _ in batch], model.detect([image for _, image in batch], threshold), strict=True)
+        yield from run(batch)
 
 
 def _call_function(url: str, files: Iterator[tuple[int, bytes]], threshold: float | None, workers: int
-                   ) -> Iterator[tuple[int, list[Shape]]]:
+                   ) -> Iterator[tuple[int, list[Shape], float]]:
     """POST each frame to a CVAT detector function, ``workers`` at a time, answers in frame order."""
     # A busy Nuclio function answers 503 (no free worker) and a starting one may drop connections: retry those.
     retries = urllib3.Retry(total=4, backoff_factor=0.5, status_forcelist=(502, 503, 504),
@@ -224,7 +233,8 @@ def _call_function(url: str, files: Iterator[tuple[int, bytes]], threshold: floa
                                 f"CVAT detector response: {error}") from None
 
     try:
-        yield from _in_order(call, files, workers)
+        for frame, shapes in _in_order(call, files, workers):
+            yield frame, shapes, 0.0  # a function does not say how unfamiliar a frame is
     finally:
         pool.clear()
 

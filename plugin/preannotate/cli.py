@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     webhook = command(commands, "webhook", "CVAT webhooks that start training in a function")
     webhook_commands = webhook.add_subparsers(dest="webhook_command", required=True, metavar="ACTION")
-    register = command(webhook_commands, "register", "send a project's (or organization's) job updates to a "
+    register = command(webhook_commands, "register", "send a project's (or organization's) job and task events to a "
                                                      "function's /webhook")
     _cvat_arguments(register)
     register.add_argument("--project", type=int, help="project id (default: an organization webhook, with --org)")

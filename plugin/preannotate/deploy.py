@@ -235,7 +235,7 @@ def render_training_job(job_id: str, image: str, store_claim: str, gpu: bool = F
     container: dict[str, Any] = {
         "name": "train",
         "image": image,
-        "command": ["python", "-m", "preannotate.training.jobs", "run", K8S_STORE_MOUNT, job_id],
+        "command": ["python", "-m", "preannotate.worker", "run", K8S_STORE_MOUNT, job_id],
         "env": [{"name": "PREANNOTATE_MODEL_STORE", "value": K8S_STORE_MOUNT},
                 {"name": "PREANNOTATE_DEVICE", "value": "cuda" if gpu else "cpu"},
                 {"name": "TORCH_HOME", "value": functions.TORCH_HOME}],

@@ -13,6 +13,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.transforms.v2 import functional as F
 
+from preannotate import uncertainty
 from preannotate.formats import masks
 from preannotate.models.registry import Architecture, PretrainedWeightsUnavailable
 from preannotate.shapes import Label, Shape
@@ -109,6 +111,30 @@ class TorchvisionDetector:
         self.labels = list(labels)
         self.output = output
         self._label_by_class = {label.id: label for label in self.labels}
+        # Early-layer appearance of each image of the last forward pass, and that of a sample of the training
+        # frames (saved with the weights): how unfamiliar a frame is (``uncertainty.novelty``).
+        self.familiar: np.ndarray | None = None
+        self._appearance: np.ndarray | None = None
+        layer = appearance_layer(self.model)
+        if layer is not None:
+            layer.register_forward_hook(self._keep_appearance)
+
+    def _keep_appearance(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if not module.training:  # inference only: training must not hold on to its graph
+            self._appearance = torch.cat([output.mean((2, 3)), output.amax((2, 3))], 1).float().cpu().numpy()
+
+    def detect_scored(self, images: Sequence[Image.Image | np.ndarray], threshold: float
+                      ) -> list[tuple[list[Shape], float]]:
+        """The shapes of each image, with how unfamiliar the image is (0 without a training sample to compare)."""
+        shapes = self.detect(images, threshold)
+        if self.familiar is None or self._appearance is None:
+            return [(found, 0.0) for found in shapes]
+        return list(zip(shapes, uncertainty.novelty(self._appearance, self.familiar).tolist(), strict=True))
+
+    def appearance(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
+        """The early-layer appearance of each image (what ``familiar`` holds for the training frames)."""
+        self.detect(images, 1.0)
+        return self._appearance
 
     @torch.inference_mode()
     def detect(self, images: Sequence[Image.Image | np.ndarray], threshold: float) -> list[list[Shape]]:
@@ -211,13 +237,32 @@ def create(arch: Architecture, labels: Sequence[Label], init: str = "random", im
     return TorchvisionDetector(model, labels, arch.output, device, letterbox)
 
 
+def appearance_layer(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The backbone's early stage whose output is a frame's appearance: stride 4-8, before the network learned what
+    to ignore (SSDlite: the fifth block of its MobileNet; FPN models: the fifth child of their body — ResNet's
+    layer1, MobileNet's fifth block). None for a model built otherwise: its frames are never called unfamiliar."""
+    backbone = getattr(model, "backbone", None)
+    if hasattr(backbone, "features"):
+        return list(backbone.features[0].children())[4]
+    if hasattr(backbone, "body"):
+        return list(backbone.body.children())[4]
+    return None
+
+
+APPEARANCE_FILE = "appearance.npy"  # beside the weights: the training sample's appearance
+
+
 def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, image_size: int | None = None,
          max_image_size: int | None = None, device: str | None = None, letterbox: bool = False
          ) -> TorchvisionDetector:
     """A published model: its architecture, labels and weights file — nothing downloaded."""
     model = build_model(arch, num_classes(labels), image_size, max_image_size)
     model.load_state_dict(read_weights(weights_path))
-    return TorchvisionDetector(model, labels, arch.output, device, letterbox)
+    detector = TorchvisionDetector(model, labels, arch.output, device, letterbox)
+    familiar = weights_path.with_name(APPEARANCE_FILE)
+    if familiar.is_file():
+        detector.familiar = np.load(familiar).astype(np.float32)
+    return detector
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -226,6 +271,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def write_weights(detector: TorchvisionDetector, path: Path) -> None:
     torch.save(detector.model.state_dict(), path)
+    if detector.familiar is not None:
+        np.save(path.with_name(APPEARANCE_FILE), detector.familiar.astype(np.float16))
 
 
 def num_classes(labels: Sequence[Label]) -> int:

@@ -76,6 +76,7 @@ SMALL_DATA_EPOCHS = 100
 MIN_DEFAULT_STEPS = 300
 CALIBRATION_FRAMES = 96  # training frames that re-measure batch-norm statistics before each validation
 PROGRESS_LINES = 20      # lines a run prints when its output is not a terminal (besides one per validation)
+FAMILIAR_FRAMES = 200      # training frames whose appearance is published, for the novelty of new frames
 RUN_FILES = ("run.json", "last.pt", "best.pt", "metrics.jsonl", "result.json", "report.png", "predictions.png")
 
 
@@ -631,6 +632,7 @@ class _Run:
             result.version = self._already_published(store, name, run_id)
             decision = Promotion(True, "served") if promote is None else promote(metrics)
             if result.version is None:
+                detector.familiar = self._familiar(detector)
                 manifest: Manifest = detector.manifest
                 manifest.hyperparameters = self.hp.to_dict()
                 manifest.metrics = metrics
@@ -648,6 +650,19 @@ class _Run:
                 "served" if result.served else "kept, not served")
         write_atomically(self.output / "result.json", json.dumps(result.to_dict(), indent=1) + "\n")
         return result
+
+    def _familiar(self, detector: Any) -> np.ndarray | None:
+        """The appearance of (up to ``FAMILIAR_FRAMES``, spread over) the training frames, published with the
+        weights: what a frame being pre-annotated is compared with (``uncertainty.novelty``)."""
+        if not hasattr(detector, "appearance") or not self.train_items:
+            return None
+        detector.model.eval()
+        items = self.train_items[::max(1, len(self.train_items) // FAMILIAR_FRAMES)][:FAMILIAR_FRAMES]
+        vectors = []
+        for start in range(0, len(items), 8):
+            arrays = [array for frame, images in items[start:start + 8] for _, array in images.decoded([frame.frame])]
+            vectors.append(detector.appearance(arrays))
+        return np.concatenate(vectors)
 
     def _report(self, detector: Any) -> list[Path]:
         """The run's pictures (``training.report``) of the weights about to be published; a picture that cannot be

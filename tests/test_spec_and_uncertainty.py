@@ -1,4 +1,5 @@
-"""The CVAT spec of a function: what CVAT's lambda manager maps, and what a model's labels become in it."""
+"""The CVAT spec of a function (what CVAT maps, what a model's labels become in it) and how sure a model is of a
+frame (close calls and unfamiliar frames)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,16 @@ def test_a_frame_is_as_uncertain_as_its_closest_call():
     assert [s.score for s in uncertainty.kept(_scored(0.98, 0.45, 0.5), threshold)] == [0.98, 0.5]
     assert uncertainty.candidate_threshold(threshold) == pytest.approx(0.1)
     assert uncertainty.ranking({3: 0.9, 1: 0.2, 2: 0.2, 0: 1.0}) == [(1, 0.2), (2, 0.2), (3, 0.9), (0, 1.0)]
+
+
+def test_novelty_is_zero_for_a_typical_frame_and_one_beyond_every_training_frame():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    familiar = 10 + rng.normal(size=(50, 16))  # the training frames: one cluster
+    typical = 10 + rng.normal(size=(1, 16)) * 0.5
+    unlike = -10 + rng.normal(size=(1, 16))
+    novelty = uncertainty.novelty(np.concatenate([familiar[:1], typical, unlike]), familiar)
+    assert novelty[0] == 0.0 and novelty[1] == 0.0 and novelty[2] == 1.0
+    assert uncertainty.novelty(unlike, familiar[:1]).tolist() == [0.0]  # one frame is no reference
+    assert uncertainty.frame_confidence(_scored(0.99), 0.5, novelty=0.9) == pytest.approx(0.1)
