@@ -6,9 +6,20 @@ State lives in memory and is seeded from the recordings: project 6 with labels 1
 (3 PNG frames, job 9). ``add_task`` adds synthetic tasks (e.g. 300 frames for a benchmark), image or video (MP4
 chunks encoded with PyAV; not recorded from a server). ``fail_next`` injects errors and cut connections.
 
-Not modelled: organizations, webhooks, exports/imports, task creation over HTTP, and the server-side cutting of
-tracks at job boundaries (tracks are stored as sent, in the job holding their first frame; task-level views add
-the closing ``outside`` shape the server adds when a track ends inside a job that is not the last one).
+Also modelled, from CVAT's source where nothing was recorded:
+
+* projects: ``add_project``; ``PATCH /api/projects/ID`` with ``labels`` as ``ProjectWriteSerializer.update`` and
+  ``LabelSerializer.update_label`` do (``cvat/apps/engine/serializers.py``);
+* tasks whose data is not uploaded yet (``add_task(pending_upload=True)``, then ``finish_upload``), answering the
+  media and annotation calls the way ``cvat/apps/engine/views.py`` does for a task without ``data``;
+* webhook deliveries (``add_webhook`` or ``POST /api/webhooks``): the events CVAT's pre/post-save signals send
+  (``cvat/apps/webhooks/signals.py``), with the payloads recorded in ``webhooks/*.json``, delivered from a
+  background thread like the RQ webhooks worker and kept in ``deliveries`` (``wait_for_deliveries``).
+
+Not modelled: organizations (organization webhooks never fire), exports/imports, task creation over HTTP,
+ping/redelivery, and the server-side cutting of tracks at job boundaries (tracks are stored as sent, in the job
+holding their first frame; task-level views add the closing ``outside`` shape the server adds when a track ends
+inside a job that is not the last one).
 """
 
 from __future__ import annotations
@@ -16,6 +27,8 @@ from __future__ import annotations
 import base64
 import copy
 import gzip
+import hashlib
+import hmac
 import io
 import json
 import math
@@ -26,6 +39,7 @@ import threading
 import uuid
 import zipfile
 import zlib
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,6 +49,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
+import urllib3
 from PIL import Image
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cvat-2.42"
@@ -84,6 +99,29 @@ _WRITE_DEFAULTS = {
     "track_shapes": {"occluded": False, "outside": False, "z_order": 0, "rotation": 0, "attributes": []},
 }
 _PALETTE = ("#33ddff", "#fa3253", "#34d1b7", "#ff007c", "#ddff33", "#24b353", "#b83df5", "#66ff66")
+# TaskReadSerializer's field order; the data fields are absent while a task has no data (DRF skips a dotted
+# source whose ``data`` is None; recorded: POST_api_tasks.*.json and the create:task delivery).
+_TASK_FIELDS = ("url", "id", "name", "project_id", "mode", "owner", "assignee", "bug_tracker", "created_date",
+                "updated_date", "overlap", "segment_size", "status", "data_chunk_size", "data_compressed_chunk_type",
+                "guide_id", "data_original_chunk_type", "size", "image_quality", "data", "dimension", "subset",
+                "organization", "target_storage", "source_storage", "jobs", "labels", "assignee_updated_date",
+                "validation_mode", "consensus_enabled")
+_DATA_FIELDS = ("data_chunk_size", "data_compressed_chunk_type", "data_original_chunk_type", "size", "image_quality",
+                "data")
+_LABEL_TYPES = ("any", "cuboid", "ellipse", "mask", "points", "polygon", "polyline", "rectangle", "skeleton", "tag")
+_ATTRIBUTE_TYPES = ("checkbox", "radio", "number", "text", "select")
+# cvat/apps/webhooks/event_type.py as GET /api/webhooks/events?type=project answers (recorded).
+_PROJECT_EVENTS = ("create:comment", "create:issue", "create:job", "create:task", "delete:comment", "delete:issue",
+                   "delete:job", "delete:project", "delete:task", "update:comment", "update:issue", "update:job",
+                   "update:project", "update:task")
+_ORGANIZATION_ONLY_EVENTS = ("create:invitation", "create:membership", "create:project", "delete:invitation",
+                             "delete:membership", "delete:organization", "update:membership", "update:organization")
+# cvat/apps/webhooks/signals.py: send_webhook()
+WEBHOOK_TIMEOUT = 10
+RESPONSE_SIZE_LIMIT = 1024 * 1024
+# The headers of a recorded delivery, in order (http.client puts Host first; Content-Length is added per body).
+_DELIVERY_HEADERS = {"User-Agent": "CVAT/2.42.0 python-requests/2.32.4", "Accept-Encoding": "gzip, deflate, zstd",
+                     "Accept": "*/*", "Connection": "keep-alive"}
 
 
 def load_fixture(relative: str) -> Any:
@@ -135,6 +173,7 @@ class Task:
     annotations: dict[str, list[dict]] = field(default_factory=lambda: {kind: [] for kind in _KINDS})
     video: str | None = None  # the video's file name for a video task: its chunks are MP4s
     deleted_frames: list[int] = field(default_factory=list)  # as PATCH data/meta would mark them
+    pending: bool = False  # created, its data not uploaded yet: ``data`` is None on the server, no jobs
 
 
 @dataclass
@@ -159,6 +198,25 @@ class RequestRecord:
         return self.path + ("?" + urlencode(self.query) if self.query else "")
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """One webhook delivery, as CVAT's ``WebhookDelivery`` row keeps it (cvat/apps/webhooks/signals.py).
+
+    ``status_code`` is the receiver's answer, 502 when it could not be reached (504 when it did not answer in
+    10 s); ``error`` then says why. ``response`` is the receiver's body (at most 1 MiB, else "")."""
+
+    id: int
+    webhook_id: int
+    event: str
+    target: str
+    status_code: int | None
+    response: str
+    error: str | None
+    changed_fields: str  # the keys of before_update, comma-joined
+    payload: dict
+    body: bytes  # what was POSTed: json.dumps(payload), signed with the webhook's secret
+
+
 @dataclass
 class Response:
     status: int
@@ -166,6 +224,11 @@ class Response:
     content_type: str | None = JSON_TYPE
     headers: list[tuple[str, str]] = field(default_factory=list)
     cut: bool = False  # the connection drops halfway through the body (a reset mid-download)
+
+
+class ServerCrash(Exception):
+    """Ends a request the way CVAT ends it where an unhandled exception escapes its view (e.g. an
+    AttributeError on a task without data): Django's 500 page. Not a bug of the double: not kept in ``errors``."""
 
 
 class HttpError(Exception):
@@ -206,9 +269,11 @@ _VIEWS: list[tuple[re.Pattern[str], str, dict[str, str], bool]] = [
         (r"/api/auth/logout", "POST, OPTIONS", {"POST": "_logout"}, False),
         (r"/api/users/self", "GET, HEAD, OPTIONS", {"GET": "_user_self"}, True),
         (r"/api/projects", "GET, POST, HEAD, OPTIONS", {"GET": "_project_list"}, True),
-        (r"/api/projects/(\d+)", "GET, PATCH, DELETE, HEAD, OPTIONS", {"GET": "_project"}, True),
+        (r"/api/projects/(\d+)", "GET, PATCH, DELETE, HEAD, OPTIONS", {"GET": "_project", "PATCH": "_project_patch"},
+         True),
         (r"/api/tasks", "GET, POST, HEAD, OPTIONS", {"GET": "_task_list"}, True),
-        (r"/api/tasks/(\d+)", "GET, PATCH, DELETE, HEAD, OPTIONS", {"GET": "_task", "DELETE": "_task_delete"}, True),
+        (r"/api/tasks/(\d+)", "GET, PATCH, DELETE, HEAD, OPTIONS",
+         {"GET": "_task", "PATCH": "_task_patch", "DELETE": "_task_delete"}, True),
         (r"/api/tasks/(\d+)/data/meta", "GET, PATCH, HEAD, OPTIONS", {"GET": "_task_meta"}, True),
         (r"/api/tasks/(\d+)/data", "GET, POST, HEAD, OPTIONS", {"GET": "_task_data"}, True),
         (r"/api/tasks/(\d+)/annotations", "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS",
@@ -231,6 +296,9 @@ class CvatDouble:
 
         with CvatDouble() as cvat:
             client = make_client(cvat.base_url, credentials=cvat.credentials)
+
+    Helpers: ``add_project``, ``add_task`` (``pending_upload``) and ``finish_upload``, ``add_webhook``; webhook
+    deliveries land in ``deliveries`` (``wait_for_deliveries`` waits for the queue to empty).
     """
 
     def __init__(self, *, password: str = PASSWORD, gzip_responses: bool = True) -> None:
@@ -253,9 +321,19 @@ class CvatDouble:
         self.tasks: dict[int, Task] = {}
         self.jobs: dict[int, Job] = {}
         self.webhooks: dict[int, dict] = {}  # as created, secret included (CVAT never returns it)
-        # Next ids: after the recorded objects (task 9 / job 10 / shape 99 were created and deleted).
+        self.deliveries: list[Delivery] = []  # webhook deliveries made, in the order they were sent
+        # Events of the request being answered: queued when it succeeds (CVAT's transaction.on_commit).
+        self._outbox: list[tuple[dict, dict]] = []
+        self._queue: deque[tuple[dict, dict]] = deque()
+        self._queue_cond = threading.Condition()
+        self._unsent = 0  # queued or being sent
+        self._delivery_id = 0  # counted under _queue_cond, by the delivering thread
+        self._courier: threading.Thread | None = None
+        self._closing = False
+        # Next ids: after the recorded objects (task 9 / job 10 / shape 99 were created and deleted; projects 7
+        # and 8 too).
         self._next = {"task": 10, "job": 11, "data": 10, "label": 25, "attribute": 3,
-                      "shape": 100, "tag": 9, "track": 7, "track_shape": 15}
+                      "shape": 100, "tag": 9, "track": 7, "track_shape": 15, "project": 9, "webhook": 1}
         self._seed()
 
     # ----------------------------------------------------------------- lifecycle
@@ -275,6 +353,11 @@ class CvatDouble:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        with self._queue_cond:  # deliveries not sent yet are dropped; one being sent ends on its own
+            self._closing = True
+            self._unsent -= len(self._queue)
+            self._queue.clear()
+            self._queue_cond.notify_all()
 
     def __enter__(self) -> CvatDouble:
         return self.start()
@@ -314,21 +397,53 @@ class CvatDouble:
             self.requests.clear()
 
     def annotations(self, task_id: int) -> dict[str, list[dict]]:
-        """The stored annotations of a task (a copy, GET key order)."""
+        """The stored annotations of a task (a copy, GET key order), with the default values of attributes not
+        given filled in, as GET shows them."""
         with self._lock:
-            return copy.deepcopy(self.tasks[task_id].annotations)
+            stored = self.tasks[task_id].annotations
+            return {kind: [self._with_defaults(kind, obj) for obj in stored[kind]] for kind in _KINDS}
 
     def label_id(self, task_id: int, name: str) -> int:
         return next(label["id"] for label in self._task_labels(self.tasks[task_id]) if label["name"] == name)
 
+    def add_project(self, name: str, labels: Sequence[dict] = ()) -> int:
+        """Add a project with its own ``labels`` (the spec of ``add_task``) and return its id: what
+        ``POST /api/projects`` creates (ProjectWriteSerializer.create in cvat/apps/engine/serializers.py). The
+        record is shaped like the recorded project 6 (POST_api_projects.json: no tasks yet, so ``dimension`` is
+        null; GET_api_projects_ID.json once it has tasks). Its labels are listed by ``/api/labels?project_id=``
+        and are the labels of every task added to it."""
+        names = [spec["name"] for spec in labels]
+        if len(set(names)) != len(names):
+            raise ValueError("All label names must be unique")
+        with self._lock:
+            project_id, now = self._new_id("project"), _now()
+            record = copy.deepcopy(self._project_template)
+            record.update({"url": f"{RECORDED_BASE}/api/projects/{project_id}", "id": project_id, "name": name,
+                           "created_date": now, "updated_date": now})
+            record["tasks"]["url"] = f"{RECORDED_BASE}/api/tasks?project_id={project_id}"
+            record["labels"]["url"] = f"{RECORDED_BASE}/api/labels?project_id={project_id}"
+            self.projects[project_id] = record
+            for spec in labels:
+                self._add_label(spec, project_id=project_id)
+            return project_id
+
     def add_task(self, name: str, frames: Sequence[FrameSpec], labels: Sequence[dict] | None = None, *,
                  project_id: int | None = None, segment_size: int | None = None, chunk_size: int = 72,
-                 image_quality: int = 70, annotations: dict | None = None, video: str | None = None) -> int:
+                 image_quality: int = 70, annotations: dict | None = None, video: str | None = None,
+                 pending_upload: bool = False) -> int:
         """Add a task and return its id. ``labels``: ``[{"name", "type"?, "color"?, "attributes"?: [{"name",
         "input_type", "values", "default_value"?, "mutable"?}]}]`` for a standalone task; with ``project_id`` the
         project's labels are used. ``segment_size`` None = one job. ``annotations`` (request format) are stored
-        as a PATCH ``action=create`` would. ``video`` (a file name, e.g. ``"clip.mp4"``) makes it a video task: the
-        frames (same size, even width and height) are served as H.264 MP4 chunks and the meta lists one entry."""
+        as a PATCH ``action=create`` would (webhooks included). ``video`` (a file name, e.g. ``"clip.mp4"``) makes
+        it a video task: the frames (same size, even width and height) are served as H.264 MP4 chunks and the meta
+        lists one entry.
+
+        ``pending_upload=True`` stops where ``POST /api/tasks`` leaves a task: no data (``size``, ``data`` and the
+        chunk fields absent, ``mode`` "", ``overlap`` null), no jobs; ``finish_upload`` then attaches ``frames``
+        as the data upload does. Without it both steps run at once. Webhooks of the project get what CVAT sends
+        for these steps (see ``_created_task`` and ``_attach_data``)."""
+        if pending_upload and annotations:
+            raise ValueError("a task without data cannot hold annotations: add them after finish_upload")
         with self._lock:
             if project_id is not None and project_id not in self.projects:
                 raise KeyError(f"no project {project_id}")
@@ -337,40 +452,78 @@ class CvatDouble:
             if not frames:
                 raise ValueError("a task needs at least one frame")
             task_id, now = self._new_id("task"), _now()
-            size = len(frames)
-            segment = segment_size or size
-            template = copy.deepcopy(self._task_template[project_id is not None])
-            template.update({
+            record = copy.deepcopy(self._task_template[project_id is not None])
+            for key in _DATA_FIELDS:
+                del record[key]
+            record.update({
                 "url": f"{RECORDED_BASE}/api/tasks/{task_id}", "id": task_id, "name": name, "project_id": project_id,
-                "created_date": now, "updated_date": now, "overlap": 0, "segment_size": segment,
-                "data_chunk_size": chunk_size, "size": size, "image_quality": image_quality,
-                "data": self._new_id("data"),
+                "mode": "", "created_date": now, "updated_date": now, "overlap": None,
+                "segment_size": segment_size or 0, "status": "annotation",
             })
-            template["jobs"]["url"] = f"{RECORDED_BASE}/api/jobs?task_id={task_id}"
-            template["labels"]["url"] = f"{RECORDED_BASE}/api/labels?task_id={task_id}"
-            task = Task(task_id, template, [Frame(*spec) for spec in frames], [], chunk_size, image_quality, now,
-                        video=video)
-            if video:
-                template.update({"mode": "interpolation", "data_original_chunk_type": "video",
-                                 "data_compressed_chunk_type": "video"})
-            self.tasks[task_id] = task
-            for spec in labels or []:
-                self._add_label(spec, task_id=task_id)
-            for start in range(0, size, segment):
-                self._add_job(task, start, min(start + segment, size) - 1, now)
-            if annotations:
-                try:
-                    self._write(task, None, "create", annotations)
-                except HttpError as error:
-                    self._drop_task(task_id)
-                    raise ValueError(f"invalid annotations: {error.payload}") from None
+            record["jobs"]["url"] = f"{RECORDED_BASE}/api/jobs?task_id={task_id}"
+            record["labels"]["url"] = f"{RECORDED_BASE}/api/labels?task_id={task_id}"
+            task = Task(task_id, record, [Frame(*spec) for spec in frames], [], chunk_size, image_quality, now,
+                        video=video, pending=True)
+            self._current_base = self._helper_base()
+            try:
+                self.tasks[task_id] = task
+                for spec in labels or []:
+                    self._add_label(spec, task_id=task_id)
+                self._created_task(task)
+                if not pending_upload:
+                    self._attach_data(task)
+                if annotations:
+                    try:
+                        self._write(task, None, "create", annotations)
+                    except HttpError as error:
+                        self._drop_task(task_id)
+                        raise ValueError(f"invalid annotations: {error.payload}") from None
+            except BaseException:
+                self._outbox.clear()
+                raise
+            self._flush()
             return task_id
+
+    def finish_upload(self, task_id: int) -> None:
+        """Attach the frames given to ``add_task(..., pending_upload=True)`` and create the jobs: what
+        ``POST /api/tasks/ID/data`` and the task-creation job do once they complete (with their webhooks)."""
+        with self._lock:
+            task = self.tasks[task_id]
+            if not task.pending:
+                raise ValueError(f"task {task_id} already has its data")  # CVAT: "Adding more data is not supported"
+            self._current_base = self._helper_base()
+            try:
+                self._attach_data(task)
+            except BaseException:
+                self._outbox.clear()
+                raise
+            self._flush()
+
+    def add_webhook(self, target_url: str, secret: str, events: Sequence[str], project_id: int, *,
+                    is_active: bool = True, enable_ssl: bool = True) -> int:
+        """Add a project webhook as ``POST /api/webhooks`` does (same validation) and return its id; the record is
+        kept, secret included, in ``webhooks``. ``secret`` "" = unsigned deliveries. Its deliveries are sent as
+        CVAT's webhooks worker sends them (``_send``) and kept in ``deliveries``."""
+        with self._lock:
+            record = self._new_webhook({"target_url": target_url, "secret": secret, "events": list(events),
+                                        "type": "project", "project_id": project_id, "is_active": is_active,
+                                        "enable_ssl": enable_ssl}, self._helper_base())
+            return record["id"]
+
+    def wait_for_deliveries(self, timeout: float = 10) -> list[Delivery]:
+        """Wait until every queued webhook delivery has been sent (or failed) and return ``deliveries`` (a copy).
+        ``TimeoutError`` if some are still unsent after ``timeout`` seconds."""
+        with self._queue_cond:
+            if not self._queue_cond.wait_for(lambda: self._unsent <= 0, timeout):
+                raise TimeoutError(f"{self._unsent} webhook deliveries still unsent after {timeout} s")
+            return list(self.deliveries)
 
     # ----------------------------------------------------------------- seeding from the recordings
 
     def _seed(self) -> None:
         project = load_fixture("api/GET_api_projects_ID.json")
         self.projects[project["id"]] = project
+        self._project_template = copy.deepcopy(project)
         for label in (load_fixture("api/GET_api_labels__project_id=ID.json")["results"]
                       + load_fixture("api/GET_api_labels__task_id=ID.standalone.json")["results"]):
             self.labels[label["id"]] = label
@@ -407,20 +560,24 @@ class CvatDouble:
         self._next[kind] += 1
         return value
 
-    def _add_label(self, spec: dict, *, task_id: int) -> None:
+    def _add_label(self, spec: dict, *, task_id: int | None = None, project_id: int | None = None) -> dict:
+        """A label as LabelSerializer.create_labels stores it; the record as GET /api/labels shows it (``task_id``
+        or ``project_id``, whichever it belongs to). Colors come from a fixed palette, not CVAT's name hash."""
         label_id = self._new_id("label")
         attributes = [{
             "id": self._new_id("attribute"), "name": a["name"], "mutable": a.get("mutable", False),
             "input_type": a.get("input_type", "text"),
             "default_value": a.get("default_value", (a.get("values") or [""])[0]), "values": list(a.get("values", [])),
         } for a in spec.get("attributes", [])]
+        owner = {"task_id": task_id} if project_id is None else {"project_id": project_id}
         self.labels[label_id] = {
-            "id": label_id, "name": spec["name"], "color": spec.get("color", _PALETTE[label_id % len(_PALETTE)]),
-            "attributes": attributes, "type": spec.get("type", "any"), "sublabels": [], "task_id": task_id,
+            "id": label_id, "name": spec["name"], "color": spec.get("color") or _PALETTE[label_id % len(_PALETTE)],
+            "attributes": attributes, "type": spec.get("type") or "any", "sublabels": [], **owner,
             "parent_id": None, "has_parent": False,
         }
+        return self.labels[label_id]
 
-    def _add_job(self, task: Task, start: int, stop: int, now: str) -> None:
+    def _add_job(self, task: Task, start: int, stop: int, now: str) -> Job:
         job_id = self._new_id("job")
         record = copy.deepcopy(self._job_template[task.record["project_id"] is not None])
         record.update({
@@ -433,6 +590,193 @@ class CvatDouble:
         })
         self.jobs[job_id] = Job(job_id, task.id, start, stop, record, now)
         task.job_ids.append(job_id)
+        return self.jobs[job_id]
+
+    # ----------------------------------------------------------------- webhook events (cvat/apps/webhooks/signals.py)
+
+    def _helper_base(self) -> str:
+        """The base URL of objects made by a test helper (as if the double had been called over HTTP)."""
+        return self.base_url if self._server is not None else RECORDED_BASE
+
+    def _sender(self, worker: bool) -> dict:
+        """``get_sender``: BasicUserSerializer of the request's user; in the task-creation RQ job, where there is no
+        request, the user dict the job carries (recorded: create_job.json, update_task.mode_overlap_set.json)."""
+        user = self.users[self.username]
+        if worker:
+            return {"id": user["id"], "username": user["username"], "email": user["email"]}
+        return {key: user[key] for key in ("url", "id", "username", "first_name", "last_name")}
+
+    def _task_payload(self, task: Task, *, jobs: tuple[int, int | None, int | None] = (0, None, None),
+                      worker: bool = False) -> dict:
+        """The task as a webhook payload carries it: the GET body, except the ``jobs`` summary. The signals
+        serialize the saved instance, which lacks the counts the list/retrieve queryset annotates, so CVAT sends
+        ``count`` 0 and ``completed``/``validation`` null (recorded in every update:task) unless the instance is
+        the view's annotated object (``jobs`` = its counts: 0, 0, 0 in update_task.jobs_created). From the RQ
+        worker (``worker``) URLs are relative, ``jobs.url`` and ``labels`` null (update_task.mode_overlap_set)."""
+        obj = self._task_json(task)
+        obj["jobs"] = {"count": jobs[0], "completed": jobs[1], "validation": jobs[2],
+                       "url": None if worker else obj["jobs"]["url"]}
+        if worker:
+            obj["labels"] = None
+        return obj
+
+    def _job_payload(self, job: Job, *, worker: bool = False) -> dict:
+        """The job as GET /api/jobs/ID shows it; from the RQ worker with relative URLs and ``issues``/``labels``
+        null (recorded: create_job.json)."""
+        obj = self._job_json(job)
+        if worker:
+            obj["issues"] = obj["labels"] = None
+        return obj
+
+    def _emit(self, event: str, obj: dict, project_id: int | None, before: dict | None = None, *,
+              worker: bool = False) -> None:
+        """post_save/post_delete_resource_event + select_webhooks: one payload per active project webhook of the
+        object's project subscribed to ``event`` (tasks in no project reach none: organizations are not
+        modelled). Payload keys in the recorded order: event, the object, sender, before_update (only when
+        something changed), webhook_id. Queued when the request (or helper) succeeds: transaction.on_commit."""
+        hooks = [hook for hook in self.webhooks.values()
+                 if hook["is_active"] and hook["type"] == "project" and hook["project_id"] == project_id
+                 and project_id is not None and event in hook["events"]]
+        if not hooks:
+            return
+        resource = event.partition(":")[2]
+        data: dict[str, Any] = {"event": event, resource: obj, "sender": self._sender(worker)}
+        if before:
+            data["before_update"] = before
+        text = json.dumps(data).replace(RECORDED_BASE, "" if worker else self._current_base)
+        for hook in hooks:
+            self._outbox.append(({key: hook[key] for key in ("id", "target_url", "secret", "enable_ssl")},
+                                 {**json.loads(text), "webhook_id": hook["id"]}))
+
+    def _emit_update(self, event: str, old: dict, new: dict, project_id: int | None, *,
+                     worker: bool = False) -> None:
+        self._emit(event, new, project_id, _diff(old, new), worker=worker)
+
+    def _created_task(self, task: Task) -> None:
+        """``POST /api/tasks``: create:task (no data yet: recorded create_task.json), and the project's
+        updated_date touched: update:project with only updated_date (update_project.touch_on_task_create.json)."""
+        project_id = task.record["project_id"]
+        self._emit("create:task", self._task_payload(task), project_id)
+        self._touch_project(project_id)
+
+    def _touch_project(self, project_id: int | None) -> None:
+        project = self.projects.get(project_id) if project_id is not None else None
+        if project is not None:
+            old = self._project_json(project)
+            project["updated_date"] = _now()
+            self._emit_update("update:project", old, self._project_json(project), project_id)
+
+    def _attach_data(self, task: Task) -> None:
+        """What ``POST /api/tasks/ID/data`` (TaskViewSet.data/upload_data, cvat/apps/engine/views.py) and then the
+        task-creation RQ job (cvat/apps/engine/task.py) do, with the update:task/create:job deliveries recorded for
+        them (all_deliveries.json 6-11, 31-35), the ``before_update`` of each as recorded."""
+        record, project_id = task.record, task.record["project_id"]
+        chunk_type = "video" if task.video else "imageset"
+        # 1. The view attaches a new Data object (image_quality: the model default, 50) and saves the task.
+        old = self._task_payload(task)
+        record.update({"data_chunk_size": None, "data_compressed_chunk_type": chunk_type,
+                       "data_original_chunk_type": chunk_type, "size": 0, "image_quality": 50,
+                       "data": self._new_id("data"), "updated_date": _now()})
+        task.record = record = _ordered(record, _TASK_FIELDS)
+        self._emit_update("update:task", old, self._task_payload(task), project_id)  # update_task.data_attached
+        # 2. upload_data saves the view's object, whose job counts were annotated (0, 0, 0) when the request began.
+        before = {"updated_date": record["updated_date"], "jobs": self._task_payload(task)["jobs"]}
+        record.update({"image_quality": task.image_quality, "updated_date": _now()})
+        self._emit("update:task", self._task_payload(task, jobs=(0, 0, 0)), project_id, before)  # .jobs_created
+        # 3. The RQ job creates the segments and their jobs (create:job from the worker) ...
+        size, now = len(task.frames), _now()
+        segment = record["segment_size"] or size
+        for start in range(0, size, segment):
+            job = self._add_job(task, start, min(start + segment, size) - 1, now)
+            self._emit("create:job", self._job_payload(job, worker=True), project_id, worker=True)
+        # 4. ... saves the task with its mode, overlap and segment size (the size lives on Data: not in the diff) ...
+        before = {"mode": record["mode"], "updated_date": record["updated_date"], "overlap": record["overlap"]}
+        if record["segment_size"] != segment:
+            before["segment_size"] = record["segment_size"]
+        record.update({"mode": "interpolation" if task.video else "annotation", "overlap": 0, "segment_size": segment,
+                       "size": size, "data_chunk_size": task.chunk_size, "updated_date": _now()})
+        self._emit("update:task", self._task_payload(task, worker=True), project_id, before, worker=True)
+        # 5. ... and once more at the end (updated_date only).
+        before = {"updated_date": record["updated_date"]}
+        record["updated_date"] = task.chunks_updated_date = _now()
+        self._emit("update:task", self._task_payload(task, worker=True), project_id, before, worker=True)
+        task.pending = False
+
+    def _annotation_saved(self, task: Task, job: Job) -> None:
+        """JobAnnotation._set_updated_date (cvat/apps/dataset_manager/task.py): a save that changed something in
+        a job touches the job, its task and its project: update:job, update:task, update:project, each with
+        ``before_update`` = {updated_date} (recorded: *.annotation_save_on_job.json; a task-level save does this
+        for every job it changed, in job order)."""
+        project_id = task.record["project_id"]
+        old = self._job_payload(job)
+        job.record["updated_date"] = _now()
+        self._emit_update("update:job", old, self._job_payload(job), project_id)
+        old = self._task_payload(task)
+        task.record["updated_date"] = _now()
+        self._emit_update("update:task", old, self._task_payload(task), project_id)
+        self._touch_project(project_id)
+
+    def _flush(self) -> None:
+        """Queue the events of the request (or helper) that just succeeded."""
+        if not self._outbox:
+            return
+        with self._queue_cond:
+            if not self._closing:
+                self._queue.extend(self._outbox)
+                self._unsent += len(self._outbox)
+                if self._courier is None:
+                    self._courier = threading.Thread(target=self._deliver_forever, name="cvat-double-webhooks",
+                                                     daemon=True)
+                    self._courier.start()
+                self._queue_cond.notify_all()
+        self._outbox = []
+
+    def _deliver_forever(self) -> None:
+        """The webhooks RQ worker: one delivery at a time, in the order queued, no retries."""
+        pools = {True: urllib3.PoolManager(), False: urllib3.PoolManager(cert_reqs="CERT_NONE")}
+        while True:
+            with self._queue_cond:
+                self._queue_cond.wait_for(lambda: self._queue or self._closing)
+                if self._closing:
+                    for pool in pools.values():
+                        pool.clear()
+                    return
+                hook, payload = self._queue.popleft()
+            delivery = _send(pools[bool(hook["enable_ssl"])], hook, payload)
+            with self._queue_cond:
+                self._delivery_id += 1
+                self.deliveries.append(Delivery(self._delivery_id, hook["id"], payload["event"],
+                                                hook["target_url"], body=json.dumps(payload).encode(),
+                                                payload=payload, **delivery))
+                self._unsent -= 1
+                self._queue_cond.notify_all()
+
+    def _new_webhook(self, body: dict, base: str) -> dict:
+        """WebhookWriteSerializer: validate, store (secret kept), return the read record (no secret)."""
+        errors = {k: ["This field is required."] for k in ("target_url", "type", "events") if not body.get(k)}
+        if body.get("type") not in (None, "project", "organization"):
+            errors["type"] = [f'"{body["type"]}" is not a valid choice.']
+        events = body.get("events") or []
+        unknown = [e for e in events if e not in _PROJECT_EVENTS + _ORGANIZATION_ONLY_EVENTS]
+        if unknown:
+            errors["events"] = [f'"{unknown[0]}" is not a valid choice.']
+        if body.get("type") == "project" and body.get("project_id") not in self.projects:
+            errors["project_id"] = [f'Invalid pk "{body.get("project_id")}" - object does not exist.']
+        if errors:
+            raise HttpError(400, errors)
+        if body["type"] == "project" and not set(events) <= set(_PROJECT_EVENTS):  # EventTypeValidator
+            raise HttpError(400, {"non_field_errors": ["Invalid events list for project webhook"]})
+        webhook_id, now = self._new_id("webhook"), _now()
+        record = load_fixture("webhooks/api/POST_api_webhooks.project.json")
+        record.update({
+            "id": webhook_id, "url": f"{base}/api/webhooks/{webhook_id}",
+            "target_url": body["target_url"], "description": body.get("description", ""), "type": body["type"],
+            "content_type": body.get("content_type", "application/json"), "is_active": body.get("is_active", True),
+            "enable_ssl": body.get("enable_ssl", True), "created_date": now, "updated_date": now,
+            "project_id": body.get("project_id"), "organization": None, "events": sorted(set(events))})
+        record["owner"] = json.loads(json.dumps(record["owner"]).replace(RECORDED_BASE, base))
+        self.webhooks[webhook_id] = {**record, "secret": body.get("secret") or ""}
+        return record
 
     # ----------------------------------------------------------------- HTTP plumbing
 
@@ -447,9 +791,15 @@ class CvatDouble:
                 response = self._fault(request) or self._route(request)
             except HttpError as error:
                 response = self._json(error.payload, error.status, error.headers)
+            except ServerCrash:
+                response = Response(500, _SERVER_ERROR_HTML.encode(), "text/html; charset=utf-8")
             except Exception as error:  # a bug in the double: answer like Django would, keep it for the test to see
                 self.errors.append(error)
                 response = Response(500, _SERVER_ERROR_HTML.encode(), "text/html; charset=utf-8")
+            if response.status < 400:
+                self._flush()  # the request's webhook events (CVAT: transaction.on_commit)
+            else:
+                self._outbox.clear()  # rolled back: nothing is sent
             self.requests.append(RequestRecord(method, request.path, query, CUT if response.cut else response.status))
         return response
 
@@ -584,6 +934,8 @@ class CvatDouble:
         jobs = [self.jobs[j] for j in task.job_ids]
         statuses = {self._job_status(j) for j in jobs}
         status = next((s for s in ("annotation", "validation") if s in statuses), "completed")
+        if not jobs:  # a task without data keeps the model's default status
+            status = task.record["status"]
         summary = {
             "count": len(jobs),
             "completed": sum(j.record["stage"] == "acceptance" and j.record["state"] == "completed" for j in jobs),
@@ -592,13 +944,22 @@ class CvatDouble:
         }
         return {**task.record, "status": status, "jobs": summary}
 
-    def _touch(self, task: Task, jobs: Sequence[Job]) -> None:
-        now = _now()
-        for job in jobs:
-            job.record["updated_date"] = now
-        task.record["updated_date"] = now
-        if task.record["project_id"] in self.projects:
-            self.projects[task.record["project_id"]]["updated_date"] = now
+    def _with_defaults(self, kind: str, obj: dict) -> dict:
+        """An annotation as GET returns it: attribute values not stored get their spec's default, at read time
+        (JobAnnotation._extend_attributes), so an attribute added to a label later shows on older annotations.
+        Tags and shapes take all the label's attributes, a track the immutable ones, its shapes the mutable ones."""
+        obj = copy.deepcopy(obj)
+        label = self.labels.get(obj["label_id"])
+        if label is None:
+            return obj
+        specs = label["attributes"]
+        if kind == "tracks":
+            obj["attributes"] = _fill(obj.get("attributes"), [a for a in specs if not a["mutable"]])
+            for shape in obj.get("shapes") or []:
+                shape["attributes"] = _fill(shape.get("attributes"), [a for a in specs if a["mutable"]])
+        else:
+            obj["attributes"] = _fill(obj.get("attributes"), specs)
+        return obj
 
     # ----------------------------------------------------------------- handlers: server, auth, users
 
@@ -635,22 +996,9 @@ class CvatDouble:
 
     def _webhook_create(self, request: _Request) -> Response:
         body = request.json()
-        errors = {k: ["This field is required."] for k in ("target_url", "type", "events") if not body.get(k)}
-        if body.get("type") == "project" and body.get("project_id") not in self.projects:
-            errors["project_id"] = [f'Invalid pk "{body.get("project_id")}" - object does not exist.']
-        if errors:
-            raise HttpError(400, errors)
-        webhook_id = len(self.webhooks) + 1
-        now = _now()
-        record = load_fixture("webhooks/api/POST_api_webhooks.project.json")
-        record.update({
-            "id": webhook_id, "url": f"{self._current_base}/api/webhooks/{webhook_id}",
-            "target_url": body["target_url"], "description": body.get("description", ""), "type": body["type"],
-            "content_type": body.get("content_type", "application/json"), "is_active": body.get("is_active", True),
-            "enable_ssl": body.get("enable_ssl", True), "created_date": now, "updated_date": now,
-            "project_id": body.get("project_id"), "organization": None, "events": sorted(body["events"])})
-        self.webhooks[webhook_id] = {**record, "secret": body.get("secret", "")}
-        return self._json(record, 201)
+        if not isinstance(body, dict):
+            raise HttpError(400, {"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]})
+        return self._json(self._new_webhook(body, self._current_base), 201)
 
     def _webhook_list(self, request: _Request) -> Response:
         project_id = request.int_param("project_id")
@@ -661,16 +1009,153 @@ class CvatDouble:
     # ----------------------------------------------------------------- handlers: projects, tasks, jobs, labels
 
     def _project_json(self, project: dict) -> dict:
-        count = sum(t.record["project_id"] == project["id"] for t in self.tasks.values())
-        return {**project, "tasks": {**project["tasks"], "count": count}}
+        """ProjectReadSerializer: ``tasks.count``, ``dimension`` (of its first task with one; null without
+        tasks, as POST_api_projects.json shows) and ``task_subsets`` (the tasks' non-empty subsets)."""
+        tasks = [t for t in self.tasks.values() if t.record["project_id"] == project["id"]]
+        return {**project, "dimension": next((t.record["dimension"] for t in tasks if t.record["dimension"]), None),
+                "tasks": {**project["tasks"], "count": len(tasks)},
+                "task_subsets": sorted({t.record["subset"] for t in tasks if t.record["subset"]})}
+
+    def _get_project(self, project_id: int) -> dict:
+        if project_id not in self.projects:
+            raise HttpError(404, {"detail": "No Project matches the given query."})
+        return self.projects[project_id]
 
     def _project_list(self, request: _Request) -> Response:
         return self._page(request, [self._project_json(p) for _, p in sorted(self.projects.items(), reverse=True)])
 
     def _project(self, request: _Request, project_id: int) -> Response:
-        if project_id not in self.projects:
-            raise HttpError(404, {"detail": "No Project matches the given query."})
-        return self._json(self._project_json(self.projects[project_id]))
+        return self._json(self._project_json(self._get_project(project_id)))
+
+    def _project_patch(self, request: _Request, project_id: int) -> Response:
+        """ProjectWriteSerializer (partial) then ProjectWriteSerializer.update (cvat/apps/engine/serializers.py):
+        ``name``/``bug_tracker`` replaced; each of ``labels`` goes through LabelSerializer.update_label in order,
+        all in one transaction; the project saved (update:project). The answer is the project as
+        ProjectReadSerializer shows it."""
+        project, body = self._get_project(project_id), request.json()
+        labels = self._checked_write(body, ("name", "bug_tracker"))
+        removed = self._update_labels(labels, {"project_id": project_id})
+        old = self._project_json(project)
+        project.update({key: body[key] for key in ("name", "bug_tracker") if key in body})
+        project["updated_date"] = _now()
+        for task in (t for t in self.tasks.values() if t.record["project_id"] == project_id):
+            self._drop_label_annotations(task, removed)
+            if "labels" in body:  # update_child_objects_on_labels_update: a queryset update, no signals
+                for job_id in task.job_ids:
+                    self.jobs[job_id].record["updated_date"] = project["updated_date"]
+                task.record["updated_date"] = project["updated_date"]
+        new = self._project_json(project)
+        self._emit_update("update:project", old, new, project_id)
+        return self._json(new)
+
+    def _task_patch(self, request: _Request, task_id: int) -> Response:
+        """TaskWriteSerializer (partial) then TaskWriteSerializer.update: ``name``/``bug_tracker``/``subset``
+        replaced; ``labels`` updated as for a project, but only for a task in no project (a project's task takes
+        its labels from the project: ignored). The task is saved: update:task (the view's object, so its job counts
+        are annotated and ``jobs`` shows in before_update, as in update_task.jobs_created), then
+        TaskViewSet.perform_update touches the project. The answer is the task record. Moving a task to another
+        project is not modelled."""
+        task, body = self._get_task(task_id), request.json()
+        labels = self._checked_write(body, ("name", "bug_tracker", "subset"))
+        if "project_id" in body and body["project_id"] != task.record["project_id"]:
+            raise NotImplementedError("the double does not move tasks between projects")
+        project_id = task.record["project_id"]
+        removed = self._update_labels(labels, {"task_id": task_id}) if project_id is None else []
+        old = self._task_payload(task)
+        task.record.update({key: body[key] for key in ("name", "bug_tracker", "subset") if key in body})
+        task.record["updated_date"] = _now()
+        self._drop_label_annotations(task, removed)
+        if "labels" in body and project_id is None:
+            for job_id in task.job_ids:
+                self.jobs[job_id].record["updated_date"] = task.record["updated_date"]
+        self._emit_update("update:task", old, self._task_json(task), project_id)
+        self._touch_project(project_id)
+        return self._json(self._task_json(task))
+
+    def _checked_write(self, body: Any, fields: Sequence[str]) -> list:
+        """The DRF validation of a project/task PATCH body: its plain fields and its ``labels``."""
+        if not isinstance(body, dict):
+            raise HttpError(400, {"non_field_errors": [
+                f"Invalid data. Expected a dictionary, but got {type(body).__name__}."]})
+        errors: dict[str, Any] = {}
+        for key in fields:
+            if key in body and (problem := _char_error(body[key], blank=key != "name")):
+                errors[key] = [problem]
+        labels = body.get("labels", [])
+        if not isinstance(labels, list):
+            errors["labels"] = {"non_field_errors": [
+                f'Expected a list of items but got type "{type(labels).__name__}".']}
+        elif any(label_errors := [_label_errors(spec) for spec in labels]):
+            errors["labels"] = label_errors
+        if errors:
+            raise HttpError(400, errors)
+        return labels
+
+    def _update_labels(self, labels: list[dict], owner: dict) -> list[int]:
+        """LabelSerializer.update_labels, in one transaction (an error leaves the labels as they were); returns the
+        ids of the labels deleted."""
+        saved = copy.deepcopy(self.labels)  # ids handed out stay used, as database sequences do
+        try:
+            return [label_id for spec in labels if (label_id := self._update_label(spec, owner)) is not None]
+        except HttpError:
+            self.labels.clear()
+            self.labels.update(saved)
+            raise
+
+    @staticmethod
+    def _drop_label_annotations(task: Task, removed: Sequence[int]) -> None:
+        for kind in _KINDS:  # Label.delete() cascades to the annotations of that label
+            task.annotations[kind] = [o for o in task.annotations[kind] if o["label_id"] not in removed]
+
+    def _update_label(self, spec: dict, owner: dict) -> int | None:
+        """LabelSerializer.update_label for a label of ``owner`` ({"project_id": N} or {"task_id": N}); returns the
+        id of a label it deleted. Not modelled: sublabels/skeletons, and the color CVAT derives from the name when
+        none is given (a palette color)."""
+        (owner_key, owner_id), = owner.items()
+        attributes = spec.get("attributes") or []
+        seen: set[str] = set()
+        for attribute in attributes:  # check_attribute_names_unique
+            if attribute.get("name") in seen:
+                raise HttpError(400, [f"Duplicate attribute with name '{attribute.get('name')}' exists"])
+            seen.add(attribute.get("name"))
+        if spec.get("id") is not None:
+            label = self.labels.get(spec["id"])
+            if label is None or label.get(owner_key) != owner_id:
+                raise HttpError(404, {"detail": f"Not found label with id #{spec['id']} to change"})
+            new_type = spec.get("type") or label["type"]
+            if "skeleton" not in (label["type"], new_type):  # changing from or to skeleton is ignored
+                label["type"] = new_type
+            label["name"] = spec.get("name") or label["name"]
+        else:
+            if spec.get("name") in (None, ""):  # Label.create: the NOT NULL IntegrityError becomes InvalidLabel
+                raise HttpError(400, ["All label names must be unique"])
+            label = self._add_label({"name": spec["name"], "type": spec.get("type"), "color": spec.get("color")},
+                                    **owner)
+        if spec.get("deleted"):
+            del self.labels[label["id"]]
+            return label["id"]
+        if spec.get("color"):
+            label["color"] = spec["color"]
+        if any(other["name"] == label["name"] for other in self.labels.values()
+               if other.get(owner_key) == owner_id and other["id"] != label["id"]):
+            raise HttpError(400, ["All label names must be unique"])  # unique (project, name) / (task, name)
+        for attribute in attributes:
+            if attribute.get("id") is not None:
+                stored = next((a for a in label["attributes"] if a["id"] == attribute["id"]), None)
+                if stored is None:
+                    raise HttpError(404, {"detail": f"Attribute with id #{attribute['id']} does not exist"})
+            else:  # AttributeSpec.objects.get_or_create(label=..., name=..., defaults=attr)
+                stored = next((a for a in label["attributes"] if a["name"] == attribute.get("name")), None)
+                if stored is None:
+                    label["attributes"].append({
+                        "id": self._new_id("attribute"), "name": attribute.get("name"),
+                        "mutable": attribute.get("mutable", False), "input_type": attribute.get("input_type", ""),
+                        "default_value": attribute.get("default_value", ""),
+                        "values": list(attribute.get("values", [""]))})  # the model's "" reads back as [""]
+                    continue
+            stored.update({key: attribute[key] for key in ("name", "default_value", "mutable", "input_type",
+                                                            "values") if key in attribute})
+        return None
 
     def _task_list(self, request: _Request) -> Response:
         tasks = sorted(self.tasks.values(), key=lambda t: -t.id)  # newest first
@@ -682,7 +1167,15 @@ class CvatDouble:
         return self._json(self._task_json(self._get_task(task_id)))
 
     def _task_delete(self, request: _Request, task_id: int) -> Response:
-        self._drop_task(self._get_task(task_id).id)
+        """Deleting a task: delete:job for each job, the project touched (update:project), delete:task with the
+        view's object, job counts annotated (recorded: all_deliveries.json 36-38)."""
+        task = self._get_task(task_id)
+        project_id, payload = task.record["project_id"], self._task_json(task)
+        for job_id in task.job_ids:
+            self._emit("delete:job", self._job_payload(self.jobs[job_id]), project_id)
+        self._drop_task(task.id)
+        self._touch_project(project_id)
+        self._emit("delete:task", payload, project_id)
         return Response(204, content_type=None)
 
     def _drop_task(self, task_id: int) -> None:
@@ -701,13 +1194,22 @@ class CvatDouble:
         return self._json(self._job_json(self._get_job(job_id)))
 
     def _job_patch(self, request: _Request, job_id: int) -> Response:
+        """JobWriteSerializer.update saves the job (update:job, before_update = what changed, e.g.
+        {state, updated_date} or {status, stage, updated_date} as recorded); engine/signals.py
+        __save_job_handler saves the task only when its status changes (update:task {updated_date, status})."""
         job, body = self._get_job(job_id), request.json()
         errors = {key: [f'"{body[key]}" is not a valid choice.'] for key, choices in _JOB_CHOICES.items()
                   if key in body and body[key] not in choices}
         if errors:
             raise HttpError(400, errors)
+        task = self.tasks[job.task_id]
+        old_job, old_task = self._job_payload(job), self._task_payload(task)
         job.record.update({key: body[key] for key in _JOB_CHOICES if key in body})
-        self._touch(self.tasks[job.task_id], [job])
+        job.record["updated_date"] = _now()
+        self._emit_update("update:job", old_job, self._job_payload(job), task.record["project_id"])
+        if self._task_json(task)["status"] != old_task["status"]:
+            task.record["updated_date"] = _now()
+            self._emit_update("update:task", old_task, self._task_payload(task), task.record["project_id"])
         return self._json(self._job_json(job))
 
     def _label_list(self, request: _Request) -> Response:
@@ -741,6 +1243,8 @@ class CvatDouble:
 
     def _task_meta(self, request: _Request, task_id: int) -> Response:
         task = self._get_task(task_id)
+        if task.pending:  # TaskViewSet.metadata reads db_task.data.images with data None: AttributeError, 500
+            raise ServerCrash("'NoneType' object has no attribute 'images'")
         return self._json(self._meta(task, 0, len(task.frames) - 1, task.chunks_updated_date))
 
     def _job_meta(self, request: _Request, job_id: int) -> Response:
@@ -764,6 +1268,10 @@ class CvatDouble:
         if quality not in ("compressed", "original"):
             raise HttpError(400, ["Wrong quality value"])  # not recorded
         raw = request.query.get(chunk_param if kind == "chunk" else "number")
+        if task.pending:  # _DataGetter checks the parameters, then TaskFrameProvider reads data.size: 500
+            if raw is None:
+                raise HttpError(400, ["Number is not specified"])
+            raise ServerCrash("'NoneType' object has no attribute 'size'")
         number = request.int_param(chunk_param if kind == "chunk" else "number")
         if kind == "frame":
             if number is None or not first <= number <= last:
@@ -824,19 +1332,43 @@ class CvatDouble:
         return self._annotations(request, self.tasks[job.task_id], job)
 
     def _annotations(self, request: _Request, task: Task, job: Job | None) -> Response:
+        if task.pending:
+            return self._annotations_without_data(request, task)
         if request.method == "GET":
             return self._json(self._view(task, job, task.annotations))
-        if request.method == "DELETE":
+        if request.method == "DELETE":  # JobAnnotation.delete(): the jobs that held something are touched
+            touched = [j for j in self._scope_jobs(task, job) if self._holds_any(task, j)]
             self._remove_scope(task, job)
-            self._touch(task, self._scope_jobs(task, job))
+            for saved in touched:
+                self._annotation_saved(task, saved)
             return Response(204, content_type=None)
         action = "put" if request.method == "PUT" else request.query.get("action")
-        if action not in ("put", "create", "update", "delete"):
+        if action not in ("put", "create", "update", "delete") or (action == "put") != (request.method == "PUT"):
             raise HttpError(400, ["Please specify a correct 'action' for the request"])
         body = request.json()
         if not isinstance(body, dict):
             raise HttpError(400, {"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]})
         return self._json(self._write(task, job, action, body))
+
+    def _annotations_without_data(self, request: _Request, task: Task) -> Response:
+        """TaskViewSet.annotations for a task whose ``data`` is None (cvat/apps/engine/views.py): GET answers 400
+        text/html; PATCH validates the body, then TaskAnnotation reads ``data.validation_mode`` and the
+        AttributeError is answered as a 400 JSON string; PUT and DELETE let it escape (500)."""
+        if request.method == "GET":
+            return Response(400, b"Exporting annotations from a task without data is not allowed",
+                            "text/html; charset=utf-8")
+        if request.method == "DELETE":
+            raise ServerCrash("'NoneType' object has no attribute 'validation_mode'")
+        action = "put" if request.method == "PUT" else request.query.get("action")
+        if action not in ("put", "create", "update", "delete") or (action == "put") != (request.method == "PUT"):
+            raise HttpError(400, ["Please specify a correct 'action' for the request"])
+        body = request.json()
+        if not isinstance(body, dict):
+            raise HttpError(400, {"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]})
+        self._validate_fields({kind: body.get(kind) or [] for kind in _KINDS})
+        if action == "put":
+            raise ServerCrash("'NoneType' object has no attribute 'validation_mode'")
+        raise HttpError(400, "'NoneType' object has no attribute 'validation_mode'")
 
     def _scope_jobs(self, task: Task, job: Job | None) -> list[Job]:
         return [job] if job else [self.jobs[j] for j in task.job_ids]
@@ -844,11 +1376,23 @@ class CvatDouble:
     def _job_of(self, task: Task, frame: int) -> Job | None:
         return next((self.jobs[j] for j in task.job_ids if self.jobs[j].start <= frame <= self.jobs[j].stop), None)
 
+    @staticmethod
+    def _within(kind: str, obj: dict, job: Job) -> bool:
+        """Whether ``obj`` falls in the job's frames (AnnotationIR.slice: a track by the span of its shapes)."""
+        frames = [obj.get("frame")] + [s.get("frame") for s in obj.get("shapes") or []] if kind == "tracks" \
+            else [obj.get("frame")]
+        frames = [f for f in frames if isinstance(f, int)]
+        return bool(frames) and min(frames) <= job.stop and max(frames) >= job.start
+
+    def _holds_any(self, task: Task, job: Job) -> bool:
+        return any(job.start <= o["frame"] <= job.stop for kind in _KINDS for o in task.annotations[kind])
+
     def _view(self, task: Task, job: Job | None, objects: dict[str, list[dict]], write: bool = False) -> dict:
         """Objects grouped job by job (the task view is the jobs' views merged, as on the server). A track that
         ends inside a job which is not the task's last gets an ``outside`` copy of its last shape on the next
         job's first frame (same id, not stored). GET lists each job's objects by frame, ties in save order
-        (recorded: after updating shape 89 the job lists 88, 90, 89, 91); write responses keep request order."""
+        (recorded: after updating shape 89 the job lists 88, 90, 89, 91), attribute defaults filled in; write
+        responses keep request order and echo what was sent."""
         jobs = self._scope_jobs(task, job)
         last_job = self.jobs[task.job_ids[-1]]
         result: dict[str, Any] = {"version": 0}
@@ -860,7 +1404,7 @@ class CvatDouble:
                 for obj in listed:
                     if not scope.start <= obj["frame"] <= scope.stop:
                         continue
-                    obj = copy.deepcopy(obj)
+                    obj = copy.deepcopy(obj) if write else self._with_defaults(kind, obj)
                     if kind == "tracks":
                         shapes = obj["shapes"]
                         if (job is None and scope is not last_job and shapes and not shapes[-1]["outside"]
@@ -877,10 +1421,15 @@ class CvatDouble:
                                       if job is not None and not job.start <= o["frame"] <= job.stop]
 
     def _write(self, task: Task, job: Job | None, action: str, body: dict) -> dict:
+        """PATCH create/update/delete and PUT (dm.task / JobAnnotation in cvat/apps/dataset_manager/task.py): the
+        body is validated as a whole, then saved job by job; each job whose part of the request is not empty
+        (for PUT: or that held annotations) is touched, with its webhooks (``_annotation_saved``)."""
         data = {kind: body.get(kind) or [] for kind in _KINDS}
         scope = self._scope_jobs(task, job)
         if action in ("put", "create", "update"):
             self._validate(task, data)
+        changed = [j for j in scope if any(self._within(kind, obj, j) for kind in _KINDS for obj in data[kind])
+                   or (action == "put" and self._holds_any(task, j))]
         if action == "put":
             self._remove_scope(task, job)
         stored = task.annotations
@@ -904,14 +1453,16 @@ class CvatDouble:
                     old = stored[kind].pop(index)
                     if action == "update":  # an updated object moves to the end, as the recorded job GET shows
                         stored[kind].append(self._normalize(kind, sent, old["id"], update=True))
-                        touched[kind].append(stored[kind][-1])
+                        touched[kind].append(_echo(kind, sent, stored[kind][-1]))
                     else:
                         touched[kind].append(old)
             result = self._view(task, job, touched, write=True)
-        self._touch(task, scope)
+        for saved in changed:
+            self._annotation_saved(task, saved)
         return result
 
-    def _validate(self, task: Task, data: dict[str, list]) -> None:
+    def _validate_fields(self, data: dict[str, list]) -> None:
+        """LabeledDataSerializer: DRF field errors of every object, one entry per object ({} when valid)."""
         errors: dict[str, list[dict]] = {}
         for kind in _KINDS:
             items = [self._field_errors(kind, obj) for obj in data[kind]]
@@ -919,19 +1470,30 @@ class CvatDouble:
                 errors[kind] = items
         if errors:
             raise HttpError(400, errors)
+
+    def _validate(self, task: Task, data: dict[str, list]) -> None:
+        """The serializer, then what JobAnnotation checks while saving: the label must be the task's
+        (``label_id `N` is invalid``) and every attribute spec must belong to that label: any of its attributes
+        for tags and shapes, an immutable one on a track, a mutable one on a track's shapes
+        (``_validate_attribute_for_existence``: ``spec_id `N` is invalid``)."""
+        self._validate_fields(data)
         labels = {label["id"]: label for label in self._task_labels(task)}
         for kind in _KINDS:
             for obj in data[kind]:
                 label = labels.get(obj["label_id"])
                 if label is None:
                     raise HttpError(400, [f"label_id `{obj['label_id']}` is invalid"])
-                specs = {a["id"] for a in label["attributes"]}
-                values = obj.get("attributes") or []
-                for shape in obj.get("shapes") or []:
-                    values = values + (shape.get("attributes") or [])
-                for value in values:
-                    if value.get("spec_id") not in specs:
-                        raise HttpError(400, [f"spec_id `{value.get('spec_id')}` is invalid"])
+                specs = label["attributes"]
+                if kind == "tracks":
+                    checks = [(obj.get("attributes"), {a["id"] for a in specs if not a["mutable"]})]
+                    checks += [(s.get("attributes"), {a["id"] for a in specs if a["mutable"]})
+                               for s in obj.get("shapes") or []]
+                else:
+                    checks = [(obj.get("attributes"), {a["id"] for a in specs})]
+                for values, allowed in checks:
+                    for value in values or []:
+                        if value["spec_id"] not in allowed:
+                            raise HttpError(400, [f"spec_id `{value['spec_id']}` is invalid"])
 
     @staticmethod
     def _field_errors(kind: str, obj: Any) -> dict:
@@ -940,8 +1502,13 @@ class CvatDouble:
             return {"non_field_errors": [f"Invalid data. Expected a dictionary, but got {type(obj).__name__}."]}
         required = ("frame", "label_id", "type") if kind == "shapes" else ("frame", "label_id")
         errors = _required_errors(obj, required)
+        if attribute_errors := _attribute_errors(obj.get("attributes", [])):
+            errors["attributes"] = attribute_errors
         if kind == "tracks":
             shape_errors = [_shape_errors(s, ("frame", "type")) for s in obj.get("shapes") or []]
+            for shape, problems in zip(obj.get("shapes") or [], shape_errors, strict=True):
+                if isinstance(shape, dict) and (attribute_errors := _attribute_errors(shape.get("attributes", []))):
+                    problems["attributes"] = attribute_errors
             if any(shape_errors):
                 errors["shapes"] = shape_errors
         elif kind == "shapes" and "type" not in errors:
@@ -949,26 +1516,157 @@ class CvatDouble:
         return errors
 
     def _normalize(self, kind: str, sent: dict, obj_id: int, *, update: bool = False) -> dict:
-        """What the server stores and GET returns: floats, defaults, default attribute values filled in.
-        Track shapes keep their ids on update only."""
-        label = self.labels[sent["label_id"]]
-        mutable = [a for a in label["attributes"] if a["mutable"]]
-        immutable = [a for a in label["attributes"] if not a["mutable"]]
+        """What the server stores: floats, defaults, attribute values as strings (defaults for attributes not
+        given are added when read, see ``_with_defaults``). Track shapes keep their ids on update only."""
         common = {"id": obj_id, "label_id": sent["label_id"], "frame": sent["frame"], "group": sent.get("group", 0),
                   "source": sent.get("source", "manual")}
         if kind == "tags":
-            return _ordered({**common, "attributes": _fill(sent.get("attributes"), label["attributes"])},
-                            _STORED_ORDER["tags"])
+            return _ordered({**common, "attributes": _attrs(sent.get("attributes"))}, _STORED_ORDER["tags"])
         if kind == "shapes":
             return _ordered({**common, **_geometry(sent), "type": sent["type"],
-                             "attributes": _fill(sent.get("attributes"), label["attributes"]),
+                             "attributes": _attrs(sent.get("attributes")),
                              "elements": copy.deepcopy(sent.get("elements") or [])}, _STORED_ORDER["shapes"])
         shapes = [_ordered({**_geometry(s), "id": (update and s.get("id")) or self._new_id("track_shape"),
-                            "type": s["type"],
-                            "frame": s["frame"], "attributes": _fill(s.get("attributes"), mutable)},
+                            "type": s["type"], "frame": s["frame"], "attributes": _attrs(s.get("attributes"))},
                            _STORED_ORDER["track_shapes"]) for s in sent.get("shapes") or []]
-        return _ordered({**common, "shapes": shapes, "attributes": _fill(sent.get("attributes"), immutable),
+        return _ordered({**common, "shapes": shapes, "attributes": _attrs(sent.get("attributes")),
                          "elements": copy.deepcopy(sent.get("elements") or [])}, _STORED_ORDER["tracks"])
+
+
+def _char_error(value: Any, *, blank: bool = False, max_length: int | None = None) -> str | None:
+    """DRF CharField: the first error message, None when valid."""
+    if value is None:
+        return "This field may not be null."
+    if isinstance(value, (bool, dict, list)):
+        return "Not a valid string."
+    if not blank and str(value).strip() == "":
+        return "This field may not be blank."
+    if max_length is not None and len(str(value)) > max_length:
+        return f"Ensure this field has no more than {max_length} characters."
+    return None
+
+
+def _field_checks(obj: dict, checks: dict[str, Any]) -> dict[str, list]:
+    """DRF field errors of ``obj`` (partial: missing fields are skipped). ``checks``: name -> "int", "bool",
+    ("char", blank, max_length) or a tuple of choices."""
+    errors: dict[str, list] = {}
+    for key, check in checks.items():
+        if key not in obj:
+            continue
+        value = obj[key]
+        if check == "int":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                errors[key] = ["A valid integer is required."]
+        elif check == "bool":
+            if not isinstance(value, bool) and value not in ("true", "false", "True", "False", 0, 1):
+                errors[key] = ["Must be a valid boolean."]
+        elif check[0] == "char":
+            if problem := _char_error(value, blank=check[1], max_length=check[2]):
+                errors[key] = [problem]
+        elif value not in check:
+            errors[key] = [f'"{value}" is not a valid choice.']
+    return errors
+
+
+def _label_errors(spec: Any) -> dict:
+    """LabelSerializer (partial, as inside a PATCH of its project): field errors, then validate()."""
+    if not isinstance(spec, dict):
+        return {"non_field_errors": [f"Invalid data. Expected a dictionary, but got {type(spec).__name__}."]}
+    errors: dict[str, Any] = _field_checks(spec, {"id": "int", "name": ("char", False, 64),
+                                                  "color": ("char", True, None), "deleted": "bool",
+                                                  "type": _LABEL_TYPES})
+    attributes = spec.get("attributes", [])
+    if not isinstance(attributes, list):
+        errors["attributes"] = {"non_field_errors": [
+            f'Expected a list of items but got type "{type(attributes).__name__}".']}
+    else:
+        items = []
+        for attribute in attributes:
+            if not isinstance(attribute, dict):
+                items.append({"non_field_errors": [
+                    f"Invalid data. Expected a dictionary, but got {type(attribute).__name__}."]})
+                continue
+            item = _field_checks(attribute, {"id": "int", "name": ("char", False, 64), "mutable": "bool",
+                                             "input_type": _ATTRIBUTE_TYPES,
+                                             "default_value": ("char", True, 128)})
+            values = attribute.get("values", [])
+            if not isinstance(values, list):
+                item["values"] = [f'Expected a list of items but got type "{type(values).__name__}".']
+            elif bad := {str(i): [problem] for i, v in enumerate(values)
+                         if (problem := _char_error(v, blank=True, max_length=200))}:
+                item["values"] = bad
+            items.append(item)
+        if any(items):
+            errors["attributes"] = items
+    if not errors and spec.get("deleted") and spec.get("id") is None:
+        errors["non_field_errors"] = ["Deleted label must have an ID"]
+    return errors
+
+
+def _attribute_errors(values: Any) -> Any:
+    """AttributeValSerializer(many=True) errors of an annotation's ``attributes`` (falsy when valid). Its
+    to_internal_value runs ``data["value"] = str(data["value"])`` first: an item that is not a dict or has no
+    ``value`` makes CVAT answer 500, and so does the double (``ServerCrash``)."""
+    if values is None:
+        return ["This field may not be null."]
+    if not isinstance(values, list):
+        return {"non_field_errors": [f'Expected a list of items but got type "{type(values).__name__}".']}
+    items = []
+    for value in values:
+        if not isinstance(value, dict) or "value" not in value:
+            raise ServerCrash("AttributeValSerializer.to_internal_value: data['value']")
+        item = {}
+        if value.get("spec_id") is None:
+            item["spec_id"] = ["This field is required."]
+        elif isinstance(value["spec_id"], bool) or not isinstance(value["spec_id"], int):
+            item["spec_id"] = ["A valid integer is required."]
+        if len(str(value["value"])) > 4096:
+            item["value"] = ["Ensure this field has no more than 4096 characters."]
+        items.append(item)
+    return items if any(items) else None
+
+
+def _attrs(values: list[dict] | None) -> list[dict]:
+    """Attribute values as stored: {spec_id, value}, the value a string (AttributeValSerializer: str(value))."""
+    return [{"spec_id": v["spec_id"], "value": str(v["value"])} for v in values or []]
+
+
+def _diff(old: dict, new: dict) -> dict:
+    """get_instance_diff (cvat/apps/events/handlers.py): the fields whose value changed, with the old value, in
+    the new object's key order; ``labels`` ignored."""
+    return {key: old.get(key) for key, value in new.items() if key != "labels" and old.get(key) != value}
+
+
+def _send(pool: urllib3.PoolManager, hook: dict, payload: dict) -> dict:
+    """send_webhook (cvat/apps/webhooks/signals.py), done with urllib3 the way its ``requests.post(target_url,
+    json=payload, headers=..., timeout=10)`` goes out: body ``json.dumps(payload)``, the recorded headers in their
+    order, ``X-Signature-256: sha256=<HMAC-SHA256 of the body keyed by the secret>`` when there is a secret, no
+    retries. Unreachable (refused, reset, connect timeout): 502; no answer within 10 s: 504 (requests maps
+    ConnectTimeout to ConnectionError, ReadTimeout to Timeout). CVAT delivers through its egress proxy
+    (smokescreen, which refuses loopback targets by default); the double connects directly."""
+    body = json.dumps(payload).encode("utf-8")
+    headers = dict(_DELIVERY_HEADERS)
+    if hook["secret"]:
+        digest = hmac.new(hook["secret"].encode("utf-8"), body, digestmod=hashlib.sha256).hexdigest()
+        headers["X-Signature-256"] = "sha256=" + digest
+    headers.update({"Content-Length": str(len(body)), "Content-Type": "application/json"})
+    status, raw, error = None, None, None
+    try:
+        response = pool.request("POST", hook["target_url"], body=body, headers=headers, retries=False,
+                                redirect=False, preload_content=False,
+                                timeout=urllib3.Timeout(connect=WEBHOOK_TIMEOUT, read=WEBHOOK_TIMEOUT))
+        try:
+            status = response.status
+            raw = response.read(RESPONSE_SIZE_LIMIT + 1, decode_content=True)
+        finally:
+            response.release_conn()
+    except urllib3.exceptions.ReadTimeoutError as exc:
+        status, error = 504, f"{type(exc).__name__}: {exc}"
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        status, error = 502, f"{type(exc).__name__}: {exc}"
+    text = raw.decode("utf-8", "replace") if raw is not None and len(raw) <= RESPONSE_SIZE_LIMIT else ""
+    return {"status_code": status, "response": text, "error": error,
+            "changed_fields": ",".join(payload.get("before_update", {}))}
 
 
 def _mp4(frames: Sequence[Frame], crf: int) -> bytes:
@@ -988,11 +1686,13 @@ def _mp4(frames: Sequence[Frame], crf: int) -> bytes:
 
 
 def _echo(kind: str, sent: dict, stored: dict) -> dict:
-    """Create/PUT responses echo the request (ints stay ints, no default attribute values) plus defaults and the
-    new ids."""
+    """Create/PUT/update responses echo the request (ints stay ints, no default attribute values; attribute
+    values as strings, as AttributeValSerializer made them) plus defaults and the ids."""
     obj = {**copy.deepcopy(_WRITE_DEFAULTS[kind]), **copy.deepcopy(sent), "id": stored["id"]}
+    obj["attributes"] = _attrs(obj.get("attributes"))
     if kind == "tracks":
-        obj["shapes"] = [{**copy.deepcopy(_WRITE_DEFAULTS["track_shapes"]), **shape, "id": saved["id"]}
+        obj["shapes"] = [{**copy.deepcopy(_WRITE_DEFAULTS["track_shapes"]), **shape, "id": saved["id"],
+                          "attributes": _attrs(shape.get("attributes"))}
                          for shape, saved in zip(obj.get("shapes") or [], stored["shapes"], strict=True)]
     return obj
 
@@ -1107,4 +1807,5 @@ def cvat_double() -> Iterator[CvatDouble]:
         yield double
 
 
-__all__ = ["CUT", "FIXTURES", "PASSWORD", "CvatDouble", "Frame", "RequestRecord", "cvat_double", "load_fixture"]
+__all__ = ["CUT", "FIXTURES", "PASSWORD", "CvatDouble", "Delivery", "Frame", "RequestRecord", "ServerCrash",
+           "cvat_double", "load_fixture"]

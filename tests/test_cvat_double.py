@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import base64
+import copy
+import hashlib
+import hmac
 import io
 import json
 import logging
 import re
+import socket
+import threading
+import time
 import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import urllib3
@@ -418,3 +425,442 @@ def test_add_task_in_a_project_and_invalid_seed_annotations(cvat_double):
             {"type": "rectangle", "frame": 0, "label_id": 18, "points": [0, 0, 1, 1]}]})
     assert [t["name"] for t in json.loads(call(cvat_double, "GET", "/api/tasks")[2])["results"]] == [
         "in-project", "fixtures-standalone", "fixtures-images"]
+
+
+# ------------------------------------------------------------------ projects and their labels
+
+def shape_of(value: object) -> object:
+    """The key structure of a JSON value with its leaves replaced by their type names (None: "NoneType")."""
+    if isinstance(value, dict):
+        return {key: shape_of(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [shape_of(item) for item in value]
+    return type(value).__name__
+
+
+def frames_of(count: int, width: int = 16, height: int = 12) -> list:
+    return [(f"img_{i:02d}.jpg", encode(photo(width, height, seed=i)), width, height) for i in range(count)]
+
+
+VEHICLE_LABELS = [
+    {"name": "car", "type": "rectangle", "attributes": [
+        {"name": "color", "input_type": "select", "values": ["red", "blue"], "default_value": "red"},
+        {"name": "parked", "input_type": "checkbox", "values": ["false"], "mutable": True}]},
+    {"name": "person", "type": "polygon"},
+    {"name": "junk", "type": "any"},
+]
+CONFIDENCE = {"name": "confidence", "input_type": "number", "values": ["0", "100", "1"], "mutable": True}
+
+
+def test_add_project_is_served_like_the_recorded_project(cvat_double, client):
+    project_id = cvat_double.add_project("vehicles", VEHICLE_LABELS)
+    assert project_id == 9  # after the recorded projects 6, 7 and 8
+    status, _, body = call(cvat_double, "GET", f"/api/projects/{project_id}")
+    record = json.loads(body)
+    assert status == 200 and list(record) == list(load_fixture("api/GET_api_projects_ID.json"))
+    assert shape_of(record) == shape_of(load_fixture("api/POST_api_projects.json"))  # no task yet: dimension null
+    assert (record["name"], record["tasks"]["count"], record["dimension"]) == ("vehicles", 0, None)
+    assert record["labels"]["url"] == f"{cvat_double.base_url}/api/labels?project_id=9"
+
+    project = client.projects.retrieve(project_id)
+    labels = project.get_labels()
+    assert [(label.name, str(label.type), label.project_id) for label in labels] == [
+        ("car", "rectangle", 9), ("person", "polygon", 9), ("junk", "any", 9)]
+    assert [(a.name, str(a.input_type), a.mutable, a.default_value, a.values) for a in labels[0].attributes] == [
+        ("color", "select", False, "red", ["red", "blue"]), ("parked", "checkbox", True, "false", ["false"])]
+    recorded_label = load_fixture("api/GET_api_labels__project_id=ID.json")["results"][0]
+    listed = json.loads(call(cvat_double, "GET", f"/api/labels?project_id={project_id}")[2])["results"]
+    assert [shape_of(label) for label in listed[:1]] == [shape_of(recorded_label)]
+
+    first = cvat_double.add_task("first", frames_of(2), project_id=project_id)
+    second = cvat_double.add_task("second", frames_of(3), project_id=project_id, segment_size=2)
+    assert sorted(task.id for task in project.get_tasks()) == [first, second]
+    project.fetch()
+    assert (project.tasks.count, project.dimension) == (2, "2d")
+    assert [label.name for label in client.tasks.retrieve(second).get_labels()] == ["car", "person", "junk"]
+    assert cvat_double.label_id(first, "junk") == labels[2].id
+    assert [p.id for p in client.projects.list()] == [9, 6]
+    with pytest.raises(ValueError, match="unique"):
+        cvat_double.add_project("twice", [{"name": "a"}, {"name": "a"}])
+
+
+def test_patch_project_labels_adds_updates_and_deletes(cvat_double, client):
+    project_id = cvat_double.add_project("vehicles", VEHICLE_LABELS)
+    car, _, junk = (cvat_double.labels[i] for i in (25, 26, 27))
+    task_id = cvat_double.add_task("t", frames_of(4), project_id=project_id, segment_size=2, annotations={"shapes": [
+        {"type": "rectangle", "frame": 0, "label_id": car["id"], "points": [1, 1, 5, 5]},
+        {"type": "points", "frame": 3, "label_id": junk["id"], "points": [2, 2]}]})
+    project = client.projects.retrieve(project_id)
+    before = project.updated_date
+
+    project.update({"labels": [
+        {"name": "score", "type": "tag", "attributes": [CONFIDENCE]},
+        {"id": car["id"], "name": "vehicle", "attributes": [
+            {"id": car["attributes"][0]["id"], "name": "color", "mutable": False, "input_type": "select",
+             "values": ["red", "blue", "green"]}]},  # cvat-sdk requires these four
+        {"id": junk["id"], "deleted": True},
+    ]})
+    labels = {label.name: label for label in project.get_labels()}
+    assert list(labels) == ["vehicle", "person", "score"]
+    assert labels["vehicle"].id == car["id"] and str(labels["vehicle"].type) == "rectangle"
+    assert labels["vehicle"].attributes[0].values == ["red", "blue", "green"]
+    score = labels["score"]
+    assert (str(score.type), score.id) == ("tag", 28)
+    assert [(a.name, str(a.input_type), a.values, a.mutable, a.default_value) for a in score.attributes] == [
+        ("confidence", "number", ["0", "100", "1"], True, "")]  # no default_value sent: CVAT stores ""
+    task = client.tasks.retrieve(task_id)  # the project's tasks see the new labels at once
+    assert [label.name for label in task.get_labels()] == ["vehicle", "person", "score"]
+    assert [s.label_id for s in task.get_annotations().shapes] == [car["id"]]  # junk's shape went with it
+    assert project.updated_date > before and task.updated_date == project.updated_date
+
+    # The raw API: the answer is the project record; the generated API client works too.
+    status, _, body = call(cvat_double, "PATCH", f"/api/projects/{project_id}", {"labels": [
+        {"id": score.id, "attributes": [{"name": "confidence", "default_value": "50"}]}], "name": "renamed"})
+    assert status == 200 and json.loads(body) == json.loads(call(cvat_double, "GET", f"/api/projects/{project_id}")[2])
+    assert json.loads(body)["name"] == "renamed"
+    assert cvat_double.labels[score.id]["attributes"][0]["default_value"] == "50"  # found by name: updated
+    read, response = client.api_client.projects_api.partial_update(
+        project_id, patched_project_write_request=models.PatchedProjectWriteRequest(
+            labels=[models.PatchedLabelRequest(name="extra", type="tag")]))
+    assert (response.status, read.id, read.name) == (200, project_id, "renamed")
+    assert [label.name for label in task.get_labels()][-1] == "extra"
+
+
+@pytest.mark.parametrize("labels, status, answer", [
+    ([{"deleted": True}], 400, {"labels": [{"non_field_errors": ["Deleted label must have an ID"]}]}),
+    ([{"id": 18, "name": "x"}], 404, {"detail": "Not found label with id #18 to change"}),  # project 6's label
+    ([{"name": "fresh"}, {"name": "person"}], 400, ["All label names must be unique"]),
+    ([{"name": "blob", "type": "blob"}], 400, {"labels": [{"type": ['"blob" is not a valid choice.']}]}),
+    ([{"name": "n", "attributes": [{"name": "a"}, {"name": "a"}]}], 400, ["Duplicate attribute with name 'a' exists"]),
+    ([{"id": 25, "attributes": [{"id": 1, "name": "color"}]}], 404, {"detail": "Attribute with id #1 does not exist"}),
+])
+def test_patch_project_label_errors_change_nothing(cvat_double, labels, status, answer):
+    project_id = cvat_double.add_project("vehicles", VEHICLE_LABELS)
+    before = copy.deepcopy(cvat_double.labels)
+    got_status, _, body = call(cvat_double, "PATCH", f"/api/projects/{project_id}", {"labels": labels})
+    assert (got_status, json.loads(body)) == (status, answer)
+    assert cvat_double.labels == before  # one transaction: "fresh" was not kept either
+
+
+def test_patch_task_labels_of_a_standalone_task(cvat_double, client):
+    read, _ = client.api_client.tasks_api.partial_update(8, patched_task_write_request=models.PatchedTaskWriteRequest(
+        name="renamed", labels=[models.PatchedLabelRequest(name="score", type="tag", attributes=[
+            models.AttributeRequest(**CONFIDENCE)]), models.PatchedLabelRequest(id=24, deleted=True)]))
+    assert (read.id, read.name, read.size) == (8, "renamed", 3)
+    labels = client.tasks.retrieve(8).get_labels()
+    assert [(label.name, label.task_id) for label in labels] == [("cat", 8), ("score", 8)]
+    assert [(a.name, a.values) for a in labels[1].attributes] == [("confidence", ["0", "100", "1"])]
+    # A task in a project takes its labels from the project: labels sent with the task are ignored.
+    status, _, body = call(cvat_double, "PATCH", "/api/tasks/7", {"labels": [{"name": "ignored"}]})
+    assert status == 200 and json.loads(body) == json.loads(call(cvat_double, "GET", "/api/tasks/7")[2])
+    assert "ignored" not in [label["name"] for label in cvat_double.labels.values()]
+
+
+# ------------------------------------------------------------------ tags with attributes
+
+def test_tags_with_attributes_through_the_sdk(cvat_double, client):
+    project = client.projects.retrieve(6)
+    project.update({"labels": [{"id": 22, "attributes": [CONFIDENCE]}]})  # daytime (tag) gains an attribute
+    confidence = cvat_double.labels[22]["attributes"][0]["id"]
+    task = client.tasks.retrieve(7)
+    assert task.get_annotations().tags[0].attributes[0].to_dict() == {"spec_id": confidence, "value": ""}  # tag 8
+
+    task.update_annotations(models.PatchedLabeledDataRequest(tags=[
+        models.LabeledImageRequest(frame=1, label_id=22, attributes=[
+            models.AttributeValRequest(spec_id=confidence, value="87")]),
+        models.LabeledImageRequest(frame=4, label_id=22)]), action=AnnotationUpdateAction.CREATE)
+    tags = {tag.frame: tag for tag in task.get_annotations().tags}
+    assert sorted(tags) == [0, 1, 4]
+    assert [a.to_dict() for a in tags[1].attributes] == [{"spec_id": confidence, "value": "87"}]
+    assert [a.to_dict() for a in tags[4].attributes] == [{"spec_id": confidence, "value": ""}]  # default, on read
+
+    job = client.jobs.retrieve(8)
+    job.update_annotations(models.PatchedLabeledDataRequest(tags=[models.LabeledImageRequest(
+        id=tags[4].id, frame=4, label_id=22, attributes=[models.AttributeValRequest(spec_id=confidence, value="12")])]),
+        action=AnnotationUpdateAction.UPDATE)
+    assert [a.value for a in job.get_annotations().tags[0].attributes] == ["12"]
+
+    # A number sent as a JSON number comes back as a string (AttributeValSerializer: str(value)).
+    status, _, body = call(cvat_double, "PATCH", "/api/jobs/7/annotations?action=create", {"tags": [
+        {"frame": 2, "label_id": 22, "attributes": [{"spec_id": confidence, "value": 33}]}]})
+    assert status == 200 and json.loads(body)["tags"][0]["attributes"] == [{"spec_id": confidence, "value": "33"}]
+
+    task.remove_annotations(ids=[tags[1].id])
+    assert sorted(tag.frame for tag in task.get_annotations().tags) == [0, 2, 4]
+    job.set_annotations(models.LabeledDataRequest(tags=[models.LabeledImageRequest(frame=5, label_id=22, attributes=[
+        models.AttributeValRequest(spec_id=confidence, value="99")])]))
+    assert [(t.frame, t.attributes[0].value) for t in task.get_annotations().tags] == [(0, ""), (2, "33"), (5, "99")]
+
+
+@pytest.mark.parametrize("target, body, status, answer", [
+    # a spec of the car label (color, id 1) on a tag of the daytime label
+    ("/api/tasks/7/annotations?action=create", {"tags": [
+        {"frame": 0, "label_id": 22, "attributes": [{"spec_id": 1, "value": "red"}]}]}, 400,
+     ["spec_id `1` is invalid"]),
+    ("/api/jobs/7/annotations?action=update", {"tags": [
+        {"id": 8, "frame": 0, "label_id": 22, "attributes": [{"spec_id": 2, "value": "x"}]}]}, 400,
+     ["spec_id `2` is invalid"]),
+    # tracks: immutable attributes on the track, mutable ones on its shapes
+    ("/api/jobs/8/annotations?action=create", {"tracks": [{"frame": 3, "label_id": 18, "attributes": [
+        {"spec_id": 2, "value": "true"}], "shapes": [{"type": "rectangle", "frame": 3, "points": [0, 0, 2, 2]}]}]},
+     400, ["spec_id `2` is invalid"]),
+    ("/api/jobs/8/annotations?action=create", {"tracks": [{"frame": 3, "label_id": 18, "shapes": [
+        {"type": "rectangle", "frame": 3, "points": [0, 0, 2, 2], "attributes": [{"spec_id": 1, "value": "red"}]}]}]},
+     400, ["spec_id `1` is invalid"]),
+    ("/api/tasks/7/annotations", {"tags": [{"frame": 0, "label_id": 22, "attributes": [{"value": "1"}]}]}, 400,
+     {"tags": [{"attributes": [{"spec_id": ["This field is required."]}]}]}),
+])
+def test_attribute_specs_must_belong_to_the_label(cvat_double, target, body, status, answer):
+    before = cvat_double.annotations(7)
+    method = "PUT" if "action" not in target else "PATCH"
+    got_status, _, got = call(cvat_double, method, target, body)
+    assert (got_status, json.loads(got)) == (status, answer)
+    assert cvat_double.annotations(7) == before
+
+
+def test_an_attribute_value_missing_is_a_server_error_as_in_cvat(cvat_double):
+    status, headers, body = call(cvat_double, "PATCH", "/api/tasks/7/annotations?action=create", {"tags": [
+        {"frame": 0, "label_id": 22, "attributes": [{"spec_id": 1}]}]})
+    assert (status, headers["content-type"]) == (500, "text/html; charset=utf-8") and b"Server Error" in body
+
+
+# ------------------------------------------------------------------ tasks whose data is not uploaded yet
+
+def test_pending_upload_then_finish_upload(cvat_double, client):
+    task_id = cvat_double.add_task("pending", frames_of(5), project_id=6, segment_size=2, pending_upload=True)
+    status, _, body = call(cvat_double, "GET", f"/api/tasks/{task_id}")
+    record = json.loads(body)
+    recorded = load_fixture("api/POST_api_tasks.fixtures-images.json")  # the task right after POST /api/tasks
+    assert status == 200 and list(record) == list(recorded) and shape_of(record) == shape_of(recorded)
+    assert (record["mode"], record["overlap"], record["segment_size"], record["status"]) == ("", None, 2, "annotation")
+    assert record["jobs"] == {"count": 0, "completed": 0, "validation": 0,
+                              "url": f"{cvat_double.base_url}/api/jobs?task_id={task_id}"}
+    task = client.tasks.retrieve(task_id)
+    assert task.jobs.count == 0 and task.get_jobs() == [] and "size" not in task._model
+    assert [label.name for label in task.get_labels()] == ["car", "person", "road", "sign", "daytime"]
+
+    # Media and annotations of a task without data answer as CVAT's views do.
+    status, headers, body = call(cvat_double, "GET", f"/api/tasks/{task_id}/annotations")
+    assert (status, headers["content-type"], body) == (
+        400, "text/html; charset=utf-8", b"Exporting annotations from a task without data is not allowed")
+    tag = {"tags": [{"frame": 0, "label_id": 22}]}
+    status, _, body = call(cvat_double, "PATCH", f"/api/tasks/{task_id}/annotations?action=create", tag)
+    assert (status, json.loads(body)) == (400, "'NoneType' object has no attribute 'validation_mode'")
+    for method, target, body in [("GET", "data/meta", None), ("PUT", "annotations", tag),
+                                 ("GET", "data?type=chunk&number=0&quality=original", None)]:
+        assert call(cvat_double, method, f"/api/tasks/{task_id}/{target}", body)[0] == 500, target
+    assert json.loads(call(cvat_double, "GET", f"/api/tasks/{task_id}/data?type=frame")[2]) == [
+        "Number is not specified"]
+    with pytest.raises(exceptions.ApiException) as error:
+        task.get_meta()
+    assert error.value.status == 500
+    with pytest.raises(ValueError, match="without data"):
+        cvat_double.add_task("bad", frames_of(1), project_id=6, pending_upload=True, annotations=tag)
+
+    cvat_double.finish_upload(task_id)
+    task.fetch()
+    assert (task.size, task.mode, task.overlap, task.segment_size, task.jobs.count) == (5, "annotation", 0, 2, 3)
+    assert sorted((j.start_frame, j.stop_frame) for j in task.get_jobs()) == [(0, 1), (2, 3), (4, 4)]
+    assert [f.name for f in task.get_meta().frames] == [f"img_{i:02d}.jpg" for i in range(5)]
+    assert list(json.loads(call(cvat_double, "GET", f"/api/tasks/{task_id}")[2])) == list(
+        load_fixture("api/GET_api_tasks_ID.json"))
+    task.update_annotations(models.PatchedLabeledDataRequest(tags=[models.LabeledImageRequest(frame=4, label_id=22)]),
+                            action=AnnotationUpdateAction.CREATE)
+    assert [t.frame for t in task.get_annotations().tags] == [4]
+    with pytest.raises(ValueError, match="already has its data"):
+        cvat_double.finish_upload(task_id)
+
+
+# ------------------------------------------------------------------ webhook deliveries
+
+class Receiver:
+    """A small HTTP server taking webhook deliveries: keeps (path, headers in order, raw body), answers
+    ``status`` with ``answer`` after ``delay`` seconds."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, list[tuple[str, str]], bytes]] = []
+        self.status, self.answer, self.delay = 200, b"ok", 0.0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                time.sleep(receiver.delay)
+                receiver.received.append((self.path, list(self.headers.items()), body))
+                self.send_response(receiver.status)
+                self.send_header("Content-Length", str(len(receiver.answer)))
+                self.end_headers()
+                self.wfile.write(receiver.answer)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+
+@pytest.fixture
+def receiver():
+    got = Receiver()
+    yield got
+    got.server.shutdown()
+    got.server.server_close()
+
+
+def signed(secret: str, body: bytes, headers: list[tuple[str, str]]) -> bool:
+    expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, dict(headers)["X-Signature-256"])
+
+
+RECORDED_DELIVERIES = {d["capture_seq"]: d for d in load_fixture("webhooks/all_deliveries.json")}
+PROJECT_WEBHOOK_EVENTS = load_fixture("webhooks/api/POST_api_webhooks.project.request.json")["events"]
+
+
+def assert_like_recorded(deliveries: list, sequence: range) -> None:
+    """Each delivery has the recorded event, payload shape (keys, nesting, nulls) and before_update keys."""
+    recorded = [RECORDED_DELIVERIES[n]["body_json"] for n in sequence]
+    assert [d.event for d in deliveries] == [r["event"] for r in recorded]
+    for delivery, expected in zip(deliveries, recorded, strict=True):
+        assert shape_of(delivery.payload) == shape_of(expected), delivery.event
+        assert list(delivery.payload.get("before_update", {})) == list(expected.get("before_update", {}))
+
+
+def test_task_creation_sends_the_recorded_deliveries(cvat_double, client, receiver):
+    webhook = cvat_double.add_webhook(receiver.url("/cvat-webhook/project"), "s3cret", PROJECT_WEBHOOK_EVENTS, 6)
+    task_id = cvat_double.add_task("like-fixtures-images", frames_of(6), project_id=6, segment_size=3)
+    deliveries = cvat_double.wait_for_deliveries()
+    assert_like_recorded(deliveries, range(4, 12))  # create:task ... the last update:task
+    assert [(d.webhook_id, d.status_code, d.response, d.error) for d in deliveries] == [(webhook, 200, "ok", None)] * 8
+    assert len(receiver.received) == 8
+    recorded_headers = [name for name, _ in RECORDED_DELIVERIES[4]["headers"].items()]
+    for delivery, (path, headers, body) in zip(deliveries, receiver.received, strict=True):
+        assert path == "/cvat-webhook/project" and body == delivery.body
+        assert body == json.dumps(json.loads(body)).encode()  # the raw body is json.dumps(payload)
+        assert signed("s3cret", body, headers) and not signed("other", body, headers)
+        assert [name for name, _ in headers] == recorded_headers
+        assert dict(headers)["Content-Type"] == "application/json"
+        assert json.loads(body)["webhook_id"] == webhook
+    payloads = [d.payload for d in deliveries]
+    assert payloads[0]["task"]["id"] == task_id and "size" not in payloads[0]["task"]
+    assert (payloads[2]["task"]["size"], payloads[2]["task"]["image_quality"]) == (0, 50)  # data attached
+    assert payloads[3]["task"]["jobs"] == {"count": 0, "completed": 0, "validation": 0,
+                                           "url": f"{cvat_double.base_url}/api/jobs?task_id={task_id}"}
+    jobs = sorted(j.id for j in client.tasks.retrieve(task_id).get_jobs())
+    assert [p["job"]["url"] for p in payloads[4:6]] == [f"/api/jobs/{j}" for j in jobs]  # sent from the worker
+    assert payloads[6]["task"]["size"] == 6 and payloads[6]["before_update"]["mode"] == ""
+    assert deliveries[2].changed_fields == "updated_date,data_compressed_chunk_type,data_original_chunk_type,size," \
+                                           "image_quality,data"
+
+
+def test_pending_task_sends_its_deliveries_in_two_steps(cvat_double, client, receiver):
+    cvat_double.add_webhook(receiver.url(), "s3cret", PROJECT_WEBHOOK_EVENTS, 6)
+    task_id = cvat_double.add_task("scratch", frames_of(1), project_id=6, pending_upload=True)
+    assert [d.event for d in cvat_double.wait_for_deliveries()] == ["create:task", "update:project"]
+    cvat_double.finish_upload(task_id)
+    assert_like_recorded(cvat_double.wait_for_deliveries(), range(29, 36))  # the scratch task, no segment_size
+    assert cvat_double.deliveries[5].payload["before_update"]["segment_size"] == 0
+
+    client.tasks.retrieve(task_id).remove()  # DELETE /api/tasks/ID
+    assert_like_recorded(cvat_double.wait_for_deliveries()[7:], range(36, 39))
+    assert cvat_double.deliveries[-1].payload["task"]["jobs"]["count"] == 1  # the view's object: counts annotated
+
+    cvat_double.deliveries.clear()  # PATCH /api/tasks/ID saves the view's object, then touches the project
+    status, _, _ = call(cvat_double, "PATCH", "/api/tasks/7", {"name": "renamed"})
+    deliveries = cvat_double.wait_for_deliveries()
+    assert status == 200 and [d.event for d in deliveries] == ["update:task", "update:project"]
+    assert list(deliveries[0].payload["before_update"]) == ["name", "updated_date", "jobs"]
+    assert deliveries[0].payload["task"]["jobs"]["count"] == 2
+    assert all(signed("s3cret", body, headers) for _, headers, body in receiver.received)
+
+
+def test_job_changes_and_annotation_saves_send_the_recorded_deliveries(cvat_double, client, receiver):
+    cvat_double.add_webhook(receiver.url(), "s3cret", ["update:job", "update:task", "update:project"], 6)
+    job7, job8 = client.jobs.retrieve(7), client.jobs.retrieve(8)
+    job7.update({"state": "new"})  # the recorded state is already completed: replay the change
+    job8.update({"stage": "annotation"})
+    cvat_double.wait_for_deliveries()
+    cvat_double.deliveries.clear()
+
+    job7.update({"state": "completed"})
+    job8.update({"stage": "acceptance"})
+    deliveries = cvat_double.wait_for_deliveries()
+    assert_like_recorded(deliveries, range(27, 29))
+    assert deliveries[0].payload["before_update"]["state"] == "new"
+    assert deliveries[1].payload["before_update"]["stage"] == deliveries[1].payload["before_update"]["status"] \
+        == "annotation" and deliveries[1].payload["job"]["status"] == "validation"
+
+    cvat_double.deliveries.clear()
+    job7.update_annotations(models.PatchedLabeledDataRequest(**load_fixture(
+        "api/PATCH_api_jobs_ID_annotations__action=update.job1.request.json")), action=AnnotationUpdateAction.UPDATE)
+    assert_like_recorded(cvat_double.wait_for_deliveries(), range(24, 27))  # job, task, project: updated_date only
+
+    cvat_double.deliveries.clear()  # a task-level save: the triple for every job it changed, in job order
+    task = client.tasks.retrieve(7)
+    task.update_annotations(models.PatchedLabeledDataRequest(shapes=[
+        models.LabeledShapeRequest(type="points", frame=f, label_id=21, points=[1, 1]) for f in (4, 0)]),
+        action=AnnotationUpdateAction.CREATE)
+    deliveries = cvat_double.wait_for_deliveries()
+    assert_like_recorded(deliveries, range(12, 18))
+    assert [d.payload["job"]["id"] for d in deliveries if d.event == "update:job"] == [7, 8]
+    cvat_double.deliveries.clear()
+    task.update_annotations(models.PatchedLabeledDataRequest(shapes=[
+        models.LabeledShapeRequest(type="points", frame=5, label_id=21, points=[1, 1])]),
+        action=AnnotationUpdateAction.CREATE)
+    assert [(d.event, d.payload[d.event[7:]]["id"]) for d in cvat_double.wait_for_deliveries()] == [
+        ("update:job", 8), ("update:task", 7), ("update:project", 6)]  # job 7 got nothing: not touched
+
+    cvat_double.deliveries.clear()  # job 7 done: the task's status changes, so the task is saved too
+    job7.update({"stage": "acceptance", "state": "completed"})
+    deliveries = cvat_double.wait_for_deliveries()
+    assert [d.event for d in deliveries] == ["update:job", "update:task"]
+    assert deliveries[1].payload["before_update"] == {"updated_date": deliveries[1].payload["before_update"][
+        "updated_date"], "status": "annotation"} and deliveries[1].payload["task"]["status"] == "validation"
+
+
+def test_webhooks_created_over_http_filters_and_a_target_that_is_down(cvat_double, client, receiver):
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}/hook"
+    created, _ = client.api_client.webhooks_api.create(models.WebhookWriteRequest(
+        target_url=down, type="project", project_id=6, events=["update:job"], secret="x",
+        content_type="application/json"))
+    live = cvat_double.add_webhook(receiver.url(), "s3cret", ["update:job"], 6)
+    cvat_double.add_webhook(receiver.url("/inactive"), "s3cret", ["update:job"], 6, is_active=False)
+    cvat_double.add_webhook(receiver.url("/other"), "s3cret", ["update:job"], cvat_double.add_project("other"))
+    cvat_double.add_webhook(receiver.url("/tasks-only"), "s3cret", ["create:task"], 6)
+    receiver.status, receiver.answer = 202, b"accepted"
+
+    client.jobs.retrieve(7).update({"state": "in progress"})
+    client.jobs.retrieve(9).update({"state": "in progress"})  # task 8 is in no project: no webhook sees it
+    deliveries = cvat_double.wait_for_deliveries()
+    assert [(d.webhook_id, d.target, d.status_code, d.response) for d in deliveries] == [
+        (created.id, down, 502, ""), (live, receiver.url(), 202, "accepted")]
+    assert deliveries[0].error and deliveries[1].error is None
+    assert [path for path, _, _ in receiver.received] == ["/hook"]
+    assert signed("s3cret", receiver.received[0][2], receiver.received[0][1])
+
+    status, _, body = call(cvat_double, "POST", "/api/webhooks", {
+        "target_url": receiver.url(), "type": "project", "project_id": 6, "events": ["create:project"]})
+    assert (status, json.loads(body)) == (400, {"non_field_errors": ["Invalid events list for project webhook"]})
+
+
+def test_deliveries_are_sent_in_order_from_a_background_thread(cvat_double, receiver):
+    cvat_double.add_webhook(receiver.url(), "", ["update:job"], 6)  # no secret: no signature header
+    receiver.delay = 0.5
+    started = time.monotonic()
+    for state in ("in progress", "rejected", "completed"):
+        assert call(cvat_double, "PATCH", "/api/jobs/7", {"state": state})[0] == 200
+    assert time.monotonic() - started < 0.5  # the API calls did not wait for the receiver (1.5 s in all)
+    with pytest.raises(TimeoutError):
+        cvat_double.wait_for_deliveries(timeout=0.05)
+    deliveries = cvat_double.wait_for_deliveries()
+    assert [d.payload["job"]["state"] for d in deliveries] == ["in progress", "rejected", "completed"]
+    assert [json.loads(body)["job"]["state"] for _, _, body in receiver.received] == [
+        "in progress", "rejected", "completed"]
+    assert "X-Signature-256" not in dict(receiver.received[0][1])
