@@ -6,6 +6,7 @@ import io
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,17 @@ _SCRATCH = tempfile.mkdtemp(prefix="preannotate-tests-")
 atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)  # nothing left in the temporary directory
 os.environ.setdefault("PREANNOTATE_CACHE", os.path.join(_SCRATCH, "chunks"))
 os.environ.setdefault("PREANNOTATE_STATE_DIR", os.path.join(_SCRATCH, "journal"))
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "a condition"):
+    """``predicate()``'s first true value, polled every 50 ms; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def photo(width: int = 96, height: int = 64, seed: int = 0) -> Image.Image:

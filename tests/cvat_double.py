@@ -1342,13 +1342,19 @@ class CvatDouble:
             for saved in touched:
                 self._annotation_saved(task, saved)
             return Response(204, content_type=None)
+        action, body = self._annotation_request(request)
+        return self._json(self._write(task, job, action, body))
+
+    @staticmethod
+    def _annotation_request(request: _Request) -> tuple[str, dict]:
+        """The action and body of an annotation write, refused as the server refuses them."""
         action = "put" if request.method == "PUT" else request.query.get("action")
         if action not in ("put", "create", "update", "delete") or (action == "put") != (request.method == "PUT"):
             raise HttpError(400, ["Please specify a correct 'action' for the request"])
         body = request.json()
         if not isinstance(body, dict):
             raise HttpError(400, {"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]})
-        return self._json(self._write(task, job, action, body))
+        return action, body
 
     def _annotations_without_data(self, request: _Request, task: Task) -> Response:
         """TaskViewSet.annotations for a task whose ``data`` is None (cvat/apps/engine/views.py): GET answers 400
@@ -1359,12 +1365,7 @@ class CvatDouble:
                             "text/html; charset=utf-8")
         if request.method == "DELETE":
             raise ServerCrash("'NoneType' object has no attribute 'validation_mode'")
-        action = "put" if request.method == "PUT" else request.query.get("action")
-        if action not in ("put", "create", "update", "delete") or (action == "put") != (request.method == "PUT"):
-            raise HttpError(400, ["Please specify a correct 'action' for the request"])
-        body = request.json()
-        if not isinstance(body, dict):
-            raise HttpError(400, {"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]})
+        action, body = self._annotation_request(request)
         self._validate_fields({kind: body.get(kind) or [] for kind in _KINDS})
         if action == "put":
             raise ServerCrash("'NoneType' object has no attribute 'validation_mode'")

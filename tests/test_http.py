@@ -11,9 +11,8 @@ import threading
 import urllib.error
 import urllib.request
 
-import urllib3
-
 import pytest
+import urllib3
 from preannotate.serving.core import App, ModelProvider
 from preannotate.serving.http import make_server
 

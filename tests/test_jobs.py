@@ -12,7 +12,6 @@ import sys
 import textwrap
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from preannotate.serving.core import App, ModelProvider, Request
 from preannotate.serving.training import TrainingRoutes
 from preannotate.training.jobs import JobRunner, JobStore
 
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, wait_for
 
 # Stands in for a training process: progress lines, then success (a version), failure, or a clean stop on SIGTERM.
 FAKE_TRAINING = textwrap.dedent("""
@@ -50,14 +49,6 @@ def fake_command(store_root: Path, job_id: str) -> list[str]:
     return [sys.executable, "-c", FAKE_TRAINING, str(store_root), job_id]
 
 
-def wait_for(predicate, timeout: float = 30.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from cvat_sdk import make_client
 from preannotate.cli import main as cli
-from preannotate.cvat import encoding, lambda_spec
+from preannotate.cvat import encoding
 from preannotate.cvat.review import CONFIDENCE_LABEL
 from preannotate.models import Manifest, ModelStore
 from preannotate.serving.core import App, Request
@@ -22,6 +22,7 @@ from preannotate.serving.training import TrainingRoutes
 from preannotate.training.synthetic import generate
 
 from tests import nuclio_dashboard_double
+from tests.conftest import wait_for
 
 nuclio_dashboard = nuclio_dashboard_double.nuclio_dashboard  # the fixture, for this module
 
@@ -41,16 +42,6 @@ def _annotations(task, label_ids):
                        for number, frame in task.annotations.frames.items() for shape in frame.shapes]}
 
 
-def _wait(condition, what: str, timeout: float = 600.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.slow
 def test_deploy_once_then_only_annotate_and_review(cvat_double, nuclio_dashboard, tmp_path, monkeypatch, capsys):
     for key, value in {"CVAT_URL": cvat_double.base_url, "CVAT_USERNAME": cvat_double.credentials[0],
@@ -68,7 +59,7 @@ def test_deploy_once_then_only_annotate_and_review(cvat_double, nuclio_dashboard
     env = {e["name"]: e["value"] for e in config["spec"]["env"]}
     env.update({"PREANNOTATE_MODEL_STORE": str(store_root), "PREANNOTATE_WEBHOOK_SECRET": SECRET,
                 "PREANNOTATE_API_AUTH": "none", "PREANNOTATE_TRAIN_DEBOUNCE": "2s",
-                "PREANNOTATE_TRAIN_HYPERPARAMETERS": "init=random; num-steps=60; batch-size=8; num-validations=1",
+                "PREANNOTATE_TRAIN_HYPERPARAMETERS": "init=random; num-steps=150; batch-size=8; num-validations=1",
                 "PREANNOTATE_NUCLIO_DASHBOARD": nuclio_dashboard.url, "NUCLIO_FUNCTION_NAME": FUNCTION})
     for key, value in env.items():
         monkeypatch.setenv(key, value)  # the function's environment, which its job processes inherit
@@ -87,11 +78,12 @@ def test_deploy_once_then_only_annotate_and_review(cvat_double, nuclio_dashboard
             client.projects.retrieve(project).update({"labels": [{"name": "bar", "type": "rectangle"}]})
         # 2. the annotated task: boxes and discs only; an untouched task the model must not learn from
         seen = generate(64, width=160, height=120, seed=1, labels=("box", "disc"))
-        annotated = cvat_double.add_task("annotated", _frames(seen), project_id=project, segment_size=32)
-        ids = {label: cvat_double.label_id(annotated, label) for label in ("box", "disc")}
-        cvat_double.tasks[annotated].annotations  # noqa: B018  (exists)
-        with make_client(cvat_double.base_url, credentials=cvat_double.credentials) as client:
-            client.tasks.retrieve(annotated).update_annotations(_annotations(seen, ids))
+        ids = {label["name"]: label["id"] for label in cvat_double.labels.values()
+               if label.get("project_id") == project}
+        annotated = cvat_double.add_task("annotated", _frames(seen), project_id=project, segment_size=32,
+                                         annotations=_annotations(seen, ids))
+        assert len(cvat_double.annotations(annotated)["shapes"]) == sum(
+            len(frame.shapes) for frame in seen.annotations.frames.values())
         untouched = cvat_double.add_task("untouched", _frames(generate(8, 160, 120, seed=2)), project_id=project)
         cvat_double.wait_for_deliveries()
         assert not routes.jobs.all(), "task deliveries before the first version queue nothing"
@@ -100,11 +92,12 @@ def test_deploy_once_then_only_annotate_and_review(cvat_double, nuclio_dashboard
             first, second = sorted(job.id for job in client.tasks.retrieve(annotated).get_jobs())
             client.jobs.retrieve(first).update({"state": "completed"})
             client.jobs.retrieve(second).update({"stage": "acceptance"})
-        answers = [d.response for d in cvat_double.wait_for_deliveries() if d.event == "update:job"]
-        assert len({json.loads(answer)["job"] for answer in answers}) == 1  # the second joined the waiting job
+        answers = [json.loads(d.response) for d in cvat_double.wait_for_deliveries() if d.event == "update:job"]
+        started = [answer for answer in answers if answer.get("job")]  # annotation saves send update:job too
+        assert len(started) == 2 and len({answer["job"] for answer in started}) == 1  # the second joined the first
 
         store = ModelStore(store_root)
-        _wait(lambda: store.serving("shapes"), "the first version", timeout=900)
+        wait_for(lambda: store.serving("shapes"), 900, "the first version")
         manifest = Manifest.read(store.resolve("shapes"))
         learned = manifest.provenance["cvat"]
         assert sorted(learned["jobs"]) == [str(first), str(second)] and list(learned["frames"]) == [str(annotated)]
@@ -115,6 +108,8 @@ def test_deploy_once_then_only_annotate_and_review(cvat_double, nuclio_dashboard
         deployed = nuclio_dashboard.function(FUNCTION)
         spec = [label["name"] for label in json.loads(deployed["metadata"]["annotations"]["spec"])]
         assert "bar" in spec and nuclio_dashboard.builds == []
+        (training,) = [j for j in routes.jobs.all() if j.request.get("kind") != "annotate"]
+        assert training.outcome["cvat_unmapped"] == ["bar"]  # said in the job's record before the update
 
         # 4. a new task: the webhook arrives before its data; it is pre-annotated once the upload finished
         unseen = generate(6, width=160, height=120, seed=8, labels=("triangle",), empty_fraction=0)
@@ -128,7 +123,8 @@ def test_deploy_once_then_only_annotate_and_review(cvat_double, nuclio_dashboard
         assert cvat_double.annotations(new)["shapes"] == []  # nothing written before the data is there
         cvat_double.finish_upload(new)
         cvat_double.wait_for_deliveries()
-        done = _wait(lambda: (j := routes.jobs.get(job.id)).state in ("succeeded", "failed") and j, "pre-annotation")
+        done = wait_for(lambda: (j := routes.jobs.get(job.id)).state in ("succeeded", "failed") and j, 600,
+                        "the pre-annotation")
         assert done.state == "succeeded", routes.jobs.log_tail(job.id)
         assert done.version == manifest.version and done.outcome["task"] == new
         stored = cvat_double.annotations(new)

@@ -207,3 +207,89 @@ def test_a_promoted_version_with_new_labels_updates_the_function_through_the_nuc
         assert worker.sync_function_spec(tmp_path, "streets", env) == ["bus"]
     assert "CVAT drops the shapes of bus: the function's spec lacks them; run `preannotate deploy --model streets " \
            "--train-project 6`" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ pre-annotation jobs
+
+def _photo_frames(count: int):
+    from tests.conftest import encode, photo
+
+    return [(f"f{i}.jpg", encode(photo(seed=i)), 96, 64) for i in range(count)]
+
+
+def test_new_task_events_queue_one_pre_annotation_job_per_task(tmp_path):
+    from preannotate.training.jobs import JobStore
+    from preannotate.training.triggers import REANNOTATE, TrainingPolicy, Triggers, qualifying_change, queue_annotation
+
+    policy = TrainingPolicy.from_environment({"PREANNOTATE_ANNOTATE_ON": "task", "PREANNOTATE_TRAIN_PROJECT": "6"})
+    triggers = Triggers(JobStore(tmp_path), policy)
+    created = qualifying_change({"event": "create:task", "task": {"id": 12, "project_id": 6}}, policy)
+    first = triggers.on_new_task(created, "shapes")
+    assert first.job.request == {"kind": "annotate", "task": 12, "model": "shapes",
+                                 "reason": "create:task in project 6"}
+    again = triggers.on_new_task(qualifying_change({"event": "update:task", "task": {"id": 12, "project_id": 6}},
+                                                   policy), "shapes")
+    assert again.job.id == first.job.id and again.reason.endswith("already queued (job " + first.job.id + ")")
+    triggers.jobs.update(first.job.id, lambda j: (setattr(j, "state", "succeeded"), setattr(j, "version", 3)))
+    assert triggers.on_new_task(created, "shapes").job is None  # a save of the task later: done already
+    assert queue_annotation(triggers.jobs, 12, "shapes", f"{REANNOTATE}: shapes@4 promoted").job is not None
+    assert qualifying_change({"event": "create:task", "task": {"id": 13, "project_id": 7}}, policy) == \
+        "task 13: project 7 is not one this function pre-annotates"
+    off = TrainingPolicy.from_environment({})
+    assert qualifying_change({"event": "create:task", "task": {"id": 13, "project_id": 6}}, off) == \
+        "create:task: new tasks are not pre-annotated (set PREANNOTATE_ANNOTATE_ON=task)"
+    with pytest.raises(ValueError, match="PREANNOTATE_ANNOTATE_ON is 'tasks'"):
+        TrainingPolicy.from_environment({"PREANNOTATE_ANNOTATE_ON": "tasks"})
+
+
+def test_a_job_that_must_wait_is_queued_again_later(tmp_path):
+    import time
+
+    from preannotate.training.jobs import RETRY_S, TRY_LATER, Job, _finish
+
+    job = Job(id="x", request={}, state="running")
+    _finish(job, TRY_LATER, [])
+    assert job.state == "queued" and job.not_before >= time.time() + RETRY_S - 1 and job.finished is None
+
+
+def test_the_annotate_job_waits_for_the_upload_and_leaves_started_tasks_to_people(cvat_env, published_store,
+                                                                                     tmp_path):
+    from preannotate import worker
+    from preannotate.training.jobs import JobStore
+
+    jobs = JobStore(published_store.root)
+    pending = cvat_env.add_task("uploading", _photo_frames(3), project_id=6, pending_upload=True)
+    job = jobs.create({"kind": "annotate", "task": pending, "model": "boxes", "reason": "create:task"})
+    with pytest.raises(worker.NotReady, match=f"task {pending}: its data is still uploading"):
+        worker.annotate_job(job, published_store.root, {})
+    cvat_env.finish_upload(pending)
+    outcome = worker.annotate_job(job, published_store.root, {})
+    assert outcome["task"] == pending and outcome["version"] == 1 and outcome["frames"] == 3
+    assert outcome["model"].startswith("boxes@1")
+    tags = cvat_env.annotations(pending)["tags"]
+    assert sorted(tag["frame"] for tag in tags) == [0, 1, 2] and {tag["source"] for tag in tags} == {"auto"}
+
+    started = cvat_env.add_task("started", _photo_frames(2), project_id=6)
+    cvat_env.jobs[cvat_env.tasks[started].job_ids[0]].record["state"] = "in progress"
+    job = jobs.create({"kind": "annotate", "task": started, "model": "boxes", "reason": "update:task"})
+    assert worker.annotate_job(job, published_store.root, {}) == {
+        "skipped": f"task {started}: people already work on job(s) {cvat_env.tasks[started].job_ids[0]}; it is left "
+                   "to them"}
+    assert cvat_env.annotations(started)["shapes"] == []
+
+
+def test_a_promotion_re_annotates_only_the_tasks_no_one_started(cvat_env, tmp_path):
+    from preannotate import worker
+    from preannotate.training.jobs import JobStore
+
+    untouched = cvat_env.add_task("untouched", _photo_frames(2), project_id=6)
+    started = cvat_env.add_task("started", _photo_frames(2), project_id=6)
+    cvat_env.jobs[cvat_env.tasks[started].job_ids[0]].record["stage"] = "validation"
+    jobs = JobStore(tmp_path)
+    training = jobs.create({"project": 6, "name": "streets", "model": "ssdlite320_mobilenet_v3_large"})
+    worker.after_promotion(jobs, training, {"version": 2, "promoted": True}, {"PREANNOTATE_REANNOTATE": "unreviewed"})
+    queued = [job.request for job in jobs.all() if job.request.get("kind") == "annotate"]
+    assert queued == [{"kind": "annotate", "task": untouched, "model": "streets",
+                       "reason": "re-annotate: streets@2 promoted"}]  # tasks 7 and 8 of the recordings are started
+    worker.after_promotion(jobs, training, {"version": 2, "promoted": True}, {})  # not asked: nothing more
+    assert len([job for job in jobs.all() if job.request.get("kind") == "annotate"]) == 1

@@ -50,7 +50,7 @@ def test_ambiguity_peaks_at_the_threshold(score, expected):
 
 def test_a_frame_is_as_uncertain_as_its_closest_call():
     threshold = 0.5
-    assert uncertainty.frame_confidence(_scored(0.98, 0.97), threshold) == pytest.approx(0.94)  # sure: 0.97 is its closest call
+    assert uncertainty.frame_confidence(_scored(0.98, 0.97), threshold) == pytest.approx(0.94)  # 0.97: closest call
     assert uncertainty.frame_confidence(_scored(0.98, 0.45), threshold) == pytest.approx(0.1)  # a near miss
     assert uncertainty.frame_confidence(_scored(0.98, 0.55), threshold) == pytest.approx(0.1)  # a barely kept box
     assert uncertainty.frame_confidence(_scored(0.09), threshold) == 1.0  # clutter under the candidate floor

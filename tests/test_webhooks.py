@@ -69,7 +69,8 @@ def test_completed_job_and_acceptance_stage_start_training_by_default():
     ("ping.project_webhook", "ping"),
     ("update_job.annotation_save_on_job", "neither state nor stage changed"),
     ("create_job", "create:job does not start training"),
-    ("update_task.annotation_save_on_job", "update:task: new tasks are not pre-annotated (set PREANNOTATE_ANNOTATE_ON=task)"),
+    ("update_task.annotation_save_on_job", "update:task: new tasks are not pre-annotated (set "
+                                           "PREANNOTATE_ANNOTATE_ON=task)"),
     ("delete_task", "delete:task does not start training"),
 ])
 def test_other_deliveries_start_nothing_and_say_why(name, why):

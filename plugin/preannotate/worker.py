@@ -56,7 +56,8 @@ def run(store_root: Path, job_id: str, environ: dict[str, str] | None = None) ->
             outcome = execute_job(job, jobs.work_dir(job_id), store_root, stop)
     except NotReady as waiting:
         log.info("%s", waiting)
-        jobs.update(job_id, lambda j: setattr(j, "skipped", str(waiting)))
+        why = str(waiting)
+        jobs.update(job_id, lambda j: setattr(j, "skipped", why))
         return TRY_LATER
     except Exception as error:
         log.exception("job %s failed", job_id)
@@ -93,8 +94,9 @@ def annotate_job(job: Job, store_root: Path, env: dict[str, str]) -> dict[str, A
     with connect() as client:
         with cvat_errors(client, f"task {task_id}"):
             task = client.tasks.retrieve(task_id)
-            jobs = task.get_jobs() if task.size else []
-        if not task.size or not jobs:
+            size = getattr(task, "size", None)  # absent until the upload is attached
+            jobs = task.get_jobs() if size else []
+        if not size or not jobs:
             if time.time() - job.created > float(env.get("PREANNOTATE_UPLOAD_WAIT_S") or UPLOAD_WAIT_S):
                 raise RuntimeError(f"task {task_id} still has no data after {UPLOAD_WAIT_S // 60} minutes: "
                                    "its upload failed or was never made")
@@ -125,6 +127,16 @@ def after_promotion(jobs: JobStore, job: Job, outcome: dict[str, Any], env: dict
         for task_id in unreviewed_tasks(int(job.request["project"])):
             queued = queue_annotation(jobs, task_id, name, f"{REANNOTATE}: {name}@{outcome['version']} promoted")
             log.info("task %d: %s", task_id, queued.reason)
+    deployed = lambda_spec.spec_names(env)
+    if deployed is not None:  # said in the job's record too, before the update may restart the function
+        from preannotate.models import Manifest, ModelStore
+        from preannotate.serving.core import spec_fix
+
+        version = ModelStore(jobs.root.parent).path(name, outcome["version"])
+        missing = lambda_spec.unmapped(deployed, Manifest.read(version).labels)
+        if missing:
+            fix = spec_fix(name, missing, env.get("PREANNOTATE_TRAIN_PROJECT"))
+            jobs.update(job.id, lambda j: j.outcome.update(cvat_unmapped=missing, fix=fix))
     sync_function_spec(jobs.root.parent, name, env)
 
 
@@ -136,7 +148,7 @@ def unreviewed_tasks(project_id: int) -> list[int]:
     with connect() as client:
         with cvat_errors(client, f"project {project_id}"):
             for task in client.projects.retrieve(project_id).get_tasks():
-                jobs = task.get_jobs() if task.size else []
+                jobs = task.get_jobs() if getattr(task, "size", None) else []
                 if jobs and all(j.state == "new" and j.stage == "annotation" for j in jobs):
                     found.append(task.id)
     return sorted(found)

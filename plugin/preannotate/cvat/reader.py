@@ -58,9 +58,9 @@ def read_project(client: Client, project_id: int) -> dict[int, AnnotationSet]:
     return result
 
 
-# What counts as finished by people (the ``train-on`` key, ``hyperparameters.TRAIN_ON``): a job whose state is ``completed``, or whose stage is
-# ``acceptance`` (a reviewer accepted it) — by default both; ``validation`` adds jobs handed to review; ``all`` every
-# job, with only the shapes people made (see ``read_finished``).
+# What counts as finished by people (the ``train-on`` key, ``hyperparameters.TRAIN_ON``): a job whose state is
+# ``completed``, or whose stage is ``acceptance`` (a reviewer accepted it) — by default both; ``validation`` adds
+# jobs handed to review; ``all`` every job, with only the shapes people made (see ``read_finished``).
 DEFAULT_TRAIN_ON = ("completed", "acceptance")
 
 

@@ -65,8 +65,8 @@ def verify(secret: str, body: Any, headers: Mapping[str, str], raw: bytes | None
 
 
 def register(client, *, url: str, secret: str, project_id: int | None = None, organization: str | None = None,
-             verify_ssl: bool = True, description: str = "preannotate: retrain when jobs are finished, pre-annotate new tasks"
-             ) -> dict:
+             verify_ssl: bool = True,
+             description: str = "preannotate: retrain when jobs are finished, pre-annotate new tasks") -> dict:
     """Create the CVAT webhook that sends job updates and task events to a function's ``/webhook`` (a project
     webhook, or an organization one when no project is given). Returns the webhook as CVAT answered it."""
     from cvat_sdk.api_client import models

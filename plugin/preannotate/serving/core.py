@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from preannotate.cvat import lambda_spec
 from preannotate.models import (
     Manifest,
     ModelNotFound,
@@ -25,7 +26,6 @@ from preannotate.models import (
     default_store,
     load_model,
 )
-from preannotate.cvat import lambda_spec
 from preannotate.serving import contract
 
 log = logging.getLogger(__name__)

@@ -237,7 +237,8 @@ def annotations_changed(client, request: Mapping[str, Any], learned: Mapping[str
 
     now = reader.finished_job_versions(client, reader.task_ids(client, request), train_on)
     if learned is None:
-        return True, f"{served} has no record of the jobs it learned" if "@" in served else f"{served} has no version yet"
+        return True, (f"{served} has no record of the jobs it learned" if "@" in served
+                      else f"{served} has no version yet")
     changed = sorted((job for job in set(now) | set(learned) if learned.get(job) != now.get(job)), key=int)
     if not changed:
         return False, f"finished jobs unchanged since {served}"
