@@ -42,6 +42,7 @@ bench-all: bench
 	$(BIN)/python bench/train_speed.py
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/serve_under_training.py
+	$(BIN)/python bench/menu_loop.py
 
 functions: setup
 	$(BIN)/preannotate functions render

@@ -158,9 +158,11 @@ def main() -> None:
         f"| {promoted / peer_training:.2f} |",
         f"| upload finished → task pre-annotated | {done:.1f} s | {peer_annotation:.1f} s (`annotate_task`, model "
         f"loaded) | {done / peer_annotation:.2f} |", "",
-        "The loop adds the job's own process (interpreter, imports, cvat-sdk login), loading the model in it, and the "
-        "runner's poll (1 s). The pre-annotation job is queued by `create:task`, finds no data and waits; the "
-        "`update:task` that ends the upload makes it start at the runner's next poll.",
+        f"The loop adds a fixed {promoted - peer_training:.1f} s and {done - peer_annotation:.1f} s: the job's own "
+        "process (interpreter, torch, cvat-sdk login), loading the model in it, and the runner's poll (1 s) — not a "
+        "cost per frame, so a task of a thousand frames pays it once. The pre-annotation job is queued by "
+        "`create:task`, finds no data and waits; the `update:task` that ends the upload makes it start at the "
+        "runner's next poll.",
     ])
     publish(SECTION, text, write=not args.no_write)
 
