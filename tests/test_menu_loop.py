@@ -97,7 +97,9 @@ def test_deploy_once_then_only_annotate_and_review(cvat_double, nuclio_dashboard
         assert len(started) == 2 and len({answer["job"] for answer in started}) == 1  # the second joined the first
 
         store = ModelStore(store_root)
-        wait_for(lambda: store.serving("shapes"), 900, "the first version")
+        (training,) = routes.jobs.all()
+        finished = wait_for(lambda: (j := routes.jobs.get(training.id)).finished and j, 900, "the training job")
+        assert finished.state == "succeeded" and store.serving("shapes") == finished.version == 1
         manifest = Manifest.read(store.resolve("shapes"))
         learned = manifest.provenance["cvat"]
         assert sorted(learned["jobs"]) == [str(first), str(second)] and list(learned["frames"]) == [str(annotated)]
@@ -108,8 +110,7 @@ def test_deploy_once_then_only_annotate_and_review(cvat_double, nuclio_dashboard
         deployed = nuclio_dashboard.function(FUNCTION)
         spec = [label["name"] for label in json.loads(deployed["metadata"]["annotations"]["spec"])]
         assert "bar" in spec and nuclio_dashboard.builds == []
-        (training,) = [j for j in routes.jobs.all() if j.request.get("kind") != "annotate"]
-        assert training.outcome["cvat_unmapped"] == ["bar"]  # said in the job's record before the update
+        assert finished.outcome["cvat_unmapped"] == ["bar"]  # said in the job's record before the update
 
         # 4. a new task: the webhook arrives before its data; it is pre-annotated once the upload finished
         unseen = generate(6, width=160, height=120, seed=8, labels=("triangle",), empty_fraction=0)

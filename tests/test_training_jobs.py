@@ -53,7 +53,7 @@ def test_a_completed_job_retrains_the_function_and_the_next_detection_uses_the_n
     platform, context = function
     image = {"image": b64(encode(photo(96, 64))), "threshold": 0.0}
     status, body = call(platform, "POST", "/", image)
-    assert status == 503 and "no published version" in body["error"]  # nothing trained yet: a clear 503
+    assert status == 503 and body["error"].startswith("not trained yet: ")  # nothing trained yet: a clear 503
     assert call(platform, "GET", "/health")[0] == 200
 
     delivery = json.loads((FIXTURES / "webhooks" / "update_job.state_completed.json").read_text())

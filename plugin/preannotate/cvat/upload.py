@@ -212,11 +212,12 @@ class TaskWriter:
               confidence: Mapping[int, float] | None = None) -> UploadReport:
         """Replace the ``auto`` shapes (every shape with ``replace``) of exactly these frames by the given ones;
         a frame given with no shapes just loses its earlier ``auto`` shapes. ``confidence`` (frame → 0.0-1.0)
-        replaces the frames' confidence tags (``review``) when the task has the confidence label."""
+        replaces the frames' confidence tags (``review``) when the task has the confidence label; the tags travel
+        in the same requests as the shapes."""
         report = UploadReport(frames=len(shapes_by_frame))
         old = [stored for frame in shapes_by_frame for stored in self.shapes_on.get(frame, ())
                if self.replace or stored.get("source") == AUTO]
-        self._write_confidence(confidence or {})
+        old_tags, new_tags = self._confidence_tags(confidence or {})
         new = []
         for frame, shapes in shapes_by_frame.items():
             for shape in shapes:
@@ -225,31 +226,31 @@ class TaskWriter:
                     report.unmapped[shape.label] += 1
                 else:
                     new.append(request)
-        for part in _chunks(old, self.max_shapes):
-            self._patch("delete", [_writable(s) for s in part])
+        for index, part in enumerate(_chunks(old, self.max_shapes, at_least_one=bool(old_tags))):
+            self._patch("delete", [_writable(s) for s in part], old_tags if index == 0 else ())
             report.deleted += len(part)
         gone = {id(s) for s in old}
         for frame in shapes_by_frame:
             if frame in self.shapes_on:
                 self.shapes_on[frame] = [s for s in self.shapes_on[frame] if id(s) not in gone]
-        for part in _chunks(new, self.max_shapes):
-            for stored in self._patch("create", part).get("shapes") or ():
+        for index, part in enumerate(_chunks(new, self.max_shapes, at_least_one=bool(new_tags))):
+            written = self._patch("create", part, new_tags if index == 0 else ())
+            for stored in written.get("shapes") or ():
                 self.shapes_on.setdefault(stored["frame"], []).append(stored)
+            for stored in written.get("tags") or ():
+                self.confidence_tags_on.setdefault(stored["frame"], []).append(stored)
             report.created += len(part)
         return report
 
-    def _write_confidence(self, confidence: Mapping[int, float]) -> None:
+    def _confidence_tags(self, confidence: Mapping[int, float]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The frames' earlier confidence tags (to delete) and their new ones (to create)."""
         label = self.labels.get(review.CONFIDENCE_LABEL)
         if not confidence or label is None or review.CONFIDENCE_ATTRIBUTE not in label.attributes:
-            return
+            return [], []
         old = [_writable_tag(t) for frame in confidence for t in self.confidence_tags_on.pop(frame, ())]
-        if old:
-            self._patch("delete", [], old)
         new = [review.confidence_tag(frame, value, label.id, label.attributes[review.CONFIDENCE_ATTRIBUTE])
                for frame, value in confidence.items()]
-        for part in _chunks(new, self.max_shapes):
-            for stored in self._patch("create", [], part).get("tags") or ():
-                self.confidence_tags_on.setdefault(stored["frame"], []).append(stored)
+        return old, new
 
     def _request(self, shape: Shape, frame: int) -> dict[str, Any] | None:
         """The shape as a ``LabeledShapeRequest`` body for this task's label (``encoding.labeled_shape``)."""
@@ -291,7 +292,11 @@ def _writable_tag(stored: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stored.items() if k in ("id", "frame", "label_id", "group", "source", "attributes")}
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
+def _chunks(items: list, size: int, at_least_one: bool = False) -> Iterator[list]:
+    """``items`` in runs of ``size``; with ``at_least_one``, one empty run when there are none (a request that
+    carries only tags)."""
+    if not items and at_least_one:
+        yield []
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
