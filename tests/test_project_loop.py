@@ -262,6 +262,8 @@ def test_the_annotate_job_waits_for_the_upload_and_leaves_started_tasks_to_peopl
     job = jobs.create({"kind": "annotate", "task": pending, "model": "boxes", "reason": "create:task"})
     with pytest.raises(worker.NotReady, match=f"task {pending}: its data is still uploading"):
         worker.annotate_job(job, published_store.root, {})
+    with pytest.raises(RuntimeError, match=f"task {pending} still has no data after 0 minutes: its upload failed"):
+        worker.annotate_job(job, published_store.root, {"PREANNOTATE_UPLOAD_WAIT_S": "0"})  # waited long enough
     cvat_env.finish_upload(pending)
     outcome = worker.annotate_job(job, published_store.root, {})
     assert outcome["task"] == pending and outcome["version"] == 1 and outcome["frames"] == 3

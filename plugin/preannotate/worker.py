@@ -97,9 +97,10 @@ def annotate_job(job: Job, store_root: Path, env: dict[str, str]) -> dict[str, A
             size = getattr(task, "size", None)  # absent until the upload is attached
             jobs = task.get_jobs() if size else []
         if not size or not jobs:
-            if time.time() - job.created > float(env.get("PREANNOTATE_UPLOAD_WAIT_S") or UPLOAD_WAIT_S):
-                raise RuntimeError(f"task {task_id} still has no data after {UPLOAD_WAIT_S // 60} minutes: "
-                                   "its upload failed or was never made")
+            patience = float(env.get("PREANNOTATE_UPLOAD_WAIT_S") or UPLOAD_WAIT_S)
+            if time.time() - job.created > patience:
+                raise RuntimeError(f"task {task_id} still has no data after {patience / 60:.0f} minutes: its upload "
+                                   "failed or was never made")
             raise NotReady(f"task {task_id}: its data is still uploading; pre-annotated once it is there")
         started = [j.id for j in jobs if j.state != "new" or j.stage != "annotation"]
         if started and not job.request.get("force"):
