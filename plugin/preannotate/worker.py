@@ -23,9 +23,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from preannotate import uncertainty
 from preannotate.cvat import lambda_spec
 from preannotate.shapes import Label
 from preannotate.training.jobs import TRY_LATER, Job, JobStore
@@ -88,6 +90,7 @@ def annotate_job(job: Job, store_root: Path, env: dict[str, str]) -> dict[str, A
     """Pre-annotate ``job.request["task"]`` with the served version of ``job.request["model"]``."""
     from preannotate.annotate import annotate_task
     from preannotate.cvat.client import connect, cvat_errors
+    from preannotate.cvat.reader import job_untouched
     from preannotate.models import load_model
 
     task_id = int(job.request["task"])
@@ -102,14 +105,14 @@ def annotate_job(job: Job, store_root: Path, env: dict[str, str]) -> dict[str, A
                 raise RuntimeError(f"task {task_id} still has no data after {patience / 60:.0f} minutes: its upload "
                                    "failed or was never made")
             raise NotReady(f"task {task_id}: its data is still uploading; pre-annotated once it is there")
-        started = [j.id for j in jobs if j.state != "new" or j.stage != "annotation"]
+        started = [j.id for j in jobs if not job_untouched(j)]
         if started and not job.request.get("force"):
             return {"skipped": f"task {task_id}: people already work on job(s) "
                                f"{', '.join(map(str, started))}; it is left to them"}
         detector = load_model(job.request["model"], store_root, env.get("PREANNOTATE_DEVICE") or None)
         report = annotate_task(client, task_id, detector=detector, only_unannotated=True, progress=False,
                                state_dir=store_root / ".journal", cache_dir=store_root / ".jobs" / job.id / "chunks")
-    least = sorted(report.confidence.items(), key=lambda item: (item[1], item[0]))[:10]
+    least = uncertainty.ranking(report.confidence)[:10]
     log.info("task %d pre-annotated by %s: %d frames (%d resumed), %d shapes; least confident frames: %s", task_id,
              report.model, report.annotated, report.resumed, report.created,
              ", ".join(f"{frame} ({value:.2f})" for frame, value in least) or "none")
@@ -128,38 +131,32 @@ def after_promotion(jobs: JobStore, job: Job, outcome: dict[str, Any], env: dict
         for task_id in unreviewed_tasks(int(job.request["project"])):
             queued = queue_annotation(jobs, task_id, name, f"{REANNOTATE}: {name}@{outcome['version']} promoted")
             log.info("task %d: %s", task_id, queued.reason)
-    deployed = lambda_spec.spec_names(env)
-    if deployed is not None:  # said in the job's record too, before the update may restart the function
-        from preannotate.models import Manifest, ModelStore
-        from preannotate.serving.core import spec_fix
-
-        version = ModelStore(jobs.root.parent).path(name, outcome["version"])
-        missing = lambda_spec.unmapped(deployed, Manifest.read(version).labels)
-        if missing:
-            fix = spec_fix(name, missing, env.get("PREANNOTATE_TRAIN_PROJECT"))
-            jobs.update(job.id, lambda j: j.outcome.update(cvat_unmapped=missing, fix=fix))
-    sync_function_spec(jobs.root.parent, name, env)
+    # what CVAT would drop is said in the job's record too, before the update may restart the function
+    sync_function_spec(jobs.root.parent, name, env, before_update=lambda missing, fix: jobs.update(
+        job.id, lambda j: j.outcome.update(cvat_unmapped=missing, fix=fix)))
 
 
 def unreviewed_tasks(project_id: int) -> list[int]:
     """The project's tasks with data where no one has started a job (every job new, in annotation)."""
     from preannotate.cvat.client import connect, cvat_errors
+    from preannotate.cvat.reader import job_untouched
 
     found = []
     with connect() as client:
         with cvat_errors(client, f"project {project_id}"):
             for task in client.projects.retrieve(project_id).get_tasks():
                 jobs = task.get_jobs() if getattr(task, "size", None) else []
-                if jobs and all(j.state == "new" and j.stage == "annotation" for j in jobs):
+                if jobs and all(job_untouched(j) for j in jobs):
                     found.append(task.id)
     return sorted(found)
 
 
-def sync_function_spec(store_root: Path, name: str, env: dict[str, str]) -> list[str]:
+def sync_function_spec(store_root: Path, name: str, env: dict[str, str],
+                       before_update: Callable[[list[str], str], None] | None = None) -> list[str]:
     """Labels of the served version that the function's CVAT spec lacks, made known to CVAT: the spec updated
     through the Nuclio dashboard (a redeploy of the function, which restarts this process too: everything else is
-    done first), or, without one, the log says which labels CVAT drops and the command that fixes it. Returns the
-    labels that were missing."""
+    done first, ``before_update(missing, fix)`` included), or, without one, the log says which labels CVAT drops and
+    the command that fixes it. Returns the labels that were missing."""
     from preannotate.cvat.dashboard import DashboardError, NuclioDashboard, function_name_from_environment
     from preannotate.models import Manifest, ModelStore, get_architecture
     from preannotate.serving.core import spec_fix
@@ -172,6 +169,9 @@ def sync_function_spec(store_root: Path, name: str, env: dict[str, str]) -> list
     missing = lambda_spec.unmapped(deployed, manifest.labels)
     if not missing:
         return []
+    fix = spec_fix(name, missing, env.get("PREANNOTATE_TRAIN_PROJECT"))
+    if before_update is not None:
+        before_update(missing, fix)
     output = get_architecture(manifest.architecture).output
     # The spec keeps what CVAT maps now (the project's labels not learned yet stay listed) and gains the new ones.
     kept = [Label(label, output) for label in deployed]
@@ -180,13 +180,12 @@ def sync_function_spec(store_root: Path, name: str, env: dict[str, str]) -> list
     try:
         dashboard = NuclioDashboard.from_environment(env)
         if dashboard is None or function is None:
-            log.warning("%s", spec_fix(name, missing, env.get("PREANNOTATE_TRAIN_PROJECT")))
+            log.warning("%s", fix)
             return missing
         dashboard.update_function(function, annotations={"spec": lambda_spec.spec_text(labels)},
                                   env={lambda_spec.FUNCTION_LABELS_ENV: json.dumps([label.name for label in labels])})
     except DashboardError as error:
-        log.warning("could not update the function's CVAT spec (%s): %s", error,
-                    spec_fix(name, missing, env.get("PREANNOTATE_TRAIN_PROJECT")))
+        log.warning("could not update the function's CVAT spec (%s): %s", error, fix)
         return missing
     log.info("function %s: CVAT spec updated through the Nuclio dashboard with %s (it redeploys now)", function,
              ", ".join(missing))

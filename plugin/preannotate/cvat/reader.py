@@ -70,6 +70,18 @@ def job_finished(job: Any, train_on: Sequence[str] = DEFAULT_TRAIN_ON) -> bool:
     return "all" in train_on or (get("state") == "completed" and "completed" in train_on) or get("stage") in train_on
 
 
+def job_untouched(job: Any) -> bool:
+    """Whether no one has started the job yet (state new, stage annotation): pre-annotation may fill it."""
+    return job.state == "new" and job.stage == "annotation"
+
+
+def annotation_jobs(client: Client, task_id: int) -> list[Any]:
+    """The task's annotation jobs (not its ground-truth job, whose frames other jobs hold too)."""
+    with cvat_errors(client, f"jobs of task {task_id}"):
+        return [job for job in client.tasks.retrieve(task_id).get_jobs()
+                if str(getattr(job, "type", "annotation")) == "annotation"]
+
+
 @dataclass
 class FinishedFrames:
     """A task's frames that people finished, and the jobs they came from."""
@@ -85,12 +97,9 @@ def read_finished(client: Client, task_id: int, train_on: Sequence[str] = DEFAUL
     frames of unfinished jobs count too, but only those with a shape a person made, and only with those shapes (a
     finished job's shapes count whatever their source: someone reviewed them)."""
     annotations = read_task(client, task_id)
-    with cvat_errors(client, f"jobs of task {task_id}"):
-        jobs = [job for job in client.tasks.retrieve(task_id).get_jobs()
-                if str(getattr(job, "type", "annotation")) == "annotation"]  # not ground-truth jobs
     finished_frames: set[int] = set()
     used, unfinished = {}, []
-    for job in jobs:
+    for job in annotation_jobs(client, task_id):
         frames = range(job.start_frame, job.stop_frame + 1)
         if job_finished(job, [t for t in train_on if t != "all"]):
             finished_frames.update(frames)
@@ -132,13 +141,8 @@ def finished_job_versions(client, ids: Sequence[int], train_on: Sequence[str] = 
                           ) -> dict[str, str]:
     """Job id → ``updated_date`` of the finished jobs of these tasks (what cron compares with what a version
     learned: a save in a job nobody finished changes nothing training would read)."""
-    versions = {}
-    for task_id in ids:
-        with cvat_errors(client, f"jobs of task {task_id}"):
-            for job in client.tasks.retrieve(task_id).get_jobs():
-                if str(getattr(job, "type", "annotation")) == "annotation" and job_finished(job, train_on):
-                    versions[str(job.id)] = _date(job.updated_date)
-    return versions
+    return {str(job.id): _date(job.updated_date) for task_id in ids for job in annotation_jobs(client, task_id)
+            if job_finished(job, train_on)}
 
 
 def _date(value: Any) -> str:

@@ -17,7 +17,8 @@ function serves (``PREANNOTATE_TRAIN_PROJECT``, else ``PREANNOTATE_TRAIN_PROJECT
 ``create:task`` before it) and leaves a task people already work on to them.
 
 Cron records a *check* job (``only_if_changed``) while no job is queued or running; its process retrains only when
-a task's ``updated_date`` differs from what the served version learned (``annotations_changed``).
+a finished job's ``updated_date`` differs from what the served version learned, or a job was finished or reopened
+since (``annotations_changed``).
 """
 
 from __future__ import annotations
