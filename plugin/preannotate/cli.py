@@ -402,7 +402,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         export_from_cvat,
         train_and_publish,
     )
-    from preannotate.training.trainer import RunMismatch, TrainingInterrupted
+    from preannotate.training.runs import RunMismatch, TrainingInterrupted
 
     arch = get_architecture(args.model)  # an unknown name fails before anything is downloaded
     if bool(args.data) == bool(args.task or args.project):
@@ -445,7 +445,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from preannotate.demo import run_demo
-    from preannotate.training.trainer import RunMismatch
+    from preannotate.training.runs import RunMismatch
 
     try:
         run_demo(args.out, architecture=args.model, steps=args.steps, task=args.task, restart=args.restart)

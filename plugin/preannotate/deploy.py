@@ -20,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import yaml
+
 from preannotate import functions
 from preannotate.cvat import lambda_spec
 from preannotate.cvat.review import CONFIDENCE_LABEL
@@ -32,7 +34,7 @@ from preannotate.models import (
     get_architecture,
     open_store,
 )
-from preannotate.models.registry import DEFAULT_ARCHITECTURE
+from preannotate.models.registry import DEFAULT_ARCHITECTURE, FUNCTION_PREFIX
 from preannotate.shapes import Label
 
 PROJECT = "cvat"                 # CVAT lists only the functions of this Nuclio project
@@ -49,9 +51,14 @@ class DeployError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------ Nuclio functions
 
-def function_name(model_name: str) -> str:
-    """The Nuclio function (and CVAT function id) of a model in the store."""
-    return "pth-preannotate-" + re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-")
+def function_name(model_name: str, framework: str = "pytorch") -> str:
+    """The Nuclio function (and CVAT function id) of a model in the store (``pth-`` or ``tf-``, as CVAT's own)."""
+    return FUNCTION_PREFIX[framework] + re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-")
+
+
+def rendered_name(directory: Path) -> str:
+    """The function name of a rendered function directory."""
+    return yaml.safe_load((Path(directory) / "function.yaml").read_text())["metadata"]["name"]
 
 
 def render_model_function(store: ModelStore, reference: str, out: Path, cron: str | None = None,
@@ -79,7 +86,8 @@ def render_model_function(store: ModelStore, reference: str, out: Path, cron: st
                           f"({', '.join(f'{label.name} ({label.type})' for label in impossible) or 'none'}) can take "
                           f"them, so CVAT would get nothing; add a label of type {' or '.join(arch.label_types)}")
     state = f"{len(labels)} labels" if manifest else f"{len(labels)} labels of project {train_project}, not trained yet"
-    settings = {"model": reference, "name": function_name(parsed.name), "cron": cron, "train_project": train_project,
+    settings = {"model": reference, "name": function_name(parsed.name, arch.framework), "cron": cron,
+                "train_project": train_project,
                 "description": f"preannotate model {parsed.name} ({arch.name}, {state})",
                 "store_host_path": str(store.root.resolve()), "store_claim": store_claim,
                 "annotate_on": annotate_on, "reannotate": reannotate}
@@ -185,7 +193,8 @@ def deploy_model(args: argparse.Namespace, environ: Mapping[str, str] | None = N
         store, args.model, directory, cron=args.cron, train_project=args.train_project, store_claim=args.store_claim,
         project_labels=labels, architecture=args.arch, annotate_on="" if annotate_on == "none" else annotate_on,
         reannotate="unreviewed" if args.reannotate_unreviewed else "")
-    print(f"# function {function_name(parsed.name)} rendered in {directory}", file=out)
+    name = rendered_name(directory)
+    print(f"# function {name} rendered in {directory}", file=out)
     if untrained:
         print(f"# {parsed.name} is not trained yet: the function answers 503 until a job of project "
               f"{args.train_project} is finished (its webhook starts training) or POST /train", file=out)
@@ -196,23 +205,30 @@ def deploy_model(args: argparse.Namespace, environ: Mapping[str, str] | None = N
                               registry=args.registry, base_image=args.base_image)
     run_commands(commands, args.dry_run, out, NUCTL_HINT)
     if not args.dry_run:
-        print(f"deployed {function_name(parsed.name)}: it appears in CVAT's Models page", file=out)
+        print(f"deployed {name}: it appears in CVAT's Models page", file=out)
     return 0
 
 
 # ------------------------------------------------------------------------------------------ image build step
 
 def fetch_weights(architecture: str) -> Path:
-    """Put the architecture's pretrained weights into torch's cache (``$TORCH_HOME/hub/checkpoints``): the build
-    step of a function image, so that a function neither downloads at run time nor needs the network."""
+    """Put the architecture's pretrained weights into its framework's cache (torch: ``$TORCH_HOME/hub/checkpoints``;
+    Keras: ``$KERAS_HOME`` and keras-hub's ``$KAGGLEHUB_CACHE``): the build step of a function image, so that a
+    function neither downloads at run time nor needs the network."""
+    arch = get_architecture(architecture)
+    if not arch.pretrained:
+        raise DeployError(f"{arch.name} has no pretrained weights to fetch")
+    if arch.framework == "tensorflow":
+        from preannotate.models import keras_family
+
+        keras_family.pretrained_model(arch, 1, {})  # downloads into the caches when missing, and proves they load
+        return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
+
     import torch
     import torchvision
 
     from preannotate.models.torchvision_family import pretrained_state_dict
 
-    arch = get_architecture(architecture)
-    if arch.family != "torchvision" or not arch.pretrained:
-        raise DeployError(f"{arch.name} has no torchvision weights to fetch")
     filename = os.path.basename(torchvision.models.get_weight(arch.pretrained).url)
     pretrained_state_dict(arch)  # downloads (hash-checked) when missing, and proves the file loads
     candidates = [Path(torch.hub.get_dir()) / "checkpoints" / filename]

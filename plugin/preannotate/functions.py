@@ -24,7 +24,13 @@ CVAT_REQUEST_TIMEOUT_S = 120  # CVAT_NUCLIO_DEFAULT_TIMEOUT: no event may take l
 STORE_HOST_PATH = STORE_MOUNT = DEFAULT_STORE  # the same path on the host and inside: one default everywhere
 STORE_VOLUME = "preannotate-store"
 TORCH_HOME = "/opt/preannotate/torch"  # pretrained weights baked into the image at build time (Dockerfile.base)
-BASE_IMAGE = {False: "cvat.preannotate.base:cpu", True: "cvat.preannotate.base:gpu"}
+KERAS_HOME = "/opt/preannotate/keras"  # the same for Keras (ImageNet encoders) and keras-hub (KAGGLEHUB_CACHE)
+# One base image per framework (deploy/Dockerfile.base, EXTRAS=torch or tf): a function loads only its own.
+BASE_IMAGE = {("pytorch", False): "cvat.preannotate.base:cpu", ("pytorch", True): "cvat.preannotate.base:gpu",
+              ("tensorflow", False): "cvat.preannotate.base-tf:cpu",
+              ("tensorflow", True): "cvat.preannotate.base-tf:gpu"}
+WEIGHTS_ENV = {"pytorch": {"TORCH_HOME": TORCH_HOME},
+               "tensorflow": {"KERAS_HOME": KERAS_HOME, "KAGGLEHUB_CACHE": f"{KERAS_HOME}/kagglehub"}}
 # Never written into a function.yaml: the deploy scripts pass them with `nuctl deploy --env` when they are set.
 SECRET_ENV = ("CVAT_URL", "CVAT_ORG", "CVAT_USERNAME", "CVAT_PASSWORD", "CVAT_ACCESS_TOKEN",
               "PREANNOTATE_WEBHOOK_SECRET", "PREANNOTATE_API_TOKEN")
@@ -73,18 +79,19 @@ def function_config(arch: Architecture, labels: list[Label], gpu: bool, model: s
     name = name or arch.function_name
     image_tag = "latest-gpu" if gpu else "latest"
     env = {"PREANNOTATE_MODEL": model, "PREANNOTATE_MODEL_STORE": STORE_MOUNT,
-           "PREANNOTATE_DEVICE": "cuda" if gpu else "cpu", "TORCH_HOME": TORCH_HOME,
+           "PREANNOTATE_DEVICE": "cuda" if gpu else "cpu", **WEIGHTS_ENV[arch.framework],
            "PREANNOTATE_TRAIN_MODEL": arch.name, **TRAINING_ENV,
            "PREANNOTATE_ANNOTATE_ON": annotate_on, "PREANNOTATE_REANNOTATE": reannotate,
            lambda_spec.FUNCTION_LABELS_ENV: json.dumps([label.name for label in labels])}
     if train_project is not None:
         env["PREANNOTATE_TRAIN_PROJECT"] = str(train_project)
     build: dict[str, Any] = {
-        "image": f"cvat.preannotate.{model.replace('@', '.')}:{image_tag}", "baseImage": BASE_IMAGE[gpu],
+        "image": f"cvat.preannotate.{model.replace('@', '.')}:{image_tag}",
+        "baseImage": BASE_IMAGE[arch.framework, gpu],
         # The weights training starts from (and, for COCO models, what the function serves before its first
         # version): fetched once at build time, so a function never downloads at run time.
         "directives": {"postCopy": [
-            {"kind": "ENV", "value": f"TORCH_HOME={TORCH_HOME}"},
+            *({"kind": "ENV", "value": f"{key}={value}"} for key, value in WEIGHTS_ENV[arch.framework].items()),
             {"kind": "RUN", "value": f"preannotate models fetch-weights {arch.name}"}]}}
     source = ({"persistentVolumeClaim": {"claimName": store_claim}} if store_claim
               else {"hostPath": {"path": store_host_path}})
@@ -114,7 +121,7 @@ def function_config(arch: Architecture, labels: list[Label], gpu: bool, model: s
             "namespace": "cvat",
             "labels": {"nuclio.io/project-name": "cvat"},
             "annotations": {"name": f"{model} (preannotate{', GPU' if gpu else ''})", "type": "detector",
-                            "framework": "pytorch", "spec": _Literal(lambda_spec.spec_text(labels))},
+                            "framework": arch.framework, "spec": _Literal(lambda_spec.spec_text(labels))},
         },
         "spec": spec,
     }
@@ -136,7 +143,7 @@ def dump(config: dict[str, Any], header: str = HEADER) -> str:
 
 
 def function_directory(root: Path, arch: Architecture) -> Path:
-    return Path(root) / "pytorch" / arch.name / "nuclio"
+    return Path(root) / arch.framework / arch.name / "nuclio"
 
 
 def render_all(root: Path) -> list[Path]:
@@ -144,13 +151,12 @@ def render_all(root: Path) -> list[Path]:
     COCO labels); return the files written. An architecture without them has no labels before training: it is
     deployed for a project (``preannotate deploy --train-project``) or for a trained version, never with an empty
     spec."""
-    from preannotate.models import PretrainedWeightsUnavailable
-    from preannotate.models.torchvision_family import coco_labels
+    from preannotate.models import PretrainedWeightsUnavailable, family_of
 
     written = []
-    for arch in ARCHITECTURES.values():
+    for arch in ARCHITECTURES.values():  # torch's first: torchvision must be loaded before TensorFlow
         try:
-            labels, _ = lambda_spec.spec_labels(coco_labels(arch), arch.output)
+            labels, _ = lambda_spec.spec_labels(family_of(arch).coco_labels(arch), arch.output)
         except PretrainedWeightsUnavailable:
             continue
         directory = function_directory(root, arch)

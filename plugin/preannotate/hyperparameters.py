@@ -98,6 +98,9 @@ class Hyperparameters:
     initial_learning_rate: float = _param(0.001, _float, "peak learning rate", low=1e-8, high=10)
     optimizer: str = _param("sgd", _choice(OPTIMIZERS), "one of " + ", ".join(OPTIMIZERS))
     momentum: float = _param(0.9, _float, "SGD/RMSprop momentum", low=0, high=1)
+    rmsprop_decay: float = _param(0.9, _float, "RMSprop's decay of its squared-gradient average (rho)", low=0,
+                                  high=1)
+    rmsprop_epsilon: float = _param(1e-7, _float, "RMSprop's epsilon", low=0, high=10)
     weight_decay: float = _param(1e-4, _float, "L2 weight decay", low=0, high=1)
     schedule: str = _param("one-cycle", _choice(SCHEDULES), "one of " + ", ".join(SCHEDULES))
     schedule_steps: list[int] = _param(help="multi-step boundaries (schedule-step-N)", default_factory=list)
@@ -122,6 +125,14 @@ class Hyperparameters:
     num_clones: int = _param(1, _int, "GPUs to train on (DistributedDataParallel)", low=1)
     init: str = _param("pretrained", _choice(INITS), "random, pretrained or previous (a published version)")
     score_threshold: float = _param(0.5, _float, "default detection threshold of the published model", low=0, high=1)
+    # Post-processing (the TF OD API's second-stage keys); None keeps the model's own. See ``POSTPROCESSING``.
+    nms_score_threshold: float | None = _param(None, _optional(_float), "score below which detections are dropped "
+                                               "before non-maximum suppression", low=0, high=1)
+    nms_iou_threshold: float | None = _param(None, _optional(_float), "IoU above which non-maximum suppression "
+                                             "drops the weaker box", low=0, high=1)
+    max_detections_per_class: int | None = _param(None, _optional(_int), "detections kept per class and image",
+                                                  low=1)
+    max_total_detections: int | None = _param(None, _optional(_int), "detections kept per image", low=1)
     train_on: tuple[str, ...] = _param(("completed", "acceptance"), _train_on,
                                        "CVAT jobs to learn from: any of completed (state), validation, acceptance "
                                        "(stage), or all")
@@ -142,6 +153,10 @@ class Hyperparameters:
         data["augment"] = list(self.augment)
         data["train_on"] = list(self.train_on)
         return data
+
+    def postprocessing(self) -> dict[str, Any]:
+        """The post-processing keys set (``POSTPROCESSING``), for the model families to apply."""
+        return {key: getattr(self, key) for key in POSTPROCESSING if getattr(self, key) is not None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Hyperparameters:
@@ -185,6 +200,9 @@ class Hyperparameters:
             converted = _convert(raw_key, value, meta["parse"])
             _check_range(raw_key, converted, meta["low"], meta["high"])
             changes[key] = converted
+        if given and "schedule" not in named and any(normalize_key(k) in DECAY_KEYS for k in values):
+            changes["schedule"] = "step"
+            named.add("schedule")
         if lrs and set(lrs) != set(steps):
             raise HyperparameterError("schedule-lr-N needs a schedule-step-N for every N and the other way round "
                                       f"(got steps for N in {sorted(steps)}, rates for N in {sorted(lrs)})")
@@ -223,7 +241,19 @@ ALIASES = {
     "warmup": "warmup_steps", "augmentation": "augment", "augmentations": "augment",
     "min_dimension": "image_size", "max_dimension": "max_image_size", "gpus": "num_clones",
     "validations": "num_validations",
+    # the TF OD API's names (Onepanel's SSD and Faster R-CNN pages)
+    "momentum_optimizer_value": "momentum", "momentum_decay": "rmsprop_decay", "momentum_epsilon": "rmsprop_epsilon",
+    "decay_steps": "schedule_step_size", "decay_factor": "schedule_gamma",
+    "second_stage_nms_score_threshold": "nms_score_threshold",
+    "second_stage_nms_iou_threshold": "nms_iou_threshold",
+    "second_stage_max_detections_per_class": "max_detections_per_class",
+    "second_stage_max_detections_max_total_detections": "max_total_detections",
+    "max_detections": "max_total_detections",
 }
+# The TF OD API's exponential_decay_learning_rate (decay_steps, decay_factor) is a staircase by default: our ``step``
+# schedule. Those keys bring it unless the user names a schedule.
+DECAY_KEYS = ("decay_steps", "decay_factor")
+POSTPROCESSING = ("nms_score_threshold", "nms_iou_threshold", "max_detections_per_class", "max_total_detections")
 
 
 def normalize_key(key: str) -> str:

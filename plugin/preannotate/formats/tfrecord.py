@@ -38,16 +38,21 @@ from preannotate.shapes import FrameAnnotations, Label, Shape
 MASK_TYPES = ("polygon", "mask", "ellipse")  # shapes that make a dataset a mask dataset
 
 
-def tensorflow() -> Any:
+def tensorflow(with_torchvision: bool = True) -> Any:
     """TensorFlow, imported on first use with a clear message when it is missing, and without the lines its C++
     runtime prints while it starts (CPU features, "could not find cuda drivers"): they say nothing a user of
-    TFRecords needs, before our own output. ``TF_CPP_MIN_LOG_LEVEL=0`` shows them again."""
+    TFRecords needs, before our own output. ``TF_CPP_MIN_LOG_LEVEL=0`` shows them again.
+
+    torchvision imported *after* TensorFlow crashes the process (their bundled C++ libraries clash), so it is
+    imported first when installed — unless ``with_torchvision`` is False: a process running only TensorFlow models
+    (``models.keras_family``) never loads torch, and ``models.torchvision_family`` then refuses with a sentence."""
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
-    try:  # torchvision imported *after* TensorFlow crashes the process (their bundled C++ libraries clash)
-        import torchvision  # noqa: F401
-    except ImportError:
-        pass
+    if with_torchvision:
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            pass
     quiet = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2") != "0"
     try:
         with _stderr_silenced(quiet):  # some of those lines come before TensorFlow reads its log level

@@ -88,9 +88,10 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
         previous_manifest = Manifest.read(previous)
         state = family.read_weights(Path(previous) / previous_manifest.weights)
     detector = family.create(arch, labels, init=init, image_size=hp.image_size, max_image_size=hp.max_image_size,
-                             state=state, device=device, letterbox=hp.letterbox)
+                             state=state, device=device, letterbox=hp.letterbox, postprocessing=hp.postprocessing())
     detector.manifest = Manifest(
-        architecture=arch.name, labels=list(labels), framework=arch.family,
+        architecture=arch.name, labels=list(labels), framework=arch.framework,
+        weights=getattr(family, "WEIGHTS_FILE", "model.pt"),
         input_size={"image_size": hp.image_size, "max_image_size": hp.max_image_size, "letterbox": hp.letterbox},
         hyperparameters=hp.to_dict(), score_threshold=hp.score_threshold,
         provenance={"init": init, **({"previous": str(previous)} if previous else {})},
@@ -122,10 +123,11 @@ def load_detector(directory: str | Path, device: str | None = None) -> Detector:
     """Load a published artifact: only its directory is needed."""
     manifest = Manifest.read(Path(directory))
     arch = get_architecture(manifest.architecture)
+    postprocessing = Hyperparameters.from_dict(manifest.hyperparameters).postprocessing()
     detector = family_of(arch).load(arch, manifest.labels, Path(directory) / manifest.weights,
                                   image_size=manifest.input_size.get("image_size"),
                                   max_image_size=manifest.input_size.get("max_image_size"), device=device,
-                                  letterbox=bool(manifest.input_size.get("letterbox")))
+                                  letterbox=bool(manifest.input_size.get("letterbox")), postprocessing=postprocessing)
     detector.manifest = manifest
     return detector
 

@@ -6,7 +6,7 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from preannotate.hyperparameters import Hyperparameters
+from preannotate.hyperparameters import POSTPROCESSING, HyperparameterError, Hyperparameters
 
 
 class UnknownArchitecture(ValueError):
@@ -33,6 +33,13 @@ class Architecture:
     gpu_timeout_s: int = 30          # ... and on a GPU
     defaults: dict[str, Any] = field(default_factory=dict)  # hyperparameters that differ from the global defaults
     scratch: dict[str, Any] = field(default_factory=dict)   # what differs when it starts from random weights
+    postprocessing: tuple[str, ...] = ()  # the post-processing keys (hyperparameters.POSTPROCESSING) it honours
+    build: dict[str, Any] = field(default_factory=dict)     # what its family needs to build it (keras: encoder...)
+
+    @property
+    def framework(self) -> str:
+        """The framework its family runs on, as manifests, CVAT's function annotations and ``functions/`` name it."""
+        return FRAMEWORKS[self.family]
 
     @property
     def label_types(self) -> tuple[str, ...]:
@@ -43,8 +50,13 @@ class Architecture:
     @property
     def function_name(self) -> str:
         """The Nuclio function (and CVAT function id) that serves this architecture."""
-        return "pth-preannotate-" + self.name.replace("_", "-")
+        return FUNCTION_PREFIX[self.framework] + self.name.replace("_", "-")
 
+
+FRAMEWORKS = {"torchvision": "pytorch", "keras": "tensorflow"}
+FUNCTION_PREFIX = {"pytorch": "pth-preannotate-", "tensorflow": "tf-preannotate-"}  # as CVAT's own functions
+# torchvision's detectors take a score floor, an NMS IoU and a cap per image; none caps detections per class.
+_TORCH_POSTPROCESSING = ("nms_score_threshold", "nms_iou_threshold", "max_total_detections")
 
 # Defaults follow what our users trained with from pretrained weights (Onepanel's TF OD API templates): SSD batch 24,
 # learning rate 0.004, 15,000 steps; Faster R-CNN batch 1, 0.0003, 10,000 steps. The trainer fits the budget to
@@ -65,37 +77,77 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
         "ssdlite320_mobilenet_v3_large", "torchvision", "rectangle",
         "SSDlite 320 with a MobileNetV3-Large backbone: the recommended default, fast on a CPU",
         "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1", image_size=320, max_image_size=320,
-        fixed_size=True, min_batch_size=2, defaults=_SSD, scratch=_SCRATCH),
+        fixed_size=True, min_batch_size=2, defaults=_SSD, scratch=_SCRATCH,
+        postprocessing=_TORCH_POSTPROCESSING),
     Architecture(
         "fasterrcnn_mobilenet_v3_large_320_fpn", "torchvision", "rectangle",
         "Faster R-CNN, MobileNetV3-Large FPN at 320 px: quick two-stage detector for CPUs",
         "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1", image_size=320, max_image_size=640,
-        defaults={**_RCNN, "batch_size": 4, "initial_learning_rate": 0.002}, scratch=_RCNN_SCRATCH),
+        defaults={**_RCNN, "batch_size": 4, "initial_learning_rate": 0.002}, scratch=_RCNN_SCRATCH,
+        postprocessing=_TORCH_POSTPROCESSING),
     Architecture(
         "fasterrcnn_mobilenet_v3_large_fpn", "torchvision", "rectangle",
         "Faster R-CNN, MobileNetV3-Large FPN at 800 px",
         "FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1", image_size=800, max_image_size=1333,
-        cpu_timeout_s=60, defaults={**_RCNN, "batch_size": 2, "initial_learning_rate": 0.001}, scratch=_RCNN_SCRATCH),
+        cpu_timeout_s=60, defaults={**_RCNN, "batch_size": 2, "initial_learning_rate": 0.001}, scratch=_RCNN_SCRATCH,
+        postprocessing=_TORCH_POSTPROCESSING),
     Architecture(
         "fasterrcnn_resnet50_fpn", "torchvision", "rectangle",
         "Faster R-CNN, ResNet-50 FPN: accurate boxes, best on a GPU",
-        "FasterRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=60, defaults=_RCNN, scratch=_RCNN_SCRATCH),
+        "FasterRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=60, defaults=_RCNN, scratch=_RCNN_SCRATCH,
+        postprocessing=_TORCH_POSTPROCESSING),
     Architecture(
         "fasterrcnn_resnet101_fpn", "torchvision", "rectangle",
         "Faster R-CNN, ResNet-101 FPN (ImageNet backbone; train it on your labels)",
         "ResNet101_Weights.IMAGENET1K_V2", pretrained_kind="backbone", cpu_timeout_s=90,
-        defaults=_RCNN, scratch=_RCNN_SCRATCH),
+        defaults=_RCNN, scratch=_RCNN_SCRATCH,
+        postprocessing=_TORCH_POSTPROCESSING),
     Architecture(
         "retinanet_resnet50_fpn", "torchvision", "rectangle",
         "RetinaNet, ResNet-50 FPN: one-stage detector, good on many small objects",
-        "RetinaNet_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=60, defaults=_RETINA, scratch=_RCNN_SCRATCH),
+        "RetinaNet_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=60, defaults=_RETINA, scratch=_RCNN_SCRATCH,
+        postprocessing=_TORCH_POSTPROCESSING),
     Architecture(
         "maskrcnn_resnet50_fpn", "torchvision", "mask",
         "Mask R-CNN, ResNet-50 FPN: instance masks, returned as CVAT masks with polygons",
-        "MaskRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=90, defaults=_RCNN, scratch=_RCNN_SCRATCH),
+        "MaskRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=90, defaults=_RCNN, scratch=_RCNN_SCRATCH,
+        postprocessing=_TORCH_POSTPROCESSING),
 ]}
 
+# TensorFlow: keras-hub's RetinaNet detector (anchors, focal loss, FPN) over a feature-pyramid encoder, trained from
+# the TFRecords of our bridge (training.keras_trainer). ``build``: the encoder (keras_family.ENCODERS), the pyramid
+# levels, the shared head's depth, and a keras-hub preset holding COCO weights of the whole detector.
+# SSD's recipe from pretrained weights is the TF OD API's ssd_mobilenet_v2 config (RMSprop, momentum 0.9, decay 0.9,
+# epsilon 1.0, rate 0.004 decaying by 0.95 every 800,720 steps on 15,000) fitted by the trainer like the others.
+_KERAS_SCRATCH = {**_SCRATCH, "gradient_clip_norm": 10.0}
+_KERAS_POSTPROCESSING = POSTPROCESSING  # combined (per-class) NMS takes every knob of the TF OD API
+for _arch in [
+    Architecture(
+        "keras_ssd_mobilenet_v2_fpnlite_320", "keras", "rectangle",
+        "SSD MobileNetV2 FPN-lite 320 (TensorFlow/Keras): the TF OD API users' default, trained from TFRecords",
+        "imagenet", pretrained_kind="backbone", image_size=320, max_image_size=320, fixed_size=True,
+        min_batch_size=2, defaults={**_SSD, "optimizer": "rmsprop", "schedule": "step", "schedule_gamma": 0.95,
+                                     "schedule_step_size": 800, "rmsprop_epsilon": 1.0},
+        scratch=_KERAS_SCRATCH, postprocessing=_KERAS_POSTPROCESSING,
+        build={"encoder": "mobilenet_v2", "min_level": 3, "max_level": 6, "head_convs": 2}),
+    Architecture(
+        "keras_retinanet_resnet50_fpn", "keras", "rectangle",
+        "RetinaNet ResNet-50 FPN (TensorFlow/keras-hub, COCO weights from its preset)",
+        "retinanet_resnet50_fpn_coco", image_size=640, max_image_size=640, fixed_size=True, cpu_timeout_s=60,
+        defaults={**_RETINA, "optimizer": "sgd"}, scratch=_RCNN_SCRATCH, postprocessing=_KERAS_POSTPROCESSING,
+        build={"encoder": "resnet50", "min_level": 3, "max_level": 7, "head_convs": 4}),
+    Architecture(
+        "keras_retinanet_efficientnet_b0", "keras", "rectangle",
+        "RetinaNet over EfficientNet-B0 (TensorFlow/Keras), 384 px: a light one-stage detector for CPUs",
+        "imagenet", pretrained_kind="backbone", image_size=384, max_image_size=384, fixed_size=True,
+        min_batch_size=2, defaults={**_RETINA, "batch_size": 8, "initial_learning_rate": 0.004},
+        scratch=_KERAS_SCRATCH, postprocessing=_KERAS_POSTPROCESSING,
+        build={"encoder": "efficientnet_b0", "min_level": 3, "max_level": 6, "head_convs": 2}),
+]:
+    ARCHITECTURES[_arch.name] = _arch
+
 DEFAULT_ARCHITECTURE = "ssdlite320_mobilenet_v3_large"
+DEFAULT_TENSORFLOW_ARCHITECTURE = "keras_ssd_mobilenet_v2_fpnlite_320"
 
 
 def get_architecture(name: str) -> Architecture:
@@ -125,9 +177,20 @@ def hyperparameters_for(name: str, text: str | dict[str, Any] | Hyperparameters 
     if isinstance(text, Hyperparameters):
         return text
     hp = default_hyperparameters(name).updated(text or "")
+    check_postprocessing(name, hp)
     if hp.init == "random":
         scratch = default_hyperparameters(name, "random")
         hp = hp.replaced(**{key: getattr(scratch, key) for key in get_architecture(name).scratch
                                         if key not in hp.given})
         hp.check()
     return hp
+
+
+def check_postprocessing(name: str, hp: Hyperparameters) -> None:
+    """A post-processing key the architecture cannot honour is an error naming the architectures that can."""
+    arch = get_architecture(name)
+    for key in sorted(hp.given & set(POSTPROCESSING)):
+        if key not in arch.postprocessing and getattr(hp, key) is not None:
+            able = [a.name for a in ARCHITECTURES.values() if key in a.postprocessing]
+            raise HyperparameterError(f"{name} cannot honour {key.replace('_', '-')} (its post-processing has no such "
+                                      f"knob); architectures that can: {', '.join(able) or 'none'}")

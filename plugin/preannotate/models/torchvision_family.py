@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torchvision
+if "tensorflow" in sys.modules and "torchvision" not in sys.modules:  # see formats.tfrecord.tensorflow
+    raise ImportError("this process already runs TensorFlow, and torchvision cannot be loaded after it (their bundled "
+                      "libraries clash): serve or train torch and TensorFlow models in separate processes")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torchvision  # noqa: E402
 from PIL import Image
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
@@ -48,6 +53,16 @@ def build_model(arch: Architecture, num_classes: int, image_size: int | None = N
         model.transform.min_size, model.transform.max_size = (image_size,), image_size
         model.transform.fixed_size = (image_size, image_size)
     return model
+
+
+def apply_postprocessing(model: torch.nn.Module, postprocessing: dict[str, Any]) -> None:
+    """The post-processing keys (``hyperparameters.POSTPROCESSING``) on torchvision's knobs: the two-stage models
+    keep them in ``roi_heads``, SSD and RetinaNet on the model itself (the registry refuses the others)."""
+    owner = getattr(model, "roi_heads", model)
+    knobs = {"nms_score_threshold": "score_thresh", "nms_iou_threshold": "nms_thresh",
+             "max_total_detections": "detections_per_img"}
+    for key, value in postprocessing.items():
+        setattr(owner, knobs[key], value)
 
 
 def coco_labels(arch: Architecture) -> list[Label]:
@@ -226,10 +241,12 @@ def _unpad(output: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, 
 
 def create(arch: Architecture, labels: Sequence[Label], init: str = "random", image_size: int | None = None,
            max_image_size: int | None = None, state: dict[str, torch.Tensor] | None = None,
-           device: str | None = None, letterbox: bool = False) -> TorchvisionDetector:
+           device: str | None = None, letterbox: bool = False, postprocessing: dict[str, Any] | None = None
+           ) -> TorchvisionDetector:
     """Build a detector for ``labels``: ``random``, ``pretrained`` (torchvision's weights) or from ``state``
     (a previous model's weights; heads for a changed label set start fresh)."""
     model = build_model(arch, num_classes(labels), image_size, max_image_size)
+    apply_postprocessing(model, postprocessing or {})
     if init == "pretrained":
         load_matching(model, pretrained_state_dict(arch))
     elif state is not None:
@@ -253,10 +270,11 @@ APPEARANCE_FILE = "appearance.npy"  # beside the weights: the training sample's 
 
 
 def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, image_size: int | None = None,
-         max_image_size: int | None = None, device: str | None = None, letterbox: bool = False
-         ) -> TorchvisionDetector:
+         max_image_size: int | None = None, device: str | None = None, letterbox: bool = False,
+         postprocessing: dict[str, Any] | None = None) -> TorchvisionDetector:
     """A published model: its architecture, labels and weights file — nothing downloaded."""
     model = build_model(arch, num_classes(labels), image_size, max_image_size)
+    apply_postprocessing(model, postprocessing or {})
     model.load_state_dict(read_weights(weights_path))
     detector = TorchvisionDetector(model, labels, arch.output, device, letterbox)
     familiar = weights_path.with_name(APPEARANCE_FILE)

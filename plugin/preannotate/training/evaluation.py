@@ -1,24 +1,33 @@
 """COCO metrics with pycocotools: mAP@[.5:.95], mAP@.5, mAP@.75 and per-class AP, for boxes and for masks.
 
-``evaluate`` runs a model over a validation loader and scores it in the coordinates the loader gives (the resized
-frames: IoU does not care about scale); ``coco_metrics`` scores COCO ground truth against COCO results and is what
-the trainer, the benchmarks and the tests share.
+``evaluate`` runs a torch model over a validation loader and scores it in the coordinates the loader gives (the
+resized frames: IoU does not care about scale); ``score_detector`` runs any ``Detector`` over frames and scores its
+shapes in the frames' own pixels (the TensorFlow trainer's validation); ``coco_metrics`` scores COCO ground truth
+against COCO results and is what the trainers, the benchmarks and the tests share. torch is imported only by the
+functions that take torch models, so a TensorFlow run scores without it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterable, Sequence
-from typing import Any
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from preannotate.shapes import Label
+from preannotate.formats import coco
+from preannotate.frames import FrameImages
+from preannotate.shapes import FrameAnnotations, Label, Shape
+
+if TYPE_CHECKING:
+    import torch
+
+DETECT_BATCH = 8  # frames decoded and detected at once when scoring a detector
 
 # The recall points at which COCO interpolates precision (0, 0.01, ..., 1): those of ``precision50`` below.
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -126,7 +135,6 @@ class CocoAccumulator:
         return {"map": headline["map"], "map50": headline["map50"], **out}
 
 
-@torch.no_grad()
 def recalibrate_batch_norm(model: torch.nn.Module, batches: Iterable[tuple[Sequence[torch.Tensor], Any]],
                            device: torch.device | str = "cpu", frozen: Sequence[torch.nn.Module] = ()) -> int:
     """Recompute the running statistics of the model's batch norms (all but ``frozen``) as the plain average over
@@ -136,6 +144,15 @@ def recalibrate_batch_norm(model: torch.nn.Module, batches: Iterable[tuple[Seque
     the network's features change faster than that, and a model in eval mode then sees statistics of weights it
     no longer has (a model that finds everything with batch statistics can score near zero with running ones).
     Averaging over a few hundred frames of the current weights, just before a validation, fixes that."""
+    import torch
+
+    with torch.no_grad():
+        return _recalibrate(model, batches, device, frozen)
+
+
+def _recalibrate(model, batches, device, frozen) -> int:
+    import torch
+
     skip = {id(module) for module in frozen}
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and id(m) not in skip]
     if not norms:
@@ -154,16 +171,61 @@ def recalibrate_batch_norm(model: torch.nn.Module, batches: Iterable[tuple[Seque
     return len(norms)
 
 
-@torch.inference_mode()
 def evaluate(model: torch.nn.Module, batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[dict]]],
              labels: Sequence[Label], with_masks: bool = False, device: torch.device | str = "cpu"
              ) -> dict[str, Any]:
     """COCO metrics of ``model`` on ``batches`` of ``(images, targets)`` (a validation loader). The model is
     left in eval mode."""
+    import torch
+
     model.eval()
     accumulator = CocoAccumulator(with_masks)
+    with torch.inference_mode():
+        _accumulate(model, batches, device, accumulator)
+    return accumulator.metrics(labels)
+
+
+def _accumulate(model, batches, device, accumulator: CocoAccumulator) -> None:
     for images, targets in batches:
         outputs = model([image.to(device, non_blocking=True) for image in images])
         for image, target, output in zip(images, targets, outputs, strict=True):
             accumulator.add(target, output, int(image.shape[-2]), int(image.shape[-1]))
-    return accumulator.metrics(labels)
+
+
+def detect_frames(detector, items: Sequence[tuple[FrameAnnotations, FrameImages]], threshold: float,
+                  batch: int = DETECT_BATCH) -> Iterator[tuple[FrameAnnotations, np.ndarray, list[Shape]]]:
+    """``(frame, its RGB array, the shapes the detector finds on it)`` for each item, decoded and detected a few
+    frames at a time (so hundreds of large frames are never all held at once)."""
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        arrays: list[np.ndarray] = []
+        for _, group in itertools.groupby(chunk, key=lambda item: id(item[1])):  # one read per frame source
+            group = list(group)
+            arrays += [array for _, array in group[0][1].decoded([frame.frame for frame, _ in group])]
+        for (frame, _), array, shapes in zip(chunk, arrays, detector.detect(arrays, threshold), strict=True):
+            yield frame, array, list(shapes)
+
+
+def score_shapes(frames: Sequence[FrameAnnotations], predictions: Sequence[Sequence[Shape]],
+                 labels: Sequence[Label], *, curves: bool = False) -> dict[str, Any]:
+    """Box COCO metrics of ``predictions`` (the shapes found on each frame, scored) against the frames' ground
+    truth, in the frames' own pixels (``coco_metrics``; ``curves``: each class's precision at IoU .5)."""
+    ordered = [Label(label.name, label.type, label.attributes, i) for i, label in enumerate(labels, start=1)]
+    truth = coco.to_coco([(frame, frame.name) for frame in frames], ordered)
+    found = [FrameAnnotations(frame.frame, frame.width, frame.height, frame.name, list(shapes))
+             for frame, shapes in zip(frames, predictions, strict=True)]
+    results = [{k: v for k, v in r.items() if k != "segmentation"}
+               for r in coco.to_results(list(enumerate(found, start=1)), ordered)]
+    return coco_metrics(truth, results, ordered, "bbox", curves=curves)
+
+
+def score_detector(detector, items: Sequence[tuple[FrameAnnotations, FrameImages]], labels: Sequence[Label]
+                   ) -> dict[str, Any]:
+    """The validation metrics of a box detector on ``items`` (as ``evaluate`` gives them: ``map``, ``map50``,
+    ``bbox``, ``images``), through its own ``detect`` — what serving will run."""
+    frames, predicted = [], []
+    for frame, _, shapes in detect_frames(detector, items, 0.0):
+        frames.append(frame)
+        predicted.append(shapes)
+    box = score_shapes(frames, predicted, labels)
+    return {"map": box["map"], "map50": box["map50"], "bbox": box, "images": len(frames)}

@@ -18,7 +18,7 @@ from preannotate.training.recipe import (
     export_from_cvat,
     train_and_publish,
 )
-from preannotate.training.trainer import TrainingInterrupted
+from preannotate.training.runs import TrainingInterrupted
 from preannotate.training.triggers import annotations_changed
 
 log = logging.getLogger(__name__)

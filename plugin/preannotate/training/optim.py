@@ -14,17 +14,22 @@ references warm up):
 * ``on-plateau``: 1, times ``schedule-gamma`` after each validation whose mAP does not beat the best so far by
   ``early-stopping-delta``.
 
-``LambdaLR`` saves and restores a ``Schedule``'s attributes with its own state, plateau decays included.
+``LambdaLR`` saves and restores a ``Schedule``'s attributes with its own state, plateau decays included. The
+TensorFlow trainer sets its Keras optimizer's rate from the same ``Schedule`` at every step (``one-cycle`` there is
+``Schedule``'s copy of ``OneCycleLR``'s rate, without the momentum cycling); torch is imported only by the
+functions that build torch objects.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-
-import torch
+from typing import TYPE_CHECKING
 
 from preannotate.hyperparameters import Hyperparameters
+
+if TYPE_CHECKING:
+    import torch
 
 WARMUP_START = 0.001
 
@@ -35,6 +40,8 @@ FUSED = ("sgd", "adam", "adamw", "adagrad")  # torch has fused (one kernel for a
 def build_optimizer(parameters: Iterable[torch.nn.Parameter], hp: Hyperparameters) -> torch.optim.Optimizer:
     """The optimizer of ``hp`` over the trainable ``parameters``: fused where torch has it (an AdamW step over
     SSDlite's 266 tensors takes 5 ms on a CPU instead of 22), else the multi-tensor (foreach) version."""
+    import torch
+
     params = [p for p in parameters if p.requires_grad]
     name = hp.optimizer
     fast = {"fused": True} if name in FUSED and all(p.device.type in ("cpu", "cuda") for p in params) \
@@ -42,6 +49,8 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], hp: Hyperparameter
     options = {"lr": hp.initial_learning_rate, "weight_decay": hp.weight_decay, **fast}
     if name in ("sgd", "rmsprop"):
         options["momentum"] = hp.momentum
+    if name == "rmsprop":
+        options.update(alpha=hp.rmsprop_decay, eps=hp.rmsprop_epsilon)
     classes = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam,
                "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax, "adagrad": torch.optim.Adagrad,
                "adadelta": torch.optim.Adadelta}
@@ -60,6 +69,8 @@ class Schedule:
         self.plateau_scale, self.plateau_best = 1.0, None
 
     def __call__(self, step: int) -> float:
+        if self.kind == "one-cycle":
+            return self.one_cycle(step)
         warm = WARMUP_START + (1 - WARMUP_START) * step / self.warmup if step < self.warmup else 1.0
         return warm * self.main(step)
 
@@ -81,6 +92,16 @@ class Schedule:
             return self.plateau_scale
         return 1.0
 
+    def one_cycle(self, step: int) -> float:
+        """``OneCycleLR``'s multiplier (cosine, ``div_factor`` 25, ``final_div_factor`` 1e4): a rise over
+        ``warmup-steps`` (else 30 % of the run) from 1/25, then annealing to 1/250,000."""
+        start, end = 1 / 25, 1 / 25 / 1e4
+        rise = min(max((self.warmup + 1) / self.total if self.warmup else 0.3, 0.01), 0.99) * max(2, self.total) - 1
+        last = max(2, self.total) - 1
+        if step <= rise:
+            return end_cos(start, 1.0, step / max(rise, 1e-9))
+        return end_cos(1.0, end, (step - rise) / max(last - rise, 1e-9))
+
     def validated(self, metric: float | None) -> None:
         """Tell the schedule a validation's mAP (``on-plateau`` decays when it did not improve)."""
         if self.kind != "on-plateau" or metric is None:
@@ -91,9 +112,16 @@ class Schedule:
             self.plateau_scale *= self.gamma
 
 
+def end_cos(start: float, end: float, progress: float) -> float:
+    """From ``start`` to ``end`` along half a cosine, ``progress`` 0 → 1 (clamped)."""
+    return end + (start - end) / 2 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparameters, total_steps: int
                     ) -> torch.optim.lr_scheduler.LRScheduler:
     """The schedule of ``hp`` over ``total_steps``; call ``step()`` after every optimizer step."""
+    import torch
+
     if hp.schedule == "one-cycle":
         # OneCycleLR peaks at step pct_start × total - 1; the other schedules reach the full rate at step warmup
         rise = (hp.warmup_steps + 1) / total_steps if hp.warmup_steps else 0.3

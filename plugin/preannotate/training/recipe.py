@@ -15,6 +15,7 @@ the data, and the same object goes on to the trainer. Whether the new version is
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import shutil
@@ -22,14 +23,16 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from preannotate.formats.dataset import export_dataset, training_split
 from preannotate.hyperparameters import Hyperparameters
-from preannotate.models import Manifest, ModelStore
+from preannotate.models import Manifest, ModelStore, get_architecture
 from preannotate.shapes import Label
-from preannotate.training import data
-from preannotate.training.trainer import Promotion, TrainingResult, train
+from preannotate.training.runs import Promotion, TrainingResult
+
+if TYPE_CHECKING:
+    from preannotate.training import data
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,13 @@ def should_promote(policy: str, metrics: dict[str, Any], serving: Manifest | Non
     return Promotion(False, f"kept, not served: mAP {new:.3f} < {old:.3f} of {served_now}, which stays served")
 
 
+def trainer_for(architecture: str):
+    """The ``train`` of the architecture's framework: ``training.trainer`` (torch) or ``training.keras_trainer``
+    (TensorFlow), imported on use, so a run loads only its own framework."""
+    module = "keras_trainer" if get_architecture(architecture).framework == "tensorflow" else "trainer"
+    return importlib.import_module(f"preannotate.training.{module}").train
+
+
 def train_and_publish(training_data: TrainingData, *, architecture: str, hyperparameters: Hyperparameters,
                       store: ModelStore, name: str, output_dir: str | Path, previous: Path | None = None,
                       provenance: dict[str, Any] | None = None, promote: str = "auto", device: str | None = None,
@@ -87,6 +97,7 @@ def train_and_publish(training_data: TrainingData, *, architecture: str, hyperpa
     serve it if ``should_promote`` says so (``result.served``, ``result.promotion``)."""
     serving_version = store.serving(name)
     serving = Manifest.read(store.path(name, serving_version)) if serving_version is not None else None
+    train = trainer_for(architecture)
     return train(architecture, training_data.labels, training_data.train, training_data.val, output_dir,
                  store=store, name=name, hyperparameters=hyperparameters, previous=previous,
                  provenance=provenance, device=device, progress=progress, stop=stop, workers=workers,

@@ -15,11 +15,10 @@ backend or rcParams is touched, so this is safe in a server process beside other
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,10 @@ from matplotlib.legend_handler import HandlerTuple
 from matplotlib.lines import Line2D
 from matplotlib.patches import Polygon, Rectangle
 
-from preannotate.formats import coco, masks
+from preannotate.formats import masks
 from preannotate.frames import FrameImages, decode_rgb
 from preannotate.shapes import FrameAnnotations, Label, Shape
-from preannotate.training.evaluation import RECALL_POINTS, coco_metrics
+from preannotate.training.evaluation import RECALL_POINTS, detect_frames, score_shapes  # noqa: F401
 
 __all__ = ["PR_FRAMES", "detect_frames", "precision_recall", "prediction_grid", "report_figure", "write_report"]
 
@@ -106,32 +105,12 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def detect_frames(detector, items: Sequence[tuple[FrameAnnotations, FrameImages]], threshold: float,
-                  batch: int = DETECT_BATCH) -> Iterator[tuple[FrameAnnotations, np.ndarray, list[Shape]]]:
-    """``(frame, its RGB array, the shapes the detector finds on it)`` for each item, decoded and detected a few
-    frames at a time (so hundreds of large frames are never all held at once)."""
-    for start in range(0, len(items), batch):
-        chunk = items[start:start + batch]
-        arrays: list[np.ndarray] = []
-        for _, group in itertools.groupby(chunk, key=lambda item: id(item[1])):  # one read per frame source
-            group = list(group)
-            arrays += [array for _, array in group[0][1].decoded([frame.frame for frame, _ in group])]
-        for (frame, _), array, shapes in zip(chunk, arrays, detector.detect(arrays, threshold), strict=True):
-            yield frame, array, list(shapes)
-
-
 def precision_recall(frames: Sequence[FrameAnnotations], predictions: Sequence[Sequence[Shape]],
                      labels: Sequence[Label]) -> dict[str, Any]:
     """Box COCO metrics of ``predictions`` (the shapes found on each frame, scored) against the frames' ground
     truth, in the frames' own pixels, with each class's precision at IoU .5 over COCO's 101 recall points
     (``per_class[name]["precision50"]``, see ``coco_metrics``)."""
-    ordered = [Label(label.name, label.type, label.attributes, i) for i, label in enumerate(labels, start=1)]
-    truth = coco.to_coco([(frame, frame.name) for frame in frames], ordered)
-    found = [FrameAnnotations(frame.frame, frame.width, frame.height, frame.name, list(shapes))
-             for frame, shapes in zip(frames, predictions, strict=True)]
-    results = [{k: v for k, v in r.items() if k != "segmentation"}
-               for r in coco.to_results(list(enumerate(found, start=1)), ordered)]
-    return coco_metrics(truth, results, ordered, "bbox", curves=True)
+    return score_shapes(frames, predictions, labels, curves=True)
 
 
 def _score(shape: Shape) -> float:

@@ -30,131 +30,58 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
 import random
 import signal
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from preannotate.files import replacing, write_atomically
+from preannotate.files import replacing
 from preannotate.hyperparameters import HyperparameterError, Hyperparameters
 from preannotate.models import (
-    Manifest,
     ModelStore,
     create_detector,
-    default_hyperparameters,
     family_of,
     get_architecture,
-    hyperparameters_for,
-    publish_detector,
 )
-from preannotate.models.artifact import library_versions
 from preannotate.shapes import Label
 from preannotate.training import data, optim
-from preannotate.training.evaluation import evaluate, recalibrate_batch_norm, score_text
-from preannotate.training.logs import EventWriter, MetricsLog
+from preannotate.training.evaluation import evaluate, recalibrate_batch_norm
+from preannotate.training.runs import (  # noqa: F401 - the shared vocabulary of runs, re-exported
+    CALIBRATION_FRAMES,
+    FAMILIAR_FRAMES,
+    RUN_FILES,
+    Progress,
+    Promotion,
+    RunLogs,
+    RunMismatch,
+    RunRecord,
+    StepWindow,
+    TrainingInterrupted,
+    TrainingResult,
+    TrainState,
+    claim_directory,
+    clear_run,
+    effective_hyperparameters,
+    frame_ranges,
+    items_digest,
+    publish_run,
+    saved_result,
+)
 
 log = logging.getLogger(__name__)
 
-# Small-data scaling of the registry's step budgets (made for datasets of thousands of frames).
-SMALL_DATA_EPOCHS = 100
-MIN_DEFAULT_STEPS = 300
-CALIBRATION_FRAMES = 96  # training frames that re-measure batch-norm statistics before each validation
-PROGRESS_LINES = 20      # lines a run prints when its output is not a terminal (besides one per validation)
-FAMILIAR_FRAMES = 200      # training frames whose appearance is published, for the novelty of new frames
-RUN_FILES = ("run.json", "last.pt", "best.pt", "metrics.jsonl", "result.json", "report.png", "predictions.png")
 
-
-class TrainingInterrupted(RuntimeError):
-    """Stopped by a signal or the ``stop`` event; ``checkpoint`` resumes it."""
-
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(f"training stopped at step {step}; checkpoint {checkpoint} (run again to resume)")
-        self.step, self.checkpoint = step, checkpoint
-
-
-class RunMismatch(ValueError):
-    """The output directory holds a different run."""
-
-
-@dataclass
-class Promotion:
-    """Whether a newly published version is served, and the sentence that says why."""
-
-    served: bool
-    reason: str
-
-
-@dataclass
-class TrainingResult:
-    name: str
-    version: int | None       # None when nothing was published (no store given)
-    path: Path | None         # the published version's directory
-    metrics: dict[str, Any]   # those of the published weights (best validation), see ``evaluation``
-    steps: int                # optimizer steps trained
-    stopped: str              # "completed", "early-stopping" or "time-limit"
-    output_dir: Path
-    served: bool | None = None  # whether the published version is the one served now
-    promotion: str = ""       # why it is served or kept unserved
-    report: list[Path] = field(default_factory=list)  # the run's pictures (training.report), copied into the version
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "path": str(self.path) if self.path else None,
-                "output_dir": str(self.output_dir), "report": [str(path) for path in self.report]}
-
-
-def effective_hyperparameters(architecture: str, hyperparameters: Hyperparameters | dict[str, Any] | str | None,
-                              train_frames: int, previous: bool = False) -> Hyperparameters:
-    """The hyperparameters of a run: the user's (``models.hyperparameters_for``: the architecture's defaults under
-    what the user gave) with what the user did not give fitted to ``train_frames``.
-
-    The registry's budgets are made for thousands of frames. A batch never exceeds the data; without
-    ``num-steps`` or ``epochs`` the budget is at most ``SMALL_DATA_EPOCHS`` epochs (at least ``MIN_DEFAULT_STEPS``
-    steps); and whenever the run is shorter or longer than the recipe's, the warm-up and schedule boundaries the
-    user did not set keep their share of it (SSD's 500 warm-up steps of 15,000 become 10 of 300). Given a
-    ``previous`` version to start from, ``init`` defaults to ``previous``."""
-    hp = hyperparameters_for(architecture, hyperparameters)
-    given = hp.given
-    recipe = default_hyperparameters(architecture, hp.init)
-    changes: dict[str, Any] = {}
-    if previous and "init" not in given:
-        changes["init"] = "previous"
-    smallest = get_architecture(architecture).min_batch_size
-    if "batch_size" not in given and hp.batch_size > max(2, train_frames):
-        changes["batch_size"] = max(2, smallest, train_frames)  # two at least: a batch norm needs two images
-    if "epochs" in given and "num_steps" not in given:
-        changes["num_steps"] = None  # the user's epochs, not the registry's step budget
-    elif not given & {"num_steps", "epochs"} and hp.num_steps:
-        per_epoch = math.ceil(train_frames / (changes.get("batch_size", hp.batch_size) * hp.num_clones))
-        changes["num_steps"] = min(hp.num_steps, max(MIN_DEFAULT_STEPS, SMALL_DATA_EPOCHS * per_epoch))
-    hp = hp.replaced(**changes)
-    total = hp.total_steps(train_frames)
-    if recipe.num_steps and total != recipe.num_steps:
-        scale = total / recipe.num_steps
-        scaled: dict[str, Any] = {}
-        if "warmup_steps" not in given:
-            scaled["warmup_steps"] = round(hp.warmup_steps * scale)
-        if "schedule_steps" not in given:
-            scaled["schedule_steps"] = [max(1, round(s * scale)) for s in hp.schedule_steps]
-        if "schedule_step_size" not in given and hp.schedule_step_size:
-            scaled["schedule_step_size"] = max(1, round(hp.schedule_step_size * scale))
-        hp = hp.replaced(**scaled)
-    return hp
 
 
 def train(architecture: str, labels: Sequence[Label], train_items: Sequence[data.Item],
@@ -190,43 +117,7 @@ def train(architecture: str, labels: Sequence[Label], train_items: Sequence[data
         run.close()
 
 
-def clear_run(directory: Path) -> None:
-    """Remove what a run wrote into ``directory`` (its checkpoints, logs and result; not the dataset beside them)."""
-    for name in RUN_FILES:
-        (directory / name).unlink(missing_ok=True)
-    for events in directory.glob("events.out.tfevents.*"):
-        events.unlink()
-
-
-def frame_ranges(numbers: Sequence[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` → ``"0-2,5,7-8"``: the frames learned from, compact enough for a manifest."""
-    parts, ordered = [], sorted(set(numbers))
-    start = previous = None
-    for number in [*ordered, None]:
-        if number is not None and previous is not None and number == previous + 1:
-            previous = number
-            continue
-        if start is not None:
-            parts.append(str(start) if start == previous else f"{start}-{previous}")
-        start = previous = number
-    return ",".join(parts)
-
-
 # ------------------------------------------------------------------------------------------------ the parts
-
-@dataclass
-class TrainState:
-    """Where a run is, beside its weights and optimizer: what a checkpoint restores."""
-
-    step: int = 0
-    best_map: float | None = None
-    best_step: int | None = None
-    best_metrics: dict[str, Any] = field(default_factory=dict)
-    bad_validations: int = 0
-    elapsed_s: float = 0.0
-    stopped: str | None = None        # "early-stopping", "time-limit", then "completed"
-    validated_at: int | None = None
-
 
 @dataclass
 class Engine:
@@ -341,43 +232,6 @@ class Validator:
         self.record(state, metrics)
 
 
-class Progress:
-    """What a person following the run sees: a bar on a terminal; otherwise (a log, a pipe, ``make demo`` in CI) a
-    line every twentieth of the run. Validations are announced either way, since they pause the steps."""
-
-    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
-        self.enabled, self.total, self.desc = enabled, total, desc
-        self.terminal = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=desc) \
-            if self.terminal else None
-        self.every = max(1, math.ceil(total / PROGRESS_LINES))
-        self.next_line = (initial // self.every + 1) * self.every
-
-    def step(self, step: int, loss: float | None, lr: float, images_per_s: float, eta_s: float) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}", refresh=False)
-        elif self.enabled and loss is not None and (step >= self.next_line or step == self.total):
-            self.next_line = (step // self.every + 1) * self.every
-            self.say(f"{self.desc}: step {step}/{self.total}, loss {loss:.3f}, lr {lr:.2e}, "
-                     f"{images_per_s:.1f} images/s, about {_minutes(eta_s)} to go")
-
-    def say(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        elif self.enabled:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
-
-
 # ------------------------------------------------------------------------------------------------ the run
 
 class _Run:
@@ -419,22 +273,20 @@ class _Run:
         self.total = hp.total_steps(len(train_items))
         self.with_masks = self.arch.output == "mask"
         self.identity = {"architecture": self.arch.name, "labels": [label.to_dict() for label in self.labels],
-                         "hyperparameters": hp.to_dict(), "train": _digest(train_items),
-                         "val": _digest(val_items), "previous": str(self.previous) if self.previous else None}
+                         "hyperparameters": hp.to_dict(), "train": items_digest(train_items),
+                         "val": items_digest(val_items), "previous": str(self.previous) if self.previous else None}
         self.main = self.rank == 0
         self._handlers: dict[int, Any] = {}
-        self._events: _Logs | None = None
+        self._events: RunLogs | None = None
 
     def execute(self, store: ModelStore | None, name: str, provenance: dict[str, Any], progress: bool,
                 checkpoint_every: int | None, promote: Callable[[dict[str, Any]], Promotion] | None
                 ) -> TrainingResult:
         self.output.mkdir(parents=True, exist_ok=True)
         run_id = self._claim_directory()
-        if (self.output / "result.json").exists():
-            saved = json.loads((self.output / "result.json").read_text())
-            log.info("%s already holds this run's result (version %s)", self.output, saved.get("version"))
-            return TrainingResult(**{**saved, "path": Path(saved["path"]) if saved["path"] else None,
-                                     "output_dir": self.output, "report": [Path(p) for p in saved.get("report", [])]})
+        saved = saved_result(self.output)
+        if saved is not None:
+            return saved
         torch.manual_seed(self.hp.seed)
         detector = create_detector(self.arch.name, self.labels, init=self.hp.init, hyperparameters=self.hp,
                                    previous=self.previous, device=str(self.device))
@@ -444,7 +296,7 @@ class _Run:
         state = restored or TrainState()
         if restored:
             log.info("resuming %s at step %d of %d", self.output, state.step, self.total)
-        logs = self._events = _Logs(self.output, self.total, state.step if restored else None, self.main,
+        logs = self._events = RunLogs(self.output, self.total, state.step if restored else None, self.main,
                                     Progress(self.total, state.step, progress and self.main, f"train {self.arch.name}"))
         validator = Validator(self._val_loader() if self.main and self.val_items else None,
                               self._calibration_loader() if self.main else None, self.labels, self.with_masks,
@@ -464,10 +316,13 @@ class _Run:
         logs.write({"event": "end", "step": state.step, "total_steps": self.total, "stopped": state.stopped,
                     "best_step": state.best_step})
         checkpointer.load_best(engine)
-        return self._publish(detector, state, store, name, run_id, provenance, promote)
+        detector.model.eval()
+        return publish_run(detector, state, RunRecord(self.output, self.hp, self.labels, self.train_items,
+                                                      self.val_items, self.previous, run_id),
+                           store, name, provenance, promote)
 
     def _steps(self, engine: Engine, state: TrainState, checkpointer: Checkpointer, validator: Validator,
-               logs: _Logs, checkpoint_every: int | None) -> None:
+               logs: RunLogs, checkpoint_every: int | None) -> None:
         """The optimizer steps from ``state.step`` on: logged, validated ``num-validations`` times, checkpointed
         (a checkpoint costs a second or two; a kill costs at most ``every`` steps), stopped by a signal, early
         stopping or the time limit."""
@@ -477,7 +332,7 @@ class _Run:
         sampler = data.StepBatchSampler(len(self.train_items), self.hp.batch_size, self.hp.seed, state.step,
                                         self.total, self.rank, self.world)
         batches = iter(self._train_loader(sampler))
-        window = _Window(min(50, max(1, self.total // 100)))
+        window = StepWindow(min(50, max(1, self.total // 100)))
         start_time, elapsed_before = time.monotonic(), state.elapsed_s
         engine.train_mode()
         while state.step < self.total:
@@ -507,7 +362,7 @@ class _Run:
             if state.stopped:
                 return
 
-    def _validate(self, validator: Validator, engine: Engine, state: TrainState, logs: _Logs) -> None:
+    def _validate(self, validator: Validator, engine: Engine, state: TrainState, logs: RunLogs) -> None:
         if self.main:
             if validator.loader is not None:
                 count = len(self.val_items)
@@ -531,20 +386,7 @@ class _Run:
     def _claim_directory(self) -> str:
         """This run's id; the directory must be empty or hold this very run (``RunMismatch`` otherwise). The main
         process decides and tells the others."""
-        run_id, error = None, None
-        if self.main:
-            path = self.output / "run.json"
-            identity = json.loads(json.dumps(self.identity))  # as JSON gives it back: tuples become lists
-            if path.exists():
-                saved = json.loads(path.read_text())
-                run_id = saved.pop("run_id")
-                changed = sorted(k for k in identity if saved.get(k) != identity[k])
-                if changed:
-                    error = (f"{self.output} holds another run (different {', '.join(changed)}): train into another "
-                             "directory, or start this one over")
-            else:
-                run_id = uuid.uuid4().hex
-                write_atomically(path, json.dumps({"run_id": run_id, **identity}, indent=1) + "\n")
+        run_id, error = claim_directory(self.output, self.identity) if self.main else (None, None)
         if self.world > 1:
             shared = [run_id, error]
             dist.broadcast_object_list(shared, src=0)
@@ -576,7 +418,7 @@ class _Run:
         dataset = data.DetectionDataset(items, self.labels, self._transforms(False), self.with_masks)
         return data.loader(dataset, batch_size=batch, workers=0)
 
-    def _log_window(self, window: _Window, state: TrainState, lr: float, logs: _Logs) -> None:
+    def _log_window(self, window: StepWindow, state: TrainState, lr: float, logs: RunLogs) -> None:
         seconds = time.perf_counter() - window.start
         losses = window.means()
         images_per_s = window.steps * self.hp.batch_size * self.world / max(seconds, 1e-9)
@@ -618,132 +460,6 @@ class _Run:
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(signum, previous)
         self._handlers.clear()
-
-    def _publish(self, detector: Any, state: TrainState, store: ModelStore | None, name: str, run_id: str,
-                 provenance: dict[str, Any], promote: Callable[[dict[str, Any]], Promotion] | None
-                 ) -> TrainingResult:
-        """The best weights (already loaded) as the next version of ``name``, unless this run published before it
-        was killed; whether it is served is ``promote``'s answer."""
-        metrics = {**state.best_metrics, "best_step": state.best_step, "steps": state.step, "stopped": state.stopped,
-                   "train_frames": len(self.train_items), "val_frames": len(self.val_items)}
-        result = TrainingResult(name, None, None, metrics, state.step, state.stopped, self.output,
-                                report=self._report(detector))
-        if store is not None:
-            result.version = self._already_published(store, name, run_id)
-            decision = Promotion(True, "served") if promote is None else promote(metrics)
-            if result.version is None:
-                detector.familiar = self._familiar(detector)
-                manifest: Manifest = detector.manifest
-                manifest.hyperparameters = self.hp.to_dict()
-                manifest.metrics = metrics
-                manifest.libraries = library_versions()
-                manifest.provenance = {
-                    **provenance, "init": self.hp.init, "previous": str(self.previous) if self.previous else None,
-                    "run_id": run_id, "output_dir": str(self.output.resolve()),
-                    "frames": {"train": frame_ranges([f.frame for f, _ in self.train_items]),
-                               "val": frame_ranges([f.frame for f, _ in self.val_items])}}
-                result.version = publish_detector(detector, store, name, promote=decision.served,
-                                                  files=result.report)
-            result.path = store.path(name, result.version)
-            result.served = store.serving(name) == result.version
-            result.promotion = decision.reason if result.served == decision.served else (
-                "served" if result.served else "kept, not served")
-        write_atomically(self.output / "result.json", json.dumps(result.to_dict(), indent=1) + "\n")
-        return result
-
-    def _familiar(self, detector: Any) -> np.ndarray | None:
-        """The appearance of (up to ``FAMILIAR_FRAMES``, spread over) the training frames, published with the
-        weights: what a frame being pre-annotated is compared with (``uncertainty.novelty``)."""
-        if not hasattr(detector, "appearance") or not self.train_items:
-            return None
-        detector.model.eval()
-        items = self.train_items[::max(1, len(self.train_items) // FAMILIAR_FRAMES)][:FAMILIAR_FRAMES]
-        vectors = []
-        for start in range(0, len(items), 8):
-            arrays = [array for frame, images in items[start:start + 8] for _, array in images.decoded([frame.frame])]
-            vectors.append(detector.appearance(arrays))
-        return np.concatenate(vectors)
-
-    def _report(self, detector: Any) -> list[Path]:
-        """The run's pictures (``training.report``) of the weights about to be published; a picture that cannot be
-        drawn is reported in the log and costs the run nothing."""
-        from preannotate.training import report
-
-        detector.model.eval()
-        try:
-            return report.write_report(self.output, detector, self.val_items, self.labels,
-                                       threshold=detector.manifest.score_threshold)
-        except Exception:
-            log.exception("the training report of %s could not be drawn", self.output)
-            return []
-
-    @staticmethod
-    def _already_published(store: ModelStore, name: str, run_id: str) -> int | None:
-        """A version this run published before it was killed (a restart must not publish twice)."""
-        for version in reversed(store.versions(name)):
-            if Manifest.read(store.path(name, version)).provenance.get("run_id") == run_id:
-                return version
-        return None
-
-
-class _Logs:
-    """What a run leaves for people and tools (main process only): ``metrics.jsonl``, TensorBoard scalars and the
-    progress a person sees."""
-
-    def __init__(self, directory: Path, total: int, resume_step: int | None, main: bool, progress: Progress):
-        self.total, self.progress = total, progress
-        self.metrics = MetricsLog(directory / "metrics.jsonl", resume_step) if main else None
-        self.events = EventWriter(directory, resume_step) if main else None
-
-    def write(self, record: dict[str, Any], scalars: dict[str, float] | None = None) -> None:
-        if self.metrics is not None:
-            self.metrics.write(record)
-            if scalars:
-                self.events.scalars(record["step"], scalars)
-
-    def validation(self, state: TrainState, metrics: dict[str, Any]) -> None:
-        self.write({"event": "validation", "step": state.step, "total_steps": self.total, **metrics},
-                   {"val/map": metrics["map"], "val/map50": metrics["map50"],
-                    **{f"val/ap/{k}": v["ap"] for k, v in metrics["bbox"]["per_class"].items()}})
-        if self.events is not None:
-            self.events.flush()
-        best = " (best so far)" if state.best_step == state.step else ""
-        self.progress.say(f"step {state.step}: validation mAP@.5 {score_text(metrics['map50'])}, mAP "
-                          f"{score_text(metrics['map'])}{best}")
-
-    def close(self) -> None:
-        if self.events is not None:
-            self.events.close()
-
-
-class _Window:
-    """Losses and timings of the steps since the last logged one."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.reset()
-
-    def reset(self) -> None:
-        self.start, self.steps, self.wait, self.sums = time.perf_counter(), 0, 0.0, {}
-
-    def add(self, values: dict[str, float]) -> None:
-        self.steps += 1
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
-
-    @property
-    def full(self) -> bool:
-        return self.steps >= self.size
-
-    def means(self) -> dict[str, float]:
-        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
-
-
-def _digest(items: Sequence[data.Item]) -> str:
-    """Which frames (number, name, shapes) a run learns from: a restart on other data is another run."""
-    text = json.dumps([(f.frame, f.name, [(s.label, s.type, s.points, s.rotation) for s in f.shapes])
-                       for f, _ in items], default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

@@ -1,0 +1,326 @@
+"""TensorFlow detection models on Keras 3 and keras-hub: build (random, pretrained or from a previous model), run,
+save — behind the same calls as ``torchvision_family``.
+
+Every model is keras-hub's ``RetinaNetObjectDetector`` (anchors, focal loss, an FPN) over a ``PyramidEncoder``: the
+feature-pyramid adapter keras-hub's ``RetinaNetBackbone`` asks for (``FeaturePyramidBackbone.pyramid_outputs`` at
+strides 8, 16 and 32) around a classification network — MobileNetV2 and EfficientNet-B0 from ``keras.applications``
+(whose ImageNet weights are the pretrained start), ResNet-50 from keras-hub. The encoder takes pixels in 0-255 and
+normalizes them itself, so training, evaluation and serving feed the same input. A detector of the registry's SSD
+class is this model at 320 px with a two-convolution shared head over P3-P6: the TF OD API's SSD MobileNetV2
+FPN-lite in keras-hub's pieces.
+
+Post-processing is TensorFlow's ``combined_non_max_suppression`` (``ClassNMS``), the TF OD API's own: a score floor,
+an IoU, a cap per class and a cap per image — the four ``second_stage_*`` keys of our users.
+
+Weights are saved in Keras's own format (``model.keras``: the architecture and the weights); a previous version's
+weights reach a new model by position and shape (``assign_matching``), so a changed label set keeps everything but
+its class head. TensorFlow is imported here without torchvision: a TensorFlow serving process never loads torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from preannotate.formats.tfrecord import tensorflow
+from preannotate.models.registry import Architecture, PretrainedWeightsUnavailable
+from preannotate.shapes import Label, Shape
+
+tf = tensorflow(with_torchvision=False)
+import keras  # noqa: E402 - after TensorFlow, imported quietly above
+import keras_hub  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.keras"
+BOX_FORMAT = "xyxy"          # pixels of the square the model sees
+NMS_SCORE_FLOOR = 0.05       # detections kept before a request's own threshold (torchvision's default floor)
+NMS_IOU = 0.5
+MAX_DETECTIONS = 100
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# encoder name → its builder's inputs: a keras.applications network (pyramid levels by layer name) or keras-hub's
+# ResNet; how it wants its pixels ("raw": 0-255, it normalizes itself; "symmetric": -1..1; "imagenet": mean/std)
+ENCODERS: dict[str, dict[str, Any]] = {
+    "mobilenet_v2": {"application": "MobileNetV2", "pixels": "symmetric",
+                     "levels": {"P3": "block_6_expand_relu", "P4": "block_13_expand_relu", "P5": "out_relu"}},
+    "efficientnet_b0": {"application": "EfficientNetB0", "pixels": "raw",
+                        "levels": {"P3": "block4a_expand_activation", "P4": "block6a_expand_activation",
+                                   "P5": "top_activation"}},
+    "resnet50": {"keras_hub": {"input_conv_filters": [64], "input_conv_kernel_sizes": [7],
+                               "stackwise_num_filters": [64, 128, 256, 512], "stackwise_num_blocks": [3, 4, 6, 3],
+                               "stackwise_num_strides": [1, 2, 2, 2], "block_type": "bottleneck_block",
+                               "use_pre_activation": False}, "pixels": "imagenet"},
+}
+COCO_CATEGORIES = [  # the 91 category indices of COCO-trained detectors ("N/A": an unused index)
+    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse",
+    "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A", "backpack", "umbrella", "N/A", "N/A", "handbag",
+    "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet", "N/A", "tv", "laptop",
+    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "N/A",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"]
+
+
+@keras.saving.register_keras_serializable(package="preannotate")
+class PixelScaling(keras.layers.Layer):
+    """Pixels 0-255 to what the encoder was trained on (``ENCODERS[...]["pixels"]``)."""
+
+    def __init__(self, pixels: str = "raw", **kwargs):
+        super().__init__(**kwargs)
+        self.pixels = pixels
+
+    def call(self, images):
+        if self.pixels == "symmetric":
+            return images / 127.5 - 1.0
+        if self.pixels == "imagenet":
+            mean = keras.ops.convert_to_tensor(IMAGENET_MEAN, dtype=images.dtype)
+            std = keras.ops.convert_to_tensor(IMAGENET_STD, dtype=images.dtype)
+            return (images / 255.0 - mean) / std
+        return images
+
+    def get_config(self):
+        return {**super().get_config(), "pixels": self.pixels}
+
+
+@keras.saving.register_keras_serializable(package="preannotate")
+class PyramidEncoder(keras_hub.models.FeaturePyramidBackbone):
+    """A classification network as the pyramid encoder keras-hub's ``RetinaNetBackbone`` takes: pixels 0-255 in,
+    ``pyramid_outputs`` P3-P5 (strides 8, 16, 32) out. ``weights="imagenet"`` starts from ImageNet (downloaded by
+    Keras, or from its cache); a saved model is rebuilt without and gets its own weights back."""
+
+    def __init__(self, encoder: str, image_shape=(None, None, 3), weights: str | None = None, **kwargs):
+        spec = ENCODERS[encoder]
+        inputs = keras.Input(image_shape, name="pixels")
+        scaled = PixelScaling(spec["pixels"], name="pixel_scaling")(inputs)
+        if "application" in spec:
+            network = getattr(keras.applications, spec["application"])(
+                include_top=False, weights=weights, input_shape=tuple(image_shape))
+            features = keras.Model(network.inputs, {k: network.get_layer(n).output for k, n in spec["levels"].items()},
+                                   name=encoder)
+        else:
+            network = keras_hub.models.ResNetBackbone(**spec["keras_hub"], image_shape=tuple(image_shape))
+            features = keras.Model(network.inputs, {k: network.pyramid_outputs[k] for k in ("P3", "P4", "P5")},
+                                   name=encoder)
+        outputs = features(scaled)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self.encoder, self.image_shape, self.features = encoder, tuple(image_shape), features
+        self.pyramid_outputs = outputs
+
+    def get_config(self):
+        return {"encoder": self.encoder, "image_shape": self.image_shape, "name": self.name,
+                "trainable": self.trainable}
+
+
+@keras.saving.register_keras_serializable(package="preannotate")
+class ClassNMS(keras.layers.Layer):
+    """keras-hub's ``prediction_decoder`` slot filled with TensorFlow's ``combined_non_max_suppression`` (the TF OD
+    API's batch multiclass NMS): per-class suppression with a cap per class and per image."""
+
+    def __init__(self, bounding_box_format: str = BOX_FORMAT, from_logits: bool = True,
+                 confidence_threshold: float = NMS_SCORE_FLOOR, iou_threshold: float = NMS_IOU,
+                 max_detections: int = MAX_DETECTIONS, max_detections_per_class: int = MAX_DETECTIONS, **kwargs):
+        super().__init__(**kwargs)
+        self.bounding_box_format, self.from_logits = bounding_box_format, from_logits
+        self.confidence_threshold, self.iou_threshold = confidence_threshold, iou_threshold
+        self.max_detections, self.max_detections_per_class = max_detections, max_detections_per_class
+
+    def call(self, box_prediction, class_prediction, images=None):
+        scores = tf.sigmoid(class_prediction) if self.from_logits else class_prediction
+        boxes, confidence, classes, valid = tf.image.combined_non_max_suppression(
+            tf.expand_dims(box_prediction, 2), scores, self.max_detections_per_class, self.max_detections,
+            iou_threshold=self.iou_threshold, score_threshold=self.confidence_threshold, clip_boxes=False)
+        return {"boxes": boxes, "confidence": confidence, "labels": tf.cast(classes, "int32"),
+                "num_detections": valid}
+
+    def get_config(self):
+        return {**super().get_config(), "bounding_box_format": self.bounding_box_format,
+                "from_logits": self.from_logits, "confidence_threshold": self.confidence_threshold,
+                "iou_threshold": self.iou_threshold, "max_detections": self.max_detections,
+                "max_detections_per_class": self.max_detections_per_class}
+
+
+def decoder(postprocessing: dict[str, Any]) -> ClassNMS:
+    """The NMS layer of the post-processing keys (``hyperparameters.POSTPROCESSING``), our defaults for the rest."""
+    total = postprocessing.get("max_total_detections", MAX_DETECTIONS)
+    return ClassNMS(confidence_threshold=postprocessing.get("nms_score_threshold", NMS_SCORE_FLOOR),
+                    iou_threshold=postprocessing.get("nms_iou_threshold", NMS_IOU), max_detections=total,
+                    max_detections_per_class=min(total, postprocessing.get("max_detections_per_class", total)))
+
+
+def build_model(arch: Architecture, num_classes: int, postprocessing: dict[str, Any] | None = None,
+                weights: str | None = None) -> keras.Model:
+    """An untrained detector of ``arch`` for ``num_classes`` classes (``weights="imagenet"``: its encoder's)."""
+    spec = arch.build
+    encoder = PyramidEncoder(spec["encoder"], weights=weights, name="encoder")
+    backbone = keras_hub.models.RetinaNetBackbone(image_encoder=encoder, min_level=spec["min_level"],
+                                                  max_level=spec["max_level"], use_p5=False)
+    return keras_hub.models.RetinaNetObjectDetector(
+        backbone=backbone, num_classes=num_classes, bounding_box_format=BOX_FORMAT,
+        pre_logits_num_conv_layers=spec["head_convs"], prediction_decoder=decoder(postprocessing or {}))
+
+
+def coco_labels(arch: Architecture) -> list[Label]:
+    """The COCO labels of a detector pretrained on COCO (keras-hub's preset), ids = its class index + 1."""
+    if arch.pretrained_kind != "coco":
+        raise PretrainedWeightsUnavailable(
+            f"{arch.name} has no COCO-trained weights (only an ImageNet encoder): give the labels to train it on "
+            "(--labels a,b,...)")
+    return [Label(name, "rectangle", id=index + 1) for index, name in enumerate(COCO_CATEGORIES)
+            if index > 0 and name != "N/A"]
+
+
+def pretrained_model(arch: Architecture, num_classes: int, postprocessing: dict[str, Any]) -> keras.Model:
+    """``arch`` for ``num_classes`` with pretrained weights: the whole detector from its keras-hub preset (COCO;
+    class heads of another size start fresh) or its encoder's ImageNet weights (Keras's download)."""
+    try:
+        if arch.pretrained_kind == "coco":
+            model = build_model(arch, num_classes, postprocessing)
+            preset = keras_hub.models.RetinaNetObjectDetector.from_preset(arch.pretrained)
+            assign_matching(model, [(w.path, np.asarray(w)) for w in _detector_weights(preset)])
+            return model
+        return build_model(arch, num_classes, postprocessing, weights=arch.pretrained)
+    except PretrainedWeightsUnavailable:
+        raise
+    except Exception as error:  # any download or cache failure: tell the operator what to do instead
+        raise PretrainedWeightsUnavailable(
+            f"pretrained weights for {arch.name} ({arch.pretrained}) could not be loaded: {_reason(error)}. Keras "
+            "keeps them in ~/.keras (KERAS_HOME) and keras-hub's presets in KAGGLEHUB_CACHE: fetch them there once "
+            "(`preannotate models fetch-weights`), or start from random weights (`-H init=random`).") from None
+
+
+def _detector_weights(model: keras.Model) -> list[Any]:
+    """A preset's weights without its preprocessor's: those of the network itself, in build order."""
+    return [w for w in model.weights if "preprocessor" not in w.path]
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+def assign_matching(model: keras.Model, state: Sequence[tuple[str, np.ndarray]]) -> list[str]:
+    """Give ``model`` each weight of ``state`` (``(path, array)`` in build order, a model of the same architecture)
+    whose position and shape match; return the paths left as they were (a class head sized for other labels).
+    Positions, not names: Keras numbers the names of the layers it builds, so two builds name them differently."""
+    own = _detector_weights(model)
+    source = list(state)
+    if len(source) != len(own):
+        raise ValueError(f"the previous model has {len(source)} weights, this architecture {len(own)}: "
+                         "init=previous needs a version of the same architecture")
+    skipped = []
+    for variable, (_, array) in zip(own, source, strict=True):
+        if tuple(variable.shape) == tuple(array.shape):
+            variable.assign(array)
+        else:
+            skipped.append(variable.path)
+    if skipped:
+        log.info("kept fresh initialization for %d weights (e.g. %s)", len(skipped), ", ".join(skipped[:3]))
+    return skipped
+
+
+class KerasDetector:
+    """A Keras detector ready to detect, with its labels (class index + 1 = ``Label.id``). Frames are squashed
+    (or, with ``letterbox``, padded first) to the model's square, as training fed them."""
+
+    def __init__(self, model: keras.Model, labels: Sequence[Label], image_size: int, letterbox: bool = False):
+        self.model = model
+        self.labels = list(labels)
+        self.output = "rectangle"
+        self.image_size, self.letterbox = int(image_size), letterbox
+        self.familiar = None  # no appearance sample: frames are never called unfamiliar
+        self._label_by_class = {label.id - 1: label for label in self.labels}
+        self.predict = tf.function(self._predict, reduce_retracing=True)
+
+    def _predict(self, batch):
+        return self.model.decode_predictions(self.model(batch, training=False), batch)
+
+    def square(self, image: Any) -> tuple[np.ndarray, float, float, int, int]:
+        """The frame as the model's input, with how to map its boxes back (x and y scale, left and top pad)."""
+        array = np.asarray(image)
+        height, width = array.shape[:2]
+        left = top = 0
+        if self.letterbox:
+            side = max(height, width)
+            top, left = (side - height) // 2, (side - width) // 2
+            array = cv2.copyMakeBorder(array, top, side - height - top, left, side - width - left,
+                                       cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        resized = cv2.resize(array, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
+        return (resized, array.shape[1] / self.image_size, array.shape[0] / self.image_size, left, top)
+
+    def detect(self, images: Sequence[Any], threshold: float) -> list[list[Shape]]:
+        """Shapes found on each image, in its pixel coordinates, with ``score >= threshold``."""
+        if not len(images):
+            return []
+        squares = [self.square(image) for image in images]
+        batch = np.stack([square[0] for square in squares]).astype(np.float32)
+        found = {k: v.numpy() for k, v in self.predict(tf.constant(batch)).items()}
+        results = []
+        for i, (image, (_, sx, sy, left, top)) in enumerate(zip(images, squares, strict=True)):
+            height, width = np.asarray(image).shape[:2]
+            shapes = []
+            for box, score, cls in zip(found["boxes"][i][:found["num_detections"][i]],
+                                       found["confidence"][i], found["labels"][i], strict=False):
+                label = self._label_by_class.get(int(cls))
+                if label is None or score < threshold:
+                    continue
+                x1, y1, x2, y2 = box[0] * sx - left, box[1] * sy - top, box[2] * sx - left, box[3] * sy - top
+                points = [round(float(np.clip(x1, 0, width)), 2), round(float(np.clip(y1, 0, height)), 2),
+                          round(float(np.clip(x2, 0, width)), 2), round(float(np.clip(y2, 0, height)), 2)]
+                shapes.append(Shape(label.name, "rectangle", points, score=float(score), source="auto"))
+            results.append(shapes)
+        return results
+
+    def detect_scored(self, images: Sequence[Any], threshold: float) -> list[tuple[list[Shape], float]]:
+        """The shapes of each image with its unfamiliarity: 0, this family keeps no appearance sample."""
+        return [(shapes, 0.0) for shapes in self.detect(images, threshold)]
+
+
+def num_classes(labels: Sequence[Label]) -> int:
+    if any(label.id is None or label.id < 1 for label in labels):
+        raise ValueError("every label needs its model class index (id >= 1)")
+    return max(label.id for label in labels)
+
+
+def create(arch: Architecture, labels: Sequence[Label], init: str = "random", image_size: int | None = None,
+           max_image_size: int | None = None, state: Sequence[tuple[str, np.ndarray]] | None = None,
+           device: str | None = None, letterbox: bool = False, postprocessing: dict[str, Any] | None = None
+           ) -> KerasDetector:
+    """Build a detector for ``labels``: ``random``, ``pretrained`` (keras-hub's preset or the encoder's ImageNet
+    weights) or from ``state`` (a previous model's weights; a class head for a changed label set starts fresh).
+    ``device`` is TensorFlow's choice (every GPU it sees, else the CPU)."""
+    count = num_classes(labels)
+    if init == "pretrained":
+        model = pretrained_model(arch, count, postprocessing or {})
+    else:
+        model = build_model(arch, count, postprocessing)
+        if state is not None:
+            assign_matching(model, state)
+    return KerasDetector(model, labels, image_size or arch.image_size, letterbox)
+
+
+def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, image_size: int | None = None,
+         max_image_size: int | None = None, device: str | None = None, letterbox: bool = False,
+         postprocessing: dict[str, Any] | None = None) -> KerasDetector:
+    """A published model: its ``model.keras`` — nothing downloaded. The post-processing keys of its manifest
+    replace the saved decoder's."""
+    model = keras.saving.load_model(weights_path, compile=False)
+    if postprocessing:
+        model._prediction_decoder = decoder(postprocessing)
+    return KerasDetector(model, labels, image_size or arch.image_size, letterbox)
+
+
+def read_weights(path: Path) -> list[tuple[str, np.ndarray]]:
+    """A saved model's weights, ``(path, array)`` in build order (what ``create(state=...)`` takes)."""
+    model = keras.saving.load_model(path, compile=False)
+    return [(w.path, np.asarray(w)) for w in _detector_weights(model)]
+
+
+def write_weights(detector: KerasDetector, path: Path) -> None:
+    detector.model.save(path)

@@ -1,0 +1,372 @@
+"""What every trainer of a run shares, whatever its framework: the result and its promotion, the budget fitted to
+the data, the state a checkpoint restores, the claim on an output directory, the logs and progress a person follows,
+and publishing the best weights as the next version. ``training.trainer`` (torch) and ``training.keras_trainer``
+(TensorFlow) are the loops; nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from preannotate.files import write_atomically
+from preannotate.hyperparameters import Hyperparameters
+from preannotate.models import (
+    Manifest,
+    ModelStore,
+    default_hyperparameters,
+    get_architecture,
+    hyperparameters_for,
+    publish_detector,
+)
+from preannotate.models.artifact import library_versions
+from preannotate.shapes import Label
+from preannotate.training.evaluation import score_text
+from preannotate.training.logs import EventWriter, MetricsLog
+
+log = logging.getLogger(__name__)
+
+# Small-data scaling of the registry's step budgets (made for datasets of thousands of frames).
+SMALL_DATA_EPOCHS = 100
+MIN_DEFAULT_STEPS = 300
+CALIBRATION_FRAMES = 96  # training frames that re-measure batch-norm statistics before each validation
+PROGRESS_LINES = 20      # lines a run prints when its output is not a terminal (besides one per validation)
+FAMILIAR_FRAMES = 200      # training frames whose appearance is published, for the novelty of new frames
+# what a run writes into its directory (both trainers), removed by ``clear_run``
+RUN_FILES = ("run.json", "last.pt", "best.pt", "last.keras.npz", "best.weights.h5", "metrics.jsonl", "result.json",
+             "report.png", "predictions.png")
+
+
+class TrainingInterrupted(RuntimeError):
+    """Stopped by a signal or the ``stop`` event; ``checkpoint`` resumes it."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"training stopped at step {step}; checkpoint {checkpoint} (run again to resume)")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class RunMismatch(ValueError):
+    """The output directory holds a different run."""
+
+
+@dataclass
+class Promotion:
+    """Whether a newly published version is served, and the sentence that says why."""
+
+    served: bool
+    reason: str
+
+
+@dataclass
+class TrainingResult:
+    name: str
+    version: int | None       # None when nothing was published (no store given)
+    path: Path | None         # the published version's directory
+    metrics: dict[str, Any]   # those of the published weights (best validation), see ``evaluation``
+    steps: int                # optimizer steps trained
+    stopped: str              # "completed", "early-stopping" or "time-limit"
+    output_dir: Path
+    served: bool | None = None  # whether the published version is the one served now
+    promotion: str = ""       # why it is served or kept unserved
+    report: list[Path] = field(default_factory=list)  # the run's pictures (training.report), copied into the version
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "path": str(self.path) if self.path else None,
+                "output_dir": str(self.output_dir), "report": [str(path) for path in self.report]}
+
+
+def effective_hyperparameters(architecture: str, hyperparameters: Hyperparameters | dict[str, Any] | str | None,
+                              train_frames: int, previous: bool = False) -> Hyperparameters:
+    """The hyperparameters of a run: the user's (``models.hyperparameters_for``: the architecture's defaults under
+    what the user gave) with what the user did not give fitted to ``train_frames``.
+
+    The registry's budgets are made for thousands of frames. A batch never exceeds the data; without
+    ``num-steps`` or ``epochs`` the budget is at most ``SMALL_DATA_EPOCHS`` epochs (at least ``MIN_DEFAULT_STEPS``
+    steps); and whenever the run is shorter or longer than the recipe's, the warm-up and schedule boundaries the
+    user did not set keep their share of it (SSD's 500 warm-up steps of 15,000 become 10 of 300). Given a
+    ``previous`` version to start from, ``init`` defaults to ``previous``."""
+    hp = hyperparameters_for(architecture, hyperparameters)
+    given = hp.given
+    recipe = default_hyperparameters(architecture, hp.init)
+    changes: dict[str, Any] = {}
+    if previous and "init" not in given:
+        changes["init"] = "previous"
+    smallest = get_architecture(architecture).min_batch_size
+    if "batch_size" not in given and hp.batch_size > max(2, train_frames):
+        changes["batch_size"] = max(2, smallest, train_frames)  # two at least: a batch norm needs two images
+    if "epochs" in given and "num_steps" not in given:
+        changes["num_steps"] = None  # the user's epochs, not the registry's step budget
+    elif not given & {"num_steps", "epochs"} and hp.num_steps:
+        per_epoch = math.ceil(train_frames / (changes.get("batch_size", hp.batch_size) * hp.num_clones))
+        changes["num_steps"] = min(hp.num_steps, max(MIN_DEFAULT_STEPS, SMALL_DATA_EPOCHS * per_epoch))
+    hp = hp.replaced(**changes)
+    total = hp.total_steps(train_frames)
+    if recipe.num_steps and total != recipe.num_steps:
+        scale = total / recipe.num_steps
+        scaled: dict[str, Any] = {}
+        if "warmup_steps" not in given:
+            scaled["warmup_steps"] = round(hp.warmup_steps * scale)
+        if "schedule_steps" not in given:
+            scaled["schedule_steps"] = [max(1, round(s * scale)) for s in hp.schedule_steps]
+        if "schedule_step_size" not in given and hp.schedule_step_size:
+            scaled["schedule_step_size"] = max(1, round(hp.schedule_step_size * scale))
+        hp = hp.replaced(**scaled)
+    return hp
+
+
+def clear_run(directory: Path) -> None:
+    """Remove what a run wrote into ``directory`` (its checkpoints, logs and result; not the dataset beside them)."""
+    for name in RUN_FILES:
+        (directory / name).unlink(missing_ok=True)
+    for events in directory.glob("events.out.tfevents.*"):
+        events.unlink()
+
+
+def frame_ranges(numbers: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` → ``"0-2,5,7-8"``: the frames learned from, compact enough for a manifest."""
+    parts, ordered = [], sorted(set(numbers))
+    start = previous = None
+    for number in [*ordered, None]:
+        if number is not None and previous is not None and number == previous + 1:
+            previous = number
+            continue
+        if start is not None:
+            parts.append(str(start) if start == previous else f"{start}-{previous}")
+        start = previous = number
+    return ",".join(parts)
+
+
+
+
+@dataclass
+class TrainState:
+    """Where a run is, beside its weights and optimizer: what a checkpoint restores."""
+
+    step: int = 0
+    best_map: float | None = None
+    best_step: int | None = None
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    bad_validations: int = 0
+    elapsed_s: float = 0.0
+    stopped: str | None = None        # "early-stopping", "time-limit", then "completed"
+    validated_at: int | None = None
+
+
+
+
+class Progress:
+    """What a person following the run sees: a bar on a terminal; otherwise (a log, a pipe, ``make demo`` in CI) a
+    line every twentieth of the run. Validations are announced either way, since they pause the steps."""
+
+    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
+        self.enabled, self.total, self.desc = enabled, total, desc
+        self.terminal = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=desc) \
+            if self.terminal else None
+        self.every = max(1, math.ceil(total / PROGRESS_LINES))
+        self.next_line = (initial // self.every + 1) * self.every
+
+    def step(self, step: int, loss: float | None, lr: float, images_per_s: float, eta_s: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.1f}", refresh=False)
+        elif self.enabled and loss is not None and (step >= self.next_line or step == self.total):
+            self.next_line = (step // self.every + 1) * self.every
+            self.say(f"{self.desc}: step {step}/{self.total}, loss {loss:.3f}, lr {lr:.2e}, "
+                     f"{images_per_s:.1f} images/s, about {minutes(eta_s)} to go")
+
+    def say(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        elif self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+class RunLogs:
+    """What a run leaves for people and tools (main process only): ``metrics.jsonl``, TensorBoard scalars and the
+    progress a person sees."""
+
+    def __init__(self, directory: Path, total: int, resume_step: int | None, main: bool, progress: Progress):
+        self.total, self.progress = total, progress
+        self.metrics = MetricsLog(directory / "metrics.jsonl", resume_step) if main else None
+        self.events = EventWriter(directory, resume_step) if main else None
+
+    def write(self, record: dict[str, Any], scalars: dict[str, float] | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+            if scalars:
+                self.events.scalars(record["step"], scalars)
+
+    def validation(self, state: TrainState, metrics: dict[str, Any]) -> None:
+        self.write({"event": "validation", "step": state.step, "total_steps": self.total, **metrics},
+                   {"val/map": metrics["map"], "val/map50": metrics["map50"],
+                    **{f"val/ap/{k}": v["ap"] for k, v in metrics["bbox"]["per_class"].items()}})
+        if self.events is not None:
+            self.events.flush()
+        best = " (best so far)" if state.best_step == state.step else ""
+        self.progress.say(f"step {state.step}: validation mAP@.5 {score_text(metrics['map50'])}, mAP "
+                          f"{score_text(metrics['map'])}{best}")
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+
+
+class StepWindow:
+    """Losses and timings of the steps since the last logged one."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.wait, self.sums = time.perf_counter(), 0, 0.0, {}
+
+    def add(self, values: dict[str, float]) -> None:
+        self.steps += 1
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    @property
+    def full(self) -> bool:
+        return self.steps >= self.size
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+
+
+def items_digest(items: Sequence[Any]) -> str:
+    """Which frames (number, name, shapes) a run learns from: a restart on other data is another run."""
+    text = json.dumps([(f.frame, f.name, [(s.label, s.type, s.points, s.rotation) for s in f.shapes])
+                       for f, _ in items], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunRecord:
+    """What a run learned from, as its published version records it."""
+
+    output: Path
+    hp: Hyperparameters
+    labels: Sequence[Label]
+    train_items: Sequence[Any]
+    val_items: Sequence[Any]
+    previous: Path | None
+    run_id: str
+
+
+def publish_run(detector: Any, state: TrainState, run: RunRecord, store: ModelStore | None, name: str,
+                provenance: dict[str, Any], promote: Callable[[dict[str, Any]], Promotion] | None) -> TrainingResult:
+    """The best weights (already loaded into ``detector``, in inference mode) as the next version of ``name``,
+    unless this run published before it was killed; whether it is served is ``promote``'s answer. The run's
+    pictures and ``result.json`` are written beside its checkpoints."""
+    metrics = {**state.best_metrics, "best_step": state.best_step, "steps": state.step, "stopped": state.stopped,
+               "train_frames": len(run.train_items), "val_frames": len(run.val_items)}
+    result = TrainingResult(name, None, None, metrics, state.step, state.stopped, run.output,
+                            report=_report(detector, run))
+    if store is not None:
+        result.version = _already_published(store, name, run.run_id)
+        decision = Promotion(True, "served") if promote is None else promote(metrics)
+        if result.version is None:
+            detector.familiar = _familiar(detector, run.train_items)
+            manifest: Manifest = detector.manifest
+            manifest.hyperparameters = run.hp.to_dict()
+            manifest.metrics = metrics
+            manifest.libraries = library_versions()
+            manifest.provenance = {
+                **provenance, "init": run.hp.init, "previous": str(run.previous) if run.previous else None,
+                "run_id": run.run_id, "output_dir": str(run.output.resolve()),
+                "frames": {"train": frame_ranges([f.frame for f, _ in run.train_items]),
+                           "val": frame_ranges([f.frame for f, _ in run.val_items])}}
+            result.version = publish_detector(detector, store, name, promote=decision.served, files=result.report)
+        result.path = store.path(name, result.version)
+        result.served = store.serving(name) == result.version
+        result.promotion = decision.reason if result.served == decision.served else (
+            "served" if result.served else "kept, not served")
+    write_atomically(run.output / "result.json", json.dumps(result.to_dict(), indent=1) + "\n")
+    return result
+
+
+def saved_result(output: Path) -> TrainingResult | None:
+    """The result a finished run left in ``output`` (a restart returns it instead of training again)."""
+    path = output / "result.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    log.info("%s already holds this run's result (version %s)", output, saved.get("version"))
+    return TrainingResult(**{**saved, "path": Path(saved["path"]) if saved["path"] else None,
+                             "output_dir": output, "report": [Path(p) for p in saved.get("report", [])]})
+
+
+def claim_directory(output: Path, identity: dict[str, Any]) -> tuple[str | None, str | None]:
+    """This run's id in ``output`` (``run.json``), made when the directory holds no run yet; or the sentence saying
+    it holds another one."""
+    path = output / "run.json"
+    identity = json.loads(json.dumps(identity))  # as JSON gives it back: tuples become lists
+    if not path.exists():
+        run_id = uuid.uuid4().hex
+        write_atomically(path, json.dumps({"run_id": run_id, **identity}, indent=1) + "\n")
+        return run_id, None
+    saved = json.loads(path.read_text())
+    run_id = saved.pop("run_id")
+    changed = sorted(k for k in identity if saved.get(k) != identity[k])
+    if changed:
+        return None, (f"{output} holds another run (different {', '.join(changed)}): train into another directory, "
+                      "or start this one over")
+    return run_id, None
+
+
+def _familiar(detector: Any, train_items: Sequence[Any]) -> Any:
+    """The appearance of (up to ``FAMILIAR_FRAMES``, spread over) the training frames, published with the
+    weights: what a frame being pre-annotated is compared with (``uncertainty.novelty``)."""
+    if not hasattr(detector, "appearance") or not train_items:
+        return None
+    items = train_items[::max(1, len(train_items) // FAMILIAR_FRAMES)][:FAMILIAR_FRAMES]
+    vectors = []
+    for start in range(0, len(items), 8):
+        arrays = [array for frame, images in items[start:start + 8] for _, array in images.decoded([frame.frame])]
+        vectors.append(detector.appearance(arrays))
+    return np.concatenate(vectors)
+
+
+def _report(detector: Any, run: RunRecord) -> list[Path]:
+    """The run's pictures (``training.report``) of the weights about to be published; a picture that cannot be
+    drawn is reported in the log and costs the run nothing."""
+    from preannotate.training import report
+
+    try:
+        return report.write_report(run.output, detector, run.val_items, run.labels,
+                                   threshold=detector.manifest.score_threshold)
+    except Exception:
+        log.exception("the training report of %s could not be drawn", run.output)
+        return []
+
+
+def _already_published(store: ModelStore, name: str, run_id: str) -> int | None:
+    """A version this run published before it was killed (a restart must not publish twice)."""
+    for version in reversed(store.versions(name)):
+        if Manifest.read(store.path(name, version)).provenance.get("run_id") == run_id:
+            return version
+    return None
