@@ -4,6 +4,7 @@
 #
 #   deploy/deploy_cpu.sh [FUNCTION...]     function.yaml of each function, base image cvat.preannotate.base:cpu
 #   deploy/deploy_gpu.sh [FUNCTION...]     function-gpu.yaml, base image cvat.preannotate.base:gpu
+# (functions under functions/tensorflow/ use cvat.preannotate.base-tf:cpu or :gpu, built when one is deployed)
 #
 # FUNCTION: an architecture (ssdlite320_mobilenet_v3_large), a function name (pth-preannotate-...) or a directory
 # searched for function files; none deploys every function under functions/.
@@ -21,8 +22,9 @@ NETWORK=${NUCLIO_NETWORK:-cvat_cvat}
 SECRETS=(CVAT_URL CVAT_ORG CVAT_USERNAME CVAT_PASSWORD CVAT_ACCESS_TOKEN PREANNOTATE_WEBHOOK_SECRET
          PREANNOTATE_API_TOKEN)
 case "$variant" in
-    cpu) file=function.yaml; build_args=(--build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu) ;;
-    gpu) file=function-gpu.yaml; build_args=() ;;
+    cpu) file=function.yaml; build_args=(--build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu)
+         tf_args=(--build-arg EXTRAS=tf) ;;
+    gpu) file=function-gpu.yaml; build_args=(); tf_args=(--build-arg EXTRAS=tf-gpu) ;;
     *) echo "deploy_functions.sh: the variant is cpu or gpu, not '$variant'" >&2; exit 2 ;;
 esac
 
@@ -59,6 +61,7 @@ for want in "$@"; do
         mapfile -t found < <(find "$want" -name "$file" | sort)
     else
         arch=${want#pth-preannotate-}
+        arch=${arch#tf-preannotate-}
         arch=${arch//-/_}
         mapfile -t found < <(find "$FUNCTIONS_DIR" -path "*/$arch/nuclio/$file" | sort)
     fi
@@ -84,8 +87,14 @@ fi
 
 export DOCKER_BUILDKIT=1
 if [ "${BUILD_BASE:-1}" != 0 ]; then
-    run docker build -f "$REPO/deploy/Dockerfile.base" ${build_args[@]+"${build_args[@]}"} \
-        -t "cvat.preannotate.base:$variant" "$REPO"
+    # one base image per framework among the functions deployed: a TensorFlow function never carries torch
+    if printf '%s\n' "${configs[@]}" | grep -qv '/tensorflow/'; then
+        run docker build -f "$REPO/deploy/Dockerfile.base" ${build_args[@]+"${build_args[@]}"} \
+            -t "cvat.preannotate.base:$variant" "$REPO"
+    fi
+    if printf '%s\n' "${configs[@]}" | grep -q '/tensorflow/'; then
+        run docker build -f "$REPO/deploy/Dockerfile.base" "${tf_args[@]}" -t "cvat.preannotate.base-tf:$variant" "$REPO"
+    fi
 fi
 
 # Create the project only when missing, so that a second run never trips over creating it.
