@@ -88,11 +88,15 @@ fi
 export DOCKER_BUILDKIT=1
 if [ "${BUILD_BASE:-1}" != 0 ]; then
     # one base image per framework among the functions deployed: a TensorFlow function never carries torch
-    if printf '%s\n' "${configs[@]}" | grep -qv '/tensorflow/'; then
+    need_torch=0 need_tf=0
+    for config in "${configs[@]}"; do
+        case "$config" in */tensorflow/*) need_tf=1 ;; *) need_torch=1 ;; esac
+    done
+    if [ "$need_torch" = 1 ]; then
         run docker build -f "$REPO/deploy/Dockerfile.base" ${build_args[@]+"${build_args[@]}"} \
             -t "cvat.preannotate.base:$variant" "$REPO"
     fi
-    if printf '%s\n' "${configs[@]}" | grep -q '/tensorflow/'; then
+    if [ "$need_tf" = 1 ]; then
         run docker build -f "$REPO/deploy/Dockerfile.base" "${tf_args[@]}" -t "cvat.preannotate.base-tf:$variant" "$REPO"
     fi
 fi

@@ -56,10 +56,13 @@ def test_script_deploys_every_function_as_cvat_does(variant, filename):
     result = _script(variant)
     assert result.returncode == 0, result.stderr
     commands = [shlex.split(line) for line in result.stdout.splitlines()]
-    build, create, *deploys, listing = commands
-    assert build[:4] == ["docker", "build", "-f", str(REPO / "deploy" / "Dockerfile.base")]
+    build, tf_build, create, *deploys, listing = commands
+    assert build[:4] == tf_build[:4] == ["docker", "build", "-f", str(REPO / "deploy" / "Dockerfile.base")]
     assert _option(build, "-t") == f"cvat.preannotate.base:{variant}" and build[-1] == str(REPO)
     assert ("TORCH_INDEX=https://download.pytorch.org/whl/cpu" in build) == (variant == "cpu")
+    # the TensorFlow functions' base image: the package with TensorFlow, without torch
+    assert _option(tf_build, "-t") == f"cvat.preannotate.base-tf:{variant}"
+    assert _option(tf_build, "--build-arg") == ("EXTRAS=tf" if variant == "cpu" else "EXTRAS=tf-gpu")
     assert create == ["nuctl", "create", "project", "cvat", "--platform", "local"]
     assert listing == ["nuctl", "get", "function", "--platform", "local"]
     deployed = set()

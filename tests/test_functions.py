@@ -33,8 +33,10 @@ COCO_MODELS = [name for name, arch in ARCHITECTURES.items() if arch.pretrained_k
 
 def test_no_function_is_rendered_with_an_empty_spec():
     untrained = sorted(set(ARCHITECTURES) - set(COCO_MODELS))
-    assert untrained == ["fasterrcnn_resnet101_fpn"]  # an ImageNet backbone only: no labels before training
-    assert not (REPO / "functions" / "pytorch" / untrained[0]).exists()
+    # an ImageNet backbone only: no labels before training (deployed for a project, `preannotate deploy`)
+    assert untrained == ["fasterrcnn_resnet101_fpn", "keras_retinanet_efficientnet_b0",
+                         "keras_ssd_mobilenet_v2_fpnlite_320"]
+    assert not any((REPO / "functions" / ARCHITECTURES[name].framework / name).exists() for name in untrained)
     config = functions.function_config(ARCHITECTURES[untrained[0]], [], gpu=False)
     assert functions.validate_config(config, gpu=False) == [
         "metadata.annotations.spec lists no labels: CVAT would list a detector with nothing to map"]
@@ -42,7 +44,7 @@ def test_no_function_is_rendered_with_an_empty_spec():
 
 @pytest.mark.parametrize("name", COCO_MODELS)
 def test_every_registry_model_has_a_valid_cpu_and_gpu_function(name):
-    directory = REPO / "functions" / "pytorch" / name / "nuclio"
+    directory = REPO / "functions" / ARCHITECTURES[name].framework / name / "nuclio"
     assert functions.validate_directory(directory) == []
     cpu = yaml.safe_load((directory / "function.yaml").read_text())
     gpu = yaml.safe_load((directory / "function-gpu.yaml").read_text())
@@ -75,13 +77,22 @@ def test_coco_functions_list_the_coco_labels_and_bake_the_weights_at_build_time(
 @pytest.mark.parametrize("filename", ["function.yaml", "function-gpu.yaml"])
 def test_functions_train_into_a_store_outside_the_image_and_carry_no_secrets(filename):
     for name in COCO_MODELS:
-        config = yaml.safe_load((REPO / "functions" / "pytorch" / name / "nuclio" / filename).read_text())
+        config = yaml.safe_load((REPO / "functions" / ARCHITECTURES[name].framework / name / "nuclio" / filename)
+                                .read_text())
         spec = config["spec"]
         env = {e["name"]: e["value"] for e in spec["env"]}
         (volume,) = spec["volumes"]
         assert volume["volume"] == {"name": "preannotate-store", "hostPath": {"path": "/var/lib/preannotate/store"}}
         assert volume["volumeMount"] == {"name": "preannotate-store", "mountPath": env["PREANNOTATE_MODEL_STORE"]}
-        assert env["TORCH_HOME"] == functions.TORCH_HOME and env["PREANNOTATE_TRAIN_MODEL"] == name
+        assert env["PREANNOTATE_TRAIN_MODEL"] == name
+        if ARCHITECTURES[name].framework == "tensorflow":  # its own base image: Keras's caches, no torch
+            assert env["KERAS_HOME"] == functions.KERAS_HOME and "TORCH_HOME" not in env
+            assert spec["build"]["baseImage"].startswith("cvat.preannotate.base-tf:")
+            assert config["metadata"]["name"].startswith("tf-preannotate-")
+            assert config["metadata"]["annotations"]["framework"] == "tensorflow"
+        else:
+            assert env["TORCH_HOME"] == functions.TORCH_HOME
+            assert config["metadata"]["annotations"]["framework"] == "pytorch"
         assert env["PREANNOTATE_TRAIN_ON"] == "state=completed,stage=acceptance"
         assert all(isinstance(value, str) for value in env.values())
         assert not set(env) & set(functions.SECRET_ENV)
@@ -169,7 +180,7 @@ def test_gpu_file_must_request_a_gpu_and_one_worker():
 def test_functions_cli_renders_and_validates(tmp_path, capsys):
     assert cli(["functions", "render", "--out", str(tmp_path)]) == 0
     assert cli(["functions", "validate", str(tmp_path)]) == 0
-    assert "6 function directories checked, 0 problems" in capsys.readouterr().out
+    assert "7 function directories checked, 0 problems" in capsys.readouterr().out
     broken = tmp_path / "pytorch" / "retinanet_resnet50_fpn" / "nuclio" / "function-gpu.yaml"
     broken.write_text(broken.read_text().replace("description:", "summary:"))
     assert cli(["functions", "validate", str(tmp_path)]) == 1
