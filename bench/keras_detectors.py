@@ -26,13 +26,13 @@ from pathlib import Path
 
 import _results  # bench/_results.py: the script's own folder is on sys.path
 import numpy as np
-from preannotate.training import trainer as torch_trainer  # torchvision before TensorFlow: the other order crashes
+import torchvision  # noqa: F401 - before TensorFlow: the other order crashes the process
+from preannotate.models import create_detector, hyperparameters_for
+from preannotate.training import keras_trainer
+from preannotate.training import trainer as torch_trainer
+from preannotate.training.evaluation import score_detector
+from preannotate.training.logs import MetricsLog
 from preannotate.training.synthetic import generate
-
-from preannotate.models import create_detector, hyperparameters_for  # noqa: E402 - after the torch trainer
-from preannotate.training import keras_trainer  # noqa: E402
-from preannotate.training.evaluation import score_detector  # noqa: E402
-from preannotate.training.logs import MetricsLog  # noqa: E402
 
 SECTION = "## TensorFlow detectors (issue 13)"
 TF_DEFAULT, TORCH_DEFAULT = "keras_ssd_mobilenet_v2_fpnlite_320", "ssdlite320_mobilenet_v3_large"
@@ -99,9 +99,7 @@ def quality(frames: int, steps: int, batch: int, size: int, work: Path) -> dict[
         loop(name, labels, train_items, [], work / name, hyperparameters=f"init=random;num-steps={steps};"
              f"batch-size={batch};image-size={size};num-validations=0", progress=False)
         seconds = time.perf_counter() - start
-        from preannotate.models import create_detector as build  # the trained weights: the run's best/last
-
-        detector = build(name, labels, hyperparameters=f"init=random;image-size={size}")
+        detector = create_detector(name, labels, hyperparameters=f"init=random;image-size={size}")
         _load_last(name, detector, work / name)
         metrics = score_detector(detector, val_items, labels)
         scores[name] = {"map50": metrics["map50"], "map": metrics["map"], "seconds": seconds}

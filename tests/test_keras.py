@@ -231,3 +231,23 @@ def test_tfrecord_to_trained_version_resumed_after_sigkill_then_fine_tuned_on_mo
     assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
     second = json.loads((store / "tf-shapes" / "v2" / "manifest.json").read_text())
     assert second["provenance"]["init"] == "previous" and [label["name"] for label in second["labels"]][-1] == "extra"
+
+
+@pytest.mark.parametrize("name", ["keras_ssd_mobilenet_v2_fpnlite_320", "keras_retinanet_resnet50_fpn",
+                                  "keras_retinanet_efficientnet_b0"])
+def test_trainable_backbone_layers_freezes_the_encoders_first_stages(name):
+    detector = create_detector(name, parse_label_list("car"), hyperparameters="init=random;image-size=64")
+    layers = detector.model.backbone.image_encoder.features.layers
+    frozen = [family.freeze_backbone(detector.model, k) for k in (5, 4, 3, 2, 1)]
+    assert frozen[0] == 0 and frozen == sorted(frozen) and len(set(frozen)) == 5  # each stage more frozen
+    assert all(not layer.trainable for layer in layers[:frozen[-1]]) and layers[-1].trainable
+    assert family.freeze_backbone(detector.model, 0) == len(layers)
+    assert not detector.model.backbone.image_encoder.trainable and detector.model.classification_head.trainable
+
+
+def test_num_clones_asks_tensorflow_for_that_many_gpus():
+    one = hyperparameters_for(SSD, "num-clones=1")
+    assert keras_trainer.strategy_for(one).num_replicas_in_sync == 1
+    with pytest.raises(HyperparameterError, match=r"num-clones=2 trains on 2 GPUs with MirroredStrategy, and "
+                                                  r"TensorFlow sees 0"):
+        keras_trainer.strategy_for(hyperparameters_for(SSD, "num-clones=2"))

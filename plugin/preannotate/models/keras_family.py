@@ -19,6 +19,7 @@ its class head. TensorFlow is imported here without torchvision: a TensorFlow se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,14 +45,21 @@ NMS_IOU = 0.5
 MAX_DETECTIONS = 100
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # encoder name → its builder's inputs: a keras.applications network (pyramid levels by layer name) or keras-hub's
-# ResNet; how it wants its pixels ("raw": 0-255, it normalizes itself; "symmetric": -1..1; "imagenet": mean/std)
+# ResNet; how it wants its pixels ("raw": 0-255, it normalizes itself; "symmetric": -1..1; "imagenet": mean/std);
+# ``stages``: the last layer at strides 2, 4, 8 and 16 — the ends of the first four of its five stages, which
+# ``trainable-backbone-layers`` counts as torchvision counts ResNet's conv1 and layer1-4.
 ENCODERS: dict[str, dict[str, Any]] = {
     "mobilenet_v2": {"application": "MobileNetV2", "pixels": "symmetric",
-                     "levels": {"P3": "block_6_expand_relu", "P4": "block_13_expand_relu", "P5": "out_relu"}},
+                     "levels": {"P3": "block_6_expand_relu", "P4": "block_13_expand_relu", "P5": "out_relu"},
+                     "stages": ["block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu",
+                                "block_13_expand_relu"]},
     "efficientnet_b0": {"application": "EfficientNetB0", "pixels": "raw",
                         "levels": {"P3": "block4a_expand_activation", "P4": "block6a_expand_activation",
-                                   "P5": "top_activation"}},
-    "resnet50": {"keras_hub": {"input_conv_filters": [64], "input_conv_kernel_sizes": [7],
+                                   "P5": "top_activation"},
+                        "stages": ["block2a_expand_activation", "block3a_expand_activation",
+                                   "block4a_expand_activation", "block6a_expand_activation"]},
+    "resnet50": {"stages": ["conv1_relu", "stack0_block2_out", "stack1_block3_out", "stack2_block5_out"],
+                 "keras_hub": {"input_conv_filters": [64], "input_conv_kernel_sizes": [7],
                                "stackwise_num_filters": [64, 128, 256, 512], "stackwise_num_blocks": [3, 4, 6, 3],
                                "stackwise_num_strides": [1, 2, 2, 2], "block_type": "bottleneck_block",
                                "use_pre_activation": False}, "pixels": "imagenet"},
@@ -166,6 +174,24 @@ def build_model(arch: Architecture, num_classes: int, postprocessing: dict[str, 
         pre_logits_num_conv_layers=spec["head_convs"], prediction_decoder=decoder(postprocessing or {}))
 
 
+def freeze_backbone(model: keras.Model, trainable_layers: int | None) -> int:
+    """Freeze all but the last ``trainable_layers`` (0-5) of the encoder's five stages (``ENCODERS[...]["stages"]``);
+    None trains them all, as the TF OD API fine-tunes. Frozen batch norms keep their statistics (Keras runs a
+    non-trainable ``BatchNormalization`` in inference mode). Returns how many encoder layers were frozen."""
+    if trainable_layers is None or trainable_layers >= 5:
+        return 0
+    encoder = model.backbone.image_encoder
+    layers = encoder.features.layers
+    if trainable_layers == 0:
+        encoder.trainable = False
+        return len(layers)
+    names = [layer.name for layer in layers]
+    last_frozen = names.index(ENCODERS[encoder.encoder]["stages"][4 - trainable_layers])  # the end of stage 5 - k
+    for layer in layers[:last_frozen + 1]:
+        layer.trainable = False
+    return last_frozen + 1
+
+
 def coco_labels(arch: Architecture) -> list[Label]:
     """The COCO labels of a detector pretrained on COCO (keras-hub's preset), ids = its class index + 1."""
     if arch.pretrained_kind != "coco":
@@ -229,8 +255,10 @@ class KerasDetector:
     """A Keras detector ready to detect, with its labels (class index + 1 = ``Label.id``). Frames are squashed
     (or, with ``letterbox``, padded first) to the model's square, as training fed them."""
 
-    def __init__(self, model: keras.Model, labels: Sequence[Label], image_size: int, letterbox: bool = False):
+    def __init__(self, model: keras.Model, labels: Sequence[Label], image_size: int, letterbox: bool = False,
+                 device: str | None = None):
         self.model = model
+        self.device = "/CPU:0" if device == "cpu" else None  # else TensorFlow's choice: its first GPU, if any
         self.labels = list(labels)
         self.output = "rectangle"
         self.image_size, self.letterbox = int(image_size), letterbox
@@ -260,7 +288,8 @@ class KerasDetector:
             return []
         squares = [self.square(image) for image in images]
         batch = np.stack([square[0] for square in squares]).astype(np.float32)
-        found = {k: v.numpy() for k, v in self.predict(tf.constant(batch)).items()}
+        with tf.device(self.device) if self.device else contextlib.nullcontext():
+            found = {k: v.numpy() for k, v in self.predict(tf.constant(batch)).items()}
         results = []
         for i, (image, (_, sx, sy, left, top)) in enumerate(zip(images, squares, strict=True)):
             height, width = np.asarray(image).shape[:2]
@@ -294,7 +323,7 @@ def create(arch: Architecture, labels: Sequence[Label], init: str = "random", im
            ) -> KerasDetector:
     """Build a detector for ``labels``: ``random``, ``pretrained`` (keras-hub's preset or the encoder's ImageNet
     weights) or from ``state`` (a previous model's weights; a class head for a changed label set starts fresh).
-    ``device`` is TensorFlow's choice (every GPU it sees, else the CPU)."""
+    ``device="cpu"`` keeps detection on the CPU; otherwise TensorFlow places it (its first GPU, if any)."""
     count = num_classes(labels)
     if init == "pretrained":
         model = pretrained_model(arch, count, postprocessing or {})
@@ -302,7 +331,7 @@ def create(arch: Architecture, labels: Sequence[Label], init: str = "random", im
         model = build_model(arch, count, postprocessing)
         if state is not None:
             assign_matching(model, state)
-    return KerasDetector(model, labels, image_size or arch.image_size, letterbox)
+    return KerasDetector(model, labels, image_size or arch.image_size, letterbox, device)
 
 
 def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, image_size: int | None = None,
@@ -313,7 +342,7 @@ def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, image_
     model = keras.saving.load_model(weights_path, compile=False)
     if postprocessing:
         model._prediction_decoder = decoder(postprocessing)
-    return KerasDetector(model, labels, image_size or arch.image_size, letterbox)
+    return KerasDetector(model, labels, image_size or arch.image_size, letterbox, device)
 
 
 def read_weights(path: Path) -> list[tuple[str, np.ndarray]]:

@@ -277,6 +277,7 @@ class _Run:
         if self.hp.batch_size < self.arch.min_batch_size:
             raise HyperparameterError(f"{self.arch.name} needs batch-size={self.arch.min_batch_size} or more")
         self.total = self.hp.total_steps(len(train_items))
+        self.global_batch = self.hp.batch_size * self.hp.num_clones  # batch-size is per GPU; Keras splits the whole
         self.size = self.hp.image_size or self.arch.image_size
         self.identity = {"architecture": self.arch.name, "labels": [label.to_dict() for label in self.labels],
                          "hyperparameters": self.hp.to_dict(), "train": items_digest(train_items),
@@ -303,8 +304,7 @@ class _Run:
             detector = create_detector(self.arch.name, self.labels, init=self.hp.init, hyperparameters=self.hp,
                                        previous=self.previous)
             model = detector.model
-            if self.hp.trainable_backbone_layers == 0:
-                model.backbone.image_encoder.trainable = False
+            family.freeze_backbone(model, self.hp.trainable_backbone_layers)
             optimizer = build_optimizer(self.hp)
             model.compile(optimizer=optimizer)
         schedule = optim.Schedule(self.hp, self.total)
@@ -343,7 +343,9 @@ class _Run:
         steps = _Steps(self, state, optimizer, schedule, checkpoint, logs, validate, checkpoint_every)
         with _signals_set(self.stop):
             if state.stopped is None and state.step < self.total:
-                model.fit(pipeline(train_files, self.hp, self.size, train=True, start=state.step * self.hp.batch_size),
+                batches = pipeline(train_files, self.hp, self.size, train=True, start=state.step * self.global_batch,
+                                   batch=self.global_batch)
+                model.fit(batches,
                           epochs=1, steps_per_epoch=self.total - state.step, verbose=0, callbacks=[steps])
         logs.progress.close()
         if steps.interrupted:
@@ -412,7 +414,7 @@ class _Steps(keras.callbacks.Callback):
         seconds = time.perf_counter() - self._window_start
         window_mean = (self._loss_sum - self._logged_sum) / max(self._window_steps, 1)
         self._logged_sum = self._loss_sum
-        images_per_s = self._window_steps * self.run.hp.batch_size / max(seconds, 1e-9)
+        images_per_s = self._window_steps * self.run.global_batch / max(seconds, 1e-9)
         eta = (self.run.total - self.state.step) * seconds / max(self._window_steps, 1)
         lr = float(self.optimizer.learning_rate.numpy())
         self.logs.progress.step(self.state.step, window_mean, lr, images_per_s, eta)
