@@ -19,6 +19,7 @@ from preannotate.hyperparameters import HyperparameterError
 from preannotate.models import (
     ModelStore,
     create_detector,
+    get_architecture,
     hyperparameters_for,
     load_detector,
     publish_detector,
@@ -251,3 +252,15 @@ def test_num_clones_asks_tensorflow_for_that_many_gpus():
     with pytest.raises(HyperparameterError, match=r"num-clones=2 trains on 2 GPUs with MirroredStrategy, and "
                                                   r"TensorFlow sees 0"):
         keras_trainer.strategy_for(hyperparameters_for(SSD, "num-clones=2"))
+
+
+def test_pretrained_weights_that_cannot_be_fetched_say_what_to_do():
+    from preannotate.models import PretrainedWeightsUnavailable
+
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"keras_ssd_mobilenet_v2_fpnlite_320 \(imagenet\) could "
+                                                         r"not be loaded: .*-H init=random"):
+        create_detector(SSD, parse_label_list("car"), init="pretrained")
+    with pytest.raises(PretrainedWeightsUnavailable, match="only an ImageNet encoder"):
+        family.coco_labels(get_architecture(SSD))
+    coco = family.coco_labels(get_architecture("keras_retinanet_resnet50_fpn"))
+    assert len(coco) == 80 and (coco[0].name, coco[0].id) == ("person", 2)  # the preset's class index 1

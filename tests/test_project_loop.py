@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import yaml
+from preannotate import functions
 from preannotate.cli import main as cli
 from preannotate.cvat import lambda_spec
 from preannotate.models import ModelStore
@@ -70,6 +71,21 @@ def test_deploy_for_a_project_before_any_training_lists_the_project_labels(cvat_
     spec = json.loads(yaml.safe_load((out / "function.yaml").read_text())["metadata"]["annotations"]["spec"])
     assert [(label["name"], label["type"]) for label in spec] == [("person", "mask"), ("road", "mask"),
                                                                    ("sign", "mask")]
+
+    # the TensorFlow default, for the users of the TF OD API: a tf- function on the TensorFlow base image
+    code, lines, err = _deploy(capsys, "--model", "streets-tf", "--train-project", "6", "--arch",
+                               "keras_ssd_mobilenet_v2_fpnlite_320", "--store", str(store), "--out", str(out),
+                               "--dry-run")
+    assert code == 0, err
+    assert lines[0].startswith("# function tf-preannotate-streets-tf rendered in")
+    config = yaml.safe_load((out / "function-gpu.yaml").read_text())
+    assert config["metadata"]["name"] == "tf-preannotate-streets-tf"
+    assert config["metadata"]["annotations"]["framework"] == "tensorflow"
+    assert config["spec"]["build"]["baseImage"] == "cvat.preannotate.base-tf:gpu"
+    assert _env(config)["PREANNOTATE_TRAIN_MODEL"] == "keras_ssd_mobilenet_v2_fpnlite_320"
+    spec = json.loads(config["metadata"]["annotations"]["spec"])
+    assert [(label["name"], label["type"]) for label in spec] == [("car", "rectangle"), ("sign", "rectangle")]
+    assert functions.validate_directory(out) == []
 
 
 def test_deploy_for_a_project_whose_labels_no_model_output_fits_says_so(cvat_env, tmp_path, capsys):
