@@ -211,9 +211,10 @@ def test_tfrecord_to_trained_version_resumed_after_sigkill_then_fine_tuned_on_mo
     assert process.poll() is None, process.stdout.read()[-3000:]
     process.send_signal(signal.SIGKILL)
     process.wait()
-    resumed = subprocess.run(_train_command(data, store, out, 60), capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run([*_train_command(data, store, out, 60), "-v"], capture_output=True, text=True,
+                             timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout + resumed.stderr
+    assert f"resuming {out} at step 50 of 60" in resumed.stdout + resumed.stderr
     result = json.loads((out / "result.json").read_text())
     assert result["steps"] == 60 and result["version"] == 1 and result["metrics"]["map"] is not None
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()

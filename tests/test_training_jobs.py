@@ -5,6 +5,7 @@ and the next detection request is answered by the new version — without the fu
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -21,12 +22,13 @@ TINY = ("init=random; num-steps=2; batch-size=2; image-size=64; max-image-size=9
         "val-fraction=0.3")
 
 
-@pytest.fixture
-def function(cvat_double, monkeypatch, tmp_path):
-    """A function's environment as function.yaml and the deploy script set it, and its Nuclio context."""
+@pytest.fixture(params=["fasterrcnn_mobilenet_v3_large_320_fpn", "keras_ssd_mobilenet_v2_fpnlite_320"])
+def function(cvat_double, monkeypatch, tmp_path, request):
+    """A function's environment as function.yaml and the deploy script set it, and its Nuclio context: a torch
+    model's function and a TensorFlow one's."""
     env = {
         "PREANNOTATE_MODEL": "shapes", "PREANNOTATE_MODEL_STORE": str(tmp_path / "store"),
-        "PREANNOTATE_DEVICE": "cpu", "PREANNOTATE_TRAIN_MODEL": "fasterrcnn_mobilenet_v3_large_320_fpn",
+        "PREANNOTATE_DEVICE": "cpu", "PREANNOTATE_TRAIN_MODEL": request.param,
         "PREANNOTATE_TRAIN_HYPERPARAMETERS": TINY, "PREANNOTATE_WEBHOOK_SECRET": "s3cret",
         "PREANNOTATE_API_TOKEN": "t0ken",
         "CVAT_URL": cvat_double.base_url, "CVAT_USERNAME": cvat_double.credentials[0],
@@ -79,6 +81,6 @@ def test_a_completed_job_retrains_the_function_and_the_next_detection_uses_the_n
     assert status == 200 and isinstance(shapes, list)
     _, health = call(platform, "GET", "/health")
     assert health["model"]["version"] == 1 and health["model"]["architecture"] == \
-        "fasterrcnn_mobilenet_v3_large_320_fpn"
+        os.environ["PREANNOTATE_TRAIN_MODEL"]
     names = {label["name"] for label in health["model"]["labels"]}
     assert {shape["label"] for shape in shapes} <= names and "car" in names  # the CVAT project's labels

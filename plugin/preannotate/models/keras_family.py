@@ -264,7 +264,7 @@ class KerasDetector:
         self.image_size, self.letterbox = int(image_size), letterbox
         self.familiar = None  # no appearance sample: frames are never called unfamiliar
         self._label_by_class = {label.id - 1: label for label in self.labels}
-        self.predict = tf.function(self._predict, reduce_retracing=True)
+        self.predict = tf.function(self._predict, reduce_retracing=True, autograph=False)  # no Python control flow
 
     def _predict(self, batch):
         return self.model.decode_predictions(self.model(batch, training=False), batch)

@@ -54,6 +54,7 @@ from preannotate.training.runs import (
     clear_run,
     effective_hyperparameters,
     items_digest,
+    judge_validation,
     publish_run,
     saved_result,
 )
@@ -326,18 +327,9 @@ class _Run:
             count = len(self.val_items)
             logs.progress.say(f"step {state.step}: validating on {count} frame{'' if count == 1 else 's'} ...")
             metrics = score_detector(detector, self.val_items, self.labels)
-            state.validated_at = state.step
-            score = metrics["map"]
-            if score is not None and (state.best_map is None or score > state.best_map + self.hp.early_stopping_delta) \
-                    or state.best_step is None:
-                state.best_map, state.best_step, state.best_metrics, state.bad_validations = \
-                    score, state.step, metrics, 0
+            if judge_validation(state, metrics, self.hp):
                 checkpoint.save_best(model)
-            else:
-                state.bad_validations += 1
-            schedule.validated(score)
-            if self.hp.early_stopping_patience and state.bad_validations >= self.hp.early_stopping_patience:
-                state.stopped = "early-stopping"
+            schedule.validated(metrics["map"])
             logs.validation(state, metrics)
 
         steps = _Steps(self, state, optimizer, schedule, checkpoint, logs, validate, checkpoint_every)

@@ -167,6 +167,22 @@ class TrainState:
 
 
 
+
+def judge_validation(state: TrainState, metrics: dict[str, Any], hp: Hyperparameters) -> bool:
+    """Record a validation in ``state``; True when it is the best so far (its weights are the ones to keep). A run
+    whose mAP has not gained ``early-stopping-delta`` for ``early-stopping-patience`` validations is stopped."""
+    score = metrics["map"]
+    state.validated_at = state.step
+    improved = score is not None and (state.best_map is None or score > state.best_map + hp.early_stopping_delta)
+    best = improved or state.best_step is None
+    if best:
+        state.best_map, state.best_step, state.best_metrics, state.bad_validations = score, state.step, metrics, 0
+    else:
+        state.bad_validations += 1
+    if hp.early_stopping_patience and state.bad_validations >= hp.early_stopping_patience:
+        state.stopped = "early-stopping"
+    return best
+
 class Progress:
     """What a person following the run sees: a bar on a terminal; otherwise (a log, a pipe, ``make demo`` in CI) a
     line every twentieth of the run. Validations are announced either way, since they pause the steps."""

@@ -75,6 +75,7 @@ from preannotate.training.runs import (  # noqa: F401 - the shared vocabulary of
     effective_hyperparameters,
     frame_ranges,
     items_digest,
+    judge_validation,
     publish_run,
     saved_result,
 )
@@ -215,20 +216,9 @@ class Validator:
         if self.loader is None:
             return
         metrics = evaluate(engine.model, self.loader, self.labels, self.with_masks, engine.device)
-        score = metrics["map"]
-        state.validated_at = state.step
-        improved = score is not None and (state.best_map is None
-                                          or score > state.best_map + self.hp.early_stopping_delta)
-        if improved or state.best_step is None:
-            state.best_map, state.best_step, state.best_metrics, state.bad_validations = \
-                score, state.step, metrics, 0
+        if judge_validation(state, metrics, self.hp):
             self.checkpointer.save_best(engine, state)
-        else:
-            state.bad_validations += 1
-        optim.validated(engine.scheduler, score)
-        patience = self.hp.early_stopping_patience
-        if patience and state.bad_validations >= patience:
-            state.stopped = "early-stopping"
+        optim.validated(engine.scheduler, metrics["map"])
         self.record(state, metrics)
 
 
