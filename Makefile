@@ -43,6 +43,7 @@ bench-all: bench
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/serve_under_training.py
 	$(BIN)/python bench/menu_loop.py
+	$(BIN)/python bench/keras_detectors.py --quality
 
 functions: setup
 	$(BIN)/preannotate functions render

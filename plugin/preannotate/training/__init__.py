@@ -2,9 +2,12 @@
 
 * ``recipe`` — the one recipe: load (``export_from_cvat`` or a folder) → split → train → publish → promote
   (``should_promote``), used by ``preannotate train``, a function's jobs and the demo;
-* ``trainer`` — the loop: ``train(...) -> TrainingResult`` (state, checkpoints, validation, resume, signals, DDP);
+* ``trainer`` — the torch loop: ``train(...) -> TrainingResult`` (state, checkpoints, validation, resume, signals,
+  DDP); ``keras_trainer`` — the same run for the TensorFlow models, from TFRecords through ``tf.data`` and
+  ``model.fit``; ``runs`` — what both share (result, budget, state, logs, publishing), importing no framework;
 * ``data`` — frames → image and target tensors (``transforms.v2``), resumable batch order, loaders;
-* ``evaluation`` — COCO mAP with pycocotools; batch-norm recalibration before each validation;
+* ``evaluation`` — COCO mAP with pycocotools (of a torch model's loader, or of any detector's shapes); batch-norm
+  recalibration before each validation;
 * ``optim`` — optimizers and learning-rate schedules;
 * ``logs`` — ``metrics.jsonl`` and TensorBoard events; ``report`` — the pictures of a run (matplotlib);
 * ``synthetic`` — generated CVAT-like tasks (tests, benchmarks, the demo);

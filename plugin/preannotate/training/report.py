@@ -32,13 +32,17 @@ from matplotlib.patches import Polygon, Rectangle
 from preannotate.formats import masks
 from preannotate.frames import FrameImages, decode_rgb
 from preannotate.shapes import FrameAnnotations, Label, Shape
-from preannotate.training.evaluation import RECALL_POINTS, detect_frames, score_shapes  # noqa: F401
+from preannotate.training.evaluation import (  # noqa: F401 - detect_frames and its batch: part of this module's API
+    DETECT_BATCH,
+    RECALL_POINTS,
+    detect_frames,
+    score_shapes,
+)
 
 __all__ = ["PR_FRAMES", "detect_frames", "precision_recall", "prediction_grid", "report_figure", "write_report"]
 
 DPI = 100
 PR_FRAMES = 200  # validation frames the precision-recall curves are computed over, at most
-DETECT_BATCH = 8
 MIN_CELL_PX = 560  # frames narrower than this are upscaled by a whole factor to at least this width
 MAX_CELL_PX = 800  # and wider ones shown at most this wide
 MAX_DRAWN = 40  # predictions drawn per frame at most, the most confident (its caption says so when it cuts)
