@@ -20,7 +20,7 @@ import PIL.Image
 from cvat_sdk import models
 
 from preannotate.cvat import encoding
-from preannotate.models import Detector, get_architecture, load_model
+from preannotate.models import Detector, architecture_of, load_model
 from preannotate.shapes import Shape
 
 
@@ -33,7 +33,7 @@ class DetectionFunction:
         self._id_of = {label.name: index for index, label in enumerate(self.labels)}
         # Every label is declared with the shape type the model returns ("rectangle" or "mask"), so cvat-sdk
         # checks it against the task's label types before the first frame; ids are local to the spec.
-        output = get_architecture(detector.manifest.architecture).output
+        output = architecture_of(detector.manifest).output
         self.spec = cvataa.DetectionFunctionSpec(labels=[
             cvataa.label_spec(label.name, index, type=output) for index, label in enumerate(self.labels)])
 

@@ -218,6 +218,12 @@ def fetch_weights(architecture: str) -> Path:
     arch = get_architecture(architecture)
     if not arch.pretrained:
         raise DeployError(f"{arch.name} has no pretrained weights to fetch")
+    if arch.family == "composed":  # the registry's backbone (a composition naming another fetches its own)
+        import torch
+        import torchvision
+
+        torchvision.models.get_model(arch.build["backbone"], weights="DEFAULT")
+        return Path(torch.hub.get_dir()) / "checkpoints"
     if arch.framework == "tensorflow":
         from preannotate.models import keras_family
 

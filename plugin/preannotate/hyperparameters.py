@@ -22,6 +22,14 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adamax", "adagrad", "adadelta"
 SCHEDULES = ("constant", "multi-step", "one-cycle", "step", "exponential", "cosine", "on-plateau")
 AUGMENTATIONS = ("flip", "scale", "colour")
 INITS = ("random", "pretrained", "previous")
+# The model designer's parts (``models.composed_family``), spelled as the keys are: dashes or underscores alike.
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+             *(f"efficientnet_b{i}" for i in range(8)), "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l",
+             "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
+NECKS = ("none", "fpn", "bifpn")
+HEADS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn")
+LEVELS = (2, 7)  # level i has stride 2^i: what a neck may produce
+COMPOSITION = ("backbone", "top_level", "neck", "neck_levels", "neck_channels", "neck_layers", "head", "resize_input")
 # CVAT jobs whose frames training learns from: state completed, stage validation or acceptance, or all of them
 TRAIN_ON = ("completed", "validation", "acceptance", "all")
 
@@ -39,6 +47,26 @@ def _choice(options: tuple[str, ...]):
             raise ValueError(f"{text!r} is not one of {', '.join(options)}")
         return value
     return parse
+
+
+def _part(options: tuple[str, ...]):
+    """A part of a composed model: lower case, dashes as underscores (``EfficientNet-V2-S`` → ``efficientnet_v2_s``)."""
+    def parse(text: str) -> str:
+        value = text.strip().lower().replace("-", "_")
+        if value not in options:
+            raise ValueError(f"{text.strip()!r} is not one of {', '.join(o.replace('_', '-') for o in options)}")
+        return value
+    return parse
+
+
+def _levels(text: str) -> tuple[int, int]:
+    """``3-7`` → (3, 7): the neck's levels, lowest to highest."""
+    match = re.fullmatch(r"\s*(\d+)\s*[-:,]\s*(\d+)\s*", text)
+    low, high = (int(match.group(1)), int(match.group(2))) if match else (None, None)
+    if low is None or not LEVELS[0] <= low <= high <= LEVELS[1]:
+        raise ValueError(f"{text.strip()!r} is not LOW-HIGH with {LEVELS[0]} <= LOW <= HIGH <= {LEVELS[1]} "
+                         "(e.g. 3-7)")
+    return low, high
 
 
 def _int(text: str) -> int:
@@ -133,6 +161,16 @@ class Hyperparameters:
     max_detections_per_class: int | None = _param(None, _optional(_int), "detections kept per class and image",
                                                   low=1)
     max_total_detections: int | None = _param(None, _optional(_int), "detections kept per image", low=1)
+    # The model designer (architecture ``custom``); None: the registry's composition. See ``COMPOSITION``.
+    backbone: str | None = _param(None, _part(BACKBONES), "custom: the backbone (resnet18 ... mobilenet-v3-large)")
+    top_level: int | None = _param(None, _int, "custom: the deepest backbone level used (stride 2^level)", low=2,
+                                   high=5)
+    neck: str | None = _param(None, _part(NECKS), "custom: none, fpn or bifpn")
+    neck_levels: tuple[int, int] | None = _param(None, _levels, "custom: the levels the neck produces, e.g. 3-7")
+    neck_channels: int | None = _param(None, _int, "custom: the neck's output channels", low=8, high=1024)
+    neck_layers: int | None = _param(None, _int, "custom: BiFPN layers", low=1, high=8)
+    head: str | None = _param(None, _part(HEADS), "custom: retinanet, fcos, faster-rcnn or mask-rcnn")
+    resize_input: bool | None = _param(None, _bool, "custom: scale every frame to image-size (false: keep its own)")
     train_on: tuple[str, ...] = _param(("completed", "acceptance"), _train_on,
                                        "CVAT jobs to learn from: any of completed (state), validation, acceptance "
                                        "(stage), or all")
@@ -152,7 +190,13 @@ class Hyperparameters:
         data = dataclasses.asdict(self)
         data["augment"] = list(self.augment)
         data["train_on"] = list(self.train_on)
+        if self.neck_levels is not None:
+            data["neck_levels"] = list(self.neck_levels)
         return data
+
+    def composition(self) -> dict[str, Any]:
+        """The designer's keys set (``COMPOSITION``), for the composed family to build."""
+        return {key: getattr(self, key) for key in COMPOSITION if getattr(self, key) is not None}
 
     def postprocessing(self) -> dict[str, Any]:
         """The post-processing keys set (``POSTPROCESSING``), for the model families to apply."""
@@ -187,6 +231,9 @@ class Hyperparameters:
             if key not in known:
                 raise HyperparameterError(f"unknown hyperparameter {raw_key!r}; valid keys: {', '.join(valid_keys())}")
             named.add(key)
+            if value is None and known[key].default is None:  # to_dict's "not set" (the text "none" is parsed)
+                changes[key] = None
+                continue
             meta = known[key].metadata
             if key in ("schedule_steps", "schedule_lrs"):
                 parse = _int if key == "schedule_steps" else _float
@@ -302,6 +349,8 @@ def _convert(key: str, value: Any, parse) -> Any:
     ``parse``: a Python value goes through its text, so ``2.5`` steps or a ``None`` rate fail as text would."""
     if isinstance(value, (list, tuple)) and parse in (_augmentations, _train_on):
         value = ",".join(str(v) for v in value)
+    elif isinstance(value, (list, tuple)) and parse is _levels:
+        value = "-".join(str(v) for v in value)
     elif not isinstance(value, str):
         value = str(value)
     try:

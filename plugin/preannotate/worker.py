@@ -158,7 +158,7 @@ def sync_function_spec(store_root: Path, name: str, env: dict[str, str],
     done first, ``before_update(missing, fix)`` included), or, without one, the log says which labels CVAT drops and
     the command that fixes it. Returns the labels that were missing."""
     from preannotate.cvat.dashboard import DashboardError, NuclioDashboard, function_name_from_environment
-    from preannotate.models import Manifest, ModelStore, get_architecture
+    from preannotate.models import Manifest, ModelStore, architecture_of
     from preannotate.serving.core import spec_fix
 
     deployed = lambda_spec.spec_names(env)
@@ -172,7 +172,7 @@ def sync_function_spec(store_root: Path, name: str, env: dict[str, str],
     fix = spec_fix(name, missing, env.get("PREANNOTATE_TRAIN_PROJECT"))
     if before_update is not None:
         before_update(missing, fix)
-    output = get_architecture(manifest.architecture).output
+    output = architecture_of(manifest).output
     # The spec keeps what CVAT maps now (the project's labels not learned yet stay listed) and gains the new ones.
     kept = [Label(label, output) for label in deployed]
     labels, _ = lambda_spec.spec_labels([*manifest.labels, *kept], output)

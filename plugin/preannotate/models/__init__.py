@@ -29,10 +29,10 @@ from preannotate.models.registry import (
 from preannotate.shapes import Label, Shape
 
 __all__ = ["ARCHITECTURES", "DEFAULT_STORE", "Architecture", "Detector", "Manifest", "ModelNotFound",
-           "ModelReference", "ModelStore", "PretrainedWeightsUnavailable", "UnsupportedLabels",
+           "ModelReference", "ModelStore", "PretrainedWeightsUnavailable", "UnsupportedLabels", "architecture_of",
            "check_label_types", "create_detector", "default_hyperparameters", "default_store", "family_of",
-           "get_architecture", "hyperparameters_for", "load_detector", "load_model", "open_store",
-           "publish_detector", "save_artifact"]
+           "get_architecture", "hyperparameters_for", "load_detector", "load_model", "manifest_hyperparameters",
+           "open_store", "publish_detector", "save_artifact"]
 
 
 class UnsupportedLabels(ValueError):
@@ -87,8 +87,7 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
             raise ValueError("init=previous needs the previous model (--from-model NAME[@VERSION])")
         previous_manifest = Manifest.read(previous)
         state = family.read_weights(Path(previous) / previous_manifest.weights)
-    detector = family.create(arch, labels, init=init, image_size=hp.image_size, max_image_size=hp.max_image_size,
-                             state=state, device=device, letterbox=hp.letterbox, postprocessing=hp.postprocessing())
+    detector = family.create(arch, labels, hp, init=init, state=state, device=device)
     detector.manifest = Manifest(
         architecture=arch.name, labels=list(labels), framework=arch.framework,
         weights=getattr(family, "WEIGHTS_FILE", "model.pt"),
@@ -97,6 +96,19 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
         provenance={"init": init, **({"previous": str(previous)} if previous else {})},
         libraries=library_versions())
     return detector
+
+
+def manifest_hyperparameters(manifest: Manifest) -> Hyperparameters:
+    """The hyperparameters a published model was made with, its input geometry as the manifest records it."""
+    hp = Hyperparameters.from_dict(manifest.hyperparameters)
+    size = manifest.input_size
+    return hp.replaced(image_size=size.get("image_size"), max_image_size=size.get("max_image_size"),
+                       letterbox=bool(size.get("letterbox")))
+
+
+def architecture_of(manifest: Manifest) -> Architecture:
+    """The architecture of a published model, as its hyperparameters compose it (what it returns)."""
+    return get_architecture(manifest.architecture).resolved(Hyperparameters.from_dict(manifest.hyperparameters))
 
 
 def save_artifact(detector: Detector, directory: Path, files: Sequence[Path] = ()) -> Manifest:
@@ -123,11 +135,8 @@ def load_detector(directory: str | Path, device: str | None = None) -> Detector:
     """Load a published artifact: only its directory is needed."""
     manifest = Manifest.read(Path(directory))
     arch = get_architecture(manifest.architecture)
-    postprocessing = Hyperparameters.from_dict(manifest.hyperparameters).postprocessing()
     detector = family_of(arch).load(arch, manifest.labels, Path(directory) / manifest.weights,
-                                  image_size=manifest.input_size.get("image_size"),
-                                  max_image_size=manifest.input_size.get("max_image_size"), device=device,
-                                  letterbox=bool(manifest.input_size.get("letterbox")), postprocessing=postprocessing)
+                                  manifest_hyperparameters(manifest), device=device)
     detector.manifest = manifest
     return detector
 

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 
 from preannotate.formats.tfrecord import tensorflow
+from preannotate.hyperparameters import Hyperparameters
 from preannotate.models.registry import Architecture, PretrainedWeightsUnavailable
 from preannotate.shapes import Label, Shape
 
@@ -317,32 +318,29 @@ def num_classes(labels: Sequence[Label]) -> int:
     return max(label.id for label in labels)
 
 
-def create(arch: Architecture, labels: Sequence[Label], init: str = "random", image_size: int | None = None,
-           max_image_size: int | None = None, state: Sequence[tuple[str, np.ndarray]] | None = None,
-           device: str | None = None, letterbox: bool = False, postprocessing: dict[str, Any] | None = None
-           ) -> KerasDetector:
+def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, init: str = "random",
+           state: Sequence[tuple[str, np.ndarray]] | None = None, device: str | None = None) -> KerasDetector:
     """Build a detector for ``labels``: ``random``, ``pretrained`` (keras-hub's preset or the encoder's ImageNet
     weights) or from ``state`` (a previous model's weights; a class head for a changed label set starts fresh).
     ``device="cpu"`` keeps detection on the CPU; otherwise TensorFlow places it (its first GPU, if any)."""
-    count = num_classes(labels)
+    count, postprocessing = num_classes(labels), hp.postprocessing()
     if init == "pretrained":
-        model = pretrained_model(arch, count, postprocessing or {})
+        model = pretrained_model(arch, count, postprocessing)
     else:
         model = build_model(arch, count, postprocessing)
         if state is not None:
             assign_matching(model, state)
-    return KerasDetector(model, labels, image_size or arch.image_size, letterbox, device)
+    return KerasDetector(model, labels, hp.image_size or arch.image_size, hp.letterbox, device)
 
 
-def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, image_size: int | None = None,
-         max_image_size: int | None = None, device: str | None = None, letterbox: bool = False,
-         postprocessing: dict[str, Any] | None = None) -> KerasDetector:
+def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hyperparameters,
+         device: str | None = None) -> KerasDetector:
     """A published model: its ``model.keras`` — nothing downloaded. The post-processing keys of its manifest
     replace the saved decoder's."""
     model = keras.saving.load_model(weights_path, compile=False)
-    if postprocessing:
-        model._prediction_decoder = decoder(postprocessing)
-    return KerasDetector(model, labels, image_size or arch.image_size, letterbox, device)
+    if hp.postprocessing():
+        model._prediction_decoder = decoder(hp.postprocessing())
+    return KerasDetector(model, labels, hp.image_size or arch.image_size, hp.letterbox, device)
 
 
 def read_weights(path: Path) -> list[tuple[str, np.ndarray]]:

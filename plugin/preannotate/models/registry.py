@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from preannotate.hyperparameters import POSTPROCESSING, HyperparameterError, Hyperparameters
+from preannotate.hyperparameters import COMPOSITION, POSTPROCESSING, HyperparameterError, Hyperparameters
 
 
 class UnknownArchitecture(ValueError):
@@ -36,6 +37,12 @@ class Architecture:
     postprocessing: tuple[str, ...] = ()  # the post-processing keys (hyperparameters.POSTPROCESSING) it honours
     build: dict[str, Any] = field(default_factory=dict)     # what its family needs to build it (keras: encoder...)
 
+    def resolved(self, hp: Hyperparameters) -> Architecture:
+        """This architecture as ``hp`` composes it: a composed model with the Mask R-CNN head returns masks."""
+        if self.family == "composed" and (hp.head or self.build.get("head")) == "mask_rcnn":
+            return dataclasses.replace(self, output="mask")
+        return self
+
     @property
     def framework(self) -> str:
         """The framework its family runs on, as manifests, CVAT's function annotations and ``functions/`` name it."""
@@ -53,7 +60,7 @@ class Architecture:
         return FUNCTION_PREFIX[self.framework] + self.name.replace("_", "-")
 
 
-FRAMEWORKS = {"torchvision": "pytorch", "keras": "tensorflow"}
+FRAMEWORKS = {"torchvision": "pytorch", "composed": "pytorch", "keras": "tensorflow"}
 FUNCTION_PREFIX = {"pytorch": "pth-preannotate-", "tensorflow": "tf-preannotate-"}  # as CVAT's own functions
 # torchvision's detectors take a score floor, an NMS IoU and a cap per image; none caps detections per class.
 _TORCH_POSTPROCESSING = ("nms_score_threshold", "nms_iou_threshold", "max_total_detections")
@@ -146,6 +153,16 @@ for _arch in [
 ]:
     ARCHITECTURES[_arch.name] = _arch
 
+# The model designer: backbone × neck × head from torchvision's parts (models.composed_family); the keys of
+# hyperparameters.COMPOSITION choose them, over this default (RetinaNet on a ResNet-50 FPN, P3-P7).
+ARCHITECTURES["custom"] = Architecture(
+    "custom", "composed", "rectangle",
+    "The model designer: backbone=, neck=, head= ... of your choosing (torchvision's parts, ImageNet backbones)",
+    "DEFAULT", pretrained_kind="backbone", image_size=640, max_image_size=1024, cpu_timeout_s=60, defaults=_RETINA,
+    scratch=_RCNN_SCRATCH, postprocessing=_TORCH_POSTPROCESSING,
+    build={"backbone": "resnet50", "top_level": 5, "neck": "fpn", "neck_levels": (3, 7), "neck_channels": 256,
+           "neck_layers": 3, "head": "retinanet", "resize_input": True})
+
 DEFAULT_ARCHITECTURE = "ssdlite320_mobilenet_v3_large"
 DEFAULT_TENSORFLOW_ARCHITECTURE = "keras_ssd_mobilenet_v2_fpnlite_320"
 
@@ -178,6 +195,7 @@ def hyperparameters_for(name: str, text: str | dict[str, Any] | Hyperparameters 
         return text
     hp = default_hyperparameters(name).updated(text or "")
     check_postprocessing(name, hp)
+    check_composition(name, hp)
     if hp.init == "random":
         scratch = default_hyperparameters(name, "random")
         hp = hp.replaced(**{key: getattr(scratch, key) for key in get_architecture(name).scratch
@@ -194,3 +212,13 @@ def check_postprocessing(name: str, hp: Hyperparameters) -> None:
             able = [a.name for a in ARCHITECTURES.values() if key in a.postprocessing]
             raise HyperparameterError(f"{name} cannot honour {key.replace('_', '-')} (its post-processing has no such "
                                       f"knob); architectures that can: {', '.join(able) or 'none'}")
+
+
+def check_composition(name: str, hp: Hyperparameters) -> None:
+    """The designer's keys choose parts of a composed model: for any other architecture they are an error."""
+    arch = get_architecture(name)
+    given = sorted(hp.given & set(COMPOSITION))
+    if given and arch.family != "composed":
+        composed = [a.name for a in ARCHITECTURES.values() if a.family == "composed"]
+        raise HyperparameterError(f"{name} is not composed: {given[0].replace('_', '-')} chooses a part of a composed "
+                                  f"model; architectures that take it: {', '.join(composed)}")

@@ -30,6 +30,7 @@ from torchvision.transforms.v2 import functional as F
 
 from preannotate import uncertainty
 from preannotate.formats import masks
+from preannotate.hyperparameters import Hyperparameters
 from preannotate.models.registry import Architecture, PretrainedWeightsUnavailable
 from preannotate.shapes import Label, Shape
 
@@ -119,7 +120,8 @@ class TorchvisionDetector:
     """A torchvision detection model ready to detect, with its labels (class index = ``Label.id``)."""
 
     def __init__(self, model: torch.nn.Module, labels: Sequence[Label], output: str,
-                 device: str | torch.device | None = None, letterbox: bool = False):
+                 device: str | torch.device | None = None, letterbox: bool = False,
+                 appearance: torch.nn.Module | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.letterbox = letterbox  # trained on frames padded to a square: pad them so here too
         self.model = model.to(self.device).eval()
@@ -130,7 +132,7 @@ class TorchvisionDetector:
         # frames (saved with the weights): how unfamiliar a frame is (``uncertainty.novelty``).
         self.familiar: np.ndarray | None = None
         self._appearance: np.ndarray | None = None
-        layer = appearance_layer(self.model)
+        layer = appearance or appearance_layer(self.model)
         if layer is not None:
             layer.register_forward_hook(self._keep_appearance)
 
@@ -239,19 +241,17 @@ def _unpad(output: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, 
     return unpadded
 
 
-def create(arch: Architecture, labels: Sequence[Label], init: str = "random", image_size: int | None = None,
-           max_image_size: int | None = None, state: dict[str, torch.Tensor] | None = None,
-           device: str | None = None, letterbox: bool = False, postprocessing: dict[str, Any] | None = None
-           ) -> TorchvisionDetector:
-    """Build a detector for ``labels``: ``random``, ``pretrained`` (torchvision's weights) or from ``state``
-    (a previous model's weights; heads for a changed label set start fresh)."""
-    model = build_model(arch, num_classes(labels), image_size, max_image_size)
-    apply_postprocessing(model, postprocessing or {})
+def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, init: str = "random",
+           state: dict[str, torch.Tensor] | None = None, device: str | None = None) -> TorchvisionDetector:
+    """Build a detector for ``labels`` sized by ``hp``: ``random``, ``pretrained`` (torchvision's weights) or from
+    ``state`` (a previous model's weights; heads for a changed label set start fresh)."""
+    model = build_model(arch, num_classes(labels), hp.image_size, hp.max_image_size)
+    apply_postprocessing(model, hp.postprocessing())
     if init == "pretrained":
         load_matching(model, pretrained_state_dict(arch))
     elif state is not None:
         load_matching(model, state)
-    return TorchvisionDetector(model, labels, arch.output, device, letterbox)
+    return TorchvisionDetector(model, labels, arch.output, device, hp.letterbox)
 
 
 def appearance_layer(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -269,14 +269,19 @@ def appearance_layer(model: torch.nn.Module) -> torch.nn.Module | None:
 APPEARANCE_FILE = "appearance.npy"  # beside the weights: the training sample's appearance
 
 
-def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, image_size: int | None = None,
-         max_image_size: int | None = None, device: str | None = None, letterbox: bool = False,
-         postprocessing: dict[str, Any] | None = None) -> TorchvisionDetector:
-    """A published model: its architecture, labels and weights file — nothing downloaded."""
-    model = build_model(arch, num_classes(labels), image_size, max_image_size)
-    apply_postprocessing(model, postprocessing or {})
+def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hyperparameters,
+         device: str | None = None) -> TorchvisionDetector:
+    """A published model: its architecture, labels, hyperparameters and weights file — nothing downloaded."""
+    model = build_model(arch, num_classes(labels), hp.image_size, hp.max_image_size)
+    apply_postprocessing(model, hp.postprocessing())
+    return restored(model, labels, arch.output, weights_path, device, hp.letterbox)
+
+
+def restored(model: torch.nn.Module, labels: Sequence[Label], output: str, weights_path: Path,
+             device: str | None, letterbox: bool, appearance: torch.nn.Module | None = None) -> TorchvisionDetector:
+    """``model`` with its published weights (and its training frames' appearance, when saved) as a detector."""
     model.load_state_dict(read_weights(weights_path))
-    detector = TorchvisionDetector(model, labels, arch.output, device, letterbox)
+    detector = TorchvisionDetector(model, labels, output, device, letterbox, appearance)
     familiar = weights_path.with_name(APPEARANCE_FILE)
     if familiar.is_file():
         detector.familiar = np.load(familiar).astype(np.float32)

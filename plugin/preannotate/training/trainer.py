@@ -255,6 +255,7 @@ class _Run:
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.hp = hp
+        self.arch = self.arch.resolved(hp)  # a composed model's head decides what it returns
         self.rank = dist.get_rank() if self.world > 1 else 0
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
