@@ -3,10 +3,12 @@ them in the hyperparameter language, trained a step and served; BiFPN's shapes a
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
 import torch
+import torchvision
 from preannotate.hyperparameters import BACKBONES, HEADS, NECKS, HyperparameterError
 from preannotate.models import composed_family as composed
 from preannotate.models import create_detector, get_architecture, hyperparameters_for, load_detector, save_artifact
@@ -55,10 +57,30 @@ def test_a_composed_detector_builds_trains_a_step_and_detects(backbone, neck, he
     _step_and_detect(detector, head == "mask_rcnn")
 
 
+_NETWORKS: dict[str, torch.nn.Module] = {}
+
+
+@pytest.fixture
+def networks_built_once(monkeypatch):
+    """Each backbone network initialized once for the grid, then copied (initializing EfficientNet-V2-L's 118M
+    weights costs seconds; a copy is the same random network)."""
+    build = torchvision.models.get_model
+
+    def cached(name, **kwargs):
+        if kwargs.get("weights") is not None:
+            return build(name, **kwargs)
+        if name not in _NETWORKS:
+            _NETWORKS.clear()  # one at a time: the grid is ordered by backbone
+            _NETWORKS[name] = build(name, **kwargs)
+        return copy.deepcopy(_NETWORKS[name])
+
+    monkeypatch.setattr(composed.torchvision.models, "get_model", cached)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone, neck, head", [c for c in itertools.product(BACKBONES, NECKS, HEADS)
                                                   if c not in FAST])
-def test_every_listed_composition_builds_trains_a_step_and_detects(backbone, neck, head):
+def test_every_listed_composition_builds_trains_a_step_and_detects(backbone, neck, head, networks_built_once):
     detector = create_detector("custom", _labels(head), hyperparameters=(
         f"{TINY};backbone={backbone};neck={neck};head={head};neck-layers=1"))
     _step_and_detect(detector, head == "mask_rcnn")

@@ -34,7 +34,7 @@ COCO_MODELS = [name for name, arch in ARCHITECTURES.items() if arch.pretrained_k
 def test_no_function_is_rendered_with_an_empty_spec():
     untrained = sorted(set(ARCHITECTURES) - set(COCO_MODELS))
     # an ImageNet backbone only: no labels before training (deployed for a project, `preannotate deploy`)
-    assert untrained == ["fasterrcnn_resnet101_fpn", "keras_retinanet_efficientnet_b0",
+    assert untrained == ["custom", "fasterrcnn_resnet101_fpn", "keras_retinanet_efficientnet_b0",
                          "keras_ssd_mobilenet_v2_fpnlite_320"]
     assert not any((REPO / "functions" / ARCHITECTURES[name].framework / name).exists() for name in untrained)
     config = functions.function_config(ARCHITECTURES[untrained[0]], [], gpu=False)
