@@ -10,8 +10,16 @@ import pytest
 import torch
 import torchvision
 from preannotate.hyperparameters import BACKBONES, HEADS, NECKS, HyperparameterError
+from preannotate.models import (
+    ModelStore,
+    create_detector,
+    get_architecture,
+    hyperparameters_for,
+    load_detector,
+    publish_detector,
+    save_artifact,
+)
 from preannotate.models import composed_family as composed
-from preannotate.models import create_detector, get_architecture, hyperparameters_for, load_detector, save_artifact
 from preannotate.shapes import parse_label_list
 
 from tests.conftest import photo
@@ -163,5 +171,27 @@ def test_trainable_backbone_layers_counts_the_stem_and_each_level():
     body = detector.model.backbone.body
     assert body.stages == [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
     composed.freeze_backbone(detector.model, 2, "random")
-    trainable = {name.split(".")[0] for name, p in body.extractor.named_parameters() if p.requires_grad}
+    trainable = {name.split(".")[0] for name, p in body.named_parameters() if p.requires_grad}
     assert trainable == {"layer3", "layer4"}
+
+
+def test_init_from_takes_any_models_backbone_neck_and_heads_where_names_and_shapes_agree(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    source = create_detector("retinanet_resnet50_fpn", parse_label_list("car,person"), init="random",
+                             hyperparameters="image-size=64;max-image-size=64")
+    publish_detector(source, store, "cars")
+    hp = hyperparameters_for("custom", "init-from=cars@1;backbone=resnet50;neck=fpn;neck-levels=3-7;head=retinanet;"
+                                       "image-size=64;max-image-size=64")
+    assert (hp.init, hp.init_from) == ("previous", "cars@1")
+    composed_model = create_detector("custom", parse_label_list("car,person,bus"), hyperparameters=hp,
+                                     previous=store.resolve(hp.init_from))
+    theirs, mine = source.model.state_dict(), composed_model.model.state_dict()
+    same = {k for k in mine if k in theirs and torch.equal(mine[k], theirs[k])}
+    assert {k for k in mine if k.startswith("backbone.body.") and not k.endswith("num_batches_tracked")} <= same
+    assert {k for k in mine if k.startswith(("backbone.fpn.inner_blocks", "backbone.fpn.layer_blocks"))} <= same
+    assert "head.classification_head.conv.0.0.weight" in same and "head.regression_head.bbox_reg.weight" in same
+    assert "head.classification_head.cls_logits.weight" not in same  # three labels now: a fresh class head
+    with pytest.raises(HyperparameterError, match="init-from starts from a model's weights"):
+        hyperparameters_for("custom", "init=random;init-from=cars")
+    with pytest.raises(HyperparameterError, match="is not a model of the store"):
+        hyperparameters_for("custom", "init-from=../cars")

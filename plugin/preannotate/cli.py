@@ -411,7 +411,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     name = args.name or arch.name
     out = Path(args.out or Path("runs") / name)
     store = _store(args, create=True)
-    previous = store.resolve(args.from_model) if args.from_model else None
+    source = args.from_model or hp.init_from  # any model of the store (init-from), or --from-model
+    previous = store.resolve(source) if source else None
     if args.data:
         dataset = Path(args.data)
     else:

@@ -108,6 +108,13 @@ def _train_on(text: str) -> tuple[str, ...]:
     return items
 
 
+def _model_name(text: str) -> str:
+    value = text.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*(@v?\d+)?", value):
+        raise ValueError(f"{value!r} is not a model of the store (NAME or NAME@VERSION)")
+    return value
+
+
 def _optional(parse):
     def wrapped(text: str):
         return None if text.strip().lower() in ("", "none", "null", "off") else parse(text)
@@ -152,6 +159,8 @@ class Hyperparameters:
     seed: int = _param(0, _int, "seed of the split, the shuffling and the initialization")
     num_clones: int = _param(1, _int, "GPUs to train on (DistributedDataParallel)", low=1)
     init: str = _param("pretrained", _choice(INITS), "random, pretrained or previous (a published version)")
+    init_from: str | None = _param(None, _optional(_model_name), "NAME[@VERSION] of any model in the store to start "
+                                   "from (init=previous): its weights wherever names and shapes agree")
     score_threshold: float = _param(0.5, _float, "default detection threshold of the published model", low=0, high=1)
     # Post-processing (the TF OD API's second-stage keys); None keeps the model's own. See ``POSTPROCESSING``.
     nms_score_threshold: float | None = _param(None, _optional(_float), "score below which detections are dropped "
@@ -247,6 +256,12 @@ class Hyperparameters:
             converted = _convert(raw_key, value, meta["parse"])
             _check_range(raw_key, converted, meta["low"], meta["high"])
             changes[key] = converted
+        if "init_from" in named and changes.get("init_from"):
+            if "init" in named and changes.get("init", "previous") != "previous":
+                raise HyperparameterError("init-from starts from a model's weights: it goes with init=previous (or "
+                                          f"no init), not init={changes['init']}")
+            changes["init"] = "previous"
+            named.add("init")
         if given and "schedule" not in named and any(normalize_key(k) in DECAY_KEYS for k in values):
             changes["schedule"] = "step"
             named.add("schedule")

@@ -84,7 +84,8 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
     state = None
     if init == "previous":
         if previous is None:
-            raise ValueError("init=previous needs the previous model (--from-model NAME[@VERSION])")
+            raise ValueError("init=previous needs the model to start from: init-from=NAME[@VERSION] (or "
+                             "--from-model NAME[@VERSION])")
         previous_manifest = Manifest.read(previous)
         state = family.read_weights(Path(previous) / previous_manifest.weights)
     detector = family.create(arch, labels, hp, init=init, state=state, device=device)

@@ -69,23 +69,20 @@ def backbone_stages(network: nn.Module, name: str) -> list[tuple[list[str], int,
     return stages
 
 
-class Body(nn.Module):
-    """The backbone's feature maps ``{level: tensor}`` for levels 2..top; ``stages``: the modules of the stem and of
-    each level (what ``trainable-backbone-layers`` counts)."""
-
-    def __init__(self, network: nn.Module, name: str, top_level: int):
-        super().__init__()
-        stages = [stage for stage in backbone_stages(network, name) if stage[1] <= top_level]
-        levels = [(modules[-1], level, channels) for modules, level, channels in stages if level >= 2]
-        if not levels:
-            raise ValueError(f"{name} has no level at or below top-level={top_level}")
-        self.stages = [modules for modules, _, _ in stages]
-        self.levels = [level for _, level, _ in levels]
-        self.channels = {level: channels for _, level, channels in levels}
-        self.extractor = create_feature_extractor(network, {node: str(level) for node, level, _ in levels})
-
-    def forward(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
-        return {int(level): x for level, x in self.extractor(images).items()}
+def feature_body(network: nn.Module, name: str, top_level: int) -> nn.Module:
+    """The backbone's feature maps ``{"level": tensor}`` for levels 2..top: torchvision's feature extractor over
+    ``network``, its modules keeping their names (``layer1``..., as in torchvision's own detectors, so weights of
+    one reach the other by name). It carries ``levels``, ``channels`` (per level) and ``stages`` (the modules of
+    the stem and of each level: what ``trainable-backbone-layers`` counts)."""
+    stages = [stage for stage in backbone_stages(network, name) if stage[1] <= top_level]
+    levels = [(modules[-1], level, channels) for modules, level, channels in stages if level >= 2]
+    if not levels:
+        raise ValueError(f"{name} has no level at or below top-level={top_level}")
+    body = create_feature_extractor(network, {node: str(level) for node, level, _ in levels})
+    body.stages = [modules for modules, _, _ in stages]
+    body.levels = [level for _, level, _ in levels]
+    body.channels = {level: channels for _, level, channels in levels}
+    return body
 
 
 class ExtraLevels(ExtraFPNBlock):
@@ -164,9 +161,10 @@ class BiFPN(nn.Module):
 
 
 class Neck(nn.Module):
-    """Backbone + neck as torchvision's detection heads take it: ``OrderedDict`` of maps, ``out_channels``."""
+    """Backbone + neck as torchvision's detection heads take it: ``OrderedDict`` of maps, ``out_channels``; named
+    as torchvision's ``BackboneWithFPN`` (``body``, ``fpn``)."""
 
-    def __init__(self, body: Body, neck: str, levels: Sequence[int], channels: int, layers: int):
+    def __init__(self, body: nn.Module, neck: str, levels: Sequence[int], channels: int, layers: int):
         super().__init__()
         self.body, self.kind = body, neck
         top = max(body.levels)
@@ -189,7 +187,7 @@ class Neck(nn.Module):
             self.bifpn = BiFPN(body.channels, self.levels, channels, layers)
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        features = self.body(images)
+        features = {int(level): x for level, x in self.body(images).items()}
         if self.kind == "none":
             return OrderedDict([("0", features[self.levels[0]])])
         if self.kind == "fpn":
@@ -214,7 +212,7 @@ def build_model(arch: Architecture, num_classes: int, image_size: int | None = N
     spec = {**arch.build, **(composition or {})}
     name, neck, head = spec["backbone"], spec["neck"], spec["head"]
     network = torchvision.models.get_model(name, weights=weights)
-    body = Body(network, name, spec["top_level"])
+    body = feature_body(network, name, spec["top_level"])
     low, high = spec["neck_levels"]
     backbone = Neck(body, neck, range(low, high + 1), spec["neck_channels"], spec["neck_layers"])
     if head == "fcos" and backbone.out_channels % 32:  # its head's GroupNorm takes groups of 32 channels
@@ -299,12 +297,12 @@ def freeze_backbone(model: nn.Module, trainable_layers: int | None, init: str) -
     torchvision counts ResNet's conv1 and layer1-4; None: all of them from random weights, else 3, torchvision's
     default). From pretrained or previous weights the backbone's batch norms keep their statistics; they are
     returned so the loop keeps them in eval mode."""
-    body: Body = model.backbone.body
+    body = model.backbone.body
     if trainable_layers is None:
         trainable_layers = len(body.stages) if init == "random" else 3
     for modules in body.stages[:max(0, len(body.stages) - trainable_layers)]:
         for module in modules:
-            body.extractor.get_submodule(module).requires_grad_(False)
+            body.get_submodule(module).requires_grad_(False)
     norms: list[nn.Module] = []
     if init != "random":
         for module in body.modules():
@@ -316,5 +314,5 @@ def freeze_backbone(model: nn.Module, trainable_layers: int | None, init: str) -
 
 def appearance_layer(model: nn.Module) -> nn.Module | None:
     """The backbone's first level-2 module: where a frame's appearance is read (``uncertainty.novelty``)."""
-    body: Body = model.backbone.body
-    return body.extractor.get_submodule(body.stages[1][0]) if len(body.stages) > 1 else None
+    body = model.backbone.body
+    return body.get_submodule(body.stages[1][0]) if len(body.stages) > 1 else None

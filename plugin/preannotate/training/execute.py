@@ -49,7 +49,8 @@ def execute_job(job, work_dir: Path, store_root: Path, stop: threading.Event) ->
         except NothingFinished as nothing:
             log.info("%s", nothing)
             return {"skipped": str(nothing)}
-    previous = store.resolve(request["from_model"]) if request.get("from_model") else None
+    source = request.get("from_model") or hp.init_from
+    previous = store.resolve(source) if source else None
     try:
         result = train_and_publish(TrainingData.from_folder(dataset, hp), architecture=request["model"],
                                    hyperparameters=hp, store=store, name=name, output_dir=work_dir / "run",
