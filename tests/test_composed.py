@@ -195,3 +195,25 @@ def test_init_from_takes_any_models_backbone_neck_and_heads_where_names_and_shap
         hyperparameters_for("custom", "init=random;init-from=cars")
     with pytest.raises(HyperparameterError, match="is not a model of the store"):
         hyperparameters_for("custom", "init-from=../cars")
+
+
+def test_the_designer_pages_trainer_keys_change_the_schedule():
+    from preannotate.training import optim
+
+    hp = hyperparameters_for("custom", "schedule=one-cycle; initial-lr-factor=0.1; final-lr-factor=0.001; "
+                                       "warmup-period=20; max-iterations=100; lr=0.01")
+    assert (hp.one_cycle_initial_factor, hp.one_cycle_final_factor, hp.warmup_steps, hp.num_steps) == \
+        (0.1, 0.001, 20, 100)
+    schedule = optim.Schedule(hp, 100)
+    reference = optim.build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01), hp, 100)
+    rates = []
+    for step in range(100):
+        rates.append(reference.get_last_lr()[0])
+        assert 0.01 * schedule(step) == pytest.approx(rates[-1], rel=1e-9)
+        reference.optimizer.step()
+        reference.step()
+    assert rates[0] == pytest.approx(0.001) and max(rates) == pytest.approx(0.01) and rates.index(max(rates)) == 20
+    assert rates[-1] == pytest.approx(0.01 * 0.001, rel=1e-6)
+    steps = hyperparameters_for("custom", "schedule=multi-step; milestones=30,60; factor=0.5")
+    assert (steps.schedule_steps, steps.schedule_gamma) == ([30, 60], 0.5)
+    assert optim.Schedule(steps, 100).main(65) == pytest.approx(0.25)

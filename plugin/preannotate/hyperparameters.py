@@ -143,7 +143,11 @@ class Hyperparameters:
                                        default_factory=list)
     schedule_gamma: float = _param(0.1, _float, "decay factor of step/exponential/multi-step", low=0, high=1)
     schedule_step_size: int | None = _param(None, _optional(_int), "steps between decays of the step schedule", low=1)
-    warmup_steps: int = _param(0, _int, "linear warm-up steps", low=0)
+    warmup_steps: int = _param(0, _int, "linear warm-up steps (one-cycle: its rise)", low=0)
+    one_cycle_initial_factor: float = _param(0.04, _float, "one-cycle: the starting rate as a share of the peak",
+                                             low=1e-9, high=1)
+    one_cycle_final_factor: float = _param(4e-6, _float, "one-cycle: the final rate as a share of the peak",
+                                           low=0, high=1)
     early_stopping_patience: int | None = _param(None, _optional(_int), "validations without improvement", low=1)
     early_stopping_delta: float = _param(0.0, _float, "least mAP gain that counts as improvement", low=0)
     gradient_clip_norm: float | None = _param(None, _optional(_float), "max gradient norm", low=0)
@@ -265,6 +269,8 @@ class Hyperparameters:
         if given and "schedule" not in named and any(normalize_key(k) in DECAY_KEYS for k in values):
             changes["schedule"] = "step"
             named.add("schedule")
+        if given and "schedule_steps" in named and "schedule_lrs" not in named and set(lrs) != set(steps):
+            lrs.clear()  # the defaults' rates went with the defaults' steps: the user's decay by schedule-gamma
         if lrs and set(lrs) != set(steps):
             raise HyperparameterError("schedule-lr-N needs a schedule-step-N for every N and the other way round "
                                       f"(got steps for N in {sorted(steps)}, rates for N in {sorted(lrs)})")
@@ -303,6 +309,13 @@ ALIASES = {
     "warmup": "warmup_steps", "augmentation": "augment", "augmentations": "augment",
     "min_dimension": "image_size", "max_dimension": "max_image_size", "gpus": "num_clones",
     "validations": "num_validations",
+    # the model designer's trainer page: multi-step (milestones, factor), one-cycle (initial and final rate factors,
+    # warm-up period)
+    "milestones": "schedule_steps", "multi_step_milestones": "schedule_steps", "factor": "schedule_gamma",
+    "multi_step_factor": "schedule_gamma", "initial_lr_factor": "one_cycle_initial_factor",
+    "final_lr_factor": "one_cycle_final_factor", "warmup_period": "warmup_steps",
+    "max_iterations": "num_steps", "maximum_training_iterations": "num_steps", "max_hours": "max_training_hours",
+    "maximum_training_hours": "max_training_hours", "number_of_validations": "num_validations",
     # the TF OD API's names (Onepanel's SSD and Faster R-CNN pages)
     "momentum_optimizer_value": "momentum", "momentum_decay": "rmsprop_decay", "momentum_epsilon": "rmsprop_epsilon",
     "decay_steps": "schedule_step_size", "decay_factor": "schedule_gamma",

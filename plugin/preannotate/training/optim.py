@@ -67,6 +67,7 @@ class Schedule:
         self.factors = [lr / hp.initial_learning_rate for lr in hp.schedule_lrs]
         self.delta = hp.early_stopping_delta
         self.plateau_scale, self.plateau_best = 1.0, None
+        self.cycle_start, self.cycle_end = hp.one_cycle_initial_factor, hp.one_cycle_final_factor
 
     def __call__(self, step: int) -> float:
         if self.kind == "one-cycle":
@@ -93,9 +94,10 @@ class Schedule:
         return 1.0
 
     def one_cycle(self, step: int) -> float:
-        """``OneCycleLR``'s multiplier (cosine, ``div_factor`` 25, ``final_div_factor`` 1e4): a rise over
-        ``warmup-steps`` (else 30 % of the run) from 1/25, then annealing to 1/250,000."""
-        start, end = 1 / 25, 1 / 25 / 1e4
+        """``OneCycleLR``'s multiplier (cosine): a rise over ``warmup-steps`` (else 30 % of the run) from
+        ``one-cycle-initial-factor`` (torch's 1/``div_factor``, 1/25), then annealing to ``one-cycle-final-factor``
+        (1/25/``final_div_factor``, 1/250,000)."""
+        start, end = self.cycle_start, self.cycle_end
         rise = min(max((self.warmup + 1) / self.total if self.warmup else 0.3, 0.01), 0.99) * max(2, self.total) - 1
         last = max(2, self.total) - 1
         if step <= rise:
@@ -128,7 +130,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparameters, total
         cycles_momentum = "betas" in optimizer.defaults or optimizer.defaults.get("momentum", 0) > 0
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=hp.initial_learning_rate, total_steps=max(2, total_steps),
-            pct_start=min(max(rise, 0.01), 0.99), cycle_momentum=cycles_momentum)
+            pct_start=min(max(rise, 0.01), 0.99), cycle_momentum=cycles_momentum,
+            div_factor=1 / hp.one_cycle_initial_factor,
+            final_div_factor=hp.one_cycle_initial_factor / max(hp.one_cycle_final_factor, 1e-12))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(hp, total_steps))
 
 
