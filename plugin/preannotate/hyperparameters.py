@@ -153,6 +153,13 @@ class Hyperparameters:
     gradient_clip_norm: float | None = _param(None, _optional(_float), "max gradient norm", low=0)
     trainable_backbone_layers: int | None = _param(None, _optional(_int), "backbone layers retrained (0-5)",
                                                    low=0, high=6)
+    # Mask R-CNN's three phases (the seeds' stage-N-epochs), cumulative: the heads alone until stage 1 ends, the upper
+    # backbone too until stage 2 ends, everything until stage 3 ends (the run's length unless num-steps/epochs say).
+    stage_1_epochs: float | None = _param(None, _optional(_float), "epochs training the heads alone", low=0)
+    stage_2_epochs: float | None = _param(None, _optional(_float), "epochs until the upper backbone trains too "
+                                          "(cumulative)", low=0)
+    stage_3_epochs: float | None = _param(None, _optional(_float), "epochs until the end, everything training "
+                                          "(cumulative)", low=0)
     max_training_hours: float | None = _param(None, _optional(_float), "stop (and publish) after this long", low=0)
     num_validations: int = _param(5, _int, "evaluations on the validation split per run", low=0)
     image_size: int | None = _param(None, _optional(_int), "shorter side (square side for SSD) in pixels", low=32)
@@ -174,6 +181,31 @@ class Hyperparameters:
     max_detections_per_class: int | None = _param(None, _optional(_int), "detections kept per class and image",
                                                   low=1)
     max_total_detections: int | None = _param(None, _optional(_int), "detections kept per image", low=1)
+    # Network knobs (``KNOBS``); None keeps the model's own.
+    rpn_score_threshold: float | None = _param(None, _optional(_float), "two-stage: RPN score threshold", low=0,
+                                               high=1)
+    rpn_nms_iou_threshold: float | None = _param(None, _optional(_float), "two-stage: RPN NMS IoU", low=0, high=1)
+    rpn_max_proposals: int | None = _param(None, _optional(_int), "two-stage: proposals kept after the RPN's NMS",
+                                           low=1)
+    matched_threshold: float | None = _param(None, _optional(_float), "IoU from which an anchor (or proposal) "
+                                             "learns an object", low=0, high=1)
+    unmatched_threshold: float | None = _param(None, _optional(_float), "IoU below which it learns background",
+                                               low=0, high=1)
+    box_coder_y_scale: float | None = _param(None, _optional(_float), "box coder weight of y", low=1e-6)
+    box_coder_x_scale: float | None = _param(None, _optional(_float), "box coder weight of x", low=1e-6)
+    box_coder_height_scale: float | None = _param(None, _optional(_float), "box coder weight of height", low=1e-6)
+    box_coder_width_scale: float | None = _param(None, _optional(_float), "box coder weight of width", low=1e-6)
+    backbone_batchnorm_decay: float | None = _param(None, _optional(_float), "backbone batch norms' decay (1 - "
+                                                    "torch's momentum)", low=0, high=1)
+    backbone_batchnorm_epsilon: float | None = _param(None, _optional(_float), "backbone batch norms' epsilon",
+                                                      low=0, high=1)
+    head_batchnorm_decay: float | None = _param(None, _optional(_float), "other batch norms' decay", low=0, high=1)
+    head_batchnorm_epsilon: float | None = _param(None, _optional(_float), "other batch norms' epsilon", low=0,
+                                                  high=1)
+    anchor_min_scale: float | None = _param(None, _optional(_float), "SSD: the smallest default box's scale",
+                                            low=0, high=1)
+    anchor_max_scale: float | None = _param(None, _optional(_float), "SSD: the largest default box's scale", low=0,
+                                            high=1)
     # The model designer (architecture ``custom``); None: the registry's composition. See ``COMPOSITION``.
     backbone: str | None = _param(None, _part(BACKBONES), "custom: the backbone (resnet18 ... mobilenet-v3-large)")
     top_level: int | None = _param(None, _int, "custom: the deepest backbone level used (stride 2^level)", low=2,
@@ -211,6 +243,22 @@ class Hyperparameters:
         """The designer's keys set (``COMPOSITION``), for the composed family to build."""
         return {key: getattr(self, key) for key in COMPOSITION if getattr(self, key) is not None}
 
+    def knobs(self) -> dict[str, Any]:
+        """The network knobs set (``KNOBS``), for the model families to apply."""
+        return {key: getattr(self, key) for key in KNOBS if getattr(self, key) is not None}
+
+    def trainable_layers_at(self, step: int, train_images: int) -> int | None:
+        """The backbone stages trained at ``step`` under stage-N-epochs (0 in stage 1, 3 in stage 2, all after), or
+        None when the run has no stages."""
+        if self.stage_1_epochs is None and self.stage_2_epochs is None:
+            return None
+        epoch = step / max(1, -(-train_images // (self.batch_size * self.num_clones)))
+        if self.stage_1_epochs is not None and epoch < self.stage_1_epochs:
+            return 0
+        if self.stage_2_epochs is not None and epoch < self.stage_2_epochs:
+            return 3
+        return 99  # every stage
+
     def postprocessing(self) -> dict[str, Any]:
         """The post-processing keys set (``POSTPROCESSING``), for the model families to apply."""
         return {key: getattr(self, key) for key in POSTPROCESSING if getattr(self, key) is not None}
@@ -239,6 +287,8 @@ class Hyperparameters:
                 _check_range(raw_key, converted, 0, None)
                 continue
             key = ALIASES.get(key, key)
+            if key in REFUSED:
+                raise HyperparameterError(f"{raw_key} is not offered: {REFUSED[key]}")
             if key == "val_split":  # Onepanel's percentage
                 key, value = "val_fraction", _convert(raw_key, value, _float) / 100
             if key not in known:
@@ -287,6 +337,9 @@ class Hyperparameters:
                                       f"(got {len(self.schedule_steps)} steps, {len(self.schedule_lrs)} rates)")
         if self.schedule_steps != sorted(self.schedule_steps):
             raise HyperparameterError(f"schedule steps must increase, got {self.schedule_steps}")
+        stages = [s for s in (self.stage_1_epochs, self.stage_2_epochs, self.stage_3_epochs) if s is not None]
+        if stages != sorted(stages):
+            raise HyperparameterError(f"stage-N-epochs are cumulative and must increase, got {stages}")
         if self.schedule == "multi-step" and not self.schedule_steps:
             raise HyperparameterError("schedule=multi-step needs schedule-step-1=N (and optionally schedule-lr-1=LR)")
 
@@ -316,6 +369,7 @@ ALIASES = {
     "final_lr_factor": "one_cycle_final_factor", "warmup_period": "warmup_steps",
     "max_iterations": "num_steps", "maximum_training_iterations": "num_steps", "max_hours": "max_training_hours",
     "maximum_training_hours": "max_training_hours", "number_of_validations": "num_validations",
+    "stage1_epochs": "stage_1_epochs", "stage2_epochs": "stage_2_epochs", "stage3_epochs": "stage_3_epochs",
     # the TF OD API's names (Onepanel's SSD and Faster R-CNN pages)
     "momentum_optimizer_value": "momentum", "momentum_decay": "rmsprop_decay", "momentum_epsilon": "rmsprop_epsilon",
     "decay_steps": "schedule_step_size", "decay_factor": "schedule_gamma",
@@ -324,15 +378,54 @@ ALIASES = {
     "second_stage_max_detections_per_class": "max_detections_per_class",
     "second_stage_max_detections_max_total_detections": "max_total_detections",
     "max_detections": "max_total_detections",
+    "first_stage_nms_score_threshold": "rpn_score_threshold", "first_stage_nms_iou_threshold": "rpn_nms_iou_threshold",
+    "first_stage_max_proposals": "rpn_max_proposals",
+    "boxcoder_y_scale": "box_coder_y_scale", "boxcoder_x_scale": "box_coder_x_scale",
+    "boxcoder_height_scale": "box_coder_height_scale", "boxcoder_width_scale": "box_coder_width_scale",
+    "first_stage_batchnorm_decay": "backbone_batchnorm_decay", "first_stage_batchnorm_epsilon":
+        "backbone_batchnorm_epsilon", "second_stage_batchnorm_decay": "head_batchnorm_decay",
+    "second_stage_batchnorm_epsilon": "head_batchnorm_epsilon",
+    "anchor_generator_min_scale": "anchor_min_scale", "anchor_generator_max_scale": "anchor_max_scale",
 }
 # The TF OD API's exponential_decay_learning_rate (decay_steps, decay_factor) is a staircase by default: our ``step``
 # schedule. Those keys bring it unless the user names a schedule.
 DECAY_KEYS = ("decay_steps", "decay_factor")
 POSTPROCESSING = ("nms_score_threshold", "nms_iou_threshold", "max_detections_per_class", "max_total_detections")
+# The network and box-coding keys of the TF OD API pages, set on the built model where it has the part (the
+# registry says which architectures do: ``Architecture.knobs``).
+KNOBS = ("rpn_score_threshold", "rpn_nms_iou_threshold", "rpn_max_proposals", "matched_threshold",
+         "unmatched_threshold", "box_coder_y_scale", "box_coder_x_scale", "box_coder_height_scale",
+         "box_coder_width_scale", "backbone_batchnorm_decay", "backbone_batchnorm_epsilon", "head_batchnorm_decay",
+         "head_batchnorm_epsilon", "anchor_min_scale", "anchor_max_scale")
+STAGES = ("stage_1_epochs", "stage_2_epochs", "stage_3_epochs")  # the torch trainer's staged unfreezing
+# Keys of those pages that no model here has: refused with the reason (and what to use instead).
+REFUSED = {
+    "second_stage_use_dropout": "torchvision's box heads and keras-hub's have no dropout",
+    "second_stage_dropout_keep_probability": "torchvision's box heads and keras-hub's have no dropout",
+    "second_stage_regularizer_weight": "an L2 weight on the heads alone is not offered; weight-decay applies to "
+                                       "every weight",
+    "first_stage_regularizer_weight": "an L2 weight on the heads alone is not offered; weight-decay applies to "
+                                      "every weight",
+    "first_stage_features_stride": "the backbones' strides are fixed; the designer (architecture custom) chooses "
+                                   "its levels with top-level and neck-levels",
+    "height_stride": "anchors follow the feature maps' strides; the designer (architecture custom) chooses the "
+                     "levels with neck-levels",
+    "width_stride": "anchors follow the feature maps' strides; the designer (architecture custom) chooses the "
+                    "levels with neck-levels",
+    "maxpool_kernel_size": "torchvision's two-stage models pool regions with RoIAlign, not a max pool",
+    "maxpool_stride": "torchvision's two-stage models pool regions with RoIAlign, not a max pool",
+    "first_stage_activation": "torchvision's SSDlite fixes ReLU6 in its backbone and head",
+    "second_stage_activation": "torchvision's SSDlite fixes ReLU6 in its backbone and head",
+    "second_stage_kernel_size": "torchvision's SSDlite head fixes its 3x3 depthwise kernels",
+    "second_stage_box_code_size": "boxes are coded with 4 numbers in every model here",
+    "anchor_generator_num_layers": "SSDlite predicts on its six feature maps; the designer (architecture custom) "
+                                   "chooses the levels with neck-levels",
+}
 
 
 def normalize_key(key: str) -> str:
-    return key.strip().lower().replace("-", "_")
+    """``--Stage1-Epochs`` → ``stage1_epochs``: case, dashes and a command line's leading dashes do not matter."""
+    return key.strip().lstrip("-").lower().replace("-", "_")
 
 
 def valid_keys() -> list[str]:

@@ -272,7 +272,7 @@ def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, ini
             f"the ImageNet weights of {composition['backbone']} could not be loaded ({error.__class__.__name__}): "
             "put them into torchvision's cache ($TORCH_HOME/hub/checkpoints) or start from random weights "
             "(`-H init=random`)") from None
-    torch_family.apply_postprocessing(model, hp.postprocessing())
+    torch_family.apply_knobs(model, hp)
     if state is not None:
         torch_family.load_matching(model, state)
     return torch_family.TorchvisionDetector(model, labels, output(composition), device, hp.letterbox,
@@ -284,7 +284,7 @@ def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hy
     """A published composed model: the composition of its hyperparameters rebuilt, its weights loaded."""
     composition = {**arch.build, **hp.composition()}
     model = build_model(arch, torch_family.num_classes(labels), hp.image_size, hp.max_image_size, composition)
-    torch_family.apply_postprocessing(model, hp.postprocessing())
+    torch_family.apply_knobs(model, hp)
     return torch_family.restored(model, labels, output(composition), weights_path, device, hp.letterbox,
                                  appearance_layer(model))
 

@@ -7,7 +7,14 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from preannotate.hyperparameters import COMPOSITION, POSTPROCESSING, HyperparameterError, Hyperparameters
+from preannotate.hyperparameters import (
+    COMPOSITION,
+    KNOBS,
+    POSTPROCESSING,
+    STAGES,
+    HyperparameterError,
+    Hyperparameters,
+)
 
 
 class UnknownArchitecture(ValueError):
@@ -35,6 +42,7 @@ class Architecture:
     defaults: dict[str, Any] = field(default_factory=dict)  # hyperparameters that differ from the global defaults
     scratch: dict[str, Any] = field(default_factory=dict)   # what differs when it starts from random weights
     postprocessing: tuple[str, ...] = ()  # the post-processing keys (hyperparameters.POSTPROCESSING) it honours
+    knobs: tuple[str, ...] = ()           # the network keys (hyperparameters.KNOBS) it has the parts for
     build: dict[str, Any] = field(default_factory=dict)     # what its family needs to build it (keras: encoder...)
 
     def resolved(self, hp: Hyperparameters) -> Architecture:
@@ -64,6 +72,13 @@ FRAMEWORKS = {"torchvision": "pytorch", "composed": "pytorch", "keras": "tensorf
 FUNCTION_PREFIX = {"pytorch": "pth-preannotate-", "tensorflow": "tf-preannotate-"}  # as CVAT's own functions
 # torchvision's detectors take a score floor, an NMS IoU and a cap per image; none caps detections per class.
 _TORCH_POSTPROCESSING = ("nms_score_threshold", "nms_iou_threshold", "max_total_detections")
+# The network keys of the TF OD API pages on torchvision's parts (torchvision_family.apply_knobs): every model has
+# batch norms, a box coder, a matcher and staged unfreezing; two-stage ones an RPN; SSD default boxes with scales.
+_TORCH_KNOBS = (*STAGES, "matched_threshold", "unmatched_threshold", "box_coder_y_scale", "box_coder_x_scale",
+               "box_coder_height_scale", "box_coder_width_scale", "backbone_batchnorm_decay",
+               "backbone_batchnorm_epsilon", "head_batchnorm_decay", "head_batchnorm_epsilon")
+_RPN = ("rpn_score_threshold", "rpn_nms_iou_threshold", "rpn_max_proposals")
+_SSD_KNOBS = (*_TORCH_KNOBS, "anchor_min_scale", "anchor_max_scale")
 
 # Defaults follow what our users trained with from pretrained weights (Onepanel's TF OD API templates): SSD batch 24,
 # learning rate 0.004, 15,000 steps; Faster R-CNN batch 1, 0.0003, 10,000 steps. The trainer fits the budget to
@@ -85,40 +100,40 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
         "SSDlite 320 with a MobileNetV3-Large backbone: the recommended default, fast on a CPU",
         "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1", image_size=320, max_image_size=320,
         fixed_size=True, min_batch_size=2, defaults=_SSD, scratch=_SCRATCH,
-        postprocessing=_TORCH_POSTPROCESSING),
+        postprocessing=_TORCH_POSTPROCESSING, knobs=_SSD_KNOBS),
     Architecture(
         "fasterrcnn_mobilenet_v3_large_320_fpn", "torchvision", "rectangle",
         "Faster R-CNN, MobileNetV3-Large FPN at 320 px: quick two-stage detector for CPUs",
         "FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1", image_size=320, max_image_size=640,
         defaults={**_RCNN, "batch_size": 4, "initial_learning_rate": 0.002}, scratch=_RCNN_SCRATCH,
-        postprocessing=_TORCH_POSTPROCESSING),
+        postprocessing=_TORCH_POSTPROCESSING, knobs=(*_TORCH_KNOBS, *_RPN)),
     Architecture(
         "fasterrcnn_mobilenet_v3_large_fpn", "torchvision", "rectangle",
         "Faster R-CNN, MobileNetV3-Large FPN at 800 px",
         "FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1", image_size=800, max_image_size=1333,
         cpu_timeout_s=60, defaults={**_RCNN, "batch_size": 2, "initial_learning_rate": 0.001}, scratch=_RCNN_SCRATCH,
-        postprocessing=_TORCH_POSTPROCESSING),
+        postprocessing=_TORCH_POSTPROCESSING, knobs=(*_TORCH_KNOBS, *_RPN)),
     Architecture(
         "fasterrcnn_resnet50_fpn", "torchvision", "rectangle",
         "Faster R-CNN, ResNet-50 FPN: accurate boxes, best on a GPU",
         "FasterRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=60, defaults=_RCNN, scratch=_RCNN_SCRATCH,
-        postprocessing=_TORCH_POSTPROCESSING),
+        postprocessing=_TORCH_POSTPROCESSING, knobs=(*_TORCH_KNOBS, *_RPN)),
     Architecture(
         "fasterrcnn_resnet101_fpn", "torchvision", "rectangle",
         "Faster R-CNN, ResNet-101 FPN (ImageNet backbone; train it on your labels)",
         "ResNet101_Weights.IMAGENET1K_V2", pretrained_kind="backbone", cpu_timeout_s=90,
         defaults=_RCNN, scratch=_RCNN_SCRATCH,
-        postprocessing=_TORCH_POSTPROCESSING),
+        postprocessing=_TORCH_POSTPROCESSING, knobs=(*_TORCH_KNOBS, *_RPN)),
     Architecture(
         "retinanet_resnet50_fpn", "torchvision", "rectangle",
         "RetinaNet, ResNet-50 FPN: one-stage detector, good on many small objects",
         "RetinaNet_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=60, defaults=_RETINA, scratch=_RCNN_SCRATCH,
-        postprocessing=_TORCH_POSTPROCESSING),
+        postprocessing=_TORCH_POSTPROCESSING, knobs=_TORCH_KNOBS),
     Architecture(
         "maskrcnn_resnet50_fpn", "torchvision", "mask",
         "Mask R-CNN, ResNet-50 FPN: instance masks, returned as CVAT masks with polygons",
         "MaskRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=90, defaults=_RCNN, scratch=_RCNN_SCRATCH,
-        postprocessing=_TORCH_POSTPROCESSING),
+        postprocessing=_TORCH_POSTPROCESSING, knobs=(*_TORCH_KNOBS, *_RPN)),
 ]}
 
 # TensorFlow: keras-hub's RetinaNet detector (anchors, focal loss, FPN) over a feature-pyramid encoder, trained from
@@ -159,7 +174,7 @@ ARCHITECTURES["custom"] = Architecture(
     "custom", "composed", "rectangle",
     "The model designer: backbone=, neck=, head= ... of your choosing (torchvision's parts, ImageNet backbones)",
     "DEFAULT", pretrained_kind="backbone", image_size=640, max_image_size=1024, cpu_timeout_s=60, defaults=_RETINA,
-    scratch=_RCNN_SCRATCH, postprocessing=_TORCH_POSTPROCESSING,
+    scratch=_RCNN_SCRATCH, postprocessing=_TORCH_POSTPROCESSING, knobs=(*_TORCH_KNOBS, *_RPN),  # RPN: its R-CNN heads
     build={"backbone": "resnet50", "top_level": 5, "neck": "fpn", "neck_levels": (3, 7), "neck_channels": 256,
            "neck_layers": 3, "head": "retinanet", "resize_input": True})
 
@@ -205,11 +220,12 @@ def hyperparameters_for(name: str, text: str | dict[str, Any] | Hyperparameters 
 
 
 def check_postprocessing(name: str, hp: Hyperparameters) -> None:
-    """A post-processing key the architecture cannot honour is an error naming the architectures that can."""
+    """A post-processing or network key the architecture cannot honour is an error naming the architectures that
+    can."""
     arch = get_architecture(name)
-    for key in sorted(hp.given & set(POSTPROCESSING)):
-        if key not in arch.postprocessing and getattr(hp, key) is not None:
-            able = [a.name for a in ARCHITECTURES.values() if key in a.postprocessing]
+    for key in sorted(hp.given & {*POSTPROCESSING, *KNOBS, *STAGES}):
+        if key not in (*arch.postprocessing, *arch.knobs) and getattr(hp, key) is not None:
+            able = [a.name for a in ARCHITECTURES.values() if key in (*a.postprocessing, *a.knobs)]
             raise HyperparameterError(f"{name} cannot honour {key.replace('_', '-')} (its post-processing has no such "
                                       f"knob); architectures that can: {', '.join(able) or 'none'}")
 

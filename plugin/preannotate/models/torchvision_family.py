@@ -25,12 +25,14 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.transforms.v2 import functional as F
 
 from preannotate import uncertainty
 from preannotate.formats import masks
-from preannotate.hyperparameters import Hyperparameters
+from preannotate.hyperparameters import HyperparameterError, Hyperparameters
 from preannotate.models.registry import Architecture, PretrainedWeightsUnavailable
 from preannotate.shapes import Label, Shape
 
@@ -56,14 +58,67 @@ def build_model(arch: Architecture, num_classes: int, image_size: int | None = N
     return model
 
 
-def apply_postprocessing(model: torch.nn.Module, postprocessing: dict[str, Any]) -> None:
-    """The post-processing keys (``hyperparameters.POSTPROCESSING``) on torchvision's knobs: the two-stage models
-    keep them in ``roi_heads``, SSD and RetinaNet on the model itself (the registry refuses the others)."""
+def apply_knobs(model: torch.nn.Module, hp: Hyperparameters) -> None:
+    """The post-processing and network keys of ``hp`` (``hyperparameters.POSTPROCESSING``, ``KNOBS``) on
+    torchvision's parts: the two-stage models keep NMS, matcher and box coder in ``roi_heads`` and have an ``rpn``;
+    SSD, RetinaNet and FCOS keep them on the model. The registry refuses keys an architecture lacks; a composed
+    head without the part says so here."""
     owner = getattr(model, "roi_heads", model)
-    knobs = {"nms_score_threshold": "score_thresh", "nms_iou_threshold": "nms_thresh",
+    names = {"nms_score_threshold": "score_thresh", "nms_iou_threshold": "nms_thresh",
              "max_total_detections": "detections_per_img"}
-    for key, value in postprocessing.items():
-        setattr(owner, knobs[key], value)
+    for key, value in hp.postprocessing().items():
+        setattr(owner, names[key], value)
+    knobs = hp.knobs()
+    if not knobs:
+        return
+    if {"rpn_score_threshold", "rpn_nms_iou_threshold", "rpn_max_proposals"} & knobs.keys():
+        rpn = _part(model, "rpn", "the region proposal network of a two-stage head (faster-rcnn, mask-rcnn)")
+        rpn.score_thresh = knobs.get("rpn_score_threshold", rpn.score_thresh)
+        rpn.nms_thresh = knobs.get("rpn_nms_iou_threshold", rpn.nms_thresh)
+        if "rpn_max_proposals" in knobs:
+            rpn._post_nms_top_n = {"training": knobs["rpn_max_proposals"], "testing": knobs["rpn_max_proposals"]}
+    if {"matched_threshold", "unmatched_threshold"} & knobs.keys():
+        matcher = _part(owner, "proposal_matcher", "an IoU matcher (FCOS samples object centres instead)")
+        high = knobs.get("matched_threshold", getattr(matcher, "high_threshold", None))
+        if isinstance(matcher, det_utils.SSDMatcher):  # SSD matches at one IoU
+            if knobs.get("unmatched_threshold", high) != high:
+                raise HyperparameterError("SSD learns background below the IoU it matches at: unmatched-threshold "
+                                          "must equal matched-threshold")
+            owner.proposal_matcher = det_utils.SSDMatcher(high)
+        else:
+            low = knobs.get("unmatched_threshold", matcher.low_threshold)
+            if low > high:
+                raise HyperparameterError(f"unmatched-threshold ({low}) must not exceed matched-threshold ({high})")
+            owner.proposal_matcher = det_utils.Matcher(high, low, matcher.allow_low_quality_matches)
+    scales = ("box_coder_x_scale", "box_coder_y_scale", "box_coder_width_scale", "box_coder_height_scale")
+    if set(scales) & knobs.keys():
+        coder = _part(owner, "box_coder", "a box coder")
+        if not hasattr(coder, "weights"):
+            raise HyperparameterError("this head codes boxes without weights (FCOS): box-coder scales do not apply")
+        owner.box_coder = det_utils.BoxCoder(tuple(knobs.get(key, weight) for key, weight in zip(
+            scales, coder.weights, strict=True)), coder.bbox_xform_clip)
+    backbone_norms = {id(m) for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            where = "backbone" if id(module) in backbone_norms else "head"
+            if f"{where}_batchnorm_decay" in knobs:
+                module.momentum = 1 - knobs[f"{where}_batchnorm_decay"]  # TF's decay is torch's 1 - momentum
+            module.eps = knobs.get(f"{where}_batchnorm_epsilon", module.eps)
+    if {"anchor_min_scale", "anchor_max_scale"} & knobs.keys():
+        boxes = _part(model, "anchor_generator", "SSD's default boxes")
+        if not isinstance(boxes, DefaultBoxGenerator):
+            raise HyperparameterError("anchor-min-scale and anchor-max-scale shape SSD's default boxes")
+        model.anchor_generator = DefaultBoxGenerator(boxes.aspect_ratios, knobs.get("anchor_min_scale",
+                                                                                   boxes.scales[0]),
+                                                     knobs.get("anchor_max_scale", boxes.scales[-2]),
+                                                     steps=boxes.steps, clip=boxes.clip)
+
+
+def _part(owner: torch.nn.Module, name: str, what: str) -> Any:
+    part = getattr(owner, name, None)
+    if part is None:
+        raise HyperparameterError(f"this model has no {name.replace('_', ' ')}: the key needs {what}")
+    return part
 
 
 def coco_labels(arch: Architecture) -> list[Label]:
@@ -246,7 +301,7 @@ def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, ini
     """Build a detector for ``labels`` sized by ``hp``: ``random``, ``pretrained`` (torchvision's weights) or from
     ``state`` (a previous model's weights; heads for a changed label set start fresh)."""
     model = build_model(arch, num_classes(labels), hp.image_size, hp.max_image_size)
-    apply_postprocessing(model, hp.postprocessing())
+    apply_knobs(model, hp)
     if init == "pretrained":
         load_matching(model, pretrained_state_dict(arch))
     elif state is not None:
@@ -273,7 +328,7 @@ def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hy
          device: str | None = None) -> TorchvisionDetector:
     """A published model: its architecture, labels, hyperparameters and weights file — nothing downloaded."""
     model = build_model(arch, num_classes(labels), hp.image_size, hp.max_image_size)
-    apply_postprocessing(model, hp.postprocessing())
+    apply_knobs(model, hp)
     return restored(model, labels, arch.output, weights_path, device, hp.letterbox)
 
 

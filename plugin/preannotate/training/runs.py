@@ -107,6 +107,9 @@ def effective_hyperparameters(architecture: str, hyperparameters: Hyperparameter
     smallest = get_architecture(architecture).min_batch_size
     if "batch_size" not in given and hp.batch_size > max(2, train_frames):
         changes["batch_size"] = max(2, smallest, train_frames)  # two at least: a batch norm needs two images
+    if "stage_3_epochs" in given and not given & {"num_steps", "epochs"}:
+        given = given | {"epochs"}  # the last stage's end is the run's
+        changes["epochs"] = hp.stage_3_epochs
     if "epochs" in given and "num_steps" not in given:
         changes["num_steps"] = None  # the user's epochs, not the registry's step budget
     elif not given & {"num_steps", "epochs"} and hp.num_steps:

@@ -326,7 +326,14 @@ class _Run:
         window = StepWindow(min(50, max(1, self.total // 100)))
         start_time, elapsed_before = time.monotonic(), state.elapsed_s
         engine.train_mode()
+        stage = None
         while state.step < self.total:
+            layers = self.hp.trainable_layers_at(state.step, len(self.train_items))
+            if layers is not None and layers != stage:  # a new stage of stage-N-epochs (or the one resumed in)
+                stage = layers
+                engine.frozen_norms = self._train_stages(engine.model, layers)
+                engine.train_mode()
+                logs.write({"event": "stage", "step": state.step, "trainable_backbone_layers": layers})
             waited = time.perf_counter()
             images, targets = next(batches)
             window.wait += time.perf_counter() - waited
@@ -363,16 +370,26 @@ class _Run:
     # ------------------------------------------------------------------------------------------------ helpers
 
     def _engine(self, model: torch.nn.Module) -> Engine:
-        frozen_norms = family_of(self.arch).freeze_backbone(model, self.hp.trainable_backbone_layers, self.hp.init)
+        phased = self.hp.trainable_layers_at(0, len(self.train_items)) is not None
+        # with stage-N-epochs every weight joins the optimizer; each stage then decides which ones have gradients
+        frozen_norms = [] if phased else family_of(self.arch).freeze_backbone(
+            model, self.hp.trainable_backbone_layers, self.hp.init)
         optimizer = optim.build_optimizer(model.parameters(), self.hp)
         trained = model
         if self.world > 1:
             trained = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=phased)
         return Engine(model=model, trained=trained, optimizer=optimizer,
                       scheduler=optim.build_scheduler(optimizer, self.hp, self.total),
                       scaler=torch.amp.GradScaler(self.device.type, enabled=self.device.type == "cuda"),
                       frozen_norms=frozen_norms, device=self.device, clip_norm=self.hp.gradient_clip_norm)
+
+    def _train_stages(self, model: torch.nn.Module, layers: int) -> list[torch.nn.Module]:
+        """Only the heads and the last ``layers`` backbone stages get gradients from now on."""
+        for parameter in model.backbone.parameters():
+            parameter.requires_grad_(True)
+        return family_of(self.arch).freeze_backbone(model, layers, self.hp.init)
 
     def _claim_directory(self) -> str:
         """This run's id; the directory must be empty or hold this very run (``RunMismatch`` otherwise). The main
