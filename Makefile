@@ -44,6 +44,7 @@ bench-all: bench
 	$(BIN)/python bench/serve_under_training.py
 	$(BIN)/python bench/menu_loop.py
 	$(BIN)/python bench/keras_detectors.py --quality
+	$(BIN)/python bench/composed_speed.py
 
 functions: setup
 	$(BIN)/preannotate functions render
