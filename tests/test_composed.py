@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 
 import pytest
 import torch
@@ -217,3 +218,28 @@ def test_the_designer_pages_trainer_keys_change_the_schedule():
     steps = hyperparameters_for("custom", "schedule=multi-step; milestones=30,60; factor=0.5")
     assert (steps.schedule_steps, steps.schedule_gamma) == ([30, 60], 0.5)
     assert optim.Schedule(steps, 100).main(65) == pytest.approx(0.25)
+
+
+@pytest.mark.slow
+def test_a_composed_detector_trains_publishes_and_serves_its_version(tmp_path):
+    from preannotate.training.synthetic import generate
+    from preannotate.training.trainer import train
+
+    task = generate(10, width=64, height=48, seed=4)
+    items = [(frame, task.images) for frame in task.annotations.frames.values()]
+    store = ModelStore(tmp_path / "store")
+    result = train("custom", task.annotations.labels, items[2:], items[:2], tmp_path / "run", store=store,
+                   name="designed", progress=False, workers=0, hyperparameters=(
+                       f"{TINY};backbone=mobilenet-v3-small;neck=bifpn;neck-layers=2;head=faster-rcnn;num-steps=4;"
+                       "batch-size=2;num-validations=1"))
+    assert result.version == 1 and result.metrics["map"] is not None and result.steps == 4
+    manifest = store.path("designed", 1) / "manifest.json"
+    recorded = json.loads(manifest.read_text())["hyperparameters"]
+    assert (recorded["backbone"], recorded["neck"], recorded["head"]) == ("mobilenet_v3_small", "bifpn", "faster_rcnn")
+    served = load_detector(store.path("designed", 1))
+    assert isinstance(served.model, torchvision.models.detection.FasterRCNN)
+    assert served.detect([photo(80, 60)], 0.0)[0] is not None
+    # its training frames' appearance was published: new frames are scored for novelty as the fixed models' are
+    assert served.familiar is not None and len(served.familiar) == 8
+    (_, novelty), = served.detect_scored([photo(80, 60)], 0.0)
+    assert 0.0 <= novelty <= 1.0

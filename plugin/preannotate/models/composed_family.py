@@ -313,6 +313,10 @@ def freeze_backbone(model: nn.Module, trainable_layers: int | None, init: str) -
 
 
 def appearance_layer(model: nn.Module) -> nn.Module | None:
-    """The backbone's first level-2 module: where a frame's appearance is read (``uncertainty.novelty``)."""
+    """Where a frame's appearance is read (``uncertainty.novelty``): the last leaf module of the backbone's level-2
+    stage. A leaf, because the feature extractor traces through the blocks and calls only their leaves."""
     body = model.backbone.body
-    return body.get_submodule(body.stages[1][0]) if len(body.stages) > 1 else None
+    if len(body.stages) < 2:
+        return None
+    leaves = [m for m in body.get_submodule(body.stages[1][-1]).modules() if not list(m.children())]
+    return leaves[-1] if leaves else None

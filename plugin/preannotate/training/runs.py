@@ -367,6 +367,8 @@ def _familiar(detector: Any, train_items: Sequence[Any]) -> Any:
     for start in range(0, len(items), 8):
         arrays = [array for frame, images in items[start:start + 8] for _, array in images.decoded([frame.frame])]
         vectors.append(detector.appearance(arrays))
+    if any(vector is None for vector in vectors):  # a model whose appearance layer never ran: nothing to compare
+        return None
     return np.concatenate(vectors)
 
 
