@@ -243,3 +243,10 @@ def test_a_composed_detector_trains_publishes_and_serves_its_version(tmp_path):
     assert served.familiar is not None and len(served.familiar) == 8
     (_, novelty), = served.detect_scored([photo(80, 60)], 0.0)
     assert 0.0 <= novelty <= 1.0
+
+
+def test_a_neck_that_takes_no_backbone_level_says_so():
+    with pytest.raises(HyperparameterError, match=r"neck-levels 6-7 take no level of the backbone \(levels 2-5\)"):
+        create_detector("custom", _labels("retinanet"), hyperparameters=f"{TINY};backbone=resnet18;neck-levels=6-7")
+    with pytest.raises(HyperparameterError, match="head=fcos normalizes in groups of 32 channels"):
+        create_detector("custom", _labels("fcos"), hyperparameters=f"{TINY};head=fcos;neck-channels=48")

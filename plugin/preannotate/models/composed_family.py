@@ -77,7 +77,7 @@ def feature_body(network: nn.Module, name: str, top_level: int) -> nn.Module:
     stages = [stage for stage in backbone_stages(network, name) if stage[1] <= top_level]
     levels = [(modules[-1], level, channels) for modules, level, channels in stages if level >= 2]
     if not levels:
-        raise ValueError(f"{name} has no level at or below top-level={top_level}")
+        raise HyperparameterError(f"{name} has no level at or below top-level={top_level}")
     body = create_feature_extractor(network, {node: str(level) for node, level, _ in levels})
     body.stages = [modules for modules, _, _ in stages]
     body.levels = [level for _, level, _ in levels]
@@ -174,10 +174,10 @@ class Neck(nn.Module):
         self.levels = list(levels)
         self.inputs = [level for level in self.levels if level in body.channels]
         if not self.inputs:
-            raise ValueError(f"neck-levels {levels[0]}-{levels[-1]} take no level of the backbone (levels "
+            raise HyperparameterError(f"neck-levels {levels[0]}-{levels[-1]} take no level of the backbone (levels "
                              f"{body.levels[0]}-{top})")
         if self.inputs != self.levels[:len(self.inputs)]:
-            raise ValueError("neck-levels must start at a backbone level and go up without a gap")
+            raise HyperparameterError("neck-levels must start at a backbone level and go up without a gap")
         self.out_channels = channels
         if neck == "fpn":
             extra = len(self.levels) - len(self.inputs)
