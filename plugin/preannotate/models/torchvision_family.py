@@ -193,6 +193,7 @@ class TorchvisionDetector:
 
     def _keep_appearance(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
         if not module.training:  # inference only: training must not hold on to its graph
+            output = output.detach()  # a forward outside inference mode (a caller's own) must not keep its graph
             self._appearance = torch.cat([output.mean((2, 3)), output.amax((2, 3))], 1).float().cpu().numpy()
 
     def detect_scored(self, images: Sequence[Image.Image | np.ndarray], threshold: float
