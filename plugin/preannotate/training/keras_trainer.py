@@ -352,6 +352,7 @@ class _Run:
                     "best_step": state.best_step})
         logs.close()
         checkpoint.load_best(model)
+        model.compile()  # a fresh, unbuilt optimizer: the published model.keras carries no training state
         return publish_run(detector, state, RunRecord(self.output, self.hp, self.labels, self.train_items,
                                                       self.val_items, self.previous, run_id),
                            store, name, provenance, promote)
