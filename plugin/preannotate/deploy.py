@@ -20,8 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
 from preannotate import functions
 from preannotate.cvat import lambda_spec
 from preannotate.cvat.review import CONFIDENCE_LABEL
@@ -56,18 +54,13 @@ def function_name(model_name: str, framework: str = "pytorch") -> str:
     return FUNCTION_PREFIX[framework] + re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-")
 
 
-def rendered_name(directory: Path) -> str:
-    """The function name of a rendered function directory."""
-    return yaml.safe_load((Path(directory) / "function.yaml").read_text())["metadata"]["name"]
-
-
 def render_model_function(store: ModelStore, reference: str, out: Path, cron: str | None = None,
                           train_project: int | None = None, store_claim: str | None = None,
                           project_labels: Sequence[Label] | None = None, architecture: str | None = None,
-                          annotate_on: str = "", reannotate: str = "") -> tuple[Path, list[Label]]:
+                          annotate_on: str = "", reannotate: str = "") -> tuple[Path, str, list[Label]]:
     """Write the function directory (function.yaml, function-gpu.yaml, main.py) that serves ``reference``
     (``NAME``: its served version, swapped when a new one is promoted; ``NAME@VERSION``: pinned) and return it with
-    the labels left out of its CVAT spec (types the model can never return).
+    the function's name and the labels left out of its CVAT spec (types the model can never return).
 
     The spec lists the labels of the model's manifest or, before its first version, ``project_labels`` (the labels of
     the project ``train_project`` it trains on, read from CVAT), typed as the model returns them. The store is
@@ -104,7 +97,7 @@ def render_model_function(store: ModelStore, reference: str, out: Path, cron: st
     files["main.py"] = functions.MAIN_PY.format(name=reference)
     for filename, text in files.items():
         (out / filename).write_text(text)
-    return out, impossible
+    return out, settings["name"], impossible
 
 
 def project_labels(args: argparse.Namespace, project_id: int) -> list[Label]:
@@ -189,11 +182,10 @@ def deploy_model(args: argparse.Namespace, environ: Mapping[str, str] | None = N
     directory = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "preannotate-functions" / parsed.name
     labels = project_labels(args, args.train_project) if untrained else None
     annotate_on = args.annotate_on if args.annotate_on is not None else ("task" if args.train_project else "")
-    directory, impossible = render_model_function(
+    directory, name, impossible = render_model_function(
         store, args.model, directory, cron=args.cron, train_project=args.train_project, store_claim=args.store_claim,
         project_labels=labels, architecture=args.arch, annotate_on="" if annotate_on == "none" else annotate_on,
         reannotate="unreviewed" if args.reannotate_unreviewed else "")
-    name = rendered_name(directory)
     print(f"# function {name} rendered in {directory}", file=out)
     if untrained:
         print(f"# {parsed.name} is not trained yet: the function answers 503 until a job of project "

@@ -241,11 +241,11 @@ class Hyperparameters:
 
     def composition(self) -> dict[str, Any]:
         """The designer's keys set (``COMPOSITION``), for the composed family to build."""
-        return {key: getattr(self, key) for key in COMPOSITION if getattr(self, key) is not None}
+        return self._set(COMPOSITION)
 
     def knobs(self) -> dict[str, Any]:
         """The network knobs set (``KNOBS``), for the model families to apply."""
-        return {key: getattr(self, key) for key in KNOBS if getattr(self, key) is not None}
+        return self._set(KNOBS)
 
     def trainable_layers_at(self, step: int, train_images: int) -> int | None:
         """The backbone stages trained at ``step`` under stage-N-epochs (0 in stage 1, 3 in stage 2, all after), or
@@ -261,7 +261,11 @@ class Hyperparameters:
 
     def postprocessing(self) -> dict[str, Any]:
         """The post-processing keys set (``POSTPROCESSING``), for the model families to apply."""
-        return {key: getattr(self, key) for key in POSTPROCESSING if getattr(self, key) is not None}
+        return self._set(POSTPROCESSING)
+
+    def _set(self, keys: tuple[str, ...]) -> dict[str, Any]:
+        """Those of ``keys`` that are set (not None), with their values."""
+        return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Hyperparameters:

@@ -41,7 +41,7 @@ from preannotate.hyperparameters import (  # noqa: F401 - the parts' names, for 
     Hyperparameters,
 )
 from preannotate.models import torchvision_family as torch_family
-from preannotate.models.registry import Architecture, PretrainedWeightsUnavailable
+from preannotate.models.registry import Architecture, PretrainedWeightsUnavailable, num_classes
 from preannotate.shapes import Label
 
 PROBE = 64  # the side of the image a backbone is probed with to find its strides
@@ -260,19 +260,16 @@ def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, ini
     """The composed detector ``hp`` describes, for ``labels``: ``random``, ``pretrained`` (the backbone's ImageNet
     weights, from torchvision's cache or downloaded there) or from ``state`` (any model's weights, kept where names
     and shapes agree)."""
-    composition = {**arch.build, **hp.composition()}
     weights = "DEFAULT" if init == "pretrained" else None
     try:
-        model = build_model(arch, torch_family.num_classes(labels), hp.image_size, hp.max_image_size, composition,
-                            weights)
+        model, composition = _model(arch, labels, hp, weights)
     except (OSError, RuntimeError) as error:
         if weights is None:
             raise
         raise PretrainedWeightsUnavailable(
-            f"the ImageNet weights of {composition['backbone']} could not be loaded ({error.__class__.__name__}): "
-            "put them into torchvision's cache ($TORCH_HOME/hub/checkpoints) or start from random weights "
-            "(`-H init=random`)") from None
-    torch_family.apply_knobs(model, hp)
+            f"the ImageNet weights of {hp.backbone or arch.build['backbone']} could not be loaded "
+            f"({error.__class__.__name__}): put them into torchvision's cache ($TORCH_HOME/hub/checkpoints) or start "
+            "from random weights (`-H init=random`)") from None
     if state is not None:
         torch_family.load_matching(model, state)
     return torch_family.TorchvisionDetector(model, labels, output(composition), device, hp.letterbox,
@@ -282,11 +279,18 @@ def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, ini
 def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hyperparameters,
          device: str | None = None) -> torch_family.TorchvisionDetector:
     """A published composed model: the composition of its hyperparameters rebuilt, its weights loaded."""
-    composition = {**arch.build, **hp.composition()}
-    model = build_model(arch, torch_family.num_classes(labels), hp.image_size, hp.max_image_size, composition)
-    torch_family.apply_knobs(model, hp)
+    model, composition = _model(arch, labels, hp)
     return torch_family.restored(model, labels, output(composition), weights_path, device, hp.letterbox,
                                  appearance_layer(model))
+
+
+def _model(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, weights: str | None = None
+           ) -> tuple[nn.Module, dict[str, Any]]:
+    """The model ``hp`` composes (over the registry's composition), its knobs set, and that composition."""
+    composition = {**arch.build, **hp.composition()}
+    model = build_model(arch, num_classes(labels), hp.image_size, hp.max_image_size, composition, weights)
+    torch_family.apply_knobs(model, hp)
+    return model, composition
 
 
 read_weights, write_weights = torch_family.read_weights, torch_family.write_weights
@@ -303,13 +307,7 @@ def freeze_backbone(model: nn.Module, trainable_layers: int | None, init: str) -
     for modules in body.stages[:max(0, len(body.stages) - trainable_layers)]:
         for module in modules:
             body.get_submodule(module).requires_grad_(False)
-    norms: list[nn.Module] = []
-    if init != "random":
-        for module in body.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.requires_grad_(False)
-                norms.append(module)
-    return norms
+    return torch_family.freeze_norms(body) if init != "random" else []
 
 
 def appearance_layer(model: nn.Module) -> nn.Module | None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from preannotate.formats.tfrecord import tensorflow
 from preannotate.hyperparameters import Hyperparameters
-from preannotate.models.registry import Architecture, PretrainedWeightsUnavailable
+from preannotate.models.registry import Architecture, PretrainedWeightsUnavailable, num_classes
 from preannotate.shapes import Label, Shape
 
 tf = tensorflow(with_torchvision=False)
@@ -312,12 +312,6 @@ class KerasDetector:
         return [(shapes, 0.0) for shapes in self.detect(images, threshold)]
 
 
-def num_classes(labels: Sequence[Label]) -> int:
-    if any(label.id is None or label.id < 1 for label in labels):
-        raise ValueError("every label needs its model class index (id >= 1)")
-    return max(label.id for label in labels)
-
-
 def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, init: str = "random",
            state: Sequence[tuple[str, np.ndarray]] | None = None, device: str | None = None) -> KerasDetector:
     """Build a detector for ``labels``: ``random``, ``pretrained`` (keras-hub's preset or the encoder's ImageNet
@@ -338,8 +332,9 @@ def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hy
     """A published model: its ``model.keras`` — nothing downloaded. The post-processing keys of its manifest
     replace the saved decoder's."""
     model = keras.saving.load_model(weights_path, compile=False)
-    if hp.postprocessing():
-        model._prediction_decoder = decoder(hp.postprocessing())
+    postprocessing = hp.postprocessing()
+    if postprocessing:
+        model._prediction_decoder = decoder(postprocessing)
     return KerasDetector(model, labels, hp.image_size or arch.image_size, hp.letterbox, device)
 
 

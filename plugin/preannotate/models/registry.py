@@ -179,7 +179,13 @@ ARCHITECTURES["custom"] = Architecture(
            "neck_layers": 3, "head": "retinanet", "resize_input": True})
 
 DEFAULT_ARCHITECTURE = "ssdlite320_mobilenet_v3_large"
-DEFAULT_TENSORFLOW_ARCHITECTURE = "keras_ssd_mobilenet_v2_fpnlite_320"
+
+
+def num_classes(labels) -> int:
+    """Classes a model predicts (background excluded): the largest class index among the labels."""
+    if any(label.id is None or label.id < 1 for label in labels):
+        raise ValueError("every label needs its model class index (id >= 1)")
+    return max(label.id for label in labels)
 
 
 def get_architecture(name: str) -> Architecture:

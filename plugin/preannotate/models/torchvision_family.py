@@ -33,7 +33,7 @@ from torchvision.transforms.v2 import functional as F
 from preannotate import uncertainty
 from preannotate.formats import masks
 from preannotate.hyperparameters import HyperparameterError, Hyperparameters
-from preannotate.models.registry import Architecture, PretrainedWeightsUnavailable
+from preannotate.models.registry import Architecture, PretrainedWeightsUnavailable, num_classes
 from preannotate.shapes import Label, Shape
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def apply_knobs(model: torch.nn.Module, hp: Hyperparameters) -> None:
             rpn._post_nms_top_n = {"training": knobs["rpn_max_proposals"], "testing": knobs["rpn_max_proposals"]}
     if {"matched_threshold", "unmatched_threshold"} & knobs.keys():
         matcher = _part(owner, "proposal_matcher", "an IoU matcher (FCOS samples object centres instead)")
-        high = knobs.get("matched_threshold", getattr(matcher, "high_threshold", None))
+        high = knobs.get("matched_threshold", matcher.high_threshold)
         if isinstance(matcher, det_utils.SSDMatcher):  # SSD matches at one IoU
             if knobs.get("unmatched_threshold", high) != high:
                 raise HyperparameterError("SSD learns background below the IoU it matches at: unmatched-threshold "
@@ -273,13 +273,16 @@ def freeze_backbone(model: torch.nn.Module, trainable_layers: int | None, init: 
     freeze_before = len(blocks) if trainable_layers == 0 else starts[len(starts) - trainable_layers]
     for block in blocks[:freeze_before]:
         block.requires_grad_(False)
-    frozen_norms: list[torch.nn.Module] = []
-    if init != "random" and not ssd:
-        for module in model.backbone.body.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.requires_grad_(False)
-                frozen_norms.append(module)
-    return frozen_norms
+    return freeze_norms(model.backbone.body) if init != "random" and not ssd else []
+
+
+def freeze_norms(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Freeze the batch norms inside ``module`` (weights and, kept in eval mode by the loop, statistics): small
+    detection batches would wreck statistics learned on large ones. Returns them."""
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.requires_grad_(False)
+    return norms
 
 
 def _unpad(output: dict[str, torch.Tensor], size: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -352,13 +355,6 @@ def write_weights(detector: TorchvisionDetector, path: Path) -> None:
     torch.save(detector.model.state_dict(), path)
     if detector.familiar is not None:
         np.save(path.with_name(APPEARANCE_FILE), detector.familiar.astype(np.float16))
-
-
-def num_classes(labels: Sequence[Label]) -> int:
-    """Classes the model predicts (background excluded): the largest class index among the labels."""
-    if any(label.id is None or label.id < 1 for label in labels):
-        raise ValueError("every label needs its model class index (id >= 1)")
-    return max(label.id for label in labels)
 
 
 def _weights_enum(arch: Architecture):

@@ -18,13 +18,11 @@ state: a run killed even with SIGKILL resumes there, at the sample it would have
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
 import logging
 import math
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -50,13 +48,18 @@ from preannotate.training.runs import (
     TrainingInterrupted,
     TrainingResult,
     TrainState,
+    check_batch_size,
+    checkpoint_interval,
     claim_directory,
     clear_run,
     effective_hyperparameters,
-    items_digest,
     judge_validation,
     publish_run,
+    run_identity,
+    sample,
     saved_result,
+    signals_set,
+    validation_steps,
 )
 
 tf, keras = family.tf, family.keras
@@ -275,14 +278,11 @@ class _Run:
         self.stop = stop or threading.Event()
         self.hp = effective_hyperparameters(architecture, hyperparameters, len(train_items),
                                             previous=self.previous is not None)
-        if self.hp.batch_size < self.arch.min_batch_size:
-            raise HyperparameterError(f"{self.arch.name} needs batch-size={self.arch.min_batch_size} or more")
+        check_batch_size(self.arch.name, self.hp)
         self.total = self.hp.total_steps(len(train_items))
         self.global_batch = self.hp.batch_size * self.hp.num_clones  # batch-size is per GPU; Keras splits the whole
         self.size = self.hp.image_size or self.arch.image_size
-        self.identity = {"architecture": self.arch.name, "labels": [label.to_dict() for label in self.labels],
-                         "hyperparameters": self.hp.to_dict(), "train": items_digest(train_items),
-                         "val": items_digest(val_items), "previous": str(self.previous) if self.previous else None}
+        self.identity = run_identity(self.arch.name, self.labels, self.hp, train_items, val_items, self.previous)
 
     def execute(self, store: ModelStore | None, name: str, provenance: dict[str, Any], progress: bool,
                 checkpoint_every: int | None, promote: Callable[[dict[str, Any]], Promotion] | None
@@ -296,8 +296,8 @@ class _Run:
             return saved
         records = self.output / "records"
         train_files = write_records(self.train_items, self.labels, records, "train")
-        calibration = self.train_items[::max(1, len(self.train_items) // CALIBRATION_FRAMES)][:CALIBRATION_FRAMES]
-        calibration_files = write_records(calibration, self.labels, records, "calibration")
+        calibration_files = write_records(sample(self.train_items, CALIBRATION_FRAMES), self.labels, records,
+                                          "calibration")
         if self.val_items:  # the validation frames as records too: what was learned from is on disk, whole
             write_records(self.val_items, self.labels, records, "val")
         keras.utils.set_random_seed(self.hp.seed)
@@ -333,7 +333,7 @@ class _Run:
             logs.validation(state, metrics)
 
         steps = _Steps(self, state, optimizer, schedule, checkpoint, logs, validate, checkpoint_every)
-        with _signals_set(self.stop):
+        with signals_set(self.stop):
             if state.stopped is None and state.step < self.total:
                 batches = pipeline(train_files, self.hp, self.size, train=True, start=state.step * self.global_batch,
                                    batch=self.global_batch)
@@ -367,9 +367,8 @@ class _Steps(keras.callbacks.Callback):
         self.run, self.state, self.optimizer, self.schedule = run, state, optimizer, schedule
         self.checkpoint, self.logs, self.validate = checkpoint, logs, validate
         total = run.total
-        self.every = checkpoint_every or min(500, max(50, math.ceil(total / 20)))
-        n = run.hp.num_validations
-        self.validation_steps = {max(1, round(total * k / n)) for k in range(1, n + 1)} | {total} if n else set()
+        self.every = checkpoint_interval(total, checkpoint_every)
+        self.validation_steps = validation_steps(total, run.hp.num_validations)
         self.log_every = min(50, max(1, total // 100))
         self.interrupted = False
         self._window_start, self._window_steps = time.perf_counter(), 0
@@ -390,7 +389,7 @@ class _Steps(keras.callbacks.Callback):
         self._loss_sum, self._window_steps = loss * (batch + 1), self._window_steps + 1
         if self._window_steps >= self.log_every or state.step == run.total:
             self._log()
-        if state.step in self.validation_steps:
+        if state.step in self.validation_steps and run.val_items:  # without them: one re-measure, at the end
             paused = time.perf_counter()
             self.validate()
             self._window_start += time.perf_counter() - paused
@@ -416,27 +415,3 @@ class _Steps(keras.callbacks.Callback):
                          "eta_s": round(eta, 1), "elapsed_s": round(self.state.elapsed_s, 3)},
                         {"train/lr": lr, "train/images_per_s": images_per_s, "train/loss": window_mean})
         self._window_start, self._window_steps = time.perf_counter(), 0
-
-
-@contextlib.contextmanager
-def _signals_set(stop: threading.Event):
-    """SIGTERM and SIGINT set ``stop`` (checkpoint, then ``TrainingInterrupted``) while the block runs; a second
-    one stops at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    handlers = {}
-
-    def handler(signum: int, _frame: Any) -> None:
-        log.warning("%s: checkpointing and stopping (send it again to stop at once)", signal.Signals(signum).name)
-        stop.set()
-        signal.signal(signum, handlers.get(signum, signal.SIG_DFL))
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        handlers[signum] = signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        for signum, previous in handlers.items():
-            with contextlib.suppress(ValueError, TypeError):
-                signal.signal(signum, previous)

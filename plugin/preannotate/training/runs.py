@@ -6,12 +6,15 @@ and publishing the best weights as the next version. ``training.trainer`` (torch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -23,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from preannotate.files import write_atomically
-from preannotate.hyperparameters import Hyperparameters
+from preannotate.hyperparameters import HyperparameterError, Hyperparameters
 from preannotate.models import (
     Manifest,
     ModelStore,
@@ -362,7 +365,7 @@ def _familiar(detector: Any, train_items: Sequence[Any]) -> Any:
     weights: what a frame being pre-annotated is compared with (``uncertainty.novelty``)."""
     if not hasattr(detector, "appearance") or not train_items:
         return None
-    items = train_items[::max(1, len(train_items) // FAMILIAR_FRAMES)][:FAMILIAR_FRAMES]
+    items = sample(train_items, FAMILIAR_FRAMES)
     vectors = []
     for start in range(0, len(items), 8):
         arrays = [array for frame, images in items[start:start + 8] for _, array in images.decoded([frame.frame])]
@@ -391,3 +394,60 @@ def _already_published(store: ModelStore, name: str, run_id: str) -> int | None:
         if Manifest.read(store.path(name, version)).provenance.get("run_id") == run_id:
             return version
     return None
+
+
+def sample(items: Sequence[Any], count: int) -> list[Any]:
+    """Up to ``count`` of ``items``, taken at an even stride from the start (calibration frames, the familiar
+    sample)."""
+    return list(items[::max(1, len(items) // count)][:count])
+
+
+def checkpoint_interval(total: int, given: int | None) -> int:
+    """Steps between checkpoints: ``given``, else a twentieth of the run, 50 to 500 (a checkpoint costs a second or
+    two; a kill costs at most this many steps)."""
+    return given or min(500, max(50, math.ceil(total / 20)))
+
+
+def validation_steps(total: int, validations: int) -> set[int]:
+    """The steps after which a run validates: ``validations`` spread over it, and its last."""
+    return {max(1, round(total * k / validations)) for k in range(1, validations + 1)} | {total}
+
+
+def check_batch_size(architecture: str, hp: Hyperparameters) -> None:
+    """The smallest batch an architecture trains with (SSD-like models normalize 1x1 maps)."""
+    smallest = get_architecture(architecture).min_batch_size
+    if hp.batch_size < smallest:
+        raise HyperparameterError(f"{architecture} needs batch-size={smallest} or more: its last batch norms work on "
+                                  "1x1 feature maps and cannot normalize a single image")
+
+
+def run_identity(architecture: str, labels: Sequence[Label], hp: Hyperparameters, train_items: Sequence[Any],
+                 val_items: Sequence[Any], previous: Path | None) -> dict[str, Any]:
+    """What a run is (``run.json``): a restart must match it, or it is another run."""
+    return {"architecture": architecture, "labels": [label.to_dict() for label in labels],
+            "hyperparameters": hp.to_dict(), "train": items_digest(train_items), "val": items_digest(val_items),
+            "previous": str(previous) if previous else None}
+
+
+@contextlib.contextmanager
+def signals_set(stop: threading.Event):
+    """SIGTERM and SIGINT set ``stop`` (checkpoint, then ``TrainingInterrupted``) while the block runs; a second
+    one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {}
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.warning("%s: checkpointing and stopping (send it again to stop at once)", signal.Signals(signum).name)
+        stop.set()
+        signal.signal(signum, handlers.get(signum, signal.SIG_DFL))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        handlers[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, previous in handlers.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, previous)

@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import random
-import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from preannotate.files import replacing
-from preannotate.hyperparameters import HyperparameterError, Hyperparameters
+from preannotate.hyperparameters import Hyperparameters
 from preannotate.models import (
     ModelStore,
     create_detector,
@@ -70,6 +69,8 @@ from preannotate.training.runs import (  # noqa: F401 - the shared vocabulary of
     TrainingInterrupted,
     TrainingResult,
     TrainState,
+    check_batch_size,
+    checkpoint_interval,
     claim_directory,
     clear_run,
     effective_hyperparameters,
@@ -77,7 +78,11 @@ from preannotate.training.runs import (  # noqa: F401 - the shared vocabulary of
     items_digest,
     judge_validation,
     publish_run,
+    run_identity,
+    sample,
     saved_result,
+    signals_set,
+    validation_steps,
 )
 
 log = logging.getLogger(__name__)
@@ -243,9 +248,7 @@ class _Run:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         hp = effective_hyperparameters(architecture, hyperparameters, len(train_items),
                                        previous=self.previous is not None)
-        if hp.batch_size < self.arch.min_batch_size:
-            raise HyperparameterError(f"{self.arch.name} needs batch-size={self.arch.min_batch_size} or more: its "
-                                      "last batch norms work on 1x1 feature maps and cannot normalize a single image")
+        check_batch_size(self.arch.name, hp)
         if hp.num_clones > 1 and self.world == 1:
             raise RuntimeError(f"num-clones={hp.num_clones} trains on {hp.num_clones} GPUs with "
                                f"DistributedDataParallel: start it with torchrun --nproc-per-node={hp.num_clones} "
@@ -263,11 +266,9 @@ class _Run:
             torch.cuda.set_device(self.device)
         self.total = hp.total_steps(len(train_items))
         self.with_masks = self.arch.output == "mask"
-        self.identity = {"architecture": self.arch.name, "labels": [label.to_dict() for label in self.labels],
-                         "hyperparameters": hp.to_dict(), "train": items_digest(train_items),
-                         "val": items_digest(val_items), "previous": str(self.previous) if self.previous else None}
+        self.identity = run_identity(self.arch.name, self.labels, hp, train_items, val_items, self.previous)
         self.main = self.rank == 0
-        self._handlers: dict[int, Any] = {}
+        self._exit = contextlib.ExitStack()  # the signal handlers while it runs
         self._events: RunLogs | None = None
 
     def execute(self, store: ModelStore | None, name: str, provenance: dict[str, Any], progress: bool,
@@ -294,7 +295,7 @@ class _Run:
                               self.hp, checkpointer, logs.validation)
         if not self.val_items and self.main and not restored:
             logs.progress.say("no validation frames: the version will be published unscored (no mAP)")
-        self._install_signal_handlers()
+        self._exit.enter_context(signals_set(self.stop))
         if state.stopped is None and state.step < self.total:
             self._steps(engine, state, checkpointer, validator, logs, checkpoint_every)
         logs.progress.close()
@@ -317,9 +318,8 @@ class _Run:
         """The optimizer steps from ``state.step`` on: logged, validated ``num-validations`` times, checkpointed
         (a checkpoint costs a second or two; a kill costs at most ``every`` steps), stopped by a signal, early
         stopping or the time limit."""
-        every = checkpoint_every or min(500, max(50, math.ceil(self.total / 20)))
-        n = self.hp.num_validations
-        validation_steps = {max(1, round(self.total * k / n)) for k in range(1, n + 1)} | {self.total}
+        every = checkpoint_interval(self.total, checkpoint_every)
+        validations = validation_steps(self.total, self.hp.num_validations)
         sampler = data.StepBatchSampler(len(self.train_items), self.hp.batch_size, self.hp.seed, state.step,
                                         self.total, self.rank, self.world)
         batches = iter(self._train_loader(sampler))
@@ -343,7 +343,7 @@ class _Run:
             window.add(values)
             if window.full or state.step == self.total:
                 self._log_window(window, state, lr, logs)
-            if state.step in validation_steps and validator.loader is not None:
+            if state.step in validations and validator.loader is not None:
                 paused = time.perf_counter()
                 self._validate(validator, engine, state, logs)
                 engine.train_mode()
@@ -419,8 +419,7 @@ class _Run:
 
     def _calibration_loader(self):
         """Training frames spread over the set, unaugmented; loaded in this process (a few dozen frames)."""
-        every = max(1, len(self.train_items) // CALIBRATION_FRAMES)
-        items = self.train_items[::every][:CALIBRATION_FRAMES]
+        items = sample(self.train_items, CALIBRATION_FRAMES)
         batch = max(2, self.hp.batch_size)  # full batches only: a batch norm cannot measure one 1x1 map
         items = (items * batch)[:max(batch, len(items) // batch * batch)]
         dataset = data.DetectionDataset(items, self.labels, self._transforms(False), self.with_masks)
@@ -449,25 +448,10 @@ class _Run:
         state.stopped = {v: k for k, v in codes.items()}[int(flags[1])]
         return bool(flags[0])
 
-    def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # only the main thread may; the caller's ``stop`` event still works
-
-        def handler(signum: int, _frame: Any) -> None:
-            log.warning("%s: checkpointing and stopping (send it again to stop at once)", signal.Signals(signum).name)
-            self.stop.set()
-            signal.signal(signum, self._handlers.get(signum, signal.SIG_DFL))
-
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._handlers[signum] = signal.signal(signum, handler)
-
     def close(self) -> None:
         if self._events is not None:
             self._events.close()
-        for signum, previous in self._handlers.items():
-            with contextlib.suppress(ValueError, TypeError):
-                signal.signal(signum, previous)
-        self._handlers.clear()
+        self._exit.close()
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
