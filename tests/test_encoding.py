@@ -87,8 +87,17 @@ def test_a_detector_response_item_reads_back_as_the_same_shape(stored):
         shape.label, shape.type, shape.points, shape.rotation % 360, 0.875, shape.attributes, "auto")
 
 
-def test_tags_in_a_detector_response_are_not_shapes():
-    assert contract.response_to_shapes([{"label": "daytime", "type": "tag"}]) == []
+def test_a_tag_travels_as_cvat_stores_it_label_and_attributes_without_geometry():
+    tag = Shape("daytime", "tag", [], score=0.9, attributes={"color": "blue"}, source="auto")
+    item = encoding.detector_item(tag)
+    assert item == {"confidence": "0.9000", "label": "daytime", "type": "tag",
+                    "attributes": [{"name": "color", "value": "blue"}]}
+    back = contract.response_to_shapes([item], frame=3)[0]
+    assert (back.label, back.type, back.points, back.frame, back.score) == ("daytime", "tag", [], 3, 0.9)
+    assert encoding.labeled_tag(tag, frame=3, label_id=18, attribute_ids=SPEC_ID[18]) == {
+        "frame": 3, "label_id": 18, "attributes": [{"spec_id": 1, "value": "blue"}], "source": "auto"}
+    with pytest.raises(ValueError, match="no points"):
+        Shape("daytime", "tag", [1, 2])
 
 
 def _one_pixel():

@@ -87,13 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("directories", nargs="*", default=["functions"],
                           help="function directories, or roots searched for function.yaml (default functions)")
 
-    export = command(commands, "export", "a CVAT task, job or project as a COCO or TFRecord training folder")
+    export = command(commands, "export", "a CVAT task, job or project as a COCO, TFRecord or ImageNet-style "
+                                         "(frame tags) training folder")
     _cvat_arguments(export)
     source = export.add_mutually_exclusive_group(required=True)
     source.add_argument("--task", type=int, help="a CVAT task id")
     source.add_argument("--job", type=int, help="a CVAT job id (its frames only)")
     source.add_argument("--project", type=int, help="a CVAT project id (all its tasks)")
-    export.add_argument("--format", choices=("coco", "tfrecord"), default="coco", help="default %(default)s")
+    export.add_argument("--format", choices=("coco", "tfrecord", "imagenet"), default="coco",
+                        help="default %(default)s; imagenet: <split>/<tag label>/<frame>, for classifiers")
     export.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     export.add_argument("--val-fraction", type=float, default=0.0, help="share of frames in the val split")
     export.add_argument("--seed", type=int, default=0, help="the split's seed (same seed, same split)")
@@ -221,10 +223,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         elif not rows:
             print(f"no models in {store.root}")
         else:
-            _table([("NAME", "VERSION", "ARCHITECTURE", "LABELS", "mAP@.5", "CREATED")] + [
+            _table([("NAME", "VERSION", "ARCHITECTURE", "LABELS", "mAP@.5 / TOP-1", "CREATED")] + [
                 (row["name"], f"{row['version']}{'*' if row['serving'] else ''}", row["architecture"],
-                 str(row["labels"]), "" if row["metrics"].get("map50") is None else f"{row['metrics']['map50']:.3f}",
-                 row["created"]) for row in rows])
+                 str(row["labels"]), _score(row["metrics"]), row["created"]) for row in rows])
             print("* the version served")
         return 0
     if args.models_command == "promote":
@@ -393,12 +394,19 @@ def cmd_review(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(metrics: dict) -> str:
+    """A version's validation in the models table: a detector's mAP@.5, a classifier's top-1 accuracy."""
+    value = metrics.get("top1") if "top1" in metrics else metrics.get("map50")
+    return "" if value is None else f"{value:.3f}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from preannotate.models import get_architecture, hyperparameters_for
     from preannotate.training.recipe import (
         NothingFinished,
         TrainingData,
         cvat_provenance,
+        dataset_format,
         export_from_cvat,
         train_and_publish,
     )
@@ -419,7 +427,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         with _connect(args) as client:
             try:
                 dataset = export_from_cvat(client, {"tasks": args.task, "project": args.project}, out / "dataset",
-                                           hp)
+                                           hp, dataset_format(arch.name))
             except NothingFinished as nothing:
                 raise CommandError(str(nothing)) from None
     training_data = TrainingData.from_folder(dataset, hp)
@@ -434,11 +442,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     except RunMismatch as error:
         raise CommandError(f"{error}: use --restart to start it over, or another --out") from None
-    from preannotate.training.evaluation import score_text
+    from preannotate.training.evaluation import summary
 
-    map50, map_ = (score_text(result.metrics.get(key), "none (not validated)") for key in ("map50", "map"))
     print(f"published {name}@{result.version} after {result.steps} steps ({result.stopped}): "
-          f"mAP@.5 {map50}, mAP {map_}; {result.promotion}")
+          f"{summary(result.metrics, 'none (not validated)')}; {result.promotion}")
     if result.report:
         print(f"training report: {', '.join(str(path) for path in result.report)} (copied into {result.path})")
     return 0

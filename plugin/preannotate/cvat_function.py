@@ -7,7 +7,8 @@ cvat-cli calls ``create(**parameters)`` (the ``-p`` values; the model defaults t
 store to ``$PREANNOTATE_MODEL_STORE``). ``model`` is anything ``preannotate serve --model`` takes: a name in the
 store (its newest version), ``NAME@VERSION``, an architecture, or an artifact directory. The labels come from the
 model's manifest, each declared with the shape type the model returns (``rectangle``, or ``mask`` — polygons with
-``--conv-mask-to-poly``); ``--conf-threshold`` is honoured, else the manifest's score threshold.
+``--conv-mask-to-poly``; a classifier's ``tag``, returned as cvat-sdk's ``tag``); ``--conf-threshold`` is
+honoured, else the manifest's score threshold.
 The same ``cvataa.annotate_task`` drives it from Python.
 """
 
@@ -21,7 +22,7 @@ from cvat_sdk import models
 
 from preannotate.cvat import encoding
 from preannotate.models import Detector, architecture_of, load_model
-from preannotate.shapes import Shape
+from preannotate.shapes import TAG, Shape
 
 
 class DetectionFunction:
@@ -38,7 +39,7 @@ class DetectionFunction:
             cvataa.label_spec(label.name, index, type=output) for index, label in enumerate(self.labels)])
 
     def detect(self, context: cvataa.DetectionFunctionContext, image: PIL.Image.Image
-               ) -> list[models.LabeledShapeRequest]:
+               ) -> list[cvataa.DetectionAnnotation]:
         threshold = getattr(context, "conf_threshold", None)  # contexts of older cvat-sdk versions lack it
         if threshold is None:
             threshold = self.detector.manifest.score_threshold
@@ -46,8 +47,10 @@ class DetectionFunction:
         shapes = self.detector.detect([image.convert("RGB")], threshold)[0]
         return [request for shape in shapes if (request := self._request(shape, conv_mask_to_poly)) is not None]
 
-    def _request(self, shape: Shape, conv_mask_to_poly: bool) -> models.LabeledShapeRequest | None:
+    def _request(self, shape: Shape, conv_mask_to_poly: bool) -> cvataa.DetectionAnnotation | None:
         label_id = self._id_of.get(shape.label)
+        if label_id is not None and shape.type == TAG:
+            return models.LabeledImageRequest(**encoding.labeled_tag(shape, frame=0, label_id=label_id, source=None))
         body = None if label_id is None else encoding.labeled_shape(shape, frame=0, label_id=label_id,
                                                                      as_polygon=conv_mask_to_poly, source=None)
         return None if body is None else models.LabeledShapeRequest(**body)

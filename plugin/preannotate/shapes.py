@@ -7,6 +7,9 @@ from CVAT can be written back unchanged and every conversion lives in one place 
 * polygon / polyline / points: flat ``[x1, y1, x2, y2, ...]``;
 * ellipse ``[cx, cy, cx + rx, cy - ry]``;
 * mask: CVAT's row-major run-length encoding followed by the inclusive box ``left, top, right, bottom``.
+
+A classifier's prediction is a ``Shape`` of type ``tag`` with no points: a frame-level label, which CVAT stores as a
+tag, not a shape (``cvat.encoding``, ``cvat.upload``). What CVAT stores is read into ``FrameAnnotations.tags``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ SHAPE_TYPES = ("rectangle", "polygon", "polyline", "points", "ellipse", "cuboid"
 # Shapes a detector can learn from and predict; the others are counted and reported by the readers.
 DETECTABLE_TYPES = ("rectangle", "polygon", "mask", "ellipse")
 ATTRIBUTE_INPUT_TYPES = ("number", "checkbox", "text", "select", "radio")
+TAG = "tag"  # a classifier's prediction: the frame's label, no geometry
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,10 @@ class Shape:
     track_id: int | None = None
 
     def __post_init__(self) -> None:
-        if self.type not in SHAPE_TYPES:
+        if self.type not in SHAPE_TYPES and self.type != TAG:
             raise ValueError(f"shape type {self.type!r} is not one of {', '.join(SHAPE_TYPES)}")
+        if self.type == TAG and self.points:
+            raise ValueError("a tag is the frame's label: it has no points")
 
     def bbox(self) -> tuple[float, float, float, float]:
         """The axis-aligned box ``(x1, y1, x2, y2)`` that holds the shape (rotation included)."""

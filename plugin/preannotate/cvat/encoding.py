@@ -13,7 +13,9 @@ The rules, the same on every path:
   than three points is dropped, as CVAT drops it;
 * ``rotation`` is kept in ``[0, 360)`` for rectangles and ellipses, and is 0 for every other type;
 * groups are left out of requests: a detector's or a file's group ids would join the task's own groups;
-* attributes are written by the target label's attribute ids, by name; names the label lacks are left out.
+* attributes are written by the target label's attribute ids, by name; names the label lacks are left out;
+* a tag (a classifier's prediction, ``Shape.type == "tag"``) is a ``LabeledImageRequest`` (``labeled_tag``) and a
+  detector item without points, which CVAT's lambda manager stores as a tag (``DetectionResultConverter``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from preannotate.formats import masks
-from preannotate.shapes import Shape
+from preannotate.shapes import TAG, Shape
 
 ROTATING = ("rectangle", "ellipse")
 
@@ -59,6 +61,16 @@ def labeled_shape(shape: Shape, *, frame: int, label_id: int, attribute_ids: Map
     return body if source is None else {**body, "source": source}
 
 
+def labeled_tag(shape: Shape, *, frame: int, label_id: int, attribute_ids: Mapping[str, int] | None = None,
+                source: str | None = "auto") -> dict[str, Any]:
+    """A tag as a ``LabeledImageRequest`` body (what the ``tags`` of a PATCH take); ``source`` as for shapes."""
+    attribute_ids = attribute_ids or {}
+    body = {"frame": frame, "label_id": label_id,
+            "attributes": [{"spec_id": attribute_ids[name], "value": str(value)}
+                           for name, value in shape.attributes.items() if name in attribute_ids]}
+    return body if source is None else {**body, "source": source}
+
+
 def shape_from_stored(stored: Mapping[str, Any], label: str, attributes: Mapping[str, str]) -> Shape:
     """A stored shape (``GET .../annotations``: ``label_id``, ``spec_id`` attributes) as ours, its label and
     attributes already named."""
@@ -75,6 +87,8 @@ def detector_item(shape: Shape) -> dict[str, Any]:
                             "attributes": [{"name": k, "value": str(v)} for k, v in shape.attributes.items()]}
     if shape.score is not None:
         item = {"confidence": f"{shape.score:.4f}", **item}
+    if shape.type == TAG:  # CVAT keeps a tag's label and attributes (no group, no geometry)
+        return item
     if shape.type == "mask":
         item["mask"] = masks.cvat_rle_to_nuclio_mask(shape.points)
         item["points"] = masks.cvat_rle_to_polygon(shape.points)
@@ -88,12 +102,10 @@ def detector_item(shape: Shape) -> dict[str, Any]:
 
 
 def shape_from_detector_item(item: Mapping[str, Any], frame: int = 0) -> Shape | None:
-    """An item of any CVAT detector's response as a shape with ``source: auto`` (masks in CVAT's RLE); None for a
-    tag, which is not a shape."""
+    """An item of any CVAT detector's response as a shape with ``source: auto`` (masks in CVAT's RLE; a tag
+    without points)."""
     shape_type = item["type"]
-    if shape_type == "tag":
-        return None
-    points = (masks.nuclio_mask_to_cvat_rle(item["mask"]) if shape_type == "mask"
+    points = ([] if shape_type == TAG else masks.nuclio_mask_to_cvat_rle(item["mask"]) if shape_type == "mask"
               else [float(p) for p in item["points"]])
     confidence = item.get("confidence")
     return Shape(label=item["label"], type=shape_type, points=points, frame=frame,

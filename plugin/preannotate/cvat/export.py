@@ -1,4 +1,4 @@
-"""A CVAT task, job or project → a COCO or TFRecord training folder (``preannotate export``).
+"""A CVAT task, job or project → a COCO, TFRecord or ImageNet-style (tags) training folder (``preannotate export``).
 
 Annotations come through ``reader`` (tracks interpolated), images through ``CvatFrames`` (by chunk, cached), and
 ``formats.dataset.export_dataset`` writes the folder. A task or job is keyed by frame number; a project by
@@ -14,6 +14,7 @@ from cvat_sdk import Client
 from preannotate.cvat import reader
 from preannotate.cvat.client import CvatError, cvat_errors
 from preannotate.cvat.frames import CvatFrames
+from preannotate.cvat.review import CONFIDENCE_LABEL
 from preannotate.formats.dataset import ExportSummary, export_dataset
 
 
@@ -40,5 +41,6 @@ def export(client: Client, out_dir: str | Path, fmt: str, *, task: int | None = 
         labels = annotation_set.labels
         items = sorted(annotation_set.frames.items())
         images = CvatFrames(client, task, quality=quality, cache_dir=cache_dir)
+    labels = [label for label in labels if label.name != CONFIDENCE_LABEL]  # our review tags are not a class
     return export_dataset(out_dir, fmt, labels, items, images, val_fraction=val_fraction, seed=seed,
                           progress=progress)  # its summary counts the points, polylines, ... left out

@@ -2,10 +2,11 @@
 
 * Shapes go in as ``source: "auto"`` with the task's label ids (matched by name, after an optional ``a=b``
   rename); a shape whose label the task lacks is counted in ``UploadReport.unmapped``, never an error.
-* **Idempotent per frame**: writing frames first deletes the ``auto`` shapes already on exactly those frames, so a
-  re-run replaces instead of duplicating. Everything a person touched stays: ``manual`` and ``file`` shapes, and
-  ``semi-auto`` ones — CVAT turns an ``auto`` shape into ``semi-auto`` when someone edits it. Tracks and tags are
-  never touched. ``replace=True`` deletes every shape on those frames instead.
+* **Idempotent per frame**: writing frames first deletes the ``auto`` shapes and ``auto`` tags (a classifier's)
+  already on exactly those frames, so a re-run replaces instead of duplicating. Everything a person touched stays:
+  ``manual`` and ``file`` shapes and tags, and ``semi-auto`` ones — CVAT turns an ``auto`` shape into
+  ``semi-auto`` when someone edits it. Tracks are never touched; the confidence tag (``review``) is one per frame.
+  ``replace=True`` deletes every shape and tag on those frames instead.
 * **Bounded**: frames are written in batches, each batch a PATCH ``action=delete`` then PATCH ``action=create``
   request(s) of at most ``max_shapes`` shapes.
 * **Resumable**: a journal under a state directory, keyed by server, task and a digest of the input, records the
@@ -38,7 +39,7 @@ from preannotate.cvat.annotations import frames_from_annotations, read_labels
 from preannotate.cvat.client import CvatError, cvat_errors
 from preannotate.files import write_atomically
 from preannotate.formats import coco
-from preannotate.shapes import Shape
+from preannotate.shapes import TAG, Shape
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ DEFAULT_MAX_SHAPES = 1000
 @dataclass
 class UploadReport:
     frames: int = 0                     # frames written (their auto shapes replaced)
-    created: int = 0                    # shapes created
+    created: int = 0                    # shapes (and a classifier's tags) created
     deleted: int = 0                    # earlier shapes deleted
     resumed: int = 0                    # frames skipped: an interrupted run with the same input had written them
     unmapped: Counter[str] = field(default_factory=Counter)     # shapes dropped: label not in the task, by label
@@ -169,11 +170,16 @@ class TaskWriter:
         self.shapes_on: dict[int, list[dict[str, Any]]] = {}  # frame → stored shapes (GET JSON), kept current
         for stored in self.annotations.get("shapes") or ():
             self.shapes_on.setdefault(stored["frame"], []).append(stored)
-        confidence = self.labels.get(review.CONFIDENCE_LABEL)
         self.confidence_tags_on: dict[int, list[dict[str, Any]]] = {}  # frame → our confidence tags
+        self.tags_on: dict[int, list[dict[str, Any]]] = {}  # frame → every other stored tag
         for stored in self.annotations.get("tags") or ():
-            if confidence is not None and stored.get("label_id") == confidence.id:
-                self.confidence_tags_on.setdefault(stored["frame"], []).append(stored)
+            self._keep_tag(stored)
+
+    def _keep_tag(self, stored: dict[str, Any]) -> None:
+        confidence = self.labels.get(review.CONFIDENCE_LABEL)
+        kept = self.confidence_tags_on if confidence is not None and stored.get("label_id") == confidence.id \
+            else self.tags_on
+        kept.setdefault(stored["frame"], []).append(stored)
 
     def frame_names(self) -> list[str]:
         """Name of every task frame (index = frame number)."""
@@ -218,27 +224,35 @@ class TaskWriter:
         old = [stored for frame in shapes_by_frame for stored in self.shapes_on.get(frame, ())
                if self.replace or stored.get("source") == AUTO]
         old_tags, new_tags = self._confidence_tags(confidence or {})
+        replaced_tags = [stored for frame in shapes_by_frame for stored in self.tags_on.get(frame, ())
+                         if self.replace or stored.get("source") == AUTO]
+        old_tags += [_writable_tag(stored) for stored in replaced_tags]
         new = []
         for frame, shapes in shapes_by_frame.items():
             for shape in shapes:
                 request = self._request(shape, frame)
                 if request is None:
                     report.unmapped[shape.label] += 1
+                elif shape.type == TAG:
+                    new_tags.append(request)
+                    report.created += 1
                 else:
                     new.append(request)
         for index, part in enumerate(_chunks(old, self.max_shapes, at_least_one=bool(old_tags))):
             self._patch("delete", [_writable(s) for s in part], old_tags if index == 0 else ())
             report.deleted += len(part)
-        gone = {id(s) for s in old}
+        report.deleted += len(replaced_tags)
+        gone = {id(s) for s in (*old, *replaced_tags)}
         for frame in shapes_by_frame:
-            if frame in self.shapes_on:
-                self.shapes_on[frame] = [s for s in self.shapes_on[frame] if id(s) not in gone]
+            for kept in (self.shapes_on, self.tags_on):
+                if frame in kept:
+                    kept[frame] = [s for s in kept[frame] if id(s) not in gone]
         for index, part in enumerate(_chunks(new, self.max_shapes, at_least_one=bool(new_tags))):
             written = self._patch("create", part, new_tags if index == 0 else ())
             for stored in written.get("shapes") or ():
                 self.shapes_on.setdefault(stored["frame"], []).append(stored)
             for stored in written.get("tags") or ():
-                self.confidence_tags_on.setdefault(stored["frame"], []).append(stored)
+                self._keep_tag(stored)
             report.created += len(part)
         return report
 
@@ -253,10 +267,14 @@ class TaskWriter:
         return old, new
 
     def _request(self, shape: Shape, frame: int) -> dict[str, Any] | None:
-        """The shape as a ``LabeledShapeRequest`` body for this task's label (``encoding.labeled_shape``)."""
+        """The shape as a ``LabeledShapeRequest`` body for this task's label (``encoding.labeled_shape``), a tag as
+        a ``LabeledImageRequest`` (``encoding.labeled_tag``)."""
         label = self.labels.get(self.label_map.get(shape.label, shape.label))
         if label is None:
             return None
+        if shape.type == TAG:
+            return encoding.labeled_tag(shape, frame=frame, label_id=label.id, attribute_ids=label.attributes,
+                                        source=AUTO)
         return encoding.labeled_shape(shape, frame=frame, label_id=label.id, attribute_ids=label.attributes,
                                       label_type=label.type, source=AUTO)
 

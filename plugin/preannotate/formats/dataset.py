@@ -1,12 +1,16 @@
-"""Dataset folders on disk: a train/val split that keeps video tracks whole, writing COCO or TFRecord, reading back.
+"""Dataset folders on disk: a train/val split that keeps video tracks whole, writing COCO, TFRecord or an
+ImageNet-style folder of tags, reading back.
 
 Layouts written by ``export_dataset`` (and read by ``read_dataset``)::
 
-    COCO                                         TFRecord (TF Object Detection API)
-    annotations/instances_train.json             train.record-00000-of-00002, train.record-00001-of-00002
-    annotations/instances_val.json               val.record-00000-of-00001
-    images/<frame name>                          label_map.pbtxt
-    labels.json                                  labels.json
+    COCO                               TFRecord (TF Object Detection API)       ImageNet (frame tags, classifiers)
+    annotations/instances_train.json   train.record-00000-of-00002, ...        train/<label>/<frame name>
+    annotations/instances_val.json     val.record-00000-of-00001               val/<label>/<frame name>
+    images/<frame name>                label_map.pbtxt                         labels.json
+    labels.json                        labels.json
+
+COCO has no place for tags; TFRecord keeps them as ``image/class/*``; the ImageNet layout is tags only
+(``formats.imagenet`` says why that layout).
 
 ``labels.json`` keeps the CVAT labels with their types and attributes (neither COCO categories nor the label map
 can), so a model trained from the folder knows what shapes to predict.
@@ -33,11 +37,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from preannotate.formats import coco
+from preannotate.formats import coco, imagenet
 from preannotate.frames import FrameImages, decode_rgb
 from preannotate.shapes import FrameAnnotations, Label
 
-FORMATS = ("coco", "tfrecord")
+FORMATS = ("coco", "tfrecord", "imagenet")
 FRAMES_PER_SHARD = 1000  # default sharding: a few hundred MB per file for typical photos
 ImageRef = Path | Callable[[], bytes]  # how read_dataset hands out a frame's image
 
@@ -131,8 +135,9 @@ def export_dataset(out_dir: str | Path, fmt: str, labels: Sequence[Label],
     """
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    if fmt == "tfrecord" and images is None:
-        raise ValueError("a TFRecord dataset embeds the images: give images")
+    if fmt in ("tfrecord", "imagenet") and images is None:
+        raise ValueError(f"a {'TFRecord' if fmt == 'tfrecord' else 'ImageNet-style'} dataset holds the images: "
+                         "give images")
     items = list(items)
     if not items:
         raise ValueError("no frames to export")
@@ -175,6 +180,10 @@ def export_dataset(out_dir: str | Path, fmt: str, labels: Sequence[Label],
             path.write_text(json.dumps(dataset, separators=(",", ":")))
             summary.files.append(path)
             objects = len(dataset["annotations"])
+        elif fmt == "imagenet":
+            objects = sum(imagenet.write_frame(out, split, frame, data, name, labels, skipped)
+                          for _, frame, data, name in _counted(named, bar))
+            summary.files += [out / split] if (out / split).is_dir() else []
         else:
             examples = (tfrecord.frame_example(frame, data, labels, filename=name, source_id=_source_id(key, frame),
                                                with_masks=masks, skipped=skipped)
@@ -190,7 +199,8 @@ def export_dataset(out_dir: str | Path, fmt: str, labels: Sequence[Label],
 
 def read_dataset(path: str | Path) -> tuple[list[Label], dict[str, list[tuple[FrameAnnotations, ImageRef]]]]:
     """A folder written by ``export_dataset`` (or any COCO folder of ``annotations/instances_<split>.json`` +
-    ``images/``, or TF OD API records ``<split>.record-*`` / ``<split>.tfrecord`` + ``label_map.pbtxt``) →
+    ``images/``, TF OD API records ``<split>.record-*`` / ``<split>.tfrecord`` + ``label_map.pbtxt``, or an
+    ImageNet-style ``<split>/<label>/<image>`` folder) →
     labels and, per split, ``(frame, image)``: the image file's path (COCO) or a function returning its bytes
     (TFRecord, read from the record when called). A ``val`` split is the validation set."""
     root = Path(path)
@@ -216,8 +226,10 @@ def read_dataset(path: str | Path) -> tuple[list[Label], dict[str, list[tuple[Fr
         splits = {split: list(tfrecord.read_records(paths, labels)) for split, paths in by_split.items()}
         if splits:
             return _prefer_saved(saved, labels), splits
-    raise ValueError(f"{root}: neither a COCO folder (annotations/instances_*.json) nor TFRecords with "
-                     "label_map.pbtxt")
+    if imagenet.is_folder(root):
+        return imagenet.read(root, saved)
+    raise ValueError(f"{root}: neither a COCO folder (annotations/instances_*.json), nor TFRecords with "
+                     "label_map.pbtxt, nor an ImageNet-style folder of tags (<split>/<label>/<image>)")
 
 
 def _prefer_saved(saved: list[Label] | None, labels: list[Label] | None) -> list[Label]:

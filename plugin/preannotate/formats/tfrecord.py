@@ -143,7 +143,8 @@ def shape_bitmap(shape: Shape, width: int, height: int) -> np.ndarray:
 def frame_example(frame: FrameAnnotations, image: bytes, labels: Sequence[Label], *, filename: str,
                   source_id: str, with_masks: bool = False, skipped: Counter[str] | None = None) -> Any:
     """One frame → a ``tf.train.Example``. Shapes a detector cannot learn (or with a label not in ``labels``, or
-    empty inside the image) are left out and counted by type in ``skipped``."""
+    empty inside the image) are left out and counted by type in ``skipped``. The frame's tags of ``labels`` are
+    the image-level ``image/class/text`` and ``image/class/label`` (what a classifier learns from)."""
     tf = tensorflow()
     fmt = image_format(image)
     with Image.open(io.BytesIO(image)) as decoded:
@@ -196,6 +197,10 @@ def frame_example(frame: FrameAnnotations, image: bytes, labels: Sequence[Label]
         "image/object/area": floats(objects["area"]),
         "image/object/is_crowd": ints([0] * len(objects["label"])),
     }
+    tags = [tag for tag in dict.fromkeys(frame.tags) if tag in class_of]
+    if tags:
+        feature["image/class/text"] = blobs([tag.encode("utf-8") for tag in tags])
+        feature["image/class/label"] = ints([class_of[tag] for tag in tags])
     if with_masks:
         feature["image/object/mask"] = blobs(objects["mask"])
     return tf.train.Example(features=tf.train.Features(feature=feature))
@@ -247,6 +252,9 @@ def parse_example(serialized: bytes, labels: Sequence[Label] | None = None
     ids = numbers("image/object/class/label", "int64_list")
     if labels is not None and ids:
         names = [labels[i - 1].name for i in ids]
+    tag_ids = numbers("image/class/label", "int64_list")
+    frame.tags = ([labels[i - 1].name for i in tag_ids] if labels is not None and tag_ids
+                  else [t.decode("utf-8") for t in blobs("image/class/text")])
     pngs = blobs("image/object/mask")
     boxes = zip(*(numbers(f"image/object/bbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")), strict=True)
     for i, (name, (x1, y1, x2, y2)) in enumerate(zip(names, boxes, strict=True)):

@@ -57,8 +57,9 @@ def check_label_types(arch: Architecture, labels: Sequence[Label]) -> None:
     wrong = [label for label in labels if label.type not in arch.label_types]
     if wrong:
         listed = ", ".join(f"{label.name} ({label.type})" for label in wrong)
-        raise UnsupportedLabels(f"{arch.name} predicts {'boxes' if arch.output == 'rectangle' else 'masks'}: it "
-                                f"cannot fill {listed}; its labels may be {', '.join(arch.label_types)}")
+        output = {"rectangle": "boxes", "mask": "masks", "tag": "frame tags"}[arch.output]
+        raise UnsupportedLabels(f"{arch.name} predicts {output}: it cannot fill {listed}; its labels may be "
+                                f"{', '.join(arch.label_types)}")
 
 
 def create_detector(architecture: str, labels: Sequence[Label] | None = None, init: str | None = None,
@@ -67,7 +68,7 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
     """A new detector of ``architecture`` for ``labels`` (COCO's when pretrained and none given).
 
     ``init`` (default: the hyperparameters' ``init``, ``random`` when they do not give one): ``random``,
-    ``pretrained`` (the registry's torchvision weights) or ``previous`` (the weights of the artifact at
+    ``pretrained`` (the registry's torchvision weights: COCO's, or ImageNet's for a classifier) or ``previous`` (the weights of the artifact at
     ``previous``; heads for a changed label set start fresh). The manifest records the init used."""
     arch = get_architecture(architecture)
     family = family_of(arch)
@@ -77,7 +78,7 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
         hp = hp.updated({"init": init})
     if labels is None:
         if init != "pretrained":
-            raise ValueError("labels are needed unless the model starts from COCO-pretrained weights")
+            raise ValueError("labels are needed unless the model starts from pretrained weights (COCO's, ImageNet's)")
         labels = family.coco_labels(arch)
     labels = [label if label.id is not None else Label(label.name, label.type, label.attributes, i)
               for i, label in enumerate(labels, start=1)]

@@ -29,10 +29,11 @@ class PretrainedWeightsUnavailable(RuntimeError):
 class Architecture:
     name: str
     family: str                      # the module in preannotate.models that builds and runs it
-    output: str                      # "rectangle" (boxes) or "mask" (instance masks, also sent as polygons)
+    output: str                      # "rectangle" (boxes), "mask" (instance masks, also sent as polygons) or "tag"
     description: str
     pretrained: str | None           # torchvision weights enum member with COCO (or backbone) weights
-    pretrained_kind: str = "coco"    # "coco": whole detector trained on COCO; "backbone": ImageNet backbone only
+    pretrained_kind: str = "coco"    # "coco": whole detector trained on COCO; "backbone": ImageNet backbone only;
+    #                                  "imagenet": a whole classifier trained on ImageNet
     image_size: int = 800            # shorter side the model resizes to (square side for SSD)
     max_image_size: int = 1333
     fixed_size: bool = False         # squashes every frame to an image_size square (SSD), else keeps the aspect
@@ -59,8 +60,9 @@ class Architecture:
     @property
     def label_types(self) -> tuple[str, ...]:
         """The CVAT label types this model's output fills: boxes fill rectangle labels; instance masks fill mask
-        and polygon labels (CVAT's lambda manager turns a mask into a polygon for a polygon label)."""
-        return ("rectangle", "any") if self.output == "rectangle" else ("mask", "polygon", "any")
+        and polygon labels (CVAT's lambda manager turns a mask into a polygon for a polygon label); a classifier's
+        tags fill tag labels."""
+        return {"rectangle": ("rectangle", "any"), "tag": ("tag", "any")}.get(self.output, ("mask", "polygon", "any"))
 
     @property
     def function_name(self) -> str:
@@ -68,7 +70,7 @@ class Architecture:
         return FUNCTION_PREFIX[self.framework] + self.name.replace("_", "-")
 
 
-FRAMEWORKS = {"torchvision": "pytorch", "composed": "pytorch", "keras": "tensorflow"}
+FRAMEWORKS = {"torchvision": "pytorch", "composed": "pytorch", "classifier": "pytorch", "keras": "tensorflow"}
 FUNCTION_PREFIX = {"pytorch": "pth-preannotate-", "tensorflow": "tf-preannotate-"}  # as CVAT's own functions
 # torchvision's detectors take a score floor, an NMS IoU and a cap per image; none caps detections per class.
 _TORCH_POSTPROCESSING = ("nms_score_threshold", "nms_iou_threshold", "max_total_detections")
@@ -178,7 +180,27 @@ ARCHITECTURES["custom"] = Architecture(
     build={"backbone": "resnet50", "top_level": 5, "neck": "fpn", "neck_levels": (3, 7), "neck_channels": 256,
            "neck_layers": 3, "head": "retinanet", "resize_input": True})
 
+# Image classifiers, served as CVAT tags (models.classifier_family): torchvision's ImageNet networks at their ImageNet
+# resolution. From ImageNet weights: SGD with a cosine decay, as torchvision's classification reference fine-tunes
+# (its rate scaled to a batch of 32); from random weights the detectors' from-scratch recipe.
+_CLASSIFY = {"batch_size": 32, "initial_learning_rate": 0.01, "num_steps": 3000, "optimizer": "sgd",
+             "schedule": "cosine", "warmup_steps": 100, "weight_decay": 1e-4}
+for _name, _weights, _size, _timeout, _what in [
+    ("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", 224, 30, "EfficientNet-B0: the lightest"),
+    ("efficientnet_b4", "EfficientNet_B4_Weights.IMAGENET1K_V1", 380, 30, "EfficientNet-B4: the default classifier"),
+    ("efficientnet_b7", "EfficientNet_B7_Weights.IMAGENET1K_V1", 600, 60, "EfficientNet-B7: the most accurate, "
+                                                                          "best on a GPU"),
+    ("resnet50", "ResNet50_Weights.IMAGENET1K_V2", 224, 30, "ResNet-50"),
+    ("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2", 224, 30, "MobileNetV3-Large: fast on a CPU"),
+    ("mobilenet_v3_small", "MobileNet_V3_Small_Weights.IMAGENET1K_V1", 224, 30, "MobileNetV3-Small: the fastest"),
+]:
+    ARCHITECTURES[_name] = Architecture(
+        _name, "classifier", "tag", f"{_what} image classifier: a tag per frame, trained on your CVAT tags",
+        _weights, pretrained_kind="imagenet", image_size=_size, max_image_size=_size, fixed_size=True,
+        min_batch_size=2, cpu_timeout_s=_timeout, defaults=_CLASSIFY, scratch=_SCRATCH, build={"network": _name})
+
 DEFAULT_ARCHITECTURE = "ssdlite320_mobilenet_v3_large"
+DEFAULT_CLASSIFIER = "efficientnet_b4"
 
 
 def num_classes(labels) -> int:

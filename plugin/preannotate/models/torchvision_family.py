@@ -337,10 +337,12 @@ def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hy
 
 
 def restored(model: torch.nn.Module, labels: Sequence[Label], output: str, weights_path: Path,
-             device: str | None, letterbox: bool, appearance: torch.nn.Module | None = None) -> TorchvisionDetector:
-    """``model`` with its published weights (and its training frames' appearance, when saved) as a detector."""
+             device: str | None, letterbox: bool, appearance: torch.nn.Module | None = None,
+             kind: type[TorchvisionDetector] = TorchvisionDetector) -> TorchvisionDetector:
+    """``model`` with its published weights (and its training frames' appearance, when saved) as a detector (of
+    ``kind``: a classifier's is a subclass)."""
     model.load_state_dict(read_weights(weights_path))
-    detector = TorchvisionDetector(model, labels, output, device, letterbox, appearance)
+    detector = kind(model, labels, output, device, letterbox, appearance)
     familiar = weights_path.with_name(APPEARANCE_FILE)
     if familiar.is_file():
         detector.familiar = np.load(familiar).astype(np.float32)

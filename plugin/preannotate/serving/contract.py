@@ -10,6 +10,7 @@ Response: a JSON list, one item per shape::
     {"confidence": "0.88", "label": "person", "type": "polygon", "points": [x1, y1, x2, y2, ...]}
     {"confidence": "0.81", "label": "road", "type": "mask",
      "mask": [<0/1 bitmap of the box, row-major>..., xtl, ytl, xbr, ybr], "points": [<polygon>]}
+    {"confidence": "0.97", "label": "daytime", "type": "tag", "attributes": []}     # a classifier: CVAT stores a tag
 
 ``points`` of a mask item is its outline, used when the user asks CVAT to convert masks to polygons.
 Coordinates are absolute pixels of the image as sent (after its EXIF orientation).
@@ -196,7 +197,7 @@ def shapes_to_response(shapes: list[Shape]) -> list[dict[str, Any]]:
 
 def response_to_shapes(items: list[dict[str, Any]], frame: int = 0) -> list[Shape]:
     """A detector response (ours or any CVAT function's) → shapes with ``source: auto``; masks come back in
-    CVAT's RLE, tags are left out."""
+    CVAT's RLE, tags as shapes of type ``tag``."""
     if not isinstance(items, list):
         raise ValueError("a detector response is a JSON list of shapes")
     return [shape for item in items if (shape := encoding.shape_from_detector_item(item, frame)) is not None]

@@ -1,4 +1,5 @@
-"""Annotated frames → what torchvision detection models train on: ``(image tensor, {"boxes", "labels", "masks"?})``.
+"""Annotated frames → what torchvision detection models train on: ``(image tensor, {"boxes", "labels", "masks"?})``
+(a classifier: ``{"labels": [the class of the frame's tag]}``).
 
 Geometry comes from ``formats.coco.shape_to_annotation`` — the box and outline the COCO export writes — so training
 sees exactly what an export holds (rotated rectangles by their corners, ellipses and masks by their pixels). Images
@@ -18,6 +19,7 @@ an uninterrupted one would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from collections.abc import Iterator, Sequence
@@ -48,8 +50,9 @@ def split_task(annotations: AnnotationSet, images: FrameImages, val_fraction: fl
             [(annotations.frames[key], images) for key in splits.get("val", [])])
 
 
-def transforms(hp: Hyperparameters, fixed_size: bool, train: bool) -> v2.Transform:
-    """Resize (or letterbox) to ``hp.image_size``, then the ``hp.augment`` augmentations when training."""
+def transforms(hp: Hyperparameters, fixed_size: bool, train: bool, boxes: bool = True) -> v2.Transform:
+    """Resize (or letterbox) to ``hp.image_size``, then the ``hp.augment`` augmentations when training; ``boxes``:
+    the targets have boxes to keep on the image (a classifier's have none)."""
     size = hp.image_size
     steps: list[v2.Transform] = []
     if size:
@@ -69,8 +72,9 @@ def transforms(hp: Hyperparameters, fixed_size: bool, train: bool) -> v2.Transfo
                                          fill={tv_tensors.Image: 114, "others": 0}))
         if "colour" in hp.augment:
             steps.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02))
-    steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1),
-              v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)]
+    if boxes:
+        steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1)]
+    steps.append(v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True))
     return v2.Compose(steps)
 
 
@@ -111,14 +115,30 @@ def _bitmap(annotation: dict[str, Any], width: int, height: int) -> np.ndarray:
     return bitmap
 
 
+def tag_labels(labels: Sequence[Label], items: Sequence[Item]) -> list[Label]:
+    """The classes a classifier learns: the ``tag`` labels, and ``any`` labels the frames use as tags (CVAT tags
+    take only those two types; an ``any`` label never used as a tag is a shape's)."""
+    used = {tag for frame, _ in items for tag in frame.tags}
+    return [label for label in labels if label.type == "tag" or (label.type == "any" and label.name in used)]
+
+
+def tag_examples(items: Sequence[Item], labels: Sequence[Label]) -> list[Item]:
+    """A classifier's examples: each frame once per tag it has of ``labels`` (a frame with several is an example of
+    each, as CVAT's ImageNet export copies it into each label's folder); frames without one are left out."""
+    names = {label.name for label in labels}
+    return [(dataclasses.replace(frame, tags=[tag]), images) for frame, images in items
+            for tag in dict.fromkeys(frame.tags) if tag in names]
+
+
 class DetectionDataset(Dataset):
     """``(image, target)`` pairs of annotated frames. A key is an index, or ``(index, draw)`` where ``draw`` seeds
-    the sample's augmentations (see the module docstring)."""
+    the sample's augmentations (see the module docstring). With ``tags`` the target is the class of the frame's
+    first tag (``{"labels": [class]}``, see ``tag_examples``) instead of its shapes."""
 
     def __init__(self, items: Sequence[Item], labels: Sequence[Label], transform: v2.Transform,
-                 with_masks: bool = False, seed: int = 0):
+                 with_masks: bool = False, seed: int = 0, tags: bool = False):
         self.items, self.labels, self.transform = list(items), list(labels), transform
-        self.with_masks, self.seed = with_masks, seed
+        self.with_masks, self.seed, self.tags = with_masks, seed, tags
 
     def __len__(self) -> int:
         return len(self.items)
@@ -131,6 +151,19 @@ class DetectionDataset(Dataset):
         if tuple(image.shape[1:]) != (frame.height, frame.width):
             raise ValueError(f"frame {frame.frame} ({frame.name}): image is {image.shape[2]}x{image.shape[1]}, "
                              f"annotations are for {frame.width}x{frame.height}")
+        if self.tags:
+            class_of = {label.name: label.id for label in self.labels}
+            target: dict[str, Any] = {"labels": torch.tensor([class_of[frame.tags[0]]])}
+        else:
+            target = self._shapes(frame)
+        with torch.random.fork_rng(devices=[]):
+            seed = np.random.SeedSequence([self.seed, index if draw is None else draw]).generate_state(1)[0]
+            torch.manual_seed(int(seed))
+            image, target = self.transform(tv_tensors.Image(image), target)
+        # plain tensors: models index and stack them, and tv_tensor subclasses only slow that down
+        return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) for k, v in target.items()}
+
+    def _shapes(self, frame: FrameAnnotations) -> dict[str, Any]:
         boxes, classes, bitmaps = targets(frame, self.labels, self.with_masks)
         target: dict[str, Any] = {
             "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY",
@@ -138,12 +171,7 @@ class DetectionDataset(Dataset):
             "labels": torch.from_numpy(classes)}
         if bitmaps is not None:
             target["masks"] = tv_tensors.Mask(torch.from_numpy(bitmaps.astype(np.uint8)))
-        with torch.random.fork_rng(devices=[]):
-            seed = np.random.SeedSequence([self.seed, index if draw is None else draw]).generate_state(1)[0]
-            torch.manual_seed(int(seed))
-            image, target = self.transform(tv_tensors.Image(image), target)
-        # plain tensors: models index and stack them, and tv_tensor subclasses only slow that down
-        return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) for k, v in target.items()}
+        return target
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):

@@ -5,6 +5,10 @@ resized frames: IoU does not care about scale); ``score_detector`` runs any ``De
 shapes in the frames' own pixels (the TensorFlow trainer's validation); ``coco_metrics`` scores COCO ground truth
 against COCO results and is what the trainers, the benchmarks and the tests share. torch is imported only by the
 functions that take torch models, so a TensorFlow run scores without it.
+
+A classifier is scored by ``accuracy``: top-1, top-5 and each class's top-1 accuracy (``evaluate`` of a model
+returning no boxes; ``score_classifier`` through a ``Detector``'s ``detect``). ``headline`` is the one number a run
+and a promotion compare, whatever the model: mAP, or top-1 accuracy.
 """
 
 from __future__ import annotations
@@ -135,6 +139,50 @@ class CocoAccumulator:
         return {"map": headline["map"], "map50": headline["map50"], **out}
 
 
+def headline(metrics: dict[str, Any]) -> float | None:
+    """The number validations are ranked by: a detector's mAP, a classifier's top-1 accuracy."""
+    return metrics.get("top1") if "top1" in metrics else metrics.get("map")
+
+
+def headline_name(metrics: dict[str, Any]) -> str:
+    return "top-1 accuracy" if "top1" in metrics else "mAP"
+
+
+def summary(metrics: dict[str, Any], missing: str = "none") -> str:
+    """The scores people read, as one phrase: ``mAP@.5 0.912, mAP 0.640`` or ``top-1 0.950, top-5 1.000``."""
+    if "top1" in metrics:
+        return f"top-1 {score_text(metrics.get('top1'), missing)}, top-5 {score_text(metrics.get('top5'), missing)}"
+    return f"mAP@.5 {score_text(metrics.get('map50'), missing)}, mAP {score_text(metrics.get('map'), missing)}"
+
+
+def accuracy(truth: Sequence[int], ranked: Sequence[Sequence[int]], labels: Sequence[Label]) -> dict[str, Any]:
+    """``{"top1", "top5", "per_class": {name: {"accuracy", "frames"}}, "images"}`` of a classifier: ``truth`` the
+    class index (``Label.id``) of each frame, ``ranked`` its classes best first. A class without frames has no
+    accuracy (None)."""
+    hits1 = [bool(len(r)) and r[0] == t for t, r in zip(truth, ranked, strict=True)]
+    hits5 = [t in list(r)[:5] for t, r in zip(truth, ranked, strict=True)]
+    per_class = {}
+    for label in labels:
+        mine = [hit for hit, t in zip(hits1, truth, strict=True) if t == label.id]
+        per_class[label.name] = {"accuracy": float(np.mean(mine)) if mine else None, "frames": len(mine)}
+    mean = (lambda hits: float(np.mean(hits)) if hits else None)  # noqa: E731 - none scored: no accuracy
+    return {"top1": mean(hits1), "top5": mean(hits5), "per_class": per_class, "images": len(truth)}
+
+
+def score_classifier(detector, items: Sequence[tuple[FrameAnnotations, FrameImages]], labels: Sequence[Label]
+                     ) -> dict[str, Any]:
+    """Top-1 accuracy of a classifier ``Detector`` on ``items`` (each with its one tag) through ``detect`` at
+    threshold 0 — what serving runs (top-5 needs the ranking, which only ``evaluate`` sees: it is left out)."""
+    class_of = {label.name: i for i, label in enumerate(labels, start=1)}
+    truth, ranked = [], []
+    for frame, _, tags in detect_frames(detector, items, 0.0):
+        truth.append(class_of[frame.tags[0]])
+        ranked.append([class_of[tag.label] for tag in tags if tag.label in class_of])
+    scored = accuracy(truth, ranked, [Label(label.name, label.type, label.attributes, i)
+                                      for i, label in enumerate(labels, start=1)])
+    return {k: v for k, v in scored.items() if k != "top5"}
+
+
 def recalibrate_batch_norm(model: torch.nn.Module, batches: Iterable[tuple[Sequence[torch.Tensor], Any]],
                            device: torch.device | str = "cpu", frozen: Sequence[torch.nn.Module] = ()) -> int:
     """Recompute the running statistics of the model's batch norms (all but ``frozen``) as the plain average over
@@ -183,6 +231,22 @@ def evaluate(model: torch.nn.Module, batches: Iterable[tuple[Sequence[torch.Tens
     with torch.inference_mode():
         _accumulate(model, batches, device, accumulator)
     return accumulator.metrics(labels)
+
+
+def evaluate_tags(model: torch.nn.Module, batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[dict]]],
+                  labels: Sequence[Label], device: torch.device | str = "cpu") -> dict[str, Any]:
+    """``accuracy`` of a classifier (``classifier_family.TagModel``) on a validation loader of tag targets. The
+    model is left in eval mode."""
+    import torch
+
+    model.eval()
+    truth, ranked = [], []
+    with torch.inference_mode():
+        for images, targets in batches:
+            outputs = model([image.to(device, non_blocking=True) for image in images])
+            truth += [int(target["labels"][0]) for target in targets]
+            ranked += [output["labels"].tolist() for output in outputs]
+    return accuracy(truth, ranked, labels)
 
 
 def _accumulate(model, batches, device, accumulator: CocoAccumulator) -> None:

@@ -15,6 +15,7 @@ from preannotate.training.recipe import (
     NothingFinished,
     TrainingData,
     cvat_provenance,
+    dataset_format,
     export_from_cvat,
     train_and_publish,
 )
@@ -45,7 +46,7 @@ def execute_job(job, work_dir: Path, store_root: Path, stop: threading.Event) ->
             if not changed:
                 return {"skipped": why}
         try:
-            dataset = export_from_cvat(client, request, work_dir / "dataset", hp)
+            dataset = export_from_cvat(client, request, work_dir / "dataset", hp, dataset_format(request["model"]))
         except NothingFinished as nothing:
             log.info("%s", nothing)
             return {"skipped": str(nothing)}

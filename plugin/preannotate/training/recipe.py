@@ -29,6 +29,7 @@ from preannotate.formats.dataset import export_dataset, training_split
 from preannotate.hyperparameters import Hyperparameters
 from preannotate.models import Manifest, ModelStore, get_architecture
 from preannotate.shapes import Label
+from preannotate.training.evaluation import headline, headline_name
 from preannotate.training.runs import Promotion, TrainingResult
 
 if TYPE_CHECKING:
@@ -59,8 +60,9 @@ def should_promote(policy: str, metrics: dict[str, Any], serving: Manifest | Non
     """Whether a version scoring ``metrics`` is served instead of ``serving`` (see the module docstring)."""
     if policy not in PROMOTE_CHOICES:
         raise ValueError(f"promote must be one of {', '.join(PROMOTE_CHOICES)}, not {policy!r}")
-    new = metrics.get("map")
-    old = serving.metrics.get("map") if serving is not None else None
+    new = headline(metrics)
+    old = headline(serving.metrics) if serving is not None else None
+    name = headline_name(metrics)
     served_now = f"{serving.name}@{serving.version}" if serving is not None else ""
     if policy == "always":
         return Promotion(True, "served (promote=always)")
@@ -72,13 +74,13 @@ def should_promote(policy: str, metrics: dict[str, Any], serving: Manifest | Non
     if new is None:
         if old is not None:
             return Promotion(False, f"kept, not served: it was not scored (no validation frames), and {served_now} "
-                                    f"scored mAP {old:.3f}")
+                                    f"scored {name} {old:.3f}")
         return Promotion(True, "served, not scored (no validation frames), as the version before it")
     if old is None:
-        return Promotion(True, f"served: mAP {new:.3f}, where {served_now} was not scored")
+        return Promotion(True, f"served: {name} {new:.3f}, where {served_now} was not scored")
     if new >= old:
-        return Promotion(True, f"served: mAP {new:.3f} >= {old:.3f} of {served_now}")
-    return Promotion(False, f"kept, not served: mAP {new:.3f} < {old:.3f} of {served_now}, which stays served")
+        return Promotion(True, f"served: {name} {new:.3f} >= {old:.3f} of {served_now}")
+    return Promotion(False, f"kept, not served: {name} {new:.3f} < {old:.3f} of {served_now}, which stays served")
 
 
 def trainer_for(architecture: str):
@@ -108,10 +110,16 @@ class NothingFinished(ValueError):
     """No job of the tasks asked is finished by people yet: nothing to learn from (said, and nothing trains)."""
 
 
-def export_from_cvat(client, request: Mapping[str, Any], directory: Path, hp: Hyperparameters) -> Path:
+def dataset_format(architecture: str) -> str:
+    """What a model learns from on disk: a classifier its frames' tags (an ImageNet-style folder), a detector COCO."""
+    return "imagenet" if get_architecture(architecture).output == "tag" else "coco"
+
+
+def export_from_cvat(client, request: Mapping[str, Any], directory: Path, hp: Hyperparameters,
+                     fmt: str = "coco") -> Path:
     """The frames people finished (``hp.train_on``, ``cvat.reader.read_finished``) of the CVAT tasks a request
-    names (``tasks``, every task of ``project``), exported once into ``directory`` as a COCO folder, images
-    included, split by ``hp``; ``cvat.json`` there records the server, each task's ``updated_date``, and the jobs and
+    names (``tasks``, every task of ``project``), exported once into ``directory`` as a ``fmt`` folder
+    (``dataset_format``), images included, split by ``hp``; ``cvat.json`` there records the server, each task's ``updated_date``, and the jobs and
     frames used (the manifest's ``provenance.cvat``). A folder found complete is reused. ``NothingFinished`` when no
     frame qualifies."""
     from preannotate.cvat.frames import CvatFrames
@@ -139,10 +147,10 @@ def export_from_cvat(client, request: Mapping[str, Any], directory: Path, hp: Hy
     partial = directory.with_name(directory.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    summary = export_dataset(partial, "coco", labels, items, images, val_fraction=hp.val_fraction, seed=hp.seed,
+    summary = export_dataset(partial, fmt, labels, items, images, val_fraction=hp.val_fraction, seed=hp.seed,
                              progress=False)
     if summary.skipped:
-        log.warning("left out of training (a detector cannot learn them): %s",
+        log.warning("left out of training (the model cannot learn from them): %s",
                     ", ".join(f"{n} {kind}" for kind, n in sorted(summary.skipped.items())))
     used = {"server": client.api_map.host, "tasks": versions, "train_on": list(hp.train_on),
             "jobs": {job: date for result in finished.values() for job, date in result.jobs.items()},

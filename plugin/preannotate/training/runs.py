@@ -37,7 +37,7 @@ from preannotate.models import (
 )
 from preannotate.models.artifact import library_versions
 from preannotate.shapes import Label
-from preannotate.training.evaluation import score_text
+from preannotate.training.evaluation import headline, summary
 from preannotate.training.logs import EventWriter, MetricsLog
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class TrainState:
     """Where a run is, beside its weights and optimizer: what a checkpoint restores."""
 
     step: int = 0
-    best_map: float | None = None
+    best_map: float | None = None     # the best headline score (mAP, or a classifier's top-1 accuracy)
     best_step: int | None = None
     best_metrics: dict[str, Any] = field(default_factory=dict)
     bad_validations: int = 0
@@ -177,7 +177,7 @@ class TrainState:
 def judge_validation(state: TrainState, metrics: dict[str, Any], hp: Hyperparameters) -> bool:
     """Record a validation in ``state``; True when it is the best so far (its weights are the ones to keep). A run
     whose mAP has not gained ``early-stopping-delta`` for ``early-stopping-patience`` validations is stopped."""
-    score = metrics["map"]
+    score = headline(metrics)
     state.validated_at = state.step
     improved = score is not None and (state.best_map is None or score > state.best_map + hp.early_stopping_delta)
     best = improved or state.best_step is None
@@ -242,14 +242,17 @@ class RunLogs:
                 self.events.scalars(record["step"], scalars)
 
     def validation(self, state: TrainState, metrics: dict[str, Any]) -> None:
-        self.write({"event": "validation", "step": state.step, "total_steps": self.total, **metrics},
-                   {"val/map": metrics["map"], "val/map50": metrics["map50"],
-                    **{f"val/ap/{k}": v["ap"] for k, v in metrics["bbox"]["per_class"].items()}})
+        if "top1" in metrics:  # a classifier
+            scalars = {"val/top1": metrics["top1"], "val/top5": metrics["top5"],
+                       **{f"val/accuracy/{k}": v["accuracy"] for k, v in metrics["per_class"].items()}}
+        else:
+            scalars = {"val/map": metrics["map"], "val/map50": metrics["map50"],
+                       **{f"val/ap/{k}": v["ap"] for k, v in metrics["bbox"]["per_class"].items()}}
+        self.write({"event": "validation", "step": state.step, "total_steps": self.total, **metrics}, scalars)
         if self.events is not None:
             self.events.flush()
         best = " (best so far)" if state.best_step == state.step else ""
-        self.progress.say(f"step {state.step}: validation mAP@.5 {score_text(metrics['map50'])}, mAP "
-                          f"{score_text(metrics['map'])}{best}")
+        self.progress.say(f"step {state.step}: validation {summary(metrics)}{best}")
 
     def close(self) -> None:
         if self.events is not None:
@@ -280,8 +283,8 @@ class StepWindow:
 
 
 def items_digest(items: Sequence[Any]) -> str:
-    """Which frames (number, name, shapes) a run learns from: a restart on other data is another run."""
-    text = json.dumps([(f.frame, f.name, [(s.label, s.type, s.points, s.rotation) for s in f.shapes])
+    """Which frames (number, name, shapes, tags) a run learns from: a restart on other data is another run."""
+    text = json.dumps([(f.frame, f.name, [(s.label, s.type, s.points, s.rotation) for s in f.shapes], f.tags)
                        for f, _ in items], default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

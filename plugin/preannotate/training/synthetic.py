@@ -11,6 +11,10 @@ triangle   polygon      a green triangle                                  polygo
 blob       mask         a yellow irregular star                           mask (its visible pixels)
 =========  ===========  ================================================  ======================
 
+With ``tags=True`` every frame (but a few) also gets a CVAT tag — what a classifier learns — for its lighting, which
+changes the whole picture, objects included: ``day`` (bright, warm), ``night`` (dark, blue) or ``fog`` (a pale haze
+that flattens the contrast). The tag labels are of CVAT type ``tag``.
+
 Frames are textured (smooth colour noise, stripes, grain) and stored as JPEG or PNG bytes in ``InMemoryFrames``,
 so they go through the same decoders and formats as CVAT's frames. Objects may overlap (then the one below is
 ``occluded``); some frames are empty, as real tasks have negatives. Everything is a function of ``seed``.
@@ -34,6 +38,8 @@ LABELS = (Label("box", "rectangle", id=1), Label("disc", "ellipse", id=2), Label
 COLOURS = {"box": (215, 45, 40), "disc": (40, 85, 225), "triangle": (35, 185, 60), "blob": (240, 205, 30)}
 # Unlabelled look-alikes: the same outlines in colours no label has (they are negatives a detector must refuse).
 DISTRACTOR_COLOURS = ((150, 95, 60), (130, 60, 150), (200, 140, 170), (95, 130, 125))
+TAG_LABELS = (Label("day", "tag"), Label("night", "tag"), Label("fog", "tag"))
+UNTAGGED_FRAMES = 0.05  # the share of frames nobody tagged (a classifier leaves them out)
 # A set a small detector does not learn perfectly in a short run (mAP@.5 stays below 1): three labels, smaller
 # objects, look-alike distractors, more lines, colours that vary more.
 HARD = {"labels": ("box", "disc", "triangle"), "objects": (1, 4), "size": (0.1, 0.3), "distractors": (1, 3),
@@ -52,15 +58,17 @@ def generate(num_frames: int = 40, width: int = 160, height: int = 120, seed: in
              labels: tuple[str, ...] | None = None, objects: tuple[int, int] = (1, 3),
              size: tuple[float, float] = (0.2, 0.45), empty_fraction: float = 0.05,
              image_format: str = "JPEG", distractors: tuple[int, int] = (0, 0), lines: tuple[int, int] = (2, 5),
-             colour_jitter: int = 25) -> SyntheticTask:
+             colour_jitter: int = 25, tags: bool = False) -> SyntheticTask:
     """``num_frames`` annotated frames of ``width × height`` with ``objects`` (min, max) objects each, sized
     ``size`` (a fraction of the shorter side), of the named ``labels`` (default: all four); ``distractors`` (min,
     max) unlabelled look-alikes under them, ``lines`` (min, max) grey lines in the background, object colours
-    varying by ``colour_jitter`` per channel. ``HARD`` is a harder set than the defaults."""
+    varying by ``colour_jitter`` per channel; ``tags``: a lighting tag per frame (see the module docstring).
+    ``HARD`` is a harder set than the defaults."""
     chosen = [label for label in LABELS if labels is None or label.name in labels]
     if not chosen:
         raise ValueError(f"no known labels among {labels}; known: {', '.join(label.name for label in LABELS)}")
-    task_labels = [Label(label.name, label.type, id=i) for i, label in enumerate(chosen, start=1)]
+    task_labels = [Label(label.name, label.type, id=i)
+                   for i, label in enumerate([*chosen, *(TAG_LABELS if tags else ())], start=1)]
     frames, files = {}, {}
     extension = "png" if image_format.upper() == "PNG" else "jpg"
     for number in range(num_frames):
@@ -72,10 +80,27 @@ def generate(num_frames: int = 40, width: int = 160, height: int = 120, seed: in
             shape.frame = number
         frames[number] = FrameAnnotations(number, width, height, name=f"frame_{number:06d}.{extension}",
                                           shapes=shapes)
+        if tags:  # drawn from a generator of its own: the frames with tags are the frames without, lit
+            image, frames[number].tags = _lighting(np.random.default_rng([seed, number, 1]), image)
         buffer = io.BytesIO()
         image.save(buffer, format=image_format, **({"quality": 92} if extension == "jpg" else {}))
         files[number] = buffer.getvalue()
     return SyntheticTask(AnnotationSet(frames=frames, labels=task_labels), InMemoryFrames(files))
+
+
+def _lighting(rng: np.random.Generator, image: Image.Image) -> tuple[Image.Image, list[str]]:
+    """The frame under a lighting drawn at random, and its tag (none for a few frames)."""
+    tag = TAG_LABELS[int(rng.integers(len(TAG_LABELS)))].name
+    array = np.asarray(image, dtype=np.float32)
+    strength = rng.uniform(0.8, 1.2)
+    if tag == "day":
+        array = array * (1 + 0.3 * strength) + np.array([30, 20, 0]) * strength
+    elif tag == "night":
+        array = array * (0.35 / strength) + np.array([0, 5, 25])
+    else:
+        array = array * (0.45 / strength) + 150 * min(strength, 1.0)
+    lit = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+    return lit, [] if rng.random() < UNTAGGED_FRAMES else [tag]
 
 
 def _background(rng: np.random.Generator, width: int, height: int, lines: tuple[int, int] = (2, 5)) -> np.ndarray:

@@ -55,7 +55,7 @@ from preannotate.models import (
 )
 from preannotate.shapes import Label
 from preannotate.training import data, optim
-from preannotate.training.evaluation import evaluate, recalibrate_batch_norm
+from preannotate.training.evaluation import evaluate, evaluate_tags, headline, recalibrate_batch_norm
 from preannotate.training.runs import (  # noqa: F401 - the shared vocabulary of runs, re-exported
     CALIBRATION_FRAMES,
     FAMILIAR_FRAMES,
@@ -208,22 +208,24 @@ class Checkpointer:
 
 
 class Validator:
-    """One validation: re-measure the batch norms, score the validation frames (COCO mAP), keep the best weights,
+    """One validation: re-measure the batch norms, score the validation frames (COCO mAP; a classifier's accuracy
+    with ``tags``), keep the best weights,
     tell the schedule, count towards early stopping. Without validation frames it only re-measures."""
 
     def __init__(self, loader, calibration, labels: Sequence[Label], with_masks: bool, hp: Hyperparameters,
-                 checkpointer: Checkpointer, record: Callable[[TrainState, dict[str, Any]], None]):
+                 checkpointer: Checkpointer, record: Callable[[TrainState, dict[str, Any]], None], tags: bool = False):
         self.loader, self.calibration, self.labels, self.with_masks = loader, calibration, labels, with_masks
-        self.hp, self.checkpointer, self.record = hp, checkpointer, record
+        self.hp, self.checkpointer, self.record, self.tags = hp, checkpointer, record, tags
 
     def __call__(self, engine: Engine, state: TrainState) -> None:
         recalibrate_batch_norm(engine.model, self.calibration, engine.device, engine.frozen_norms)
         if self.loader is None:
             return
-        metrics = evaluate(engine.model, self.loader, self.labels, self.with_masks, engine.device)
+        metrics = evaluate_tags(engine.model, self.loader, self.labels, engine.device) if self.tags else \
+            evaluate(engine.model, self.loader, self.labels, self.with_masks, engine.device)
         if judge_validation(state, metrics, self.hp):
             self.checkpointer.save_best(engine, state)
-        optim.validated(engine.scheduler, metrics["map"])
+        optim.validated(engine.scheduler, headline(metrics))
         self.record(state, metrics)
 
 
@@ -239,6 +241,13 @@ class _Run:
         if not train_items:
             raise ValueError("no training frames")
         self.arch = get_architecture(architecture)
+        self.tags = self.arch.output == "tag"  # a classifier: it learns the frames' tags, one example per tag
+        if self.tags:
+            labels = data.tag_labels(labels, train_items)
+            train_items, val_items = data.tag_examples(train_items, labels), data.tag_examples(val_items, labels)
+            if not train_items:
+                raise ValueError(f"no training frame has a tag of {', '.join(l.name for l in labels) or 'a tag label'}"
+                                 ": tag frames in CVAT (labels of type tag) to train a classifier")
         self.labels = [Label(label.name, label.type, label.attributes, i) for i, label in enumerate(labels, 1)]
         self.train_items, self.val_items = train_items, val_items
         self.output = output_dir
@@ -292,7 +301,7 @@ class _Run:
                                     Progress(self.total, state.step, progress and self.main, f"train {self.arch.name}"))
         validator = Validator(self._val_loader() if self.main and self.val_items else None,
                               self._calibration_loader() if self.main else None, self.labels, self.with_masks,
-                              self.hp, checkpointer, logs.validation)
+                              self.hp, checkpointer, logs.validation, self.tags)
         if not self.val_items and self.main and not restored:
             logs.progress.say("no validation frames: the version will be published unscored (no mAP)")
         self._exit.enter_context(signals_set(self.stop))
@@ -403,17 +412,17 @@ class _Run:
             raise RunMismatch(error)
         return run_id
 
-    def _transforms(self, train: bool):
-        return data.transforms(self.hp, self.arch.fixed_size, train)
+    def _dataset(self, items: Sequence[data.Item], train: bool) -> data.DetectionDataset:
+        transform = data.transforms(self.hp, self.arch.fixed_size, train, boxes=not self.tags)
+        return data.DetectionDataset(items, self.labels, transform, self.with_masks, self.hp.seed if train else 0,
+                                     tags=self.tags)
 
     def _train_loader(self, sampler: data.StepBatchSampler):
-        dataset = data.DetectionDataset(self.train_items, self.labels, self._transforms(True), self.with_masks,
-                                        self.hp.seed)
-        return data.loader(dataset, batch_sampler=sampler, workers=self.workers,
+        return data.loader(self._dataset(self.train_items, True), batch_sampler=sampler, workers=self.workers,
                            pin_memory=self.device.type == "cuda")
 
     def _val_loader(self):
-        dataset = data.DetectionDataset(self.val_items, self.labels, self._transforms(False), self.with_masks)
+        dataset = self._dataset(self.val_items, False)
         return data.loader(dataset, batch_size=self.hp.batch_size, workers=self.workers,
                            pin_memory=self.device.type == "cuda")
 
@@ -422,8 +431,7 @@ class _Run:
         items = sample(self.train_items, CALIBRATION_FRAMES)
         batch = max(2, self.hp.batch_size)  # full batches only: a batch norm cannot measure one 1x1 map
         items = (items * batch)[:max(batch, len(items) // batch * batch)]
-        dataset = data.DetectionDataset(items, self.labels, self._transforms(False), self.with_masks)
-        return data.loader(dataset, batch_size=batch, workers=0)
+        return data.loader(self._dataset(items, False), batch_size=batch, workers=0)
 
     def _log_window(self, window: StepWindow, state: TrainState, lr: float, logs: RunLogs) -> None:
         seconds = time.perf_counter() - window.start

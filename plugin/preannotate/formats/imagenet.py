@@ -1,0 +1,83 @@
+"""Frame tags as an ImageNet-style folder: ``<split>/<label>/<frame file>`` — a classifier's dataset.
+
+Why this layout for CVAT's tags: it is what CVAT's own "ImageNet 1.0" export writes for tags (and Ultralytics'
+"YOLO Classification" export too), and what ``torchvision.datasets.ImageFolder`` and Keras'
+``image_dataset_from_directory`` read as they are, so a folder we export trains anywhere and a folder made elsewhere
+trains here. As CVAT does, a frame with several tags is copied into each one's folder; a frame with no tag of the
+labels is left out (counted, like the shapes a format cannot hold). A JSON list would keep multi-tag frames in one
+place, but no classification trainer reads one.
+
+A label's folder is its name with path separators replaced; ``labels.json`` beside the splits keeps the real names.
+A folder without ``labels.json`` takes its folder names as tag labels, in sorted order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from preannotate.shapes import TAG, FrameAnnotations, Label
+
+UNTAGGED = "frame without a tag"  # what ``write_frame`` counts in ``skipped`` for a frame it leaves out
+
+
+def folder(label: str) -> str:
+    """A label's folder name: one path component, whatever the label is called."""
+    name = re.sub(r"[/\\\0]", "_", label).strip()
+    return "_" if name in ("", ".", "..") else name
+
+
+def write_frame(root: Path, split: str, frame: FrameAnnotations, data: bytes | None, name: str,
+                labels: Sequence[Label], skipped: Counter[str]) -> int:
+    """Write the frame's image into the folder of each of its tags among ``labels``; returns how many copies."""
+    names = {label.name for label in labels}
+    tags = [tag for tag in dict.fromkeys(frame.tags) if tag in names]
+    if not tags:
+        skipped[UNTAGGED] += 1
+        return 0
+    if data is None:
+        raise ValueError("an ImageNet-style folder holds the images: give images")
+    for tag in tags:
+        target = root / split / folder(tag) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return len(tags)
+
+
+def is_folder(root: Path) -> bool:
+    """Whether ``root`` holds split folders of label folders of images (and no COCO or TFRecord files)."""
+    return any(_images(split) for split in _splits(root))
+
+
+def read(root: Path, saved: list[Label] | None) -> tuple[list[Label], dict[str, list[tuple[FrameAnnotations, Path]]]]:
+    """Labels and, per split, ``(frame with its one tag, image path)``; frames are numbered per split."""
+    splits = _splits(root)
+    found = sorted({child.name for split in splits for child in split.iterdir() if child.is_dir()})
+    labels = saved or [Label(name, TAG, id=i) for i, name in enumerate(found, start=1)]
+    label_of = {folder(label.name): label.name for label in labels}
+    out: dict[str, list[tuple[FrameAnnotations, Path]]] = {}
+    for split in splits:
+        pairs = []
+        for child in sorted(c for c in split.iterdir() if c.is_dir() and c.name in label_of):
+            for path in _images(child):
+                with Image.open(path) as image:  # the header only
+                    width, height = image.size
+                name = path.relative_to(child).as_posix()
+                pairs.append((FrameAnnotations(len(pairs), width, height, name, tags=[label_of[child.name]]), path))
+        if pairs:
+            out[split.name] = pairs
+    return labels, out
+
+
+def _splits(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("annotations", "images")) \
+        if root.is_dir() else []
+
+
+def _images(directory: Path) -> Iterable[Path]:
+    extensions = set(Image.registered_extensions())
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
