@@ -9,6 +9,10 @@
 * ``predictions.png`` (``prediction_grid``): validation frames, upscaled, with their ground truth (dashed white on
   black) and the detections above the threshold (solid, a colour per label, tagged "label 0.93").
 
+A classifier's report (its detector returns tags) has top-1 and top-5 accuracy at each validation, the accuracy per
+class at the best one, and the confusion matrix of its tags on the validation frames in place of the mAP, AP and
+precision-recall panels; its grid shows each frame's true tag and the predicted one.
+
 Only matplotlib's object API draws them (a ``Figure`` rendered by ``FigureCanvasAgg``): no pyplot, and no global
 backend or rcParams is touched, so this is safe in a server process beside other users of matplotlib.
 """
@@ -31,11 +35,12 @@ from matplotlib.patches import Polygon, Rectangle
 
 from preannotate.formats import masks
 from preannotate.frames import FrameImages, decode_rgb
-from preannotate.shapes import FrameAnnotations, Label, Shape
+from preannotate.shapes import TAG, FrameAnnotations, Label, Shape
 from preannotate.training.evaluation import (  # noqa: F401 - detect_frames and its batch: part of this module's API
     DETECT_BATCH,
     RECALL_POINTS,
     detect_frames,
+    headline,
     score_shapes,
 )
 
@@ -77,7 +82,11 @@ def write_report(run_dir: Path, detector, val_items: Sequence[tuple[FrameAnnotat
         predicted.append(shapes)
         if index in shown:
             images[index] = image
-    curves = precision_recall(frames, predicted, labels) if frames else None
+    tags = getattr(detector, "output", None) == TAG
+    if tags:  # a classifier's frames: their true tag, and no shapes to draw
+        frames = [FrameAnnotations(f.frame, f.width, f.height, f.name, tags=f.tags) for f in frames]
+    curves = (confusion(frames, predicted, labels) if tags else precision_recall(frames, predicted, labels)) \
+        if frames else None
     manifest = getattr(detector, "manifest", None)
     architecture = getattr(manifest, "architecture", "") or type(detector).__name__
     report = run_dir / "report.png"
@@ -87,8 +96,8 @@ def write_report(run_dir: Path, detector, val_items: Sequence[tuple[FrameAnnotat
                                                       frames[i].name,
                                                       [s for s in predicted[i] if _score(s) >= threshold]))
             for i in sorted(images)]
-    title = (f"{architecture} on {len(grid)} of {len(val_items)} validation frames, detections with score "
-             f"≥ {threshold:g}")
+    title = (f"{architecture} on {len(grid)} of {len(val_items)} validation frames, "
+             f"{'tags' if tags else 'detections'} with score ≥ {threshold:g}")
     predictions = prediction_grid(grid, run_dir / "predictions.png", title=title, labels=labels)
     return [report, predictions]
 
@@ -115,6 +124,19 @@ def precision_recall(frames: Sequence[FrameAnnotations], predictions: Sequence[S
     truth, in the frames' own pixels, with each class's precision at IoU .5 over COCO's 101 recall points
     (``per_class[name]["precision50"]``, see ``coco_metrics``)."""
     return score_shapes(frames, predictions, labels, curves=True)
+
+
+def confusion(frames: Sequence[FrameAnnotations], predictions: Sequence[Sequence[Shape]], labels: Sequence[Label]
+              ) -> dict[str, Any]:
+    """A classifier's confusion matrix: ``matrix[true][predicted]`` frame counts over ``labels`` (the last column:
+    no tag predicted), of each frame's first tag against its best predicted tag."""
+    index = {label.name: i for i, label in enumerate(labels)}
+    matrix = np.zeros((len(labels), len(labels) + 1), int)
+    for frame, predicted in zip(frames, predictions, strict=True):
+        if frame.tags and frame.tags[0] in index:
+            best = max((s for s in predicted if s.label in index), key=_score, default=None)
+            matrix[index[frame.tags[0]], len(labels) if best is None else index[best.label]] += 1
+    return {"confusion": matrix.tolist(), "labels": [label.name for label in labels]}
 
 
 def _score(shape: Shape) -> float:
@@ -168,10 +190,13 @@ def report_figure(records: Sequence[dict[str, Any]], curves: dict[str, Any] | No
     _losses(loss_ax, train, interrupted)
     _learning_rate(lr_ax, train)
     if curves is None:
-        for ax, what in ((map_ax, "Validation mAP"), (ap_ax, "AP@.5 per class"),
-                         (pr_ax, "Precision–recall at IoU 0.5")):
+        for ax, what in ((map_ax, "Validation score"), (ap_ax, "Score per class"), (pr_ax, "Errors")):
             ax.set_title(what, fontsize=12)
             _say(ax, "no validation frames")
+    elif "confusion" in curves:  # a classifier
+        _accuracies(map_ax, validations, best)
+        _class_accuracy(ap_ax, best, curves)
+        _confusion(pr_ax, curves, frames)
     else:
         _maps(map_ax, validations, best)
         _per_class(ap_ax, best, curves, labels, frames)
@@ -186,8 +211,8 @@ def _best(validations: Sequence[dict[str, Any]], end: dict[str, Any] | None) -> 
         kept = [r for r in validations if r["step"] == end["best_step"]]
         if kept:
             return kept[-1]
-    scored = [r for r in validations if r.get("map") is not None]
-    return max(scored, key=lambda r: r["map"]) if scored else (validations[-1] if validations else None)
+    scored = [r for r in validations if headline(r) is not None]
+    return max(scored, key=headline) if scored else (validations[-1] if validations else None)
 
 
 def _headline(title: str, train: Sequence[dict], validations: Sequence[dict], best: dict | None,
@@ -199,7 +224,9 @@ def _headline(title: str, train: Sequence[dict], validations: Sequence[dict], be
         parts.append(f"{last} of {total} steps" if total else f"{last} steps")
     if end and end.get("stopped") and end["stopped"] != "completed":
         parts.append(f"stopped: {end['stopped']}")
-    if best and best.get("map") is not None:
+    if best and best.get("top1") is not None:
+        parts.append(f"best top-1 {_fmt(best['top1'])}, top-5 {_fmt(best.get('top5'))} at step {best['step']}")
+    elif best and best.get("map") is not None:
         parts.append(f"best mAP@.5 {_fmt(best.get('map50'))}, mAP@[.5:.95] {_fmt(best['map'])} at step "
                      f"{best['step']}")
     return " · ".join(parts) or "Training report"
@@ -296,6 +323,75 @@ def _maps(ax, validations: Sequence[dict[str, Any]], best: dict[str, Any] | None
         ax.set_xlim(steps[0] - 1, steps[0] + 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, loc="best", framealpha=0.85)
+
+
+def _accuracies(ax, validations: Sequence[dict[str, Any]], best: dict[str, Any] | None) -> None:
+    ax.set_title("Validation accuracy", fontsize=12)
+    if not validations:
+        _say(ax, "no validation in metrics.jsonl yet")
+        return
+    steps = [r["step"] for r in validations]
+    for key, name, colour in (("top1", "top-1", "#d62728"), ("top5", "top-5", "#1f77b4")):
+        ax.plot(steps, [_nan(r.get(key)) for r in validations], color=colour, linewidth=2, marker="o",
+                markersize=5, label=name)
+    if best is not None and best.get("top1") is not None:
+        ax.plot([best["step"]], [best["top1"]], marker="*", markersize=16, color="#ffbf00", markeredgecolor="black",
+                linestyle="none", label=f"kept: step {best['step']}")
+    ax.set_xlabel("step", fontsize=11)
+    ax.set_ylabel("accuracy", fontsize=11)
+    ax.set_ylim(0, 1.02)
+    if len(set(steps)) == 1:
+        ax.set_xlim(steps[0] - 1, steps[0] + 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="best", framealpha=0.85)
+
+
+def _class_accuracy(ax, best: dict[str, Any] | None, curves: dict[str, Any]) -> None:
+    """Top-1 accuracy per class at the best validation (else of these weights, from the confusion matrix)."""
+    names = curves["labels"]
+    if best is not None and best.get("per_class"):
+        values = [(best["per_class"].get(name) or {}).get("accuracy") for name in names]
+        source = f"best validation, step {best['step']}"
+    else:
+        rows = np.asarray(curves["confusion"], float).reshape(len(names), -1)
+        values = [rows[i, i] / rows[i].sum() if rows[i].sum() else None for i in range(len(names))]
+        source = "these weights"
+    ax.set_title(f"Top-1 accuracy per class ({source})", fontsize=12)
+    if not names:
+        _say(ax, "no labels")
+        return
+    colours = _colours(names)
+    bars = ax.barh(np.arange(len(names)), [v or 0.0 for v in values], height=0.75,
+                   color=[colours[n] for n in names], edgecolor="black", linewidth=0.6)
+    for bar, value in zip(bars, values, strict=True):
+        ax.text(bar.get_width() + 0.01, bar.get_y() + bar.get_height() / 2,
+                "no frames" if value is None else f"{value:.3f}", va="center", fontsize=9)
+    ax.set_yticks(np.arange(len(names)), names, fontsize=10 if len(names) <= 20 else 7)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_xlim(0, 1.2)
+    ax.set_xticks(np.linspace(0, 1, 6))
+    ax.set_xlabel("accuracy", fontsize=11)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _confusion(ax, curves: dict[str, Any], frames: int) -> None:
+    names = curves["labels"]
+    matrix = np.asarray(curves["confusion"], int).reshape(len(names), len(names) + 1)
+    ax.set_title(f"Confusion matrix (these weights on {frames} validation frames)", fontsize=12)
+    if not matrix.sum():
+        _say(ax, "no tagged validation frames")
+        return
+    ax.imshow(matrix, cmap="Blues", aspect="auto", vmin=0)
+    for (row, column), count in np.ndenumerate(matrix):
+        if count:
+            dark = count > matrix.max() / 2
+            ax.text(column, row, str(count), ha="center", va="center", fontsize=9 if len(names) <= 20 else 6,
+                    color="white" if dark else "black")
+    small = 10 if len(names) <= 20 else 6
+    ax.set_xticks(np.arange(len(names) + 1), [*names, "no tag"], fontsize=small, rotation=45, ha="right")
+    ax.set_yticks(np.arange(len(names)), names, fontsize=small)
+    ax.set_xlabel("predicted (the best tag, whatever its score)", fontsize=11)
+    ax.set_ylabel("true tag", fontsize=11)
 
 
 def _nan(value: float | None) -> float:
@@ -425,8 +521,9 @@ def _grid_figure(frames: Sequence[tuple[bytes | np.ndarray, FrameAnnotations, Fr
     # The header: the title, wrapped to the figure's width, then the legend, as many entries a row as fit.
     title_lines = textwrap.wrap(title, max(20, int(width * DPI * 0.95 / _text_px("x", 13)))) if title else []
     used = sorted({s.label for _, _, predicted in frames for s in predicted.shapes}, key=names.index)
-    handles = _legend_handles(used, colours)
-    entry_px = max(_text_px(text, 12) for _, text in handles) * 0.85 + 100  # text, handle and spacing
+    tagged = not any(t.shapes or any(s.type != TAG for s in p.shapes) for _, t, p in frames)
+    handles = [] if tagged else _legend_handles(used, colours)  # a classifier's tags say what they are
+    entry_px = max((_text_px(text, 12) for _, text in handles), default=0) * 0.85 + 100  # text, handle, spacing
     legend_columns = max(1, min(len(handles), int(width * DPI * 0.95 // entry_px)))
     legend_rows = math.ceil(len(handles) / legend_columns)
     title_h = 0.1 + 0.25 * len(title_lines)
@@ -436,10 +533,11 @@ def _grid_figure(frames: Sequence[tuple[bytes | np.ndarray, FrameAnnotations, Fr
     if title_lines:
         figure.text(0.5, 1 - 0.1 / height, "\n".join(title_lines), ha="center", va="top", fontsize=13,
                     fontweight="bold", linespacing=1.15)
-    figure.legend(handles=[h for h, _ in handles], labels=[n for _, n in handles], loc="upper center",
-                  bbox_to_anchor=(0.5, 1 - title_h / height), ncols=legend_columns, fontsize=12,
-                  frameon=False, handler_map={tuple: HandlerTuple(ndivide=1)}, handlelength=3.2,
-                  columnspacing=1.6)
+    if handles:
+        figure.legend(handles=[h for h, _ in handles], labels=[n for _, n in handles], loc="upper center",
+                      bbox_to_anchor=(0.5, 1 - title_h / height), ncols=legend_columns, fontsize=12,
+                      frameon=False, handler_map={tuple: HandlerTuple(ndivide=1)}, handlelength=3.2,
+                      columnspacing=1.6)
     for index, ((_, truth, predicted), image) in enumerate(zip(frames, images, strict=True)):
         row, column = divmod(index, columns)
         left = gap + column * (cell_w + gap)
@@ -473,7 +571,11 @@ def _draw_frame(ax, image: np.ndarray, truth: FrameAnnotations, predicted: Frame
     ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_color("#444444")
-    shown = sorted(predicted.shapes, key=_score)[-MAX_DRAWN:]  # the most confident, drawn last: on top
+    tags = [shape for shape in predicted.shapes if shape.type == TAG]
+    if truth.tags or tags:
+        _frame_tags(ax, truth.tags, tags, colours, scale)
+    shown = sorted((s for s in predicted.shapes if s.type != TAG), key=_score)[-MAX_DRAWN:]  # the most confident,
+    # drawn last: on top
     # Truth's white dashes go over everything, its black under everything: a detection right on the truth shows
     # as its colour with the truth's dashes running along the middle, rather than hiding it.
     for shape in truth.shapes:
@@ -491,12 +593,32 @@ def _draw_frame(ax, image: np.ndarray, truth: FrameAnnotations, predicted: Frame
     for shape in shown:  # tags above every outline
         text = f"{shape.label} {shape.score:.2f}" if shape.score is not None else shape.label
         _tag(ax, shape, text, colours.get(shape.label, PALETTE[0]), width, height, scale)
-    counts = f": {len(truth.shapes)} true, {len(predicted.shapes)} predicted"
-    if len(shown) < len(predicted.shapes):
+    counts = "" if not truth.shapes and all(s.type == TAG for s in predicted.shapes) else \
+        f": {len(truth.shapes)} true, {len(predicted.shapes)} predicted"
+    if len(shown) < len(predicted.shapes) - len(tags):
         counts += f" ({len(shown)} most confident drawn)"
     room = int(cell * 0.98 // _text_px("x", 11)) - len(counts)
     name = _shorten(truth.name or predicted.name or f"frame {truth.frame}", max(8, room), keep_end=True)
     ax.set_title(name + counts, fontsize=11, pad=4)
+
+
+def _frame_tags(ax, truth: Sequence[str], predicted: Sequence[Shape], colours: dict[str, str], scale: float) -> None:
+    """A frame's tags in its top-left corner: the true ones white on black, the predicted ones below in their
+    label's colour with their score (a wrong one is marked)."""
+    lines = [(f"true: {', '.join(truth)}", "#000000")] if truth else []
+    for shape in sorted(predicted, key=_score, reverse=True):
+        mark = "" if not truth or shape.label in truth else "  ✗"
+        score = f" {shape.score:.2f}" if shape.score is not None else ""
+        lines.append((f"{shape.label}{score}{mark}", colours.get(shape.label, PALETTE[0])))
+    if truth and not predicted:
+        lines.append(("no tag predicted", "#bbbbbb"))
+    y = 4 / scale
+    for text, colour in lines:
+        red, green, blue = (int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+        ink = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.55 else "white"
+        ax.text(4 / scale, y, text, fontsize=11, color=ink, ha="left", va="top", zorder=6, clip_on=True,
+                bbox={"boxstyle": "square,pad=0.2", "facecolor": colour, "edgecolor": "black", "linewidth": 0.6})
+        y += (11 * 1.9 * DPI / 72) / scale
 
 
 def _tag(ax, shape: Shape, text: str, colour: str, width: int, height: int, scale: float,
