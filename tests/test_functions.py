@@ -28,7 +28,8 @@ def test_checked_in_functions_match_their_source(tmp_path):
     assert not drifted, f"edited by hand or stale, run `make functions`: {drifted}"
 
 
-COCO_MODELS = [name for name, arch in ARCHITECTURES.items() if arch.pretrained_kind == "coco"]
+# the architectures whose pretrained weights come with labels: COCO's detectors, ImageNet's classifiers
+COCO_MODELS = [name for name, arch in ARCHITECTURES.items() if arch.pretrained_kind in ("coco", "imagenet")]
 
 
 def test_no_function_is_rendered_with_an_empty_spec():
@@ -58,7 +59,7 @@ def test_every_registry_model_has_a_valid_cpu_and_gpu_function(name):
     timeout = parse_duration(cpu["spec"]["eventTimeout"])
     assert ARCHITECTURES[name].cpu_timeout_s == timeout <= 120
     labels = json.loads(cpu["metadata"]["annotations"]["spec"])
-    expected_type = "mask" if ARCHITECTURES[name].output == "mask" else "rectangle"
+    expected_type = ARCHITECTURES[name].output
     assert all(label["type"] == expected_type for label in labels)
     main = (directory / "main.py").read_text()
     assert len([line for line in main.splitlines() if line.strip()]) <= 3
@@ -72,6 +73,15 @@ def test_coco_functions_list_the_coco_labels_and_bake_the_weights_at_build_time(
     directives = config["spec"]["build"]["directives"]["postCopy"]
     assert directives == [{"kind": "ENV", "value": f"TORCH_HOME={functions.TORCH_HOME}"},
                           {"kind": "RUN", "value": "preannotate models fetch-weights ssdlite320_mobilenet_v3_large"}]
+
+
+def test_a_classifier_function_lists_imagenet_classes_as_tags_cvat_stores_as_tags():
+    config = yaml.safe_load((REPO / "functions/pytorch/efficientnet_b4/nuclio/function.yaml").read_text())
+    labels = json.loads(config["metadata"]["annotations"]["spec"])
+    assert len(labels) == 1000 and labels[0] == {"id": 1, "name": "tench", "type": "tag", "attributes": []}
+    assert config["metadata"]["annotations"]["type"] == "detector"  # CVAT's kinds: classification is a detector
+    assert config["spec"]["build"]["directives"]["postCopy"][-1] == {
+        "kind": "RUN", "value": "preannotate models fetch-weights efficientnet_b4"}
 
 
 @pytest.mark.parametrize("filename", ["function.yaml", "function-gpu.yaml"])
@@ -180,7 +190,7 @@ def test_gpu_file_must_request_a_gpu_and_one_worker():
 def test_functions_cli_renders_and_validates(tmp_path, capsys):
     assert cli(["functions", "render", "--out", str(tmp_path)]) == 0
     assert cli(["functions", "validate", str(tmp_path)]) == 0
-    assert "7 function directories checked, 0 problems" in capsys.readouterr().out
+    assert "13 function directories checked, 0 problems" in capsys.readouterr().out
     broken = tmp_path / "pytorch" / "retinanet_resnet50_fpn" / "nuclio" / "function-gpu.yaml"
     broken.write_text(broken.read_text().replace("description:", "summary:"))
     assert cli(["functions", "validate", str(tmp_path)]) == 1

@@ -1,0 +1,3 @@
+"""Nuclio entry of efficientnet_b4; its model is PREANNOTATE_MODEL in function.yaml."""
+
+from preannotate.serving.nuclio import handler, init_context  # noqa: F401

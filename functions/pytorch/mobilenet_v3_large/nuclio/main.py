@@ -1,0 +1,3 @@
+"""Nuclio entry of mobilenet_v3_large; its model is PREANNOTATE_MODEL in function.yaml."""
+
+from preannotate.serving.nuclio import handler, init_context  # noqa: F401
