@@ -290,3 +290,44 @@ def test_cvat_sdk_and_annotate_write_the_same_tags_and_reruns_replace_them(train
     truth = [lighting.annotations.frames[n].tags[0] for n in numbers]
     assert sum(label == truth[frame] for frame, label in tags(ours, "auto")) >= len(numbers) - 1
     assert not cvat_double.annotations(ours)["shapes"]
+
+
+@pytest.mark.slow
+def test_from_tags_people_finished_in_cvat_to_tags_written_back(lighting, cvat_double, monkeypatch, tmp_path, capsys):
+    """``preannotate train`` on a CVAT task whose job is completed (its tags exported ImageNet-style), then
+    ``preannotate annotate`` of a new task: what the menu loop does, for a classifier."""
+    from preannotate.cli import main as cli
+
+    for key, value in (("CVAT_URL", cvat_double.base_url), ("CVAT_USERNAME", cvat_double.credentials[0]),
+                       ("CVAT_PASSWORD", cvat_double.credentials[1])):
+        monkeypatch.setenv(key, value)
+    frames = sorted(lighting.annotations.frames.values(), key=lambda f: f.frame)
+    files = [(f.name, dict(lighting.images.encoded([f.frame]))[f.frame], f.width, f.height) for f in frames]
+    labels = [{"name": "car", "type": "rectangle"}, *({"name": n, "type": "tag"} for n in LIGHTING)]
+    labelled, fresh = cvat_double.add_task("labelled", files, labels), cvat_double.add_task("new", files[:8], labels)
+    with make_client(cvat_double.base_url, credentials=cvat_double.credentials) as client:
+        client.tasks.retrieve(labelled).update_annotations(models.PatchedLabeledDataRequest(tags=[
+            models.LabeledImageRequest(frame=f.frame, label_id=cvat_double.label_id(labelled, f.tags[0]))
+            for f in frames if f.tags]), action=AnnotationUpdateAction.CREATE)
+        for job in client.jobs.list(task_id=labelled):
+            client.jobs.retrieve(job.id).update({"state": "completed"})
+    store = tmp_path / "store"
+    assert cli(["train", "--task", str(labelled), "--model", "mobilenet_v3_small", "--name", "lighting", "-H",
+                "init=random; num-steps=100; batch-size=16; image-size=64; num-validations=1; val-fraction=0.25",
+                "--store", str(store), "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert "published lighting@1 after 100 steps (completed): top-1 " in printed
+    manifest = json.loads((store / "lighting" / "v1" / "manifest.json").read_text())
+    assert [(label["name"], label["type"]) for label in manifest["labels"]] == [(n, "tag") for n in LIGHTING]
+    assert manifest["metrics"]["top1"] >= 0.8 and manifest["provenance"]["cvat"]["tasks"] == {
+        str(labelled): cvat_double.tasks[labelled].record["updated_date"]}
+    exported = tmp_path / "run" / "dataset"
+    assert sorted(p.name for p in (exported / "train").iterdir()) == sorted(LIGHTING)  # the ImageNet layout
+
+    assert cli(["annotate", "--task", str(fresh), "--model", "lighting", "--store", str(store),
+                "--no-confidence-tags", "--threshold", "0"]) == 0
+    names = {cvat_double.label_id(fresh, n): n for n in LIGHTING}
+    written = {t["frame"]: names[t["label_id"]] for t in cvat_double.annotations(fresh)["tags"]}
+    assert len(written) == 8 and not cvat_double.annotations(fresh)["shapes"]
+    truth = {i: f.tags[0] for i, f in enumerate(frames[:8]) if f.tags}
+    assert sum(written[i] == tag for i, tag in truth.items()) >= len(truth) - 1

@@ -207,10 +207,16 @@ def test_invalid_label_type_and_attribute_input_type():
         AttributeSpec("size", "slider")
 
 
-@pytest.mark.parametrize("shape_type", ["tag", "box", "", "Rectangle"])
+@pytest.mark.parametrize("shape_type", ["box", "", "Rectangle"])
 def test_invalid_shape_type(shape_type):
     with pytest.raises(ValueError, match="shape type"):
         Shape("car", shape_type, [0, 0, 1, 1])
+
+
+def test_a_tag_is_a_classifiers_prediction_without_geometry():
+    assert Shape("day", "tag", [], score=0.9).points == []
+    with pytest.raises(ValueError, match="a tag is the frame's label: it has no points"):
+        Shape("day", "tag", [0, 0, 1, 1])
 
 
 # --- label lists --------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _store_argument(train)
     train.add_argument("--task", type=int, action="append", default=[], help="a CVAT task (repeatable)")
     train.add_argument("--project", type=int, help="every task of a CVAT project")
-    train.add_argument("--data", help="an export folder (COCO or TFRecord); a 'val' split there is the validation "
+    train.add_argument("--data", help="an export folder (COCO, TFRecord, or ImageNet-style for a classifier); a 'val' split there is the validation "
                                       "set")
     train.add_argument("--model", required=True, help="the architecture (preannotate models architectures)")
     train.add_argument("-H", "--hyperparameters", default="", help='e.g. "num-steps=2000; batch-size=8" '
