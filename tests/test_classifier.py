@@ -319,8 +319,7 @@ def test_from_tags_people_finished_in_cvat_to_tags_written_back(lighting, cvat_d
     assert "published lighting@1 after 100 steps (completed): top-1 " in printed
     manifest = json.loads((store / "lighting" / "v1" / "manifest.json").read_text())
     assert [(label["name"], label["type"]) for label in manifest["labels"]] == [(n, "tag") for n in LIGHTING]
-    assert manifest["metrics"]["top1"] >= 0.8 and manifest["provenance"]["cvat"]["tasks"] == {
-        str(labelled): cvat_double.tasks[labelled].record["updated_date"]}
+    assert manifest["metrics"]["top1"] >= 0.8 and list(manifest["provenance"]["cvat"]["tasks"]) == [str(labelled)]
     exported = tmp_path / "run" / "dataset"
     assert sorted(p.name for p in (exported / "train").iterdir()) == sorted(LIGHTING)  # the ImageNet layout
 

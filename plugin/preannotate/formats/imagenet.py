@@ -54,20 +54,22 @@ def is_folder(root: Path) -> bool:
 
 
 def read(root: Path, saved: list[Label] | None) -> tuple[list[Label], dict[str, list[tuple[FrameAnnotations, Path]]]]:
-    """Labels and, per split, ``(frame with its one tag, image path)``; frames are numbered per split."""
+    """Labels and, per split, ``(frame with its one tag, image path)`` in the order of the frames' names (CVAT's
+    frame order, not grouped by label); frames are numbered per split."""
     splits = _splits(root)
     found = sorted({child.name for split in splits for child in split.iterdir() if child.is_dir()})
     labels = saved or [Label(name, TAG, id=i) for i, name in enumerate(found, start=1)]
     label_of = {folder(label.name): label.name for label in labels}
     out: dict[str, list[tuple[FrameAnnotations, Path]]] = {}
     for split in splits:
+        found = sorted((path.relative_to(child).as_posix(), label_of[child.name], path)
+                       for child in split.iterdir() if child.is_dir() and child.name in label_of
+                       for path in _images(child))
         pairs = []
-        for child in sorted(c for c in split.iterdir() if c.is_dir() and c.name in label_of):
-            for path in _images(child):
-                with Image.open(path) as image:  # the header only
-                    width, height = image.size
-                name = path.relative_to(child).as_posix()
-                pairs.append((FrameAnnotations(len(pairs), width, height, name, tags=[label_of[child.name]]), path))
+        for name, label, path in found:
+            with Image.open(path) as image:  # the header only
+                width, height = image.size
+            pairs.append((FrameAnnotations(len(pairs), width, height, name, tags=[label]), path))
         if pairs:
             out[split.name] = pairs
     return labels, out

@@ -207,14 +207,33 @@ def _recalibrate(model, batches, device, frozen) -> int:
         return 0
     momenta = [norm.momentum for norm in norms]
     model.eval()  # inference path (no targets needed) ...
+    squares: dict[int, torch.Tensor] = {}  # each norm's sum over batches of its batch mean squared
+
+    def measure(module, inputs) -> None:
+        x = inputs[0].detach().float()
+        mean = x.mean([0, *range(2, x.dim())])
+        squares[id(module)] = squares.get(id(module), 0) + mean * mean
+
+    hooks = [norm.register_forward_pre_hook(measure) for norm in norms]
     for norm in norms:  # ... with the norms measuring
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average
         norm.train()
-    for images, _ in batches:
-        model([image.to(device, non_blocking=True) for image in images])
+    try:
+        for images, _ in batches:
+            model([image.to(device, non_blocking=True) for image in images])
+    finally:
+        for hook in hooks:
+            hook.remove()
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
+        batches_seen = int(norm.num_batches_tracked)
+        if batches_seen and id(norm) in squares:
+            # The population variance is the batches' mean variance plus the variance of their means: averaging
+            # variances alone misses the second, which is large when batches differ (night frames in one, day in
+            # another) and then leaves the model blind to the very difference it learned.
+            between = squares[id(norm)] / batches_seen - norm.running_mean.float() ** 2
+            norm.running_var += between.clamp(min=0).to(norm.running_var.dtype)
     model.eval()
     return len(norms)
 

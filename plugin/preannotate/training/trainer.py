@@ -430,7 +430,7 @@ class _Run:
         """Training frames spread over the set, unaugmented; loaded in this process (a few dozen frames)."""
         items = sample(self.train_items, CALIBRATION_FRAMES)
         batch = max(2, self.hp.batch_size)  # full batches only: a batch norm cannot measure one 1x1 map
-        items = (items * batch)[:max(batch, len(items) // batch * batch)]
+        items = (items * batch)[:math.ceil(len(items) / batch) * batch]  # every one, the last batch filled up
         return data.loader(self._dataset(items, False), batch_size=batch, workers=0)
 
     def _log_window(self, window: StepWindow, state: TrainState, lr: float, logs: RunLogs) -> None:
