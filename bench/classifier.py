@@ -96,7 +96,7 @@ def speed(args, work: Path) -> list[str]:
 
 
 def quality(args, work: Path) -> list[str]:
-    lines = ["", f"**Quality from scratch** on synthetic frames (random init, registry defaults for init=random, "
+    lines = ["", "**Quality from scratch** on synthetic frames (random init, registry defaults for init=random, "
                  "scored on a test split neither training saw):", "",
              "| model | frames (train / val / test) | budget | score on test | seconds |", "|---|---|---|---|---|"]
     # a classifier on the lighting tags

@@ -32,7 +32,7 @@ from preannotate.training.evaluation import accuracy
 from preannotate.training.report import confusion
 from preannotate.training.trainer import train
 
-from tests.conftest import b64, encode
+from tests.conftest import b64
 
 logging.getLogger("cvat_sdk").setLevel(logging.ERROR)  # cvat-sdk 2.80 warns about the 2.42 server
 
@@ -330,3 +330,25 @@ def test_from_tags_people_finished_in_cvat_to_tags_written_back(lighting, cvat_d
     assert len(written) == 8 and not cvat_double.annotations(fresh)["shapes"]
     truth = {i: f.tags[0] for i, f in enumerate(frames[:8]) if f.tags}
     assert sum(written[i] == tag for i, tag in truth.items()) >= len(truth) - 1
+
+
+def test_the_bridge_exports_the_tags_of_a_task_a_job_and_a_project(cvat_double, monkeypatch, tmp_path, capsys):
+    """Task 7 of the recordings has one tag: ``daytime`` on frame 0 (job 7); job 8 has none."""
+    from preannotate.cli import main as cli
+
+    for key, value in (("CVAT_URL", cvat_double.base_url), ("CVAT_USERNAME", cvat_double.credentials[0]),
+                       ("CVAT_PASSWORD", cvat_double.credentials[1])):
+        monkeypatch.setenv(key, value)
+    first = cvat_double.tasks[7].frames[0].name
+    for source, prefix in ((["--task", "7"], ""), (["--job", "7"], ""), (["--project", "6"], "task_7/")):
+        out = tmp_path / source[0].strip("-")
+        assert cli(["export", *source, "--format", "imagenet", "--out", str(out)]) == 0, capsys.readouterr().err
+        images = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.suffix in (".jpg", ".jpeg"))
+        assert images == [f"train/daytime/{prefix}{first}"]
+        labels, splits = read_dataset(out)
+        assert "daytime" in [label.name for label in labels]
+        assert [(frame.name, frame.tags) for frame, _ in splits["train"]] == [(prefix + first, ["daytime"])]
+    capsys.readouterr()
+    assert cli(["export", "--job", "8", "--format", "imagenet", "--out", str(tmp_path / "none")]) == 0
+    assert not list((tmp_path / "none").rglob("*.jpg"))  # nothing tagged: no image, and said
+    assert "left out (no class to learn): 3 untagged frames" in capsys.readouterr().out

@@ -87,6 +87,16 @@ def test_deploy_for_a_project_before_any_training_lists_the_project_labels(cvat_
     assert [(label["name"], label["type"]) for label in spec] == [("car", "rectangle"), ("sign", "rectangle")]
     assert functions.validate_directory(out) == []
 
+    # the default classifier takes the project's tag label (and the "any" one), which CVAT fills with its tags
+    code, lines, err = _deploy(capsys, "--model", "streets-tags", "--train-project", "6", "--arch",
+                               "efficientnet_b4", "--store", str(store), "--out", str(out), "--dry-run")
+    assert code == 0, err
+    config = yaml.safe_load((out / "function.yaml").read_text())
+    spec = json.loads(config["metadata"]["annotations"]["spec"])
+    assert [(label["name"], label["type"]) for label in spec] == [("sign", "tag"), ("daytime", "tag")]
+    assert _env(config)["PREANNOTATE_TRAIN_MODEL"] == "efficientnet_b4"
+    assert functions.validate_directory(out) == []
+
 
 def test_deploy_for_a_project_whose_labels_no_model_output_fits_says_so(cvat_env, tmp_path, capsys):
     project = cvat_env.add_project("tags only", [{"name": "day", "type": "tag"}, {"name": "cat", "type": "points"}])

@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     _store_argument(train)
     train.add_argument("--task", type=int, action="append", default=[], help="a CVAT task (repeatable)")
     train.add_argument("--project", type=int, help="every task of a CVAT project")
-    train.add_argument("--data", help="an export folder (COCO, TFRecord, or ImageNet-style for a classifier); a 'val' split there is the validation "
-                                      "set")
+    train.add_argument("--data", help="an export folder (COCO, TFRecord, or ImageNet-style for a classifier); a "
+                                      "'val' split there is the validation set")
     train.add_argument("--model", required=True, help="the architecture (preannotate models architectures)")
     train.add_argument("-H", "--hyperparameters", default="", help='e.g. "num-steps=2000; batch-size=8" '
                                                                     "(key=value lines or ;/, lists)")
@@ -293,6 +293,7 @@ def cmd_functions(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from preannotate.cvat.export import export
+    from preannotate.formats.imagenet import UNTAGGED
 
     if not 0 <= args.val_fraction < 1:
         raise CommandError("--val-fraction must be at least 0 and below 1")
@@ -303,8 +304,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     for split, frames in summary.frames.items():
         print(f"{split}: {_count(frames, 'frame')}, {_count(summary.objects.get(split, 0), 'object')}")
     if summary.skipped:
-        print("left out (a detector cannot learn them): "
-              + ", ".join(f"{n} {kind}" for kind, n in sorted(summary.skipped.items())))
+        print(f"left out ({'no class to learn' if args.format == 'imagenet' else 'a detector cannot learn them'}): "
+              + ", ".join(_count(n, kind) if kind == UNTAGGED else f"{n} {kind}"  # shape types: CVAT's names
+                          for kind, n in sorted(summary.skipped.items())))
     print(f"wrote {args.format} to {summary.path}")
     return 0
 

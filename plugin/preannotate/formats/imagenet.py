@@ -22,7 +22,7 @@ from PIL import Image
 
 from preannotate.shapes import TAG, FrameAnnotations, Label
 
-UNTAGGED = "frame without a tag"  # what ``write_frame`` counts in ``skipped`` for a frame it leaves out
+UNTAGGED = "untagged frame"  # what ``write_frame`` counts in ``skipped`` for a frame it leaves out
 
 
 def folder(label: str) -> str:

@@ -68,8 +68,9 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
     """A new detector of ``architecture`` for ``labels`` (COCO's when pretrained and none given).
 
     ``init`` (default: the hyperparameters' ``init``, ``random`` when they do not give one): ``random``,
-    ``pretrained`` (the registry's torchvision weights: COCO's, or ImageNet's for a classifier) or ``previous`` (the weights of the artifact at
-    ``previous``; heads for a changed label set start fresh). The manifest records the init used."""
+    ``pretrained`` (the registry's torchvision weights: COCO's, or ImageNet's for a classifier) or ``previous``
+    (the weights of the artifact at ``previous``; heads for a changed label set start fresh). The manifest records
+    the init used."""
     arch = get_architecture(architecture)
     family = family_of(arch)
     hp = hyperparameters_for(architecture, hyperparameters)

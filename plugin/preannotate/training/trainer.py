@@ -246,8 +246,9 @@ class _Run:
             labels = data.tag_labels(labels, train_items)
             train_items, val_items = data.tag_examples(train_items, labels), data.tag_examples(val_items, labels)
             if not train_items:
-                raise ValueError(f"no training frame has a tag of {', '.join(l.name for l in labels) or 'a tag label'}"
-                                 ": tag frames in CVAT (labels of type tag) to train a classifier")
+                named = ", ".join(label.name for label in labels) or "a tag label"
+                raise ValueError(f"no training frame has a tag of {named}: tag frames in CVAT (labels of type tag) "
+                                 "to train a classifier")
         self.labels = [Label(label.name, label.type, label.attributes, i) for i, label in enumerate(labels, 1)]
         self.train_items, self.val_items = train_items, val_items
         self.output = output_dir
