@@ -120,8 +120,8 @@ def export_from_cvat(client, request: Mapping[str, Any], directory: Path, hp: Hy
     """The frames people finished (``hp.train_on``, ``cvat.reader.read_finished``) of the CVAT tasks a request
     names (``tasks``, every task of ``project``), exported once into ``directory`` as a ``fmt`` folder
     (``dataset_format``), images included, split by ``hp``; ``cvat.json`` there records the server, each task's
-    ``updated_date``, and the jobs and frames used (the manifest's ``provenance.cvat``). A folder found complete is reused. ``NothingFinished`` when no
-    frame qualifies."""
+    ``updated_date``, and the jobs and frames used (the manifest's ``provenance.cvat``). A folder found complete is
+    reused. ``NothingFinished`` when no frame qualifies."""
     from preannotate.cvat.frames import CvatFrames
     from preannotate.cvat.reader import read_finished, task_ids, task_versions
     from preannotate.cvat.review import CONFIDENCE_LABEL
