@@ -122,6 +122,10 @@ def test_levels_follow_the_backbone_strides_and_the_neck_adds_levels_above_them(
         "init=random;backbone=resnet18;neck=none;top-level=4;head=fcos"))
     (only,) = none.model.backbone(torch.rand(1, 3, 64, 64)).values()
     assert only.shape[1:] == (256, 4, 4)  # ResNet-18's layer3: stride 16, 256 channels
+    narrowed = create_detector("custom", _labels("retinanet"), hyperparameters=(
+        "init=random;backbone=resnet50;neck=none;neck-channels=128;head=retinanet"))
+    (only,) = narrowed.model.backbone(torch.rand(1, 3, 64, 64)).values()
+    assert only.shape[1:] == (128, 2, 2)  # ResNet-50's 2048 channels of layer4, narrowed to neck-channels
 
 
 def test_bifpn_fuses_with_fast_normalized_weights_and_keeps_every_level():

@@ -168,8 +168,10 @@ class Neck(nn.Module):
         super().__init__()
         self.body, self.kind = body, neck
         top = max(body.levels)
-        if neck == "none":
-            self.levels, self.out_channels = [top], body.channels[top]
+        if neck == "none":  # the top level alone; wider than neck-channels it is narrowed by a 1x1 convolution (a
+            # RetinaNet head on EfficientNet-B7's 2560 channels would hold 470M weights)
+            self.levels, self.out_channels = [top], min(body.channels[top], channels)
+            self.reduce = nn.Conv2d(body.channels[top], channels, 1) if body.channels[top] > channels else None
             return
         self.levels = list(levels)
         self.inputs = [level for level in self.levels if level in body.channels]
@@ -189,7 +191,8 @@ class Neck(nn.Module):
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         features = {int(level): x for level, x in self.body(images).items()}
         if self.kind == "none":
-            return OrderedDict([("0", features[self.levels[0]])])
+            top = features[self.levels[0]]
+            return OrderedDict([("0", top if self.reduce is None else self.reduce(top))])
         if self.kind == "fpn":
             maps = list(self.fpn(OrderedDict((str(level), features[level]) for level in self.inputs)).values())
         else:

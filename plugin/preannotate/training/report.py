@@ -300,45 +300,37 @@ def _learning_rate(ax, train: Sequence[dict[str, Any]]) -> None:
 
 
 def _maps(ax, validations: Sequence[dict[str, Any]], best: dict[str, Any] | None) -> None:
-    ax.set_title("Validation mAP", fontsize=12)
+    masks_too = any("segm" in r for r in validations)
+    _scores(ax, validations, best, "Validation mAP", "mAP", "map", masks_too,
+            (("map50", "mAP@.5", "#d62728"), ("map", "mAP@[.5:.95]", "#1f77b4")))
+
+
+def _accuracies(ax, validations: Sequence[dict[str, Any]], best: dict[str, Any] | None) -> None:
+    _scores(ax, validations, best, "Validation accuracy", "accuracy", "top1", False,
+            (("top1", "top-1", "#d62728"), ("top5", "top-5", "#1f77b4")))
+
+
+def _scores(ax, validations: Sequence[dict[str, Any]], best: dict[str, Any] | None, title: str, unit: str,
+            kept: str, masks_too: bool, series: Sequence[tuple[str, str, str]]) -> None:
+    """Scores at each validation (``series``: key, name, colour), the kept one starred by its ``kept`` key; for a
+    mask model the box scores dashed beside the mask ones."""
+    ax.set_title(title, fontsize=12)
     if not validations:
         _say(ax, "no validation in metrics.jsonl yet")
         return
-    masks_too = any("segm" in r for r in validations)
     what = " (masks)" if masks_too else ""
     steps = [r["step"] for r in validations]
-    for key, name, colour in (("map50", "mAP@.5", "#d62728"), ("map", "mAP@[.5:.95]", "#1f77b4")):
+    for key, name, colour in series:
         ax.plot(steps, [_nan(r.get(key)) for r in validations], color=colour, linewidth=2, marker="o",
                 markersize=5, label=name + what)
         if masks_too:
             ax.plot(steps, [_nan((r.get("bbox") or {}).get(key)) for r in validations], color=colour, linewidth=1.2,
                     linestyle="--", marker=".", label=name + " (boxes)")
-    if best is not None and best.get("map") is not None:
-        ax.plot([best["step"]], [best["map"]], marker="*", markersize=16, color="#ffbf00", markeredgecolor="black",
+    if best is not None and best.get(kept) is not None:
+        ax.plot([best["step"]], [best[kept]], marker="*", markersize=16, color="#ffbf00", markeredgecolor="black",
                 linestyle="none", label=f"kept: step {best['step']}")
     ax.set_xlabel("step", fontsize=11)
-    ax.set_ylabel("mAP", fontsize=11)
-    ax.set_ylim(0, 1.02)
-    if len(set(steps)) == 1:
-        ax.set_xlim(steps[0] - 1, steps[0] + 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, loc="best", framealpha=0.85)
-
-
-def _accuracies(ax, validations: Sequence[dict[str, Any]], best: dict[str, Any] | None) -> None:
-    ax.set_title("Validation accuracy", fontsize=12)
-    if not validations:
-        _say(ax, "no validation in metrics.jsonl yet")
-        return
-    steps = [r["step"] for r in validations]
-    for key, name, colour in (("top1", "top-1", "#d62728"), ("top5", "top-5", "#1f77b4")):
-        ax.plot(steps, [_nan(r.get(key)) for r in validations], color=colour, linewidth=2, marker="o",
-                markersize=5, label=name)
-    if best is not None and best.get("top1") is not None:
-        ax.plot([best["step"]], [best["top1"]], marker="*", markersize=16, color="#ffbf00", markeredgecolor="black",
-                linestyle="none", label=f"kept: step {best['step']}")
-    ax.set_xlabel("step", fontsize=11)
-    ax.set_ylabel("accuracy", fontsize=11)
+    ax.set_ylabel(unit, fontsize=11)
     ax.set_ylim(0, 1.02)
     if len(set(steps)) == 1:
         ax.set_xlim(steps[0] - 1, steps[0] + 1)
