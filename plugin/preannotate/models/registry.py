@@ -186,16 +186,18 @@ ARCHITECTURES["custom"] = Architecture(
 _CLASSIFY = {"batch_size": 32, "initial_learning_rate": 0.01, "num_steps": 3000, "optimizer": "sgd",
              "schedule": "cosine", "warmup_steps": 100, "weight_decay": 1e-4}
 for _name, _weights, _size, _timeout, _what in [
-    ("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", 224, 30, "EfficientNet-B0: the lightest"),
-    ("efficientnet_b4", "EfficientNet_B4_Weights.IMAGENET1K_V1", 380, 30, "EfficientNet-B4: the default classifier"),
-    ("efficientnet_b7", "EfficientNet_B7_Weights.IMAGENET1K_V1", 600, 60, "EfficientNet-B7: the most accurate, "
-                                                                          "best on a GPU"),
-    ("resnet50", "ResNet50_Weights.IMAGENET1K_V2", 224, 30, "ResNet-50"),
-    ("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2", 224, 30, "MobileNetV3-Large: fast on a CPU"),
-    ("mobilenet_v3_small", "MobileNet_V3_Small_Weights.IMAGENET1K_V1", 224, 30, "MobileNetV3-Small: the fastest"),
+    ("efficientnet_b0", "EfficientNet_B0_Weights.IMAGENET1K_V1", 224, 30, "EfficientNet-B0 classifier, the lightest"),
+    ("efficientnet_b4", "EfficientNet_B4_Weights.IMAGENET1K_V1", 380, 30, "EfficientNet-B4 classifier, the default"),
+    ("efficientnet_b7", "EfficientNet_B7_Weights.IMAGENET1K_V1", 600, 60, "EfficientNet-B7 classifier, the most "
+                                                                          "accurate (best on a GPU)"),
+    ("resnet50", "ResNet50_Weights.IMAGENET1K_V2", 224, 30, "ResNet-50 classifier"),
+    ("mobilenet_v3_large", "MobileNet_V3_Large_Weights.IMAGENET1K_V2", 224, 30, "MobileNetV3-Large classifier, fast "
+                                                                                "on a CPU"),
+    ("mobilenet_v3_small", "MobileNet_V3_Small_Weights.IMAGENET1K_V1", 224, 30, "MobileNetV3-Small classifier, the "
+                                                                                "fastest"),
 ]:
     ARCHITECTURES[_name] = Architecture(
-        _name, "classifier", "tag", f"{_what} image classifier: a tag per frame, trained on your CVAT tags",
+        _name, "classifier", "tag", f"{_what}: a CVAT tag per frame, trained on your tags",
         _weights, pretrained_kind="imagenet", image_size=_size, max_image_size=_size, fixed_size=True,
         min_batch_size=2, cpu_timeout_s=_timeout, defaults=_CLASSIFY, scratch=_SCRATCH, build={"network": _name})
 
