@@ -45,6 +45,7 @@ bench-all: bench
 	$(BIN)/python bench/menu_loop.py
 	$(BIN)/python bench/keras_detectors.py --quality
 	$(BIN)/python bench/composed_speed.py
+	$(BIN)/python bench/classifier.py
 
 functions: setup
 	$(BIN)/preannotate functions render
