@@ -352,3 +352,18 @@ def test_the_bridge_exports_the_tags_of_a_task_a_job_and_a_project(cvat_double, 
     assert cli(["export", "--job", "8", "--format", "imagenet", "--out", str(tmp_path / "none")]) == 0
     assert not list((tmp_path / "none").rglob("*.jpg"))  # nothing tagged: no image, and said
     assert "left out (no class to learn): 3 untagged frames" in capsys.readouterr().out
+
+
+def test_train_on_all_takes_the_tags_people_made_in_unfinished_jobs_and_never_the_models(cvat_double):
+    """Task 8 of the recordings: one job, new (unfinished); labels cat and dog (type any)."""
+    from preannotate.cvat.reader import read_finished
+
+    cat, dog = cvat_double.label_id(8, "cat"), cvat_double.label_id(8, "dog")
+    with make_client(cvat_double.base_url, credentials=cvat_double.credentials) as client:
+        client.tasks.retrieve(8).update_annotations(models.PatchedLabeledDataRequest(tags=[
+            models.LabeledImageRequest(frame=0, label_id=cat, source="manual"),
+            models.LabeledImageRequest(frame=0, label_id=dog, source="auto"),
+            models.LabeledImageRequest(frame=1, label_id=dog, source="auto")]), action=AnnotationUpdateAction.CREATE)
+        assert read_finished(client, 8).annotations.frames == {}  # by default: finished jobs only
+        everything = read_finished(client, 8, ("all",)).annotations.frames
+    assert {number: frame.tags for number, frame in everything.items() if frame.tags} == {0: ["cat"]}

@@ -179,7 +179,7 @@ def test_a_training_job_with_nothing_finished_says_so_and_trains_nothing(cvat_en
     outcome = execute_job(job, jobs.work_dir(job.id), tmp_path, threading.Event())
     assert outcome == {"skipped": "nothing finished to learn from in task(s) 8: no job is completed or acceptance "
                                   "yet (train-on=completed+acceptance); finish a job in CVAT, or set train-on=all "
-                                  "to learn from every shape people made"}
+                                  "to learn from every shape and tag people made"}
     assert ModelStore(tmp_path).versions("x") == []
 
 

@@ -26,11 +26,22 @@ log = logging.getLogger(__name__)
 
 def read_task(client: Client, task_id: int) -> AnnotationSet:
     """Every frame of the task, with its shapes and tags."""
+    return _read_task(client, task_id)[0]
+
+
+def _read_task(client: Client, task_id: int) -> tuple[AnnotationSet, dict[int, list[str]]]:
+    """The task's frames, and the tags people made (not the model's ``auto`` ones) on each frame that has one."""
     with cvat_errors(client, f"task {task_id}"):
         task = client.tasks.retrieve(task_id)
-        result = frames_from_annotations(task.get_annotations(), task.get_labels(), task.get_meta())
+        stored, labels = task.get_annotations(), task.get_labels()
+        result = frames_from_annotations(stored, labels, task.get_meta())
+    names = {label.id: label.name for label in labels}
+    human_tags: dict[int, list[str]] = {}
+    for tag in sorted(stored.tags or (), key=lambda t: t.id):
+        if str(tag.source) != "auto" and tag.label_id in names:
+            human_tags.setdefault(tag.frame, []).append(names[tag.label_id])
     _report_skipped(result.skipped, f"task {task_id}")
-    return result
+    return result, human_tags
 
 
 def read_job(client: Client, job_id: int) -> AnnotationSet:
@@ -60,7 +71,7 @@ def read_project(client: Client, project_id: int) -> dict[int, AnnotationSet]:
 
 # What counts as finished by people (the ``train-on`` key, ``hyperparameters.TRAIN_ON``): a job whose state is
 # ``completed``, or whose stage is ``acceptance`` (a reviewer accepted it) — by default both; ``validation`` adds
-# jobs handed to review; ``all`` every job, with only the shapes people made (see ``read_finished``).
+# jobs handed to review; ``all`` every job, with only the shapes and tags people made (see ``read_finished``).
 DEFAULT_TRAIN_ON = ("completed", "acceptance")
 
 
@@ -88,15 +99,15 @@ class FinishedFrames:
 
     annotations: AnnotationSet
     jobs: dict[int, str]           # job id → its updated_date, of every job used
-    unfinished: list[int]          # jobs left out (or, with ``all``, kept only for the shapes people made)
+    unfinished: list[int]          # jobs left out (or, with ``all``, kept only for the shapes and tags people made)
 
 
 def read_finished(client: Client, task_id: int, train_on: Sequence[str] = DEFAULT_TRAIN_ON) -> FinishedFrames:
     """The task's annotations on the frames of its finished jobs only (``job_finished``): frames of untouched jobs
     are not empty frames to learn from, and the model's own ``auto`` shapes there no one reviewed. With ``all``, the
-    frames of unfinished jobs count too, but only those with a shape a person made, and only with those shapes (a
-    finished job's shapes count whatever their source: someone reviewed them)."""
-    annotations = read_task(client, task_id)
+    frames of unfinished jobs count too, but only those with a shape or a tag a person made, and only with those (a
+    finished job's shapes and tags count whatever their source: someone reviewed them)."""
+    annotations, human_tags = _read_task(client, task_id)
     finished_frames: set[int] = set()
     used, unfinished = {}, []
     for job in annotation_jobs(client, task_id):
@@ -114,8 +125,8 @@ def read_finished(client: Client, task_id: int, train_on: Sequence[str] = DEFAUL
             frames[number] = frame
         elif "all" in train_on:
             human = [shape for shape in frame.shapes if shape.source != "auto"]
-            if human:
-                frames[number] = dataclasses.replace(frame, shapes=human)
+            if human or human_tags.get(number):
+                frames[number] = dataclasses.replace(frame, shapes=human, tags=human_tags.get(number, []))
     return FinishedFrames(dataclasses.replace(annotations, frames=frames), used, unfinished)
 
 

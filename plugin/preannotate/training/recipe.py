@@ -138,7 +138,7 @@ def export_from_cvat(client, request: Mapping[str, Any], directory: Path, hp: Hy
     if not tasks:
         raise NothingFinished(f"nothing finished to learn from in {where}: no job is "
                               f"{' or '.join(hp.train_on)} yet (train-on={'+'.join(hp.train_on)}); finish a job in "
-                              "CVAT, or set train-on=all to learn from every shape people made")
+                              "CVAT, or set train-on=all to learn from every shape and tag people made")
     labels = merged_labels([[label for label in annotations.labels if label.name != CONFIDENCE_LABEL]
                             for annotations in tasks.values()])
     items = [((task_id, number), frame) for task_id, annotations in tasks.items()
