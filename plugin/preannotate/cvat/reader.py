@@ -38,7 +38,7 @@ def _read_task(client: Client, task_id: int) -> tuple[AnnotationSet, dict[int, l
     names = {label.id: label.name for label in labels}
     human_tags: dict[int, list[str]] = {}
     for tag in sorted(stored.tags or (), key=lambda t: t.id):
-        if str(tag.source) != "auto" and tag.label_id in names:
+        if getattr(tag, "source", "manual") != "auto" and tag.label_id in names:  # CVAT's default: manual
             human_tags.setdefault(tag.frame, []).append(names[tag.label_id])
     _report_skipped(result.skipped, f"task {task_id}")
     return result, human_tags
