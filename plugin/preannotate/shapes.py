@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +186,10 @@ class FrameAnnotations:
     name: str = ""
     shapes: list[Shape] = field(default_factory=list)
     tags: list[str] = field(default_factory=list)
+
+    def tags_among(self, names: Collection[str]) -> list[str]:
+        """The frame's tags whose label is in ``names``, each once, in the order CVAT stores them."""
+        return [tag for tag in dict.fromkeys(self.tags) if tag in names]
 
 
 @dataclass

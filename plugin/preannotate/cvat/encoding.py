@@ -53,22 +53,24 @@ def labeled_shape(shape: Shape, *, frame: int, label_id: int, attribute_ids: Map
     if encoded is None:
         return None
     kind, points = encoded
-    attribute_ids = attribute_ids or {}
     body = {"type": kind, "frame": frame, "label_id": label_id, "points": points, "rotation": rotation(shape, kind),
             "occluded": bool(shape.occluded), "z_order": int(shape.z_order),
-            "attributes": [{"spec_id": attribute_ids[name], "value": str(value)}
-                           for name, value in shape.attributes.items() if name in attribute_ids]}
+            "attributes": _attribute_values(shape, attribute_ids)}
     return body if source is None else {**body, "source": source}
 
 
 def labeled_tag(shape: Shape, *, frame: int, label_id: int, attribute_ids: Mapping[str, int] | None = None,
                 source: str | None = "auto") -> dict[str, Any]:
     """A tag as a ``LabeledImageRequest`` body (what the ``tags`` of a PATCH take); ``source`` as for shapes."""
-    attribute_ids = attribute_ids or {}
-    body = {"frame": frame, "label_id": label_id,
-            "attributes": [{"spec_id": attribute_ids[name], "value": str(value)}
-                           for name, value in shape.attributes.items() if name in attribute_ids]}
+    body = {"frame": frame, "label_id": label_id, "attributes": _attribute_values(shape, attribute_ids)}
     return body if source is None else {**body, "source": source}
+
+
+def _attribute_values(shape: Shape, attribute_ids: Mapping[str, int] | None) -> list[dict[str, Any]]:
+    """The shape's attributes by the target label's spec ids; names the label lacks are left out."""
+    attribute_ids = attribute_ids or {}
+    return [{"spec_id": attribute_ids[name], "value": str(value)}
+            for name, value in shape.attributes.items() if name in attribute_ids]
 
 
 def shape_from_stored(stored: Mapping[str, Any], label: str, attributes: Mapping[str, str]) -> Shape:
@@ -101,7 +103,7 @@ def detector_item(shape: Shape) -> dict[str, Any]:
     return item
 
 
-def shape_from_detector_item(item: Mapping[str, Any], frame: int = 0) -> Shape | None:
+def shape_from_detector_item(item: Mapping[str, Any], frame: int = 0) -> Shape:
     """An item of any CVAT detector's response as a shape with ``source: auto`` (masks in CVAT's RLE; a tag
     without points)."""
     shape_type = item["type"]

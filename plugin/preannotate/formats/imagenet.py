@@ -31,16 +31,14 @@ def folder(label: str) -> str:
     return "_" if name in ("", ".", "..") else name
 
 
-def write_frame(root: Path, split: str, frame: FrameAnnotations, data: bytes | None, name: str,
+def write_frame(root: Path, split: str, frame: FrameAnnotations, data: bytes, name: str,
                 labels: Sequence[Label], skipped: Counter[str]) -> int:
     """Write the frame's image into the folder of each of its tags among ``labels``; returns how many copies."""
     names = {label.name for label in labels}
-    tags = [tag for tag in dict.fromkeys(frame.tags) if tag in names]
+    tags = frame.tags_among(names)
     if not tags:
         skipped[UNTAGGED] += 1
         return 0
-    if data is None:
-        raise ValueError("an ImageNet-style folder holds the images: give images")
     for tag in tags:
         target = root / split / folder(tag) / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -57,8 +55,8 @@ def read(root: Path, saved: list[Label] | None) -> tuple[list[Label], dict[str, 
     """Labels and, per split, ``(frame with its one tag, image path)`` in the order of the frames' names (CVAT's
     frame order, not grouped by label); frames are numbered per split."""
     splits = _splits(root)
-    found = sorted({child.name for split in splits for child in split.iterdir() if child.is_dir()})
-    labels = saved or [Label(name, TAG, id=i) for i, name in enumerate(found, start=1)]
+    folders = sorted({child.name for split in splits for child in split.iterdir() if child.is_dir()})
+    labels = saved or [Label(name, TAG, id=i) for i, name in enumerate(folders, start=1)]
     label_of = {folder(label.name): label.name for label in labels}
     out: dict[str, list[tuple[FrameAnnotations, Path]]] = {}
     for split in splits:

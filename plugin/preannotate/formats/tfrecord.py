@@ -197,7 +197,7 @@ def frame_example(frame: FrameAnnotations, image: bytes, labels: Sequence[Label]
         "image/object/area": floats(objects["area"]),
         "image/object/is_crowd": ints([0] * len(objects["label"])),
     }
-    tags = [tag for tag in dict.fromkeys(frame.tags) if tag in class_of]
+    tags = frame.tags_among(class_of)
     if tags:
         feature["image/class/text"] = blobs([tag.encode("utf-8") for tag in tags])
         feature["image/class/label"] = ints([class_of[tag] for tag in tags])

@@ -200,4 +200,4 @@ def response_to_shapes(items: list[dict[str, Any]], frame: int = 0) -> list[Shap
     CVAT's RLE, tags as shapes of type ``tag``."""
     if not isinstance(items, list):
         raise ValueError("a detector response is a JSON list of shapes")
-    return [shape for item in items if (shape := encoding.shape_from_detector_item(item, frame)) is not None]
+    return [encoding.shape_from_detector_item(item, frame) for item in items]

@@ -127,7 +127,7 @@ def tag_examples(items: Sequence[Item], labels: Sequence[Label]) -> list[Item]:
     each, as CVAT's ImageNet export copies it into each label's folder); frames without one are left out."""
     names = {label.name for label in labels}
     return [(dataclasses.replace(frame, tags=[tag]), images) for frame, images in items
-            for tag in dict.fromkeys(frame.tags) if tag in names]
+            for tag in frame.tags_among(names)]
 
 
 class DetectionDataset(Dataset):
@@ -139,6 +139,7 @@ class DetectionDataset(Dataset):
                  with_masks: bool = False, seed: int = 0, tags: bool = False):
         self.items, self.labels, self.transform = list(items), list(labels), transform
         self.with_masks, self.seed, self.tags = with_masks, seed, tags
+        self.class_of = {label.name: label.id for label in self.labels}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -152,8 +153,7 @@ class DetectionDataset(Dataset):
             raise ValueError(f"frame {frame.frame} ({frame.name}): image is {image.shape[2]}x{image.shape[1]}, "
                              f"annotations are for {frame.width}x{frame.height}")
         if self.tags:
-            class_of = {label.name: label.id for label in self.labels}
-            target: dict[str, Any] = {"labels": torch.tensor([class_of[frame.tags[0]]])}
+            target: dict[str, Any] = {"labels": torch.tensor([self.class_of[frame.tags[0]]])}
         else:
             target = self._shapes(frame)
         with torch.random.fork_rng(devices=[]):

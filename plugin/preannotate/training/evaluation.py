@@ -6,8 +6,8 @@ shapes in the frames' own pixels (the TensorFlow trainer's validation); ``coco_m
 against COCO results and is what the trainers, the benchmarks and the tests share. torch is imported only by the
 functions that take torch models, so a TensorFlow run scores without it.
 
-A classifier is scored by ``accuracy``: top-1, top-5 and each class's top-1 accuracy (``evaluate`` of a model
-returning no boxes; ``score_classifier`` through a ``Detector``'s ``detect``). ``headline`` is the one number a run
+A classifier is scored by ``accuracy``: top-1, top-5 and each class's top-1 accuracy (``evaluate_tags`` over a
+validation loader; ``score_classifier`` through a ``Detector``'s ``detect``). ``headline`` is the one number a run
 and a promotion compare, whatever the model: mAP, or top-1 accuracy.
 """
 

@@ -209,8 +209,8 @@ class Checkpointer:
 
 class Validator:
     """One validation: re-measure the batch norms, score the validation frames (COCO mAP; a classifier's accuracy
-    with ``tags``), keep the best weights,
-    tell the schedule, count towards early stopping. Without validation frames it only re-measures."""
+    with ``tags``), keep the best weights, tell the schedule, count towards early stopping. Without validation
+    frames it only re-measures."""
 
     def __init__(self, loader, calibration, labels: Sequence[Label], with_masks: bool, hp: Hyperparameters,
                  checkpointer: Checkpointer, record: Callable[[TrainState, dict[str, Any]], None], tags: bool = False):
