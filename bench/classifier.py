@@ -25,10 +25,10 @@ import torch
 import torchvision
 from preannotate.formats.dataset import export_dataset
 from preannotate.models import load_detector
-from preannotate.training import data, synthetic
+from preannotate.training import data, runs, synthetic
 from preannotate.training.evaluation import score_classifier, score_detector
 from preannotate.training.logs import MetricsLog
-from preannotate.training.trainer import train
+from preannotate.training.loop import train
 from torch.utils.data import DataLoader, RandomSampler
 from torchvision.transforms import v2
 
@@ -73,7 +73,7 @@ def plain(name, folder: Path, classes: int, size, batch, warmup, steps, workers)
 def speed(args, work: Path) -> list[str]:
     task = synthetic.generate(200, 160, 120, tags=True, seed=1)
     labels = [label for label in task.annotations.labels if label.type == "tag"]
-    items = data.tag_examples([(frame, task.images) for frame in task.annotations.frames.values()], labels)
+    items = runs.tag_examples([(frame, task.images) for frame in task.annotations.frames.values()], labels)
     folder = work / "tags"
     export_dataset(folder, "imagenet", labels, sorted(task.annotations.frames.items()), task.images, progress=False)
     rows = []
@@ -111,7 +111,7 @@ def quality(args, work: Path) -> list[str]:
     seconds = time.perf_counter() - started
     classifier = load_detector(result.path)
     tag_labels = [label for label in task.annotations.labels if label.type == "tag"]
-    scored = score_classifier(classifier, data.tag_examples(test_items, tag_labels), tag_labels)
+    scored = score_classifier(classifier, runs.tag_examples(test_items, tag_labels), tag_labels)
     lines.append(f"| {args.classifier} (tags day / night / fog) | {len(train_items)} / {len(val_items)} / "
                  f"{len(test_items)} | {args.classifier_steps} steps of 16 at {args.size} px | top-1 "
                  f"**{scored['top1']:.3f}** | {seconds:.0f} |")

@@ -1,9 +1,9 @@
 """TensorFlow detectors (issue 13): our Keras training loop and detection against keras-hub's own plain calls, and the
 TensorFlow default against the torch default at the same budget.
 
-* Training speed: ``training.keras_trainer.train`` (its own step clock, ``elapsed_s`` in ``metrics.jsonl``: schedule,
+* Training speed: ``training.loop.train`` (its own step clock, ``elapsed_s`` in ``metrics.jsonl``: schedule,
   logs and checkpoints due included) against a plain ``model.fit`` of the same detector, compiled with the same
-  optimizer, over the same ``tf.data`` pipeline (``keras_trainer.pipeline``); both after ``--warmup`` steps (the
+  optimizer, over the same ``tf.data`` pipeline (``keras_adapter.pipeline``); both after ``--warmup`` steps (the
   graph's tracing), interleaved. Target: ours / plain >= 1.0 (within the noise of this machine).
 * Data loading: images/s of the pipeline alone (parse, decode, augment, batch) against what training consumes.
 * Detection: ``KerasDetector.detect`` on one 640x480 frame (squash to the square, predict, NMS, shapes) against the
@@ -28,15 +28,15 @@ import _results  # bench/_results.py: the script's own folder is on sys.path
 import numpy as np
 import torchvision  # noqa: F401 - before TensorFlow: the other order crashes the process
 from preannotate.models import create_detector, hyperparameters_for
-from preannotate.training import keras_trainer
-from preannotate.training import trainer as torch_trainer
+from preannotate.training import keras_adapter
 from preannotate.training.evaluation import score_detector
 from preannotate.training.logs import MetricsLog
+from preannotate.training.loop import train
 from preannotate.training.synthetic import generate
 
 SECTION = "## TensorFlow detectors (issue 13)"
 TF_DEFAULT, TORCH_DEFAULT = "keras_ssd_mobilenet_v2_fpnlite_320", "ssdlite320_mobilenet_v3_large"
-tf, keras = keras_trainer.tf, keras_trainer.keras
+tf, keras = keras_adapter.tf, keras_adapter.keras
 
 
 def hyperparameters(steps: int, batch: int, size: int) -> str:
@@ -44,7 +44,7 @@ def hyperparameters(steps: int, batch: int, size: int) -> str:
 
 
 def ours(items, labels, batch, size, warmup, steps, output: Path) -> float:
-    keras_trainer.train(TF_DEFAULT, labels, items, [], output, hyperparameters=hyperparameters(
+    train(TF_DEFAULT, labels, items, [], output, hyperparameters=hyperparameters(
         warmup + steps, batch, size), progress=False)
     records = {r["step"]: r for r in MetricsLog.read(output / "metrics.jsonl") if r["event"] == "train"}
     return steps * batch / (records[warmup + steps]["elapsed_s"] - records[warmup]["elapsed_s"])
@@ -66,16 +66,16 @@ def plain(files, labels, batch, size, warmup, steps) -> float:
     the same steps as ours (after the same warm-up, in the same call)."""
     hp = hyperparameters_for(TF_DEFAULT, hyperparameters(warmup + steps, batch, size))
     model = create_detector(TF_DEFAULT, labels, hyperparameters=hp).model
-    model.compile(optimizer=keras_trainer.build_optimizer(hp))
+    model.compile(optimizer=keras_adapter.build_optimizer(hp))
     clock = StepClock()
-    model.fit(keras_trainer.pipeline(files, hp, size, train=True), epochs=1, steps_per_epoch=warmup + steps,
+    model.fit(keras_adapter.pipeline(files, hp, size, train=True), epochs=1, steps_per_epoch=warmup + steps,
               verbose=0, callbacks=[clock])
     return steps * batch / (clock.ends[warmup + steps - 1] - clock.ends[warmup - 1])
 
 
 def loading_alone(files, labels, batch, size, count: int) -> float:
     hp = hyperparameters_for(TF_DEFAULT, hyperparameters(count, batch, size))
-    batches = iter(keras_trainer.pipeline(files, hp, size, train=True))
+    batches = iter(keras_adapter.pipeline(files, hp, size, train=True))
     next(batches)
     start = time.perf_counter()
     for _ in range(count):
@@ -106,9 +106,9 @@ def quality(frames: int, steps: int, batch: int, size: int, work: Path) -> dict[
     train_items, val_items = items[held_out:], items[:held_out]
     labels = task.annotations.labels
     scores = {}
-    for name, loop in ((TORCH_DEFAULT, torch_trainer.train), (TF_DEFAULT, keras_trainer.train)):
+    for name in (TORCH_DEFAULT, TF_DEFAULT):
         start = time.perf_counter()
-        loop(name, labels, train_items, [], work / name, hyperparameters=f"init=random;num-steps={steps};"
+        train(name, labels, train_items, [], work / name, hyperparameters=f"init=random;num-steps={steps};"
              f"batch-size={batch};image-size={size};num-validations=0", progress=False)
         seconds = time.perf_counter() - start
         detector = create_detector(name, labels, hyperparameters=f"init=random;image-size={size}")
@@ -147,7 +147,7 @@ def main() -> int:
     items = [(frame, task.images) for frame in task.annotations.frames.values()]
     labels = task.annotations.labels
     with tempfile.TemporaryDirectory() as work:
-        files = keras_trainer.write_records(items, labels, Path(work), "train")
+        files = keras_adapter.write_records(items, labels, Path(work), "train")
         rounds = []
         for i in range(args.repeats):
             mine = ours(items, labels, args.batch, args.size, args.warmup, args.steps, Path(work) / f"ours{i}")

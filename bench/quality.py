@@ -28,8 +28,8 @@ from preannotate.models import ModelStore, get_architecture, hyperparameters_for
 from preannotate.training import data
 from preannotate.training.evaluation import evaluate
 from preannotate.training.recipe import TrainingData, train_and_publish
+from preannotate.training.runs import effective_hyperparameters
 from preannotate.training.synthetic import HARD, generate
-from preannotate.training.trainer import effective_hyperparameters
 
 SECTION = "## Training quality (issues 5 and 11)"
 TARGET = 1.0

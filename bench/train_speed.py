@@ -28,8 +28,9 @@ from _plain_loop import coco_dataset, endless, plain_loader, plain_train, write_
 from preannotate.models import get_architecture
 from preannotate.training import data
 from preannotate.training.logs import MetricsLog
+from preannotate.training.loop import train
+from preannotate.training.runs import effective_hyperparameters
 from preannotate.training.synthetic import generate
-from preannotate.training.trainer import effective_hyperparameters, train
 
 SECTION = "## Training speed (issue 5)"
 TARGET = 1.0

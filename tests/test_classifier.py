@@ -27,10 +27,10 @@ from preannotate.models.classifier_family import TagModel
 from preannotate.models.registry import DEFAULT_CLASSIFIER
 from preannotate.serving import nuclio
 from preannotate.shapes import TAG, FrameAnnotations, Label, Shape
-from preannotate.training import data, synthetic
+from preannotate.training import data, runs, synthetic
 from preannotate.training.evaluation import accuracy
+from preannotate.training.loop import train
 from preannotate.training.report import confusion
-from preannotate.training.trainer import train
 
 from tests.conftest import b64
 
@@ -117,7 +117,7 @@ def test_pretrained_without_labels_tags_with_imagenet_classes(monkeypatch, tmp_p
     from preannotate.models import PretrainedWeightsUnavailable, family_of
 
     arch = get_architecture("efficientnet_b0")
-    labels = family_of(arch).coco_labels(arch)
+    labels = family_of(arch).pretrained_labels(arch)
     assert len(labels) == 1000 and labels[0] == Label("tench", TAG, id=1) and len({x.name for x in labels}) == 1000
     monkeypatch.setenv("PREANNOTATE_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
@@ -140,9 +140,9 @@ def test_a_frame_is_an_example_of_each_tag_it_has_and_untagged_frames_are_left_o
     labels = [Label("car", "rectangle"), Label("day", TAG), Label("fog", "any"), Label("night", TAG),
               Label("sign", "any")]
     items = [(frame, None) for frame in frames]
-    classes = data.tag_labels(labels, items)
+    classes = runs.tag_labels(labels, items)
     assert [label.name for label in classes] == ["day", "fog", "night"]  # sign: an "any" label never used as a tag
-    examples = data.tag_examples(items, classes)
+    examples = runs.tag_examples(items, classes)
     assert [(f.name, f.tags) for f, _ in examples] == [("a", ["day"]), ("b", ["day"]), ("b", ["fog"]),
                                                         ("d", ["night"])]
 

@@ -227,8 +227,8 @@ def test_the_designer_pages_trainer_keys_change_the_schedule():
 
 @pytest.mark.slow
 def test_a_composed_detector_trains_publishes_and_serves_its_version(tmp_path):
+    from preannotate.training.loop import train
     from preannotate.training.synthetic import generate
-    from preannotate.training.trainer import train
 
     task = generate(10, width=64, height=48, seed=4)
     items = [(frame, task.images) for frame in task.annotations.frames.values()]

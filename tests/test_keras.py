@@ -27,7 +27,7 @@ from preannotate.models import (
 )
 from preannotate.models import keras_family as family
 from preannotate.shapes import parse_label_list
-from preannotate.training import keras_trainer, optim
+from preannotate.training import keras_adapter, optim
 from preannotate.training.synthetic import generate
 
 from tests.conftest import b64, encode, photo
@@ -45,7 +45,7 @@ def test_the_tf_od_api_names_change_the_run():
     assert (hp.schedule, hp.schedule_step_size, hp.schedule_gamma) == ("step", 200, 0.9)
     schedule = optim.Schedule(hp, 1000)
     assert schedule.main(199) == 1.0 and schedule.main(200) == pytest.approx(0.9)
-    keras_rms = keras_trainer.build_optimizer(hp)
+    keras_rms = keras_adapter.build_optimizer(hp)
     assert (keras_rms.rho, keras_rms.momentum, keras_rms.epsilon) == (0.95, 0.8, 1.0)
     torch_rms = optim.build_optimizer([torch.nn.Parameter(torch.zeros(2))], hp)
     assert (torch_rms.defaults["alpha"], torch_rms.defaults["momentum"], torch_rms.defaults["eps"]) == (0.95, 0.8, 1.0)
@@ -129,13 +129,13 @@ def _items(count=12, seed=0):
 
 def test_records_pipeline_is_deterministic_resumable_and_in_pixels(tmp_path):
     task, items = _items()
-    files = keras_trainer.write_records(items, task.annotations.labels, tmp_path, "train")
+    files = keras_adapter.write_records(items, task.annotations.labels, tmp_path, "train")
     assert files == [tmp_path / "train.record-00000-of-00001"]
-    assert keras_trainer.write_records(items, task.annotations.labels, tmp_path, "train") == files  # reused
+    assert keras_adapter.write_records(items, task.annotations.labels, tmp_path, "train") == files  # reused
     hp = hyperparameters_for(SSD, SMALL + ";batch-size=4;augment=flip,colour,scale")
-    first = [batch for batch, _ in zip(keras_trainer.pipeline(files, hp, 96, train=True), range(4), strict=False)]
-    again = [batch for batch, _ in zip(keras_trainer.pipeline(files, hp, 96, train=True), range(4), strict=False)]
-    resumed = next(iter(keras_trainer.pipeline(files, hp, 96, train=True, start=2 * 4)))
+    first = [batch for batch, _ in zip(keras_adapter.pipeline(files, hp, 96, train=True), range(4), strict=False)]
+    again = [batch for batch, _ in zip(keras_adapter.pipeline(files, hp, 96, train=True), range(4), strict=False)]
+    resumed = next(iter(keras_adapter.pipeline(files, hp, 96, train=True, start=2 * 4)))
     for (images, targets), (images2, targets2) in zip(first, again, strict=True):
         assert np.array_equal(images.numpy(), images2.numpy())
         assert np.array_equal(targets["boxes"].numpy(), targets2["boxes"].numpy())
@@ -147,7 +147,7 @@ def test_records_pipeline_is_deterministic_resumable_and_in_pixels(tmp_path):
     assert real.any() and (boxes[real] >= -1e-3).all() and (boxes[real] <= 96 + 1e-3).all()
     assert set(labels[real].astype(int)) <= set(range(len(task.annotations.labels)))
     # unaugmented, the boxes are the frames' own, scaled to the square
-    plain = next(iter(keras_trainer.pipeline(files, hp, 96, train=False, batch=1)))
+    plain = next(iter(keras_adapter.pipeline(files, hp, 96, train=False, batch=1)))
     frame = items[0][0]
     expected = np.array([s.bbox() for s in frame.shapes]) * [96 / 96, 96 / 72, 96 / 96, 96 / 72]
     np.testing.assert_allclose(plain[1]["boxes"].numpy()[0][:len(frame.shapes)], expected, atol=0.6)
@@ -240,19 +240,19 @@ def test_tfrecord_to_trained_version_resumed_after_sigkill_then_fine_tuned_on_mo
 def test_trainable_backbone_layers_freezes_the_encoders_first_stages(name):
     detector = create_detector(name, parse_label_list("car"), hyperparameters="init=random;image-size=64")
     layers = detector.model.backbone.image_encoder.features.layers
-    frozen = [family.freeze_backbone(detector.model, k) for k in (5, 4, 3, 2, 1)]
+    frozen = [len(family.freeze_backbone(detector.model, k, "pretrained")) for k in (5, 4, 3, 2, 1)]
     assert frozen[0] == 0 and frozen == sorted(frozen) and len(set(frozen)) == 5  # each stage more frozen
     assert all(not layer.trainable for layer in layers[:frozen[-1]]) and layers[-1].trainable
-    assert family.freeze_backbone(detector.model, 0) == len(layers)
+    assert family.freeze_backbone(detector.model, 0, "pretrained") == list(layers)
     assert not detector.model.backbone.image_encoder.trainable and detector.model.classification_head.trainable
 
 
 def test_num_clones_asks_tensorflow_for_that_many_gpus():
     one = hyperparameters_for(SSD, "num-clones=1")
-    assert keras_trainer.strategy_for(one).num_replicas_in_sync == 1
+    assert keras_adapter.strategy_for(one).num_replicas_in_sync == 1
     with pytest.raises(HyperparameterError, match=r"num-clones=2 trains on 2 GPUs with MirroredStrategy, and "
                                                   r"TensorFlow sees 0"):
-        keras_trainer.strategy_for(hyperparameters_for(SSD, "num-clones=2"))
+        keras_adapter.strategy_for(hyperparameters_for(SSD, "num-clones=2"))
 
 
 def test_pretrained_weights_that_cannot_be_fetched_say_what_to_do():
@@ -262,6 +262,6 @@ def test_pretrained_weights_that_cannot_be_fetched_say_what_to_do():
                                                          r"not be loaded: .*-H init=random"):
         create_detector(SSD, parse_label_list("car"), init="pretrained")
     with pytest.raises(PretrainedWeightsUnavailable, match="only an ImageNet encoder"):
-        family.coco_labels(get_architecture(SSD))
-    coco = family.coco_labels(get_architecture("keras_retinanet_resnet50_fpn"))
+        family.pretrained_labels(get_architecture(SSD))
+    coco = family.pretrained_labels(get_architecture("keras_retinanet_resnet50_fpn"))
     assert len(coco) == 80 and (coco[0].name, coco[0].id) == ("person", 2)  # the preset's class index 1

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -14,6 +16,7 @@ from preannotate.models import (
     ModelNotFound,
     ModelStore,
     create_detector,
+    family_of,
     get_architecture,
     load_detector,
     publish_detector,
@@ -277,3 +280,55 @@ def test_one_grammar_names_a_model_everywhere(tmp_path):
         load_model("ssdlite320_mobilenet_v3_large", tmp_path / "missing")
     with pytest.raises(ModelNotFound, match="no model store at"):
         load_model("cars", tmp_path / "missing")
+
+
+# --- the written contracts: every registered family and what it loads ----------------------------------------------
+
+def _members(protocol) -> dict[str, inspect.Signature | None]:
+    """A protocol's members: methods with their signatures (without ``self``), attributes with None."""
+    names = {name for name in vars(protocol) if not name.startswith("_")} | set(protocol.__annotations__)
+    members = {}
+    for name in sorted(names):
+        member = getattr(protocol, name, None)
+        if callable(member):
+            signature = inspect.signature(member)
+            members[name] = signature.replace(parameters=list(signature.parameters.values())[1:])
+        else:
+            members[name] = None
+    return members
+
+
+@pytest.mark.parametrize("family", sorted({arch.family for arch in ARCHITECTURES.values()}))
+def test_every_registered_family_provides_what_the_family_protocol_names(family):
+    from preannotate.models.family import ModelFamily
+
+    arch = next(arch for arch in ARCHITECTURES.values() if arch.family == family)
+    module = family_of(arch)
+    assert isinstance(module, ModelFamily)
+    for name, signature in _members(ModelFamily).items():
+        provided = getattr(module, name)
+        if signature is None:
+            assert isinstance(provided, str), name
+        else:
+            assert list(inspect.signature(provided).parameters) == list(signature.parameters), f"{family}.{name}"
+
+
+@pytest.mark.parametrize("architecture", [next(a.name for a in ARCHITECTURES.values() if a.family == family)
+                                          for family in sorted({a.family for a in ARCHITECTURES.values()})])
+def test_what_every_family_creates_and_loads_is_a_detector(architecture, tmp_path):
+    from preannotate.models.family import Detector
+
+    labels = parse_label_list("day:tag,night:tag" if get_architecture(architecture).output == "tag" else "a,b")
+    created = create_detector(architecture, labels, hyperparameters="init=random; image-size=64")
+    store = ModelStore(tmp_path)
+    loaded = load_detector(store.path("m", publish_detector(created, store, "m")))
+    image = np.zeros((48, 64, 3), np.uint8)
+    for detector in (created, loaded):
+        assert isinstance(detector, Detector)
+        for name, signature in _members(Detector).items():
+            if signature is not None:
+                assert list(inspect.signature(getattr(detector, name)).parameters) == list(signature.parameters)
+        [(shapes, novelty)] = detector.detect_scored([image], 0.0)
+        assert all(shape.source == "auto" for shape in shapes) and 0.0 <= novelty
+        appearance = detector.appearance([image, image])
+        assert appearance is None or len(appearance) == 2

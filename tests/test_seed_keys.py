@@ -173,8 +173,8 @@ def test_ssd_matches_at_one_iou():
 @pytest.mark.slow
 def test_stage_epochs_unfreeze_the_backbone_stage_by_stage_in_a_run(tmp_path):
     from preannotate.training.logs import MetricsLog
+    from preannotate.training.loop import train
     from preannotate.training.synthetic import generate
-    from preannotate.training.trainer import train
 
     task = generate(8, width=64, height=48, seed=2)
     items = [(frame, task.images) for frame in task.annotations.frames.values()]

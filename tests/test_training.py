@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -17,18 +18,14 @@ from PIL import Image, ImageDraw
 from preannotate.formats import coco, masks
 from preannotate.frames import InMemoryFrames
 from preannotate.hyperparameters import HyperparameterError, Hyperparameters
-from preannotate.models import create_detector
+from preannotate.models import ARCHITECTURES, create_detector
 from preannotate.models.torchvision_family import freeze_backbone
 from preannotate.shapes import FrameAnnotations, Label, Shape
 from preannotate.training import data, optim
 from preannotate.training.evaluation import CocoAccumulator, coco_metrics, recalibrate_batch_norm
 from preannotate.training.logs import EventWriter, MetricsLog, crc32c
-from preannotate.training.trainer import (
-    RunMismatch,
-    effective_hyperparameters,
-    frame_ranges,
-    train,
-)
+from preannotate.training.loop import train
+from preannotate.training.runs import RunMismatch, effective_hyperparameters, frame_ranges
 
 from tests.conftest import encode
 
@@ -459,3 +456,43 @@ def test_num_clones_without_torchrun_says_how_to_start_it(tmp_path):
     with pytest.raises(RuntimeError, match="torchrun --nproc-per-node=2"):
         train("ssdlite320_mobilenet_v3_large", LABELS, [(frame, images)], [], tmp_path,
               hyperparameters="num-clones=2")
+
+
+# --- one run, two frameworks: what --restart clears ----------------------------------------------------------------
+
+def test_every_adapter_writes_only_what_a_restart_clears():
+    from preannotate.training import keras_adapter, torch_adapter
+    from preannotate.training.loop import ADAPTERS, RUN_FILES
+
+    adapters = {"pytorch": torch_adapter.Adapter, "tensorflow": keras_adapter.Adapter}
+    assert set(ADAPTERS) == set(adapters) == {a.framework for a in ARCHITECTURES.values()}
+    for adapter in adapters.values():
+        assert set(adapter.FILES) <= set(RUN_FILES), adapter
+
+
+@pytest.mark.parametrize("architecture", ["ssdlite320_mobilenet_v3_large", pytest.param(
+    "keras_ssd_mobilenet_v2_fpnlite_320", marks=pytest.mark.slow)])
+def test_restart_clears_everything_the_last_run_wrote_whatever_the_framework(tmp_path, architecture):
+    """A run with validation frames leaves its best weights (and a TensorFlow run its TFRecords); ``restart`` on
+    other frames without validation must neither reuse those records nor publish those best weights."""
+    from preannotate.training.synthetic import generate
+
+    first = generate(6, width=96, height=72, seed=1, objects=(1, 2), size=(0.3, 0.5))
+    second = generate(5, width=96, height=72, seed=2, objects=(1, 2), size=(0.3, 0.5))
+    labels = first.annotations.labels
+    items = [(frame, first.images) for frame in first.annotations.frames.values()]
+    hp = "init=random; image-size=64; num-steps=2; batch-size=2; num-validations=1"
+    out = tmp_path / "run"
+    train(architecture, labels, items[:4], items[4:], out, hyperparameters=hp, progress=False, workers=0)
+    assert list(out.glob("best.*")), "the first run kept its best validation's weights"
+    restarted = time.time()
+    result = train(architecture, labels, [(frame, second.images) for frame in second.annotations.frames.values()], [],
+                   out, hyperparameters=hp, progress=False, workers=0, restart=True)
+    assert result.steps == 2 and result.metrics["train_frames"] == 5 and result.metrics.get("map") is None
+    assert not list(out.glob("best.*")), "unscored: nothing may stand for its best weights"
+    left = [path.relative_to(out) for path in out.rglob("*") if path.is_file() and path.stat().st_mtime < restarted]
+    assert not left, f"left by the first run: {left}"
+    if (out / "records").exists():  # TensorFlow: the training records hold the second run's five frames
+        from preannotate.training.keras_adapter import tf
+
+        assert sum(1 for _ in tf.data.TFRecordDataset(str(next((out / "records").glob("train.record*"))))) == 5

@@ -20,8 +20,9 @@ from PIL import Image
 from preannotate.models import Manifest, ModelStore, create_detector, load_detector
 from preannotate.training import data
 from preannotate.training.logs import MetricsLog
+from preannotate.training.loop import train
+from preannotate.training.runs import frame_ranges
 from preannotate.training.synthetic import generate
-from preannotate.training.trainer import frame_ranges, train
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +93,8 @@ def test_from_scratch_on_the_cpu_reaches_map50_of_one_half_on_held_out_frames(tm
 SCRIPT = textwrap.dedent("""
     import sys
     from preannotate.training.synthetic import generate
-    from preannotate.training.trainer import TrainingInterrupted, train
+    from preannotate.training.loop import train
+    from preannotate.training.runs import TrainingInterrupted
 
     task = generate(20, width=96, height=72, seed=1, labels=("box", "disc"), objects=(1, 1), size=(0.4, 0.6))
     items = [(frame, task.images) for frame in task.annotations.frames.values()]
@@ -235,7 +237,7 @@ def test_fine_tuning_a_previous_version_on_a_changed_label_set_keeps_the_backbon
 DDP_SCRIPT = textwrap.dedent("""
     import sys
     from preannotate.training.synthetic import generate
-    from preannotate.training.trainer import train
+    from preannotate.training.loop import train
 
     task = generate(20, width=96, height=72, seed=1, labels=("box", "disc"), objects=(1, 1), size=(0.4, 0.6))
     items = [(frame, task.images) for frame in task.annotations.frames.values()]

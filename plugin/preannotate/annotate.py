@@ -191,8 +191,7 @@ def _detect(model: Detector, images: Iterator[tuple[int, Any]], batch_size: int,
     """``(frame, shapes, novelty)``; a model that cannot say how unfamiliar a frame is gives 0."""
     def run(batch: list[tuple[int, Any]]) -> Iterator[tuple[int, list[Shape], float]]:
         arrays = [image for _, image in batch]
-        scored = model.detect_scored(arrays, threshold) if hasattr(model, "detect_scored") else \
-            [(shapes, 0.0) for shapes in model.detect(arrays, threshold)]
+        scored = model.detect_scored(arrays, threshold)
         for (frame, _), (shapes, novelty) in zip(batch, scored, strict=True):
             yield frame, shapes, novelty
 

@@ -404,14 +404,8 @@ def _score(metrics: dict) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from preannotate.models import get_architecture, hyperparameters_for
-    from preannotate.training.recipe import (
-        NothingFinished,
-        TrainingData,
-        cvat_provenance,
-        dataset_format,
-        export_from_cvat,
-        train_and_publish,
-    )
+    from preannotate.training.evaluation import summary
+    from preannotate.training.recipe import NothingFinished, train_model
     from preannotate.training.runs import RunMismatch, TrainingInterrupted
 
     arch = get_architecture(args.model)  # an unknown name fails before anything is downloaded
@@ -420,32 +414,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     hp = hyperparameters_for(arch.name, args.hyperparameters)  # the one parse
     name = args.name or arch.name
     out = Path(args.out or Path("runs") / name)
-    store = _store(args, create=True)
-    source = args.from_model or hp.init_from  # any model of the store (init-from), or --from-model
-    previous = store.resolve(source) if source else None
-    if args.data:
-        dataset = Path(args.data)
-    else:
-        with _connect(args) as client:
-            try:
-                dataset = export_from_cvat(client, {"tasks": args.task, "project": args.project}, out / "dataset",
-                                           hp, dataset_format(arch.name))
-            except NothingFinished as nothing:
-                raise CommandError(str(nothing)) from None
-    training_data = TrainingData.from_folder(dataset, hp)
-    print(f"training {arch.name} on {_count(len(training_data.train), 'frame')}, validating on "
-          f"{len(training_data.val)}; output in {out}", flush=True)
     try:
-        result = train_and_publish(training_data, architecture=arch.name, hyperparameters=hp, store=store, name=name,
-                                   output_dir=out, previous=previous, provenance=cvat_provenance(dataset),
-                                   promote=args.promote, device=args.device, restart=args.restart)
+        result = train_model(arch.name, hp, store=_store(args, create=True), name=name, output_dir=out,
+                             data=Path(args.data) if args.data else None,
+                             request={"tasks": args.task, "project": args.project}, connect=lambda: _connect(args),
+                             from_model=args.from_model, promote=args.promote, device=args.device,
+                             restart=args.restart, announce=lambda text: print(text, flush=True))
+    except NothingFinished as nothing:
+        raise CommandError(str(nothing)) from None
     except TrainingInterrupted as stopped:
         print(f"preannotate: {stopped}", file=sys.stderr)
         return 130
     except RunMismatch as error:
         raise CommandError(f"{error}: use --restart to start it over, or another --out") from None
-    from preannotate.training.evaluation import summary
-
     print(f"published {name}@{result.version} after {result.steps} steps ({result.stopped}): "
           f"{summary(result.metrics, 'none (not validated)')}; {result.promotion}")
     if result.report:

@@ -29,6 +29,7 @@ from preannotate.models import (
     ModelNotFound,
     ModelReference,
     ModelStore,
+    family_of,
     get_architecture,
     open_store,
 )
@@ -210,29 +211,7 @@ def fetch_weights(architecture: str) -> Path:
     arch = get_architecture(architecture)
     if not arch.pretrained:
         raise DeployError(f"{arch.name} has no pretrained weights to fetch")
-    if arch.family == "composed":  # the registry's backbone (a composition naming another fetches its own)
-        import torch
-        import torchvision
-
-        torchvision.models.get_model(arch.build["backbone"], weights="DEFAULT")
-        return Path(torch.hub.get_dir()) / "checkpoints"
-    if arch.framework == "tensorflow":
-        from preannotate.models import keras_family
-
-        keras_family.pretrained_model(arch, 1, {})  # downloads into the caches when missing, and proves they load
-        return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
-
-    import torch
-    import torchvision
-
-    from preannotate.models.torchvision_family import pretrained_state_dict
-
-    filename = os.path.basename(torchvision.models.get_weight(arch.pretrained).url)
-    pretrained_state_dict(arch)  # downloads (hash-checked) when missing, and proves the file loads
-    candidates = [Path(torch.hub.get_dir()) / "checkpoints" / filename]
-    if os.environ.get("PREANNOTATE_WEIGHTS_DIR"):
-        candidates.insert(0, Path(os.environ["PREANNOTATE_WEIGHTS_DIR"]) / filename)
-    return next(path for path in candidates if path.is_file())
+    return family_of(arch).fetch_pretrained(arch)
 
 
 # ------------------------------------------------------------------------------------------ Kubernetes Jobs

@@ -156,7 +156,7 @@ def render_all(root: Path) -> list[Path]:
     written = []
     for arch in ARCHITECTURES.values():  # torch's first: torchvision must be loaded before TensorFlow
         try:
-            labels, _ = lambda_spec.spec_labels(family_of(arch).coco_labels(arch), arch.output)
+            labels, _ = lambda_spec.spec_labels(family_of(arch).pretrained_labels(arch), arch.output)
         except PretrainedWeightsUnavailable:
             continue
         directory = function_directory(root, arch)

@@ -2,9 +2,10 @@
 
 Everything else speaks to models through three calls: ``create_detector`` (a new model for some labels),
 ``save_artifact`` (weights + manifest into a directory) and ``load_detector`` (an artifact back, nothing else
-needed). A detector has ``labels``, ``manifest`` and ``detect(images, threshold) -> list[list[Shape]]``. What a user
-names a model by, and the store's default, is ``reference``; what a model family knows about its own internals
-(which layers to freeze when training) is asked through ``family_of``.
+needed); what they return is a ``Detector`` (``models.family``: ``detect``, ``detect_scored``, ``appearance``,
+``labels``, ``manifest``). What a user names a model by, and the store's default, is ``reference``; what a model
+family knows about its own internals (which layers to freeze when training) is asked through ``family_of``, whose
+answer is a ``ModelFamily``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import importlib
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, cast
 
 from preannotate.hyperparameters import Hyperparameters
 from preannotate.models.artifact import Manifest, ModelNotFound, ModelStore, library_versions, now_iso
+from preannotate.models.family import Detector, ModelFamily
 from preannotate.models.reference import DEFAULT_STORE, ModelReference, default_store, open_store
 from preannotate.models.registry import (
     ARCHITECTURES,
@@ -26,9 +28,9 @@ from preannotate.models.registry import (
     get_architecture,
     hyperparameters_for,
 )
-from preannotate.shapes import Label, Shape
+from preannotate.shapes import Label
 
-__all__ = ["ARCHITECTURES", "DEFAULT_STORE", "Architecture", "Detector", "Manifest", "ModelNotFound",
+__all__ = ["ARCHITECTURES", "DEFAULT_STORE", "Architecture", "Detector", "Manifest", "ModelFamily", "ModelNotFound",
            "ModelReference", "ModelStore", "PretrainedWeightsUnavailable", "UnsupportedLabels", "architecture_of",
            "check_label_types", "create_detector", "default_hyperparameters", "default_store", "family_of",
            "get_architecture", "hyperparameters_for", "load_detector", "load_model", "manifest_hyperparameters",
@@ -39,16 +41,9 @@ class UnsupportedLabels(ValueError):
     """Labels of a type the model can never produce (points for a box detector, say)."""
 
 
-class Detector(Protocol):
-    labels: list[Label]
-    manifest: Manifest
-
-    def detect(self, images: Sequence[Any], threshold: float) -> list[list[Shape]]: ...
-
-
-def family_of(arch: Architecture):
+def family_of(arch: Architecture) -> ModelFamily:
     """The module that builds, runs and trains models of ``arch`` (``preannotate.models.<family>_family``)."""
-    return importlib.import_module(f"preannotate.models.{arch.family}_family")
+    return cast(ModelFamily, importlib.import_module(f"preannotate.models.{arch.family}_family"))
 
 
 def check_label_types(arch: Architecture, labels: Sequence[Label]) -> None:
@@ -80,7 +75,7 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
     if labels is None:
         if init != "pretrained":
             raise ValueError("labels are needed unless the model starts from pretrained weights (COCO's, ImageNet's)")
-        labels = family.coco_labels(arch)
+        labels = family.pretrained_labels(arch)
     labels = [label if label.id is not None else Label(label.name, label.type, label.attributes, i)
               for i, label in enumerate(labels, start=1)]
     state = None
@@ -93,7 +88,7 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
     detector = family.create(arch, labels, hp, init=init, state=state, device=device)
     detector.manifest = Manifest(
         architecture=arch.name, labels=list(labels), framework=arch.framework,
-        weights=getattr(family, "WEIGHTS_FILE", "model.pt"),
+        weights=family.WEIGHTS_FILE,
         input_size={"image_size": hp.image_size, "max_image_size": hp.max_image_size, "letterbox": hp.letterbox},
         hyperparameters=hp.to_dict(), score_threshold=hp.score_threshold,
         provenance={"init": init, **({"previous": str(previous)} if previous else {})},

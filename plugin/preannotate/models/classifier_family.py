@@ -108,8 +108,8 @@ def freeze_backbone(model: TagModel, trainable_layers: int | None, init: str) ->
     return []
 
 
-def coco_labels(arch: Architecture) -> list[Label]:
-    """The labels of the pretrained weights (the family protocol's name): ImageNet's 1000 classes, as tags."""
+def pretrained_labels(arch: Architecture) -> list[Label]:
+    """The labels of the pretrained weights: ImageNet's 1000 classes, as tags."""
     categories = torchvision.models.get_weight(arch.pretrained).meta["categories"]
     return [Label(name=name, type=TAG, id=index) for index, name in enumerate(categories, start=1)]
 
@@ -140,5 +140,7 @@ def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hy
                                  appearance_layer(model), kind=TagClassifier)
 
 
-read_weights = torch_family.read_weights
-write_weights = torch_family.write_weights
+# the detectors' files and cache
+WEIGHTS_FILE, read_weights, write_weights = torch_family.WEIGHTS_FILE, torch_family.read_weights, \
+    torch_family.write_weights
+fetch_pretrained = torch_family.fetch_pretrained

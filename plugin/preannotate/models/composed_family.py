@@ -252,7 +252,7 @@ def output(composition: dict[str, Any]) -> str:
     return "mask" if composition.get("head") == "mask_rcnn" else "rectangle"
 
 
-def coco_labels(arch: Architecture) -> list[Label]:
+def pretrained_labels(arch: Architecture) -> list[Label]:
     raise PretrainedWeightsUnavailable(f"{arch.name} is composed from an ImageNet backbone: it has no COCO weights; "
                                        "give the labels to train it on (--labels a,b,...)")
 
@@ -296,7 +296,19 @@ def _model(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, wei
     return model, composition
 
 
-read_weights, write_weights = torch_family.read_weights, torch_family.write_weights
+def fetch_pretrained(arch: Architecture) -> Path:
+    """The registry's backbone's ImageNet weights in torchvision's cache (a composition naming another backbone
+    fetches its own when it is created)."""
+    try:
+        torchvision.models.get_model(arch.build["backbone"], weights="DEFAULT")
+    except (OSError, RuntimeError) as error:
+        raise PretrainedWeightsUnavailable(f"the ImageNet weights of {arch.build['backbone']} could not be fetched "
+                                           f"({error.__class__.__name__})") from None
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+WEIGHTS_FILE, read_weights, write_weights = torch_family.WEIGHTS_FILE, torch_family.read_weights, \
+    torch_family.write_weights
 
 
 def freeze_backbone(model: nn.Module, trainable_layers: int | None, init: str) -> list[nn.Module]:

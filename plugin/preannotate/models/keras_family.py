@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -175,25 +176,25 @@ def build_model(arch: Architecture, num_classes: int, postprocessing: dict[str, 
         pre_logits_num_conv_layers=spec["head_convs"], prediction_decoder=decoder(postprocessing or {}))
 
 
-def freeze_backbone(model: keras.Model, trainable_layers: int | None) -> int:
+def freeze_backbone(model: keras.Model, trainable_layers: int | None, init: str) -> list[keras.layers.Layer]:
     """Freeze all but the last ``trainable_layers`` (0-5) of the encoder's five stages (``ENCODERS[...]["stages"]``);
-    None trains them all, as the TF OD API fine-tunes. Frozen batch norms keep their statistics (Keras runs a
-    non-trainable ``BatchNormalization`` in inference mode). Returns how many encoder layers were frozen."""
+    None trains them all, as the TF OD API fine-tunes (whatever ``init``). Frozen batch norms keep their statistics
+    (Keras runs a non-trainable ``BatchNormalization`` in inference mode). Returns the encoder layers frozen."""
     if trainable_layers is None or trainable_layers >= 5:
-        return 0
+        return []
     encoder = model.backbone.image_encoder
     layers = encoder.features.layers
     if trainable_layers == 0:
         encoder.trainable = False
-        return len(layers)
+        return list(layers)
     names = [layer.name for layer in layers]
     last_frozen = names.index(ENCODERS[encoder.encoder]["stages"][4 - trainable_layers])  # the end of stage 5 - k
     for layer in layers[:last_frozen + 1]:
         layer.trainable = False
-    return last_frozen + 1
+    return list(layers[:last_frozen + 1])
 
 
-def coco_labels(arch: Architecture) -> list[Label]:
+def pretrained_labels(arch: Architecture) -> list[Label]:
     """The COCO labels of a detector pretrained on COCO (keras-hub's preset), ids = its class index + 1."""
     if arch.pretrained_kind != "coco":
         raise PretrainedWeightsUnavailable(
@@ -220,6 +221,13 @@ def pretrained_model(arch: Architecture, num_classes: int, postprocessing: dict[
             f"pretrained weights for {arch.name} ({arch.pretrained}) could not be loaded: {_reason(error)}. Keras "
             "keeps them in ~/.keras (KERAS_HOME) and keras-hub's presets in KAGGLEHUB_CACHE: fetch them there once "
             "(`preannotate models fetch-weights`), or start from random weights (`-H init=random`).") from None
+
+
+def fetch_pretrained(arch: Architecture) -> Path:
+    """The pretrained weights in Keras's (``KERAS_HOME``) and keras-hub's (``KAGGLEHUB_CACHE``) caches, downloaded when
+    missing and proven to load: where Keras keeps them."""
+    pretrained_model(arch, 1, {})
+    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras")
 
 
 def _detector_weights(model: keras.Model) -> list[Any]:
@@ -310,6 +318,9 @@ class KerasDetector:
     def detect_scored(self, images: Sequence[Any], threshold: float) -> list[tuple[list[Shape], float]]:
         """The shapes of each image with its unfamiliarity: 0, this family keeps no appearance sample."""
         return [(shapes, 0.0) for shapes in self.detect(images, threshold)]
+
+    def appearance(self, images: Sequence[Any]) -> None:
+        return None  # no appearance layer is read: its frames are never called unfamiliar
 
 
 def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, init: str = "random",

@@ -84,7 +84,7 @@ _SSD_KNOBS = (*_TORCH_KNOBS, "anchor_min_scale", "anchor_max_scale")
 
 # Defaults follow what our users trained with from pretrained weights (Onepanel's TF OD API templates): SSD batch 24,
 # learning rate 0.004, 15,000 steps; Faster R-CNN batch 1, 0.0003, 10,000 steps. The trainer fits the budget to
-# the data and keeps the warm-up's and the schedule's share of the run (training.trainer.effective_hyperparameters).
+# the data and keeps the warm-up's and the schedule's share of the run (training.runs.effective_hyperparameters).
 _SSD = {"batch_size": 24, "initial_learning_rate": 0.004, "num_steps": 15000, "optimizer": "sgd",
         "schedule": "cosine", "warmup_steps": 500, "weight_decay": 4e-5}
 _RCNN = {"batch_size": 1, "initial_learning_rate": 0.0003, "num_steps": 10000, "optimizer": "sgd",
@@ -139,7 +139,7 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
 ]}
 
 # TensorFlow: keras-hub's RetinaNet detector (anchors, focal loss, FPN) over a feature-pyramid encoder, trained from
-# the TFRecords of our bridge (training.keras_trainer). ``build``: the encoder (keras_family.ENCODERS), the pyramid
+# the TFRecords of our bridge (training.keras_adapter). ``build``: the encoder (keras_family.ENCODERS), the pyramid
 # levels, the shared head's depth, and a keras-hub preset holding COCO weights of the whole detector.
 # SSD's recipe from pretrained weights is the TF OD API's ssd_mobilenet_v2 config (RMSprop, momentum 0.9, decay 0.9,
 # epsilon 1.0, rate 0.004 decaying by 0.95 every 800,720 steps on 15,000) fitted by the trainer like the others.

@@ -38,6 +38,8 @@ from preannotate.shapes import Label, Shape
 
 log = logging.getLogger(__name__)
 
+WEIGHTS_FILE = "model.pt"
+
 def build_model(arch: Architecture, num_classes: int, image_size: int | None = None,
                 max_image_size: int | None = None) -> torch.nn.Module:
     """An untrained model of ``arch`` with ``num_classes`` classes (background excluded)."""
@@ -121,7 +123,7 @@ def _part(owner: torch.nn.Module, name: str, what: str) -> Any:
     return part
 
 
-def coco_labels(arch: Architecture) -> list[Label]:
+def pretrained_labels(arch: Architecture) -> list[Label]:
     """The COCO labels of the architecture's pretrained weights, ids = the model's class indices."""
     if arch.pretrained_kind != "coco":
         raise PretrainedWeightsUnavailable(
@@ -137,10 +139,7 @@ def pretrained_state_dict(arch: Architecture) -> dict[str, torch.Tensor]:
     """The architecture's pretrained weights, keyed as in our model, from torchvision's cache (or
     ``PREANNOTATE_WEIGHTS_DIR``), downloaded there if missing unless ``PREANNOTATE_OFFLINE`` is set."""
     weights = _weights_enum(arch)
-    filename = os.path.basename(weights.url)
-    candidates = [Path(torch.hub.get_dir()) / "checkpoints" / filename]
-    if os.environ.get("PREANNOTATE_WEIGHTS_DIR"):
-        candidates.insert(0, Path(os.environ["PREANNOTATE_WEIGHTS_DIR"]) / filename)
+    candidates = _weights_candidates(arch)
     found = next((path for path in candidates if path.is_file()), None)
     if found is not None:
         state = torch.load(found, map_location="cpu", weights_only=True)
@@ -157,6 +156,23 @@ def pretrained_state_dict(arch: Architecture) -> dict[str, torch.Tensor]:
     if arch.pretrained_kind == "backbone":  # an ImageNet classifier: its layers are our FPN body
         state = {"backbone.body." + k: v for k, v in state.items() if not k.startswith("fc.")}
     return state
+
+
+def fetch_pretrained(arch: Architecture) -> Path:
+    """The pretrained weights in torchvision's cache (or ``PREANNOTATE_WEIGHTS_DIR``), downloaded there when missing
+    and proven to load: where they are."""
+    pretrained_state_dict(arch)
+    return next(path for path in _weights_candidates(arch) if path.is_file())
+
+
+def _weights_candidates(arch: Architecture) -> list[Path]:
+    """Where the pretrained weights file is looked for, in order: ``PREANNOTATE_WEIGHTS_DIR``, torchvision's cache
+    (where a download goes)."""
+    filename = os.path.basename(_weights_enum(arch).url)
+    candidates = [Path(torch.hub.get_dir()) / "checkpoints" / filename]
+    if os.environ.get("PREANNOTATE_WEIGHTS_DIR"):
+        candidates.insert(0, Path(os.environ["PREANNOTATE_WEIGHTS_DIR"]) / filename)
+    return candidates
 
 
 def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

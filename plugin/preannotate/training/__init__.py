@@ -2,9 +2,11 @@
 
 * ``recipe`` — the one recipe: load (``export_from_cvat`` or a folder) → split → train → publish → promote
   (``should_promote``), used by ``preannotate train``, a function's jobs and the demo;
-* ``trainer`` — the torch loop: ``train(...) -> TrainingResult`` (state, checkpoints, validation, resume, signals,
-  DDP); ``keras_trainer`` — the same run for the TensorFlow models, from TFRecords through ``tf.data`` and
-  ``model.fit``; ``runs`` — what both share (result, budget, state, logs, publishing), importing no framework;
+* ``loop`` — the one run: ``train(...) -> TrainingResult`` (resume, steps, validation and its judgement, early
+  stopping, time limit, checkpoints, signals, publishing), whatever the framework; its ``FrameworkAdapter``s own
+  what differs: ``torch_adapter`` (torchvision's reference step, DDP) and ``keras_adapter`` (TFRecords through
+  ``tf.data``, Keras's own step); ``runs`` — the run's vocabulary (result, budget, state, logs, publishing);
+  ``loop`` and ``runs`` import no framework;
 * ``data`` — frames → image and target tensors (``transforms.v2``), resumable batch order, loaders;
 * ``evaluation`` — COCO mAP with pycocotools (of a torch model's loader, or of any detector's shapes); batch-norm
   recalibration before each validation;

@@ -19,7 +19,6 @@ an uninterrupted one would have seen.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 from collections.abc import Iterator, Sequence
@@ -113,21 +112,6 @@ def _bitmap(annotation: dict[str, Any], width: int, height: int) -> np.ndarray:
     bitmap = np.zeros((height, width), bool)
     bitmap[int(y): int(np.ceil(y + h)), int(x): int(np.ceil(x + w))] = True
     return bitmap
-
-
-def tag_labels(labels: Sequence[Label], items: Sequence[Item]) -> list[Label]:
-    """The classes a classifier learns: the ``tag`` labels, and ``any`` labels the frames use as tags (CVAT tags
-    take only those two types; an ``any`` label never used as a tag is a shape's)."""
-    used = {tag for frame, _ in items for tag in frame.tags}
-    return [label for label in labels if label.type == "tag" or (label.type == "any" and label.name in used)]
-
-
-def tag_examples(items: Sequence[Item], labels: Sequence[Label]) -> list[Item]:
-    """A classifier's examples: each frame once per tag it has of ``labels`` (a frame with several is an example of
-    each, as CVAT's ImageNet export copies it into each label's folder); frames without one are left out."""
-    names = {label.name for label in labels}
-    return [(dataclasses.replace(frame, tags=[tag]), images) for frame, images in items
-            for tag in frame.tags_among(names)]
 
 
 class DetectionDataset(Dataset):

@@ -11,14 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from preannotate.models import Manifest, ModelStore, hyperparameters_for
-from preannotate.training.recipe import (
-    NothingFinished,
-    TrainingData,
-    cvat_provenance,
-    dataset_format,
-    export_from_cvat,
-    train_and_publish,
-)
+from preannotate.training.recipe import NothingFinished, train_model
 from preannotate.training.runs import TrainingInterrupted
 from preannotate.training.triggers import annotations_changed
 
@@ -34,29 +27,25 @@ def execute_job(job, work_dir: Path, store_root: Path, stop: threading.Event) ->
     store = ModelStore(store_root)
     name = request["name"]
     hp = hyperparameters_for(request["model"], request.get("hyperparameters") or "")
-    with connect() as client:
-        if request.get("only_if_changed"):
-            served = store.serving(name)
-            learned = None
-            if served is not None:
-                learned = (Manifest.read(store.path(name, served)).provenance.get("cvat") or {}).get("jobs")
+    if request.get("only_if_changed"):
+        served = store.serving(name)
+        learned = None
+        if served is not None:
+            learned = (Manifest.read(store.path(name, served)).provenance.get("cvat") or {}).get("jobs")
+        with connect() as client:
             changed, why = annotations_changed(client, request, learned, f"{name}@{served}" if served else name,
                                                hp.train_on)
-            log.info("cron: %s", why)
-            if not changed:
-                return {"skipped": why}
-        try:
-            dataset = export_from_cvat(client, request, work_dir / "dataset", hp, dataset_format(request["model"]))
-        except NothingFinished as nothing:
-            log.info("%s", nothing)
-            return {"skipped": str(nothing)}
-    source = request.get("from_model") or hp.init_from
-    previous = store.resolve(source) if source else None
+        log.info("cron: %s", why)
+        if not changed:
+            return {"skipped": why}
     try:
-        result = train_and_publish(TrainingData.from_folder(dataset, hp), architecture=request["model"],
-                                   hyperparameters=hp, store=store, name=name, output_dir=work_dir / "run",
-                                   previous=previous, promote=request.get("promote", "auto"), stop=stop,
-                                   provenance={**cvat_provenance(dataset), "job": job.id, "trigger": job.trigger})
+        result = train_model(request["model"], hp, store=store, name=name, output_dir=work_dir / "run",
+                             request=request, connect=connect, dataset_dir=work_dir / "dataset",
+                             from_model=request.get("from_model"), promote=request.get("promote", "auto"),
+                             provenance={"job": job.id, "trigger": job.trigger}, stop=stop)
+    except NothingFinished as nothing:
+        log.info("%s", nothing)
+        return {"skipped": str(nothing)}
     except TrainingInterrupted as stopped:
         log.info("%s", stopped)
         return None

@@ -1,5 +1,5 @@
 """The one training recipe — load → split → train (validating) → publish → promote — for ``preannotate train``, a
-function's training jobs and the demo alike.
+function's training jobs and the demo alike: ``train_model`` from what a user names (a folder, or CVAT tasks).
 
 Loading is ``export_from_cvat`` (CVAT tasks exported once into a COCO folder that training reads, so a resumed run
 never reads the server again) or a folder the user exported; ``TrainingData.from_folder`` splits it.
@@ -15,12 +15,12 @@ the data, and the same object goes on to the trainer. Whether the new version is
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import shutil
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ from preannotate.hyperparameters import Hyperparameters
 from preannotate.models import Manifest, ModelStore, get_architecture
 from preannotate.shapes import Label
 from preannotate.training.evaluation import headline, headline_name
+from preannotate.training.loop import train
 from preannotate.training.runs import Promotion, TrainingResult
 
 if TYPE_CHECKING:
@@ -83,13 +84,6 @@ def should_promote(policy: str, metrics: dict[str, Any], serving: Manifest | Non
     return Promotion(False, f"kept, not served: {name} {new:.3f} < {old:.3f} of {served_now}, which stays served")
 
 
-def trainer_for(architecture: str):
-    """The ``train`` of the architecture's framework: ``training.trainer`` (torch) or ``training.keras_trainer``
-    (TensorFlow), imported on use, so a run loads only its own framework."""
-    module = "keras_trainer" if get_architecture(architecture).framework == "tensorflow" else "trainer"
-    return importlib.import_module(f"preannotate.training.{module}").train
-
-
 def train_and_publish(training_data: TrainingData, *, architecture: str, hyperparameters: Hyperparameters,
                       store: ModelStore, name: str, output_dir: str | Path, previous: Path | None = None,
                       provenance: dict[str, Any] | None = None, promote: str = "auto", device: str | None = None,
@@ -99,11 +93,38 @@ def train_and_publish(training_data: TrainingData, *, architecture: str, hyperpa
     serve it if ``should_promote`` says so (``result.served``, ``result.promotion``)."""
     serving_version = store.serving(name)
     serving = Manifest.read(store.path(name, serving_version)) if serving_version is not None else None
-    train = trainer_for(architecture)
     return train(architecture, training_data.labels, training_data.train, training_data.val, output_dir,
                  store=store, name=name, hyperparameters=hyperparameters, previous=previous,
                  provenance=provenance, device=device, progress=progress, stop=stop, workers=workers,
                  restart=restart, promote=lambda metrics: should_promote(promote, metrics, serving))
+
+
+def train_model(architecture: str, hp: Hyperparameters, *, store: ModelStore, name: str, output_dir: Path,
+                data: Path | None = None, request: Mapping[str, Any] | None = None,
+                connect: Callable[[], AbstractContextManager] | None = None, dataset_dir: Path | None = None,
+                from_model: str | None = None, promote: str = "auto", provenance: dict[str, Any] | None = None,
+                device: str | None = None, progress: bool = True, stop: threading.Event | None = None,
+                restart: bool = False, announce: Callable[[str], None] = log.info) -> TrainingResult:
+    """The whole recipe from what a user names: the dataset folder ``data``, or the CVAT tasks of ``request``
+    (``tasks`` / ``project``; a client from ``connect()``) exported once into ``dataset_dir`` (default
+    ``output_dir/dataset``); trained into ``output_dir`` and published as the next version of ``name``.
+    ``from_model`` (or ``init-from``) is the store's model to start from, resolved before anything is read.
+    ``announce`` says what is about to be trained. Raises ``NothingFinished`` when CVAT has nothing finished to
+    learn from, and what ``loop.train`` raises."""
+    source = from_model or hp.init_from  # any model of the store: a typo fails before CVAT is read
+    previous = store.resolve(source) if source else None
+    if data is None:
+        with connect() as client:
+            data = export_from_cvat(client, request, dataset_dir or output_dir / "dataset", hp,
+                                    dataset_format(architecture))
+    training_data = TrainingData.from_folder(data, hp)
+    count = len(training_data.train)
+    announce(f"training {architecture} on {count} frame{'' if count == 1 else 's'}, validating on "
+             f"{len(training_data.val)}; output in {output_dir}")
+    return train_and_publish(training_data, architecture=architecture, hyperparameters=hp, store=store, name=name,
+                             output_dir=output_dir, previous=previous,
+                             provenance={**cvat_provenance(data), **(provenance or {})}, promote=promote,
+                             device=device, progress=progress, stop=stop, restart=restart)
 
 
 class NothingFinished(ValueError):

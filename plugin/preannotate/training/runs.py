@@ -1,7 +1,6 @@
-"""What every trainer of a run shares, whatever its framework: the result and its promotion, the budget fitted to
+"""The vocabulary of a training run, whatever its framework: the result and its promotion, the budget fitted to
 the data, the state a checkpoint restores, the claim on an output directory, the logs and progress a person follows,
-and publishing the best weights as the next version. ``training.trainer`` (torch) and ``training.keras_trainer``
-(TensorFlow) are the loops; nothing here imports a framework.
+and publishing the best weights as the next version. ``training.loop`` is the run; nothing here imports a framework.
 """
 
 from __future__ import annotations
@@ -48,9 +47,6 @@ MIN_DEFAULT_STEPS = 300
 CALIBRATION_FRAMES = 96  # training frames that re-measure batch-norm statistics before each validation
 PROGRESS_LINES = 20      # lines a run prints when its output is not a terminal (besides one per validation)
 FAMILIAR_FRAMES = 200      # training frames whose appearance is published, for the novelty of new frames
-# what a run writes into its directory (both trainers), removed by ``clear_run``
-RUN_FILES = ("run.json", "last.pt", "best.pt", "last.keras.npz", "best.weights.h5", "metrics.jsonl", "result.json",
-             "report.png", "predictions.png")
 
 
 class TrainingInterrupted(RuntimeError):
@@ -133,12 +129,19 @@ def effective_hyperparameters(architecture: str, hyperparameters: Hyperparameter
     return hp
 
 
-def clear_run(directory: Path) -> None:
-    """Remove what a run wrote into ``directory`` (its checkpoints, logs and result; not the dataset beside them)."""
-    for name in RUN_FILES:
-        (directory / name).unlink(missing_ok=True)
-    for events in directory.glob("events.out.tfevents.*"):
-        events.unlink()
+def tag_labels(labels: Sequence[Label], items: Sequence[Any]) -> list[Label]:
+    """The classes a classifier learns: the ``tag`` labels, and ``any`` labels the frames use as tags (CVAT tags
+    take only those two types; an ``any`` label never used as a tag is a shape's)."""
+    used = {tag for frame, _ in items for tag in frame.tags}
+    return [label for label in labels if label.type == "tag" or (label.type == "any" and label.name in used)]
+
+
+def tag_examples(items: Sequence[Any], labels: Sequence[Label]) -> list[Any]:
+    """A classifier's examples: each frame once per tag it has of ``labels`` (a frame with several is an example of
+    each, as CVAT's ImageNet export copies it into each label's folder); frames without one are left out."""
+    names = {label.name for label in labels}
+    return [(dataclasses.replace(frame, tags=[tag]), images) for frame, images in items
+            for tag in frame.tags_among(names)]
 
 
 def frame_ranges(numbers: Sequence[int]) -> str:
@@ -155,8 +158,6 @@ def frame_ranges(numbers: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-
-
 @dataclass
 class TrainState:
     """Where a run is, beside its weights and optimizer: what a checkpoint restores."""
@@ -169,9 +170,6 @@ class TrainState:
     elapsed_s: float = 0.0
     stopped: str | None = None        # "early-stopping", "time-limit", then "completed"
     validated_at: int | None = None
-
-
-
 
 
 def judge_validation(state: TrainState, metrics: dict[str, Any], hp: Hyperparameters) -> bool:
@@ -366,7 +364,7 @@ def claim_directory(output: Path, identity: dict[str, Any]) -> tuple[str | None,
 def _familiar(detector: Any, train_items: Sequence[Any]) -> Any:
     """The appearance of (up to ``FAMILIAR_FRAMES``, spread over) the training frames, published with the
     weights: what a frame being pre-annotated is compared with (``uncertainty.novelty``)."""
-    if not hasattr(detector, "appearance") or not train_items:
+    if not train_items:
         return None
     items = sample(train_items, FAMILIAR_FRAMES)
     vectors = []
