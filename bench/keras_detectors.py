@@ -66,7 +66,7 @@ def plain(files, labels, batch, size, warmup, steps) -> float:
     the same steps as ours (after the same warm-up, in the same call)."""
     hp = hyperparameters_for(TF_DEFAULT, hyperparameters(warmup + steps, batch, size))
     model = create_detector(TF_DEFAULT, labels, hyperparameters=hp).model
-    model.compile(optimizer=keras_adapter.build_optimizer(hp))
+    model.compile(optimizer=keras_adapter.build_optimizer(hp.recipe))
     clock = StepClock()
     model.fit(keras_adapter.pipeline(files, hp, size, train=True), epochs=1, steps_per_epoch=warmup + steps,
               verbose=0, callbacks=[clock])

@@ -58,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     arch = get_architecture(args.arch)
     hp = hyperparameters_for(arch.name, f"init=random; num-steps={args.steps}; batch-size={args.batch}")
     effective = effective_hyperparameters(arch.name, hp, len(train_items))
-    recipe = (f"{effective.optimizer} at {effective.initial_learning_rate:g}, {effective.schedule}"
-              f"{f' after {effective.warmup_steps} warm-up steps' if effective.warmup_steps else ''}, weight decay "
-              f"{effective.weight_decay:g}, gradient clip {effective.gradient_clip_norm}, augment "
-              f"{'+'.join(effective.augment) or 'none'}, {effective.num_validations} validations")
-    print(f"ours, the registry's defaults: {recipe}", flush=True)
+    recipe = effective.recipe
+    described = (f"{recipe.optimizer} at {recipe.initial_learning_rate:g}, {recipe.schedule}"
+                 f"{f' after {recipe.warmup_steps} warm-up steps' if recipe.warmup_steps else ''}, weight decay "
+                 f"{recipe.weight_decay:g}, gradient clip {recipe.gradient_clip_norm}, augment "
+                 f"{'+'.join(recipe.augment) or 'none'}, {recipe.num_validations} validations")
+    print(f"ours, the registry's defaults: {described}", flush=True)
     test_data = data.DetectionDataset(test_items, labels, data.transforms(effective, arch.fixed_size, False),
                                       arch.output == "mask")
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Method: `{arch.name}` from random init, {args.steps} steps of batch {args.batch}, on "
         f"{len(train_items)} frames of the hard synthetic set (320x240; 3 labels, look-alike distractors). *Ours*: "
         f"`-H \"init=random; num-steps={args.steps}; batch-size={args.batch}\"` and the registry's defaults for the "
-        f"rest ({recipe}), validating on {len(val_items)} more frames and publishing its best validation. *Plain*: "
+        f"rest ({described}), validating on {len(val_items)} more frames and publishing its best validation. *Plain*: "
         f"AdamW at {PLAIN['lr']}, one-cycle, weight decay {PLAIN['weight_decay']}, flips, clip "
         f"{PLAIN['clip_norm']}, last weights. Both scored on the same {len(test_items)} held-out test frames by the "
         "same COCO evaluation.",

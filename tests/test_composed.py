@@ -99,7 +99,7 @@ def test_every_listed_composition_builds_trains_a_step_and_detects(backbone, nec
 def test_values_are_spelled_as_keys_are_and_bad_ones_say_what_is_valid():
     hp = hyperparameters_for("custom", "backbone=EfficientNet-V2-S; head=faster-rcnn; neck=none; neck_levels=2-6; "
                                        "top-level=4; resize-input=false")
-    assert hp.composition() == {"backbone": "efficientnet_v2_s", "head": "faster_rcnn", "neck": "none",
+    assert hp.network.composition() == {"backbone": "efficientnet_v2_s", "head": "faster_rcnn", "neck": "none",
                                 "neck_levels": (2, 6), "top_level": 4, "resize_input": False}
     with pytest.raises(HyperparameterError, match="bad value for backbone: 'vgg16' is not one of resnet18"):
         hyperparameters_for("custom", "backbone=vgg16")
@@ -188,9 +188,9 @@ def test_init_from_takes_any_models_backbone_neck_and_heads_where_names_and_shap
     publish_detector(source, store, "cars")
     hp = hyperparameters_for("custom", "init-from=cars@1;backbone=resnet50;neck=fpn;neck-levels=3-7;head=retinanet;"
                                        "image-size=64;max-image-size=64")
-    assert (hp.init, hp.init_from) == ("previous", "cars@1")
+    assert (hp.recipe.init, hp.recipe.init_from) == ("previous", "cars@1")
     composed_model = create_detector("custom", parse_label_list("car,person,bus"), hyperparameters=hp,
-                                     previous=store.resolve(hp.init_from))
+                                     previous=store.resolve(hp.recipe.init_from))
     theirs, mine = source.model.state_dict(), composed_model.model.state_dict()
     same = {k for k in mine if k in theirs and torch.equal(mine[k], theirs[k])}
     assert {k for k in mine if k.startswith("backbone.body.") and not k.endswith("num_batches_tracked")} <= same
@@ -208,10 +208,11 @@ def test_the_designer_pages_trainer_keys_change_the_schedule():
 
     hp = hyperparameters_for("custom", "schedule=one-cycle; initial-lr-factor=0.1; final-lr-factor=0.001; "
                                        "warmup-period=20; max-iterations=100; lr=0.01")
-    assert (hp.one_cycle_initial_factor, hp.one_cycle_final_factor, hp.warmup_steps, hp.num_steps) == \
+    recipe = hp.recipe
+    assert (recipe.one_cycle_initial_factor, recipe.one_cycle_final_factor, recipe.warmup_steps, recipe.num_steps) == \
         (0.1, 0.001, 20, 100)
-    schedule = optim.Schedule(hp, 100)
-    reference = optim.build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01), hp, 100)
+    schedule = optim.Schedule(hp.recipe, 100)
+    reference = optim.build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01), hp.recipe, 100)
     rates = []
     for step in range(100):
         rates.append(reference.get_last_lr()[0])
@@ -221,8 +222,8 @@ def test_the_designer_pages_trainer_keys_change_the_schedule():
     assert rates[0] == pytest.approx(0.001) and max(rates) == pytest.approx(0.01) and rates.index(max(rates)) == 20
     assert rates[-1] == pytest.approx(0.01 * 0.001, rel=1e-6)
     steps = hyperparameters_for("custom", "schedule=multi-step; milestones=30,60; factor=0.5")
-    assert (steps.schedule_steps, steps.schedule_gamma) == ([30, 60], 0.5)
-    assert optim.Schedule(steps, 100).main(65) == pytest.approx(0.25)
+    assert (steps.recipe.schedule_steps, steps.recipe.schedule_gamma) == ([30, 60], 0.5)
+    assert optim.Schedule(steps.recipe, 100).main(65) == pytest.approx(0.25)
 
 
 @pytest.mark.slow

@@ -40,24 +40,26 @@ REPO = Path(__file__).resolve().parents[1]
 def test_the_tf_od_api_names_change_the_run():
     hp = hyperparameters_for(SSD, "momentum_optimizer_value=0.8\nmomentum_decay=0.95\nmomentum_epsilon=1.0\n"
                                   "decay_steps=200\ndecay_factor=0.9")
-    assert (hp.optimizer, hp.momentum, hp.rmsprop_decay, hp.rmsprop_epsilon) == ("rmsprop", 0.8, 0.95, 1.0)
+    recipe = hp.recipe
+    assert (recipe.optimizer, recipe.momentum, recipe.rmsprop_decay) == ("rmsprop", 0.8, 0.95)
+    assert recipe.rmsprop_epsilon == 1.0
     # exponential_decay_learning_rate is a staircase in the TF OD API (staircase: true by default)
-    assert (hp.schedule, hp.schedule_step_size, hp.schedule_gamma) == ("step", 200, 0.9)
-    schedule = optim.Schedule(hp, 1000)
+    assert (hp.recipe.schedule, hp.recipe.schedule_step_size, hp.recipe.schedule_gamma) == ("step", 200, 0.9)
+    schedule = optim.Schedule(hp.recipe, 1000)
     assert schedule.main(199) == 1.0 and schedule.main(200) == pytest.approx(0.9)
-    keras_rms = keras_adapter.build_optimizer(hp)
+    keras_rms = keras_adapter.build_optimizer(hp.recipe)
     assert (keras_rms.rho, keras_rms.momentum, keras_rms.epsilon) == (0.95, 0.8, 1.0)
-    torch_rms = optim.build_optimizer([torch.nn.Parameter(torch.zeros(2))], hp)
+    torch_rms = optim.build_optimizer([torch.nn.Parameter(torch.zeros(2))], hp.recipe)
     assert (torch_rms.defaults["alpha"], torch_rms.defaults["momentum"], torch_rms.defaults["eps"]) == (0.95, 0.8, 1.0)
     # a user's schedule wins over the one decay_steps brings
-    assert hyperparameters_for(SSD, "decay_steps=200;schedule=exponential").schedule == "exponential"
+    assert hyperparameters_for(SSD, "decay_steps=200;schedule=exponential").recipe.schedule == "exponential"
 
 
 def test_one_cycle_of_the_keras_trainer_is_torchs():
     hp = hyperparameters_for(SSD, "schedule=one-cycle;initial-learning-rate=0.01")
-    schedule = optim.Schedule(hp, 50)
+    schedule = optim.Schedule(hp.recipe, 50)
     parameter = torch.nn.Parameter(torch.zeros(1))
-    reference = optim.build_scheduler(torch.optim.SGD([parameter], lr=0.01), hp, 50)
+    reference = optim.build_scheduler(torch.optim.SGD([parameter], lr=0.01), hp.recipe, 50)
     for step in range(50):
         assert 0.01 * schedule(step) == pytest.approx(reference.get_last_lr()[0], rel=1e-9, abs=1e-15)
         reference.optimizer.step()
@@ -249,10 +251,10 @@ def test_trainable_backbone_layers_freezes_the_encoders_first_stages(name):
 
 def test_num_clones_asks_tensorflow_for_that_many_gpus():
     one = hyperparameters_for(SSD, "num-clones=1")
-    assert keras_adapter.strategy_for(one).num_replicas_in_sync == 1
+    assert keras_adapter.strategy_for(one.recipe).num_replicas_in_sync == 1
     with pytest.raises(HyperparameterError, match=r"num-clones=2 trains on 2 GPUs with MirroredStrategy, and "
                                                   r"TensorFlow sees 0"):
-        keras_adapter.strategy_for(hyperparameters_for(SSD, "num-clones=2"))
+        keras_adapter.strategy_for(hyperparameters_for(SSD, "num-clones=2").recipe)
 
 
 def test_pretrained_weights_that_cannot_be_fetched_say_what_to_do():

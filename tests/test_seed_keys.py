@@ -40,8 +40,12 @@ def _run(text, arch=SSD, frames=100):
     return effective_hyperparameters(arch, text, frames)
 
 
+def _recipe(arch: str, text: str):
+    return hyperparameters_for(arch, text).recipe
+
+
 def _optimizer(text, arch=SSD):
-    return optim.build_optimizer([torch.nn.Parameter(torch.zeros(1))], hyperparameters_for(arch, text))
+    return optim.build_optimizer([torch.nn.Parameter(torch.zeros(1))], hyperparameters_for(arch, text).recipe)
 
 
 def _norms(model, inside_backbone: bool):
@@ -52,31 +56,31 @@ def _norms(model, inside_backbone: bool):
 
 # key -> a check of what it changed, on the object it changed
 CHANGES = {
-    "num-steps": lambda: _run("num-steps=123").total_steps(100) == 123,
-    "epochs": lambda: _run("epochs=3;batch-size=10").total_steps(100) == 30,
+    "num-steps": lambda: _run("num-steps=123").recipe.total_steps(100) == 123,
+    "epochs": lambda: _run("epochs=3;batch-size=10").recipe.total_steps(100) == 30,
     "initial-learning-rate": lambda: _optimizer("initial-learning-rate=0.02").defaults["lr"] == 0.02,
     "initial_learning_rate": lambda: _optimizer("initial_learning_rate=0.02").defaults["lr"] == 0.02,
     "learning_rate": lambda: _optimizer("learning_rate=0.02").defaults["lr"] == 0.02,
-    "batch-size": lambda: _run("batch-size=5;epochs=1").total_steps(100) == 20,
-    "batch_size": lambda: _run("batch_size=5;epochs=1").total_steps(100) == 20,
-    "num-clones": lambda: _run("num-clones=2;batch-size=5;epochs=1").total_steps(100) == 10,
-    "num_clones": lambda: _run("num_clones=2;batch-size=5;epochs=1").total_steps(100) == 10,
-    "schedule-step-1": lambda: optim.Schedule(hyperparameters_for(FRCNN, "schedule-step-1=40;schedule-lr-1=1e-4;"
+    "batch-size": lambda: _run("batch-size=5;epochs=1").recipe.total_steps(100) == 20,
+    "batch_size": lambda: _run("batch_size=5;epochs=1").recipe.total_steps(100) == 20,
+    "num-clones": lambda: _run("num-clones=2;batch-size=5;epochs=1").recipe.total_steps(100) == 10,
+    "num_clones": lambda: _run("num_clones=2;batch-size=5;epochs=1").recipe.total_steps(100) == 10,
+    "schedule-step-1": lambda: optim.Schedule(_recipe(FRCNN, "schedule-step-1=40;schedule-lr-1=1e-4;"
                                                                            "initial-learning-rate=1e-3"), 100)
                         .main(40) == pytest.approx(0.1),
-    "schedule-lr-1": lambda: optim.Schedule(hyperparameters_for(FRCNN, "schedule-step-1=40;schedule-lr-1=5e-4;"
+    "schedule-lr-1": lambda: optim.Schedule(_recipe(FRCNN, "schedule-step-1=40;schedule-lr-1=5e-4;"
                                                                          "initial-learning-rate=1e-3"), 100)
                       .main(50) == pytest.approx(0.5),
-    "schedule-step-2": lambda: optim.Schedule(hyperparameters_for(
+    "schedule-step-2": lambda: optim.Schedule(_recipe(
         FRCNN, "schedule-step-1=40;schedule-lr-1=5e-4;schedule-step-2=70;schedule-lr-2=1e-4;"
                "initial-learning-rate=1e-3"), 100).main(80) == pytest.approx(0.1),
-    "schedule-lr-2": lambda: optim.Schedule(hyperparameters_for(
+    "schedule-lr-2": lambda: optim.Schedule(_recipe(
         FRCNN, "schedule-step-1=40;schedule-lr-1=5e-4;schedule-step-2=70;schedule-lr-2=2e-4;"
                "initial-learning-rate=1e-3"), 100).main(80) == pytest.approx(0.2),
     "momentum_optimizer_value": lambda: _optimizer("momentum_optimizer_value=0.7").defaults["momentum"] == 0.7,
-    "decay_steps": lambda: optim.Schedule(hyperparameters_for(SSD, "decay_steps=10;decay_factor=0.5"), 100)
+    "decay_steps": lambda: optim.Schedule(_recipe(SSD, "decay_steps=10;decay_factor=0.5"), 100)
                     .main(25) == pytest.approx(0.25),
-    "decay_factor": lambda: optim.Schedule(hyperparameters_for(SSD, "decay_steps=10;decay_factor=0.9"), 100)
+    "decay_factor": lambda: optim.Schedule(_recipe(SSD, "decay_steps=10;decay_factor=0.9"), 100)
                      .main(10) == pytest.approx(0.9),
     "momentum_decay": lambda: _optimizer("optimizer=rmsprop;momentum_decay=0.8").defaults["alpha"] == 0.8,
     "momentum_epsilon": lambda: _optimizer("optimizer=rmsprop;momentum_epsilon=0.5").defaults["eps"] == 0.5,
@@ -85,7 +89,7 @@ CHANGES = {
     "second_stage_nms_iou_threshold": lambda: _model(SSD, "second_stage_nms_iou_threshold=0.4").nms_thresh
                                        == 0.4,
     "second_stage_max_detections_per_class": lambda: keras.decoder(hyperparameters_for(
-        "keras_ssd_mobilenet_v2_fpnlite_320", "second_stage_max_detections_per_class=7").postprocessing())
+        "keras_ssd_mobilenet_v2_fpnlite_320", "second_stage_max_detections_per_class=7").post.overrides())
         .max_detections_per_class == 7,
     "second_stage_max_detections_max_total_detections":
         lambda: _model(RETINA, "second_stage_max_detections_max_total_detections=9").detections_per_img == 9,
@@ -117,14 +121,14 @@ CHANGES = {
     "anchor_generator_max_scale": lambda: _model(SSD, "anchor_generator_max_scale=0.8")
                                    .anchor_generator.scales[-2] == pytest.approx(0.8),
     "stage-1-epochs": lambda: [hyperparameters_for(MASK, "stage-1-epochs=1;stage-2-epochs=2;batch-size=10")
-                                    .trainable_layers_at(step, 100) for step in (0, 9, 10, 19, 20)] ==
+                                    .recipe.trainable_layers_at(step, 100) for step in (0, 9, 10, 19, 20)] ==
                        [0, 0, 3, 3, 99],
     "stage-2-epochs": lambda: hyperparameters_for(MASK, "stage-2-epochs=2;batch-size=10")
-                       .trainable_layers_at(15, 100) == 3,
+                       .recipe.trainable_layers_at(15, 100) == 3,
     "stage-3-epochs": lambda: _run("stage-1-epochs=1;stage-2-epochs=2;stage-3-epochs=4;batch-size=10",
-                                        MASK).total_steps(100) == 40,
-    "stage1_epochs": lambda: hyperparameters_for(MASK, "--stage1_epochs=2").stage_1_epochs == 2,
-    "val_split": lambda: hyperparameters_for(SSD, "val_split=25").val_fraction == 0.25,
+                                        MASK).recipe.total_steps(100) == 40,
+    "stage1_epochs": lambda: hyperparameters_for(MASK, "--stage1_epochs=2").recipe.stage_1_epochs == 2,
+    "val_split": lambda: hyperparameters_for(SSD, "val_split=25").sources.val_fraction == 0.25,
 }
 REFUSED = {
     "second_stage_use_dropout": "no dropout", "second_stage_dropout_keep_probability": "no dropout",

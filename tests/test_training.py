@@ -38,8 +38,8 @@ def lr_curve(text: str, total: int) -> list[float]:
     """The learning rate of each optimizer step of a real optimizer driven by the real scheduler."""
     hp = Hyperparameters().updated(f"initial-learning-rate={BASE}; optimizer=sgd; {text}")
     parameter = torch.nn.Parameter(torch.zeros(1))
-    optimizer = optim.build_optimizer([parameter], hp)
-    scheduler = optim.build_scheduler(optimizer, hp, total)
+    optimizer = optim.build_optimizer([parameter], hp.recipe)
+    scheduler = optim.build_scheduler(optimizer, hp.recipe, total)
     rates = []
     for _ in range(total):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -88,16 +88,16 @@ def test_on_plateau_decays_after_a_validation_without_improvement_and_survives_a
     hp = Hyperparameters().updated(f"initial-learning-rate={BASE}; schedule=on-plateau; schedule-gamma=0.5; "
                                    "early-stopping-delta=0.01")
     parameter = torch.nn.Parameter(torch.zeros(1))
-    optimizer = optim.build_optimizer([parameter], hp)
-    scheduler = optim.build_scheduler(optimizer, hp, 100)
+    optimizer = optim.build_optimizer([parameter], hp.recipe)
+    scheduler = optim.build_scheduler(optimizer, hp.recipe, 100)
     for metric, expected in [(0.30, BASE), (0.35, BASE), (0.355, BASE / 2), (0.2, BASE / 4), (0.5, BASE / 4)]:
         optimizer.step()
         scheduler.step()
         optim.validated(scheduler, metric)
         assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
     saved_optimizer, saved_scheduler = optimizer.state_dict(), scheduler.state_dict()
-    restored_optimizer = optim.build_optimizer([torch.nn.Parameter(torch.zeros(1))], hp)
-    restored = optim.build_scheduler(restored_optimizer, hp, 100)
+    restored_optimizer = optim.build_optimizer([torch.nn.Parameter(torch.zeros(1))], hp.recipe)
+    restored = optim.build_scheduler(restored_optimizer, hp.recipe, 100)
     restored_optimizer.load_state_dict(saved_optimizer)
     restored.load_state_dict(saved_scheduler)
     restored_optimizer.step()
@@ -122,8 +122,8 @@ def test_every_optimizer_is_built_as_asked_and_descends(name, cls, options):
     target = torch.tensor([1.0, -2.0, 3.0])
     weights = torch.nn.Parameter(torch.zeros(3))
     frozen = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
-    optimizer = optim.build_optimizer([weights, frozen], hp)
-    optim.build_scheduler(optimizer, hp, 50)  # one-cycle accepts every optimizer (momentum cycled where there is one)
+    optimizer = optim.build_optimizer([weights, frozen], hp.recipe)
+    optim.build_scheduler(optimizer, hp.recipe, 50)  # one-cycle takes every optimizer (momentum cycled where there is)
 
     assert type(optimizer) is cls and len(optimizer.param_groups[0]["params"]) == 1
     assert optimizer.defaults["fused" if name in optim.FUSED else "foreach"] is True  # the fast kernels
@@ -346,19 +346,21 @@ def test_batches_resume_where_they_stopped_and_ranks_share_each_step():
 
 def test_registry_budgets_shrink_to_small_data_with_their_warmup_and_boundaries():
     ssd = effective_hyperparameters("ssdlite320_mobilenet_v3_large", None, 50)
-    assert (ssd.batch_size, ssd.num_steps, ssd.warmup_steps) == (24, 300, 10)  # 15000 steps → 100 epochs (300)
+    # 15000 steps → 100 epochs (300)
+    assert (ssd.recipe.batch_size, ssd.recipe.num_steps, ssd.recipe.warmup_steps) == (24, 300, 10)
     rcnn = effective_hyperparameters("fasterrcnn_resnet50_fpn", "", 40)
-    assert (rcnn.num_steps, rcnn.schedule_steps, rcnn.warmup_steps) == (4000, [3600], 40)
+    assert (rcnn.recipe.num_steps, rcnn.recipe.schedule_steps, rcnn.recipe.warmup_steps) == (4000, [3600], 40)
     tiny = effective_hyperparameters("ssdlite320_mobilenet_v3_large", {"warmup-steps": 7}, 5)
-    assert (tiny.batch_size, tiny.num_steps, tiny.warmup_steps) == (5, 300, 7)
-    assert effective_hyperparameters("ssdlite320_mobilenet_v3_large", None, 50, previous=True).init == "previous"
-    assert effective_hyperparameters("ssdlite320_mobilenet_v3_large", "init=random", 50, previous=True).init == "random"
+    assert (tiny.recipe.batch_size, tiny.recipe.num_steps, tiny.recipe.warmup_steps) == (5, 300, 7)
+    assert effective_hyperparameters("ssdlite320_mobilenet_v3_large", None, 50, previous=True).recipe.init == "previous"
+    random = effective_hyperparameters("ssdlite320_mobilenet_v3_large", "init=random", 50, previous=True)
+    assert random.recipe.init == "random"
     one = effective_hyperparameters("fasterrcnn_mobilenet_v3_large_320_fpn", None, 1)
-    assert one.batch_size == 2  # never below two by default (SSD's batch norms need it)
+    assert one.recipe.batch_size == 2  # never below two by default (SSD's batch norms need it)
     longer = effective_hyperparameters("ssdlite320_mobilenet_v3_large", "num-steps=30000", 50)
-    assert (longer.num_steps, longer.warmup_steps) == (30000, 1000)  # the recipe's warm-up share is kept
+    assert (longer.recipe.num_steps, longer.recipe.warmup_steps) == (30000, 1000)  # the recipe's warm-up share is kept
     by_epochs = effective_hyperparameters("ssdlite320_mobilenet_v3_large", "epochs=3; batch-size=10", 50)
-    assert by_epochs.num_steps is None and by_epochs.total_steps(50) == 15
+    assert by_epochs.recipe.num_steps is None and by_epochs.recipe.total_steps(50) == 15
 
 
 def test_trainable_backbone_layers_freeze_the_early_stages():

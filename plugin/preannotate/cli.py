@@ -25,6 +25,19 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+class _HyperparameterHelp(argparse.Action):
+    """``--help-hyperparameters``: the language's keys, then exit (as ``--help`` does, whatever else is missing)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from preannotate.hyperparameters import help_text
+
+        print("Hyperparameters (-H \"key=value; ...\", dashes or underscores alike):\n" + help_text())
+        parser.exit()
+
+
 def _store_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None,
                         help=f"model store directory (default $PREANNOTATE_MODEL_STORE, else {DEFAULT_STORE})")
@@ -151,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True, help="the architecture (preannotate models architectures)")
     train.add_argument("-H", "--hyperparameters", default="", help='e.g. "num-steps=2000; batch-size=8" '
                                                                     "(key=value lines or ;/, lists)")
+    train.add_argument("--help-hyperparameters", action=_HyperparameterHelp,
+                       help="list every hyperparameter key, by concern, and exit")
     train.add_argument("--from-model", help="fine-tune NAME[@VERSION] from the store (init=previous)")
     train.add_argument("--name", help="the model name to publish under (default: the architecture)")
     train.add_argument("--promote", choices=("auto", "always", "never"), default="auto",

@@ -129,8 +129,10 @@ def run_demo(output: str | Path, *, architecture: str = DEFAULT_ARCHITECTURE, st
     held_out = len(held_frames)
     store = ModelStore(output / "store")
     hp = hyperparameters_for(architecture, f"{DEFAULT_HYPERPARAMETERS}; num-steps={steps}; {hyperparameters}")
-    say(f"training {architecture} from random weights for {hp.num_steps} steps of {hp.batch_size} frames "
-        f"({hp.optimizer}, {hp.schedule} to {hp.initial_learning_rate:g}; validating {hp.num_validations} times)")
+    recipe = hp.recipe
+    say(f"training {architecture} from random weights for {recipe.num_steps} steps of {recipe.batch_size} frames "
+        f"({recipe.optimizer}, {recipe.schedule} to {recipe.initial_learning_rate:g}; validating "
+        f"{recipe.num_validations} times)")
     result = train_and_publish(TrainingData(labels, train_items, val_items), architecture=architecture,
                                hyperparameters=hp, store=store, name="demo", output_dir=output / "run",
                                provenance=provenance, progress=progress)

@@ -7,12 +7,22 @@ say what is valid.
 
 A text is parsed once, into ``Hyperparameters`` that remember which keys the user gave (``given``): the registry's
 defaults for an architecture, ``Hyperparameters.updated`` with the user's text on top (``models.hyperparameters_for``),
-and that one object travels down to the optimizer. What the user did not give, the trainer may fit to the data.
+and that one object travels on. The keys are one language to the user and four concerns to the code, each read by
+the part that owns it:
+
+* ``recipe`` (``Recipe``) — how the model is trained: steps, batch, optimizer, schedule, stopping, freezing, seed;
+* ``network`` (``Network``) — what the model is: its input geometry, the TF OD API's network knobs, a designer's
+  composition (``backbone``, ``neck``, ``head``, ...);
+* ``post`` (``Postprocessing``) — what it returns: the served threshold and non-maximum suppression;
+* ``sources`` (``Sources``) — what it learns from: which CVAT jobs count (``train-on``) and the validation share.
+
+What the user did not give, the trainer may fit to the data (``Hyperparameters.replaced``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -30,8 +40,10 @@ NECKS = ("none", "fpn", "bifpn")
 HEADS = ("retinanet", "fcos", "faster_rcnn", "mask_rcnn")
 LEVELS = (2, 7)  # level i has stride 2^i: what a neck may produce
 COMPOSITION = ("backbone", "top_level", "neck", "neck_levels", "neck_channels", "neck_layers", "head", "resize_input")
-# CVAT jobs whose frames training learns from: state completed, stage validation or acceptance, or all of them
+# CVAT jobs whose frames training learns from — and whose change starts training: state completed, stage validation
+# or acceptance, or all of them. One grammar and one default, for the ``train-on`` key and PREANNOTATE_TRAIN_ON.
 TRAIN_ON = ("completed", "validation", "acceptance", "all")
+DEFAULT_TRAIN_ON = ("completed", "acceptance")
 
 
 class HyperparameterError(ValueError):
@@ -100,9 +112,12 @@ def _augmentations(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(parse(item) for item in items))
 
 
-def _train_on(text: str) -> tuple[str, ...]:
+def parse_train_on(text: str) -> tuple[str, ...]:
+    """``completed,acceptance`` → ``("completed", "acceptance")``. Earlier spellings of PREANNOTATE_TRAIN_ON
+    (``state=completed``, ``stage=acceptance``, ``any``) read the same."""
     parse = _choice(TRAIN_ON)
-    items = tuple(dict.fromkeys(parse(item) for item in re.split(r"[,+\s]+", text.strip().lower()) if item))
+    words = [re.sub(r"^(state|stage)\s*=\s*", "", item) for item in re.split(r"[,+\s]+", text.strip().lower())]
+    items = tuple(dict.fromkeys(parse("all" if word == "any" else word) for word in words if word))
     if not items:
         raise ValueError("name the jobs to learn from: completed, validation, acceptance or all")
     return items
@@ -125,8 +140,10 @@ def _param(default=dataclasses.MISSING, parse=None, help: str = "", low=None, hi
     return field(default=default, metadata={"parse": parse, "help": help, "low": low, "high": high}, **kwargs)
 
 
-@dataclass
-class Hyperparameters:
+@dataclass(frozen=True)
+class Recipe:
+    """How the model is trained (the optimizer's recipe and the run's budget)."""
+
     num_steps: int | None = _param(None, _optional(_int), "optimizer steps (wins over epochs)", low=1)
     epochs: float | None = _param(None, _optional(_float), "passes over the training set", low=0.01)
     batch_size: int = _param(4, _int, "images per step (per GPU)", low=1)
@@ -162,25 +179,42 @@ class Hyperparameters:
                                           "(cumulative)", low=0)
     max_training_hours: float | None = _param(None, _optional(_float), "stop (and publish) after this long", low=0)
     num_validations: int = _param(5, _int, "evaluations on the validation split per run", low=0)
-    image_size: int | None = _param(None, _optional(_int), "shorter side (square side for SSD) in pixels", low=32)
-    max_image_size: int | None = _param(None, _optional(_int), "longest side in pixels", low=32)
-    letterbox: bool = _param(False, _bool, "resize keeping the aspect ratio and pad to a square")
     augment: tuple[str, ...] = _param(("flip",), _augmentations, "any of " + ", ".join(AUGMENTATIONS) + " or none")
-    val_fraction: float = _param(0.2, _float, "share of frames held out for validation", low=0, high=0.9)
     seed: int = _param(0, _int, "seed of the split, the shuffling and the initialization")
     num_clones: int = _param(1, _int, "GPUs to train on (DistributedDataParallel)", low=1)
     init: str = _param("pretrained", _choice(INITS), "random, pretrained or previous (a published version)")
     init_from: str | None = _param(None, _optional(_model_name), "NAME[@VERSION] of any model in the store to start "
                                    "from (init=previous): its weights wherever names and shapes agree")
-    score_threshold: float = _param(0.5, _float, "default detection threshold of the published model", low=0, high=1)
-    # Post-processing (the TF OD API's second-stage keys); None keeps the model's own. See ``POSTPROCESSING``.
-    nms_score_threshold: float | None = _param(None, _optional(_float), "score below which detections are dropped "
-                                               "before non-maximum suppression", low=0, high=1)
-    nms_iou_threshold: float | None = _param(None, _optional(_float), "IoU above which non-maximum suppression "
-                                             "drops the weaker box", low=0, high=1)
-    max_detections_per_class: int | None = _param(None, _optional(_int), "detections kept per class and image",
-                                                  low=1)
-    max_total_detections: int | None = _param(None, _optional(_int), "detections kept per image", low=1)
+
+    def total_steps(self, train_images: int) -> int:
+        """Optimizer steps of a run on ``train_images`` images: ``num-steps``, else ``epochs`` worth of batches."""
+        if self.num_steps:
+            return self.num_steps
+        return max(1, round((self.epochs or 1.0) * self.steps_per_epoch(train_images)))
+
+    def steps_per_epoch(self, train_images: int) -> int:
+        return max(1, -(-train_images // (self.batch_size * self.num_clones)))
+
+    def trainable_layers_at(self, step: int, train_images: int) -> int | None:
+        """The backbone stages trained at ``step`` under stage-N-epochs (0 in stage 1, 3 in stage 2, all after), or
+        None when the run has no stages."""
+        if self.stage_1_epochs is None and self.stage_2_epochs is None:
+            return None
+        epoch = step / self.steps_per_epoch(train_images)
+        if self.stage_1_epochs is not None and epoch < self.stage_1_epochs:
+            return 0
+        if self.stage_2_epochs is not None and epoch < self.stage_2_epochs:
+            return 3
+        return 99  # every stage
+
+
+@dataclass(frozen=True)
+class Network:
+    """What the model is: its input geometry, the network knobs and, for the designer, its composition."""
+
+    image_size: int | None = _param(None, _optional(_int), "shorter side (square side for SSD) in pixels", low=32)
+    max_image_size: int | None = _param(None, _optional(_int), "longest side in pixels", low=32)
+    letterbox: bool = _param(False, _bool, "resize keeping the aspect ratio and pad to a square")
     # Network knobs (``KNOBS``); None keeps the model's own.
     rpn_score_threshold: float | None = _param(None, _optional(_float), "two-stage: RPN score threshold", low=0,
                                                high=1)
@@ -216,56 +250,87 @@ class Hyperparameters:
     neck_layers: int | None = _param(None, _int, "custom: BiFPN layers", low=1, high=8)
     head: str | None = _param(None, _part(HEADS), "custom: retinanet, fcos, faster-rcnn or mask-rcnn")
     resize_input: bool | None = _param(None, _bool, "custom: scale every frame to image-size (false: keep its own)")
-    train_on: tuple[str, ...] = _param(("completed", "acceptance"), _train_on,
-                                       "CVAT jobs to learn from: any of completed (state), validation, acceptance "
-                                       "(stage), or all")
-
-    @property
-    def given(self) -> frozenset[str]:
-        """The keys the user gave (canonical names): the trainer fits only the others to the data."""
-        return self.__dict__.get("_given", frozenset())
-
-    def replaced(self, **changes: Any) -> Hyperparameters:
-        """A copy with ``changes`` that are not the user's (what the trainer fits), ``given`` kept."""
-        result = dataclasses.replace(self, **changes)
-        result.__dict__["_given"] = self.given
-        return result
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["augment"] = list(self.augment)
-        data["train_on"] = list(self.train_on)
-        if self.neck_levels is not None:
-            data["neck_levels"] = list(self.neck_levels)
-        return data
-
-    def composition(self) -> dict[str, Any]:
-        """The designer's keys set (``COMPOSITION``), for the composed family to build."""
-        return self._set(COMPOSITION)
 
     def knobs(self) -> dict[str, Any]:
         """The network knobs set (``KNOBS``), for the model families to apply."""
-        return self._set(KNOBS)
+        return _set(self, KNOBS)
 
-    def trainable_layers_at(self, step: int, train_images: int) -> int | None:
-        """The backbone stages trained at ``step`` under stage-N-epochs (0 in stage 1, 3 in stage 2, all after), or
-        None when the run has no stages."""
-        if self.stage_1_epochs is None and self.stage_2_epochs is None:
-            return None
-        epoch = step / max(1, -(-train_images // (self.batch_size * self.num_clones)))
-        if self.stage_1_epochs is not None and epoch < self.stage_1_epochs:
-            return 0
-        if self.stage_2_epochs is not None and epoch < self.stage_2_epochs:
-            return 3
-        return 99  # every stage
+    def composition(self) -> dict[str, Any]:
+        """The designer's keys set (``COMPOSITION``), for the composed family to build."""
+        return _set(self, COMPOSITION)
 
-    def postprocessing(self) -> dict[str, Any]:
+
+@dataclass(frozen=True)
+class Postprocessing:
+    """What the model returns: the threshold it is served at and how detections are suppressed."""
+
+    score_threshold: float = _param(0.5, _float, "default detection threshold of the published model", low=0, high=1)
+    # Post-processing (the TF OD API's second-stage keys); None keeps the model's own. See ``POSTPROCESSING``.
+    nms_score_threshold: float | None = _param(None, _optional(_float), "score below which detections are dropped "
+                                               "before non-maximum suppression", low=0, high=1)
+    nms_iou_threshold: float | None = _param(None, _optional(_float), "IoU above which non-maximum suppression "
+                                             "drops the weaker box", low=0, high=1)
+    max_detections_per_class: int | None = _param(None, _optional(_int), "detections kept per class and image",
+                                                  low=1)
+    max_total_detections: int | None = _param(None, _optional(_int), "detections kept per image", low=1)
+
+    def overrides(self) -> dict[str, Any]:
         """The post-processing keys set (``POSTPROCESSING``), for the model families to apply."""
-        return self._set(POSTPROCESSING)
+        return _set(self, POSTPROCESSING)
 
-    def _set(self, keys: tuple[str, ...]) -> dict[str, Any]:
-        """Those of ``keys`` that are set (not None), with their values."""
-        return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
+
+@dataclass(frozen=True)
+class Sources:
+    """What the model learns from: which CVAT jobs count, and the share of frames held out for validation."""
+
+    val_fraction: float = _param(0.2, _float, "share of frames held out for validation", low=0, high=0.9)
+    train_on: tuple[str, ...] = _param(DEFAULT_TRAIN_ON, parse_train_on,
+                                       "CVAT jobs to learn from: any of completed (state), validation, acceptance "
+                                       "(stage), or all")
+
+
+CONCERNS = {"recipe": Recipe, "network": Network, "post": Postprocessing, "sources": Sources}
+# every key of the language: its concern and its field
+FIELDS: dict[str, tuple[str, dataclasses.Field]] = {
+    f.name: (concern, f) for concern, cls in CONCERNS.items() for f in dataclasses.fields(cls)}
+
+
+def _set(group: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Those of ``keys`` that are set (not None) in ``group``, with their values."""
+    return {key: getattr(group, key) for key in keys if getattr(group, key) is not None}
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """One parse of the user's keys: the four concerns, and which keys the user gave (the trainer fits only the
+    others to the data)."""
+
+    recipe: Recipe = field(default_factory=Recipe)
+    network: Network = field(default_factory=Network)
+    post: Postprocessing = field(default_factory=Postprocessing)
+    sources: Sources = field(default_factory=Sources)
+    given: frozenset[str] = field(default=frozenset(), compare=False)  # values make two equal, not their origin
+
+    def value(self, key: str) -> Any:
+        """The value of a key of the language (its canonical name), whichever concern holds it."""
+        return getattr(getattr(self, FIELDS[key][0]), key)
+
+    def replaced(self, **changes: Any) -> Hyperparameters:
+        """A copy with ``changes`` (canonical keys) that are not the user's (what the trainer fits), ``given``
+        kept."""
+        by_concern: dict[str, dict[str, Any]] = {}
+        for key, value in changes.items():
+            by_concern.setdefault(FIELDS[key][0], {})[key] = value
+        return dataclasses.replace(self, **{concern: dataclasses.replace(getattr(self, concern), **values)
+                                            for concern, values in by_concern.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every key and its value, flat, as JSON keeps them (manifests, ``run.json``)."""
+        data = {}
+        for concern in CONCERNS:
+            for key, value in dataclasses.asdict(getattr(self, concern)).items():
+                data[key] = list(value) if isinstance(value, tuple) else value
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Hyperparameters:
@@ -276,11 +341,10 @@ class Hyperparameters:
         keys join ``given`` unless ``given=False`` (defaults, not the user's choice)."""
         if isinstance(values, str):
             values = parse_pairs(values)
-        known = {f.name: f for f in dataclasses.fields(self)}
         named: set[str] = set()
         changes: dict[str, Any] = {}
-        steps: dict[int, int] = dict(enumerate(self.schedule_steps, 1))
-        lrs: dict[int, float] = dict(enumerate(self.schedule_lrs, 1))
+        steps: dict[int, int] = dict(enumerate(self.recipe.schedule_steps, 1))
+        lrs: dict[int, float] = dict(enumerate(self.recipe.schedule_lrs, 1))
         for raw_key, value in values.items():
             key = normalize_key(raw_key)
             numbered = re.fullmatch(r"schedule_(step|lr)_(\d+)", key)
@@ -295,13 +359,14 @@ class Hyperparameters:
                 raise HyperparameterError(f"{raw_key} is not offered: {REFUSED[key]}")
             if key == "val_split":  # Onepanel's percentage
                 key, value = "val_fraction", _convert(raw_key, value, _float) / 100
-            if key not in known:
-                raise HyperparameterError(f"unknown hyperparameter {raw_key!r}; valid keys: {', '.join(valid_keys())}")
+            if key not in FIELDS:
+                raise HyperparameterError(unknown_key(raw_key))
             named.add(key)
-            if value is None and known[key].default is None:  # to_dict's "not set" (the text "none" is parsed)
+            definition = FIELDS[key][1]
+            if value is None and definition.default is None:  # to_dict's "not set" (the text "none" is parsed)
                 changes[key] = None
                 continue
-            meta = known[key].metadata
+            meta = definition.metadata
             if key in ("schedule_steps", "schedule_lrs"):
                 parse = _int if key == "schedule_steps" else _float
                 items = value if isinstance(value, (list, tuple)) else re.split(r"[,+\s]+", str(value).strip())
@@ -330,29 +395,22 @@ class Hyperparameters:
                                       f"(got steps for N in {sorted(steps)}, rates for N in {sorted(lrs)})")
         changes["schedule_steps"] = [steps[i] for i in sorted(steps)]
         changes["schedule_lrs"] = [lrs[i] for i in sorted(lrs)]
-        result = dataclasses.replace(self, **changes)
-        result.__dict__["_given"] = self.given | named if given else self.given
+        result = dataclasses.replace(self.replaced(**changes), given=self.given | named if given else self.given)
         result.check()
         return result
 
     def check(self) -> None:
-        if self.schedule_lrs and len(self.schedule_lrs) != len(self.schedule_steps):
+        recipe = self.recipe
+        if recipe.schedule_lrs and len(recipe.schedule_lrs) != len(recipe.schedule_steps):
             raise HyperparameterError("schedule-lr-N needs a schedule-step-N for every N "
-                                      f"(got {len(self.schedule_steps)} steps, {len(self.schedule_lrs)} rates)")
-        if self.schedule_steps != sorted(self.schedule_steps):
-            raise HyperparameterError(f"schedule steps must increase, got {self.schedule_steps}")
-        stages = [s for s in (self.stage_1_epochs, self.stage_2_epochs, self.stage_3_epochs) if s is not None]
+                                      f"(got {len(recipe.schedule_steps)} steps, {len(recipe.schedule_lrs)} rates)")
+        if recipe.schedule_steps != sorted(recipe.schedule_steps):
+            raise HyperparameterError(f"schedule steps must increase, got {recipe.schedule_steps}")
+        stages = [s for s in (recipe.stage_1_epochs, recipe.stage_2_epochs, recipe.stage_3_epochs) if s is not None]
         if stages != sorted(stages):
             raise HyperparameterError(f"stage-N-epochs are cumulative and must increase, got {stages}")
-        if self.schedule == "multi-step" and not self.schedule_steps:
+        if recipe.schedule == "multi-step" and not recipe.schedule_steps:
             raise HyperparameterError("schedule=multi-step needs schedule-step-1=N (and optionally schedule-lr-1=LR)")
-
-    def total_steps(self, train_images: int) -> int:
-        """Optimizer steps of a run on ``train_images`` images: ``num-steps``, else ``epochs`` worth of batches."""
-        if self.num_steps:
-            return self.num_steps
-        per_epoch = max(1, -(-train_images // (self.batch_size * self.num_clones)))
-        return max(1, round((self.epochs or 1.0) * per_epoch))
 
 
 # Spellings our users bring from Onepanel, the TF Object Detection API and torchvision's references.
@@ -433,9 +491,19 @@ def normalize_key(key: str) -> str:
 
 
 def valid_keys() -> list[str]:
-    names = [f.name.replace("_", "-") for f in dataclasses.fields(Hyperparameters)
-             if f.name not in ("schedule_steps", "schedule_lrs")]
+    names = [key.replace("_", "-") for key in FIELDS if key not in ("schedule_steps", "schedule_lrs")]
     return names + ["schedule-step-N", "schedule-lr-N"]
+
+
+def unknown_key(key: str) -> str:
+    """The sentence for a key the language lacks: the closest keys (and aliases) it may mean, and where to read them
+    all, instead of the ~70 of them at once."""
+    spelled = normalize_key(key)
+    known = {name: name for name in FIELDS} | {alias: target for alias, target in ALIASES.items()}
+    close = difflib.get_close_matches(spelled, known, n=3, cutoff=0.6)
+    close += [name for name in known if spelled and len(spelled) >= 3 and spelled in name and name not in close][:3]
+    hint = f"; did you mean {' or '.join(dict.fromkeys(k.replace('_', '-') for k in close[:3]))}?" if close else ""
+    return f"unknown hyperparameter {key.strip()!r}{hint} (`preannotate train --help-hyperparameters` lists them all)"
 
 
 def parse_pairs(text: str) -> dict[str, str]:
@@ -450,7 +518,7 @@ def parse_pairs(text: str) -> dict[str, str]:
             continue
         if "=" not in token:
             if last_key is None:
-                raise HyperparameterError(f"{token!r} is not key=value; valid keys: {', '.join(valid_keys())}")
+                raise HyperparameterError(f"{token!r} is not key=value (e.g. num-steps=2000; batch-size=8)")
             pairs[last_key] += "," + token
             continue
         key, _, value = token.partition("=")
@@ -460,19 +528,23 @@ def parse_pairs(text: str) -> dict[str, str]:
 
 
 def help_text() -> str:
+    """Every key of the language with what it does, grouped by concern."""
     lines = []
-    for f in dataclasses.fields(Hyperparameters):
-        if f.name in ("schedule_steps", "schedule_lrs"):
-            continue
-        lines.append(f"  {f.name.replace('_', '-'):28} {f.metadata['help']}")
-    lines.append(f"  {'schedule-step-N, schedule-lr-N':28} multi-step schedule: at step N switch to rate N")
-    return "\n".join(lines)
+    for concern, cls in CONCERNS.items():
+        lines.append(f"\n{concern}: {cls.__doc__.splitlines()[0]}")
+        for f in dataclasses.fields(cls):
+            if f.name in ("schedule_steps", "schedule_lrs"):
+                continue
+            lines.append(f"  {f.name.replace('_', '-'):30} {f.metadata['help']}")
+            if f.name == "schedule":
+                lines.append(f"  {'schedule-step-N, schedule-lr-N':30} multi-step schedule: at step N switch to rate N")
+    return "\n".join(lines).lstrip("\n")
 
 
 def _convert(key: str, value: Any, parse) -> Any:
     """``value`` (text, or a Python value as ``to_dict`` and the registry give them) parsed and checked by
     ``parse``: a Python value goes through its text, so ``2.5`` steps or a ``None`` rate fail as text would."""
-    if isinstance(value, (list, tuple)) and parse in (_augmentations, _train_on):
+    if isinstance(value, (list, tuple)) and parse in (_augmentations, parse_train_on):
         value = ",".join(str(v) for v in value)
     elif isinstance(value, (list, tuple)) and parse is _levels:
         value = "-".join(str(v) for v in value)

@@ -69,8 +69,8 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
     arch = get_architecture(architecture)
     family = family_of(arch)
     hp = hyperparameters_for(architecture, hyperparameters)
-    init = init or (hp.init if "init" in hp.given else "random")
-    if hp.init != init:
+    init = init or (hp.recipe.init if "init" in hp.given else "random")
+    if hp.recipe.init != init:
         hp = hp.updated({"init": init})
     if labels is None:
         if init != "pretrained":
@@ -89,8 +89,8 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
     detector.manifest = Manifest(
         architecture=arch.name, labels=list(labels), framework=arch.framework,
         weights=family.WEIGHTS_FILE,
-        input_size={"image_size": hp.image_size, "max_image_size": hp.max_image_size, "letterbox": hp.letterbox},
-        hyperparameters=hp.to_dict(), score_threshold=hp.score_threshold,
+        input_size={key: hp.value(key) for key in ("image_size", "max_image_size", "letterbox")},
+        hyperparameters=hp.to_dict(), score_threshold=hp.post.score_threshold,
         provenance={"init": init, **({"previous": str(previous)} if previous else {})},
         libraries=library_versions())
     return detector

@@ -80,7 +80,7 @@ class TagClassifier(torch_family.TorchvisionDetector):
 def network(arch: Architecture, classes: int, hp: Hyperparameters) -> TagModel:
     """The architecture's torchvision network with ``classes`` outputs (random weights), as a ``TagModel``."""
     built = torchvision.models.get_model(arch.build["network"], weights=None, num_classes=classes)
-    return TagModel(built, hp.image_size or arch.image_size)
+    return TagModel(built, hp.network.image_size or arch.image_size)
 
 
 def stages(model: TagModel) -> list[torch.nn.Module]:
@@ -129,14 +129,14 @@ def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, ini
         torch_family.load_matching(model, pretrained_state_dict(arch))
     elif state is not None:
         torch_family.load_matching(model, state)
-    return TagClassifier(model, labels, arch.output, device, hp.letterbox, appearance_layer(model))
+    return TagClassifier(model, labels, arch.output, device, hp.network.letterbox, appearance_layer(model))
 
 
 def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hyperparameters,
          device: str | None = None) -> TagClassifier:
     """A published classifier: its architecture, labels, hyperparameters and weights file."""
     model = network(arch, num_classes(labels), hp)
-    return torch_family.restored(model, labels, arch.output, weights_path, device, hp.letterbox,
+    return torch_family.restored(model, labels, arch.output, weights_path, device, hp.network.letterbox,
                                  appearance_layer(model), kind=TagClassifier)
 
 

@@ -270,12 +270,12 @@ def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, ini
         if weights is None:
             raise
         raise PretrainedWeightsUnavailable(
-            f"the ImageNet weights of {hp.backbone or arch.build['backbone']} could not be loaded "
+            f"the ImageNet weights of {hp.network.backbone or arch.build['backbone']} could not be loaded "
             f"({error.__class__.__name__}): put them into torchvision's cache ($TORCH_HOME/hub/checkpoints) or start "
             "from random weights (`-H init=random`)") from None
     if state is not None:
         torch_family.load_matching(model, state)
-    return torch_family.TorchvisionDetector(model, labels, output(composition), device, hp.letterbox,
+    return torch_family.TorchvisionDetector(model, labels, output(composition), device, hp.network.letterbox,
                                             appearance_layer(model))
 
 
@@ -283,15 +283,16 @@ def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hy
          device: str | None = None) -> torch_family.TorchvisionDetector:
     """A published composed model: the composition of its hyperparameters rebuilt, its weights loaded."""
     model, composition = _model(arch, labels, hp)
-    return torch_family.restored(model, labels, output(composition), weights_path, device, hp.letterbox,
+    return torch_family.restored(model, labels, output(composition), weights_path, device, hp.network.letterbox,
                                  appearance_layer(model))
 
 
 def _model(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, weights: str | None = None
            ) -> tuple[nn.Module, dict[str, Any]]:
     """The model ``hp`` composes (over the registry's composition), its knobs set, and that composition."""
-    composition = {**arch.build, **hp.composition()}
-    model = build_model(arch, num_classes(labels), hp.image_size, hp.max_image_size, composition, weights)
+    composition = {**arch.build, **hp.network.composition()}
+    network = hp.network
+    model = build_model(arch, num_classes(labels), network.image_size, network.max_image_size, composition, weights)
     torch_family.apply_knobs(model, hp)
     return model, composition
 

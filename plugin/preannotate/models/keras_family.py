@@ -328,14 +328,14 @@ def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, ini
     """Build a detector for ``labels``: ``random``, ``pretrained`` (keras-hub's preset or the encoder's ImageNet
     weights) or from ``state`` (a previous model's weights; a class head for a changed label set starts fresh).
     ``device="cpu"`` keeps detection on the CPU; otherwise TensorFlow places it (its first GPU, if any)."""
-    count, postprocessing = num_classes(labels), hp.postprocessing()
+    count, postprocessing = num_classes(labels), hp.post.overrides()
     if init == "pretrained":
         model = pretrained_model(arch, count, postprocessing)
     else:
         model = build_model(arch, count, postprocessing)
         if state is not None:
             assign_matching(model, state)
-    return KerasDetector(model, labels, hp.image_size or arch.image_size, hp.letterbox, device)
+    return KerasDetector(model, labels, hp.network.image_size or arch.image_size, hp.network.letterbox, device)
 
 
 def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hyperparameters,
@@ -343,10 +343,10 @@ def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hy
     """A published model: its ``model.keras`` — nothing downloaded. The post-processing keys of its manifest
     replace the saved decoder's."""
     model = keras.saving.load_model(weights_path, compile=False)
-    postprocessing = hp.postprocessing()
+    postprocessing = hp.post.overrides()
     if postprocessing:
         model._prediction_decoder = decoder(postprocessing)
-    return KerasDetector(model, labels, hp.image_size or arch.image_size, hp.letterbox, device)
+    return KerasDetector(model, labels, hp.network.image_size or arch.image_size, hp.network.letterbox, device)
 
 
 def read_weights(path: Path) -> list[tuple[str, np.ndarray]]:

@@ -48,7 +48,7 @@ class Architecture:
 
     def resolved(self, hp: Hyperparameters) -> Architecture:
         """This architecture as ``hp`` composes it: a composed model with the Mask R-CNN head returns masks."""
-        if self.family == "composed" and (hp.head or self.build.get("head")) == "mask_rcnn":
+        if self.family == "composed" and (hp.network.head or self.build.get("head")) == "mask_rcnn":
             return dataclasses.replace(self, output="mask")
         return self
 
@@ -241,9 +241,9 @@ def hyperparameters_for(name: str, text: str | dict[str, Any] | Hyperparameters 
     hp = default_hyperparameters(name).updated(text or "")
     check_postprocessing(name, hp)
     check_composition(name, hp)
-    if hp.init == "random":
+    if hp.recipe.init == "random":
         scratch = default_hyperparameters(name, "random")
-        hp = hp.replaced(**{key: getattr(scratch, key) for key in get_architecture(name).scratch
+        hp = hp.replaced(**{key: scratch.value(key) for key in get_architecture(name).scratch
                                         if key not in hp.given})
         hp.check()
     return hp
@@ -254,7 +254,7 @@ def check_postprocessing(name: str, hp: Hyperparameters) -> None:
     can."""
     arch = get_architecture(name)
     for key in sorted(hp.given & {*POSTPROCESSING, *KNOBS, *STAGES}):
-        if key not in (*arch.postprocessing, *arch.knobs) and getattr(hp, key) is not None:
+        if key not in (*arch.postprocessing, *arch.knobs) and hp.value(key) is not None:
             able = [a.name for a in ARCHITECTURES.values() if key in (*a.postprocessing, *a.knobs)]
             raise HyperparameterError(f"{name} cannot honour {key.replace('_', '-')} (its post-processing has no such "
                                       f"knob); architectures that can: {', '.join(able) or 'none'}")

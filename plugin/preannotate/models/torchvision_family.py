@@ -68,9 +68,9 @@ def apply_knobs(model: torch.nn.Module, hp: Hyperparameters) -> None:
     owner = getattr(model, "roi_heads", model)
     names = {"nms_score_threshold": "score_thresh", "nms_iou_threshold": "nms_thresh",
              "max_total_detections": "detections_per_img"}
-    for key, value in hp.postprocessing().items():
+    for key, value in hp.post.overrides().items():
         setattr(owner, names[key], value)
-    knobs = hp.knobs()
+    knobs = hp.network.knobs()
     if not knobs:
         return
     if {"rpn_score_threshold", "rpn_nms_iou_threshold", "rpn_max_proposals"} & knobs.keys():
@@ -320,13 +320,13 @@ def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, ini
            state: dict[str, torch.Tensor] | None = None, device: str | None = None) -> TorchvisionDetector:
     """Build a detector for ``labels`` sized by ``hp``: ``random``, ``pretrained`` (torchvision's weights) or from
     ``state`` (a previous model's weights; heads for a changed label set start fresh)."""
-    model = build_model(arch, num_classes(labels), hp.image_size, hp.max_image_size)
+    model = build_model(arch, num_classes(labels), hp.network.image_size, hp.network.max_image_size)
     apply_knobs(model, hp)
     if init == "pretrained":
         load_matching(model, pretrained_state_dict(arch))
     elif state is not None:
         load_matching(model, state)
-    return TorchvisionDetector(model, labels, arch.output, device, hp.letterbox)
+    return TorchvisionDetector(model, labels, arch.output, device, hp.network.letterbox)
 
 
 def appearance_layer(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -347,9 +347,9 @@ APPEARANCE_FILE = "appearance.npy"  # beside the weights: the training sample's 
 def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hyperparameters,
          device: str | None = None) -> TorchvisionDetector:
     """A published model: its architecture, labels, hyperparameters and weights file — nothing downloaded."""
-    model = build_model(arch, num_classes(labels), hp.image_size, hp.max_image_size)
+    model = build_model(arch, num_classes(labels), hp.network.image_size, hp.network.max_image_size)
     apply_knobs(model, hp)
-    return restored(model, labels, arch.output, weights_path, device, hp.letterbox)
+    return restored(model, labels, arch.output, weights_path, device, hp.network.letterbox)
 
 
 def restored(model: torch.nn.Module, labels: Sequence[Label], output: str, weights_path: Path,

@@ -50,26 +50,26 @@ def split_task(annotations: AnnotationSet, images: FrameImages, val_fraction: fl
 
 
 def transforms(hp: Hyperparameters, fixed_size: bool, train: bool, boxes: bool = True) -> v2.Transform:
-    """Resize (or letterbox) to ``hp.image_size``, then the ``hp.augment`` augmentations when training; ``boxes``:
-    the targets have boxes to keep on the image (a classifier's have none)."""
-    size = hp.image_size
+    """Resize (or letterbox) to ``image-size`` (``hp.network``), then the ``augment`` augmentations (``hp.recipe``)
+    when training; ``boxes``: the targets have boxes to keep on the image (a classifier's have none)."""
+    size = hp.network.image_size
     steps: list[v2.Transform] = []
     if size:
-        if hp.letterbox:  # longer side to size, then centred on a size × size canvas (CenterCrop pads)
+        if hp.network.letterbox:  # longer side to size, then centred on a size × size canvas (CenterCrop pads)
             steps += [v2.Resize(size=None, max_size=size, antialias=True), v2.CenterCrop(size)]
         elif fixed_size:
             steps.append(v2.Resize((size, size), antialias=True))
-        elif hp.max_image_size and hp.max_image_size <= size:  # the longer side always decides
-            steps.append(v2.Resize(size=None, max_size=hp.max_image_size, antialias=True))
+        elif hp.network.max_image_size and hp.network.max_image_size <= size:  # the longer side always decides
+            steps.append(v2.Resize(size=None, max_size=hp.network.max_image_size, antialias=True))
         else:
-            steps.append(v2.Resize(size, max_size=hp.max_image_size, antialias=True))
+            steps.append(v2.Resize(size, max_size=hp.network.max_image_size, antialias=True))
     if train:
-        if "flip" in hp.augment:
+        if "flip" in hp.recipe.augment:
             steps.append(v2.RandomHorizontalFlip())
-        if "scale" in hp.augment:
+        if "scale" in hp.recipe.augment:
             steps.append(v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.7, 1.3),
                                          fill={tv_tensors.Image: 114, "others": 0}))
-        if "colour" in hp.augment:
+        if "colour" in hp.recipe.augment:
             steps.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02))
     if boxes:
         steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1)]

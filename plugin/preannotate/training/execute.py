@@ -34,7 +34,7 @@ def execute_job(job, work_dir: Path, store_root: Path, stop: threading.Event) ->
             learned = (Manifest.read(store.path(name, served)).provenance.get("cvat") or {}).get("jobs")
         with connect() as client:
             changed, why = annotations_changed(client, request, learned, f"{name}@{served}" if served else name,
-                                               hp.train_on)
+                                               hp.sources.train_on)
         log.info("cron: %s", why)
         if not changed:
             return {"skipped": why}

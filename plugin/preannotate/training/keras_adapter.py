@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from preannotate.files import replacing
-from preannotate.hyperparameters import HyperparameterError, Hyperparameters
+from preannotate.hyperparameters import HyperparameterError, Hyperparameters, Recipe
 from preannotate.models import Detector, create_detector
 from preannotate.models import keras_family as family
 from preannotate.shapes import Label
@@ -51,8 +51,9 @@ class Adapter:
         # ``device`` and ``workers`` are TensorFlow's to choose: every GPU it sees, tf.data's autotuned parallelism
         self.spec = spec
         self.checkpoint, self.best = spec.output / "last.keras.npz", spec.output / "best.weights.npz"
-        self.global_batch = spec.hp.batch_size * spec.hp.num_clones  # batch-size is per GPU; Keras splits the whole
-        self.size = spec.hp.image_size or spec.arch.image_size
+        recipe = spec.hp.recipe
+        self.global_batch = recipe.batch_size * recipe.num_clones  # batch-size is per GPU; Keras splits the whole
+        self.size = spec.hp.network.image_size or spec.arch.image_size
 
     def shared(self, value: Any) -> Any:
         return value
@@ -65,17 +66,17 @@ class Adapter:
                                                "calibration")
         if spec.val_items:  # the validation frames as records too: what was learned from is on disk, whole
             write_records(spec.val_items, spec.labels, records, "val")
-        keras.utils.set_random_seed(hp.seed)
-        self.strategy = strategy_for(hp)
+        keras.utils.set_random_seed(hp.recipe.seed)
+        self.strategy = strategy_for(hp.recipe)
         with self.strategy.scope():
-            self.detector = create_detector(spec.arch.name, spec.labels, init=hp.init, hyperparameters=hp,
+            self.detector = create_detector(spec.arch.name, spec.labels, init=hp.recipe.init, hyperparameters=hp,
                                             previous=spec.previous)
             self.model = self.detector.model
-            family.freeze_backbone(self.model, hp.trainable_backbone_layers, hp.init)
-            self.optimizer = build_optimizer(hp)
+            family.freeze_backbone(self.model, hp.recipe.trainable_backbone_layers, hp.recipe.init)
+            self.optimizer = build_optimizer(hp.recipe)
             self.model.compile(optimizer=self.optimizer)
             self.optimizer.build(self.model.trainable_variables)
-        self.schedule = optim.Schedule(hp, spec.total)
+        self.schedule = optim.Schedule(hp.recipe, spec.total)
         return self._restore()
 
     def _restore(self) -> TrainState | None:
@@ -107,7 +108,7 @@ class Adapter:
         return None  # the stage keys are torch's (the registry refuses them for Keras models)
 
     def step(self, step: int) -> StepOutcome:
-        lr = self.spec.hp.initial_learning_rate * self.schedule(step - 1)
+        lr = self.spec.hp.recipe.initial_learning_rate * self.schedule(step - 1)
         self.optimizer.learning_rate = lr
         self.model.reset_metrics()  # the loss logged is this step's, not a running mean
         logs = self.model.train_function(self.batches)
@@ -119,7 +120,7 @@ class Adapter:
     def evaluate(self) -> dict[str, Any] | None:
         hp = self.spec.hp
         recalibrate_batch_norm(self.model, pipeline(self.calibration_files, hp, self.size, train=False,
-                                                    batch=max(2, hp.batch_size)))
+                                                    batch=max(2, hp.recipe.batch_size)))
         if not self.spec.val_items:
             return None
         return score_detector(self.detector, self.spec.val_items, self.spec.labels)
@@ -159,12 +160,12 @@ def write_records(items: Sequence[Any], labels: Sequence[Label], directory: Path
 def pipeline(files: Sequence[Path], hp: Hyperparameters, size: int, *, train: bool, start: int = 0,
              batch: int | None = None) -> tf.data.Dataset:
     """Batches of ``(images 0-255 [B, size, size, 3], {"boxes" [B, N, 4] pixels xyxy, "labels" [B, N]})`` from TF
-    OD API records (padding boxes: label -1). ``train``: shuffled by ``hp.seed`` without end, augmented, starting
+    OD API records (padding boxes: label -1). ``train``: shuffled by ``hp.recipe.seed`` without end, augmented, starting
     at sample ``start`` (a resumed run's next)."""
-    batch = batch or hp.batch_size
+    batch = batch or hp.recipe.batch_size
     records = tf.data.TFRecordDataset([str(f) for f in files])
     if train:
-        records = records.shuffle(SHUFFLE_BUFFER, seed=hp.seed, reshuffle_each_iteration=True).repeat()
+        records = records.shuffle(SHUFFLE_BUFFER, seed=hp.recipe.seed, reshuffle_each_iteration=True).repeat()
     samples = records.enumerate().skip(start)  # skipped before decoding: a resume reads, never decodes, the past
 
     def parse(index, serialized):
@@ -175,7 +176,7 @@ def pipeline(files: Sequence[Path], hp: Hyperparameters, size: int, *, train: bo
         xmin, ymin, xmax, ymax = (tf.sparse.to_dense(example[f"image/object/bbox/{k}"])
                                   for k in ("xmin", "ymin", "xmax", "ymax"))
         boxes = tf.stack([xmin * width, ymin * height, xmax * width, ymax * height], axis=-1)
-        if hp.letterbox:  # pad to a square first, centred as serving pads (keras_family.KerasDetector.square)
+        if hp.network.letterbox:  # pad to a square first, centred as serving pads (keras_family.KerasDetector.square)
             side = tf.maximum(height, width)
             top, left = tf.math.floordiv(side - height, 2), tf.math.floordiv(side - width, 2)
             image = tf.image.pad_to_bounding_box(image, tf.cast(top, tf.int32), tf.cast(left, tf.int32),
@@ -186,7 +187,7 @@ def pipeline(files: Sequence[Path], hp: Hyperparameters, size: int, *, train: bo
         boxes *= tf.stack([size / width, size / height, size / width, size / height])
         classes = tf.cast(tf.sparse.to_dense(example["image/object/class/label"]) - 1, tf.float32)
         if train:
-            image, boxes = augment(image, boxes, size, hp, tf.stack([tf.cast(hp.seed, tf.int64), index]))
+            image, boxes = augment(image, boxes, size, hp, tf.stack([tf.cast(hp.recipe.seed, tf.int64), index]))
         # one padding box always: a batch without objects still has a box dimension
         boxes = tf.concat([boxes, tf.zeros([1, 4])], axis=0)
         classes = tf.concat([classes, [-1.0]], axis=0)
@@ -199,19 +200,19 @@ def pipeline(files: Sequence[Path], hp: Hyperparameters, size: int, *, train: bo
 
 
 def augment(image, boxes, size: int, hp: Hyperparameters, seed):
-    """``hp.augment`` in the graph, stateless (the same sample draws the same): ``flip`` (horizontal), ``colour``
+    """``hp.recipe.augment`` in the graph, stateless (the same sample draws the same): ``flip`` (horizontal), ``colour``
     (brightness, contrast, saturation), ``scale`` (zoom out 1-1.5x onto a grey canvas)."""
     seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 6)
-    if "flip" in hp.augment:
+    if "flip" in hp.recipe.augment:
         flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
         image = tf.where(flip, image[:, ::-1, :], image)
         boxes = tf.where(flip, tf.stack([size - boxes[:, 2], boxes[:, 1], size - boxes[:, 0], boxes[:, 3]], -1), boxes)
-    if "colour" in hp.augment:
+    if "colour" in hp.recipe.augment:
         image = tf.image.stateless_random_brightness(image, 0.2 * 255, seeds[1])
         image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seeds[2])
         image = tf.image.stateless_random_saturation(image, 0.8, 1.2, seeds[3])
         image = tf.clip_by_value(image, 0.0, 255.0)
-    if "scale" in hp.augment:
+    if "scale" in hp.recipe.augment:
         factor = tf.random.stateless_uniform([], seeds[4], 1.0, 1.5)
         inner = tf.cast(tf.round(size / factor), tf.int32)
         offset = tf.cast(tf.random.stateless_uniform([2], seeds[5], 0.0, 1.0) * tf.cast(size - inner, tf.float32),
@@ -224,31 +225,31 @@ def augment(image, boxes, size: int, hp: Hyperparameters, seed):
     return image, boxes
 
 
-def build_optimizer(hp: Hyperparameters) -> keras.optimizers.Optimizer:
-    """The Keras optimizer of ``hp`` (weight decay decoupled, as Keras applies it; ``gradient-clip-norm`` clips the
-    global norm). Its rate is set at every step from ``optim.Schedule``."""
-    common = {"learning_rate": hp.initial_learning_rate, "weight_decay": hp.weight_decay or None,
-              "global_clipnorm": hp.gradient_clip_norm}
-    name = hp.optimizer
+def build_optimizer(recipe: Recipe) -> keras.optimizers.Optimizer:
+    """The Keras optimizer of the ``recipe`` (weight decay decoupled, as Keras applies it; ``gradient-clip-norm``
+    clips the global norm). Its rate is set at every step from ``optim.Schedule``."""
+    common = {"learning_rate": recipe.initial_learning_rate, "weight_decay": recipe.weight_decay or None,
+              "global_clipnorm": recipe.gradient_clip_norm}
+    name = recipe.optimizer
     if name == "sgd":
-        return keras.optimizers.SGD(momentum=hp.momentum, **common)
+        return keras.optimizers.SGD(momentum=recipe.momentum, **common)
     if name == "rmsprop":  # the TF OD API's rms_prop_optimizer: decay (rho), momentum, epsilon
-        return keras.optimizers.RMSprop(rho=hp.rmsprop_decay, momentum=hp.momentum, epsilon=hp.rmsprop_epsilon,
-                                        **common)
+        return keras.optimizers.RMSprop(rho=recipe.rmsprop_decay, momentum=recipe.momentum,
+                                        epsilon=recipe.rmsprop_epsilon, **common)
     classes = {"adam": keras.optimizers.Adam, "adamw": keras.optimizers.AdamW, "adamax": keras.optimizers.Adamax,
                "adagrad": keras.optimizers.Adagrad, "adadelta": keras.optimizers.Adadelta}
     return classes[name](**common)
 
 
-def strategy_for(hp: Hyperparameters) -> tf.distribute.Strategy:
+def strategy_for(recipe: Recipe) -> tf.distribute.Strategy:
     """``num-clones`` GPUs under ``MirroredStrategy``, else TensorFlow's default (one device)."""
-    if hp.num_clones <= 1:
+    if recipe.num_clones <= 1:
         return tf.distribute.get_strategy()
     gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) < hp.num_clones:
-        raise HyperparameterError(f"num-clones={hp.num_clones} trains on {hp.num_clones} GPUs with MirroredStrategy, "
-                                  f"and TensorFlow sees {len(gpus)}")
-    return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus[:hp.num_clones]])
+    if len(gpus) < recipe.num_clones:
+        raise HyperparameterError(f"num-clones={recipe.num_clones} trains on {recipe.num_clones} GPUs with "
+                                  f"MirroredStrategy, and TensorFlow sees {len(gpus)}")
+    return tf.distribute.MirroredStrategy([gpu.name for gpu in gpus[:recipe.num_clones]])
 
 
 def recalibrate_batch_norm(model: keras.Model, batches) -> int:

@@ -119,7 +119,7 @@ class RunSpec:
     @property
     def total(self) -> int:
         """Optimizer steps of the run."""
-        return self.hp.total_steps(len(self.train_items))
+        return self.hp.recipe.total_steps(len(self.train_items))
 
     def identity(self) -> dict[str, Any]:
         return run_identity(self.arch.name, self.labels, self.hp, self.train_items, self.val_items, self.previous)
@@ -272,7 +272,7 @@ class Run:
         spec, adapter, logs = self.spec, self.adapter, self.logs
         total, hp = spec.total, spec.hp
         every = checkpoint_interval(total, self.checkpoint_every)
-        validations = validation_steps(total, hp.num_validations) if spec.val_items else set()
+        validations = validation_steps(total, hp.recipe.num_validations) if spec.val_items else set()
         window = StepWindow(min(50, max(1, total // 100)))
         adapter.start(state.step)
         start_time, elapsed_before = time.monotonic(), state.elapsed_s
@@ -294,7 +294,7 @@ class Run:
                 paused = time.perf_counter()
                 self._validate(state)
                 window.start += time.perf_counter() - paused  # images/s and ETA count training only
-            if hp.max_training_hours is not None and state.elapsed_s >= hp.max_training_hours * 3600:
+            if hp.recipe.max_training_hours is not None and state.elapsed_s >= hp.recipe.max_training_hours * 3600:
                 state.stopped = state.stopped or "time-limit"
             signalled = adapter.agree(self.stop.is_set(), state)
             if signalled or state.stopped or state.step % every == 0:
@@ -325,7 +325,8 @@ class Run:
     def _log_window(self, window: StepWindow, state: TrainState, lr: float) -> None:
         seconds = time.perf_counter() - window.start
         losses = window.means()
-        images_per_s = window.steps * self.spec.hp.batch_size * self.spec.hp.num_clones / max(seconds, 1e-9)
+        recipe = self.spec.hp.recipe
+        images_per_s = window.steps * recipe.batch_size * recipe.num_clones / max(seconds, 1e-9)
         eta = (self.spec.total - state.step) * seconds / max(window.steps, 1)
         self.logs.progress.step(state.step, losses.get("loss"), lr, images_per_s, eta)
         self.logs.write({"event": "train", "step": state.step, "total_steps": self.spec.total, "lr": lr,

@@ -26,7 +26,7 @@ import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from preannotate.hyperparameters import Hyperparameters
+from preannotate.hyperparameters import Recipe
 
 if TYPE_CHECKING:
     import torch
@@ -37,20 +37,20 @@ WARMUP_START = 0.001
 FUSED = ("sgd", "adam", "adamw", "adagrad")  # torch has fused (one kernel for all tensors) CPU and CUDA versions
 
 
-def build_optimizer(parameters: Iterable[torch.nn.Parameter], hp: Hyperparameters) -> torch.optim.Optimizer:
-    """The optimizer of ``hp`` over the trainable ``parameters``: fused where torch has it (an AdamW step over
+def build_optimizer(parameters: Iterable[torch.nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+    """The optimizer of the ``recipe`` over the trainable ``parameters``: fused where torch has it (an AdamW step over
     SSDlite's 266 tensors takes 5 ms on a CPU instead of 22), else the multi-tensor (foreach) version."""
     import torch
 
     params = [p for p in parameters if p.requires_grad]
-    name = hp.optimizer
+    name = recipe.optimizer
     fast = {"fused": True} if name in FUSED and all(p.device.type in ("cpu", "cuda") for p in params) \
         else {"foreach": True}
-    options = {"lr": hp.initial_learning_rate, "weight_decay": hp.weight_decay, **fast}
+    options = {"lr": recipe.initial_learning_rate, "weight_decay": recipe.weight_decay, **fast}
     if name in ("sgd", "rmsprop"):
-        options["momentum"] = hp.momentum
+        options["momentum"] = recipe.momentum
     if name == "rmsprop":
-        options.update(alpha=hp.rmsprop_decay, eps=hp.rmsprop_epsilon)
+        options.update(alpha=recipe.rmsprop_decay, eps=recipe.rmsprop_epsilon)
     classes = {"sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam,
                "adamw": torch.optim.AdamW, "adamax": torch.optim.Adamax, "adagrad": torch.optim.Adagrad,
                "adadelta": torch.optim.Adadelta}
@@ -60,14 +60,14 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], hp: Hyperparameter
 class Schedule:
     """The multiplier of the initial learning rate at each step (see the module docstring)."""
 
-    def __init__(self, hp: Hyperparameters, total_steps: int):
-        self.kind, self.total, self.warmup = hp.schedule, max(1, total_steps), hp.warmup_steps
-        self.gamma, self.step_size = hp.schedule_gamma, hp.schedule_step_size
-        self.boundaries = list(hp.schedule_steps)
-        self.factors = [lr / hp.initial_learning_rate for lr in hp.schedule_lrs]
-        self.delta = hp.early_stopping_delta
+    def __init__(self, recipe: Recipe, total_steps: int):
+        self.kind, self.total, self.warmup = recipe.schedule, max(1, total_steps), recipe.warmup_steps
+        self.gamma, self.step_size = recipe.schedule_gamma, recipe.schedule_step_size
+        self.boundaries = list(recipe.schedule_steps)
+        self.factors = [lr / recipe.initial_learning_rate for lr in recipe.schedule_lrs]
+        self.delta = recipe.early_stopping_delta
         self.plateau_scale, self.plateau_best = 1.0, None
-        self.cycle_start, self.cycle_end = hp.one_cycle_initial_factor, hp.one_cycle_final_factor
+        self.cycle_start, self.cycle_end = recipe.one_cycle_initial_factor, recipe.one_cycle_final_factor
 
     def __call__(self, step: int) -> float:
         if self.kind == "one-cycle":
@@ -119,21 +119,21 @@ def end_cos(start: float, end: float, progress: float) -> float:
     return end + (start - end) / 2 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, hp: Hyperparameters, total_steps: int
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int
                     ) -> torch.optim.lr_scheduler.LRScheduler:
-    """The schedule of ``hp`` over ``total_steps``; call ``step()`` after every optimizer step."""
+    """The schedule of the ``recipe`` over ``total_steps``; call ``step()`` after every optimizer step."""
     import torch
 
-    if hp.schedule == "one-cycle":
+    if recipe.schedule == "one-cycle":
         # OneCycleLR peaks at step pct_start × total - 1; the other schedules reach the full rate at step warmup
-        rise = (hp.warmup_steps + 1) / total_steps if hp.warmup_steps else 0.3
+        rise = (recipe.warmup_steps + 1) / total_steps if recipe.warmup_steps else 0.3
         cycles_momentum = "betas" in optimizer.defaults or optimizer.defaults.get("momentum", 0) > 0
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=hp.initial_learning_rate, total_steps=max(2, total_steps),
+            optimizer, max_lr=recipe.initial_learning_rate, total_steps=max(2, total_steps),
             pct_start=min(max(rise, 0.01), 0.99), cycle_momentum=cycles_momentum,
-            div_factor=1 / hp.one_cycle_initial_factor,
-            final_div_factor=hp.one_cycle_initial_factor / max(hp.one_cycle_final_factor, 1e-12))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(hp, total_steps))
+            div_factor=1 / recipe.one_cycle_initial_factor,
+            final_div_factor=recipe.one_cycle_initial_factor / max(recipe.one_cycle_final_factor, 1e-12))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(recipe, total_steps))
 
 
 def validated(scheduler: torch.optim.lr_scheduler.LRScheduler, metric: float | None) -> None:

@@ -53,7 +53,7 @@ class TrainingData:
     def from_folder(cls, path: str | Path, hp: Hyperparameters) -> TrainingData:
         """A dataset folder (``preannotate export``, or a job's export): its ``val`` split, or ``val-fraction`` of
         its frames held out by the ``seed``."""
-        labels, train_items, val_items = training_split(path, hp.val_fraction, hp.seed)
+        labels, train_items, val_items = training_split(path, hp.sources.val_fraction, hp.recipe.seed)
         return cls(labels, train_items, val_items)
 
 
@@ -111,7 +111,7 @@ def train_model(architecture: str, hp: Hyperparameters, *, store: ModelStore, na
     ``from_model`` (or ``init-from``) is the store's model to start from, resolved before anything is read.
     ``announce`` says what is about to be trained. Raises ``NothingFinished`` when CVAT has nothing finished to
     learn from, and what ``loop.train`` raises."""
-    source = from_model or hp.init_from  # any model of the store: a typo fails before CVAT is read
+    source = from_model or hp.recipe.init_from  # any model of the store: a typo fails before CVAT is read
     previous = store.resolve(source) if source else None
     if data is None:
         with connect() as client:
@@ -138,7 +138,7 @@ def dataset_format(architecture: str) -> str:
 
 def export_from_cvat(client, request: Mapping[str, Any], directory: Path, hp: Hyperparameters,
                      fmt: str = "coco") -> Path:
-    """The frames people finished (``hp.train_on``, ``cvat.reader.read_finished``) of the CVAT tasks a request
+    """The frames people finished (``hp.sources.train_on``, ``cvat.reader.read_finished``) of the CVAT tasks a request
     names (``tasks``, every task of ``project``), exported once into ``directory`` as a ``fmt`` folder
     (``dataset_format``), images included, split by ``hp``; ``cvat.json`` there records the server, each task's
     ``updated_date``, and the jobs and frames used (the manifest's ``provenance.cvat``). A folder found complete is
@@ -152,13 +152,14 @@ def export_from_cvat(client, request: Mapping[str, Any], directory: Path, hp: Hy
     versions = task_versions(client, task_ids(client, request))
     if not versions:
         raise ValueError("nothing to learn from: no task named (an empty project?)")
-    finished = {int(task_id): read_finished(client, int(task_id), hp.train_on) for task_id in versions}
+    train_on = hp.sources.train_on
+    finished = {int(task_id): read_finished(client, int(task_id), train_on) for task_id in versions}
     tasks = {task_id: result.annotations for task_id, result in finished.items() if result.annotations.frames}
     where = f"project {request['project']}" if request.get("project") is not None else \
         "task(s) " + ", ".join(versions)
     if not tasks:
         raise NothingFinished(f"nothing finished to learn from in {where}: no job is "
-                              f"{' or '.join(hp.train_on)} yet (train-on={'+'.join(hp.train_on)}); finish a job in "
+                              f"{' or '.join(train_on)} yet (train-on={'+'.join(train_on)}); finish a job in "
                               "CVAT, or set train-on=all to learn from every shape and tag people made")
     labels = merged_labels([[label for label in annotations.labels if label.name != CONFIDENCE_LABEL]
                             for annotations in tasks.values()])
@@ -168,17 +169,17 @@ def export_from_cvat(client, request: Mapping[str, Any], directory: Path, hp: Hy
     partial = directory.with_name(directory.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
-    summary = export_dataset(partial, fmt, labels, items, images, val_fraction=hp.val_fraction, seed=hp.seed,
-                             progress=False)
+    summary = export_dataset(partial, fmt, labels, items, images, val_fraction=hp.sources.val_fraction,
+                             seed=hp.recipe.seed, progress=False)
     if summary.skipped:
         log.warning("left out of training (the model cannot learn from them): %s",
                     ", ".join(f"{n} {kind}" for kind, n in sorted(summary.skipped.items())))
-    used = {"server": client.api_map.host, "tasks": versions, "train_on": list(hp.train_on),
+    used = {"server": client.api_map.host, "tasks": versions, "train_on": list(train_on),
             "jobs": {job: date for result in finished.values() for job, date in result.jobs.items()},
             "frames": {str(task_id): _ranges(annotations.frames) for task_id, annotations in tasks.items()},
             "unfinished_jobs": sorted(job for result in finished.values() for job in result.unfinished)}
     log.info("learning from %d frames of %d finished job(s) (train-on=%s); %d job(s) left out", len(items),
-             len(used["jobs"]), "+".join(hp.train_on), len(used["unfinished_jobs"]))
+             len(used["jobs"]), "+".join(train_on), len(used["unfinished_jobs"]))
     (partial / "cvat.json").write_text(json.dumps(used))
     (partial / "COMPLETE").write_text("")
     if directory.exists():

@@ -98,33 +98,34 @@ def effective_hyperparameters(architecture: str, hyperparameters: Hyperparameter
     user did not set keep their share of it (SSD's 500 warm-up steps of 15,000 become 10 of 300). Given a
     ``previous`` version to start from, ``init`` defaults to ``previous``."""
     hp = hyperparameters_for(architecture, hyperparameters)
-    given = hp.given
-    recipe = default_hyperparameters(architecture, hp.init)
+    given, recipe = hp.given, hp.recipe
+    registry_steps = default_hyperparameters(architecture, recipe.init).recipe.num_steps
     changes: dict[str, Any] = {}
     if previous and "init" not in given:
         changes["init"] = "previous"
     smallest = get_architecture(architecture).min_batch_size
-    if "batch_size" not in given and hp.batch_size > max(2, train_frames):
+    if "batch_size" not in given and recipe.batch_size > max(2, train_frames):
         changes["batch_size"] = max(2, smallest, train_frames)  # two at least: a batch norm needs two images
     if "stage_3_epochs" in given and not given & {"num_steps", "epochs"}:
         given = given | {"epochs"}  # the last stage's end is the run's
-        changes["epochs"] = hp.stage_3_epochs
+        changes["epochs"] = recipe.stage_3_epochs
     if "epochs" in given and "num_steps" not in given:
         changes["num_steps"] = None  # the user's epochs, not the registry's step budget
-    elif not given & {"num_steps", "epochs"} and hp.num_steps:
-        per_epoch = math.ceil(train_frames / (changes.get("batch_size", hp.batch_size) * hp.num_clones))
-        changes["num_steps"] = min(hp.num_steps, max(MIN_DEFAULT_STEPS, SMALL_DATA_EPOCHS * per_epoch))
+    elif not given & {"num_steps", "epochs"} and recipe.num_steps:
+        per_epoch = math.ceil(train_frames / (changes.get("batch_size", recipe.batch_size) * recipe.num_clones))
+        changes["num_steps"] = min(recipe.num_steps, max(MIN_DEFAULT_STEPS, SMALL_DATA_EPOCHS * per_epoch))
     hp = hp.replaced(**changes)
-    total = hp.total_steps(train_frames)
-    if recipe.num_steps and total != recipe.num_steps:
-        scale = total / recipe.num_steps
+    recipe = hp.recipe
+    total = recipe.total_steps(train_frames)
+    if registry_steps and total != registry_steps:
+        scale = total / registry_steps
         scaled: dict[str, Any] = {}
         if "warmup_steps" not in given:
-            scaled["warmup_steps"] = round(hp.warmup_steps * scale)
+            scaled["warmup_steps"] = round(recipe.warmup_steps * scale)
         if "schedule_steps" not in given:
-            scaled["schedule_steps"] = [max(1, round(s * scale)) for s in hp.schedule_steps]
-        if "schedule_step_size" not in given and hp.schedule_step_size:
-            scaled["schedule_step_size"] = max(1, round(hp.schedule_step_size * scale))
+            scaled["schedule_steps"] = [max(1, round(s * scale)) for s in recipe.schedule_steps]
+        if "schedule_step_size" not in given and recipe.schedule_step_size:
+            scaled["schedule_step_size"] = max(1, round(recipe.schedule_step_size * scale))
         hp = hp.replaced(**scaled)
     return hp
 
@@ -177,13 +178,13 @@ def judge_validation(state: TrainState, metrics: dict[str, Any], hp: Hyperparame
     whose mAP has not gained ``early-stopping-delta`` for ``early-stopping-patience`` validations is stopped."""
     score = headline(metrics)
     state.validated_at = state.step
-    improved = score is not None and (state.best_map is None or score > state.best_map + hp.early_stopping_delta)
+    improved = score is not None and (state.best_map is None or score > state.best_map + hp.recipe.early_stopping_delta)
     best = improved or state.best_step is None
     if best:
         state.best_map, state.best_step, state.best_metrics, state.bad_validations = score, state.step, metrics, 0
     else:
         state.bad_validations += 1
-    if hp.early_stopping_patience and state.bad_validations >= hp.early_stopping_patience:
+    if hp.recipe.early_stopping_patience and state.bad_validations >= hp.recipe.early_stopping_patience:
         state.stopped = "early-stopping"
     return best
 
@@ -319,7 +320,7 @@ def publish_run(detector: Any, state: TrainState, run: RunRecord, store: ModelSt
             manifest.metrics = metrics
             manifest.libraries = library_versions()
             manifest.provenance = {
-                **provenance, "init": run.hp.init, "previous": str(run.previous) if run.previous else None,
+                **provenance, "init": run.hp.recipe.init, "previous": str(run.previous) if run.previous else None,
                 "run_id": run.run_id, "output_dir": str(run.output.resolve()),
                 "frames": {"train": frame_ranges([f.frame for f, _ in run.train_items]),
                            "val": frame_ranges([f.frame for f, _ in run.val_items])}}
@@ -417,7 +418,7 @@ def validation_steps(total: int, validations: int) -> set[int]:
 def check_batch_size(architecture: str, hp: Hyperparameters) -> None:
     """The smallest batch an architecture trains with (SSD-like models normalize 1x1 maps)."""
     smallest = get_architecture(architecture).min_batch_size
-    if hp.batch_size < smallest:
+    if hp.recipe.batch_size < smallest:
         raise HyperparameterError(f"{architecture} needs batch-size={smallest} or more: its last batch norms work on "
                                   "1x1 feature maps and cannot normalize a single image")
 

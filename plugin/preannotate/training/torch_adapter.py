@@ -39,13 +39,12 @@ class Adapter:
     def __init__(self, spec: RunSpec, device: str | None = None, workers: int | None = None):
         self.spec, self.workers = spec, workers
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        hp = spec.hp
-        if hp.num_clones > 1 and self.world == 1:
-            raise RuntimeError(f"num-clones={hp.num_clones} trains on {hp.num_clones} GPUs with "
-                               f"DistributedDataParallel: start it with torchrun --nproc-per-node={hp.num_clones} "
-                               "(the same command after it)")
+        clones = spec.hp.recipe.num_clones
+        if clones > 1 and self.world == 1:
+            raise RuntimeError(f"num-clones={clones} trains on {clones} GPUs with DistributedDataParallel: start it "
+                               f"with torchrun --nproc-per-node={clones} (the same command after it)")
         if self.world > 1:
-            spec.hp = hp.replaced(num_clones=self.world)
+            spec.hp = spec.hp.replaced(num_clones=self.world)
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.rank = dist.get_rank() if self.world > 1 else 0
@@ -70,16 +69,16 @@ class Adapter:
 
     def build(self) -> TrainState | None:
         spec, hp = self.spec, self.spec.hp
-        torch.manual_seed(hp.seed)
-        self.detector = create_detector(spec.arch.name, spec.labels, init=hp.init, hyperparameters=hp,
+        torch.manual_seed(hp.recipe.seed)
+        self.detector = create_detector(spec.arch.name, spec.labels, init=hp.recipe.init, hyperparameters=hp,
                                         previous=spec.previous, device=str(self.device))
         model = self.model = self.detector.model
-        self.phased = hp.trainable_layers_at(0, len(spec.train_items)) is not None
+        self.phased = hp.recipe.trainable_layers_at(0, len(spec.train_items)) is not None
         # with stage-N-epochs every weight joins the optimizer; each stage then decides which ones have gradients
         self.frozen_norms = [] if self.phased else family_of(spec.arch).freeze_backbone(
-            model, hp.trainable_backbone_layers, hp.init)
-        self.optimizer = optim.build_optimizer(model.parameters(), hp)
-        self.scheduler = optim.build_scheduler(self.optimizer, hp, spec.total)
+            model, hp.recipe.trainable_backbone_layers, hp.recipe.init)
+        self.optimizer = optim.build_optimizer(model.parameters(), hp.recipe)
+        self.scheduler = optim.build_scheduler(self.optimizer, hp.recipe, spec.total)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.device.type == "cuda")
         self.trained = model
         if self.world > 1:
@@ -111,8 +110,8 @@ class Adapter:
     # ------------------------------------------------------------------------------------------------ stepping
 
     def start(self, step: int) -> None:
-        spec = self.spec
-        sampler = data.StepBatchSampler(len(spec.train_items), spec.hp.batch_size, spec.hp.seed, step, spec.total,
+        spec, recipe = self.spec, self.spec.hp.recipe
+        sampler = data.StepBatchSampler(len(spec.train_items), recipe.batch_size, recipe.seed, step, spec.total,
                                         self.rank, self.world)
         self.batches = iter(data.loader(self._dataset(spec.train_items, True), batch_sampler=sampler,
                                         workers=self.workers, pin_memory=self.device.type == "cuda"))
@@ -121,13 +120,13 @@ class Adapter:
     def prepare(self, step: int) -> dict[str, Any] | None:
         """A new stage of ``stage-N-epochs`` (or the one resumed in): only the heads and the last ``layers``
         backbone stages get gradients from now on."""
-        layers = self.spec.hp.trainable_layers_at(step, len(self.spec.train_items))
+        layers = self.spec.hp.recipe.trainable_layers_at(step, len(self.spec.train_items))
         if layers is None or layers == self.stage:
             return None
         self.stage = layers
         for parameter in self.model.backbone.parameters():
             parameter.requires_grad_(True)
-        self.frozen_norms = family_of(self.spec.arch).freeze_backbone(self.model, layers, self.spec.hp.init)
+        self.frozen_norms = family_of(self.spec.arch).freeze_backbone(self.model, layers, self.spec.hp.recipe.init)
         self._train_mode()
         return {"trainable_backbone_layers": layers}
 
@@ -145,9 +144,9 @@ class Adapter:
         values = dict(zip(["loss", *losses], torch.stack([loss, *losses.values()]).detach().tolist(), strict=True))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.spec.hp.gradient_clip_norm:
+        if self.spec.hp.recipe.gradient_clip_norm:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.hp.gradient_clip_norm)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.hp.recipe.gradient_clip_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -191,7 +190,7 @@ class Adapter:
             _atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                           "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                           "rng": _rng_state(), "state": dataclasses.asdict(state), "total_steps": self.spec.total,
-                          "samples_drawn": state.step * self.spec.hp.batch_size * self.world}, self.checkpoint)
+                          "samples_drawn": state.step * self.spec.hp.recipe.batch_size * self.world}, self.checkpoint)
 
     def save_best(self, state: TrainState) -> None:
         if self.main:
@@ -206,17 +205,17 @@ class Adapter:
     def _dataset(self, items: Sequence[data.Item], train: bool) -> data.DetectionDataset:
         hp = self.spec.hp
         transform = data.transforms(hp, self.spec.arch.fixed_size, train, boxes=not self.tags)
-        return data.DetectionDataset(items, self.spec.labels, transform, self.with_masks, hp.seed if train else 0,
-                                     tags=self.tags)
+        return data.DetectionDataset(items, self.spec.labels, transform, self.with_masks,
+                                     hp.recipe.seed if train else 0, tags=self.tags)
 
     def _val_loader(self):
-        return data.loader(self._dataset(self.spec.val_items, False), batch_size=self.spec.hp.batch_size,
+        return data.loader(self._dataset(self.spec.val_items, False), batch_size=self.spec.hp.recipe.batch_size,
                            workers=self.workers, pin_memory=self.device.type == "cuda")
 
     def _calibration_loader(self):
         """Training frames spread over the set, unaugmented; loaded in this process (a few dozen frames)."""
         items = sample(self.spec.train_items, CALIBRATION_FRAMES)
-        batch = max(2, self.spec.hp.batch_size)  # full batches only: a batch norm cannot measure one 1x1 map
+        batch = max(2, self.spec.hp.recipe.batch_size)  # full batches only: a batch norm cannot measure one 1x1 map
         items = (items * batch)[:math.ceil(len(items) / batch) * batch]  # every one, the last batch filled up
         return data.loader(self._dataset(items, False), batch_size=batch, workers=0)
 
