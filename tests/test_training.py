@@ -26,7 +26,6 @@ from preannotate.training.logs import EventWriter, MetricsLog, crc32c
 from preannotate.training.trainer import (
     RunMismatch,
     effective_hyperparameters,
-    frame_ranges,
     train,
 )
 
@@ -432,11 +431,6 @@ def test_tensorflow_reads_our_tensorboard_events(tmp_path):
     events = json.loads(done.stdout.strip().splitlines()[-1])
     assert events == [[0, "brain.Event:2", 0, {}], [4, "", 1, {}],  # START at the resume step
                       [5, "", 0, {"train/loss": 1.5, "val/map50": 0.75}]]
-
-
-def test_frame_ranges_are_compact():
-    assert frame_ranges([8, 0, 1, 2, 5, 7]) == "0-2,5,7-8"
-    assert frame_ranges([]) == ""
 
 
 def test_a_directory_holding_another_run_is_refused(tmp_path):
