@@ -391,18 +391,23 @@ def _frame_matcher(writer: TaskWriter):
     return match
 
 
+def _sized(writer: TaskWriter, frame: int) -> tuple[int, int, int]:
+    """A task frame as ``coco.read_shapes`` places shapes on it: (frame, width, height)."""
+    info = writer.meta.entries[frame]
+    return frame, info.width, info.height
+
+
 def _images_to_frames(dataset: Any, writer: TaskWriter, file: str) -> tuple[dict[Any, tuple[int, int, int]], list[str]]:
     """A COCO dataset's image id → (task frame, width, height), by file name, and the file names that match no
     frame (all unmatched is an error)."""
     match = _frame_matcher(writer)
-    sizes = writer.meta.entries
     images, unmatched = {}, []
     for image_id, file_name in coco.dataset_images(dataset, file):
         frame = match(file_name)
         if frame is None:
             unmatched.append(file_name)
         else:
-            images[image_id] = (frame, sizes[frame].width, sizes[frame].height)
+            images[image_id] = _sized(writer, frame)
     if unmatched and not images:
         raise CvatError(f"none of the {len(unmatched)} images (e.g. {unmatched[0]!r}) is a frame of task "
                         f"{writer.task_id} (frames like {writer.frame_names()[0]!r})")
@@ -436,8 +441,7 @@ def _from_results(results: Any, dataset: Any, writer: TaskWriter, file: str, dat
         images, unmatched = _images_to_frames(dataset, writer, dataset_file)
         name_of = coco.dataset_categories(dataset, dataset_file)
     else:  # our export's convention (see import_file)
-        sizes = writer.meta.entries
-        images = {frame + 1: (frame, sizes[frame].width, sizes[frame].height) for frame in writer.frames()}
+        images = {frame + 1: _sized(writer, frame) for frame in writer.frames()}
         unmatched = []
         name_of = dict(enumerate(writer.task_label_names(), start=1))
     shapes_by_frame, elsewhere = coco.read_shapes(results, "result", file,
