@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -166,3 +167,59 @@ def test_shapes_left_out_are_counted():
     dataset = coco.to_coco([(frame, "a.jpg")], parse_label_list("car"), skipped)
     assert len(dataset["annotations"]) == 1
     assert skipped == {"points": 1, "rectangle": 2}  # an unknown label and a box outside the image
+
+
+# ---------------------------------------------------------------------------- COCO files a person gives
+
+def test_read_shapes_keeps_the_items_on_the_images_given_and_names_the_others():
+    items = [{"image_id": 1, "category_id": 2, "bbox": [1, 2, 3, 4], "score": 0.5},
+             {"image_id": 7, "category_id": 2, "bbox": [0, 0, 1, 1]},
+             {"image_id": [1], "category_id": 2, "bbox": [0, 0, 1, 1]},  # no id: left out, not a crash
+             {"image_id": 1, "category_id": 3, "segmentation": [[1, 1, 5, 1, 5, 5]]}]
+    shapes, elsewhere = coco.read_shapes(items, "result", "r.json", {2: "car", 3: "road"}.__getitem__,
+                                         {1: (4, 20, 10)}, source="auto")
+    assert elsewhere == [7, [1]]
+    assert [(s.frame, s.label, s.type, s.points, s.score, s.source) for s in shapes[4]] == [
+        (4, "car", "rectangle", [1.0, 2.0, 4.0, 6.0], 0.5, "auto"),
+        (4, "road", "polygon", [1.0, 1.0, 5.0, 1.0, 5.0, 5.0], None, "auto")]
+
+
+@pytest.mark.parametrize("item, says", [
+    ("box", "r.json: result #1 is not a JSON object"),
+    ({"image_id": 1, "category_id": 2, "bbox": [1, 2]},
+     "r.json: result #1: bbox must be [x, y, width, height] (4 numbers), not [1, 2]"),
+    ({"image_id": 1, "category_id": 2, "segmentation": {"size": "x"}},
+     "r.json: result #1: its segmentation is neither polygons nor COCO RLE"),
+    ({"image_id": 1, "category_id": 9, "bbox": [1, 2, 3, 4]}, "r.json: category_id 9 is not among its categories"),
+])
+def test_read_shapes_says_what_is_not_coco_and_where(item, says):
+    def label_of(category_id):
+        if category_id != 2:
+            raise ValueError(f"r.json: category_id {category_id} is not among its categories")
+        return "car"
+
+    with pytest.raises(ValueError, match=f"^{re.escape(says)}$"):
+        coco.read_shapes([item], "result", "r.json", label_of, {1: (0, 20, 10)})
+
+
+def test_a_dataset_file_is_checked_before_it_is_read():
+    assert coco.dataset_images({"images": [{"id": 3, "file_name": "a.jpg"}]}, "d.json") == [(3, "a.jpg")]
+    with pytest.raises(ValueError, match=r"^d.json is not a COCO dataset"):
+        coco.dataset_images([], "d.json")
+    with pytest.raises(ValueError, match=r"^d.json: image #2 needs an id and a file_name$"):
+        coco.dataset_images({"images": [{"id": 3, "file_name": "a.jpg"}, {"id": 4}]}, "d.json")
+    assert coco.dataset_categories({"categories": [{"id": 1, "name": "car"}]}, "d.json") == {1: "car"}
+    with pytest.raises(ValueError, match=r"^d.json: every category needs an id and a name$"):
+        coco.dataset_categories({"categories": [{"id": 1}]}, "d.json")
+
+
+@pytest.mark.parametrize("content, says", [(b"not json", "is not a JSON file (expecting value at line 1, column 1)"),
+                                           (b"\xff\xfe\x00", "is not a JSON file (it is not even text)"),
+                                           (b"[" * 100_000, "nests its JSON too deep to be a COCO file")])
+def test_a_file_that_is_not_json_is_one_sentence_naming_it(tmp_path, content, says):
+    path = tmp_path / "x.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))} {re.escape(says)}$"):
+        coco.read_file(path)
+    path.write_text('{"images": []}')
+    assert coco.read_file(path) == (b'{"images": []}', {"images": []})

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from preannotate.cvat.annotations import attribute_names, frames_from_annotations, read_labels
+from preannotate.cvat.meta import FrameInfo, frame_meta
 from preannotate.shapes import AnnotationSet, Shape
 
 from tests.conftest import FIXTURES
@@ -336,6 +337,19 @@ def test_video_meta_describes_every_frame_with_one_entry():
     video = {**meta(1), "size": 4}
     result = frames_from_annotations(annotations(), LABELS, video)
     assert [(f.name, f.width) for f in result.frames.values()] == [(f"frame_{i:06d}", 100) for i in range(4)]
+
+
+def test_frame_meta_reads_images_videos_and_deleted_frames():
+    images = frame_meta(meta(3, deleted_frames=[1]))
+    assert images.size == 3 and images.present() == [0, 2] and not images.video
+    assert images.numbered() == {0: FrameInfo("img_0.png", 100, 80), 1: FrameInfo("img_1.png", 101, 80),
+                                 2: FrameInfo("img_2.png", 102, 80)}
+    video = frame_meta({**meta(1), "size": 4})
+    assert video.video and video.size == len(video.entries) == 4
+    # a job of a video task lists its own frames: they are named by their number in the task
+    assert [info.name for info in video.numbered(range(10, 14)).values()] == [f"frame_{n:06d}" for n in range(10, 14)]
+    assert frame_meta(video) is video
+    assert frame_meta({**meta(2), "included_frames": [1, 4]}).included == (1, 4)
 
 
 def test_ground_truth_job_meta_lists_only_its_frames():

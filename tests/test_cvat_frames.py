@@ -175,6 +175,24 @@ def video_frames(count: int) -> list[np.ndarray]:
     return frames
 
 
+def test_every_reader_of_a_video_tasks_meta_names_and_counts_its_frames_alike(cvat_double, client, tmp_path):
+    """A video's meta lists one entry for all its frames: the annotations, the writer, the review ranking and the
+    chunk reader all read it through ``cvat.meta.frame_meta`` (the review ranking once named no frame at all)."""
+    from preannotate.cvat.reader import read_task
+    from preannotate.cvat.review import task_confidences
+    from preannotate.cvat.upload import TaskWriter
+
+    task_id = cvat_double.add_task("video", [(f"{i}.png", encode(Image.fromarray(a), "PNG"), 64, 48)
+                                             for i, a in enumerate(video_frames(5))],
+                                   [{"name": "car"}], chunk_size=4, video="clip.mp4")
+    names = [f"frame_{i:06d}" for i in range(5)]
+    assert [frame.name for frame in read_task(client, task_id).frames.values()] == names
+    writer = TaskWriter(client, task_id)
+    assert writer.frame_names() == names and writer.frames() == [0, 1, 2, 3, 4]
+    assert task_confidences(client, task_id) == ({}, dict(enumerate(names)))
+    assert CvatFrames(client, task_id, cache_dir=tmp_path).size == 5
+
+
 @pytest.mark.parametrize("quality, tolerance", [("original", 3), ("compressed", 6)])
 def test_video_chunks_are_decoded(cvat_double, client, tmp_path, quality, tolerance):
     sources = video_frames(10)

@@ -122,7 +122,7 @@ def test_an_interrupted_write_resumes_where_it_stopped(cvat_double, client, task
     with pytest.raises(CvatError, match="500"):
         write_predictions(client, task, predictions(), label_map="human=person", batch_frames=2, state_dir=tmp_path)
     journal = json.loads(next(tmp_path.iterdir()).read_text())
-    assert journal["frames"] == [[0, 2]] and journal["task"] == task
+    assert journal["frames"] == "0-1" and journal["task"] == task
     assert [s[0] for s in stored(cvat_double, task, "auto")] == [0, 1]  # frame 2's shapes never arrived
 
     cvat_double.clear_requests()
@@ -143,6 +143,14 @@ def test_a_batch_done_but_not_journaled_is_redone_without_duplicates(cvat_double
     Journal.open(tmp_path, client, task, "unrelated").add([0])
     write_predictions(client, task, predictions(), state_dir=tmp_path)
     assert stored(cvat_double, task) == expected
+
+
+def test_a_journal_it_cannot_read_starts_the_write_afresh(client, task, tmp_path, caplog):
+    """An unreadable journal (here an earlier version's half-open lists) is never misread as frames written."""
+    journal = Journal.open(tmp_path, client, task, "input")
+    journal.path.write_text(json.dumps({**journal.header, "frames": [[0, 2]]}))
+    assert Journal.open(tmp_path, client, task, "input").frames == set()
+    assert "ignoring unreadable journal" in caplog.text
 
 
 def test_unknown_task_and_frames_are_clear_errors(client, task, tmp_path):
@@ -200,6 +208,15 @@ def test_import_coco_dataset_and_results_with_their_coco_file(cvat_double, clien
 
     path.write_text(json.dumps({**dataset, "images": dataset["images"][2:]}))
     with pytest.raises(CvatError, match="none of the 1 images"):
+        import_file(client, task, path, fmt="coco", state_dir=tmp_path / "state")
+
+
+def test_a_coco_dataset_naming_an_unknown_category_says_so(client, task, tmp_path):
+    path = tmp_path / "dataset.json"  # it was once said to be a segmentation that is neither polygons nor RLE
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "img_05.jpg"}],
+                                "categories": [{"id": 1, "name": "car"}],
+                                "annotations": [{"id": 1, "image_id": 1, "category_id": 9, "bbox": [1, 2, 3, 4]}]}))
+    with pytest.raises(ValueError, match=r"^dataset.json: category_id 9 is not among its categories$"):
         import_file(client, task, path, fmt="coco", state_dir=tmp_path / "state")
 
 

@@ -4,6 +4,7 @@ array is what ``np.asarray(Image.open(...).convert("RGB"))`` gives."""
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 
@@ -184,3 +185,23 @@ def test_in_memory_frames_decode_in_the_order_asked():
     decoded = list(InMemoryFrames(files).decoded([7, 3]))
     assert [frame for frame, _ in decoded] == [7, 3]
     assert np.array_equal(decoded[0][1], second) and np.array_equal(decoded[1][1], first)
+
+
+@pytest.mark.parametrize("numbers, text", [([8, 0, 1, 2, 5, 7], "0-2,5,7-8"), ([], ""), ([3], "3"),
+                                           ([5, 4, 4], "4-5"), (range(64), "0-63"), ([0, 2, 4], "0,2,4")])
+def test_frame_ranges_write_and_read_back_the_same_frames(numbers, text):
+    assert frames.frame_ranges(numbers) == text
+    assert frames.parse_frame_ranges(text) == sorted(set(numbers))
+
+
+def test_frame_ranges_are_read_with_spaces_and_in_the_order_written():
+    assert frames.parse_frame_ranges(" 7 - 8 , 0-1,") == [7, 8, 0, 1]
+
+
+@pytest.mark.parametrize("text, says", [("x-1", "'x-1' is not a frame number or FIRST-LAST"),
+                                        ("1-", "'1-' is not a frame number or FIRST-LAST"),
+                                        ("-3", "'-3' is not a frame number or FIRST-LAST"),
+                                        ("5-2", "'5-2': the last frame comes before the first")])
+def test_frame_ranges_that_are_not_are_refused_in_one_sentence(text, says):
+    with pytest.raises(ValueError, match=f"^frame range {re.escape(says)}"):
+        frames.parse_frame_ranges(text)

@@ -253,7 +253,8 @@ def test_cvat_rle_to_polygon_is_in_image_coordinates(recorded_mask):
     for polygon in (exact, simplified):
         xs, ys = polygon[0::2], polygon[1::2]
         assert (min(xs), min(ys), max(xs), max(ys)) == (30, 20, 40, 28)  # the box in pixel-edge coordinates
-    assert Shape("road", "mask", points).polygon() == simplified
+    with pytest.raises(ValueError, match="formats.masks.cvat_rle_to_polygon"):  # shapes sit below the codecs
+        Shape("road", "mask", points).polygon()
 
 
 def test_polygon_to_bitmap_joins_polygons_and_skips_degenerate_ones():

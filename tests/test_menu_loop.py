@@ -103,7 +103,7 @@ def test_deploy_once_then_only_annotate_and_review(cvat_double, nuclio_dashboard
         manifest = Manifest.read(store.resolve("shapes"))
         learned = manifest.provenance["cvat"]
         assert sorted(learned["jobs"]) == [str(first), str(second)] and list(learned["frames"]) == [str(annotated)]
-        assert learned["frames"][str(annotated)] == [[0, 63]]
+        assert learned["frames"][str(annotated)] == "0-63"
         assert all(job in learned["unfinished_jobs"] for job in cvat_double.tasks[untouched].job_ids)
         # 3. the spec follows the model: "bar" went into the function through the dashboard, without a rebuild
         nuclio_dashboard.settle()

@@ -156,7 +156,7 @@ def test_training_reads_only_the_frames_of_finished_jobs(cvat_env, tmp_path):
         hp = Hyperparameters().updated("val-fraction=0")
         dataset = export_from_cvat(client, {"tasks": [7, 8]}, tmp_path / "dataset", hp)
         learned = cvat_provenance(dataset)["cvat"]
-        assert learned["frames"] == {"7": [[0, 5]]} and sorted(learned["jobs"]) == ["7", "8"]
+        assert learned["frames"] == {"7": "0-5"} and sorted(learned["jobs"]) == ["7", "8"]
         assert learned["unfinished_jobs"] == [9] and learned["train_on"] == ["completed", "acceptance"]
         images = json.loads((dataset / "annotations" / "instances_train.json").read_text())["images"]
         assert len(images) == 6  # task 8's three frames, untouched, are not empty frames to learn from

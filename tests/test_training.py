@@ -25,7 +25,7 @@ from preannotate.training import data, optim
 from preannotate.training.evaluation import CocoAccumulator, coco_metrics, recalibrate_batch_norm
 from preannotate.training.logs import EventWriter, MetricsLog, crc32c
 from preannotate.training.loop import train
-from preannotate.training.runs import RunMismatch, effective_hyperparameters, frame_ranges
+from preannotate.training.runs import RunMismatch, effective_hyperparameters
 
 from tests.conftest import encode
 
@@ -431,11 +431,6 @@ def test_tensorflow_reads_our_tensorboard_events(tmp_path):
     events = json.loads(done.stdout.strip().splitlines()[-1])
     assert events == [[0, "brain.Event:2", 0, {}], [4, "", 1, {}],  # START at the resume step
                       [5, "", 0, {"train/loss": 1.5, "val/map50": 0.75}]]
-
-
-def test_frame_ranges_are_compact():
-    assert frame_ranges([8, 0, 1, 2, 5, 7]) == "0-2,5,7-8"
-    assert frame_ranges([]) == ""
 
 
 def test_a_directory_holding_another_run_is_refused(tmp_path):

@@ -7,12 +7,11 @@ task with a model, the demo, deploying) lives at the top. ``tests/test_layers.py
 Layers, bottom to top (a module belongs to the first entry naming it or a package above it):
 
 1. vocabulary: `preannotate.shapes`, `preannotate.frames`, `preannotate.hyperparameters`, `preannotate.durations`,
-   `preannotate.files`, `preannotate.formats.masks`, `preannotate.uncertainty`
-   — labels, shapes and the annotations of a frame; frame images; the hyperparameter language; file helpers;
-   how sure a model is of a frame;
-   the mask codecs (a mask shape's points *are* CVAT's RLE, so a shape's outline needs them);
+   `preannotate.files`, `preannotate.uncertainty`
+   — labels, shapes and the annotations of a frame; frame images and frame ranges; the hyperparameter language;
+   file helpers; how sure a model is of a frame;
 2. formats: `preannotate.formats`
-   — COCO, TF Object Detection API records, dataset folders on disk and their train/val split;
+   — the mask codecs, COCO, TF Object Detection API records, dataset folders on disk and their train/val split;
 3. cvat: `preannotate.cvat`
    — the cvat-sdk bridge: connect, read annotations and frames, write shapes (the one encoder into CVAT's request
    format), webhooks; it turns CVAT into the vocabulary and back and knows nothing of models;

@@ -1,13 +1,16 @@
-"""Frame images, by frame number: the one interface exporters, annotators and trainers read pixels through.
+"""Frame images, by frame number: the one interface exporters, annotators and trainers read pixels through; and
+sets of frame numbers written down as ranges.
 
 ``FrameImages`` is the protocol; ``InMemoryFrames`` holds encoded files in memory (tests, synthetic data, a dataset
 folder); ``preannotate.cvat.frames.CvatFrames`` reads a CVAT task by chunk. ``decode_rgb`` is how every reader
-turns a file into pixels.
+turns a file into pixels. ``frame_ranges`` / ``parse_frame_ranges`` are the one way frame numbers are written down
+(``"0-2,5,7-8"``: a manifest's frames learned from, the frames an upload journal has written).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Protocol
 
@@ -103,3 +106,30 @@ class InMemoryFrames:
     def decoded(self, frames: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
         for frame, data in self.encoded(frames):
             yield frame, decode_rgb(data)
+
+
+def frame_ranges(numbers: Iterable[int]) -> str:
+    """``[8, 0, 1, 2, 5, 7]`` → ``"0-2,5,7-8"``: frame numbers, sorted, each run of consecutive ones as
+    ``FIRST-LAST`` (``parse_frame_ranges`` reads it back)."""
+    parts = []
+    # consecutive numbers keep the same difference to their position in the sorted list: one group per run
+    for _, run in itertools.groupby(enumerate(sorted(set(numbers))), key=lambda item: item[1] - item[0]):
+        (_, first), *rest = run
+        parts.append(f"{first}-{rest[-1][1]}" if rest else str(first))
+    return ",".join(parts)
+
+
+def parse_frame_ranges(text: str) -> list[int]:
+    """``"0-2,5,7-8"`` → ``[0, 1, 2, 5, 7, 8]``, the frame numbers ``frame_ranges`` wrote down, in its order."""
+    numbers: list[int] = []
+    for part in (part.strip() for part in text.split(",")):
+        if not part:
+            continue
+        first, dash, last = part.partition("-")
+        if not first.strip().isdigit() or (dash and not last.strip().isdigit()):
+            raise ValueError(f"frame range {part!r} is not a frame number or FIRST-LAST (e.g. 0-2,5)")
+        start, stop = int(first), int(last if dash else first)
+        if stop < start:
+            raise ValueError(f"frame range {part!r}: the last frame comes before the first")
+        numbers.extend(range(start, stop + 1))
+    return numbers

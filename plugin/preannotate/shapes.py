@@ -138,16 +138,15 @@ class Shape:
         return min(xs), min(ys), max(xs), max(ys)
 
     def polygon(self) -> list[float]:
-        """The outline as a flat polygon: rotated rectangle corners, the polygon itself, a sampled ellipse,
-        or the largest contour of a mask (see ``formats.masks``)."""
+        """The outline as a flat polygon: rotated rectangle corners, the polygon itself, a sampled ellipse (the
+        points of any other geometric shape as they are). Not of a mask: its outline is traced from its pixels by
+        the mask codecs, a layer up (``formats.masks.cvat_rle_to_polygon``)."""
         if self.type == "rectangle":
             return rectangle_corners(self.points, self.rotation)
         if self.type == "ellipse":
             return ellipse_polygon(self.points, self.rotation)
         if self.type == "mask":
-            from preannotate.formats import masks
-
-            return masks.cvat_rle_to_polygon(self.points)
+            raise ValueError("a mask's outline is traced from its pixels: formats.masks.cvat_rle_to_polygon")
         return [float(p) for p in self.points]
 
 

@@ -2,7 +2,7 @@
 
 Pure functions, no network. Inputs are what ``GET /api/tasks/ID/annotations`` (or ``/api/jobs/ID/annotations``),
 ``GET /api/labels?task_id=ID`` and ``GET /api/tasks/ID/data/meta`` return, as plain JSON or as cvat-sdk models.
-Geometry stays in CVAT's encoding (see ``preannotate.shapes``).
+Geometry stays in CVAT's encoding (see ``preannotate.shapes``); the data meta is read by ``meta.frame_meta``.
 
 A track stores only its keyframes; the other frames are derived the way CVAT's exports (server
 ``TrackManager.get_interpolated_shapes``) and its editor (cvat-core ``interpolatePosition``) derive them:
@@ -25,14 +25,18 @@ from typing import Any
 import numpy as np
 
 from preannotate.cvat import encoding
+from preannotate.cvat.meta import FrameMeta, frame_meta
+from preannotate.cvat.review import CONFIDENCE_LABEL
 from preannotate.shapes import DETECTABLE_TYPES, AnnotationSet, FrameAnnotations, Label, Shape
 
 
 def read_labels(label_dicts: Iterable[Any] | Mapping[str, Any]) -> list[Label]:
     """``/api/labels`` results (the list, or the whole page) → labels numbered 1..N in CVAT's order: ``Label.id``
     is the model's class index (and the COCO category id), not CVAT's label id, which differs per task and
-    server. Skeleton parts are left out. ``attribute_names`` maps CVAT's attribute ids to names."""
-    labels = [Label.from_dict(item) for item in _label_dicts(label_dicts) if item.get("parent_id") is None]
+    server. Left out, as no class a model learns: skeleton parts, and our confidence tags' label
+    (``review.CONFIDENCE_LABEL``, wherever it stands). ``attribute_names`` maps CVAT's attribute ids to names."""
+    labels = [Label.from_dict(item) for item in _label_dicts(label_dicts)
+              if item.get("parent_id") is None and item["name"] != CONFIDENCE_LABEL]
     return [Label(label.name, label.type, label.attributes, position) for position, label in enumerate(labels, 1)]
 
 
@@ -54,12 +58,11 @@ def frames_from_annotations(annotations: Any, labels: Iterable[Any] | Mapping[st
     ``skipped``; all but skeletons (whose geometry lives in their elements) are kept in the frames as well, so
     filter on ``shapes.DETECTABLE_TYPES`` when building a detector dataset.
     """
-    data, meta = _plain(annotations), _plain(meta)
+    data, meta = _plain(annotations), frame_meta(meta)
     label_dicts = _label_dicts(labels)
     label_names = {item["id"]: item["name"] for item in label_dicts}
     spec_names = attribute_names(label_dicts)
     frames = _empty_frames(meta, frame_range)
-    deleted = set(meta.get("deleted_frames") or ())
     result = AnnotationSet(frames=frames, labels=read_labels(label_dicts))
 
     def label_of(item: Mapping[str, Any]) -> str:
@@ -92,7 +95,7 @@ def frames_from_annotations(annotations: Any, labels: Iterable[Any] | Mapping[st
     start, stop = min(frames), max(frames) + 1
     for track in sorted(data.get("tracks") or (), key=_id):
         immutable = named(track.get("attributes") or ())
-        for frame, keyframe, points, rotation, mutable in _track_frames(track, start, stop, deleted):
+        for frame, keyframe, points, rotation, mutable in _track_frames(track, start, stop, meta.deleted):
             if frame in frames:
                 add(Shape(label=label_of(track), type=keyframe["type"], points=points, frame=frame,
                           rotation=rotation, attributes={**named(mutable), **immutable},
@@ -102,7 +105,7 @@ def frames_from_annotations(annotations: Any, labels: Iterable[Any] | Mapping[st
     return result
 
 
-def _track_frames(track: Mapping[str, Any], start: int, stop: int, deleted: set[int]
+def _track_frames(track: Mapping[str, Any], start: int, stop: int, deleted: frozenset[int]
                   ) -> Iterator[tuple[int, Mapping[str, Any], list[float], float, list[dict[str, Any]]]]:
     """(frame, keyframe at or before it, points, rotation, mutable attribute values) for every frame in
     ``[start, stop)`` on which the track is visible."""
@@ -226,33 +229,25 @@ def _length(points: np.ndarray) -> float:
     return float(np.linalg.norm(np.diff(points, axis=0), axis=1).sum())
 
 
-def _empty_frames(meta: Mapping[str, Any], frame_range: range | None) -> dict[int, FrameAnnotations]:
+def _empty_frames(meta: FrameMeta, frame_range: range | None) -> dict[int, FrameAnnotations]:
     """An empty ``FrameAnnotations`` for every non-deleted frame of the range, sized from ``meta``."""
-    infos = list(meta["frames"])
-    size = int(meta.get("size") or len(infos))
-    video = len(infos) == 1 and size > 1  # a video's meta describes all its frames with one entry
-    if video:
-        infos = infos * size
-    sparse = bool(meta.get("included_frames"))
-    if sparse:  # a ground-truth job lists only the frames it includes
-        numbers = list(meta["included_frames"])
-    elif frame_range is not None and len(infos) == len(frame_range):  # a job's meta lists its own frames
+    if meta.included:  # a ground-truth job lists only the frames it includes
+        numbers = list(meta.included)
+    elif frame_range is not None and len(meta.entries) == len(frame_range):  # a job's meta lists its own frames
         numbers = list(frame_range)
     else:  # a task's meta: entry i is task frame i, whatever start_frame and frame_filter say about the source
-        numbers = list(range(len(infos)))
-    by_number = dict(zip(numbers, infos, strict=True))
+        numbers = list(range(len(meta.entries)))
+    by_number = meta.numbered(numbers)
     if frame_range is None:
         wanted = numbers
     else:
-        wanted = [n for n in numbers if n in frame_range] if sparse else list(frame_range)
+        wanted = [n for n in numbers if n in frame_range] if meta.included else list(frame_range)
     missing = [n for n in wanted if n not in by_number]
     if missing:
         raise ValueError(f"frames {missing[:5]} are not in the data meta, which describes frames "
                          f"{numbers[0] if numbers else '-'}..{numbers[-1] if numbers else '-'}")
-    deleted = set(meta.get("deleted_frames") or ())
-    return {n: FrameAnnotations(frame=n, width=int(by_number[n]["width"]), height=int(by_number[n]["height"]),
-                                name=f"frame_{n:06d}" if video else by_number[n].get("name") or "")
-            for n in wanted if n not in deleted}
+    return {n: FrameAnnotations(frame=n, width=by_number[n].width, height=by_number[n].height, name=by_number[n].name)
+            for n in wanted if n not in meta.deleted}
 
 
 def _label_dicts(labels: Iterable[Any] | Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from cvat_sdk.api_client.exceptions import ApiException
 from PIL import Image
 
 from preannotate.cvat.client import CvatError, cvat_errors
+from preannotate.cvat.meta import frame_meta
 from preannotate.files import replacing
 from preannotate.frames import decode_rgb
 
@@ -49,8 +50,8 @@ class CvatFrames:
             self._task = client.tasks.retrieve(task_id)
             meta = self._task.get_meta()
         # Task frame i is source frame start_frame + i * step; chunks are numbered over the task frames.
-        self.size, self.chunk_size = int(meta.size), int(meta.chunk_size)
-        self.deleted = frozenset(meta.deleted_frames or ())
+        frames = frame_meta(meta)
+        self.size, self.deleted, self.chunk_size = frames.size, frames.deleted, int(meta.chunk_size)
         chunk_type = (self._task.data_original_chunk_type if quality == "original"
                       else self._task.data_compressed_chunk_type)
         self.video = str(chunk_type) == "video"

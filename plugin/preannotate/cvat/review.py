@@ -16,6 +16,7 @@ from typing import Any
 from cvat_sdk import Client, models
 
 from preannotate.cvat.client import cvat_errors
+from preannotate.cvat.meta import frame_meta
 
 CONFIDENCE_LABEL = "preannotate:confidence"
 CONFIDENCE_ATTRIBUTE = "confidence"
@@ -51,10 +52,9 @@ def task_confidences(client: Client, task_id: int) -> tuple[dict[int, int], dict
     """Frame → confidence (0-100) of a pre-annotated task, and frame → file name."""
     with cvat_errors(client, f"task {task_id}"):
         task = client.tasks.retrieve(task_id)
-        labels, meta = task.get_labels(), task.get_meta()
+        labels, meta = task.get_labels(), frame_meta(task.get_meta())
         _, response = client.tasks.api.retrieve_annotations(task_id, _parse_response=False)
-    frames = meta.frames or []
-    names = {i: f.name for i, f in enumerate(frames)} if len(frames) == meta.size else {}
+    names = {number: info.name for number, info in meta.numbered().items()}
     return read_confidences(json.loads(response.data), labels), names
 
 

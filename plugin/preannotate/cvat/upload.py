@@ -37,8 +37,10 @@ from tqdm import tqdm
 from preannotate.cvat import encoding, review
 from preannotate.cvat.annotations import frames_from_annotations, read_labels
 from preannotate.cvat.client import CvatError, cvat_errors
+from preannotate.cvat.meta import frame_meta
 from preannotate.files import write_atomically
 from preannotate.formats import coco
+from preannotate.frames import frame_ranges, parse_frame_ranges
 from preannotate.shapes import TAG, Shape
 
 log = logging.getLogger(__name__)
@@ -101,16 +103,16 @@ def digest(*parts: Any) -> str:
 
 
 class Journal:
-    """The frames an interrupted write had finished, in a small JSON file (frame ranges), rewritten atomically."""
+    """The frames an interrupted write had finished, in a small JSON file (``"0-99,200-299"``), rewritten
+    atomically. One it cannot read is ignored: the write starts afresh, which is idempotent."""
 
     def __init__(self, path: Path, header: dict[str, Any]):
         self.path, self.header = Path(path), header
         self.frames: set[int] = set()
         if self.path.is_file():
             try:
-                data = json.loads(self.path.read_text())
-                self.frames = {f for start, stop in data.get("frames", []) for f in range(start, stop)}
-            except (ValueError, TypeError):
+                self.frames = set(parse_frame_ranges(json.loads(self.path.read_text())["frames"]))
+            except (ValueError, TypeError, KeyError, AttributeError):  # not JSON, or not ours (an older format)
                 log.warning("ignoring unreadable journal %s", self.path)
 
     @classmethod
@@ -124,22 +126,12 @@ class Journal:
     def add(self, frames: Iterable[int]) -> None:
         self.frames.update(frames)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({**self.header, "frames": _ranges(self.frames)})
+        text = json.dumps({**self.header, "frames": frame_ranges(self.frames)})
         write_atomically(self.path, text)
 
     def finish(self) -> None:
         """Everything was written: a later run with the same input starts afresh (and is idempotent anyway)."""
         self.path.unlink(missing_ok=True)
-
-
-def _ranges(frames: Iterable[int]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for frame in sorted(frames):
-        if out and out[-1][1] == frame:
-            out[-1][1] = frame + 1
-        else:
-            out.append([frame, frame + 1])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- writer
@@ -161,7 +153,7 @@ class TaskWriter:
         with cvat_errors(client, f"task {task_id}"):
             self.task = client.tasks.retrieve(task_id)
             self.label_models = self.task.get_labels()
-            self.meta = self.task.get_meta()
+            self.meta = frame_meta(self.task.get_meta())
             _, response = client.tasks.api.retrieve_annotations(task_id, _parse_response=False)
         self.labels = {label.name: _TaskLabel(label.id, str(label.type),
                                               {a.name: a.id for a in label.attributes or ()})
@@ -183,25 +175,15 @@ class TaskWriter:
 
     def frame_names(self) -> list[str]:
         """Name of every task frame (index = frame number)."""
-        frames = self.meta.frames
-        if len(frames) == 1 and self.meta.size > 1:  # a video: one entry for all frames
-            return [f"frame_{i:06d}" for i in range(self.meta.size)]
-        return [f.name for f in frames]
-
-    def frame_sizes(self) -> list[tuple[int, int]]:
-        frames = self.meta.frames
-        sizes = [(f.width, f.height) for f in frames]
-        return sizes * self.meta.size if len(frames) == 1 and self.meta.size > 1 else sizes
+        return [info.name for info in self.meta.numbered().values()]
 
     def frames(self) -> list[int]:
         """The task's frames that are not deleted."""
-        deleted = set(self.meta.deleted_frames or ())
-        return [f for f in range(self.meta.size) if f not in deleted]
+        return self.meta.present()
 
     def human_frames(self) -> set[int]:
         """Frames with a shape, or a visible track, whose source is not ``auto``: someone annotated them."""
-        annotated = frames_from_annotations(self.annotations, [m.to_dict() for m in self.label_models],
-                                            self.meta.to_dict())
+        annotated = frames_from_annotations(self.annotations, [m.to_dict() for m in self.label_models], self.meta)
         human = {number for number, frame in annotated.frames.items()
                  if any(shape.source != AUTO for shape in frame.shapes)}
         # skeletons are not in the frames (their geometry lives in their elements): count them here
@@ -374,14 +356,14 @@ def import_file(client: Client, task_id: int, path: str | os.PathLike, fmt: str 
     ``threshold`` drops shapes scoring below it (shapes without a score are kept)."""
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    raw, data = _read_json(path)
-    extra, dataset = _read_json(coco_file) if coco_file is not None else (b"", None)
+    raw, data = coco.read_file(path)
+    extra, dataset = coco.read_file(coco_file) if coco_file is not None else (b"", None)
     writer = TaskWriter(client, task_id, label_map=label_map, replace=replace)
     name = Path(path).name
     if fmt == "coco":
         shapes_by_frame, unmatched = _from_dataset(data, writer, name)
     else:
-        shapes_by_frame, unmatched = _from_results(data, dataset, writer, name)
+        shapes_by_frame, unmatched = _from_results(data, dataset, writer, name, Path(coco_file or "").name)
     if threshold is not None:
         shapes_by_frame = {f: [s for s in shapes if s.score is None or s.score >= threshold]
                            for f, shapes in shapes_by_frame.items()}
@@ -393,45 +375,12 @@ def import_file(client: Client, task_id: int, path: str | os.PathLike, fmt: str 
     return report
 
 
-def _read_json(path: str | os.PathLike) -> tuple[bytes, Any]:
-    raw = Path(path).read_bytes()
-    try:
-        return raw, json.loads(raw)
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a JSON file (it is not even text)") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not a JSON file ({error.msg.lower()} at line {error.lineno}, column "
-                         f"{error.colno})") from None
-    except RecursionError:
-        raise ValueError(f"{path} nests its JSON too deep to be a COCO file") from None
-
-
-def _shape(item: Any, kind: str, index: int, file: str, label_of, sizes, frame_of) -> tuple[int, Shape] | None:
-    """One COCO annotation or result of ``file`` as (task frame, auto shape); None when its image is no frame of
-    the task; a ``ValueError`` naming the item when it is not COCO."""
-    where = f"{file}: {kind} #{index + 1}"
-    if not isinstance(item, dict):
-        raise ValueError(f"{where} is not a JSON object")
-    frame = frame_of.get(item.get("image_id"))
-    if frame is None:
-        return None
-    bbox, segmentation = item.get("bbox"), item.get("segmentation")
-    if not segmentation and (not isinstance(bbox, list) or len(bbox) != 4
-                             or not all(isinstance(v, (int, float)) for v in bbox)):
-        raise ValueError(f"{where}: bbox must be [x, y, width, height] (4 numbers), not {bbox!r}"[:300])
-    try:
-        return frame, coco.annotation_to_shape(item, label_of(item.get("category_id")), *sizes[frame], frame=frame,
-                                               source=AUTO)
-    except (KeyError, TypeError, ValueError, IndexError):
-        raise ValueError(f"{where}: its segmentation is neither polygons nor COCO RLE") from None
-
-
 def _frame_matcher(writer: TaskWriter):
     names = writer.frame_names()
     exact = {name: i for i, name in enumerate(names)}
     base = Counter(os.path.basename(name) for name in names)
     by_base = {os.path.basename(name): i for i, name in enumerate(names) if base[os.path.basename(name)] == 1}
-    deleted = set(writer.meta.deleted_frames or ())
+    deleted = writer.meta.deleted
 
     def match(file_name: str) -> int | None:
         frame = exact.get(file_name)
@@ -442,74 +391,62 @@ def _frame_matcher(writer: TaskWriter):
     return match
 
 
-def _images_to_frames(images: Sequence[Any], writer: TaskWriter, file: str) -> tuple[dict[int, int], list[str]]:
-    """COCO image id → task frame, and the file names that match no frame (all unmatched is an error)."""
+def _sized(writer: TaskWriter, frame: int) -> tuple[int, int, int]:
+    """A task frame as ``coco.read_shapes`` places shapes on it: (frame, width, height)."""
+    info = writer.meta.entries[frame]
+    return frame, info.width, info.height
+
+
+def _images_to_frames(dataset: Any, writer: TaskWriter, file: str) -> tuple[dict[Any, tuple[int, int, int]], list[str]]:
+    """A COCO dataset's image id → (task frame, width, height), by file name, and the file names that match no
+    frame (all unmatched is an error)."""
     match = _frame_matcher(writer)
-    frame_of, unmatched = {}, []
-    for index, image in enumerate(images):
-        if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) or "id" not in image:
-            raise ValueError(f"{file}: image #{index + 1} needs an id and a file_name")
-        frame = match(image["file_name"])
+    images, unmatched = {}, []
+    for image_id, file_name in coco.dataset_images(dataset, file):
+        frame = match(file_name)
         if frame is None:
-            unmatched.append(image["file_name"])
+            unmatched.append(file_name)
         else:
-            frame_of[image["id"]] = frame
-    if images and not frame_of:
-        raise CvatError(f"none of the {len(images)} images (e.g. {unmatched[0]!r}) is a frame of task "
+            images[image_id] = _sized(writer, frame)
+    if unmatched and not images:
+        raise CvatError(f"none of the {len(unmatched)} images (e.g. {unmatched[0]!r}) is a frame of task "
                         f"{writer.task_id} (frames like {writer.frame_names()[0]!r})")
     if unmatched:
         log.warning("%d images match no frame of task %d, e.g. %s", len(unmatched), writer.task_id, unmatched[0])
-    return frame_of, unmatched
+    return images, unmatched
 
 
 def _from_dataset(dataset: Any, writer: TaskWriter, file: str) -> tuple[dict[int, list[Shape]], list[str]]:
-    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
-        raise ValueError(f"{file} is not a COCO dataset (an object with images, annotations and categories)")
-    frame_of, unmatched = _images_to_frames(dataset["images"], writer, file)
-    sizes = writer.frame_sizes()
-    name_of = _categories(dataset, file)
-    shapes_by_frame: dict[int, list[Shape]] = {frame: [] for frame in frame_of.values()}
-    for index, annotation in enumerate(dataset.get("annotations") or []):
-        found = _shape(annotation, "annotation", index, file, lambda c: _category(name_of, c, file), sizes, frame_of)
-        if found is not None:
-            shapes_by_frame[found[0]].append(found[1])
-    return shapes_by_frame, unmatched
+    """A COCO dataset's shapes on the task's frames; every image matched counts, with or without annotations."""
+    images, unmatched = _images_to_frames(dataset, writer, file)
+    name_of = coco.dataset_categories(dataset, file)
+
+    def label_of(category_id: Any) -> str:
+        if category_id not in name_of:
+            raise ValueError(f"{file}: category_id {category_id!r} is not among its categories")
+        return name_of[category_id]
+
+    shapes, _ = coco.read_shapes(dataset.get("annotations") or [], "annotation", file, label_of, images, AUTO)
+    return {frame: shapes.get(frame, []) for frame, _, _ in images.values()}, unmatched
 
 
-def _categories(dataset: dict[str, Any], file: str) -> dict[Any, str]:
-    try:
-        return {c["id"]: c["name"] for c in dataset.get("categories") or []}
-    except (KeyError, TypeError):
-        raise ValueError(f"{file}: every category needs an id and a name") from None
-
-
-def _category(name_of: dict[Any, str], category_id: Any, file: str) -> str:
-    if category_id not in name_of:
-        raise ValueError(f"{file}: category_id {category_id!r} is not among its categories")
-    return name_of[category_id]
-
-
-def _from_results(results: Any, dataset: Any, writer: TaskWriter, file: str
+def _from_results(results: Any, dataset: Any, writer: TaskWriter, file: str, dataset_file: str
                   ) -> tuple[dict[int, list[Shape]], list[str]]:
+    """COCO results on the task's frames: through their COCO dataset when given, else by our export's convention
+    (see ``import_file``). Only frames that have a result."""
     if not isinstance(results, list):
         raise ValueError(f"{file} is not COCO results: a JSON list of {{image_id, category_id, bbox, score}} "
                          "(a COCO dataset is imported with --format coco)")
-    sizes = writer.frame_sizes()
     if dataset is not None:
-        if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
-            raise ValueError("the --coco-file is not a COCO dataset (an object with images and categories)")
-        frame_of, unmatched = _images_to_frames(dataset["images"], writer, "the --coco-file")
-        name_of = _categories(dataset, "the --coco-file")
+        images, unmatched = _images_to_frames(dataset, writer, dataset_file)
+        name_of = coco.dataset_categories(dataset, dataset_file)
     else:  # our export's convention (see import_file)
-        frame_of, unmatched = {f + 1: f for f in writer.frames()}, []
+        images = {frame + 1: _sized(writer, frame) for frame in writer.frames()}
+        unmatched = []
         name_of = dict(enumerate(writer.task_label_names(), start=1))
-    shapes_by_frame: dict[int, list[Shape]] = {}
-    for index, result in enumerate(results):
-        found = _shape(result, "result", index, file, lambda c: name_of.get(c, f"category {c}"), sizes, frame_of)
-        if found is None:
-            unmatched.append(f"image_id {result.get('image_id')}")
-            continue
-        shapes_by_frame.setdefault(found[0], []).append(found[1])
+    shapes_by_frame, elsewhere = coco.read_shapes(results, "result", file,
+                                                  lambda c: name_of.get(c, f"category {c}"), images, AUTO)
+    unmatched += [f"image_id {image_id}" for image_id in elsewhere]
     if results and not shapes_by_frame:
         raise CvatError(f"no result of the file names a frame of task {writer.task_id} "
                         f"(e.g. {unmatched[0]}; give the COCO file the results refer to)")

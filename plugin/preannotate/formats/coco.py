@@ -9,12 +9,18 @@ Deliberate differences from CVAT's own ``COCO 1.0`` export (what a trainer needs
   would teach a detector the wrong class; the group id stays in ``attributes.group``;
 * ``attributes.track_id`` is CVAT's track id (CVAT renumbers tracks from 0);
 * points, polylines and tags are not exported (neither does CVAT); the readers count them.
+
+A COCO file a person gives (``preannotate import``) is read by ``read_file``, ``dataset_images``,
+``dataset_categories`` and ``read_shapes``, which say in one sentence what is not COCO in it, and where.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -151,3 +157,72 @@ def to_results(frames: Iterable[tuple[int, FrameAnnotations]], labels: Sequence[
                 result["segmentation"] = geometry["segmentation"]
             results.append(result)
     return results
+
+
+# ------------------------------------------------------------------------------------- files a person gives
+
+def read_file(path: str | os.PathLike) -> tuple[bytes, Any]:
+    """A COCO dataset or results file: its bytes and its JSON; a ``ValueError`` when it is not JSON."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw, json.loads(raw)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a JSON file (it is not even text)") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a JSON file ({error.msg.lower()} at line {error.lineno}, column "
+                         f"{error.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests its JSON too deep to be a COCO file") from None
+
+
+def dataset_images(dataset: Any, file: str) -> list[tuple[Any, str]]:
+    """A COCO dataset's images as ``(id, file_name)``; a ``ValueError`` when ``dataset`` is no COCO dataset or an
+    image lacks either."""
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
+        raise ValueError(f"{file} is not a COCO dataset (an object with images, annotations and categories)")
+    images = []
+    for index, image in enumerate(dataset["images"]):
+        if not isinstance(image, dict) or not isinstance(image.get("file_name"), str) or "id" not in image:
+            raise ValueError(f"{file}: image #{index + 1} needs an id and a file_name")
+        images.append((image["id"], image["file_name"]))
+    return images
+
+
+def dataset_categories(dataset: dict[str, Any], file: str) -> dict[Any, str]:
+    """A COCO dataset's category id → name."""
+    try:
+        return {c["id"]: c["name"] for c in dataset.get("categories") or []}
+    except (KeyError, TypeError):
+        raise ValueError(f"{file}: every category needs an id and a name") from None
+
+
+def read_shapes(items: Sequence[Any], kind: str, file: str, label_of: Callable[[Any], str],
+                images: Mapping[Any, tuple[int, int, int]], source: str = "manual"
+                ) -> tuple[dict[int, list[Shape]], list[Any]]:
+    """COCO annotations or results (``kind``: ``annotation``, ``result``) of ``file`` → frame → shapes, for the
+    items whose ``image_id`` is one of ``images`` (image id → frame, width, height); and the image ids of the items
+    left out. ``label_of`` names a category id (or raises a ``ValueError`` that says why not). An item that is not
+    COCO is a ``ValueError`` naming it (``file: result #3 ...``)."""
+    shapes: dict[int, list[Shape]] = {}
+    elsewhere = []
+    for index, item in enumerate(items):
+        where = f"{file}: {kind} #{index + 1}"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} is not a JSON object")
+        image_id = item.get("image_id")
+        image = images.get(image_id) if isinstance(image_id, Hashable) else None  # a list is no id
+        if image is None:
+            elsewhere.append(image_id)
+            continue
+        bbox, segmentation = item.get("bbox"), item.get("segmentation")
+        if not segmentation and (not isinstance(bbox, list) or len(bbox) != 4
+                                 or not all(isinstance(v, (int, float)) for v in bbox)):
+            raise ValueError(f"{where}: bbox must be [x, y, width, height] (4 numbers), not {bbox!r}"[:300])
+        frame, width, height = image
+        label = label_of(item.get("category_id"))
+        try:
+            shape = annotation_to_shape(item, label, width, height, frame=frame, source=source)
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise ValueError(f"{where}: its segmentation is neither polygons nor COCO RLE") from None
+        shapes.setdefault(frame, []).append(shape)
+    return shapes, elsewhere

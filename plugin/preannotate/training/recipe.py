@@ -1,8 +1,9 @@
 """The one training recipe — load → split → train (validating) → publish → promote — for ``preannotate train``, a
 function's training jobs and the demo alike: ``train_model`` from what a user names (a folder, or CVAT tasks).
 
-Loading is ``export_from_cvat`` (CVAT tasks exported once into a COCO folder that training reads, so a resumed run
-never reads the server again) or a folder the user exported; ``TrainingData.from_folder`` splits it.
+Loading is ``export_from_cvat`` (``cvat.export.export_finished``: CVAT tasks exported once into a folder that
+training reads, so a resumed run never reads the server again) or a folder the user exported;
+``TrainingData.from_folder`` splits it.
 
 The hyperparameters arrive parsed once (``models.hyperparameters_for``); their ``val-fraction`` and ``seed`` split
 the data, and the same object goes on to the trainer. Whether the new version is served is ``should_promote``:
@@ -15,17 +16,18 @@ the data, and the same object goes on to the trainer. Whether the new version is
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from preannotate.formats.dataset import export_dataset, training_split
+from preannotate.cvat.export import NothingFinished as NothingFinished  # raised by export_from_cvat
+from preannotate.cvat.export import cvat_provenance as cvat_provenance  # what it learned from, for the manifest
+from preannotate.cvat.export import export_finished
+from preannotate.formats.dataset import training_split
 from preannotate.hyperparameters import Hyperparameters
 from preannotate.models import Manifest, ModelStore, get_architecture
 from preannotate.shapes import Label
@@ -127,10 +129,6 @@ def train_model(architecture: str, hp: Hyperparameters, *, store: ModelStore, na
                              device=device, progress=progress, stop=stop, restart=restart)
 
 
-class NothingFinished(ValueError):
-    """No job of the tasks asked is finished by people yet: nothing to learn from (said, and nothing trains)."""
-
-
 def dataset_format(architecture: str) -> str:
     """What a model learns from on disk: a classifier its frames' tags (an ImageNet-style folder), a detector COCO."""
     return "imagenet" if get_architecture(architecture).output == "tag" else "coco"
@@ -138,78 +136,7 @@ def dataset_format(architecture: str) -> str:
 
 def export_from_cvat(client, request: Mapping[str, Any], directory: Path, hp: Hyperparameters,
                      fmt: str = "coco") -> Path:
-    """The frames people finished (``hp.sources.train_on``, ``cvat.reader.read_finished``) of the CVAT tasks a request
-    names (``tasks``, every task of ``project``), exported once into ``directory`` as a ``fmt`` folder
-    (``dataset_format``), images included, split by ``hp``; ``cvat.json`` there records the server, each task's
-    ``updated_date``, and the jobs and frames used (the manifest's ``provenance.cvat``). A folder found complete is
-    reused. ``NothingFinished`` when no frame qualifies."""
-    from preannotate.cvat.frames import CvatFrames
-    from preannotate.cvat.reader import read_finished, task_ids, task_versions
-    from preannotate.cvat.review import CONFIDENCE_LABEL
-
-    if (directory / "COMPLETE").is_file():
-        return directory
-    versions = task_versions(client, task_ids(client, request))
-    if not versions:
-        raise ValueError("nothing to learn from: no task named (an empty project?)")
-    train_on = hp.sources.train_on
-    finished = {int(task_id): read_finished(client, int(task_id), train_on) for task_id in versions}
-    tasks = {task_id: result.annotations for task_id, result in finished.items() if result.annotations.frames}
-    where = f"project {request['project']}" if request.get("project") is not None else \
-        "task(s) " + ", ".join(versions)
-    if not tasks:
-        raise NothingFinished(f"nothing finished to learn from in {where}: no job is "
-                              f"{' or '.join(train_on)} yet (train-on={'+'.join(train_on)}); finish a job in "
-                              "CVAT, or set train-on=all to learn from every shape and tag people made")
-    labels = merged_labels([[label for label in annotations.labels if label.name != CONFIDENCE_LABEL]
-                            for annotations in tasks.values()])
-    items = [((task_id, number), frame) for task_id, annotations in tasks.items()
-             for number, frame in sorted(annotations.frames.items())]
-    images = {task_id: CvatFrames(client, task_id, cache_dir=directory.parent / "chunks") for task_id in tasks}
-    partial = directory.with_name(directory.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    summary = export_dataset(partial, fmt, labels, items, images, val_fraction=hp.sources.val_fraction,
-                             seed=hp.recipe.seed, progress=False)
-    if summary.skipped:
-        log.warning("left out of training (the model cannot learn from them): %s",
-                    ", ".join(f"{n} {kind}" for kind, n in sorted(summary.skipped.items())))
-    used = {"server": client.api_map.host, "tasks": versions, "train_on": list(train_on),
-            "jobs": {job: date for result in finished.values() for job, date in result.jobs.items()},
-            "frames": {str(task_id): _ranges(annotations.frames) for task_id, annotations in tasks.items()},
-            "unfinished_jobs": sorted(job for result in finished.values() for job in result.unfinished)}
-    log.info("learning from %d frames of %d finished job(s) (train-on=%s); %d job(s) left out", len(items),
-             len(used["jobs"]), "+".join(train_on), len(used["unfinished_jobs"]))
-    (partial / "cvat.json").write_text(json.dumps(used))
-    (partial / "COMPLETE").write_text("")
-    if directory.exists():
-        shutil.rmtree(directory)
-    partial.rename(directory)
-    return directory
-
-
-def _ranges(frames) -> list[list[int]]:
-    """Frame numbers as inclusive ``[first, last]`` runs (short, for the manifest)."""
-    runs: list[list[int]] = []
-    for number in sorted(frames):
-        if runs and runs[-1][1] == number - 1:
-            runs[-1][1] = number
-        else:
-            runs.append([number, number])
-    return runs
-
-
-def cvat_provenance(dataset: Path) -> dict[str, Any]:
-    """What a folder exported by ``export_from_cvat`` learned from, for the manifest (``provenance.cvat``)."""
-    path = Path(dataset) / "cvat.json"
-    return {"cvat": json.loads(path.read_text())} if path.is_file() else {}
-
-
-def merged_labels(label_lists: Sequence[Sequence[Label]]) -> list[Label]:
-    """The labels of several tasks by name, in the order first seen, numbered 1..N (tasks of one project share
-    theirs; standalone tasks may each have their own)."""
-    seen: dict[str, Label] = {}
-    for labels in label_lists:
-        for label in labels:
-            seen.setdefault(label.name, label)
-    return [Label(label.name, label.type, label.attributes, i) for i, label in enumerate(seen.values(), 1)]
+    """The frames people finished (``hp.sources.train_on``) of the CVAT tasks a request names, exported once into
+    ``directory`` as a ``fmt`` folder (``dataset_format``) split by ``hp``: ``cvat.export.export_finished``."""
+    return export_finished(client, request, directory, fmt, train_on=hp.sources.train_on,
+                           val_fraction=hp.sources.val_fraction, seed=hp.recipe.seed)

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from preannotate.files import write_atomically
+from preannotate.frames import frame_ranges
 from preannotate.hyperparameters import HyperparameterError, Hyperparameters
 from preannotate.models import (
     Manifest,
@@ -145,18 +146,6 @@ def tag_examples(items: Sequence[Any], labels: Sequence[Label]) -> list[Any]:
             for tag in frame.tags_among(names)]
 
 
-def frame_ranges(numbers: Sequence[int]) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` → ``"0-2,5,7-8"``: the frames learned from, compact enough for a manifest."""
-    parts, ordered = [], sorted(set(numbers))
-    start = previous = None
-    for number in [*ordered, None]:
-        if number is not None and previous is not None and number == previous + 1:
-            previous = number
-            continue
-        if start is not None:
-            parts.append(str(start) if start == previous else f"{start}-{previous}")
-        start = previous = number
-    return ",".join(parts)
 
 
 @dataclass
