@@ -103,7 +103,7 @@ def test_functions_train_into_a_store_outside_the_image_and_carry_no_secrets(fil
         else:
             assert env["TORCH_HOME"] == functions.TORCH_HOME
             assert config["metadata"]["annotations"]["framework"] == "pytorch"
-        assert env["PREANNOTATE_TRAIN_ON"] == "state=completed,stage=acceptance"
+        assert env["PREANNOTATE_TRAIN_ON"] == "completed,acceptance"
         assert all(isinstance(value, str) for value in env.values())
         assert not set(env) & set(functions.SECRET_ENV)
         assert list(spec["triggers"]) == ["myHttpTrigger"]  # cron only when asked for
@@ -116,7 +116,7 @@ def test_training_settings_in_the_yaml_are_ones_the_function_accepts():
     config = yaml.safe_load((REPO / "functions/pytorch/retinanet_resnet50_fpn/nuclio/function.yaml").read_text())
     env = {e["name"]: e["value"] for e in config["spec"]["env"]}
     policy = TrainingPolicy.from_environment(env)
-    assert policy.train_on == ("state=completed", "stage=acceptance") and policy.debounce_s == 300
+    assert policy.train_on == ("completed", "acceptance") and policy.debounce_s == 300
     Hyperparameters().updated(env["PREANNOTATE_TRAIN_HYPERPARAMETERS"])
 
 

@@ -8,6 +8,8 @@ import pytest
 from cvat_sdk import make_client
 from preannotate.cvat import webhooks
 from preannotate.cvat.webhooks import WebhookError
+from preannotate.models import hyperparameters_for
+from preannotate.models.registry import DEFAULT_ARCHITECTURE
 from preannotate.training import triggers
 from preannotate.training.triggers import TrainingPolicy, Trigger
 
@@ -80,11 +82,19 @@ def test_other_deliveries_start_nothing_and_say_why(name, why):
 
 def test_policy_from_environment_narrows_what_counts():
     policy = TrainingPolicy.from_environment({
-        "PREANNOTATE_TRAIN_ON": "state=completed", "PREANNOTATE_TRAIN_MIN_NEW_FRAMES": "500",
+        "PREANNOTATE_TRAIN_ON": "completed", "PREANNOTATE_TRAIN_MIN_NEW_FRAMES": "500",
         "PREANNOTATE_TRAIN_DEBOUNCE": "10m", "PREANNOTATE_TRAIN_PROJECTS": "6;9"})
-    assert policy == TrainingPolicy(("state=completed",), 500, 600.0, frozenset({6, 9}))
+    assert policy == TrainingPolicy(("completed",), 500, 600.0, frozenset({6, 9}))
     acceptance = triggers.qualifying_change(delivery("update_job.stage_acceptance")["body_json"], policy)
-    assert acceptance == "job 8: stage=acceptance is not one of state=completed"
+    assert acceptance == "job 8: stage=acceptance is not one of completed"
+    # the earlier spellings read the same, and the key's grammar is the hyperparameter's (one grammar, one default)
+    old_spelling = TrainingPolicy.from_environment({"PREANNOTATE_TRAIN_ON": "state=completed"})
+    assert old_spelling == TrainingPolicy(("completed",))
+    assert TrainingPolicy.from_environment({"PREANNOTATE_TRAIN_ON": "any"}).train_on == ("all",)
+    assert TrainingPolicy().train_on == hyperparameters_for(DEFAULT_ARCHITECTURE).sources.train_on
+    everything = TrainingPolicy(("all",))
+    assert isinstance(triggers.qualifying_change(delivery("update_job.stage_acceptance")["body_json"], everything),
+                      Trigger)
     other_project = TrainingPolicy(projects=frozenset({1}))
     assert "project 6" in triggers.qualifying_change(delivery("update_job.state_completed")["body_json"],
                                                      other_project)
@@ -93,7 +103,7 @@ def test_policy_from_environment_narrows_what_counts():
 
 def test_a_bad_policy_is_an_error_naming_the_setting():
     with pytest.raises(ValueError, match="PREANNOTATE_TRAIN_ON"):
-        TrainingPolicy.from_environment({"PREANNOTATE_TRAIN_ON": "completed"})
+        TrainingPolicy.from_environment({"PREANNOTATE_TRAIN_ON": "finished"})
 
 
 def test_register_creates_a_signed_project_webhook_for_job_updates(cvat_double):

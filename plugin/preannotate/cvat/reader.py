@@ -19,6 +19,7 @@ from cvat_sdk import Client
 
 from preannotate.cvat.annotations import frames_from_annotations
 from preannotate.cvat.client import cvat_errors
+from preannotate.hyperparameters import DEFAULT_TRAIN_ON
 from preannotate.shapes import AnnotationSet
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,15 @@ def read_project(client: Client, project_id: int) -> dict[int, AnnotationSet]:
 # What counts as finished by people (the ``train-on`` key, ``hyperparameters.TRAIN_ON``): a job whose state is
 # ``completed``, or whose stage is ``acceptance`` (a reviewer accepted it) — by default both; ``validation`` adds
 # jobs handed to review; ``all`` every job, with only the shapes and tags people made (see ``read_finished``).
-DEFAULT_TRAIN_ON = ("completed", "acceptance")
-
-
 def job_finished(job: Any, train_on: Sequence[str] = DEFAULT_TRAIN_ON) -> bool:
     """Whether people finished the job (a cvat-sdk job or a JobRead dict), by ``train_on``."""
     get = job.get if isinstance(job, Mapping) else lambda key: getattr(job, key, None)
-    return "all" in train_on or (get("state") == "completed" and "completed" in train_on) or get("stage") in train_on
+    return finishes(get("state"), get("stage"), train_on)
+
+
+def finishes(state: str | None, stage: str | None, train_on: Sequence[str]) -> bool:
+    """Whether a job in ``state`` (or ``stage``; None: not that one) counts as finished by ``train_on``."""
+    return "all" in train_on or (state == "completed" and "completed" in train_on) or stage in train_on
 
 
 def job_untouched(job: Any) -> bool:

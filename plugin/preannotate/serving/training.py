@@ -144,9 +144,12 @@ class TrainingRoutes:
         if not isinstance(text, str):
             raise ContractError("'hyperparameters' must be 'key=value; ...' text or an object")
         try:
-            hyperparameters_for(model, text)  # checked here; the job parses its copy once more in its process
+            given = hyperparameters_for(model, text).given  # checked here; the job parses its copy in its process
         except HyperparameterError as error:
             raise ContractError(f"hyperparameters: {error}") from None
+        if "train_on" not in given:  # it learns from the jobs whose finishing starts it (PREANNOTATE_TRAIN_ON)
+            text = "; ".join(part for part in (text.strip(), f"train-on={','.join(self.triggers.policy.train_on)}")
+                             if part)
         promote = body.get("promote", "auto")
         if promote not in PROMOTE_CHOICES:
             raise ContractError(f"'promote' must be one of {', '.join(PROMOTE_CHOICES)}")

@@ -3,8 +3,10 @@
 A trigger never trains and never calls CVAT inside the event that fired it: it decides, records a job in the store
 (``jobs.JobStore``) and returns; the job's own process reads CVAT. The policy comes from the function's environment:
 
-* ``PREANNOTATE_TRAIN_ON`` — job changes that count, comma-separated: ``state=completed`` and ``stage=acceptance``
-  by default; ``any`` counts every ``update:job`` that changed the state or stage;
+* ``PREANNOTATE_TRAIN_ON`` — which jobs count as finished, in the ``train-on`` key's grammar (``completed``,
+  ``validation``, ``acceptance``, ``all``; default ``completed,acceptance``): a change that finishes a job starts
+  training, and the training learns from the jobs it names (``state=completed``, ``stage=acceptance`` and ``any``
+  read the same);
 * ``PREANNOTATE_TRAIN_MIN_NEW_FRAMES`` — train only once jobs covering at least this many frames were finished
   since the last training run (default 0: the first qualifying job starts it);
 * ``PREANNOTATE_TRAIN_DEBOUNCE`` — wait this long (``90s``, ``10m``, ``1h``) after the last qualifying event before
@@ -31,13 +33,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from preannotate.cvat.reader import finishes
 from preannotate.cvat.webhooks import JOB_EVENTS, TASK_EVENTS
 from preannotate.durations import parse_duration
 from preannotate.files import write_atomically
+from preannotate.hyperparameters import DEFAULT_TRAIN_ON, parse_train_on
 from preannotate.training.jobs import Job, JobStore
-
-DEFAULT_TRAIN_ON = ("state=completed", "stage=acceptance")
-
 
 ANNOTATE_ON = ("", "task")
 REANNOTATE = "re-annotate"  # the reason of a pre-annotation queued by a promotion: it runs again on a done task
@@ -54,11 +55,10 @@ class TrainingPolicy:
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> TrainingPolicy:
         env = os.environ if environ is None else environ
-        train_on = tuple(t.strip() for t in env.get("PREANNOTATE_TRAIN_ON", "").split(",") if t.strip())
-        for item in train_on:
-            key, _, value = item.partition("=")
-            if item != "any" and (key not in ("state", "stage") or not value):
-                raise ValueError(f"PREANNOTATE_TRAIN_ON: {item!r} is not state=VALUE, stage=VALUE or any")
+        try:
+            train_on = parse_train_on(env.get("PREANNOTATE_TRAIN_ON") or ",".join(DEFAULT_TRAIN_ON))
+        except ValueError as error:
+            raise ValueError(f"PREANNOTATE_TRAIN_ON: {error}") from None
         projects = env.get("PREANNOTATE_TRAIN_PROJECTS", "").replace(";", ",")
         try:
             min_new_frames = int(env.get("PREANNOTATE_TRAIN_MIN_NEW_FRAMES") or 0)
@@ -77,7 +77,7 @@ class TrainingPolicy:
                              "leave it empty")
         if project_ids is None and (env.get("PREANNOTATE_TRAIN_PROJECT") or "").strip().isdigit():
             project_ids = frozenset({int(env["PREANNOTATE_TRAIN_PROJECT"])})
-        return cls(train_on=train_on or DEFAULT_TRAIN_ON, min_new_frames=min_new_frames, debounce_s=debounce_s,
+        return cls(train_on=train_on, min_new_frames=min_new_frames, debounce_s=debounce_s,
                    projects=project_ids, annotate_on=annotate_on)
 
 
@@ -116,8 +116,8 @@ def qualifying_change(payload: Mapping[str, Any], policy: TrainingPolicy) -> Tri
     changed = {key: job.get(key) for key in ("state", "stage") if key in before and before[key] != job.get(key)}
     if not changed:
         return f"job {job.get('id')}: neither state nor stage changed"
-    matched = next((f"{k}={v}" for k, v in changed.items() if "any" in policy.train_on
-                    or f"{k}={v}" in policy.train_on), None)
+    matched = next((f"{k}={v}" for k, v in changed.items()
+                    if finishes(v if k == "state" else None, v if k == "stage" else None, policy.train_on)), None)
     if matched is None:
         now = ", ".join(f"{k}={v}" for k, v in changed.items())
         return f"job {job.get('id')}: {now} is not one of {', '.join(policy.train_on)}"
