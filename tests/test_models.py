@@ -303,6 +303,7 @@ def test_every_registered_family_provides_what_the_family_protocol_names(family)
     from preannotate.models.family import ModelFamily
 
     arch = next(arch for arch in ARCHITECTURES.values() if arch.family == family)
+    assert {a.framework for a in ARCHITECTURES.values() if a.family == family} == {arch.framework}  # one framework
     module = family_of(arch)
     assert isinstance(module, ModelFamily)
     for name, signature in _members(ModelFamily).items():

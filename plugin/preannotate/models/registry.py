@@ -28,7 +28,7 @@ class PretrainedWeightsUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class Architecture:
     name: str
-    family: str                      # the module in preannotate.models that builds and runs it
+    family: str                      # the module in preannotate.models that builds and runs it (models.family)
     output: str                      # "rectangle" (boxes), "mask" (instance masks, also sent as polygons) or "tag"
     description: str
     pretrained: str | None           # torchvision weights enum member with COCO (or backbone) weights
@@ -45,17 +45,14 @@ class Architecture:
     postprocessing: tuple[str, ...] = ()  # the post-processing keys (hyperparameters.POSTPROCESSING) it honours
     knobs: tuple[str, ...] = ()           # the network keys (hyperparameters.KNOBS) it has the parts for
     build: dict[str, Any] = field(default_factory=dict)     # what its family needs to build it (keras: encoder...)
+    framework: str = "pytorch"       # what its family runs on (manifests, CVAT's function annotations, functions/,
+    #                                  the training adapter, the base image): "pytorch" or "tensorflow"
 
     def resolved(self, hp: Hyperparameters) -> Architecture:
         """This architecture as ``hp`` composes it: a composed model with the Mask R-CNN head returns masks."""
         if self.family == "composed" and (hp.network.head or self.build.get("head")) == "mask_rcnn":
             return dataclasses.replace(self, output="mask")
         return self
-
-    @property
-    def framework(self) -> str:
-        """The framework its family runs on, as manifests, CVAT's function annotations and ``functions/`` name it."""
-        return FRAMEWORKS[self.family]
 
     @property
     def label_types(self) -> tuple[str, ...]:
@@ -70,7 +67,6 @@ class Architecture:
         return FUNCTION_PREFIX[self.framework] + self.name.replace("_", "-")
 
 
-FRAMEWORKS = {"torchvision": "pytorch", "composed": "pytorch", "classifier": "pytorch", "keras": "tensorflow"}
 FUNCTION_PREFIX = {"pytorch": "pth-preannotate-", "tensorflow": "tf-preannotate-"}  # as CVAT's own functions
 # torchvision's detectors take a score floor, an NMS IoU and a cap per image; none caps detections per class.
 _TORCH_POSTPROCESSING = ("nms_score_threshold", "nms_iou_threshold", "max_total_detections")
@@ -153,20 +149,23 @@ for _arch in [
         min_batch_size=2, defaults={**_SSD, "optimizer": "rmsprop", "schedule": "step", "schedule_gamma": 0.95,
                                      "schedule_step_size": 800, "rmsprop_epsilon": 1.0},
         scratch=_KERAS_SCRATCH, postprocessing=_KERAS_POSTPROCESSING,
-        build={"encoder": "mobilenet_v2", "min_level": 3, "max_level": 6, "head_convs": 2}),
+        build={"encoder": "mobilenet_v2", "min_level": 3, "max_level": 6, "head_convs": 2},
+        framework="tensorflow"),
     Architecture(
         "keras_retinanet_resnet50_fpn", "keras", "rectangle",
         "RetinaNet ResNet-50 FPN (TensorFlow/keras-hub, COCO weights from its preset)",
         "retinanet_resnet50_fpn_coco", image_size=640, max_image_size=640, fixed_size=True, cpu_timeout_s=60,
         defaults={**_RETINA, "optimizer": "sgd"}, scratch=_RCNN_SCRATCH, postprocessing=_KERAS_POSTPROCESSING,
-        build={"encoder": "resnet50", "min_level": 3, "max_level": 7, "head_convs": 4}),
+        build={"encoder": "resnet50", "min_level": 3, "max_level": 7, "head_convs": 4},
+        framework="tensorflow"),
     Architecture(
         "keras_retinanet_efficientnet_b0", "keras", "rectangle",
         "RetinaNet over EfficientNet-B0 (TensorFlow/Keras), 384 px: a light one-stage detector for CPUs",
         "imagenet", pretrained_kind="backbone", image_size=384, max_image_size=384, fixed_size=True,
         min_batch_size=2, defaults={**_RETINA, "batch_size": 8, "initial_learning_rate": 0.004},
         scratch=_KERAS_SCRATCH, postprocessing=_KERAS_POSTPROCESSING,
-        build={"encoder": "efficientnet_b0", "min_level": 3, "max_level": 6, "head_convs": 2}),
+        build={"encoder": "efficientnet_b0", "min_level": 3, "max_level": 6, "head_convs": 2},
+        framework="tensorflow"),
 ]:
     ARCHITECTURES[_arch.name] = _arch
 
