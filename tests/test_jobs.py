@@ -159,6 +159,15 @@ def test_a_bad_train_request_is_a_400_naming_the_problem_and_records_nothing(rou
     assert jobs.all() == []
 
 
+def test_a_job_learns_from_the_jobs_whose_finishing_starts_it_unless_told_otherwise(routed):
+    app, jobs = routed(PREANNOTATE_TRAIN_ON="all")
+    reply = app.handle(Request("POST", "/train", body=json.dumps({"tasks": [7]}).encode()))
+    assert jobs.get(reply.body["job"]).request["hyperparameters"] == "train-on=all"
+    reply = app.handle(Request("POST", "/train", body=json.dumps({"tasks": [7], "hyperparameters": "train-on=validation"
+                                                                  }).encode()))
+    assert jobs.get(reply.body["job"]).request["hyperparameters"] == "train-on=validation"
+
+
 def test_train_answers_202_at_once_with_the_job(routed):
     app, jobs = routed(PREANNOTATE_TRAIN_HYPERPARAMETERS="num-steps=50")
     started = time.perf_counter()
@@ -167,7 +176,8 @@ def test_train_answers_202_at_once_with_the_job(routed):
     assert reply.status == 202 and reply.body["state"] == "queued"
     job = jobs.get(reply.body["job"])
     assert job.request == {"tasks": [7, 8], "project": None, "model": "fasterrcnn_mobilenet_v3_large_320_fpn",
-                           "name": "fasterrcnn_mobilenet_v3_large_320_fpn", "hyperparameters": "num-steps=50",
+                           "name": "fasterrcnn_mobilenet_v3_large_320_fpn",
+                           "hyperparameters": "num-steps=50; train-on=completed,acceptance",  # PREANNOTATE_TRAIN_ON's
                            "from_model": None, "promote": "auto"}
     listed = app.handle(Request("GET", "/jobs")).body["jobs"]
     assert [j["id"] for j in listed] == [job.id]
