@@ -16,18 +16,20 @@ Layers, bottom to top (a module belongs to the first entry naming it or a packag
    — the cvat-sdk bridge: connect, read annotations and frames, write shapes (the one encoder into CVAT's request
    format), webhooks; it turns CVAT into the vocabulary and back and knows nothing of models;
 4. models: `preannotate.models`
-   — the registry, the model families, artifacts, the store and the model-reference grammar;
+   — the registry, the model families (``models.family``: the contract each family and each loaded model keeps),
+   artifacts, the store and the model-reference grammar;
 5. training: `preannotate.training`
-   — the one training recipe, the trainer, evaluation, reports, jobs and the trigger policy;
+   — the one training recipe, the one training run (``training.loop``) and its framework adapters, evaluation,
+   reports, jobs and the trigger policy;
 6. serving: `preannotate.serving`
    — the CVAT detector contract, the serving core and its doors (Nuclio, local HTTP);
 7. top: `preannotate.cli`, `preannotate.annotate`, `preannotate.demo`, `preannotate.deploy`,
    `preannotate.functions`, `preannotate.cvat_function`, `preannotate.worker`
    — entry points and orchestration (``worker``: the process a recorded job runs in).
 
-A framework is imported only by what needs it: torch by the torchvision family, the trainer and what runs models;
-TensorFlow only by ``formats.tfrecord`` (through ``formats.tfrecord.tensorflow()``, which imports torchvision first:
-the other order crashes the process).
+A framework is imported only by what needs it: torch by the torch families, the torch adapter and what runs their
+models; TensorFlow only by ``formats.tfrecord`` (through ``formats.tfrecord.tensorflow()``, which imports torchvision
+first: the other order crashes the process) and what builds on it (the Keras family and adapter).
 """
 
 __version__ = "0.1.0"

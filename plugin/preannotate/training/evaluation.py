@@ -2,7 +2,7 @@
 
 ``evaluate`` runs a torch model over a validation loader and scores it in the coordinates the loader gives (the
 resized frames: IoU does not care about scale); ``score_detector`` runs any ``Detector`` over frames and scores its
-shapes in the frames' own pixels (the TensorFlow trainer's validation); ``coco_metrics`` scores COCO ground truth
+shapes in the frames' own pixels (the Keras adapter's validation); ``coco_metrics`` scores COCO ground truth
 against COCO results and is what the trainers, the benchmarks and the tests share. torch is imported only by the
 functions that take torch models, so a TensorFlow run scores without it.
 

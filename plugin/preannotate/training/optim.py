@@ -15,7 +15,7 @@ references warm up):
   ``early-stopping-delta``.
 
 ``LambdaLR`` saves and restores a ``Schedule``'s attributes with its own state, plateau decays included. The
-TensorFlow trainer sets its Keras optimizer's rate from the same ``Schedule`` at every step (``one-cycle`` there is
+Keras adapter sets its optimizer's rate from the same ``Schedule`` at every step (``one-cycle`` there is
 ``Schedule``'s copy of ``OneCycleLR``'s rate, without the momentum cycling); torch is imported only by the
 functions that build torch objects.
 """
