@@ -7,9 +7,10 @@ task with a model, the demo, deploying) lives at the top. ``tests/test_layers.py
 Layers, bottom to top (a module belongs to the first entry naming it or a package above it):
 
 1. vocabulary: `preannotate.shapes`, `preannotate.frames`, `preannotate.hyperparameters`, `preannotate.durations`,
-   `preannotate.files`, `preannotate.formats.masks`, `preannotate.uncertainty`
+   `preannotate.files`, `preannotate.formats.masks`, `preannotate.uncertainty`, `preannotate.devices`,
+   `preannotate.suggest`
    — labels, shapes and the annotations of a frame; frame images; the hyperparameter language; file helpers;
-   how sure a model is of a frame;
+   how sure a model is of a frame; the devices this machine has; "did you mean" for a mistyped name;
    the mask codecs (a mask shape's points *are* CVAT's RLE, so a shape's outline needs them);
 2. formats: `preannotate.formats`
    — COCO, TF Object Detection API records, dataset folders on disk and their train/val split;
