@@ -129,14 +129,16 @@ def run_demo(output: str | Path, *, architecture: str = DEFAULT_ARCHITECTURE, st
     held_out = len(held_frames)
     store = ModelStore(output / "store")
     hp = hyperparameters_for(architecture, f"{DEFAULT_HYPERPARAMETERS}; num-steps={steps}; {hyperparameters}")
-    say(f"training {architecture} from random weights for {hp.num_steps} steps of {hp.batch_size} frames "
-        f"({hp.optimizer}, {hp.schedule} to {hp.initial_learning_rate:g}; validating {hp.num_validations} times)")
+    if finished:  # the same run, finished before: training returns its result at once
+        say(f"{output} holds a finished demo run: reusing its model (`preannotate demo --restart` or "
+            "`make demo RESTART=1` trains anew)")
+    else:
+        say(f"training {architecture} from random weights for {hp.num_steps} steps of {hp.batch_size} frames "
+            f"({hp.optimizer}, {hp.schedule} to {hp.initial_learning_rate:g}; validating {hp.num_validations} "
+            "times)")
     result = train_and_publish(TrainingData(labels, train_items, val_items), architecture=architecture,
                                hyperparameters=hp, store=store, name="demo", output_dir=output / "run",
                                provenance=provenance, progress=progress)
-    if finished:  # the same run, finished before: train returned its result
-        say(f"{output} held this finished demo run: reusing its model (`preannotate demo --restart` or "
-            "`make demo RESTART=1` trains anew)")
     say(f"trained {architecture} for {result.steps} steps; published demo@{result.version} "
         f"(validation mAP@.5 {score_text(result.metrics.get('map50'))}) in {store.root}")
 

@@ -76,9 +76,9 @@ class ModelProvider:
             if how_to_train is None:
                 name, names = self.reference.name, store.names()
                 raise ModelNotFound(f"no model named {name!r} in {store.root}{did_you_mean(name, names)}; models "
-                                    f"there: {', '.join(names) or 'none'}. Publish one first (`preannotate train "
-                                    f"--name {name}`), or let a function train it for the CVAT project it learns "
-                                    "from (PREANNOTATE_TRAIN_PROJECT)")
+                                    f"there: {', '.join(names) or 'none'} (train it first: `preannotate train "
+                                    f"--model ARCHITECTURE --name {name} ...`, or set PREANNOTATE_TRAIN_PROJECT=P "
+                                    "to serve it once the finished jobs of CVAT project P train it)")
             log.warning("model %r is not trained yet (nothing published in %s): %s", self.reference.text,
                         store.root, how_to_train)
 
