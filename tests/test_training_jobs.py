@@ -97,16 +97,22 @@ def test_a_completed_job_retrains_the_function_and_the_next_detection_uses_the_n
 # ------------------------------------------------------------------------------------------ preannotate serve
 
 
-def _serve(env: dict[str, str], store) -> tuple[subprocess.Popen, str]:
-    """`preannotate serve` for the project's model, as a person starts it; returns it and its URL once it listens."""
+@contextlib.contextmanager
+def _serving(env: dict[str, str], store):
+    """`preannotate serve` for the project's model, as a person starts it: the process and its URL once it
+    listens; killed when the block ends, if still there."""
     server = subprocess.Popen([sys.executable, "-m", "preannotate.cli", "serve", "--model", "shapes", "--store",
                                str(store), "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
-    lines = []
-    while not lines or not lines[-1].startswith("serving"):
-        lines.append(server.stdout.readline())
-        assert lines[-1] or server.poll() is None, "".join(lines) + server.stderr.read()
-    return server, re.search(r"on (http://\S+/)", lines[-1]).group(1)
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("serving"):
+            lines.append(server.stdout.readline())
+            assert lines[-1] or server.poll() is None, "".join(lines) + server.stderr.read()
+        yield server, re.search(r"on (http://\S+/)", lines[-1]).group(1)
+    finally:
+        server.kill()
+        server.wait()
 
 
 def _get_job(url: str, job_id: str) -> dict:
@@ -145,35 +151,31 @@ def test_a_local_server_stopped_by_sigterm_stops_its_training_job_which_the_next
            "PREANNOTATE_TRAIN_HYPERPARAMETERS": TINY.replace("num-steps=2", "num-steps=100000"),
            "CVAT_URL": cvat_double.base_url, "CVAT_USERNAME": cvat_double.credentials[0],
            "CVAT_PASSWORD": cvat_double.credentials[1], "PYTHONUNBUFFERED": "1"}
-    server, url = _serve(env, store)
+    job_id = "none yet"
     try:
-        train = urllib.request.Request(url + "train", data=json.dumps({"project": 6}).encode(), method="POST",
-                                       headers={**AUTH, "Content-Type": "application/json"})
-        with urllib.request.urlopen(train) as reply:
-            job_id = json.loads(reply.read())["job"]
-        _training(url, job_id)
-        processes = _processes_of(job_id)
-        assert processes
-        server.send_signal(signal.SIGTERM)
-        assert server.wait() == 0  # it waited for its job to checkpoint and stop
-        said = server.stderr.read()
-        assert f"stopping job {job_id}: it saves a checkpoint, and the next `preannotate serve`" in said, said
-    finally:
-        server.kill()
-        server.wait()
-    assert _processes_of(job_id) == [] and not any(Path(f"/proc/{pid}").exists() for pid in processes)
-    stopped = json.loads((store / ".jobs" / job_id / "job.json").read_text())
-    assert stopped["state"] == "running" and stopped["attempts"] == 1  # to be resumed, not failed
-    metrics = (store / ".jobs" / job_id / "work" / "run" / "metrics.jsonl").read_text().splitlines()
-    last_step = max(json.loads(line).get("step", 0) for line in metrics)
+        with _serving(env, store) as (server, url):
+            train = urllib.request.Request(url + "train", data=json.dumps({"project": 6}).encode(), method="POST",
+                                           headers={**AUTH, "Content-Type": "application/json"})
+            with urllib.request.urlopen(train) as reply:
+                job_id = json.loads(reply.read())["job"]
+            _training(url, job_id)
+            assert _processes_of(job_id)
+            server.send_signal(signal.SIGTERM)
+            assert server.wait() == 0  # it waited for its job to checkpoint and stop
+            said = server.stderr.read()
+            assert f"stopping job {job_id}: it saves a checkpoint, and the next `preannotate serve`" in said, said
+        assert _processes_of(job_id) == []  # gone with the server
+        stopped = json.loads((store / ".jobs" / job_id / "job.json").read_text())
+        assert stopped["state"] == "running" and stopped["attempts"] == 1  # to be resumed, not failed
+        metrics = (store / ".jobs" / job_id / "work" / "run" / "metrics.jsonl").read_text().splitlines()
+        last_step = max(json.loads(line).get("step", 0) for line in metrics)
 
-    server, url = _serve(env, store)  # the next server resumes it
-    try:
-        resumed = _training(url, job_id, past_step=last_step)
-        assert resumed["attempts"] == 2
-        server.send_signal(signal.SIGINT)  # Ctrl-C stops it the same way
-        assert server.wait() == 0
-    finally:
-        server.kill()
-        server.wait()
-    assert _processes_of(job_id) == []
+        with _serving(env, store) as (server, url):  # the next server resumes it
+            assert _training(url, job_id, past_step=last_step)["attempts"] == 2
+            server.send_signal(signal.SIGINT)  # Ctrl-C stops it the same way
+            assert server.wait() == 0
+        assert _processes_of(job_id) == []
+    finally:  # what a failure would leave behind
+        for pid in _processes_of(job_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)

@@ -150,7 +150,7 @@ def how_to_train(environ: dict[str, str], store: ModelStore, reference: str) -> 
 
     name = ModelReference.parse(reference).name
     for job in JobStore(store.root).all():
-        if job.request.get("name") == name and job.state not in FINISHED and job.request.get("kind") != "annotate":
+        if job.request.get("name") == name and job.state not in FINISHED:
             return f"its training job {job.id} runs (GET /jobs/{job.id})"
     return None
 
