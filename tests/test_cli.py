@@ -108,6 +108,74 @@ def test_a_busy_port_fails_at_once_naming_it(capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
+def test_training_on_a_folder_that_is_no_dataset_is_refused_in_one_sentence(tmp_path, capsys):
+    from tests.test_dataset import demo_output
+
+    folder = demo_output(tmp_path / "demo-output")
+    assert cli(["train", "--data", str(folder), "--model", "ssdlite320_mobilenet_v3_large", "--store",
+                str(tmp_path / "store"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"preannotate: error: {folder} holds no dataset: a COCO folder") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists() and ModelStore(tmp_path / "store").names() == []
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """This machine as one without a GPU, whatever it has."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda", "cuda:1", "GPU"])
+@pytest.mark.parametrize("command", [
+    ["annotate", "--task", "1", "--model", "ssdlite320_mobilenet_v3_large"],
+    ["train", "--data", "nowhere", "--model", "ssdlite320_mobilenet_v3_large"],
+    ["serve", "--model", "ssdlite320_mobilenet_v3_large", "--port", "0"],
+])
+def test_a_device_this_machine_lacks_is_refused_naming_what_it_has(no_gpu, capsys, tmp_path, command, device):
+    assert cli([*command, "--store", str(tmp_path), "--device", device]) == 2
+    assert capsys.readouterr().err == f"preannotate: error: --device {device}: this machine has no CUDA GPU; it " \
+                                      "has cpu\n"
+
+
+def test_devices_are_named_as_torch_names_them_and_checked_against_the_machine(monkeypatch):
+    import torch
+    from preannotate.devices import DeviceError, checked, from_environment
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert [checked(name) for name in ("gpu", "GPU:0", "cuda", "cuda:0", "cpu", " CPU ", None, "")] == \
+        ["cuda", "cuda:0", "cuda", "cuda:0", "cpu", "cpu", None, None]
+    for name, why in (("cuda:1", "this machine has no cuda:1; it has cpu, cuda:0"),
+                      ("gpu:1", "this machine has no cuda:1; it has cpu, cuda:0"),
+                      ("tpu", "this machine knows no such device (give cpu, cuda, cuda:N or gpu); it has cpu, cuda:0")):
+        with pytest.raises(DeviceError) as refused:
+            checked(name)
+        assert str(refused.value) == f"--device {name}: {why}"
+    with pytest.raises(DeviceError, match="^PREANNOTATE_DEVICE cuda:3: this machine has no cuda:3"):
+        from_environment({"PREANNOTATE_DEVICE": "cuda:3"})
+    assert from_environment({}) is None
+
+
+def test_a_function_whose_device_this_machine_lacks_does_not_start(no_gpu, tmp_path):
+    from preannotate.devices import DeviceError
+    from preannotate.serving.core import App
+
+    with pytest.raises(DeviceError, match="^PREANNOTATE_DEVICE cuda: this machine has no CUDA GPU; it has cpu$"):
+        App.from_environment({"PREANNOTATE_MODEL": "ssdlite320_mobilenet_v3_large", "PREANNOTATE_DEVICE": "cuda",
+                              "PREANNOTATE_MODEL_STORE": str(tmp_path)})
+
+
+def test_the_device_check_imports_no_framework_until_a_device_is_named():
+    script = ("import sys; from preannotate import devices; devices.checked(None); "
+              "print(sorted(m for m in ('torch', 'tensorflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 def test_the_test_suite_leaves_no_scratch_folder(tmp_path):
     """The suite's scratch directory (chunk caches, journals) is removed when the test process ends."""
     subprocess.run([sys.executable, "-c", "import tests.conftest"], cwd=REPOSITORY, check=True, timeout=120,

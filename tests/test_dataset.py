@@ -242,5 +242,45 @@ def test_tfrecord_with_masks_reads_back_masks(tmp_path):
 
 
 def test_read_dataset_rejects_other_folders(tmp_path):
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ValueError, match="holds no dataset"):
         read_dataset(tmp_path)
+
+
+def demo_output(root):
+    """What `make demo` leaves: a store (versions, jobs, staging), a run, held-out frames, pictures and JSON."""
+    files = ["demo.png", "predictions.json", "held-out/frame_000.png", "run/report.png", "run/last.pt",
+             "store/demo/SERVING", "store/demo/v1/manifest.json", "store/demo/v1/model.pt",
+             "store/demo/v1/report.png", "store/.jobs/20250101-000000-abcdef/job.json", "store/.staging/.keep"]
+    for name in files:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".png":
+            photo(32, 24).save(path)
+        else:
+            path.write_text("{}")
+    return root
+
+
+@pytest.mark.parametrize("where", ["", "store", "held-out", "run"])
+def test_a_folder_that_is_no_dataset_is_refused_naming_the_layouts(tmp_path, where):
+    """Not read as an ImageNet-style folder whose subfolders (.jobs, .staging, demo ...) would be tag classes."""
+    folder = demo_output(tmp_path / "demo-output") / where
+    with pytest.raises(ValueError) as refused:
+        read_dataset(folder)
+    message = str(refused.value)
+    assert message.startswith(f"{folder} holds no dataset: a COCO folder (annotations/instances_<split>.json")
+    assert "TFRecords (<split>.record-* with label_map.pbtxt)" in message
+    assert "ImageNet-style folder of tags (<split>/<label>/<image>" in message
+
+
+def test_hidden_files_and_folders_are_no_tags(tmp_path):
+    for path in ("train/cat/a.jpg", "train/dog/task_1/b.jpg", "val/cat/c.jpg", "train/.ipynb_checkpoints/d.jpg",
+                 "train/cat/.thumbs/e.jpg"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        photo(32, 24).save(tmp_path / path)
+    (tmp_path / "train" / ".DS_Store").write_bytes(b"\0")
+    (tmp_path / ".git").mkdir()
+    labels, splits = read_dataset(tmp_path)
+    assert [label.name for label in labels] == ["cat", "dog"]
+    assert {split: sorted((f.name, *f.tags) for f, _ in pairs) for split, pairs in splits.items()} == {
+        "train": [("a.jpg", "cat"), ("task_1/b.jpg", "dog")], "val": [("c.jpg", "cat")]}

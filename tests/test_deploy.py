@@ -313,6 +313,45 @@ def test_training_job_manifest_has_what_batch_v1_requires():
     assert "resources" not in cpu["spec"]["template"]["spec"]["containers"][0]
 
 
+def _kubernetes_schema_problems(manifest) -> list[str]:
+    """What Kubernetes' own OpenAPI schemas (strict: no unknown field) say of a manifest, for the oldest and the
+    newest version kubernetes-validate ships (offline: the schemas are in the package)."""
+    import kubernetes_validate
+
+    versions = sorted(set(kubernetes_validate.utils.all_versions()), key=lambda v: tuple(map(int, v.split("."))))
+    problems = []
+    for version in (versions[0], versions[-1]):
+        try:
+            kubernetes_validate.validate(manifest, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            problems.append(f"{version}: {'.'.join(map(str, error.path))}: {error.message}")
+    return problems
+
+
+@pytest.mark.parametrize("options", [{}, {"gpu": True, "namespace": "cvat", "secret": "cvat-creds"}])
+def test_training_job_manifest_is_valid_against_the_kubernetes_schema(options, capsys):
+    manifest = deploy.render_training_job(JOB_ID, "registry.local/cvat.preannotate.ssdlite:latest", "store-pvc",
+                                          **options)
+    assert _kubernetes_schema_problems(manifest) == []
+    # what `deploy --runner kubernetes --dry-run` prints, as kubectl would read it
+    assert cli(["deploy", "--runner", "kubernetes", "--job", JOB_ID, "--image", "reg/preannotate:1",
+                "--store-claim", "store-pvc", "--dry-run", *(["--gpu"] if options.get("gpu") else [])]) == 0
+    printed = capsys.readouterr().out.partition("\n")[2].removesuffix("EOF\n")
+    assert _kubernetes_schema_problems(yaml.safe_load(printed)) == []
+
+
+@pytest.mark.parametrize("break_it, field", [
+    (lambda m: m["spec"].update(backoffLimit="2"), "spec.backoffLimit"),
+    (lambda m: m["spec"]["template"]["spec"]["containers"][0].update(volumeMount=[]), "containers.0"),
+    (lambda m: m["spec"]["template"]["spec"]["containers"][0]["env"][0].pop("name"), "env.0"),
+])
+def test_the_kubernetes_schema_check_sees_a_broken_manifest(break_it, field):
+    manifest = deploy.render_training_job(JOB_ID, "image", "store-pvc")
+    break_it(manifest)
+    problems = _kubernetes_schema_problems(manifest)
+    assert len(problems) == 2 and all(field in problem for problem in problems), problems
+
+
 @pytest.mark.parametrize("break_it, problem", [
     (lambda m: m.update(apiVersion="v1"), "batch/v1"),
     (lambda m: m["metadata"].update(name="Train_Job"), "DNS label"),

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 import urllib3
-from preannotate.serving.core import App, ModelProvider
+from preannotate.serving.core import App, ModelProvider, Request
 from preannotate.serving.http import make_server
 
 from tests.conftest import b64, encode, photo
@@ -151,11 +151,60 @@ def test_preannotate_serve_refuses_a_version_that_does_not_exist_before_listenin
     assert "no published model named 'nothing'" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_preannotate_serve_refuses_a_mistyped_name_naming_the_models_of_the_store(published_store):
+    """Nothing trains a name with no version (no CVAT project to learn from): a mistake, not "not trained yet"."""
+    result = subprocess.run([sys.executable, "-m", "preannotate.cli", "serve", "--model", "boxs", "--store",
+                             str(published_store.root), "--port", "0"], capture_output=True, text=True, timeout=120,
+                            env={key: value for key, value in os.environ.items()
+                                 if not key.startswith("PREANNOTATE_TRAIN_")})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"preannotate: error: no model named 'boxs' in {published_store.root} (did you "
+                                    "mean boxes?); models there: boxes, masks (train it first: ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_name_with_no_version_is_served_only_when_something_trains_it(published_store, tmp_path):
+    """A function (and `preannotate serve`, configured the same way) for a name with no version: "not trained yet"
+    while a CVAT project or a recorded job trains it; otherwise the name is a mistake, found when it starts."""
+    from preannotate.models import ModelNotFound
+    from preannotate.training.jobs import JobStore
+
+    env = {"PREANNOTATE_MODEL": "boxs", "PREANNOTATE_MODEL_STORE": str(published_store.root)}
+    with pytest.raises(ModelNotFound, match=r"^no model named 'boxs' in .* \(did you mean boxes\?\); models there: "
+                                            r"boxes, masks \(train it first"):
+        App.from_environment(env)
+    for extra, how in (({"PREANNOTATE_TRAIN_PROJECT": "6"}, "finish a job in CVAT project 6"),
+                       ({"PREANNOTATE_TRAIN_TASKS": "7,8"}, "finish a job of CVAT task(s) 7,8")):
+        assert App.from_environment({**env, **extra}).provider.how_to_train.startswith(how)
+    job = JobStore(tmp_path).create({"name": "cars", "model": "ssdlite320_mobilenet_v3_large", "tasks": [7]})
+    app = App.from_environment({"PREANNOTATE_MODEL": "cars", "PREANNOTATE_MODEL_STORE": str(tmp_path)})
+    reply = app.handle(Request("POST", "/", {"image": b64(encode(photo()))}))
+    assert reply.status == 503 and reply.body["error"] == f"not trained yet: its training job {job.id} runs " \
+                                                          f"(GET /jobs/{job.id})"
+
+
+def test_a_404_lists_the_routes_as_a_person_reads_them(tmp_path):
+    from preannotate.models import ModelStore
+    from preannotate.serving.training import TrainingRoutes
+    from preannotate.training.jobs import JobStore
+
+    app = App(ModelProvider("boxes", ModelStore(tmp_path)))
+    TrainingRoutes(app, JobStore(tmp_path), None, environ={"PREANNOTATE_API_AUTH": "none"})
+    reply = app.handle(Request("GET", "/job/1"))
+    assert reply.status == 404 and reply.body == {"error": "no route for GET /job/1; routes: POST /, GET /health, "
+                                                           "GET /models, POST /train, GET /jobs, GET /jobs/<id>, "
+                                                           "POST /jobs/<id>/cancel, POST /webhook, POST /cron"}
+    assert app.handle(Request("GET", "/jobs/no-such.job_1/")).body == {"error": f"no job 'no-such.job_1' in "
+                                                                                f"{tmp_path / '.jobs'}"}
+
+
 def test_preannotate_serve_starts_before_the_first_version_as_the_function_does(tmp_path):
-    """A name with no version yet: /health and the training routes answer, POST / answers 503 until it is trained."""
+    """A name with no version yet, trained from a CVAT project: /health and the training routes answer, POST /
+    answers 503 until it is trained."""
     server = subprocess.Popen([sys.executable, "-m", "preannotate.cli", "serve", "--model", "boxes", "--store",
                                str(tmp_path), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env={**os.environ, "PREANNOTATE_API_AUTH": "none"})
+                              text=True, env={**os.environ, "PREANNOTATE_API_AUTH": "none",
+                                              "PREANNOTATE_TRAIN_PROJECT": "3"})
     try:
         lines = []
         while not lines or not lines[-1].startswith("serving"):
@@ -167,7 +216,8 @@ def test_preannotate_serve_starts_before_the_first_version_as_the_function_does(
         detect = pool.request("POST", url, body=json.dumps({"image": b64(encode(photo()))}).encode(),
                               headers={"Content-Type": "application/json"})
         assert detect.status == 503
-        assert json.loads(detect.data)["error"].startswith("not trained yet: POST /train")
+        assert json.loads(detect.data)["error"] == ("not trained yet: finish a job in CVAT project 3 (its webhook "
+                                                    "starts training) or POST /train")
         health = json.loads(pool.request("GET", url + "health").data)
         assert health["model"]["state"].startswith("not trained yet") and health["training_routes"].startswith("open")
         assert json.loads(pool.request("GET", url + "jobs").data) == {"jobs": []}

@@ -30,7 +30,7 @@ FAKE_TRAINING = textwrap.dedent("""
     store, job_id = sys.argv[1], sys.argv[2]
     jobs = JobStore(store)
     request = jobs.get(job_id).request
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN if request.get("ignore_sigterm") else lambda *_: sys.exit(143))
     print("training", job_id, flush=True)
     (jobs.work_dir(job_id) / "run").mkdir(exist_ok=True)
     with open(jobs.work_dir(job_id) / "run" / "metrics.jsonl", "a") as metrics:
@@ -110,6 +110,35 @@ def test_a_job_interrupted_by_a_restart_runs_again(jobs):
     finally:
         runner.stop()
     assert resumed.attempts == 2
+
+
+def test_a_stopped_runner_stops_its_job_and_the_next_runner_resumes_it(jobs):
+    """What a local server does when it stops: the job's process ends with it, the job stays to be resumed."""
+    job = jobs.create({"sleep": 3600})
+    runner = JobRunner(jobs, command=fake_command, poll_s=0.05).start()
+    wait_for(lambda: jobs.progress(job.id).get("step"), what="the job's first step")
+    process = runner.process
+    runner.stop()
+    assert process.poll() == 143 and jobs.get(job.id).state == "running"  # SIGTERM'd, waited for, not finished
+    jobs.update(job.id, lambda j: j.request.update(sleep=0))
+    runner = JobRunner(jobs, command=fake_command, poll_s=0.05).start()
+    try:
+        resumed = wait_for(lambda: (j := jobs.get(job.id)).state == "succeeded" and j, what="the resumed job")
+    finally:
+        runner.stop()
+    assert resumed.attempts == 2
+
+
+def test_a_job_that_does_not_stop_on_sigterm_is_killed_when_asked(jobs):
+    job = jobs.create({"sleep": 3600, "ignore_sigterm": True})
+    runner = JobRunner(jobs, command=fake_command, poll_s=0.05).start()
+    wait_for(lambda: jobs.progress(job.id).get("step"), what="the job's first step")
+    process = runner.process
+    runner.stop(timeout=0.5)  # SIGTERM'd: it goes on (a slower machine only makes that more so)
+    assert process.poll() is None
+    runner.kill()
+    runner.stop()
+    assert process.poll() == -9 and jobs.get(job.id).state == "running"
 
 
 def test_only_the_runner_holding_the_store_lock_trains(jobs):

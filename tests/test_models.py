@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+import stat
 import threading
 from pathlib import Path
 
@@ -49,6 +51,21 @@ def test_every_architecture_builds_and_detects_on_our_labels(name):  # the class
 def test_unknown_architecture_suggests_the_close_name():
     with pytest.raises(UnknownArchitecture, match="did you mean fasterrcnn_resnet50_fpn"):
         get_architecture("fasterrcnn_resnet50")
+
+
+@pytest.mark.parametrize("typed, meant", [
+    ("ssdlite", "did you mean ssdlite320_mobilenet_v3_large?"),  # the start of a long name
+    ("SSDLite", "did you mean ssdlite320_mobilenet_v3_large?"),
+    ("maskrcnn", "did you mean maskrcnn_resnet50_fpn?"),
+    ("fasterrcnn", "did you mean fasterrcnn_mobilenet_v3_large_320_fpn, fasterrcnn_mobilenet_v3_large_fpn or "
+                   "fasterrcnn_resnet50_fpn?"),
+    ("efficientnet-b4", "did you mean efficientnet_b4?"),  # spelled as hyperparameter values are
+    ("custm", "did you mean custom?"),  # a typo
+])
+def test_an_unknown_architecture_gets_the_names_a_person_may_have_meant(typed, meant):
+    with pytest.raises(UnknownArchitecture) as refused:
+        get_architecture(typed)
+    assert meant in str(refused.value)
 
 
 def _cache_weights(tmp_path, monkeypatch, weights_name: str, state: dict) -> Path:
@@ -214,6 +231,21 @@ def test_store_versions_are_published_atomically(tmp_path):
         store.publish("../escape", write)
 
 
+@pytest.mark.parametrize("umask, directory_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_a_published_version_is_readable_by_others_as_the_umask_allows(tmp_path, umask, directory_mode, file_mode):
+    """A function whose container runs as another user than the trainer serves from the store they share."""
+    previous = os.umask(umask)
+    try:
+        store = ModelStore(tmp_path / "store")
+        publish_detector(create_detector("ssdlite320_mobilenet_v3_large", parse_label_list("car")), store, "shared")
+    finally:
+        os.umask(previous)
+    version = store.path("shared", 1)
+    assert stat.S_IMODE(version.stat().st_mode) == directory_mode
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in version.iterdir()} == {
+        "manifest.json": file_mode, "model.pt": file_mode}
+
+
 def test_models_cli_create_list_show(tmp_path, capsys):
     store = str(tmp_path)
     assert cli(["models", "create", "ssdlite320_mobilenet_v3_large", "--labels", "cat,dog", "--store", store]) == 0
@@ -230,6 +262,27 @@ def test_models_cli_create_list_show(tmp_path, capsys):
     assert shown["hyperparameters"]["batch_size"] == 24  # the SSD defaults our users know
     assert cli(["models", "show", "nothing", "--store", store]) == 2
     assert "no published model named 'nothing'" in capsys.readouterr().err
+
+
+def test_models_cli_types_the_labels_as_the_composed_model_fills_them(tmp_path, capsys):
+    """Untyped labels take the type the model fills; a composition's head decides what it fills."""
+    store = str(tmp_path)
+    masks = ["-H", "backbone=resnet18; neck=fpn; head=mask-rcnn"]
+    assert cli(["models", "create", "custom", "--labels", "a:mask,b:polygon,c", "--store", store, *masks]) == 0, \
+        capsys.readouterr().err
+    assert cli(["models", "create", "efficientnet_b0", "--labels", "cat,dog,bird", "--store", store]) == 0, \
+        capsys.readouterr().err
+    typed = {name: [(label.name, label.type) for label in Manifest.read(ModelStore(store).resolve(name)).labels]
+             for name in ("custom", "efficientnet_b0")}
+    assert typed == {"custom": [("a", "mask"), ("b", "polygon"), ("c", "mask")],
+                     "efficientnet_b0": [("cat", "tag"), ("dog", "tag"), ("bird", "tag")]}
+    capsys.readouterr()
+    # what the model can never fill is still refused, for the composition as given
+    assert cli(["models", "create", "custom", "--labels", "a:mask", "--store", store,
+                "-H", "backbone=resnet18; head=fcos"]) == 2
+    assert "custom predicts boxes: it cannot fill a (mask)" in capsys.readouterr().err
+    assert cli(["models", "create", "efficientnet_b0", "--labels", "car:rectangle", "--store", store]) == 2
+    assert "efficientnet_b0 predicts frame tags: it cannot fill car (rectangle)" in capsys.readouterr().err
 
 
 def test_a_version_published_without_promotion_is_kept_but_not_served(tmp_path):

@@ -148,10 +148,13 @@ def test_pinned_version_and_artifact_path(monkeypatch, published_store):
 
 
 def test_function_without_a_model_keeps_answering_and_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("PREANNOTATE_TRAIN_PROJECT", "6")  # deployed for a project, before its first job
     function = Function(monkeypatch, "not-trained-yet", tmp_path)
     status, reply = function.call(detect_body())
-    assert status == 503 and reply["error"] == "not trained yet: POST /train or `preannotate train`"
+    assert status == 503 and reply["error"] == ("not trained yet: finish a job in CVAT project 6 (its webhook starts "
+                                                "training) or POST /train")
     assert function.call(method="GET", path="/health")[0] == 200
+    monkeypatch.delenv("PREANNOTATE_TRAIN_PROJECT")
     # an architecture whose pretrained weights are not on disk (no network here)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     function = Function(monkeypatch, "retinanet_resnet50_fpn", tmp_path)

@@ -36,3 +36,27 @@ def test_the_quick_try_serves_the_demo_model_and_answers_a_held_out_frame(tmp_pa
     detections, models = [json.loads(line) for line in done.stdout.splitlines() if line.startswith(("[", "{"))]
     assert isinstance(detections, list) and all({"label", "points", "confidence"} <= set(d) for d in detections)
     assert models["serving"]["name"] == "demo" and models["serving"]["version"] == 1
+
+
+def test_the_readme_says_where_the_command_is():
+    readme = (REPOSITORY / "README.md").read_text()
+    assert "`. .venv/bin/activate`" in readme and "`.venv/bin/preannotate`" in readme
+
+
+def test_the_readme_dry_runs_work_as_written_on_a_fresh_machine(tmp_path, monkeypatch, capsys):
+    """A dry run needs no store (and makes none): its commands work before anything was trained."""
+    import tempfile
+
+    from preannotate.cli import main as cli
+
+    readme = (REPOSITORY / "README.md").read_text()
+    blocks = "\n".join(re.findall(r"```\w*\n(.*?)```", readme, re.S))
+    commands = [line.partition("#")[0].split() for line in blocks.splitlines()
+                if line.startswith("preannotate ") and "--dry-run" in line and not re.search(r"[$<\[\\]", line)]
+    assert commands, "the README shows a dry run"
+    monkeypatch.setenv("PREANNOTATE_MODEL_STORE", str(tmp_path / "store"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for command in commands:
+        assert cli(command[1:]) == 0, (command, capsys.readouterr().err)
+        assert "nuctl deploy" in capsys.readouterr().out
+    assert not (tmp_path / "store").exists()

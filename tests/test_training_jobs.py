@@ -4,9 +4,16 @@ and the next detection request is answered by the new version — without the fu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 from nuclio_sdk import Event
@@ -28,6 +35,7 @@ def function(cvat_double, monkeypatch, tmp_path, request):
     model's function and a TensorFlow one's."""
     env = {
         "PREANNOTATE_MODEL": "shapes", "PREANNOTATE_MODEL_STORE": str(tmp_path / "store"),
+        "PREANNOTATE_TRAIN_PROJECT": "6",
         "PREANNOTATE_DEVICE": "cpu", "PREANNOTATE_TRAIN_MODEL": request.param,
         "PREANNOTATE_TRAIN_HYPERPARAMETERS": TINY, "PREANNOTATE_WEBHOOK_SECRET": "s3cret",
         "PREANNOTATE_API_TOKEN": "t0ken",
@@ -84,3 +92,90 @@ def test_a_completed_job_retrains_the_function_and_the_next_detection_uses_the_n
         os.environ["PREANNOTATE_TRAIN_MODEL"]
     names = {label["name"] for label in health["model"]["labels"]}
     assert {shape["label"] for shape in shapes} <= names and "car" in names  # the CVAT project's labels
+
+
+# ------------------------------------------------------------------------------------------ preannotate serve
+
+
+@contextlib.contextmanager
+def _serving(env: dict[str, str], store):
+    """`preannotate serve` for the project's model, as a person starts it: the process and its URL once it
+    listens; killed when the block ends, if still there."""
+    server = subprocess.Popen([sys.executable, "-m", "preannotate.cli", "serve", "--model", "shapes", "--store",
+                               str(store), "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        lines = []
+        while not lines or not lines[-1].startswith("serving"):
+            lines.append(server.stdout.readline())
+            assert lines[-1] or server.poll() is None, "".join(lines) + server.stderr.read()
+        yield server, re.search(r"on (http://\S+/)", lines[-1]).group(1)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _get_job(url: str, job_id: str) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(f"{url}jobs/{job_id}", headers=AUTH)) as reply:
+        return json.loads(reply.read())
+
+
+def _training(url: str, job_id: str, past_step: int = 0) -> dict:
+    """The job once it trains beyond ``past_step``: waited for as long as it is starting or training."""
+    while (job := _get_job(url, job_id))["state"] in ("queued", "running") and job.get("step", 0) <= past_step:
+        time.sleep(0.5)
+    assert job["state"] == "running" and job["step"] > past_step, job
+    return job
+
+
+def _processes_of(job_id: str) -> list[int]:
+    """The processes running the job (`python -m preannotate.worker run STORE JOB`)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            words = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"preannotate.worker" in words and job_id.encode() in words:
+                found.append(int(proc.name))
+    return found
+
+
+AUTH = {"Authorization": "Bearer t0ken"}
+
+
+def test_a_local_server_stopped_by_sigterm_stops_its_training_job_which_the_next_server_resumes(cvat_double,
+                                                                                                   tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    env = {**os.environ, "PREANNOTATE_TRAIN_PROJECT": "6", "PREANNOTATE_API_TOKEN": "t0ken",
+           "PREANNOTATE_TRAIN_MODEL": "fasterrcnn_mobilenet_v3_large_320_fpn", "PREANNOTATE_DEVICE": "cpu",
+           "PREANNOTATE_TRAIN_HYPERPARAMETERS": TINY.replace("num-steps=2", "num-steps=100000"),
+           "CVAT_URL": cvat_double.base_url, "CVAT_USERNAME": cvat_double.credentials[0],
+           "CVAT_PASSWORD": cvat_double.credentials[1], "PYTHONUNBUFFERED": "1"}
+    job_id = "none yet"
+    try:
+        with _serving(env, store) as (server, url):
+            train = urllib.request.Request(url + "train", data=json.dumps({"project": 6}).encode(), method="POST",
+                                           headers={**AUTH, "Content-Type": "application/json"})
+            with urllib.request.urlopen(train) as reply:
+                job_id = json.loads(reply.read())["job"]
+            _training(url, job_id)
+            assert _processes_of(job_id)
+            server.send_signal(signal.SIGTERM)
+            assert server.wait() == 0  # it waited for its job to checkpoint and stop
+            said = server.stderr.read()
+            assert f"stopping job {job_id}: it saves a checkpoint, and the next `preannotate serve`" in said, said
+        assert _processes_of(job_id) == []  # gone with the server
+        stopped = json.loads((store / ".jobs" / job_id / "job.json").read_text())
+        assert stopped["state"] == "running" and stopped["attempts"] == 1  # to be resumed, not failed
+        metrics = (store / ".jobs" / job_id / "work" / "run" / "metrics.jsonl").read_text().splitlines()
+        last_step = max(json.loads(line).get("step", 0) for line in metrics)
+
+        with _serving(env, store) as (server, url):  # the next server resumes it
+            assert _training(url, job_id, past_step=last_step)["attempts"] == 2
+            server.send_signal(signal.SIGINT)  # Ctrl-C stops it the same way
+            assert server.wait() == 0
+        assert _processes_of(job_id) == []
+    finally:  # what a failure would leave behind
+        for pid in _processes_of(job_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)

@@ -311,4 +311,6 @@ def test_demo_trains_publishes_serves_through_nuclio_and_scores_held_out_frames(
     again = []  # a second demo on the same folder says it reuses the run
     run_demo(tmp_path, steps=3, frames=20, held_out=4, progress=False, say=again.append,
              hyperparameters="batch-size=4; num-validations=1")
-    assert any("reusing its model" in line for line in again) and ModelStore(tmp_path / "store").versions("demo") == [1]
+    assert again[1].startswith(f"{tmp_path} holds a finished demo run: reusing its model")  # said first, then
+    assert not any("from random weights" in line for line in again)  # no training announced that does not happen
+    assert ModelStore(tmp_path / "store").versions("demo") == [1]

@@ -7,9 +7,9 @@ task with a model, the demo, deploying) lives at the top. ``tests/test_layers.py
 Layers, bottom to top (a module belongs to the first entry naming it or a package above it):
 
 1. vocabulary: `preannotate.shapes`, `preannotate.frames`, `preannotate.hyperparameters`, `preannotate.durations`,
-   `preannotate.files`, `preannotate.uncertainty`
+   `preannotate.files`, `preannotate.uncertainty`, `preannotate.devices`, `preannotate.suggest`
    — labels, shapes and the annotations of a frame; frame images and frame ranges; the hyperparameter language;
-   file helpers; how sure a model is of a frame;
+   file helpers; how sure a model is of a frame; the devices this machine has; "did you mean" for a mistyped name;
 2. formats: `preannotate.formats`
    — the mask codecs, COCO, TF Object Detection API records, dataset folders on disk and their train/val split;
 3. cvat: `preannotate.cvat`

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from preannotate import __version__
 from preannotate.models.reference import DEFAULT_STORE
+from preannotate.models.registry import DEFAULT_ARCHITECTURE
 
 
 class CommandError(Exception):
@@ -85,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(what an image build does)")
     _store_argument(create)
     create.add_argument("architecture", help="a registry architecture (preannotate models architectures)")
-    create.add_argument("--labels", help="comma-separated label names, optionally name:type (the types the model "
-                                         "can fill; default with --init pretrained: the COCO labels)")
+    create.add_argument("--labels", help="comma-separated label names, optionally name:type (a type the model can "
+                                         "fill; untyped: the one it fills, e.g. tag for a classifier; default "
+                                         "with --init pretrained: the COCO labels)")
     create.add_argument("--name", help="model name in the store (default: the architecture)")
     create.add_argument("--init", choices=("random", "pretrained"), default="random",
                         help="random weights, or torchvision's pretrained ones (default %(default)s)")
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--batch-size", type=int, default=4, help="frames per forward pass (GPU: 8-16)")
     annotate.add_argument("--upload-every", type=int, default=200, help="frames per upload (finished work is kept)")
     annotate.add_argument("--label-map", help="model=task label renames, e.g. 'automobile=car'")
-    annotate.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    annotate.add_argument("--device", help="cpu, cuda, cuda:1 or gpu (default: cuda when available)")
     annotate.add_argument("--no-confidence-tags", action="store_true",
                           help="do not tag each frame with the model's confidence (a tag label is added to the "
                                "project for them; `preannotate review` ranks frames by it)")
@@ -173,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="checkpoints and logs; run again with the same --out to resume "
                                      "(default: runs/NAME)")
     train.add_argument("--restart", action="store_true", help="forget the run in --out and start over")
-    train.add_argument("--device", help="cpu, cuda (default: cuda when available)")
+    train.add_argument("--device", help="cpu, cuda, cuda:1 or gpu (default: cuda when available)")
 
     demo = command(commands, "demo", "the whole loop on this machine: generate (or read --task), train, publish, "
                                      "serve, pre-annotate, score")
@@ -200,11 +202,50 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", required=True, help="NAME[@VERSION] in the store, an architecture, or a path")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     serve.add_argument("--port", type=int, default=8765, help="port (default %(default)s; CVAT itself is on 8080)")
-    serve.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    serve.add_argument("--device", help="cpu, cuda, cuda:1 or gpu (default: cuda when available)")
 
-    from preannotate import deploy
+    what = "put architectures' pretrained weights into torch's cache (a function image build step)"
+    fetch = command(models_commands, "fetch-weights", what)
+    fetch.add_argument("architectures", nargs="+", help="registry architectures")
 
-    _cvat_arguments(deploy.add_commands(commands, models_commands, common))  # `deploy` and `models fetch-weights`
+    deploy = command(commands, "deploy", "deploy a Nuclio function serving a trained model (nuctl), or submit a "
+                                         "training job to Kubernetes (--runner kubernetes)")
+    _cvat_arguments(deploy)  # a project's labels are read from CVAT
+    deploy.add_argument("--model", help="NAME[@VERSION] in the store (NAME follows the served version), or an "
+                                        "architecture (its pretrained weights until it has a version)")
+    deploy.add_argument("--store", default=None,
+                        help="the model store on this machine, mounted into the function (default "
+                             f"$PREANNOTATE_MODEL_STORE, else {DEFAULT_STORE})")
+    deploy.add_argument("--gpu", action="store_true", help="deploy function-gpu.yaml (or a GPU training Job)")
+    deploy.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+    deploy.add_argument("--cron", help="retrain on a schedule when the annotations changed: an interval (6h) or a "
+                                       "cron schedule ('0 3 * * *'); needs --train-project")
+    deploy.add_argument("--train-project", type=int,
+                        help="the CVAT project the function learns from (finished jobs retrain it, cron retrains "
+                             "it) and pre-annotates; before the first version its labels go into the function")
+    deploy.add_argument("--arch", help="the architecture to train (default: the served version's, else "
+                                       f"{DEFAULT_ARCHITECTURE})")
+    deploy.add_argument("--annotate-on", choices=("task", "none"),
+                        help="task: pre-annotate each new task of --train-project once its data is uploaded "
+                             "(the default with --train-project); none: only when asked")
+    deploy.add_argument("--reannotate-unreviewed", action="store_true",
+                        help="when a better version is promoted, pre-annotate again the project's tasks no one "
+                             "has started (every job new, in annotation)")
+    deploy.add_argument("--out", help="where to write the function directory (default: a temporary directory)")
+    deploy.add_argument("--platform", choices=("local", "kube"), default="local",
+                        help="Nuclio platform: local (Docker, default) or kube")
+    deploy.add_argument("--namespace", help="Kubernetes namespace (kube platform, or the training Job)")
+    deploy.add_argument("--registry", help="container registry the kube platform pushes function images to")
+    deploy.add_argument("--base-image", help="the base image as the kube builder pulls it "
+                                             "(e.g. REGISTRY/cvat.preannotate.base:cpu)")
+    deploy.add_argument("--store-claim", help="PersistentVolumeClaim holding the store (Kubernetes)")
+    deploy.add_argument("--runner", choices=("nuclio", "kubernetes"), default="nuclio",
+                        help="nuclio: deploy a function for --model (default); kubernetes: run the store's job "
+                             "--job as a Kubernetes Job")
+    deploy.add_argument("--job", help="the id of a job recorded in the store (with --runner kubernetes)")
+    deploy.add_argument("--image", help="the image of the training Job: the function's image")
+    deploy.add_argument("--secret", default="preannotate",
+                        help="Secret with CVAT_URL, credentials, ... for the training Job (default %(default)s)")
     return parser
 
 
@@ -218,9 +259,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     from preannotate.models import ARCHITECTURES, Manifest, ModelReference
 
     if args.models_command == "fetch-weights":
-        from preannotate.deploy import cmd_fetch_weights
+        from preannotate.deploy import fetch_weights
 
-        return cmd_fetch_weights(args)
+        for architecture in args.architectures:
+            print(f"{architecture}: {fetch_weights(architecture)}")
+        return 0
     if args.models_command == "architectures":
         rows = [{"name": a.name, "output": a.output, "pretrained": a.pretrained_kind, "image_size": a.image_size,
                  "description": a.description} for a in ARCHITECTURES.values()]
@@ -256,15 +299,18 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps(Manifest.read(directory).to_dict(), indent=2))
         return 0
     if args.models_command == "create":
-        from preannotate.models import check_label_types, create_detector, get_architecture, publish_detector
-        from preannotate.shapes import parse_label_list
+        from preannotate.models import (
+            create_detector,
+            declared_labels,
+            get_architecture,
+            hyperparameters_for,
+            publish_detector,
+        )
 
         arch = get_architecture(args.architecture)
-        labels = None
-        if args.labels:
-            labels = parse_label_list(args.labels, default_type="mask" if arch.output == "mask" else "rectangle")
-            check_label_types(arch, labels)
-        detector = create_detector(arch.name, labels, init=args.init, hyperparameters=args.hyperparameters)
+        hp = hyperparameters_for(arch.name, args.hyperparameters)
+        labels = declared_labels(arch.resolved(hp), args.labels) if args.labels else None  # as hp composes it
+        detector = create_detector(arch.name, labels, init=args.init, hyperparameters=hp)
         store = _store(args, create=True)
         name = args.name or arch.name
         version = publish_detector(detector, store, name)
@@ -475,7 +521,9 @@ def cmd_webhook(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from preannotate.serving.core import App, ModelProvider
+    import signal
+
+    from preannotate.serving.core import App
     from preannotate.serving.http import make_server
     from preannotate.serving.training import TrainingRoutes
 
@@ -484,29 +532,71 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as error:
         raise CommandError(f"cannot listen on {args.host}:{args.port} ({error.strerror or error}); "
                            "choose another --port") from None
-    app = App(ModelProvider(args.model, _store(args), args.device))
-    TrainingRoutes.attach(app)  # POST /train, /jobs, /webhook as in the function; jobs train in a process
+    try:
+        # Configured as a function is (its environment, the command's options on top): a name with no version is
+        # served once trained only when something trains it (PREANNOTATE_TRAIN_PROJECT, ...), else it is a mistake.
+        env = {**os.environ, "PREANNOTATE_MODEL": args.model, "PREANNOTATE_MODEL_STORE": str(_store(args).root),
+               **({"PREANNOTATE_DEVICE": args.device} if args.device else {})}
+        app = App.from_environment(env)
+        if not app.provider.untrained():
+            app.provider.current()  # load now: fail before serving if the model cannot be served
+    except BaseException:
+        server.server_close()
+        raise
+    training = TrainingRoutes.attach(app, environ=env)  # POST /train, /jobs, /webhook; jobs train in a process
     url = f"http://{args.host}:{server.server_address[1]}/"
-    if app.provider.untrained():  # as the function: it starts, trains on request, and answers 503 until then
+    if app.provider.untrained():  # as the function: it starts, trains, and answers 503 until then
         print(f"{args.model} is not trained yet: POST / answers 503 until its first version "
-              f"(POST {url}train, or a finished CVAT job through {url}webhook)", flush=True)
-    else:
-        app.provider.current()  # load now: fail before serving if the model cannot be served
+              f"({app.provider.how_to_train})", flush=True)
     server.app = app
     print(f"serving {args.model} on {url} (POST / with {{\"image\": base64}}; GET /health, /models)", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C: what it started stops too
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        _stop_jobs(training.runner)
     return 0
 
 
-def cmd_deploy(args: argparse.Namespace) -> int:
-    from preannotate.deploy import cmd_deploy as deploy
+def _stop_jobs(runner) -> None:
+    """Stop the job the server's runner trains, if any: it checkpoints and stops (Ctrl-C again: at once), and the
+    next `preannotate serve` on the store resumes it."""
+    if runner.running_job:
+        print(f"stopping job {runner.running_job}: it saves a checkpoint, and the next `preannotate serve` on this "
+              "store resumes it (Ctrl-C again stops it at once)", file=sys.stderr, flush=True)
+    try:
+        runner.stop()
+    except KeyboardInterrupt:
+        runner.kill()
+        runner.stop()
 
-    return deploy(args)
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from preannotate import deploy
+
+    if args.runner == "kubernetes":
+        missing = [flag for flag, value in (("--job", args.job), ("--image", args.image),
+                                            ("--store-claim", args.store_claim)) if not value]
+        if missing:
+            raise CommandError(f"--runner kubernetes needs {', '.join(missing)}")
+        manifest = deploy.render_training_job(args.job, args.image, args.store_claim, gpu=args.gpu,
+                                              secret=args.secret, namespace=args.namespace)
+        deploy.submit_kubernetes_job(manifest, dry_run=args.dry_run)
+        if not args.dry_run:
+            print(f"submitted; follow it with: kubectl logs -f job/{manifest['metadata']['name']}")
+        return 0
+    if not args.model:
+        raise CommandError("say which model to deploy: --model NAME[@VERSION]")
+    deploy.deploy_model(args.model, store=args.store, train_project=args.train_project, architecture=args.arch,
+                        cron=args.cron, annotate_on=args.annotate_on,
+                        reannotate_unreviewed=args.reannotate_unreviewed, gpu=args.gpu, platform=args.platform,
+                        namespace=args.namespace, registry=args.registry, base_image=args.base_image,
+                        store_claim=args.store_claim, out_dir=args.out, dry_run=args.dry_run,
+                        connect=lambda: _connect(args))
+    return 0
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -531,6 +621,10 @@ def main(argv: list[str] | None = None) -> int:
     from preannotate.serving.core import ModelUnavailable
 
     try:
+        if getattr(args, "device", None):  # every command that runs a model on a --device
+            from preannotate.devices import checked
+
+            args.device = checked(args.device)
         return COMMANDS[args.command](args)
     # RuntimeError covers e.g. pretrained weights that are not on disk
     except (CommandError, CvatError, ModelNotFound, UnknownArchitecture, ModelUnavailable, HyperparameterError,

@@ -20,6 +20,7 @@ import cvat_sdk.auto_annotation as cvataa
 import PIL.Image
 from cvat_sdk import models
 
+from preannotate import devices
 from preannotate.cvat import encoding
 from preannotate.models import Detector, architecture_of, load_model
 from preannotate.shapes import TAG, Shape
@@ -62,4 +63,5 @@ def create(model: str | None = None, store: str | None = None, device: str | Non
     if not model:
         raise ValueError("name the model: -p model=str:NAME (a model in the store, NAME@VERSION, an architecture "
                          "or an artifact directory), or set PREANNOTATE_MODEL")
-    return DetectionFunction(load_model(model, store, device or os.environ.get("PREANNOTATE_DEVICE") or None))
+    device = devices.checked(device, "-p device") if device else devices.from_environment(os.environ)
+    return DetectionFunction(load_model(model, store, device))

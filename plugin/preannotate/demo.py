@@ -30,9 +30,9 @@ from preannotate.training.recipe import TrainingData, train_and_publish
 from preannotate.training.synthetic import generate
 
 DEFAULT_ARCHITECTURE = "ssdlite320_mobilenet_v3_large"
-# From scratch on 2 CPU cores, with the registry's from-scratch defaults: about 0.9 mAP@.5 on the held-out frames in
-# a few minutes (batch norms re-measured before each validation is what makes so short a run usable; see
-# evaluation.recalibrate_batch_norm).
+# From scratch on 2 CPU cores, with the registry's from-scratch defaults: about 0.95 mAP@.5 on the held-out frames in
+# about a quarter of an hour of a busy machine (batch norms re-measured before each validation is what makes so short
+# a run usable; see evaluation.recalibrate_batch_norm).
 DEFAULT_HYPERPARAMETERS = "init=random; batch-size=8; num-validations=3"
 GRID_FRAMES = 12  # held-out frames in demo.png, those with the most objects
 
@@ -129,16 +129,17 @@ def run_demo(output: str | Path, *, architecture: str = DEFAULT_ARCHITECTURE, st
     held_out = len(held_frames)
     store = ModelStore(output / "store")
     hp = hyperparameters_for(architecture, f"{DEFAULT_HYPERPARAMETERS}; num-steps={steps}; {hyperparameters}")
-    recipe = hp.recipe
-    say(f"training {architecture} from random weights for {recipe.num_steps} steps of {recipe.batch_size} frames "
-        f"({recipe.optimizer}, {recipe.schedule} to {recipe.initial_learning_rate:g}; validating "
-        f"{recipe.num_validations} times)")
+    if finished:  # the same run, finished before: training returns its result at once
+        say(f"{output} holds a finished demo run: reusing its model (`preannotate demo --restart` or "
+            "`make demo RESTART=1` trains anew)")
+    else:
+        recipe = hp.recipe
+        say(f"training {architecture} from random weights for {recipe.num_steps} steps of {recipe.batch_size} frames "
+            f"({recipe.optimizer}, {recipe.schedule} to {recipe.initial_learning_rate:g}; validating "
+            f"{recipe.num_validations} times)")
     result = train_and_publish(TrainingData(labels, train_items, val_items), architecture=architecture,
                                hyperparameters=hp, store=store, name="demo", output_dir=output / "run",
                                provenance=provenance, progress=progress)
-    if finished:  # the same run, finished before: train returned its result
-        say(f"{output} held this finished demo run: reusing its model (`preannotate demo --restart` or "
-            "`make demo RESTART=1` trains anew)")
     say(f"trained {architecture} for {result.steps} steps; published demo@{result.version} "
         f"(validation mAP@.5 {score_text(result.metrics.get('map50'))}) in {store.root}")
 

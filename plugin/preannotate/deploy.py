@@ -7,7 +7,6 @@ Nothing here talks to Nuclio or Kubernetes directly: it renders configurations, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -16,24 +15,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from preannotate import functions
 from preannotate.cvat import lambda_spec
-from preannotate.cvat.review import CONFIDENCE_LABEL
 from preannotate.models import (
-    DEFAULT_STORE,
     Manifest,
     ModelNotFound,
     ModelReference,
     ModelStore,
+    PretrainedWeightsUnavailable,
+    default_store,
     family_of,
     get_architecture,
     open_store,
 )
-from preannotate.models.registry import DEFAULT_ARCHITECTURE, FUNCTION_PREFIX
+from preannotate.models.registry import DEFAULT_ARCHITECTURE, function_name
 from preannotate.shapes import Label
 
 PROJECT = "cvat"                 # CVAT lists only the functions of this Nuclio project
@@ -50,43 +49,45 @@ class DeployError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------ Nuclio functions
 
-def function_name(model_name: str, framework: str = "pytorch") -> str:
-    """The Nuclio function (and CVAT function id) of a model in the store (``pth-`` or ``tf-``, as CVAT's own)."""
-    return FUNCTION_PREFIX[framework] + re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-")
-
-
 def render_model_function(store: ModelStore, reference: str, out: Path, cron: str | None = None,
                           train_project: int | None = None, store_claim: str | None = None,
-                          project_labels: Sequence[Label] | None = None, architecture: str | None = None,
+                          first_labels: Sequence[Label] | None = None, architecture: str | None = None,
                           annotate_on: str = "", reannotate: str = "") -> tuple[Path, str, list[Label]]:
     """Write the function directory (function.yaml, function-gpu.yaml, main.py) that serves ``reference``
     (``NAME``: its served version, swapped when a new one is promoted; ``NAME@VERSION``: pinned) and return it with
     the function's name and the labels left out of its CVAT spec (types the model can never return).
 
-    The spec lists the labels of the model's manifest or, before its first version, ``project_labels`` (the labels of
-    the project ``train_project`` it trains on, read from CVAT), typed as the model returns them. The store is
-    mounted from where it is now (``store.root``) or from ``store_claim``."""
+    The spec lists the labels of the model's manifest or, before its first version, ``first_labels``: those of the
+    project ``train_project`` it trains on (read from CVAT), or an architecture's pretrained ones (what it serves
+    until then). They are typed as the model returns them. The store is mounted from where it is (``store.root``)
+    or from ``store_claim``."""
     parsed = ModelReference.parse(reference)
     try:
         manifest = Manifest.read(parsed.directory(store))
     except ModelNotFound:
-        if project_labels is None or parsed.version is not None:
+        if first_labels is None or parsed.version is not None:
             raise  # its message lists the models
         manifest = None
-    arch = get_architecture(architecture or (manifest.architecture if manifest else DEFAULT_ARCHITECTURE))
-    labels, impossible = lambda_spec.spec_labels(manifest.labels if manifest else project_labels, arch.output)
+    default = parsed.architecture or DEFAULT_ARCHITECTURE
+    arch = get_architecture(architecture or (manifest.architecture if manifest else default))
+    labels, impossible = lambda_spec.spec_labels(manifest.labels if manifest else first_labels, arch.output)
     if not labels:
         raise DeployError(f"{arch.name} returns {arch.output} shapes: none of the labels "
                           f"({', '.join(f'{label.name} ({label.type})' for label in impossible) or 'none'}) can take "
                           f"them, so CVAT would get nothing; add a label of type {' or '.join(arch.label_types)}")
-    state = f"{len(labels)} labels" if manifest else f"{len(labels)} labels of project {train_project}, not trained yet"
+    if manifest:
+        state, source = f"{len(labels)} labels", "the model's manifest"
+    elif train_project is not None:
+        state, source = f"{len(labels)} labels of project {train_project}, not trained yet", \
+            f"project {train_project}'s labels"
+    else:
+        state, source = f"{len(labels)} pretrained labels until its first version", f"{arch.name}'s pretrained labels"
     settings = {"model": reference, "name": function_name(parsed.name, arch.framework), "cron": cron,
                 "train_project": train_project,
                 "description": f"preannotate model {parsed.name} ({arch.name}, {state})",
                 "store_host_path": str(store.root.resolve()), "store_claim": store_claim,
                 "annotate_on": annotate_on, "reannotate": reannotate}
-    header = f"# Rendered by `preannotate deploy --model {reference}` from the model's " + \
-        ("manifest.\n" if manifest else f"project {train_project}'s labels.\n")
+    header = f"# Rendered by `preannotate deploy --model {reference}` from {source}.\n"
     files, problems = {}, []
     for filename, gpu in (("function.yaml", False), ("function-gpu.yaml", True)):
         config = functions.function_config(arch, labels, gpu, **settings)
@@ -101,16 +102,25 @@ def render_model_function(store: ModelStore, reference: str, out: Path, cron: st
     return out, settings["name"], impossible
 
 
-def project_labels(args: argparse.Namespace, project_id: int) -> list[Label]:
-    """The labels of a CVAT project (what its tasks are annotated with), read through cvat-sdk."""
+def project_labels(client, project_id: int) -> list[Label]:
+    """The labels of a CVAT project (what its tasks are annotated with), read through a cvat-sdk ``client``."""
     from preannotate.cvat.annotations import read_labels
-    from preannotate.cvat.client import connect, cvat_errors
+    from preannotate.cvat.client import cvat_errors
 
-    with connect(args.cvat_url, organization=args.org, verify_tls=not args.insecure) as client:
-        with cvat_errors(client, f"project {project_id}"):
-            labels = client.projects.retrieve(project_id).get_labels()
-    return [Label(label.name, label.type, label.attributes) for label in read_labels([m.to_dict() for m in labels])
-            if label.name != CONFIDENCE_LABEL]
+    with cvat_errors(client, f"project {project_id}"):
+        labels = client.projects.retrieve(project_id).get_labels()
+    return [Label(label.name, label.type, label.attributes) for label in read_labels([m.to_dict() for m in labels])]
+
+
+def pretrained_labels(architecture: str) -> list[Label]:
+    """The labels an architecture's pretrained weights predict (COCO's, ImageNet's): what its function serves until
+    the store has a version of its name."""
+    arch = get_architecture(architecture)
+    try:
+        return family_of(arch).pretrained_labels(arch)
+    except PretrainedWeightsUnavailable:
+        raise DeployError(f"{arch.name} has no pretrained labels to serve: deploy it for the CVAT project it learns "
+                          "from with --train-project P, or train it first") from None
 
 
 def secret_env_args(environ: Mapping[str, str]) -> list[str]:
@@ -165,41 +175,69 @@ def _project_exists(create: list[str]) -> bool:
     return subprocess.run(get, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
 
 
-def deploy_model(args: argparse.Namespace, environ: Mapping[str, str] | None = None,
-                 out: TextIO | None = None) -> int:
+def deploy_model(model: str, *, store: str | os.PathLike | None = None, train_project: int | None = None,
+                 architecture: str | None = None, cron: str | None = None, annotate_on: str | None = None,
+                 reannotate_unreviewed: bool = False, gpu: bool = False, platform: str = "local",
+                 namespace: str | None = None, registry: str | None = None, base_image: str | None = None,
+                 store_claim: str | None = None, out_dir: str | os.PathLike | None = None, dry_run: bool = False,
+                 connect: Callable[[], Any] | None = None, environ: Mapping[str, str] | None = None,
+                 out: TextIO | None = None) -> str:
+    """Render the Nuclio function serving ``model`` (``NAME`` or ``NAME@VERSION`` in ``store``) into ``out_dir`` and
+    deploy it with nuctl, or with ``dry_run`` print the commands; returns the function's name.
+
+    Before a model's first version its labels come from the CVAT project ``train_project`` (read with a client from
+    ``connect``, default: ``cvat.client.connect()`` from the environment) or, for an architecture's own name, from
+    its pretrained weights (what it serves until then). A dry run reads the store but needs none; otherwise the
+    store is made when missing, as the function trains into it."""
     environ = os.environ if environ is None else environ
     out = out or sys.stdout
-    if args.cron and args.train_project is None:
+    if cron and train_project is None:
         raise DeployError("--cron retrains a project: give it with --train-project N")
-    if args.platform == "kube" and not args.store_claim:
+    if platform == "kube" and not store_claim:
         raise DeployError("on Kubernetes the store is a PersistentVolumeClaim: give it with --store-claim NAME")
-    parsed = ModelReference.parse(args.model)
-    # Deploying for a project comes first: the store the function will train into is made (and mounted) now.
-    store = open_store(args.store, create=args.train_project is not None)
-    untrained = parsed.version is None and not store.versions(parsed.name)
-    if untrained and args.train_project is None:
+    parsed = ModelReference.parse(model)
+    root = Path(store or default_store())
+    models = ModelStore(root)  # what is there; a missing store holds nothing
+    untrained = parsed.version is None and not models.versions(parsed.name)
+    if untrained and train_project is None and not parsed.architecture:
+        open_store(root)  # a mistyped --store says so
         raise DeployError(f"{parsed.name} has no version yet: deploy it for the CVAT project it learns from with "
                           "--train-project P (the project's labels go into the function), or train it first")
-    directory = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "preannotate-functions" / parsed.name
-    labels = project_labels(args, args.train_project) if untrained else None
-    annotate_on = args.annotate_on if args.annotate_on is not None else ("task" if args.train_project else "")
+    first_labels = None
+    if untrained and train_project is not None:
+        if connect is None:
+            from preannotate.cvat.client import connect as connect_from_environment
+
+            connect = connect_from_environment
+        with connect() as client:
+            first_labels = project_labels(client, train_project)
+    elif untrained:
+        first_labels = pretrained_labels(parsed.architecture)
+    if not dry_run:
+        root.mkdir(parents=True, exist_ok=True)  # the function trains into it: made (and mounted) now
+    directory = Path(out_dir) if out_dir else Path(tempfile.gettempdir()) / "preannotate-functions" / parsed.name
+    if annotate_on is None:
+        annotate_on = "task" if train_project else ""
     directory, name, impossible = render_model_function(
-        store, args.model, directory, cron=args.cron, train_project=args.train_project, store_claim=args.store_claim,
-        project_labels=labels, architecture=args.arch, annotate_on="" if annotate_on == "none" else annotate_on,
-        reannotate="unreviewed" if args.reannotate_unreviewed else "")
+        models, model, directory, cron=cron, train_project=train_project, store_claim=store_claim,
+        first_labels=first_labels, architecture=architecture, annotate_on="" if annotate_on == "none" else annotate_on,
+        reannotate="unreviewed" if reannotate_unreviewed else "")
     print(f"# function {name} rendered in {directory}", file=out)
-    if untrained:
+    if untrained and train_project is not None:
         print(f"# {parsed.name} is not trained yet: the function answers 503 until a job of project "
-              f"{args.train_project} is finished (its webhook starts training) or POST /train", file=out)
+              f"{train_project} is finished (its webhook starts training) or POST /train", file=out)
+    elif untrained:
+        print(f"# {parsed.name} has no version yet: the function serves {parsed.name}'s pretrained weights until "
+              "one is trained under that name", file=out)
     for label in impossible:
         print(f"# left out of the spec: {label.name} ({label.type}): the model cannot return {label.type} shapes, "
               "so CVAT could map nothing to it", file=out)
-    commands = nuctl_commands(directory, args.gpu, environ, platform=args.platform, namespace=args.namespace,
-                              registry=args.registry, base_image=args.base_image)
-    run_commands(commands, args.dry_run, out, NUCTL_HINT)
-    if not args.dry_run:
+    commands = nuctl_commands(directory, gpu, environ, platform=platform, namespace=namespace, registry=registry,
+                              base_image=base_image)
+    run_commands(commands, dry_run, out, NUCTL_HINT)
+    if not dry_run:
         print(f"deployed {name}: it appears in CVAT's Models page", file=out)
-    return 0
+    return name
 
 
 # ------------------------------------------------------------------------------------------ image build step
@@ -307,76 +345,3 @@ def submit_kubernetes_job(manifest: dict[str, Any], dry_run: bool = False, kubec
     if code != 0:
         raise DeployError(f"`{shlex.join(command)}` failed with exit code {code}")
     return command
-
-
-# ------------------------------------------------------------------------------------------ command line
-
-def add_commands(commands: argparse._SubParsersAction, models_commands: argparse._SubParsersAction,
-                 common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """``preannotate deploy`` and ``preannotate models fetch-weights`` (``common``: the options every command takes);
-    returns the deploy parser (the command line adds its CVAT options: a project's labels are read from CVAT)."""
-    what = "put architectures' pretrained weights into torch's cache (a function image build step)"
-    fetch = models_commands.add_parser("fetch-weights", help=what, description=what, parents=[common])
-    fetch.add_argument("architectures", nargs="+", help="registry architectures")
-
-    what = ("deploy a Nuclio function serving a trained model (nuctl), or submit a training job to Kubernetes "
-            "(--runner kubernetes)")
-    deploy = commands.add_parser("deploy", help=what, description=what, parents=[common])
-    deploy.add_argument("--model", help="NAME[@VERSION] in the store (NAME follows the served version)")
-    deploy.add_argument("--store", default=None,
-                        help="the model store on this machine, mounted into the function (default "
-                             f"$PREANNOTATE_MODEL_STORE, else {DEFAULT_STORE})")
-    deploy.add_argument("--gpu", action="store_true", help="deploy function-gpu.yaml (or a GPU training Job)")
-    deploy.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
-    deploy.add_argument("--cron", help="retrain on a schedule when the annotations changed: an interval (6h) or a "
-                                       "cron schedule ('0 3 * * *'); needs --train-project")
-    deploy.add_argument("--train-project", type=int,
-                        help="the CVAT project the function learns from (finished jobs retrain it, cron retrains "
-                             "it) and pre-annotates; before the first version its labels go into the function")
-    deploy.add_argument("--arch", help="the architecture to train (default: the served version's, else "
-                                       f"{DEFAULT_ARCHITECTURE})")
-    deploy.add_argument("--annotate-on", choices=("task", "none"),
-                        help="task: pre-annotate each new task of --train-project once its data is uploaded "
-                             "(the default with --train-project); none: only when asked")
-    deploy.add_argument("--reannotate-unreviewed", action="store_true",
-                        help="when a better version is promoted, pre-annotate again the project's tasks no one "
-                             "has started (every job new, in annotation)")
-    deploy.add_argument("--out", help="where to write the function directory (default: a temporary directory)")
-    deploy.add_argument("--platform", choices=("local", "kube"), default="local",
-                        help="Nuclio platform: local (Docker, default) or kube")
-    deploy.add_argument("--namespace", help="Kubernetes namespace (kube platform, or the training Job)")
-    deploy.add_argument("--registry", help="container registry the kube platform pushes function images to")
-    deploy.add_argument("--base-image", help="the base image as the kube builder pulls it "
-                                             "(e.g. REGISTRY/cvat.preannotate.base:cpu)")
-    deploy.add_argument("--store-claim", help="PersistentVolumeClaim holding the store (Kubernetes)")
-    deploy.add_argument("--runner", choices=("nuclio", "kubernetes"), default="nuclio",
-                        help="nuclio: deploy a function for --model (default); kubernetes: run the store's job "
-                             "--job as a Kubernetes Job")
-    deploy.add_argument("--job", help="the id of a job recorded in the store (with --runner kubernetes)")
-    deploy.add_argument("--image", help="the image of the training Job: the function's image")
-    deploy.add_argument("--secret", default="preannotate",
-                        help="Secret with CVAT_URL, credentials, ... for the training Job (default %(default)s)")
-    return deploy
-
-
-def cmd_deploy(args: argparse.Namespace) -> int:
-    if args.runner == "kubernetes":
-        missing = [flag for flag, value in (("--job", args.job), ("--image", args.image),
-                                            ("--store-claim", args.store_claim)) if not value]
-        if missing:
-            raise DeployError(f"--runner kubernetes needs {', '.join(missing)}")
-        manifest = render_training_job(args.job, args.image, args.store_claim, gpu=args.gpu, secret=args.secret,
-                                       namespace=args.namespace)
-        submit_kubernetes_job(manifest, dry_run=args.dry_run)
-        if not args.dry_run:
-            print(f"submitted; follow it with: kubectl logs -f job/{manifest['metadata']['name']}")
-        return 0
-    if not args.model:
-        raise DeployError("say which model to deploy: --model NAME[@VERSION]")
-    return deploy_model(args)
-
-
-def cmd_fetch_weights(args: argparse.Namespace) -> int:
-    for architecture in args.architectures:
-        print(f"{architecture}: {fetch_weights(architecture)}")
-    return 0

@@ -22,11 +22,12 @@ What the user did not give, the trainer may fit to the data (``Hyperparameters.r
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from preannotate.suggest import close_names
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adamax", "adagrad", "adadelta")
 SCHEDULES = ("constant", "multi-step", "one-cycle", "step", "exponential", "cosine", "on-plateau")
@@ -496,13 +497,10 @@ def valid_keys() -> list[str]:
 
 
 def unknown_key(key: str) -> str:
-    """The sentence for a key the language lacks: the closest keys (and aliases) it may mean, and where to read them
-    all, instead of the ~70 of them at once."""
-    spelled = normalize_key(key)
-    known = {name: name for name in FIELDS} | {alias: target for alias, target in ALIASES.items()}
-    close = difflib.get_close_matches(spelled, known, n=3, cutoff=0.6)
-    close += [name for name in known if spelled and len(spelled) >= 3 and spelled in name and name not in close][:3]
-    hint = f"; did you mean {' or '.join(dict.fromkeys(k.replace('_', '-') for k in close[:3]))}?" if close else ""
+    """The sentence for a key the language lacks: the keys (and aliases) it may mean, and where to read them all,
+    instead of the ~70 of them at once."""
+    close = close_names(normalize_key(key), [*FIELDS, *ALIASES])
+    hint = f"; did you mean {' or '.join(name.replace('_', '-') for name in close)}?" if close else ""
     return f"unknown hyperparameter {key.strip()!r}{hint} (`preannotate train --help-hyperparameters` lists them all)"
 
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from preannotate import uncertainty
+from preannotate import devices, uncertainty
 from preannotate.cvat import lambda_spec
 from preannotate.shapes import Label
 from preannotate.training.jobs import TRY_LATER, Job, JobStore
@@ -47,14 +47,14 @@ def run(store_root: Path, job_id: str, environ: dict[str, str] | None = None) ->
     env = dict(os.environ if environ is None else environ)
     jobs = JobStore(store_root)
     job = jobs.get(job_id)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        if job.request.get("kind") == "annotate":
+        if job.request.get("kind") == "annotate":  # SIGTERM ends it at once: its uploads are journaled, it resumes
             outcome = annotate_job(job, store_root, env)
         else:
             from preannotate.training.execute import execute_job
 
+            stop = threading.Event()  # SIGTERM: the trainer checkpoints and stops
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
             outcome = execute_job(job, jobs.work_dir(job_id), store_root, stop)
     except NotReady as waiting:
         log.info("%s", waiting)
@@ -109,7 +109,7 @@ def annotate_job(job: Job, store_root: Path, env: dict[str, str]) -> dict[str, A
         if started and not job.request.get("force"):
             return {"skipped": f"task {task_id}: people already work on job(s) "
                                f"{', '.join(map(str, started))}; it is left to them"}
-        detector = load_model(job.request["model"], store_root, env.get("PREANNOTATE_DEVICE") or None)
+        detector = load_model(job.request["model"], store_root, devices.from_environment(env))
         report = annotate_task(client, task_id, detector=detector, only_unannotated=True, progress=False,
                                state_dir=store_root / ".journal", cache_dir=store_root / ".jobs" / job.id / "chunks")
     least = uncertainty.ranking(report.confidence)[:10]

@@ -228,8 +228,9 @@ def read_dataset(path: str | Path) -> tuple[list[Label], dict[str, list[tuple[Fr
             return _prefer_saved(saved, labels), splits
     if imagenet.is_folder(root):
         return imagenet.read(root, saved)
-    raise ValueError(f"{root}: neither a COCO folder (annotations/instances_*.json), nor TFRecords with "
-                     "label_map.pbtxt, nor an ImageNet-style folder of tags (<split>/<label>/<image>)")
+    raise ValueError(f"{root} holds no dataset: a COCO folder (annotations/instances_<split>.json, images/), "
+                     "TFRecords (<split>.record-* with label_map.pbtxt) or an ImageNet-style folder of tags "
+                     "(<split>/<label>/<image>, nothing else)")
 
 
 def _prefer_saved(saved: list[Label] | None, labels: list[Label] | None) -> list[Label]:

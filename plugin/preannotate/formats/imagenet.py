@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -47,15 +47,27 @@ def write_frame(root: Path, split: str, frame: FrameAnnotations, data: bytes, na
 
 
 def is_folder(root: Path) -> bool:
-    """Whether ``root`` holds split folders of label folders of images (and no COCO or TFRecord files)."""
-    return any(_images(split) for split in _splits(root))
+    """Whether ``root`` is laid out as split folders of label folders of images: a split holds label folders and
+    nothing else, a label folder images (at any depth: a project's frames are under ``task_<id>/``) and nothing
+    else, and there is an image. Hidden files and folders do not count. Anything else — a model store, a demo's
+    output, a folder of photos — holds no tags to learn."""
+    images = 0
+    for split in _splits(root):
+        for entry in _visible(split.iterdir()):
+            if not entry.is_dir():
+                return False  # a file beside the label folders
+            files = [path for path in _visible(entry.rglob("*"), entry) if path.is_file()]
+            if any(path.suffix.lower() not in _EXTENSIONS for path in files):
+                return False
+            images += len(files)
+    return images > 0
 
 
 def read(root: Path, saved: list[Label] | None) -> tuple[list[Label], dict[str, list[tuple[FrameAnnotations, Path]]]]:
     """Labels and, per split, ``(frame with its one tag, image path)`` in the order of the frames' names (CVAT's
     frame order, not grouped by label); frames are numbered per split."""
     splits = _splits(root)
-    folders = sorted({child.name for split in splits for child in split.iterdir() if child.is_dir()})
+    folders = sorted({child.name for split in splits for child in _visible(split.iterdir()) if child.is_dir()})
     labels = saved or [Label(name, TAG, id=i) for i, name in enumerate(folders, start=1)]
     label_of = {folder(label.name): label.name for label in labels}
     out: dict[str, list[tuple[FrameAnnotations, Path]]] = {}
@@ -74,10 +86,22 @@ def read(root: Path, saved: list[Label] | None) -> tuple[list[Label], dict[str, 
 
 
 def _splits(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("annotations", "images")) \
+    return sorted(p for p in _visible(root.iterdir()) if p.is_dir() and p.name not in ("annotations", "images")) \
         if root.is_dir() else []
 
 
 def _images(directory: Path) -> Iterable[Path]:
-    extensions = set(Image.registered_extensions())
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+    return sorted(p for p in _visible(directory.rglob("*"), directory) if p.is_file()
+                  and p.suffix.lower() in _EXTENSIONS)
+
+
+def _visible(paths: Iterable[Path], under: Path | None = None) -> Iterator[Path]:
+    """``paths`` without the hidden ones (``.DS_Store``, ``.ipynb_checkpoints/``, ...): by their name or, with
+    ``under``, by any part of their path below it."""
+    for path in paths:
+        parts = path.relative_to(under).parts if under else (path.name,)
+        if not any(part.startswith(".") for part in parts):
+            yield path
+
+
+_EXTENSIONS = frozenset(Image.registered_extensions())

@@ -28,13 +28,13 @@ from preannotate.models.registry import (
     get_architecture,
     hyperparameters_for,
 )
-from preannotate.shapes import Label
+from preannotate.shapes import Label, parse_label_list
 
 __all__ = ["ARCHITECTURES", "DEFAULT_STORE", "Architecture", "Detector", "Manifest", "ModelFamily", "ModelNotFound",
            "ModelReference", "ModelStore", "PretrainedWeightsUnavailable", "UnsupportedLabels", "architecture_of",
-           "check_label_types", "create_detector", "default_hyperparameters", "default_store", "family_of",
-           "get_architecture", "hyperparameters_for", "load_detector", "load_model", "manifest_hyperparameters",
-           "open_store", "publish_detector", "save_artifact"]
+           "check_label_types", "create_detector", "declared_labels", "default_hyperparameters", "default_store",
+           "family_of", "get_architecture", "hyperparameters_for", "load_detector", "load_model",
+           "manifest_hyperparameters", "open_store", "publish_detector", "save_artifact"]
 
 
 class UnsupportedLabels(ValueError):
@@ -46,9 +46,20 @@ def family_of(arch: Architecture) -> ModelFamily:
     return cast(ModelFamily, importlib.import_module(f"preannotate.models.{arch.family}_family"))
 
 
+def declared_labels(arch: Architecture, text: str) -> list[Label]:
+    """The labels a person declares for a model, ``"car,person"`` or ``"car:rectangle,person"``: an untyped one
+    takes the type the model fills (its output: ``rectangle`` for boxes, ``mask``, ``tag`` for a classifier), as a
+    project's labels do in a deployed function's spec; a type it can never fill is ``UnsupportedLabels``. ``arch``
+    as the hyperparameters compose it (``Architecture.resolved``)."""
+    labels = parse_label_list(text, default_type=arch.output)
+    check_label_types(arch, labels)
+    return labels
+
+
 def check_label_types(arch: Architecture, labels: Sequence[Label]) -> None:
     """``UnsupportedLabels`` naming every label whose CVAT type the model's output can never fill (for labels a
-    person declares; training learns boxes from any outline, so it does not ask)."""
+    person declares; training learns boxes from any outline, so it does not ask). ``arch`` as the hyperparameters
+    compose it (``Architecture.resolved``): a composed model with the Mask R-CNN head fills mask labels."""
     wrong = [label for label in labels if label.type not in arch.label_types]
     if wrong:
         listed = ", ".join(f"{label.name} ({label.type})" for label in wrong)

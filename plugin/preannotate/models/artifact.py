@@ -22,8 +22,8 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -187,9 +187,7 @@ class ModelStore:
         With ``promote=False`` the version is kept but the one served so far stays served."""
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ValueError(f"model name {name!r}: use letters, digits, '_', '.' and '-'")
-        staging_root = self.root / ".staging"
-        staging_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=staging_root))
+        staging = self._staging(name)
         try:
             manifest = write(staging)
             (self.root / name).mkdir(parents=True, exist_ok=True)
@@ -214,6 +212,20 @@ class ModelStore:
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+
+    def _staging(self, name: str) -> Path:
+        """A new directory to write a version of ``name`` into, made as ``mkdir`` makes any: readable by others as
+        the umask allows (0755 with the usual 022), since a function whose container runs as another user than
+        the trainer serves from the same store. (``tempfile.mkdtemp`` would make it 0700.)"""
+        staging_root = self.root / ".staging"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        while True:
+            staging = staging_root / f"{name}-{secrets.token_hex(4)}"
+            try:
+                staging.mkdir()
+                return staging
+            except FileExistsError:  # taken by another publisher: draw again
+                continue
 
     @contextlib.contextmanager
     def _locked(self, name: str):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +15,7 @@ from preannotate.hyperparameters import (
     HyperparameterError,
     Hyperparameters,
 )
+from preannotate.suggest import did_you_mean
 
 
 class UnknownArchitecture(ValueError):
@@ -64,7 +65,13 @@ class Architecture:
     @property
     def function_name(self) -> str:
         """The Nuclio function (and CVAT function id) that serves this architecture."""
-        return FUNCTION_PREFIX[self.framework] + self.name.replace("_", "-")
+        return function_name(self.name, self.framework)
+
+
+def function_name(model_name: str, framework: str = "pytorch") -> str:
+    """The Nuclio function (and CVAT function id) serving a model, an architecture's or one of the store's:
+    ``pth-`` or ``tf-`` as CVAT's own, then the name in lower case with dashes."""
+    return FUNCTION_PREFIX[framework] + re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-")
 
 
 FUNCTION_PREFIX = {"pytorch": "pth-preannotate-", "tensorflow": "tf-preannotate-"}  # as CVAT's own functions
@@ -215,10 +222,8 @@ def get_architecture(name: str) -> Architecture:
     try:
         return ARCHITECTURES[name]
     except KeyError:
-        close = difflib.get_close_matches(name, ARCHITECTURES, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UnknownArchitecture(
-            f"unknown architecture {name!r}{hint}; known: {', '.join(ARCHITECTURES)}") from None
+        raise UnknownArchitecture(f"unknown architecture {name!r}{did_you_mean(name, ARCHITECTURES)}; known: "
+                                  f"{', '.join(ARCHITECTURES)}") from None
 
 
 def default_hyperparameters(name: str, init: str | None = None) -> Hyperparameters:

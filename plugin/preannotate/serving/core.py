@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from preannotate import devices
 from preannotate.cvat import lambda_spec
 from preannotate.models import (
     Manifest,
@@ -27,6 +28,7 @@ from preannotate.models import (
     load_model,
 )
 from preannotate.serving import contract
+from preannotate.suggest import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,14 @@ class Reply:
 
 class ModelProvider:
     """The model named by ``reference`` (``models.reference``: an artifact directory, ``NAME``, ``NAME@VERSION`` or
-    an architecture), loaded once and swapped for the newly served version when the store's changes."""
+    an architecture), loaded once and swapped for the newly served version when the store's changes.
+
+    A name with no version yet is served once trained: ``how_to_train`` says how in the 503 until then. With
+    ``how_to_train=None`` nothing trains it, and such a name is a mistake: ``ModelNotFound`` names the store's
+    models."""
 
     def __init__(self, reference: str | ModelReference, store: ModelStore, device: str | None = None,
-                 how_to_train: str = "POST /train or `preannotate train`"):
+                 how_to_train: str | None = "POST /train or `preannotate train`"):
         self.reference = reference if isinstance(reference, ModelReference) else ModelReference.parse(reference)
         self.store = store
         self.device = device
@@ -67,6 +73,12 @@ class ModelProvider:
         self._loaded_version: int | None = None
         self._load_lock = threading.Lock()
         if self.untrained():
+            if how_to_train is None:
+                name, names = self.reference.name, store.names()
+                raise ModelNotFound(f"no model named {name!r} in {store.root}{did_you_mean(name, names)}; models "
+                                    f"there: {', '.join(names) or 'none'} (train it first: `preannotate train "
+                                    f"--model ARCHITECTURE --name {name} ...`, or set PREANNOTATE_TRAIN_PROJECT=P "
+                                    "to serve it once the finished jobs of CVAT project P train it)")
             log.warning("model %r is not trained yet (nothing published in %s): %s", self.reference.text,
                         store.root, how_to_train)
 
@@ -126,6 +138,23 @@ class ModelProvider:
         log.info("serving %s (version %s) after %.1fs", self.reference.text, version, time.perf_counter() - started)
 
 
+def how_to_train(environ: dict[str, str], store: ModelStore, reference: str) -> str | None:
+    """What trains a model that has no version yet, as its 503 says: the CVAT project or tasks the function learns
+    from, or a training job recorded for it in the store; None when nothing does."""
+    project, tasks = environ.get("PREANNOTATE_TRAIN_PROJECT"), environ.get("PREANNOTATE_TRAIN_TASKS")
+    if project:
+        return f"finish a job in CVAT project {project} (its webhook starts training) or POST /train"
+    if tasks:
+        return f"finish a job of CVAT task(s) {tasks} (its webhook starts training) or POST /train"
+    from preannotate.training.jobs import FINISHED, JobStore
+
+    name = ModelReference.parse(reference).name
+    for job in JobStore(store.root).all():
+        if job.request.get("name") == name and job.state not in FINISHED:
+            return f"its training job {job.id} runs (GET /jobs/{job.id})"
+    return None
+
+
 def spec_fix(name: str, dropped: list[str], project: str | None = None) -> str:
     """The one command that brings a deployed function's CVAT spec in step with the model it serves."""
     command = f"preannotate deploy --model {name}" + (f" --train-project {project}" if project else "")
@@ -147,7 +176,7 @@ class App:
         # One forward pass at a time: torch already spreads one over every core. Concurrent requests (the local
         # server's threads) then finish one after another, instead of all of them together at the very end.
         self._inference = threading.Lock()
-        self._routes: list[tuple[str, re.Pattern, Handler]] = []
+        self._routes: list[tuple[str, re.Pattern, Handler, str]] = []  # method, pattern, handler, path as written
         self.status: dict[str, Any] = {}  # what features add to GET /health (how the training routes are guarded)
         self.route("POST", "/", self.detect)
         self.route("GET", "/health", self.health)
@@ -155,26 +184,30 @@ class App:
 
     @classmethod
     def from_environment(cls, environ: dict[str, str] | None = None) -> App:
+        """The app of a function (or of ``preannotate serve``) as its environment configures it."""
         env = os.environ if environ is None else environ
         store = ModelStore(env.get("PREANNOTATE_MODEL_STORE") or default_store())
         reference = env.get("PREANNOTATE_MODEL")
         if not reference:
             raise RuntimeError("PREANNOTATE_MODEL is not set: name a model in the store, an architecture, "
                                "or an artifact directory")
+        device = devices.from_environment(env)
         project = env.get("PREANNOTATE_TRAIN_PROJECT")
-        how = (f"finish a job in CVAT project {project} (its webhook starts training) or POST /train" if project
-               else "POST /train or `preannotate train`")
-        return cls(ModelProvider(reference, store, env.get("PREANNOTATE_DEVICE") or None, how),
+        return cls(ModelProvider(reference, store, device, how_to_train(env, store, reference)),
                    lambda_spec.spec_names(env), project)
 
-    def route(self, method: str, pattern: str, handler: Handler) -> None:
-        self._routes.append((method.upper(), re.compile(pattern.rstrip("/") + "/?$"), handler))
+    def route(self, method: str, path: str, handler: Handler) -> None:
+        """Answer ``method path`` with ``handler``; a ``<name>`` part of the path (``/jobs/<id>``) matches one path
+        segment of letters, digits, ``_``, ``.`` and ``-``, handed to the handler as a group of its match."""
+        parts = re.split(r"(<\w+>)", path.rstrip("/"))
+        pattern = "".join(r"([\w.-]+)" if part.startswith("<") else re.escape(part) for part in parts)
+        self._routes.append((method.upper(), re.compile(pattern + "/?$"), handler, path))
 
     def handle(self, request: Request) -> Reply:
         path = "/" + (request.path or "/").split("?", 1)[0].strip("/")
         method = (request.method or "POST").upper()
         allowed = []
-        for route_method, pattern, handler in self._routes:
+        for route_method, pattern, handler, _ in self._routes:
             match = pattern.match(path)
             if not match:
                 continue
@@ -192,7 +225,7 @@ class App:
         if allowed:
             return Reply(405, {"error": f"{method} is not allowed on {path}; use {', '.join(sorted(set(allowed)))}"},
                          {"Allow": ", ".join(sorted(set(allowed)))})
-        routes = ", ".join(f"{m} {p.pattern[:-3] or '/'}" for m, p, _ in self._routes)
+        routes = ", ".join(f"{route_method} {written}" for route_method, _, _, written in self._routes)
         return Reply(404, {"error": f"no route for {method} {path}; routes: {routes}"})
 
     @staticmethod

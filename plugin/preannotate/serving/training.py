@@ -52,8 +52,8 @@ class TrainingRoutes:
         self.triggers = Triggers(jobs, TrainingPolicy.from_environment(self.env))
         app.route("POST", "/train", self._guarded(self.train))
         app.route("GET", "/jobs", self._guarded(self.list_jobs))
-        app.route("GET", r"/jobs/([\w.-]+)", self._guarded(self.get_job))
-        app.route("POST", r"/jobs/([\w.-]+)/cancel", self._guarded(self.cancel_job))
+        app.route("GET", "/jobs/<id>", self._guarded(self.get_job))
+        app.route("POST", "/jobs/<id>/cancel", self._guarded(self.cancel_job))
         app.route("POST", "/webhook", self.webhook)  # guarded by its signature
         app.route("POST", "/cron", self._guarded(self.cron, platform_cron=True))
         app.status["training_routes"] = self.mode()

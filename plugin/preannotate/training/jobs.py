@@ -211,11 +211,21 @@ class JobRunner:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Start no more jobs and stop the one running: SIGTERM to its processes (a training checkpoints and stops,
+        a pre-annotation ends, its uploads journaled). The job stays ``running``, so the store's next runner resumes
+        it. Waits for that, at most ``timeout`` seconds (default: until it has stopped)."""
         self._stop.set()
         self._wake.set()
         if self._thread:
             self._thread.join(timeout)
+
+    def kill(self) -> None:
+        """End the running job's processes at once (SIGKILL); it resumes from its last checkpoint."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
 
     def wake(self) -> None:
         """Look at the queue now (a job was added or cancelled)."""
