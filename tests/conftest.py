@@ -70,7 +70,7 @@ def wait_while_advancing(predicate, progress, what: str, stalled_s: float = STAL
         if current != seen:
             seen, moved = current, now
         elif now - moved > stalled_s:
-            raise AssertionError(f"{what} stopped advancing: nothing moved for {stalled_s:.0f} s")
+            raise AssertionError(f"{what} stopped advancing: nothing moved for {stalled_s:g} s")
         if now - started > SAFETY_CAP_S:
             raise AssertionError(f"{what} still not done after {SAFETY_CAP_S:.0f} s")
         time.sleep(poll_s)
@@ -103,10 +103,10 @@ def job_activity(jobs, job_id: str):
 
 
 def run_while_advancing(command: list[str], *, watch: tuple = (), what: str | None = None,
-                        **popen) -> subprocess.CompletedProcess:
+                        stalled_s: float = STALLED_S, **popen) -> subprocess.CompletedProcess:
     """``subprocess.run(command, capture_output=True, text=True)`` bounded by the work, not the clock: waits while
-    its output or a file under ``watch`` (its run directory, say) changes; once neither has for ``STALLED_S``
-    seconds, kills it and raises AssertionError with the end of its output."""
+    its output or a file under ``watch`` (its run directory, say) changes; once neither has for ``stalled_s``
+    seconds, kills it (and what it started) and raises AssertionError with the end of its output."""
     scratch = Path(tempfile.mkdtemp(dir=_SCRATCH))
     out, err = scratch / "stdout", scratch / "stderr"
     with open(out, "wb") as stdout, open(err, "wb") as stderr:  # files, not pipes: their growth is progress
@@ -114,7 +114,7 @@ def run_while_advancing(command: list[str], *, watch: tuple = (), what: str | No
                                    start_new_session=True, **popen)  # a group of its own: its children go with it
     try:
         wait_while_advancing(lambda: process.poll() is not None, files_activity(scratch, *watch),
-                             what or " ".join(map(str, command))[:200])
+                             what or " ".join(map(str, command))[:200], stalled_s)
     except AssertionError as stalled:
         raise AssertionError(f"{stalled}\n{err.read_text(errors='replace')[-3000:]}") from None
     finally:
