@@ -118,10 +118,11 @@ def run_while_advancing(command: list[str], *, watch: tuple = (), what: str | No
     except AssertionError as stalled:
         raise AssertionError(f"{stalled}\n{err.read_text(errors='replace')[-3000:]}") from None
     finally:
-        if process.poll() is None:  # stalled, or the test was interrupted
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        # stalled, interrupted, or ended with something it started still running (a server a script put in the
+        # background): the whole group goes
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
     done = subprocess.CompletedProcess(command, process.returncode, out.read_text(errors="replace"),
                                        err.read_text(errors="replace"))
     shutil.rmtree(scratch, ignore_errors=True)
