@@ -6,7 +6,7 @@ EXTRAS ?= torch,tf,dev
 STAMP := $(VENV)/.installed-$(shell echo "$(EXTRAS)" | tr ',' '-')
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast lint bench bench-all demo functions constraints clean
+.PHONY: setup test test-all lint bench bench-all demo functions constraints clean
 
 setup: $(STAMP)
 
@@ -16,11 +16,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
+# The fast suite (a few minutes on two cores): every module, unit and contract tests, and the whole path in small
+# through the CVAT test double. test-all adds the tests marked slow: trainings to a quality, the composition grid,
+# SIGKILL resumes, the full menu loop (CI runs it, .ci/run).
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
-
-test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/python -m ruff check plugin tests bench functions

@@ -510,12 +510,20 @@ class CvatDouble:
                                         "enable_ssl": enable_ssl}, self._helper_base())
             return record["id"]
 
-    def wait_for_deliveries(self, timeout: float = 10) -> list[Delivery]:
+    def wait_for_deliveries(self, timeout: float | None = None) -> list[Delivery]:
         """Wait until every queued webhook delivery has been sent (or failed) and return ``deliveries`` (a copy).
-        ``TimeoutError`` if some are still unsent after ``timeout`` seconds."""
+        ``TimeoutError`` if some are still unsent after ``timeout`` seconds. Without a timeout it waits as long as
+        they keep going out: each ends within its own HTTP timeouts (``WEBHOOK_TIMEOUT`` to connect, and again to
+        answer, as CVAT's worker sends), so only a stuck courier times out, however slow the machine."""
         with self._queue_cond:
-            if not self._queue_cond.wait_for(lambda: self._unsent <= 0, timeout):
+            if timeout is not None and not self._queue_cond.wait_for(lambda: self._unsent <= 0, timeout):
                 raise TimeoutError(f"{self._unsent} webhook deliveries still unsent after {timeout} s")
+            while self._unsent > 0:
+                sent, stuck_after = len(self.deliveries), 3 * WEBHOOK_TIMEOUT
+                if not self._queue_cond.wait_for(lambda sent=sent: len(self.deliveries) > sent or self._unsent <= 0,
+                                                 stuck_after):
+                    raise TimeoutError(f"{self._unsent} webhook deliveries still unsent: none went out in "
+                                       f"{stuck_after} s")
             return list(self.deliveries)
 
     # ----------------------------------------------------------------- seeding from the recordings

@@ -256,7 +256,6 @@ def test_the_nuclio_function_answers_cvat_with_tag_items(trained, lighting, monk
     assert items[0]["type"] == "tag" and items[0]["label"] == frame.tags[0] and float(items[0]["confidence"]) >= 0.5
 
 
-@pytest.mark.slow
 def test_cvat_sdk_and_annotate_write_the_same_tags_and_reruns_replace_them(trained, lighting, cvat_double,
                                                                           tmp_path):
     _, store = trained

@@ -183,7 +183,6 @@ def test_the_test_suite_leaves_no_scratch_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
 def test_tensorflow_starts_without_its_cpp_chatter():
     script = "from preannotate.formats import tfrecord; tfrecord.tensorflow()"
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
@@ -210,7 +209,6 @@ def _served_better(store: Path) -> None:
     ModelStore(store).publish("shapes", write)
 
 
-@pytest.mark.slow
 def test_train_keeps_a_worse_version_unserved_and_an_unscored_one_too(tmp_path, capsys):
     store = tmp_path / "store"
     _served_better(store)

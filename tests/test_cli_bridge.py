@@ -117,7 +117,6 @@ def test_annotate_a_task_with_a_model_from_the_store(cvat_env, published_store, 
 TINY = "init=random; num-steps=2; batch-size=2; image-size=64; max-image-size=96; num-validations=1"
 
 
-@pytest.mark.slow
 def test_train_from_a_cvat_task_and_from_its_export_publishes_versions(cvat_env, tmp_path, capsys):
     store = tmp_path / "store"
     assert cli(["train", "--task", "7", "--model", "fasterrcnn_mobilenet_v3_large_320_fpn", "-H",

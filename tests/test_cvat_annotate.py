@@ -24,7 +24,6 @@ from tests.conftest import encode, photo
 
 cvat_double = double_module.cvat_double
 logging.getLogger("cvat_sdk").setLevel(logging.ERROR)  # cvat-sdk 2.80 warns about the 2.42 server
-pytestmark = pytest.mark.slow
 
 FILES = [encode(photo(64, 48, seed=i)) for i in range(6)]
 

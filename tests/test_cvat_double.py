@@ -12,7 +12,6 @@ import logging
 import re
 import socket
 import threading
-import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -675,11 +674,12 @@ def test_pending_upload_then_finish_upload(cvat_double, client):
 
 class Receiver:
     """A small HTTP server taking webhook deliveries: keeps (path, headers in order, raw body), answers
-    ``status`` with ``answer`` after ``delay`` seconds."""
+    ``status`` with ``answer`` once ``open`` is set (it is, unless a test holds the deliveries)."""
 
     def __init__(self) -> None:
         self.received: list[tuple[str, list[tuple[str, str]], bytes]] = []
-        self.status, self.answer, self.delay = 200, b"ok", 0.0
+        self.status, self.answer, self.open = 200, b"ok", threading.Event()
+        self.open.set()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -687,7 +687,7 @@ class Receiver:
 
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                time.sleep(receiver.delay)
+                receiver.open.wait()
                 receiver.received.append((self.path, list(self.headers.items()), body))
                 self.send_response(receiver.status)
                 self.send_header("Content-Length", str(len(receiver.answer)))
@@ -709,6 +709,7 @@ class Receiver:
 def receiver():
     got = Receiver()
     yield got
+    got.open.set()  # nothing held past the test
     got.server.shutdown()
     got.server.server_close()
 
@@ -852,14 +853,14 @@ def test_webhooks_created_over_http_filters_and_a_target_that_is_down(cvat_doubl
 
 def test_deliveries_are_sent_in_order_from_a_background_thread(cvat_double, receiver):
     cvat_double.add_webhook(receiver.url(), "", ["update:job"], 6)  # no secret: no signature header
-    receiver.delay = 0.5
-    started = time.monotonic()
+    receiver.open.clear()  # the receiver holds the deliveries: an API call that waited for one would wait in vain
     for state in ("in progress", "rejected", "completed"):
         assert call(cvat_double, "PATCH", "/api/jobs/7", {"state": state})[0] == 200
-    assert time.monotonic() - started < 0.5  # the API calls did not wait for the receiver (1.5 s in all)
     with pytest.raises(TimeoutError):
-        cvat_double.wait_for_deliveries(timeout=0.05)
+        cvat_double.wait_for_deliveries(timeout=0.05)  # still going out: the API calls answered before them
+    receiver.open.set()
     deliveries = cvat_double.wait_for_deliveries()
+    assert [d.status_code for d in deliveries] == [200, 200, 200]  # none timed out
     assert [d.payload["job"]["state"] for d in deliveries] == ["in progress", "rejected", "completed"]
     assert [json.loads(body)["job"]["state"] for _, _, body in receiver.received] == [
         "in progress", "rejected", "completed"]

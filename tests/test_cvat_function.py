@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 import sys
 
 import cvat_sdk.auto_annotation as cvataa
@@ -20,11 +19,10 @@ from preannotate.models import ModelStore, create_detector, publish_detector
 from preannotate.shapes import parse_label_list
 
 from tests import cvat_double as double_module
-from tests.conftest import encode, photo
+from tests.conftest import encode, photo, run_while_advancing
 
 cvat_double = double_module.cvat_double
 logging.getLogger("cvat_sdk").setLevel(logging.ERROR)  # cvat-sdk 2.80 warns about the 2.42 server
-pytestmark = pytest.mark.slow
 
 FILES = [encode(photo(64, 48, seed=i)) for i in range(4)]
 
@@ -130,11 +128,10 @@ def test_cvat_cli_auto_annotate(cvat_double, store, tmp_path):
     task = add_task(cvat_double, [{"name": "car", "type": "rectangle"}, {"name": "person", "type": "rectangle"}])
     host, port = cvat_double.base_url.rsplit(":", 1)
     cli = shutil.which("cvat-cli", path=os.path.dirname(sys.executable))
-    result = subprocess.run(
+    result = run_while_advancing(
         [cli, "--server-host", host, "--server-port", port, "--auth", cvat_double.credentials[0],
          "task", "auto-annotate", str(task), "--function-module", "preannotate.cvat_function",
          "-p", "model=str:boxes", "-p", f"store=str:{store.root}", "--conf-threshold", "0"],
-        env={**os.environ, "PASS": cvat_double.credentials[1], "HOME": str(tmp_path)},
-        capture_output=True, text=True, timeout=300)
+        env={**os.environ, "PASS": cvat_double.credentials[1], "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert {label for _, label, _, _ in stored(cvat_double, task)} == {"car", "person"}

@@ -209,6 +209,7 @@ def test_preannotate_serve_starts_before_the_first_version_as_the_function_does(
         lines = []
         while not lines or not lines[-1].startswith("serving"):
             lines.append(server.stdout.readline())
+            assert lines[-1], f"the server ended before serving: {lines}"  # end of its output
         assert any(line.startswith("boxes is not trained yet: POST / answers 503 until its first version")
                    for line in lines), lines
         url = re.search(r"on (http://\S+/)", lines[-1]).group(1)

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from preannotate.shapes import parse_label_list
 from preannotate.training import keras_adapter, optim
 from preannotate.training.synthetic import generate
 
-from tests.conftest import b64, encode, photo
+from tests.conftest import b64, encode, files_activity, photo, run_while_advancing, wait_while_advancing
 
 SSD = "keras_ssd_mobilenet_v2_fpnlite_320"
 SMALL = "init=random;image-size=96"
@@ -175,7 +174,7 @@ print(json.dumps({{"status": response.status_code, "shapes": json.loads(response
 """
     env = {**os.environ, "PREANNOTATE_MODEL": "tf-cars", "PREANNOTATE_MODEL_STORE": str(store.root),
            "PREANNOTATE_DEVICE": "cpu"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    done = run_while_advancing([sys.executable, "-c", script], env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["status"] == 200 and answer["torch"] is False
@@ -205,16 +204,17 @@ def test_tfrecord_to_trained_version_resumed_after_sigkill_then_fine_tuned_on_mo
     data = _export_tfrecord(tmp_path)
     store, out = tmp_path / "store", tmp_path / "run"
     # a run killed with SIGKILL after its first checkpoint (step 50 of 60) resumes there and ends at step 60
-    process = subprocess.Popen(_train_command(data, store, out, 60), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 600
-    while not (out / "last.keras.npz").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert process.poll() is None, process.stdout.read()[-3000:]
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    resumed = subprocess.run([*_train_command(data, store, out, 60), "-v"], capture_output=True, text=True,
-                             timeout=900)
+    log = tmp_path / "first.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(_train_command(data, store, out, 60), stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_while_advancing(lambda: (out / "last.keras.npz").exists() or process.poll() is not None,
+                             files_activity(out, log), "the run to its first checkpoint")
+        assert process.poll() is None, log.read_text()[-3000:]
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    resumed = run_while_advancing([*_train_command(data, store, out, 60), "-v"], watch=(out,))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"resuming {out} at step 50 of 60" in resumed.stdout + resumed.stderr
     result = json.loads((out / "result.json").read_text())
@@ -230,8 +230,8 @@ def test_tfrecord_to_trained_version_resumed_after_sigkill_then_fine_tuned_on_mo
     more = [*task.annotations.labels, *parse_label_list("extra")]
     export_dataset(tmp_path / "more", "tfrecord", more, [(frame.frame, frame) for frame, _ in items], task.images,
                    val_fraction=0.25, progress=False)
-    tuned = subprocess.run([*_train_command(tmp_path / "more", store, tmp_path / "run2", 10, ";init=previous"),
-                            "--from-model", "tf-shapes@1"], capture_output=True, text=True, timeout=900)
+    tuned = run_while_advancing([*_train_command(tmp_path / "more", store, tmp_path / "run2", 10, ";init=previous"),
+                                 "--from-model", "tf-shapes@1"], watch=(tmp_path / "run2",))
     assert tuned.returncode == 0, tuned.stdout[-3000:] + tuned.stderr[-3000:]
     second = json.loads((store / "tf-shapes" / "v2" / "manifest.json").read_text())
     assert second["provenance"]["init"] == "previous" and [label["name"] for label in second["labels"]][-1] == "extra"

@@ -22,7 +22,7 @@ from preannotate.serving.training import TrainingRoutes
 from preannotate.training.synthetic import generate
 
 from tests import nuclio_dashboard_double
-from tests.conftest import wait_for
+from tests.conftest import job_activity, wait_while_advancing
 
 nuclio_dashboard = nuclio_dashboard_double.nuclio_dashboard  # the fixture, for this module
 
@@ -98,7 +98,8 @@ def test_deploy_once_then_only_annotate_and_review(cvat_double, nuclio_dashboard
 
         store = ModelStore(store_root)
         (training,) = routes.jobs.all()
-        finished = wait_for(lambda: (j := routes.jobs.get(training.id)).finished and j, 900, "the training job")
+        finished = wait_while_advancing(lambda: (j := routes.jobs.get(training.id)).finished and j,
+                                        job_activity(routes.jobs, training.id), "the training job")
         assert finished.state == "succeeded" and store.serving("shapes") == finished.version == 1
         manifest = Manifest.read(store.resolve("shapes"))
         learned = manifest.provenance["cvat"]
@@ -124,8 +125,9 @@ def test_deploy_once_then_only_annotate_and_review(cvat_double, nuclio_dashboard
         assert cvat_double.annotations(new)["shapes"] == []  # nothing written before the data is there
         cvat_double.finish_upload(new)
         cvat_double.wait_for_deliveries()
-        done = wait_for(lambda: (j := routes.jobs.get(job.id)).state in ("succeeded", "failed") and j, 600,
-                        "the pre-annotation")
+        writes = job_activity(routes.jobs, job.id)  # the job's log and record, and what it sends to CVAT
+        done = wait_while_advancing(lambda: (j := routes.jobs.get(job.id)).state in ("succeeded", "failed") and j,
+                                    lambda: (writes(), cvat_double.count()), "the pre-annotation")
         assert done.state == "succeeded", routes.jobs.log_tail(job.id)
         assert done.version == manifest.version and done.outcome["task"] == new
         stored = cvat_double.annotations(new)

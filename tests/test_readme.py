@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import re
 import socket
-import subprocess
+import sys
 from pathlib import Path
 
-import pytest
+from tests.conftest import run_while_advancing
 
 REPOSITORY = Path(__file__).parent.parent
 
@@ -19,19 +19,17 @@ def quick_try() -> str:
     return re.search(r"```\n(.*?)```", section, re.S).group(1)
 
 
-@pytest.mark.slow
 def test_the_quick_try_serves_the_demo_model_and_answers_a_held_out_frame(tmp_path):
     from preannotate.demo import run_demo
 
     run_demo(tmp_path / "demo-output", steps=3, frames=20, held_out=4, progress=False, say=lambda _: None,
              hyperparameters="batch-size=4; num-validations=1")
-    (tmp_path / ".venv").symlink_to(REPOSITORY / ".venv")
+    (tmp_path / ".venv").symlink_to(sys.prefix)  # the environment running the tests (make's .venv)
     with socket.socket() as probe:  # the README's port, unless something here uses it
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     script = quick_try().replace("8765", str(port))
-    done = subprocess.run(["bash", "-c", "set -e\n" + script], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    done = run_while_advancing(["bash", "-c", "set -e\n" + script], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     detections, models = [json.loads(line) for line in done.stdout.splitlines() if line.startswith(("[", "{"))]
     assert isinstance(detections, list) and all({"label", "points", "confidence"} <= set(d) for d in detections)

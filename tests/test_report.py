@@ -342,7 +342,6 @@ def test_drawing_leaves_pyplot_and_the_global_backend_alone(tmp_path):
     assert png_size(tmp_path / "g.png")[0] > 0
 
 
-@pytest.mark.slow
 def test_a_random_init_ssdlite_gets_a_report_of_its_own(task, tmp_path):
     from preannotate.models import create_detector
 

@@ -174,7 +174,6 @@ def test_ssd_matches_at_one_iou():
     assert _model(SSD, "matched_threshold=0.6").proposal_matcher.high_threshold == 0.6
 
 
-@pytest.mark.slow
 def test_stage_epochs_unfreeze_the_backbone_stage_by_stage_in_a_run(tmp_path):
     from preannotate.training.logs import MetricsLog
     from preannotate.training.loop import train

@@ -412,7 +412,6 @@ def test_tensorboard_events_are_framed_records_with_valid_checksums(tmp_path):
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
 
 
-@pytest.mark.slow
 def test_tensorflow_reads_our_tensorboard_events(tmp_path):
     """TensorFlow's own reader (what TensorBoard uses) checks the framing and decodes the protocol buffers."""
     writer = EventWriter(tmp_path, resume_step=4)

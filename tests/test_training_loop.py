@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from preannotate.models import Manifest, ModelStore, create_detector, load_detector
 from preannotate.training import data
 from preannotate.training.logs import MetricsLog
@@ -24,12 +23,15 @@ from preannotate.training.loop import train
 from preannotate.training.runs import frame_ranges
 from preannotate.training.synthetic import generate
 
+from tests.conftest import files_activity, run_while_advancing, wait_while_advancing
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 # One torch thread here and in the subprocesses: on a 2-core machine shared with other work, two OpenMP threads
 # that keep waiting for each other make a step 5-8x slower; one thread never costs more than 2x.
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+       "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -108,26 +110,42 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def start(output: Path, store: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(output), str(store)], env=ENV, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+class Training(subprocess.Popen):
+    """The run in a process of its own, its messages in a log beside its output directory (which it may clear)."""
+
+    def __init__(self, output: Path, store: Path):
+        self.output, self.log = output, output.with_suffix(".log")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            super().__init__([sys.executable, "-c", SCRIPT, str(output), str(store)], env=ENV, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=log)
+
+    def said(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def activity(self):
+        """What moves while it trains: its metrics and checkpoints, its messages."""
+        return files_activity(self.output, self.log)
 
 
-def wait_for_step(process: subprocess.Popen, metrics: Path, step: int, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_for_step(process: Training, metrics: Path, step: int) -> None:
+    def reached() -> bool:
         if process.poll() is not None:
-            raise AssertionError(f"training ended early ({process.returncode}): {process.stderr.read()[-2000:]}")
-        if metrics.exists() and any(r.get("step", 0) >= step for r in MetricsLog.read(metrics)):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no step {step} within {timeout} s")
+            raise AssertionError(f"training ended early ({process.returncode}): {process.said()}")
+        return metrics.exists() and any(r.get("step", 0) >= step for r in MetricsLog.read(metrics))
+
+    wait_while_advancing(reached, process.activity(), f"the run to step {step}")
 
 
-def finish(process: subprocess.Popen, timeout: float = 300) -> int:
-    _, stderr = process.communicate(timeout=timeout)
+def finish(process: Training) -> int:
+    try:
+        wait_while_advancing(lambda: process.poll() is not None, process.activity(), "the run")
+    finally:
+        if process.poll() is None:  # stalled, or the test was interrupted
+            process.kill()
+            process.wait()
     if process.returncode not in (0, 3, -signal.SIGKILL):
-        raise AssertionError(f"training failed ({process.returncode}): {stderr[-3000:]}")
+        raise AssertionError(f"training failed ({process.returncode}): {process.said()}")
     return process.returncode
 
 
@@ -135,20 +153,20 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> int:
 def uninterrupted(tmp_path_factory):
     """The reference: the same run, never stopped."""
     root = tmp_path_factory.mktemp("uninterrupted")
-    assert finish(start(root / "run", root / "store")) == 0
+    assert finish(Training(root / "run", root / "store")) == 0
     return root / "run"
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_steps_and_weights(tmp_path, uninterrupted):
     run, store = tmp_path / "run", tmp_path / "store"
-    process = start(run, store)
+    process = Training(run, store)
     wait_for_step(process, run / "metrics.jsonl", 5)
     process.send_signal(signal.SIGKILL)
     assert finish(process) == -signal.SIGKILL
     killed_at = torch.load(run / "last.pt", weights_only=True)["state"]["step"]
     assert 4 <= killed_at < 12 and not (run / "result.json").exists()
 
-    assert finish(start(run, store)) == 0  # the same command again
+    assert finish(Training(run, store)) == 0  # the same command again
     result = json.loads((run / "result.json").read_text())
     assert (result["steps"], result["version"]) == (12, 1)
     assert ModelStore(store).versions("shapes") == [1]
@@ -163,13 +181,13 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_steps_and_weights(tmp_pat
     best = torch.load(run / "best.pt", weights_only=True)
     assert all(torch.equal(published[k], v) for k, v in best["model"].items())
 
-    assert finish(start(run, store)) == 0  # a finished run started again publishes nothing new
+    assert finish(Training(run, store)) == 0  # a finished run started again publishes nothing new
     assert ModelStore(store).versions("shapes") == [1]
 
 
 def test_sigterm_checkpoints_and_stops_with_a_usable_checkpoint(tmp_path):
     run, store = tmp_path / "run", tmp_path / "store"
-    process = start(run, store)
+    process = Training(run, store)
     wait_for_step(process, run / "metrics.jsonl", 3)
     process.send_signal(signal.SIGTERM)
     assert finish(process) == 3  # TrainingInterrupted
@@ -250,10 +268,10 @@ DDP_SCRIPT = textwrap.dedent("""
 
 def test_num_clones_trains_with_distributed_data_parallel_under_torchrun(tmp_path):
     """Two CPU processes (gloo) stand in for two GPUs: the same code path as ``num-clones=2`` on a GPU machine."""
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "--no-python", sys.executable, "-c", DDP_SCRIPT,
-                           str(tmp_path / "run"), str(tmp_path / "store")],
-                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_while_advancing([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                "--no-python", sys.executable, "-c", DDP_SCRIPT,
+                                str(tmp_path / "run"), str(tmp_path / "store")],
+                               watch=(tmp_path,), env=ENV, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     # 16 frames, 2 per process per step: an epoch is 4 steps; only the main process publishes
     assert sorted(line for line in done.stdout.splitlines() if line.startswith("RESULT")) == [
@@ -280,37 +298,3 @@ def test_early_stopping_and_the_time_limit_stop_the_run_and_still_publish(tmp_pa
                   hyperparameters=f"{common}; max-training-hours=0")
     assert (timed.stopped, timed.steps, timed.version) == ("time-limit", 1, 1)
     assert timed.metrics["best_step"] == 1  # validated where it stopped
-
-
-# --- the demo -------------------------------------------------------------------------------------------------------
-
-def test_demo_trains_publishes_serves_through_nuclio_and_scores_held_out_frames(tmp_path):
-    from preannotate.demo import run_demo
-
-    said = []
-    summary = run_demo(tmp_path, steps=3, frames=20, held_out=4, progress=False, say=said.append,
-                       hyperparameters="batch-size=4; num-validations=1")
-    assert summary["version"] == 1 and summary["steps"] == 3
-    assert [line.split()[0] for line in said] == ["generated", "training", "trained", "training", "served",
-                                                   "predictions"]  # ... and "training report: ..."
-    assert "AP@.5 per class: box" in said[4]
-    assert ModelStore(tmp_path / "store").versions("demo") == [1]
-    predictions = json.loads((tmp_path / "predictions.json").read_text())
-    assert all(p["image_id"] in (1, 2, 3, 4) and p["score"] >= 0.3 and len(p["bbox"]) == 4 for p in predictions)
-    truth = json.loads((tmp_path / "ground_truth.json").read_text())  # anyone can score predictions.json
-    assert [image["id"] for image in truth["images"]] == [1, 2, 3, 4]
-    assert sorted(p.name for p in (tmp_path / "held-out").iterdir()) == sorted(i["file_name"] for i in truth["images"])
-    assert summary["map50"] is not None and 0.0 <= summary["map50"] <= 1.0
-    with Image.open(tmp_path / "demo.png") as picture:  # the held-out frames in a grid, upscaled to be legible
-        assert picture.format == "PNG" and picture.size[0] >= 1000
-    assert [Path(p).name for p in summary["report"]] == ["report.png", "predictions.png"]
-    version = ModelStore(tmp_path / "store").path("demo", 1)
-    assert json.loads((version / "manifest.json").read_text())["report"] == ["report.png", "predictions.png"]
-    assert (version / "report.png").is_file()
-
-    again = []  # a second demo on the same folder says it reuses the run
-    run_demo(tmp_path, steps=3, frames=20, held_out=4, progress=False, say=again.append,
-             hyperparameters="batch-size=4; num-validations=1")
-    assert again[1].startswith(f"{tmp_path} holds a finished demo run: reusing its model")  # said first, then
-    assert not any("from random weights" in line for line in again)  # no training announced that does not happen
-    assert ModelStore(tmp_path / "store").versions("demo") == [1]
