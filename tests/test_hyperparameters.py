@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -337,3 +338,35 @@ def test_help_text_lists_every_key():
     for key in valid_keys()[:-2]:
         assert f"  {key} " in text
     assert "schedule-step-N, schedule-lr-N" in text
+
+
+# --- by concern ----------------------------------------------------------------------------------------------------
+
+def test_every_key_belongs_to_one_concern_and_the_named_groups_to_theirs():
+    from preannotate.hyperparameters import (
+        COMPOSITION,
+        CONCERNS,
+        FIELDS,
+        KNOBS,
+        POSTPROCESSING,
+        STAGES,
+        Network,
+        Postprocessing,
+        Recipe,
+        Sources,
+    )
+
+    names = [f.name for cls in CONCERNS.values() for f in dataclasses.fields(cls)]
+    assert len(names) == len(set(names)) == len(FIELDS)  # no key in two concerns
+    fields_of = {cls: {f.name for f in dataclasses.fields(cls)} for cls in CONCERNS.values()}
+    assert set(POSTPROCESSING) <= fields_of[Postprocessing] and {*KNOBS, *COMPOSITION} <= fields_of[Network]
+    assert set(STAGES) <= fields_of[Recipe] and fields_of[Sources] == {"train_on", "val_fraction"}
+
+
+def test_which_keys_the_user_gave_survives_every_copy():
+    hp = parse("batch-size=2; train-on=all; image-size=320")
+    assert hp.given == {"batch_size", "train_on", "image_size"}
+    assert hp.replaced(num_steps=10, letterbox=True).given == hp.given  # what the trainer fits is not the user's
+    assert dataclasses.replace(hp, recipe=dataclasses.replace(hp.recipe, seed=3)).given == hp.given
+    assert hp.updated("seed=3").given == hp.given | {"seed"}
+    assert hp.sources.train_on == ("all",) and hp.network.image_size == 320 and hp.recipe.batch_size == 2
