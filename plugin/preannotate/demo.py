@@ -31,7 +31,7 @@ from preannotate.training.synthetic import generate
 
 DEFAULT_ARCHITECTURE = "ssdlite320_mobilenet_v3_large"
 # From scratch on 2 CPU cores, with the registry's from-scratch defaults: about 0.95 mAP@.5 on the held-out frames in
-# about a quarter of an hour of a busy machine (batch norms re-measured before each validation is what makes so short
+# about two minutes of an idle machine (batch norms re-measured before each validation is what makes so short
 # a run usable; see evaluation.recalibrate_batch_norm).
 DEFAULT_HYPERPARAMETERS = "init=random; batch-size=8; num-validations=3"
 GRID_FRAMES = 12  # held-out frames in demo.png, those with the most objects
