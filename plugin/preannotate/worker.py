@@ -31,13 +31,16 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from preannotate import devices, uncertainty
 from preannotate.cvat import lambda_spec
 from preannotate.shapes import Label
 from preannotate.training.jobs import TRY_LATER, Job, JobStore
 from preannotate.training.triggers import REANNOTATE, queue_annotation
+
+if TYPE_CHECKING:
+    from preannotate.cvat.lambda_requests import LambdaBusy  # cvat-sdk: imported in a job's process only
 
 log = logging.getLogger(__name__)
 
@@ -158,17 +161,17 @@ def annotate_job(job: Job, store_root: Path, env: dict[str, str]) -> dict[str, A
     return {"version": detector.manifest.version, "promoted": None, "task": task_id, "model": report.model,
             "frames": report.annotated + report.resumed, "shapes": report.created,
             "skipped_annotated": report.skipped_annotated, "least_confident": [f for f, _ in least],
-            "unmapped": dict(report.unmapped), **{key: job.outcome[key] for key in ("waited_for",)
-                                                 if key in job.outcome}}
+            "unmapped": dict(report.unmapped),
+            **({"waited_for": job.outcome["waited_for"]} if "waited_for" in job.outcome else {})}
 
 
-def _wait_for(busy: Any, journal: Path, when: str = "") -> NotReady:
-    """Wait for CVAT's lambda manager (``busy``: a ``LambdaBusy``), then write every frame again: its shapes may
-    stand on frames this job wrote, and only a fresh run replaces them."""
+def _wait_for(busy: LambdaBusy, journal: Path, when: str = "") -> NotReady:
+    """Wait for CVAT's lambda manager, then write every frame again: its shapes may stand on frames this job
+    wrote, and only a fresh run (the journal dropped) replaces them."""
     shutil.rmtree(journal, ignore_errors=True)
     said = f" ({when})" if when else ""
     return NotReady(f"{busy}{said}: this pre-annotation writes once it has ended, every frame again, in place of "
-                    "the auto shapes there (one writer per task)", [request.describe() for request in busy.requests])
+                    "the auto shapes there (one writer per task)", [request.name for request in busy.requests])
 
 
 # ---------------------------------------------------------------------------------------------- after promotion

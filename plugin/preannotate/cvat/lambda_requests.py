@@ -40,9 +40,13 @@ class LambdaRequest:
     def active(self) -> bool:
         return self.status in ACTIVE
 
-    def describe(self) -> str:
+    @property
+    def name(self) -> str:
         where = f"job {self.job}" if self.job is not None else f"task {self.task}"
-        return f"request {self.id} of function {self.function} on {where}: {self.status}, {self.progress}%"
+        return f"request {self.id} of function {self.function} on {where}"
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.status}, {self.progress}%"
 
     @classmethod
     def from_json(cls, item: Any) -> LambdaRequest:
