@@ -14,12 +14,22 @@ Also modelled, from CVAT's source where nothing was recorded:
   media and annotation calls the way ``cvat/apps/engine/views.py`` does for a task without ``data``;
 * webhook deliveries (``add_webhook`` or ``POST /api/webhooks``): the events CVAT's pre/post-save signals send
   (``cvat/apps/webhooks/signals.py``), with the payloads recorded in ``webhooks/*.json``, delivered from a
-  background thread like the RQ webhooks worker and kept in ``deliveries`` (``wait_for_deliveries``).
+  background thread like the RQ webhooks worker and kept in ``deliveries`` (``wait_for_deliveries``);
+* the lambda manager's requests, the *Automatic annotation* menu (``cvat/apps/lambda_manager/views.py``): the
+  functions it can call (``add_lambda_function``: an id, the URL the function answers on, its spec's labels),
+  ``POST /api/lambda/requests`` (one request per task: 409 while one is queued or started),
+  ``GET /api/lambda/requests`` (a plain list, failed ones left out) and ``GET``/``DELETE .../requests/ID``. A request
+  stays queued until the test runs it (``run_lambda_request``, the auto-annotation RQ worker, all of it or a few
+  frames at a time): the function is POSTed each frame (``{"image", "threshold"?}``), its answer mapped to the task's
+  labels by name (``make_default_mapping``) and converted (``DetectionResultConverter``: ``source: auto``), and the
+  shapes saved with ``PATCH action=create`` every 100 frames and at the end (``DetectionResultCollector``), each save
+  with the deliveries an annotation save sends, as from an RQ worker (relative URLs, the user as a dict).
 
 Not modelled: organizations (organization webhooks never fire), exports/imports, task creation over HTTP,
-ping/redelivery, and the server-side cutting of tracks at job boundaries (tracks are stored as sent, in the job
+ping/redelivery, the server-side cutting of tracks at job boundaries (tracks are stored as sent, in the job
 holding their first frame; task-level views add the closing ``outside`` shape the server adds when a track ends
-inside a job that is not the last one).
+inside a job that is not the last one), and of the lambda manager: ``/api/lambda/functions``, online calls, label
+``mapping`` in a request, masks and skeletons in a function's answer, and functions other than detectors.
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import pytest
 import urllib3
@@ -198,6 +208,37 @@ class RequestRecord:
         return self.path + ("?" + urlencode(self.query) if self.query else "")
 
 
+@dataclass
+class LambdaFunction:
+    """A function CVAT's lambda manager can call (``LambdaFunction`` in cvat/apps/lambda_manager/views.py, as the
+    Nuclio dashboard lists it): its id, the URL it answers on, and the labels of its spec (``[{"name", "type"?,
+    "attributes"?: [{"name"}]}]``, what the function's ``spec`` annotation holds)."""
+
+    id: str
+    url: str
+    labels: list[dict]
+
+
+@dataclass
+class LambdaRequest:
+    """One request of the auto-annotation queue (``LambdaQueue.enqueue``: an RQ job whose id names its task)."""
+
+    id: str
+    function: LambdaFunction
+    task_id: int
+    job_id: int | None
+    threshold: float | None
+    cleanup: bool
+    status: str = "queued"
+    progress: int = 0
+    enqueued: str = field(default_factory=lambda: _now())
+    started: str | None = None
+    ended: str | None = None
+    exc_info: str | None = None
+    done: int = 0  # frames of its frame set processed so far
+    collected: dict = field(default_factory=lambda: {"tags": [], "shapes": []})  # not yet submitted
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One webhook delivery, as CVAT's ``WebhookDelivery`` row keeps it (cvat/apps/webhooks/signals.py).
@@ -287,6 +328,10 @@ _VIEWS: list[tuple[re.Pattern[str], str, dict[str, str], bool]] = [
         (r"/api/labels", "GET, HEAD, OPTIONS", {"GET": "_label_list"}, True),
         (r"/api/labels/(\d+)", "GET, PATCH, DELETE, HEAD, OPTIONS", {"GET": "_label"}, True),
         (r"/api/webhooks", "GET, POST, HEAD, OPTIONS", {"GET": "_webhook_list", "POST": "_webhook_create"}, True),
+        (r"/api/lambda/requests", "GET, POST, HEAD, OPTIONS",
+         {"GET": "_lambda_request_list", "POST": "_lambda_request_create"}, True),
+        (r"/api/lambda/requests/([^/]+)", "GET, DELETE, HEAD, OPTIONS",
+         {"GET": "_lambda_request", "DELETE": "_lambda_request_delete"}, True),
     ]
 ]
 
@@ -322,6 +367,8 @@ class CvatDouble:
         self.jobs: dict[int, Job] = {}
         self.webhooks: dict[int, dict] = {}  # as created, secret included (CVAT never returns it)
         self.deliveries: list[Delivery] = []  # webhook deliveries made, in the order they were sent
+        self.lambda_functions: dict[str, LambdaFunction] = {}
+        self.lambda_requests: dict[str, LambdaRequest] = {}  # by id; a new request on a task replaces its old one
         # Events of the request being answered: queued when it succeeds (CVAT's transaction.on_commit).
         self._outbox: list[tuple[dict, dict]] = []
         self._queue: deque[tuple[dict, dict]] = deque()
@@ -510,6 +557,72 @@ class CvatDouble:
                                         "enable_ssl": enable_ssl}, self._helper_base())
             return record["id"]
 
+    def add_lambda_function(self, function_id: str, url: str, labels: Sequence[dict]) -> None:
+        """Make a detector function known to the lambda manager (as deploying it to Nuclio does): ``url`` is where
+        it answers CVAT's detector call, ``labels`` its spec's labels (``[{"name", "type"?}]``)."""
+        with self._lock:
+            self.lambda_functions[function_id] = LambdaFunction(function_id, url, [dict(label) for label in labels])
+
+    def run_lambda_request(self, request_id: str, frames: int | None = None) -> dict:
+        """Run a queued (or started) lambda request as CVAT's auto-annotation worker does (``LambdaJob.__call__``
+        and ``_call_detector``): ``cleanup`` first, then frame by frame the function is called, its answer mapped and
+        converted, and the shapes saved every 100 frames and at the end. ``frames``: stop after that many frames,
+        the request left ``started`` (call again to go on). Returns the request as ``GET`` shows it; a function that
+        fails (an HTTP error) fails the request, which is then no longer listed."""
+        with self._lock:
+            request = self.lambda_requests[request_id]
+            if request.status not in ("queued", "started"):
+                raise ValueError(f"lambda request {request_id} is {request.status}")
+            task = self.tasks[request.task_id]
+            job = self.jobs[request.job_id] if request.job_id is not None else None
+            frame_set = list(range(job.start, job.stop + 1)) if job else list(range(len(task.frames)))
+            if request.status == "queued":
+                request.status, request.started = "started", _now()
+                if request.cleanup:  # dm.task.delete_job_data / delete_task_data
+                    touched = [j for j in self._scope_jobs(task, job) if self._holds_any(task, j)]
+                    self._remove_scope(task, job)
+                    for saved in touched:
+                        self._annotation_saved(task, saved, worker=True)
+                    self._flush()
+            mapping = self._lambda_mapping(request.function, task)
+        pool = urllib3.PoolManager()
+        try:
+            for frame in frame_set[request.done:request.done + frames if frames is not None else None]:
+                with self._lock:
+                    if self.lambda_requests.get(request_id) is not request:  # deleted: the worker stops
+                        return self._lambda_request_json(request)
+                    skip = frame in task.deleted_frames
+                    image = base64.b64encode(task.frames[frame].data).decode()
+                if not skip:
+                    payload = {"image": image, **({"threshold": request.threshold} if request.threshold else {})}
+                    try:
+                        answer = pool.request("POST", request.function.url, body=json.dumps(payload).encode(),
+                                              headers={"Content-Type": "application/json"}, timeout=120.0,
+                                              retries=False)
+                        if answer.status >= 400:
+                            raise urllib3.exceptions.HTTPError(f"{answer.status} Error for url: {request.function.url}")
+                        items = json.loads(answer.data)
+                    except (urllib3.exceptions.HTTPError, ValueError) as error:
+                        with self._lock:
+                            request.status, request.ended, request.exc_info = "failed", _now(), str(error)
+                        return self._lambda_request_json(request)
+                with self._lock:
+                    if not skip:
+                        converted = self._lambda_convert(task, mapping, frame, items)
+                        request.collected["tags"] += converted["tags"]
+                        request.collected["shapes"] += converted["shapes"]
+                    request.progress = int((frame + 1) / len(task.frames) * 100)
+                    request.done += 1
+                    if frame and frame % 100 == 0:
+                        self._lambda_submit(request, task, job)
+            with self._lock:
+                if request.done == len(frame_set):
+                    self._lambda_submit(request, task, job)
+                    request.status, request.ended = "finished", _now()
+                return self._lambda_request_json(request)
+        finally:
+            pool.clear()
+
     def wait_for_deliveries(self, timeout: float | None = None) -> list[Delivery]:
         """Wait until every queued webhook delivery has been sent (or failed) and return ``deliveries`` (a copy).
         ``TimeoutError`` if some are still unsent after ``timeout`` seconds. Without a timeout it waits as long as
@@ -667,12 +780,12 @@ class CvatDouble:
         self._emit("create:task", self._task_payload(task), project_id)
         self._touch_project(project_id)
 
-    def _touch_project(self, project_id: int | None) -> None:
+    def _touch_project(self, project_id: int | None, *, worker: bool = False) -> None:
         project = self.projects.get(project_id) if project_id is not None else None
         if project is not None:
             old = self._project_json(project)
             project["updated_date"] = _now()
-            self._emit_update("update:project", old, self._project_json(project), project_id)
+            self._emit_update("update:project", old, self._project_json(project), project_id, worker=worker)
 
     def _attach_data(self, task: Task) -> None:
         """What ``POST /api/tasks/ID/data`` (TaskViewSet.data/upload_data, cvat/apps/engine/views.py) and then the
@@ -710,19 +823,20 @@ class CvatDouble:
         self._emit("update:task", self._task_payload(task, worker=True), project_id, before, worker=True)
         task.pending = False
 
-    def _annotation_saved(self, task: Task, job: Job) -> None:
+    def _annotation_saved(self, task: Task, job: Job, *, worker: bool = False) -> None:
         """JobAnnotation._set_updated_date (cvat/apps/dataset_manager/task.py): a save that changed something in
         a job touches the job, its task and its project: update:job, update:task, update:project, each with
         ``before_update`` = {updated_date} (recorded: *.annotation_save_on_job.json; a task-level save does this
-        for every job it changed, in job order)."""
+        for every job it changed, in job order). ``worker``: saved by an RQ job (the lambda manager's), whose
+        payloads are serialized without a request (see ``_task_payload``)."""
         project_id = task.record["project_id"]
-        old = self._job_payload(job)
+        old = self._job_payload(job, worker=worker)
         job.record["updated_date"] = _now()
-        self._emit_update("update:job", old, self._job_payload(job), project_id)
-        old = self._task_payload(task)
+        self._emit_update("update:job", old, self._job_payload(job, worker=worker), project_id, worker=worker)
+        old = self._task_payload(task, worker=worker)
         task.record["updated_date"] = _now()
-        self._emit_update("update:task", old, self._task_payload(task), project_id)
-        self._touch_project(project_id)
+        self._emit_update("update:task", old, self._task_payload(task, worker=worker), project_id, worker=worker)
+        self._touch_project(project_id, worker=worker)
 
     def _flush(self) -> None:
         """Queue the events of the request (or helper) that just succeeded."""
@@ -839,7 +953,8 @@ class CvatDouble:
             handler = methods.get("GET" if request.method == "HEAD" else request.method)
             if handler is None:
                 raise HttpError(405, {"detail": f'Method "{request.method}" not allowed.'})
-            response: Response = getattr(self, handler)(request, *map(int, match.groups()))
+            ids = (int(g) if g.isdigit() else unquote(g) for g in match.groups())  # a lambda request's id is text
+            response: Response = getattr(self, handler)(request, *ids)
             response.headers.append(("allow", allow))
             return response
         return Response(404, b"<h1>Not Found</h1><p>The requested resource was not found on this server.</p>",
@@ -1013,6 +1128,118 @@ class CvatDouble:
         return self._page(request, [{k: v for k, v in w.items() if k != "secret"}
                                     for _, w in sorted(self.webhooks.items(), reverse=True)
                                     if project_id is None or w["project_id"] == project_id])
+
+    # ----------------------------------------------------------------- handlers: the lambda manager's requests
+
+    @staticmethod
+    def _lambda_request_json(request: LambdaRequest) -> dict:
+        """FunctionCallSerializer of ``LambdaJob.to_dict()``: the function's parameters, rq's status (deferred
+        shown as queued), the progress in percent (an int), rq's dates."""
+        params = {"id": request.function.id, "task": request.task_id,
+                  **({"job": request.job_id} if request.job_id else {}), "threshold": request.threshold}
+        return {"id": request.id, "function": params, "status": request.status, "progress": request.progress,
+                "enqueued": request.enqueued, "started": request.started, "ended": request.ended,
+                "exc_info": request.exc_info}
+
+    def _lambda_request_list(self, request: _Request) -> Response:
+        """RequestViewSet.list: every request of the queue but the failed ones, not paginated."""
+        listed = sorted((r for r in self.lambda_requests.values() if r.status != "failed"), key=lambda r: r.enqueued)
+        return self._json([self._lambda_request_json(r) for r in listed])
+
+    def _lambda_request_create(self, request: _Request) -> Response:
+        """RequestViewSet.create: FunctionCallRequestSerializer, the function fetched from Nuclio (unknown: the
+        dashboard's 404 passed on as text), then LambdaQueue.enqueue: 409 while the task's request (its id names the
+        task) is neither finished nor failed; the task or job must exist (ObjectDoesNotExist: 400)."""
+        body = request.json()
+        errors = {key: ["This field is required."] for key in ("function", "task") if body.get(key) is None}
+        if errors:
+            raise HttpError(400, errors)
+        if body.get("mapping"):
+            raise NotImplementedError("the double does not model a label mapping in a lambda request")
+        function = self.lambda_functions.get(str(body["function"]))
+        if function is None:
+            raise HttpError(404, f"404 Client Error: Not Found for url: http://nuclio:8070/api/functions/"
+                                 f"{body['function']}")
+        task_id = body["task"]
+        rq_id = f"action=autoannotate&target=task&target_id={task_id}"
+        old = self.lambda_requests.get(rq_id)
+        if old is not None and old.status not in ("failed", "finished"):
+            raise HttpError(409, f"Only one running request is allowed for the same task #{task_id}")
+        job_id = body.get("job")
+        if (job_id is not None and job_id not in self.jobs) or (job_id is None and task_id not in self.tasks):
+            raise HttpError(400, f"{'Job' if job_id is not None else 'Task'} matching query does not exist.")
+        made = LambdaRequest(rq_id, function, task_id, job_id, body.get("threshold"), bool(body.get("cleanup")))
+        self.lambda_requests.pop(rq_id, None)  # rq_job.delete(): the finished one makes way
+        self.lambda_requests[rq_id] = made
+        return self._json(self._lambda_request_json(made))
+
+    def _lambda_request(self, request: _Request, request_id: str) -> Response:
+        if request_id not in self.lambda_requests:
+            raise HttpError(404, f"{request_id} lambda job is not found")
+        return self._json(self._lambda_request_json(self.lambda_requests[request_id]))
+
+    def _lambda_request_delete(self, request: _Request, request_id: str) -> Response:
+        """Cancel: the RQ job is deleted (a running one stops at its next progress update)."""
+        if self.lambda_requests.pop(request_id, None) is None:
+            raise HttpError(404, f"{request_id} lambda job is not found")
+        return Response(204, content_type=None)
+
+    def _lambda_mapping(self, function: LambdaFunction, task: Task) -> dict[str, dict]:
+        """make_default_mapping: each function label to the task label of the same name whose type is compatible
+        (equal, either ``any``, or mask with polygon), with the attributes of the same names."""
+        mapping = {}
+        for model_label in function.labels:
+            model_type = model_label.get("type") or "any"
+            for task_label in self._task_labels(task):
+                compatible = (model_type == task_label["type"] or "any" in (model_type, task_label["type"])
+                              or {model_type, task_label["type"]} == {"mask", "polygon"})
+                if task_label["name"] == model_label["name"] and compatible:
+                    names = {a["name"] for a in task_label["attributes"]}
+                    mapping[model_label["name"]] = {"label": task_label, "attributes": {
+                        a["name"]: a["name"] for a in model_label.get("attributes") or [] if a["name"] in names}}
+        return mapping
+
+    @staticmethod
+    def _lambda_convert(task: Task, mapping: dict[str, dict], frame: int, items: list) -> dict[str, list]:
+        """LambdaFunction.invoke's filtering (labels not mapped are dropped, attributes kept when mapped and valid
+        for a text, checkbox, select or radio spec) and DetectionResultConverter: tags and shapes, ``source: auto``."""
+        converted: dict[str, list] = {"tags": [], "shapes": []}
+        for item in items:
+            mapped = mapping.get(item.get("label"))
+            if mapped is None:
+                continue
+            label = mapped["label"]
+            specs = {a["name"]: a for a in label["attributes"]}
+            attributes = []
+            for attribute in item.get("attributes") or []:
+                spec = specs.get(mapped["attributes"].get(attribute.get("name")))
+                value = str(attribute.get("value"))
+                input_type = spec["input_type"] if spec is not None else None  # check_attr_value (not numbers)
+                valid = input_type == "text" or (input_type == "checkbox" and value in ("true", "false")) \
+                    or (input_type in ("select", "radio") and value in spec["values"])
+                if valid:
+                    attributes.append({"spec_id": spec["id"], "value": value})
+            kind = str(item.get("type", "")).lower()
+            if kind == "tag":
+                converted["tags"].append({"frame": frame, "label_id": label["id"], "source": "auto",
+                                          "attributes": attributes, "group": None})
+                continue
+            if kind in ("mask", "skeleton") or item.get("elements"):
+                raise NotImplementedError("the double does not convert masks or skeletons from a function")
+            shape = {"frame": frame, "label_id": label["id"], "source": "auto", "attributes": attributes,
+                     "group": item.get("group_id"), "type": kind, "occluded": False,
+                     "outside": item.get("outside", False), "points": item.get("points", []), "z_order": 0}
+            if kind in ("rectangle", "ellipse"):
+                shape["rotation"] = item.get("rotation", 0)
+            converted["shapes"].append(shape)
+        return converted
+
+    def _lambda_submit(self, request: LambdaRequest, task: Task, job: Job | None) -> None:
+        """DetectionResultCollector.submit: PATCH ``action=create`` of what was collected (nothing: no save)."""
+        if request.collected["tags"] or request.collected["shapes"]:
+            self._write(task, job, "create", request.collected, worker=True)
+            self._flush()
+        request.collected = {"tags": [], "shapes": []}
 
     # ----------------------------------------------------------------- handlers: projects, tasks, jobs, labels
 
@@ -1429,7 +1656,7 @@ class CvatDouble:
             task.annotations[kind] = [o for o in task.annotations[kind]
                                       if job is not None and not job.start <= o["frame"] <= job.stop]
 
-    def _write(self, task: Task, job: Job | None, action: str, body: dict) -> dict:
+    def _write(self, task: Task, job: Job | None, action: str, body: dict, *, worker: bool = False) -> dict:
         """PATCH create/update/delete and PUT (dm.task / JobAnnotation in cvat/apps/dataset_manager/task.py): the
         body is validated as a whole, then saved job by job; each job whose part of the request is not empty
         (for PUT: or that held annotations) is touched, with its webhooks (``_annotation_saved``)."""
@@ -1467,7 +1694,7 @@ class CvatDouble:
                         touched[kind].append(old)
             result = self._view(task, job, touched, write=True)
         for saved in changed:
-            self._annotation_saved(task, saved)
+            self._annotation_saved(task, saved, worker=worker)
         return result
 
     def _validate_fields(self, data: dict[str, list]) -> None:
@@ -1816,5 +2043,5 @@ def cvat_double() -> Iterator[CvatDouble]:
         yield double
 
 
-__all__ = ["CUT", "FIXTURES", "PASSWORD", "CvatDouble", "Delivery", "Frame", "RequestRecord", "ServerCrash",
-           "cvat_double", "load_fixture"]
+__all__ = ["CUT", "FIXTURES", "PASSWORD", "CvatDouble", "Delivery", "Frame", "LambdaFunction", "LambdaRequest",
+           "RequestRecord", "ServerCrash", "cvat_double", "load_fixture"]

@@ -865,3 +865,102 @@ def test_deliveries_are_sent_in_order_from_a_background_thread(cvat_double, rece
     assert [json.loads(body)["job"]["state"] for _, _, body in receiver.received] == [
         "in progress", "rejected", "completed"]
     assert "X-Signature-256" not in dict(receiver.received[0][1])
+
+
+# ------------------------------------------------------------------ the lambda manager's requests (the menu)
+
+class FakeFunction:
+    """A detector function as Nuclio serves it: answers every POST with ``answer``, keeps the bodies."""
+
+    def __init__(self, answer: list) -> None:
+        self.bodies: list[dict] = []
+        function = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                function.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                body = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+
+
+@pytest.fixture
+def fake_function():
+    answer = [{"confidence": "0.9", "label": "car", "points": [1, 2, 11, 12], "type": "rectangle",
+               "attributes": [{"name": "color", "value": "blue"}, {"name": "parked", "value": "maybe"}]},
+              {"confidence": "0.8", "label": "bus", "points": [3, 3, 9, 9], "type": "rectangle"},  # not in the task
+              {"confidence": "0.7", "label": "sign", "type": "tag"}]
+    function = FakeFunction(answer)
+    yield function
+    function.server.shutdown()
+    function.server.server_close()
+
+
+def test_lambda_requests_one_per_task_run_by_the_worker_and_saved_as_auto(cvat_double, client, fake_function,
+                                                                         receiver):
+    """Project 6: car (rectangle: color select, parked checkbox), sign (any). The function's spec has car, bus and
+    sign; only car and sign map, the invalid checkbox value is dropped (check_attr_value)."""
+    cvat_double.add_lambda_function("fn", fake_function.url, [
+        {"name": "car", "type": "rectangle", "attributes": [{"name": "color"}, {"name": "parked"}]},
+        {"name": "bus", "type": "rectangle"}, {"name": "sign", "type": "tag"}])
+    task_id = cvat_double.add_task("menu", frames_of(3), project_id=6, segment_size=2)
+    cvat_double.add_webhook(receiver.url(), "s3cret", ["update:job", "update:task", "update:project"], 6)
+    rq_id = f"action=autoannotate&target=task&target_id={task_id}"
+
+    status, _, body = call(cvat_double, "POST", "/api/lambda/requests", {"function": "fn", "task": task_id,
+                                                                         "threshold": 0.4})
+    made = json.loads(body)
+    assert status == 200 and made["id"] == rq_id and made["status"] == "queued" and made["progress"] == 0
+    assert made["function"] == {"id": "fn", "task": task_id, "threshold": 0.4}
+    assert list(made) == ["id", "function", "status", "progress", "enqueued", "started", "ended", "exc_info"]
+    status, _, body = call(cvat_double, "POST", "/api/lambda/requests", {"function": "fn", "task": task_id})
+    assert (status, json.loads(body)) == (409, f"Only one running request is allowed for the same task #{task_id}")
+    assert call(cvat_double, "POST", "/api/lambda/requests", {"function": "nope", "task": task_id})[0] == 404
+    status, _, body = call(cvat_double, "POST", "/api/lambda/requests", {"task": task_id})
+    assert (status, json.loads(body)) == (400, {"function": ["This field is required."]})
+    listed, _ = client.api_client.lambda_api.list_requests()  # cvat-sdk reads the plain list
+    assert [(r.id, r.status, r.function.task) for r in listed] == [(rq_id, "queued", task_id)]
+
+    assert cvat_double.run_lambda_request(rq_id, frames=1)["status"] == "started"
+    assert cvat_double.annotations(task_id)["shapes"] == []  # collected, saved every 100 frames and at the end
+    got = json.loads(call(cvat_double, "GET", f"/api/lambda/requests/{rq_id.replace('&', '%26')}")[2])
+    assert (got["status"], got["progress"], got["started"] is not None, got["ended"]) == ("started", 33, True, None)
+    finished = cvat_double.run_lambda_request(rq_id)
+    assert (finished["status"], finished["progress"]) == ("finished", 100) and finished["ended"]
+    assert len(fake_function.bodies) == 3 and fake_function.bodies[0]["threshold"] == 0.4
+    assert base64.b64decode(fake_function.bodies[0]["image"]) == cvat_double.tasks[task_id].frames[0].data
+    stored = cvat_double.annotations(task_id)
+    assert [(s["frame"], s["label_id"], s["source"], s["points"]) for s in stored["shapes"]] == [
+        (frame, 18, "auto", [1.0, 2.0, 11.0, 12.0]) for frame in range(3)]
+    assert stored["shapes"][0]["attributes"] == [{"spec_id": 1, "value": "blue"}, {"spec_id": 2, "value": "false"}]
+    assert [(t["frame"], t["label_id"], t["source"]) for t in stored["tags"]] == [(f, 21, "auto") for f in range(3)]
+    # one save, task-level: the triple for each of its two jobs, sent from the worker, only updated_date changed
+    deliveries = cvat_double.wait_for_deliveries()
+    assert [d.event for d in deliveries] == ["update:job", "update:task", "update:project"] * 2
+    assert all(list(d.payload["before_update"]) == ["updated_date"] for d in deliveries)
+    task_delivery = deliveries[1].payload
+    assert task_delivery["task"]["url"] == f"/api/tasks/{task_id}" and "email" in task_delivery["sender"]
+
+    again = json.loads(call(cvat_double, "POST", "/api/lambda/requests", {"function": "fn", "task": task_id,
+                                                                          "cleanup": True})[2])
+    assert again["status"] == "queued" and again["function"]["threshold"] is None  # the finished one made way
+    cvat_double.run_lambda_request(rq_id)
+    assert "threshold" not in fake_function.bodies[-1]
+    assert len(cvat_double.annotations(task_id)["shapes"]) == 3  # cleanup: the earlier ones went first
+    assert call(cvat_double, "DELETE", f"/api/lambda/requests/{rq_id.replace('&', '%26')}")[0] == 204
+    status, _, body = call(cvat_double, "GET", f"/api/lambda/requests/{rq_id.replace('&', '%26')}")
+    assert (status, json.loads(body)) == (404, f"{rq_id} lambda job is not found")
+    assert json.loads(call(cvat_double, "GET", "/api/lambda/requests")[2]) == []

@@ -245,7 +245,7 @@ def _photo_frames(count: int):
 
 def test_new_task_events_queue_one_pre_annotation_job_per_task(tmp_path):
     from preannotate.training.jobs import JobStore
-    from preannotate.training.triggers import REANNOTATE, TrainingPolicy, Triggers, qualifying_change, queue_annotation
+    from preannotate.training.triggers import TrainingPolicy, Triggers, qualifying_change, queue_annotation
 
     policy = TrainingPolicy.from_environment({"PREANNOTATE_ANNOTATE_ON": "task", "PREANNOTATE_TRAIN_PROJECT": "6"})
     triggers = Triggers(JobStore(tmp_path), policy)
@@ -253,12 +253,16 @@ def test_new_task_events_queue_one_pre_annotation_job_per_task(tmp_path):
     first = triggers.on_new_task(created, "shapes")
     assert first.job.request == {"kind": "annotate", "task": 12, "model": "shapes",
                                  "reason": "create:task in project 6"}
-    again = triggers.on_new_task(qualifying_change({"event": "update:task", "task": {"id": 12, "project_id": 6}},
-                                                   policy), "shapes")
+    uploaded = {"event": "update:task", "task": {"id": 12, "project_id": 6, "mode": "annotation"},
+                "before_update": {"mode": "", "updated_date": "2026-11-21T21:07:33.892549Z", "overlap": None}}
+    again = triggers.on_new_task(qualifying_change(uploaded, policy), "shapes")
     assert again.job.id == first.job.id and again.reason.endswith("already queued (job " + first.job.id + ")")
+    saved = {**uploaded, "before_update": {"updated_date": "2026-11-21T21:07:34.144503Z"}}
+    assert qualifying_change(saved, policy) == "task 12: update:task changed updated_date, not its data (an " \
+        "annotation save, by a person or CVAT's lambda manager, or an edit): it starts no pre-annotation"
     triggers.jobs.update(first.job.id, lambda j: (setattr(j, "state", "succeeded"), setattr(j, "version", 3)))
-    assert triggers.on_new_task(created, "shapes").job is None  # a save of the task later: done already
-    assert queue_annotation(triggers.jobs, 12, "shapes", f"{REANNOTATE}: shapes@4 promoted").job is not None
+    assert triggers.on_new_task(created, "shapes").job is None  # a re-delivery later: done already
+    assert queue_annotation(triggers.jobs, 12, "shapes", "re-annotate: shapes@4 promoted", version=4).job is not None
     assert qualifying_change({"event": "create:task", "task": {"id": 13, "project_id": 7}}, policy) == \
         "task 13: project 7 is not one this function pre-annotates"
     off = TrainingPolicy.from_environment({})
@@ -319,6 +323,12 @@ def test_a_promotion_re_annotates_only_the_tasks_no_one_started(cvat_env, tmp_pa
     worker.after_promotion(jobs, training, {"version": 2, "promoted": True}, {"PREANNOTATE_REANNOTATE": "unreviewed"})
     queued = [job.request for job in jobs.all() if job.request.get("kind") == "annotate"]
     assert queued == [{"kind": "annotate", "task": untouched, "model": "streets",
-                       "reason": "re-annotate: streets@2 promoted"}]  # tasks 7 and 8 of the recordings are started
+                       "reason": "re-annotate: streets@2 promoted", "version": 2}]  # tasks 7 and 8 are started
     worker.after_promotion(jobs, training, {"version": 2, "promoted": True}, {})  # not asked: nothing more
     assert len([job for job in jobs.all() if job.request.get("kind") == "annotate"]) == 1
+    (queued,) = [job for job in jobs.all() if job.request.get("kind") == "annotate"]
+    jobs.update(queued.id, lambda j: (setattr(j, "state", "succeeded"), setattr(j, "version", 2)))
+    env = {"PREANNOTATE_REANNOTATE": "unreviewed"}
+    worker.after_promotion(jobs, training, {"version": 2, "promoted": True}, env)  # the same version: done already
+    worker.after_promotion(jobs, training, {"version": 3, "promoted": True}, env)  # a newer one: once more
+    assert [job.request.get("version") for job in jobs.all() if job.request.get("kind") == "annotate"] == [2, 3]

@@ -89,7 +89,8 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
                   label_map: Mapping[str, str] | str | None = None, replace: bool = False,
                   store: str | os.PathLike | None = None, device: str | None = None, workers: int = 2,
                   quality: str = "original", cache_dir: str | os.PathLike | None = None,
-                  prefetch: int = 2, confidence_tags: bool = True) -> AnnotateReport:
+                  prefetch: int = 2, confidence_tags: bool = True,
+                  before_write: Callable[[], None] | None = None) -> AnnotateReport:
     """Pre-annotate task ``task_id`` with ``detector`` (or a deployed function at ``function_url``).
 
     ``threshold``: minimum score (default: the model's own; for a function, the function's). ``frames``: a range
@@ -100,7 +101,8 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
     (on 2 cores SSDlite runs about 1.3x as fast as frame by frame, Faster R-CNN about 1.05x). ``state_dir``:
     where the resume journal lives (see ``upload.default_state_dir``). ``confidence_tags``: score every frame's
     uncertainty (``preannotate.uncertainty``; near misses are asked for too) and write it as the frame's confidence
-    tag (``cvat.review``, the label added when missing). Returns what was done; ``CvatError`` for server
+    tag (``cvat.review``, the label added when missing). ``before_write``: run before each batch is written; what
+    it raises stops the run there (``upload.TaskWriter``). Returns what was done; ``CvatError`` for server
     problems."""
     if (detector is None) == (function_url is None):
         raise ValueError("give a detector (or model reference) or a function_url, not both")
@@ -109,7 +111,7 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
     model = resolve_detector(detector, store, device) if detector is not None else None
     if confidence_tags:
         review.ensure_confidence_label(client, task_id)
-    writer = TaskWriter(client, task_id, label_map=label_map, replace=replace)
+    writer = TaskWriter(client, task_id, label_map=label_map, replace=replace, before_write=before_write)
     report = AnnotateReport(task_id)
     wanted = [f for f in writer.frames() if frames is None or f in frames]
     if frames is not None and not wanted:

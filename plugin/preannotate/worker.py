@@ -10,6 +10,10 @@ Two kinds of job:
 * **annotate**: one CVAT task pre-annotated by the served version (``annotate.annotate_task``: chunked frames,
   batched, resumable, ``source=auto``, manual shapes untouched, a confidence tag per frame). A task whose data is
   still uploading (CVAT sends ``create:task`` before the upload) ends with ``TRY_LATER``: the runner queues it again.
+  So does a task on which CVAT's lambda manager (the *Automatic annotation* menu) has a request queued or running:
+  one writer per task, as CVAT keeps it between its own requests (409). The job looks before it starts and before
+  every batch it writes, and once more at the end; after such a wait it writes every frame again, from a fresh read
+  of the task, replacing the ``auto`` shapes there (the menu's included), so the task holds one set.
 
 The outcome is recorded before anything that may restart the function (a dashboard update redeploys it).
 """
@@ -19,13 +23,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from preannotate import devices, uncertainty
 from preannotate.cvat import lambda_spec
@@ -33,13 +39,22 @@ from preannotate.shapes import Label
 from preannotate.training.jobs import TRY_LATER, Job, JobStore
 from preannotate.training.triggers import REANNOTATE, queue_annotation
 
+if TYPE_CHECKING:
+    from preannotate.cvat.lambda_requests import LambdaBusy  # cvat-sdk: imported in a job's process only
+
 log = logging.getLogger(__name__)
 
 UPLOAD_WAIT_S = 3600  # how long a new task's upload may take before its pre-annotation job gives up
+LAMBDA_WAIT_S = 6 * 3600  # how long it waits for CVAT's lambda manager to end its requests on the task
 
 
 class NotReady(Exception):
-    """The task's data is not uploaded yet: try again later."""
+    """The task cannot be written yet (its data is uploading, another writer is at work): try again later.
+    ``waited_for`` names that writer's requests, for the job's record."""
+
+    def __init__(self, message: str, waited_for: list[str] | None = None):
+        super().__init__(message)
+        self.waited_for = waited_for or []
 
 
 def run(store_root: Path, job_id: str, environ: dict[str, str] | None = None) -> int:
@@ -58,8 +73,7 @@ def run(store_root: Path, job_id: str, environ: dict[str, str] | None = None) ->
             outcome = execute_job(job, jobs.work_dir(job_id), store_root, stop)
     except NotReady as waiting:
         log.info("%s", waiting)
-        why = str(waiting)
-        jobs.update(job_id, lambda j: setattr(j, "skipped", why))
+        jobs.update(job_id, partial(_waits, waiting=waiting))
         return TRY_LATER
     except Exception as error:
         log.exception("job %s failed", job_id)
@@ -72,6 +86,15 @@ def run(store_root: Path, job_id: str, environ: dict[str, str] | None = None) ->
     if outcome.get("promoted"):
         after_promotion(jobs, job, outcome, env)
     return 0
+
+
+def _waits(job: Job, waiting: NotReady) -> None:
+    """Say in the job's record why it waits (``skipped`` until it runs) and, for another writer, since when and
+    for which of its requests."""
+    job.skipped = str(waiting)
+    if waiting.waited_for:
+        job.outcome.setdefault("waiting_since", time.time())
+        job.outcome["waited_for"] = list(dict.fromkeys([*job.outcome.get("waited_for", []), *waiting.waited_for]))
 
 
 def _record(job: Job, outcome: dict[str, Any]) -> None:
@@ -87,13 +110,16 @@ def _record(job: Job, outcome: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- annotate jobs
 
 def annotate_job(job: Job, store_root: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Pre-annotate ``job.request["task"]`` with the served version of ``job.request["model"]``."""
+    """Pre-annotate ``job.request["task"]`` with the served version of ``job.request["model"]``, never while CVAT's
+    lambda manager has a request queued or running on the task (see the module docstring)."""
     from preannotate.annotate import annotate_task
+    from preannotate.cvat import lambda_requests
     from preannotate.cvat.client import connect, cvat_errors
     from preannotate.cvat.reader import job_untouched
     from preannotate.models import load_model
 
     task_id = int(job.request["task"])
+    journal = JobStore(store_root).directory(job.id) / "journal"  # this job's: a wait for another writer drops it
     with connect() as client:
         with cvat_errors(client, f"task {task_id}"):
             task = client.tasks.retrieve(task_id)
@@ -109,9 +135,25 @@ def annotate_job(job: Job, store_root: Path, env: dict[str, str]) -> dict[str, A
         if started and not job.request.get("force"):
             return {"skipped": f"task {task_id}: people already work on job(s) "
                                f"{', '.join(map(str, started))}; it is left to them"}
+        listed = lambda_requests.requests_on(client, task_id)
+        busy = [request for request in listed if request.active]
+        if busy:
+            patience = float(env.get("PREANNOTATE_LAMBDA_WAIT_S") or LAMBDA_WAIT_S)
+            if time.time() - job.outcome.get("waiting_since", time.time()) > patience:
+                return {"skipped": f"{lambda_requests.LambdaBusy(task_id, busy)}, for more than "
+                                   f"{patience / 60:.0f} minutes: the task is left to it"}
+            raise _wait_for(lambda_requests.LambdaBusy(task_id, busy), journal)
         detector = load_model(job.request["model"], store_root, devices.from_environment(env))
-        report = annotate_task(client, task_id, detector=detector, only_unannotated=True, progress=False,
-                               state_dir=store_root / ".journal", cache_dir=store_root / ".jobs" / job.id / "chunks")
+        try:
+            report = annotate_task(client, task_id, detector=detector, only_unannotated=True, progress=False,
+                                   state_dir=journal, cache_dir=store_root / ".jobs" / job.id / "chunks",
+                                   before_write=lambda: lambda_requests.check_idle(client, task_id))
+        except lambda_requests.LambdaBusy as busy_now:
+            raise _wait_for(busy_now, journal) from None
+        seen = {(request.id, request.enqueued) for request in listed}
+        meanwhile = [r for r in lambda_requests.requests_on(client, task_id) if (r.id, r.enqueued) not in seen]
+        if meanwhile:  # a menu request began after the last look: its shapes may sit beside ours
+            raise _wait_for(lambda_requests.LambdaBusy(task_id, meanwhile), journal, "came while this job wrote")
     least = uncertainty.ranking(report.confidence)[:10]
     log.info("task %d pre-annotated by %s: %d frames (%d resumed), %d shapes; least confident frames: %s", task_id,
              report.model, report.annotated, report.resumed, report.created,
@@ -119,7 +161,17 @@ def annotate_job(job: Job, store_root: Path, env: dict[str, str]) -> dict[str, A
     return {"version": detector.manifest.version, "promoted": None, "task": task_id, "model": report.model,
             "frames": report.annotated + report.resumed, "shapes": report.created,
             "skipped_annotated": report.skipped_annotated, "least_confident": [f for f, _ in least],
-            "unmapped": dict(report.unmapped)}
+            "unmapped": dict(report.unmapped),
+            **({"waited_for": job.outcome["waited_for"]} if "waited_for" in job.outcome else {})}
+
+
+def _wait_for(busy: LambdaBusy, journal: Path, when: str = "") -> NotReady:
+    """Wait for CVAT's lambda manager, then write every frame again: its shapes may stand on frames this job
+    wrote, and only a fresh run (the journal dropped) replaces them."""
+    shutil.rmtree(journal, ignore_errors=True)
+    said = f" ({when})" if when else ""
+    return NotReady(f"{busy}{said}: this pre-annotation writes once it has ended, every frame again, in place of "
+                    "the auto shapes there (one writer per task)", [request.name for request in busy.requests])
 
 
 # ---------------------------------------------------------------------------------------------- after promotion
@@ -129,7 +181,8 @@ def after_promotion(jobs: JobStore, job: Job, outcome: dict[str, Any], env: dict
     name = job.request["name"]
     if env.get("PREANNOTATE_REANNOTATE") == "unreviewed" and job.request.get("project") is not None:
         for task_id in unreviewed_tasks(int(job.request["project"])):
-            queued = queue_annotation(jobs, task_id, name, f"{REANNOTATE}: {name}@{outcome['version']} promoted")
+            queued = queue_annotation(jobs, task_id, name, f"{REANNOTATE}: {name}@{outcome['version']} promoted",
+                                      version=outcome["version"])
             log.info("task %d: %s", task_id, queued.reason)
     # what CVAT would drop is said in the job's record too, before the update may restart the function
     sync_function_spec(jobs.root.parent, name, env, before_update=lambda missing, fix: jobs.update(

@@ -5,5 +5,5 @@ interpolated), ``meta`` (what a data meta says of the frames), ``reader`` (a tas
 ``frames`` (images by chunk), ``export`` (to a COCO, TFRecord or ImageNet-style folder: the one path, for
 ``preannotate export`` and for training), ``encoding`` (our shapes as CVAT's JSON: the one encoder), ``upload``
 (writing predictions, idempotent and resumable), ``review`` (the confidence tags), ``webhooks`` (signatures,
-registration).
+registration, what a delivery says), ``lambda_requests`` (what CVAT's *Automatic annotation* menu has running).
 """

@@ -14,7 +14,8 @@
   again (it is idempotent), and the journal is removed once everything is written.
 
 The task's existing annotations are read once (one GET) when a writer starts; the writer then keeps them current
-from its own requests. A concurrent writer of ``auto`` shapes on the same frames is not guarded against.
+from its own requests. A concurrent writer of ``auto`` shapes on the same frames is not seen: ``before_write`` (run
+before every batch) is where a caller checks for one and stops (``lambda_requests.check_idle``: CVAT's menu).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,8 +148,10 @@ class TaskWriter:
     """Writes shapes into one task, frame by frame replacing its earlier ``auto`` shapes (see the module doc)."""
 
     def __init__(self, client: Client, task_id: int, *, label_map: Mapping[str, str] | str | None = None,
-                 replace: bool = False, max_shapes: int = DEFAULT_MAX_SHAPES):
+                 replace: bool = False, max_shapes: int = DEFAULT_MAX_SHAPES,
+                 before_write: Callable[[], None] | None = None):
         self.client, self.task_id, self.replace, self.max_shapes = client, task_id, replace, max_shapes
+        self.before_write = before_write  # raises to stop before a batch is written (another writer at work)
         self.label_map = parse_label_map(label_map)
         with cvat_errors(client, f"task {task_id}"):
             self.task = client.tasks.retrieve(task_id)
@@ -202,6 +205,8 @@ class TaskWriter:
         a frame given with no shapes just loses its earlier ``auto`` shapes. ``confidence`` (frame → 0.0-1.0)
         replaces the frames' confidence tags (``review``) when the task has the confidence label; the tags travel
         in the same requests as the shapes."""
+        if self.before_write is not None:
+            self.before_write()
         report = UploadReport(frames=len(shapes_by_frame))
         old = [stored for frame in shapes_by_frame for stored in self.shapes_on.get(frame, ())
                if self.replace or stored.get("source") == AUTO]

@@ -22,6 +22,22 @@ JOB_EVENTS = ("update:job",)
 TASK_EVENTS = ("create:task", "update:task")
 
 
+def upload_finished(payload: Mapping[str, Any]) -> bool:
+    """Whether an ``update:task`` delivery is the one that says the task's data has arrived.
+
+    Uploading data (``POST /api/tasks/ID/data``) sends four ``update:task`` (recorded: all_deliveries.json 6, 7, 10,
+    11): the data attached (``size`` still 0), the job counts, then — once CVAT's task-creation job has read the
+    frames and made the segments and jobs (``_create_segments_and_jobs`` in cvat/apps/engine/task.py) — the task
+    saved with its ``mode`` (``""`` until then, ``annotation`` or ``interpolation`` after), and a last save of
+    ``updated_date`` only. Every later change of the task sends ``update:task`` too: an annotation save, by a person
+    or by CVAT's lambda manager, only touches ``updated_date`` (``before_update`` = ``{"updated_date"}``); a person's
+    edit names its field (``name``, ``assignee``...). The task's ``mode`` is set once, by the upload: that delivery
+    is the one."""
+    before, task = payload.get("before_update"), payload.get("task")
+    return (payload.get("event") == "update:task" and isinstance(before, Mapping) and isinstance(task, Mapping)
+            and before.get("mode") == "" and bool(task.get("mode")))
+
+
 class WebhookError(Exception):
     """A delivery that cannot be accepted; ``status`` is the HTTP answer (401 for a bad signature)."""
 

@@ -13,10 +13,14 @@ A trigger never trains and never calls CVAT inside the event that fired it: it d
   training starts, so a reviewer closing ten jobs starts one run, not ten (default 0);
 * ``PREANNOTATE_TRAIN_PROJECTS`` — only these project ids (default: any project the webhook reports).
 
-New tasks: with ``PREANNOTATE_ANNOTATE_ON=task``, a ``create:task`` or ``update:task`` delivery for a project the
-function serves (``PREANNOTATE_TRAIN_PROJECT``, else ``PREANNOTATE_TRAIN_PROJECTS``, else any) records one
-*pre-annotation* job per task (``queue_annotation``); the job waits for the task's upload to finish (CVAT sends
-``create:task`` before it) and leaves a task people already work on to them.
+New tasks: with ``PREANNOTATE_ANNOTATE_ON=task``, a ``create:task`` delivery, or the ``update:task`` that says the
+task's upload finished (``webhooks.upload_finished``), for a project the function serves
+(``PREANNOTATE_TRAIN_PROJECT``, else ``PREANNOTATE_TRAIN_PROJECTS``, else any) records the task's *pre-annotation*
+job (``queue_annotation``), once per task: the job records say which version annotated it, so a re-delivery never
+queues it again. Any other ``update:task`` starts nothing: every save changes a task, a person's or one of CVAT's
+lambda manager. The job waits for the upload (CVAT sends ``create:task`` before it) and for CVAT's lambda manager
+(``worker.annotate_job``), and leaves a task people already work on to them. A promotion's re-annotation is
+recorded once per version.
 
 Cron records a *check* job (``only_if_changed``) while no job is queued or running; its process retrains only when
 a finished job's ``updated_date`` differs from what the served version learned, or a job was finished or reopened
@@ -34,14 +38,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from preannotate.cvat.reader import finishes
-from preannotate.cvat.webhooks import JOB_EVENTS, TASK_EVENTS
+from preannotate.cvat.webhooks import JOB_EVENTS, TASK_EVENTS, upload_finished
 from preannotate.durations import parse_duration
 from preannotate.files import write_atomically
 from preannotate.hyperparameters import DEFAULT_TRAIN_ON, parse_train_on
 from preannotate.training.jobs import Job, JobStore
 
 ANNOTATE_ON = ("", "task")
-REANNOTATE = "re-annotate"  # the reason of a pre-annotation queued by a promotion: it runs again on a done task
+REANNOTATE = "re-annotate"  # the reason of a pre-annotation queued by a promotion (once per version)
 
 
 @dataclass(frozen=True)
@@ -135,15 +139,16 @@ def qualifying_change(payload: Mapping[str, Any], policy: TrainingPolicy) -> Tri
 
 @dataclass(frozen=True)
 class NewTask:
-    """A task of a served project was created or its data attached: it is to be pre-annotated."""
+    """A task of a served project was created or its upload finished: it is to be pre-annotated."""
 
     project_id: int
     task_id: int
-    event: str
+    event: str  # "create:task" or "upload finished"
 
 
 def new_task(payload: Mapping[str, Any], policy: TrainingPolicy) -> NewTask | str:
-    """The ``NewTask`` a ``create:task``/``update:task`` delivery stands for, or why it does not count."""
+    """The ``NewTask`` a ``create:task`` delivery, or the ``update:task`` of a finished upload, stands for; or why
+    the delivery does not count."""
     event, task = payload.get("event"), payload.get("task") or {}
     if policy.annotate_on != "task":
         return f"{event}: new tasks are not pre-annotated (set PREANNOTATE_ANNOTATE_ON=task)"
@@ -154,6 +159,13 @@ def new_task(payload: Mapping[str, Any], policy: TrainingPolicy) -> NewTask | st
         return f"task {task['id']}: in no project, so not one this function pre-annotates"
     if policy.projects is not None and project_id not in policy.projects:
         return f"task {task['id']}: project {project_id} is not one this function pre-annotates"
+    if event == "update:task":
+        if not upload_finished(payload):
+            before = payload.get("before_update")
+            changed = ", ".join(before) if isinstance(before, Mapping) and before else "nothing"
+            return (f"task {task['id']}: update:task changed {changed}, not its data (an annotation save, by a "
+                    "person or CVAT's lambda manager, or an edit): it starts no pre-annotation")
+        event = "upload finished"
     return NewTask(project_id, task["id"], str(event))
 
 
@@ -200,7 +212,7 @@ class Triggers:
             return Decision(job, change.reason)
 
     def on_new_task(self, change: NewTask, model: str) -> Decision:
-        """Record the task's pre-annotation job, once per task (``update:task`` also fires on every save)."""
+        """Record the task's pre-annotation job, once per task."""
         with self._lock:
             return queue_annotation(self.jobs, change.task_id, model, f"{change.event} in project {change.project_id}")
 
@@ -212,19 +224,28 @@ class Triggers:
         return Decision(job, "cron: recorded a job that retrains if the annotations changed")
 
 
-def queue_annotation(jobs: JobStore, task_id: int, model: str, reason: str) -> Decision:
-    """Record a pre-annotation job of ``task_id`` by ``model`` unless one is queued or running; a task already
-    pre-annotated is done again only for a new reason (a newly promoted version re-annotating it)."""
+def queue_annotation(jobs: JobStore, task_id: int, model: str, reason: str, version: int | None = None) -> Decision:
+    """Record a pre-annotation job of ``task_id`` by ``model``: once per task for a new task, once per version for
+    the re-annotation a promoted ``version`` asks for. The job records are the ledger: a task whose job succeeded
+    (with the version it recorded) or was left (``skipped``, and why) is not queued again for the same reason; one
+    queued or running is joined. A failed or cancelled job is no record: the next delivery queues the task again."""
     mine = [job for job in jobs.all() if job.request.get("kind") == "annotate" and job.request.get("task") == task_id]
     pending = next((job for job in mine if job.state in ("queued", "running")), None)
     if pending is not None:
         jobs.update(pending.id, lambda j: setattr(j, "not_before", min(j.not_before, time.time())))  # data came
         return Decision(pending, f"task {task_id}: its pre-annotation is already queued (job {pending.id})")
-    done = next((job for job in mine if job.state in ("succeeded", "skipped")), None)
-    if done is not None and not reason.startswith(REANNOTATE):
-        return Decision(None, f"task {task_id}: already pre-annotated (job {done.id}, version {done.version})")
-    job = jobs.create({"kind": "annotate", "task": task_id, "model": model, "reason": reason},
-                      trigger=f"{reason}: pre-annotate task {task_id}")
+    if version is None:
+        done = next((job for job in reversed(mine) if job.state in ("succeeded", "skipped")), None)
+    else:
+        done = next((job for job in mine if job.state == "succeeded" and job.version == version), None)
+    if done is not None:
+        what = f"left by job {done.id}: {done.skipped}" if done.state == "skipped" else \
+            f"already pre-annotated by version {done.version} (job {done.id})"
+        return Decision(None, f"task {task_id}: {what}")
+    request = {"kind": "annotate", "task": task_id, "model": model, "reason": reason}
+    if version is not None:
+        request["version"] = version
+    job = jobs.create(request, trigger=f"{reason}: pre-annotate task {task_id}")
     return Decision(job, f"task {task_id}: pre-annotation queued ({reason})")
 
 
