@@ -391,3 +391,31 @@ def test_cli_submits_a_training_job_dry_run(capsys, tmp_path):
     assert "&id" not in rest and "*id" not in rest  # the labels shared by two places are written out, as a person does
     assert cli(["deploy", "--runner", "kubernetes", "--job", JOB_ID, "--dry-run"]) == 2
     assert "needs --image, --store-claim" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["tracker", "reid"])
+def test_deploy_kind_renders_the_model_as_cvats_tracker_or_reid(store, tmp_path, capsys, kind):
+    out = tmp_path / kind
+    code, lines, err = _deploy(capsys, "--model", "Cars_v2", "--store", str(store.root), "--out", str(out),
+                               "--kind", kind, "--dry-run")
+    assert code == 0, err
+    assert lines[0] == f"# function pth-preannotate-cars-v2-{kind} rendered in {out}"
+    for filename, gpu in (("function.yaml", False), ("function-gpu.yaml", True)):
+        text = (out / filename).read_text()
+        assert text.startswith(f"# Rendered by `preannotate deploy --model Cars_v2 --kind {kind}`")
+        config = yaml.safe_load(text)
+        assert config["metadata"]["annotations"]["type"] == kind
+        assert functions.validate_config(config, gpu) == []
+    assert functions.validate_directory(out) == []
+    assert any("nuctl deploy" in line and str(out / "function.yaml") in line for line in lines)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "Cars_v2", "--kind", "tracker", "--cron", "6h", "--train-project", "3"],
+     "a tracker trains and pre-annotates nothing: give --cron, --train-project to the detector function"),
+    (["--model", "Later", "--kind", "reid"], "Later has no version yet: deploy its reid once"),
+    (["--model", "resnet50", "--kind", "tracker"], "resnet50 is a classifier: it finds no boxes"),
+])
+def test_deploy_kind_explains_what_is_wrong(store, tmp_path, capsys, args, message):
+    code, _, err = _deploy(capsys, *args, "--store", str(store.root), "--out", str(tmp_path / "fn"), "--dry-run")
+    assert code != 0 and message in err, err

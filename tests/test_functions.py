@@ -195,3 +195,45 @@ def test_functions_cli_renders_and_validates(tmp_path, capsys):
     broken.write_text(broken.read_text().replace("description:", "summary:"))
     assert cli(["functions", "validate", str(tmp_path)]) == 1
     assert "spec.description is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["tracker", "reid"])
+def test_tracker_and_reid_functions_pass_cvats_rules_and_answer_as_what_cvat_calls_them(kind):
+    config = functions.function_config(ARCHITECTURES["ssdlite320_mobilenet_v3_large"],
+                                       parse_label_list("car,person", "rectangle"), gpu=False, model="cars",
+                                       kind=kind, cron="6h", train_project=4)
+    assert functions.validate_config(config, gpu=False) == []
+    annotations = config["metadata"]["annotations"]
+    assert annotations["type"] == kind and annotations["spec"] == "[]"  # as CVAT's own trackers: nothing to map
+    assert config["metadata"]["name"] == f"pth-preannotate-ssdlite320-mobilenet-v3-large-{kind}"
+    env = {item["name"]: item["value"] for item in config["spec"]["env"]}
+    assert env["PREANNOTATE_FUNCTION_KIND"] == kind and env["PREANNOTATE_MODEL"] == "cars"
+    # it serves what the detector function trains: no training of its own
+    assert not any(name.startswith("PREANNOTATE_TRAIN") for name in env) and set(config["spec"]["triggers"]) == {
+        "myHttpTrigger"}
+    assert (annotations.get("supported_shape_types") == "rectangle") == (kind == "tracker")
+
+
+@pytest.mark.parametrize("break_it, problem", [
+    (lambda c: [e.update(value="detector") for e in c["spec"]["env"] if e["name"] == "PREANNOTATE_FUNCTION_KIND"],
+     "CVAT calls it as a tracker but it answers as a detector"),
+    (lambda c: c["metadata"]["annotations"].pop("supported_shape_types"), "must declare"),
+    (lambda c: c["metadata"]["annotations"].update(supported_shape_types=" , "), "lists no shape type"),
+    (lambda c: c["metadata"]["annotations"].update(supported_shape_types="rectangle, box"), "'box' is not one of"),
+    (lambda c: c["metadata"]["annotations"].update(type="interactor"), "these functions serve detector"),
+])
+def test_validator_catches_a_tracker_cvat_would_skip_or_misroute(break_it, problem):
+    config = functions.function_config(ARCHITECTURES["ssdlite320_mobilenet_v3_large"],
+                                       parse_label_list("car", "rectangle"), gpu=False, kind="tracker")
+    assert functions.validate_config(config, gpu=False) == []
+    break_it(config)
+    assert any(problem in p for p in functions.validate_config(config, gpu=False)), problem
+
+
+def test_a_detector_still_needs_labels_in_its_spec():
+    config = _valid_config()
+    config["metadata"]["annotations"]["spec"] = "[]"
+    assert any("lists no labels" in p for p in functions.validate_config(config, gpu=False))
+    config["spec"]["env"].append({"name": "PREANNOTATE_FUNCTION_KIND", "value": "tracker"})
+    assert any("CVAT calls it as a detector but it answers as a tracker" in p
+               for p in functions.validate_config(config, gpu=False))

@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     _cvat_arguments(deploy)  # a project's labels are read from CVAT
     deploy.add_argument("--model", help="NAME[@VERSION] in the store (NAME follows the served version), or an "
                                         "architecture (its pretrained weights until it has a version)")
+    deploy.add_argument("--kind", choices=("detector", "tracker", "reid"), default="detector",
+                        help="what CVAT calls the function as: detector (default); tracker (AI Tools → Trackers "
+                             "follow drawn boxes with the model) or reid (the Automatic annotation menu links a "
+                             "task's boxes into tracks), each a function of its own beside the detector")
     deploy.add_argument("--store", default=None,
                         help="the model store on this machine, mounted into the function (default "
                              f"$PREANNOTATE_MODEL_STORE, else {DEFAULT_STORE})")
@@ -595,7 +599,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                         reannotate_unreviewed=args.reannotate_unreviewed, gpu=args.gpu, platform=args.platform,
                         namespace=args.namespace, registry=args.registry, base_image=args.base_image,
                         store_claim=args.store_claim, out_dir=args.out, dry_run=args.dry_run,
-                        connect=lambda: _connect(args))
+                        connect=lambda: _connect(args), kind=args.kind)
     return 0
 
 

@@ -52,7 +52,8 @@ class DeployError(RuntimeError):
 def render_model_function(store: ModelStore, reference: str, out: Path, cron: str | None = None,
                           train_project: int | None = None, store_claim: str | None = None,
                           first_labels: Sequence[Label] | None = None, architecture: str | None = None,
-                          annotate_on: str = "", reannotate: str = "") -> tuple[Path, str, list[Label]]:
+                          annotate_on: str = "", reannotate: str = "", kind: str = "detector",
+                          ) -> tuple[Path, str, list[Label]]:
     """Write the function directory (function.yaml, function-gpu.yaml, main.py) that serves ``reference``
     (``NAME``: its served version, swapped when a new one is promoted; ``NAME@VERSION``: pinned) and return it with
     the function's name and the labels left out of its CVAT spec (types the model can never return).
@@ -60,7 +61,8 @@ def render_model_function(store: ModelStore, reference: str, out: Path, cron: st
     The spec lists the labels of the model's manifest or, before its first version, ``first_labels``: those of the
     project ``train_project`` it trains on (read from CVAT), or an architecture's pretrained ones (what it serves
     until then). They are typed as the model returns them. The store is mounted from where it is (``store.root``)
-    or from ``store_claim``."""
+    or from ``store_claim``. ``kind`` ``tracker`` or ``reid`` serves the model as CVAT's tracker or reid function
+    (``functions.function_config``)."""
     parsed = ModelReference.parse(reference)
     try:
         manifest = Manifest.read(parsed.directory(store))
@@ -71,6 +73,8 @@ def render_model_function(store: ModelStore, reference: str, out: Path, cron: st
     default = parsed.architecture or DEFAULT_ARCHITECTURE
     arch = get_architecture(architecture or (manifest.architecture if manifest else default))
     labels, impossible = lambda_spec.spec_labels(manifest.labels if manifest else first_labels, arch.output)
+    if kind != "detector" and arch.output == "tag":
+        raise DeployError(f"{arch.name} is a classifier: it finds no boxes, so it has nothing to follow as a {kind}")
     if not labels:
         raise DeployError(f"{arch.name} returns {arch.output} shapes: none of the labels "
                           f"({', '.join(f'{label.name} ({label.type})' for label in impossible) or 'none'}) can take "
@@ -82,12 +86,15 @@ def render_model_function(store: ModelStore, reference: str, out: Path, cron: st
             f"project {train_project}'s labels"
     else:
         state, source = f"{len(labels)} pretrained labels until its first version", f"{arch.name}'s pretrained labels"
-    settings = {"model": reference, "name": function_name(parsed.name, arch.framework), "cron": cron,
-                "train_project": train_project,
-                "description": f"preannotate model {parsed.name} ({arch.name}, {state})",
+    served_as = "" if kind == "detector" else f" as CVAT's {kind}"
+    settings = {"model": reference, "name": function_name(parsed.name, arch.framework) + ("" if kind == "detector"
+                                                                                          else f"-{kind}"),
+                "cron": cron, "train_project": train_project,
+                "description": f"preannotate model {parsed.name}{served_as} ({arch.name}, {state})",
                 "store_host_path": str(store.root.resolve()), "store_claim": store_claim,
-                "annotate_on": annotate_on, "reannotate": reannotate}
-    header = f"# Rendered by `preannotate deploy --model {reference}` from {source}.\n"
+                "annotate_on": annotate_on, "reannotate": reannotate, "kind": kind}
+    option = "" if kind == "detector" else f" --kind {kind}"
+    header = f"# Rendered by `preannotate deploy --model {reference}{option}` from {source}.\n"
     files, problems = {}, []
     for filename, gpu in (("function.yaml", False), ("function-gpu.yaml", True)):
         config = functions.function_config(arch, labels, gpu, **settings)
@@ -181,16 +188,27 @@ def deploy_model(model: str, *, store: str | os.PathLike | None = None, train_pr
                  namespace: str | None = None, registry: str | None = None, base_image: str | None = None,
                  store_claim: str | None = None, out_dir: str | os.PathLike | None = None, dry_run: bool = False,
                  connect: Callable[[], Any] | None = None, environ: Mapping[str, str] | None = None,
-                 out: TextIO | None = None) -> str:
+                 out: TextIO | None = None, kind: str = "detector") -> str:
     """Render the Nuclio function serving ``model`` (``NAME`` or ``NAME@VERSION`` in ``store``) into ``out_dir`` and
     deploy it with nuctl, or with ``dry_run`` print the commands; returns the function's name.
 
     Before a model's first version its labels come from the CVAT project ``train_project`` (read with a client from
     ``connect``, default: ``cvat.client.connect()`` from the environment) or, for an architecture's own name, from
     its pretrained weights (what it serves until then). A dry run reads the store but needs none; otherwise the
-    store is made when missing, as the function trains into it."""
+    store is made when missing, as the function trains into it.
+
+    ``kind="tracker"`` (or ``"reid"``) deploys the model as CVAT's tracker (reid) function beside its detector: it
+    trains nothing and serves the versions the detector function trains into the same store."""
     environ = os.environ if environ is None else environ
     out = out or sys.stdout
+    if kind != "detector":
+        training = [flag for flag, value in (("--cron", cron), ("--train-project", train_project),
+                                             ("--annotate-on", annotate_on not in (None, "none") and annotate_on),
+                                             ("--reannotate-unreviewed", reannotate_unreviewed)) if value]
+        if training:
+            raise DeployError(f"a {kind} trains and pre-annotates nothing: give {', '.join(training)} to the "
+                              f"detector function (`preannotate deploy --model {model}`); the {kind} serves what it "
+                              "trains")
     if cron and train_project is None:
         raise DeployError("--cron retrains a project: give it with --train-project N")
     if platform == "kube" and not store_claim:
@@ -199,6 +217,10 @@ def deploy_model(model: str, *, store: str | os.PathLike | None = None, train_pr
     root = Path(store or default_store())
     models = ModelStore(root)  # what is there; a missing store holds nothing
     untrained = parsed.version is None and not models.versions(parsed.name)
+    if untrained and kind != "detector" and not parsed.architecture:
+        open_store(root)  # a mistyped --store says so
+        raise DeployError(f"{parsed.name} has no version yet: deploy its {kind} once the detector function (or "
+                          "`preannotate train`) has published one")
     if untrained and train_project is None and not parsed.architecture:
         open_store(root)  # a mistyped --store says so
         raise DeployError(f"{parsed.name} has no version yet: deploy it for the CVAT project it learns from with "
@@ -221,7 +243,7 @@ def deploy_model(model: str, *, store: str | os.PathLike | None = None, train_pr
     directory, name, impossible = render_model_function(
         models, model, directory, cron=cron, train_project=train_project, store_claim=store_claim,
         first_labels=first_labels, architecture=architecture, annotate_on="" if annotate_on == "none" else annotate_on,
-        reannotate="unreviewed" if reannotate_unreviewed else "")
+        reannotate="unreviewed" if reannotate_unreviewed else "", kind=kind)
     print(f"# function {name} rendered in {directory}", file=out)
     if untrained and train_project is not None:
         print(f"# {parsed.name} is not trained yet: the function answers 503 until a job of project "
@@ -236,7 +258,9 @@ def deploy_model(model: str, *, store: str | os.PathLike | None = None, train_pr
                               base_image=base_image)
     run_commands(commands, dry_run, out, NUCTL_HINT)
     if not dry_run:
-        print(f"deployed {name}: it appears in CVAT's Models page", file=out)
+        where = {"detector": "CVAT's Models page", "tracker": "CVAT's AI Tools → Trackers",
+                 "reid": "the Automatic annotation menu of CVAT's tasks"}[kind]
+        print(f"deployed {name}: it appears in {where}", file=out)
     return name
 
 

@@ -14,9 +14,12 @@ from preannotate.cvat import lambda_spec
 from preannotate.durations import parse_duration
 from preannotate.models import DEFAULT_STORE
 from preannotate.models.registry import ARCHITECTURES, Architecture
-from preannotate.shapes import ATTRIBUTE_INPUT_TYPES, LABEL_TYPES, Label
+from preannotate.shapes import ATTRIBUTE_INPUT_TYPES, LABEL_TYPES, SHAPE_TYPES, Label
 
 FUNCTION_KINDS = ("detector", "interactor", "tracker", "reid")
+SERVED_KINDS = ("detector", "tracker", "reid")  # what our functions serve (``serving.core.FUNCTION_KINDS``)
+# A tracker declares the shapes it follows: CVAT then sends them as {type, points}, not the legacy point arrays.
+TRACKER_SHAPE_TYPES = "rectangle"
 MIN_BODY_BYTES = 32 * 1024 * 1024
 CVAT_REQUEST_TIMEOUT_S = 120  # CVAT_NUCLIO_DEFAULT_TIMEOUT: no event may take longer than CVAT waits
 # The model store lives on the host (a volume), not in the image: versions trained by the function outlive its
@@ -65,7 +68,8 @@ _Dumper.add_representer(_Literal, lambda dumper, data: dumper.represent_scalar("
 def function_config(arch: Architecture, labels: list[Label], gpu: bool, model: str | None = None,
                     name: str | None = None, description: str | None = None, cron: str | None = None,
                     train_project: int | None = None, store_host_path: str = STORE_HOST_PATH,
-                    store_claim: str | None = None, annotate_on: str = "", reannotate: str = "") -> dict[str, Any]:
+                    store_claim: str | None = None, annotate_on: str = "", reannotate: str = "",
+                    kind: str = "detector") -> dict[str, Any]:
     """The function.yaml (or function-gpu.yaml) of a function serving ``model`` (default: the architecture, whose
     COCO-pretrained weights are baked into the image until the store has a version of that name) and training it.
 
@@ -74,19 +78,26 @@ def function_config(arch: Architecture, labels: list[Label], gpu: bool, model: s
     ``labels`` go into the CVAT spec as they are (typed by ``lambda_spec.spec_labels``), and their names into the
     function's environment, so that it can say which labels of a later version CVAT would drop.
     ``annotate_on="task"`` pre-annotates the project's new tasks; ``reannotate="unreviewed"`` re-annotates its
-    untouched tasks when a better version is promoted."""
+    untouched tasks when a better version is promoted.
+
+    ``kind="tracker"`` or ``"reid"`` serves the same model as CVAT's tracker or reid function (CVAT gives a function
+    one kind): an empty label spec, as CVAT's own trackers have, and no training — it follows the versions the
+    detector function trains into the same store."""
     model = model or arch.name
-    name = name or arch.function_name
+    name = name or arch.function_name + ("" if kind == "detector" else f"-{kind}")
     image_tag = "latest-gpu" if gpu else "latest"
     env = {"PREANNOTATE_MODEL": model, "PREANNOTATE_MODEL_STORE": STORE_MOUNT,
-           "PREANNOTATE_DEVICE": "cuda" if gpu else "cpu", **WEIGHTS_ENV[arch.framework],
-           "PREANNOTATE_TRAIN_MODEL": arch.name, **TRAINING_ENV,
-           "PREANNOTATE_ANNOTATE_ON": annotate_on, "PREANNOTATE_REANNOTATE": reannotate,
-           lambda_spec.FUNCTION_LABELS_ENV: json.dumps([label.name for label in labels])}
-    if train_project is not None:
-        env["PREANNOTATE_TRAIN_PROJECT"] = str(train_project)
+           "PREANNOTATE_DEVICE": "cuda" if gpu else "cpu", **WEIGHTS_ENV[arch.framework]}
+    if kind == "detector":
+        env.update({"PREANNOTATE_TRAIN_MODEL": arch.name, **TRAINING_ENV, "PREANNOTATE_ANNOTATE_ON": annotate_on,
+                    "PREANNOTATE_REANNOTATE": reannotate,
+                    lambda_spec.FUNCTION_LABELS_ENV: json.dumps([label.name for label in labels])})
+        if train_project is not None:
+            env["PREANNOTATE_TRAIN_PROJECT"] = str(train_project)
+    else:
+        env["PREANNOTATE_FUNCTION_KIND"] = kind
     build: dict[str, Any] = {
-        "image": f"cvat.preannotate.{model.replace('@', '.')}:{image_tag}",
+        "image": f"cvat.preannotate.{model.replace('@', '.')}{'' if kind == 'detector' else '.' + kind}:{image_tag}",
         "baseImage": BASE_IMAGE[arch.framework, gpu],
         # The weights training starts from (and, for COCO models, what the function serves before its first
         # version): fetched once at build time, so a function never downloads at run time.
@@ -98,7 +109,7 @@ def function_config(arch: Architecture, labels: list[Label], gpu: bool, model: s
     triggers: dict[str, Any] = {"myHttpTrigger": {
         "kind": "http", "numWorkers": 1 if gpu else 2, "workerAvailabilityTimeoutMilliseconds": 10000,
         "attributes": {"maxRequestBodySize": MIN_BODY_BYTES}}}
-    if cron:
+    if cron and kind == "detector":
         triggers[CRON_TRIGGER] = cron_trigger(cron)
     spec: dict[str, Any] = {
         "description": description or arch.description,
@@ -115,13 +126,18 @@ def function_config(arch: Architecture, labels: list[Label], gpu: bool, model: s
     }
     if gpu:
         spec["resources"] = {"limits": {"nvidia.com/gpu": 1}}
+    served_as = "" if kind == "detector" else f" {kind}"
+    annotations = {"name": f"{model}{served_as} (preannotate{', GPU' if gpu else ''})", "type": kind,
+                   "framework": arch.framework,
+                   "spec": _Literal(lambda_spec.spec_text(labels)) if kind == "detector" else "[]"}
+    if kind == "tracker":
+        annotations["supported_shape_types"] = TRACKER_SHAPE_TYPES
     return {
         "metadata": {
             "name": name,
             "namespace": "cvat",
             "labels": {"nuclio.io/project-name": "cvat"},
-            "annotations": {"name": f"{model} (preannotate{', GPU' if gpu else ''})", "type": "detector",
-                            "framework": arch.framework, "spec": _Literal(lambda_spec.spec_text(labels))},
+            "annotations": annotations,
         },
         "spec": spec,
     }
@@ -185,10 +201,17 @@ def validate_config(config: dict[str, Any], gpu: bool) -> list[str]:
     for key, value in annotations.items():
         if not isinstance(value, str):
             problems.append(f"metadata.annotations.{key} must be a string, got {type(value).__name__}")
-    if annotations.get("type") not in FUNCTION_KINDS:
-        problems.append(f"metadata.annotations.type {annotations.get('type')!r} is not one of "
-                        f"{', '.join(FUNCTION_KINDS)}")
-    problems += validate_label_spec(annotations.get("spec", "[]"))
+    kind = annotations.get("type")
+    if kind not in FUNCTION_KINDS:
+        problems.append(f"metadata.annotations.type {kind!r} is not one of {', '.join(FUNCTION_KINDS)}")
+    # CVAT maps a detector's labels from its spec; trackers and reid functions have none to map
+    problems += validate_label_spec(annotations.get("spec", "[]"), empty_allowed=kind != "detector")
+    if "supported_shape_types" in annotations:
+        declared = [t.strip() for t in str(annotations["supported_shape_types"]).split(",") if t.strip()]
+        if not declared:  # CVAT: "has no supported shape types", and the function is skipped
+            problems.append("metadata.annotations.supported_shape_types lists no shape type: CVAT skips the function")
+        problems += [f"metadata.annotations.supported_shape_types: {t!r} is not one of {', '.join(SHAPE_TYPES)}"
+                     for t in declared if t not in SHAPE_TYPES]
     if not isinstance(spec.get("description"), str) or not spec["description"].strip():
         problems.append("spec.description is missing: CVAT answers 500 for every function without it")
     if not str(spec.get("runtime", "")).startswith("python:3"):
@@ -226,6 +249,15 @@ def validate_config(config: dict[str, Any], gpu: bool) -> list[str]:
         env[item["name"]] = item.get("value", "")
         if item["name"] in SECRET_ENV and item.get("value"):
             problems.append(f"spec.env {item['name']} holds a secret: pass it with `nuctl deploy --env` instead")
+    served = env.get("PREANNOTATE_FUNCTION_KIND") or "detector"
+    if kind not in SERVED_KINDS and kind in FUNCTION_KINDS:
+        problems.append(f"metadata.annotations.type {kind!r}: these functions serve {', '.join(SERVED_KINDS)}")
+    elif kind in SERVED_KINDS and served != kind:
+        problems.append(f"CVAT calls it as a {kind} but it answers as a {served}: set spec.env "
+                        f"PREANNOTATE_FUNCTION_KIND to {kind!r}")
+    if kind == "tracker" and "supported_shape_types" not in annotations:
+        problems.append(f"a tracker must declare metadata.annotations.supported_shape_types "
+                        f"({TRACKER_SHAPE_TYPES!r}): without it CVAT sends bare point arrays")
     mounts = _validate_volumes(spec.get("volumes") or [], problems)
     store = PurePosixPath(env.get("PREANNOTATE_MODEL_STORE") or "/")
     if "PREANNOTATE_MODEL_STORE" not in env:
@@ -290,14 +322,14 @@ def _validate_cron(trigger: dict[str, Any], env: dict[str, str]) -> list[str]:
     return problems
 
 
-def validate_label_spec(text: str) -> list[str]:
+def validate_label_spec(text: str, empty_allowed: bool = False) -> list[str]:
     try:
         labels = json.loads(text or "[]")
     except json.JSONDecodeError as error:
         return [f"metadata.annotations.spec is not valid JSON ({error}): CVAT would hide every model"]
     if not isinstance(labels, list):
         return ["metadata.annotations.spec must be a JSON list of labels"]
-    if not labels:
+    if not labels and not empty_allowed:
         return ["metadata.annotations.spec lists no labels: CVAT would list a detector with nothing to map"]
     problems, names = [], set()
     for index, label in enumerate(labels):

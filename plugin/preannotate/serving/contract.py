@@ -89,13 +89,14 @@ def describe(value: Any) -> str:
     return "a value that is not JSON"
 
 
-def json_body(body: Any) -> Any:
+def json_body(body: Any, example: str = EXAMPLE_BODY) -> Any:
     """The request body as a JSON value, for every door: bytes or text are decoded; a value a door already decoded
-    (Nuclio decodes ``application/json`` bodies) is returned as it is. Whatever is wrong is a ``ContractError``."""
+    (Nuclio decodes ``application/json`` bodies) is returned as it is. Whatever is wrong is a ``ContractError``
+    (``example``: the body the route expects, as its messages show it)."""
     if body is None:  # no body, or a JSON null Nuclio decoded
-        raise ContractError(f"empty request body (or a JSON null): send JSON like {EXAMPLE_BODY}")
+        raise ContractError(f"empty request body (or a JSON null): send JSON like {example}")
     if isinstance(body, (bytes, bytearray, str)) and not body.strip():
-        raise ContractError(f"empty request body: send JSON like {EXAMPLE_BODY}")
+        raise ContractError(f"empty request body: send JSON like {example}")
     if not isinstance(body, (bytes, bytearray, str)):
         return body
     if len(body) > MAX_BODY_BYTES:
@@ -106,7 +107,7 @@ def json_body(body: Any) -> Any:
         raise ContractError("request body is not JSON: it is not UTF-8 text") from None
     except json.JSONDecodeError as error:
         where = f" from line {error.lineno}, column {error.colno} on" if error.pos else ""
-        raise ContractError(f"request body is not JSON{where}: send JSON like {EXAMPLE_BODY}") from None
+        raise ContractError(f"request body is not JSON{where}: send JSON like {example}") from None
     except RecursionError:
         raise ContractError("request body is not JSON this function reads: its arrays or objects are nested too "
                             "deeply") from None
@@ -115,27 +116,41 @@ def json_body(body: Any) -> Any:
                             "digits") from None
 
 
-def parse_detect_request(body: Any) -> DetectRequest:
-    data = json_body(body)
+def json_object(body: Any, example: str = EXAMPLE_BODY) -> dict[str, Any]:
+    """The request body as a JSON object (what every CVAT call sends)."""
+    data = json_body(body, example)
     if not isinstance(data, dict):
-        raise ContractError(f"request body must be a JSON object like {EXAMPLE_BODY}, not {describe(data)}")
-    if "image" not in data:
-        raise ContractError("request has no 'image' (base64 of the frame)")
-    encoded = data["image"]
+        raise ContractError(f"request body must be a JSON object like {example}, not {describe(data)}")
+    return data
+
+
+def image_field(data: dict[str, Any], key: str = "image") -> Image.Image:
+    """The frame CVAT sends as base64 in ``data[key]``, decoded (``decode_image``)."""
+    if key not in data:
+        raise ContractError(f"request has no '{key}' (base64 of the frame)")
+    encoded = data[key]
     if not isinstance(encoded, str) or not encoded:
         got = "" if encoded == "" else f", not {describe(encoded)}"
-        raise ContractError(f"'image' must be a non-empty base64 string{got}")
+        raise ContractError(f"'{key}' must be a non-empty base64 string{got}")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ContractError(f"'{key}' is not valid base64") from None
+    return decode_image(raw)
+
+
+def parse_detect_request(body: Any) -> DetectRequest:
+    data = json_object(body)
+    image = data.get("image")
+    if not isinstance(image, str) or not image:
+        image_field(data)  # says what is wrong with it
     threshold = data.get("threshold")
     if threshold is not None:
         if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                 or not 0 <= threshold <= 1):  # NaN compares False: refused too
             raise ContractError(f"'threshold' must be a number between 0 and 1, got {describe(threshold)}")
         threshold = float(threshold)
-    try:
-        raw = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raise ContractError("'image' is not valid base64") from None
-    return DetectRequest(image=decode_image(raw), threshold=threshold)
+    return DetectRequest(image=image_field(data), threshold=threshold)
 
 
 def decode_image(raw: bytes) -> Image.Image:

@@ -27,7 +27,7 @@ from preannotate.models import (
     default_store,
     load_model,
 )
-from preannotate.serving import contract
+from preannotate.serving import contract, following, tracker
 from preannotate.suggest import did_you_mean
 
 log = logging.getLogger(__name__)
@@ -165,11 +165,18 @@ def spec_fix(name: str, dropped: list[str], project: str | None = None) -> str:
 Handler = Callable[[Request, re.Match], Reply]
 
 
-class App:
-    """The routes of a function: ``POST /`` (CVAT detector call), ``GET /health``, ``GET /models``; later
-    features add theirs with ``route``."""
+FUNCTION_KINDS = ("detector", "tracker", "reid")  # what ``POST /`` answers: CVAT gives a function one kind
 
-    def __init__(self, provider: ModelProvider, cvat_labels: list[str] | None = None, project: str | None = None):
+
+class App:
+    """The routes of a function: ``POST /`` (CVAT's call of a function of ``kind``: detector, tracker or reid),
+    ``GET /health``, ``GET /models``; later features add theirs with ``route``."""
+
+    def __init__(self, provider: ModelProvider, cvat_labels: list[str] | None = None, project: str | None = None,
+                 kind: str = "detector"):
+        if kind not in FUNCTION_KINDS:
+            raise ValueError(f"PREANNOTATE_FUNCTION_KIND is {kind!r}: use one of {', '.join(FUNCTION_KINDS)}")
+        self.kind = kind
         self.provider = provider
         self.cvat_labels = cvat_labels  # the label names of the function's deployed CVAT spec, when it says
         self.project = project          # the CVAT project it trains on (for the fixing command)
@@ -178,7 +185,7 @@ class App:
         self._inference = threading.Lock()
         self._routes: list[tuple[str, re.Pattern, Handler, str]] = []  # method, pattern, handler, path as written
         self.status: dict[str, Any] = {}  # what features add to GET /health (how the training routes are guarded)
-        self.route("POST", "/", self.detect)
+        self.route("POST", "/", {"detector": self.detect, "tracker": self.track, "reid": self.reid}[kind])
         self.route("GET", "/health", self.health)
         self.route("GET", "/models", self.models)
 
@@ -194,7 +201,7 @@ class App:
         device = devices.from_environment(env)
         project = env.get("PREANNOTATE_TRAIN_PROJECT")
         return cls(ModelProvider(reference, store, device, how_to_train(env, store, reference)),
-                   lambda_spec.spec_names(env), project)
+                   lambda_spec.spec_names(env), project, env.get("PREANNOTATE_FUNCTION_KIND") or "detector")
 
     def route(self, method: str, path: str, handler: Handler) -> None:
         """Answer ``method path`` with ``handler``; a ``<name>`` part of the path (``/jobs/<id>``) matches one path
@@ -246,8 +253,23 @@ class App:
             shapes = detector.detect([detect_request.image], threshold)[0]
         return Reply(200, contract.shapes_to_response(shapes))
 
+    def track(self, request: Request, _: re.Match) -> Reply:
+        """CVAT's tracker call: each shape continued by the detection that best continues it (``following``)."""
+        detector = self.provider.current()
+        track_request = tracker.parse_track_request(request.body, [label.name for label in detector.labels])
+        with self._inference:
+            boxes, states = following.follow(detector, track_request, detector.manifest.score_threshold)
+        return Reply(200, tracker.track_response(boxes, states))
+
+    def reid(self, request: Request, _: re.Match) -> Reply:
+        """CVAT's reid call: which boxes of two frames are the same objects (``following``)."""
+        reid_request = tracker.parse_reid_request(request.body)
+        detector = self.provider.current()
+        with self._inference:
+            return Reply(200, following.reid(detector, reid_request))
+
     def health(self, request: Request, _: re.Match) -> Reply:
-        return Reply(200, {"status": "ok", "model": self.serving(), **self.status})
+        return Reply(200, {"status": "ok", "kind": self.kind, "model": self.serving(), **self.status})
 
     def models(self, request: Request, _: re.Match) -> Reply:
         name = self.provider.reference.name

@@ -11,8 +11,9 @@ from preannotate.serving.training import TrainingRoutes
 
 def init_context(context) -> None:
     app = App.from_environment()
-    # the training routes, and the runner that trains queued jobs in a process of their own
-    context.user_data.training = TrainingRoutes.attach(app)
+    # the training routes, and the runner that trains queued jobs in a process of their own: a detector's (a
+    # tracker or reid function of the same model serves what that one trains)
+    context.user_data.training = TrainingRoutes.attach(app) if app.kind == "detector" else None
     context.logger.info(f"preannotate serving {app.provider.reference.text} from {app.provider.store.root}")
     context.user_data.app = app
 
