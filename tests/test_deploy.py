@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -419,3 +420,20 @@ def test_deploy_kind_renders_the_model_as_cvats_tracker_or_reid(store, tmp_path,
 def test_deploy_kind_explains_what_is_wrong(store, tmp_path, capsys, args, message):
     code, _, err = _deploy(capsys, *args, "--store", str(store.root), "--out", str(tmp_path / "fn"), "--dry-run")
     assert code != 0 and message in err, err
+
+
+def test_a_tracker_renders_beside_its_detector_and_lists_no_spec(store, tmp_path, capsys, monkeypatch):
+    """Deployed one after the other without --out, the tracker must not overwrite the detector's folder, and its
+    empty spec leaves no label out."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    rendered = {}
+    for kind in ("detector", "tracker"):
+        code, lines, err = _deploy(capsys, "--model", "Cars_v2", "--store", str(store.root), "--kind", kind,
+                                   "--dry-run")
+        assert code == 0, err
+        rendered[kind] = Path(lines[0].split(" rendered in ")[1])
+        if kind == "tracker":
+            assert not any(line.startswith("# left out of the spec") for line in lines)
+    assert rendered["detector"] != rendered["tracker"]
+    for kind, directory in rendered.items():
+        assert yaml.safe_load((directory / "function.yaml").read_text())["metadata"]["annotations"]["type"] == kind

@@ -237,7 +237,8 @@ def deploy_model(model: str, *, store: str | os.PathLike | None = None, train_pr
         first_labels = pretrained_labels(parsed.architecture)
     if not dry_run:
         root.mkdir(parents=True, exist_ok=True)  # the function trains into it: made (and mounted) now
-    directory = Path(out_dir) if out_dir else Path(tempfile.gettempdir()) / "preannotate-functions" / parsed.name
+    folder = parsed.name if kind == "detector" else f"{parsed.name}-{kind}"  # beside the detector's, not over it
+    directory = Path(out_dir) if out_dir else Path(tempfile.gettempdir()) / "preannotate-functions" / folder
     if annotate_on is None:
         annotate_on = "task" if train_project else ""
     directory, name, impossible = render_model_function(
@@ -251,7 +252,7 @@ def deploy_model(model: str, *, store: str | os.PathLike | None = None, train_pr
     elif untrained:
         print(f"# {parsed.name} has no version yet: the function serves {parsed.name}'s pretrained weights until "
               "one is trained under that name", file=out)
-    for label in impossible:
+    for label in impossible if kind == "detector" else ():  # a tracker's or reid's spec is empty: no label is left
         print(f"# left out of the spec: {label.name} ({label.type}): the model cannot return {label.type} shapes, "
               "so CVAT could map nothing to it", file=out)
     commands = nuctl_commands(directory, gpu, environ, platform=platform, namespace=namespace, registry=registry,
