@@ -144,6 +144,31 @@ def test_preannotate_serve_command_with_a_model_from_the_store(published_store):
         process.wait(timeout=30)
 
 
+
+def test_preannotate_serve_kind_tracker_answers_cvats_tracker_call_and_trains_nothing(published_store):
+    """``serve --kind tracker`` is the tracker function on a laptop: POST / takes CVAT's tracker body and the
+    training routes, a detector's, are not there."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "preannotate.cli", "serve", "--model", "boxes", "--store", str(published_store.root),
+         "--port", "0", "--kind", "tracker"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = process.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert match and "as a tracker" in line, line + process.stderr.read()
+        url = f"http://127.0.0.1:{match.group(1)}"
+        start = {"image": b64(encode(photo(64, 48))), "shapes": [{"type": "rectangle", "points": [10, 8, 40, 28]}],
+                 "states": []}
+        status, answer, _ = request(url + "/", start)
+        assert status == 200 and len(answer["shapes"]) == len(answer["states"]) == 1, answer
+        status, answer, _ = request(url + "/", {"image": b64(encode(photo(64, 48)))})  # a detector's body
+        assert status == 400 and "shapes" in answer["error"]
+        assert request(url + "/health")[1]["kind"] == "tracker"
+        assert request(url + "/train", {})[0] == 404
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
 def test_preannotate_serve_refuses_a_version_that_does_not_exist_before_listening(tmp_path):
     result = subprocess.run([sys.executable, "-m", "preannotate.cli", "serve", "--model", "nothing@3", "--store",
                              str(tmp_path), "--port", "0"], capture_output=True, text=True, timeout=120)

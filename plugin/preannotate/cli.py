@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     serve.add_argument("--port", type=int, default=8765, help="port (default %(default)s; CVAT itself is on 8080)")
     serve.add_argument("--device", help="cpu, cuda, cuda:1 or gpu (default: cuda when available)")
+    serve.add_argument("--kind", choices=("detector", "tracker", "reid"), default="detector",
+                       help="what POST / answers, as the deployed function of that kind does (default %(default)s)")
 
     what = "put architectures' pretrained weights into torch's cache (a function image build step)"
     fetch = command(models_commands, "fetch-weights", what)
@@ -540,20 +542,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Configured as a function is (its environment, the command's options on top): a name with no version is
         # served once trained only when something trains it (PREANNOTATE_TRAIN_PROJECT, ...), else it is a mistake.
         env = {**os.environ, "PREANNOTATE_MODEL": args.model, "PREANNOTATE_MODEL_STORE": str(_store(args).root),
-               **({"PREANNOTATE_DEVICE": args.device} if args.device else {})}
+               **({"PREANNOTATE_DEVICE": args.device} if args.device else {}), "PREANNOTATE_FUNCTION_KIND": args.kind}
         app = App.from_environment(env)
         if not app.provider.untrained():
             app.provider.current()  # load now: fail before serving if the model cannot be served
     except BaseException:
         server.server_close()
         raise
-    training = TrainingRoutes.attach(app, environ=env)  # POST /train, /jobs, /webhook; jobs train in a process
+    # POST /train, /jobs, /webhook (jobs train in a process): a detector's, as in the function
+    training = TrainingRoutes.attach(app, environ=env) if args.kind == "detector" else None
     url = f"http://{args.host}:{server.server_address[1]}/"
     if app.provider.untrained():  # as the function: it starts, trains, and answers 503 until then
         print(f"{args.model} is not trained yet: POST / answers 503 until its first version "
               f"({app.provider.how_to_train})", flush=True)
     server.app = app
-    print(f"serving {args.model} on {url} (POST / with {{\"image\": base64}}; GET /health, /models)", flush=True)
+    body = {"detector": '{"image": base64}', "tracker": '{"image", "shapes", "states"} as CVAT\'s trackers',
+            "reid": '{"image0", "image1", "boxes0", "boxes1"} as CVAT\'s reid'}[args.kind]
+    print(f"serving {args.model} as a {args.kind} on {url} (POST / with {body}; GET /health, /models)", flush=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C: what it started stops too
     try:
         server.serve_forever()
@@ -561,7 +566,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         server.server_close()
-        _stop_jobs(training.runner)
+        if training is not None:
+            _stop_jobs(training.runner)
     return 0
 
 
