@@ -210,7 +210,7 @@ def test_write_report_writes_both_pictures_from_one_pass_of_the_detector(task, t
     echo = Echo(task)
     paths = report.write_report(run, echo, items(task), task.annotations.labels, threshold=0.5)
     assert paths == [run / "report.png", run / "predictions.png"]
-    assert png_size(paths[0]) == (1700, 1000)
+    assert png_size(paths[0]) == (1700, 1500)
     width, height = png_size(paths[1])  # 16 frames of 320×240 doubled, 4 a row: 4 rows
     assert 4 * 640 <= width <= 4 * 640 + 100 and 4 * 480 + 100 <= height <= 4 * 480 + 400
     assert sum(n for n, _ in echo.calls) == 30 and {t for _, t in echo.calls} == {0.0}  # every frame, once
@@ -257,7 +257,7 @@ def test_a_run_without_validation_frames_still_shows_its_losses(task, tmp_path):
     write_metrics(tmp_path, validations=1)
     paths = report.write_report(tmp_path, Echo(task), [], task.annotations.labels, threshold=0.5)
     assert [p.name for p in paths] == ["report.png", "predictions.png"]
-    assert png_size(paths[0]) == (1700, 1000)
+    assert png_size(paths[0]) == (1700, 1500)
     figure = report.report_figure(report.read_records(tmp_path / "metrics.jsonl"), None, task.annotations.labels)
     loss, lr, *others = figure.axes
     assert len(loss.get_lines()) == 6 and len(lr.get_lines()) == 1  # 3 series, as logged and smoothed
@@ -280,7 +280,7 @@ def test_a_diverged_run_with_nan_and_infinite_losses_still_gets_its_report(task,
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # NaN, Infinity
     assert math.isnan(report.read_records(tmp_path / "metrics.jsonl")[-1]["loss"])
     paths = report.write_report(tmp_path, Echo(task), items(task)[:3], task.annotations.labels, threshold=0.5)
-    assert png_size(paths[0]) == (1700, 1000)
+    assert png_size(paths[0]) == (1700, 1500)
     figure = report.report_figure(report.read_records(tmp_path / "metrics.jsonl"), None, task.annotations.labels)
     assert 40 < figure.axes[0].get_ylim()[1] < 100
 

@@ -28,12 +28,12 @@ from preannotate.models.registry import (
     get_architecture,
     hyperparameters_for,
 )
-from preannotate.shapes import Label, parse_label_list
+from preannotate.shapes import Label, Shape, parse_label_list
 
 __all__ = ["ARCHITECTURES", "DEFAULT_STORE", "Architecture", "Detector", "Manifest", "ModelFamily", "ModelNotFound",
            "ModelReference", "ModelStore", "PretrainedWeightsUnavailable", "UnsupportedLabels", "architecture_of",
            "check_label_types", "create_detector", "declared_labels", "default_hyperparameters", "default_store",
-           "family_of", "get_architecture", "hyperparameters_for", "load_detector", "load_model",
+           "detect_served", "family_of", "get_architecture", "hyperparameters_for", "load_detector", "load_model",
            "manifest_hyperparameters", "open_store", "publish_detector", "save_artifact"]
 
 
@@ -138,6 +138,16 @@ def publish_detector(detector: Detector, store: ModelStore, name: str, promote: 
     """Publish the detector (with ``files``, see ``save_artifact``) as the next version of ``name`` in ``store``;
     returns the version number. With ``promote=False`` it is kept without replacing the version being served."""
     return store.publish(name, lambda directory: save_artifact(detector, directory, files), promote=promote)
+
+
+def detect_served(detector: Detector, images: Sequence[Any], threshold: float | None = None) -> list[list[Shape]]:
+    """What every door answers: the shapes on each image scoring ``threshold`` or more when someone asks for one
+    (CVAT's menu, ``--threshold``, ``--conf-threshold``: it replaces the served ones, for every label), else each
+    label's served threshold (``Manifest.threshold_of``)."""
+    if threshold is not None:
+        return detector.detect(images, threshold)
+    manifest = detector.manifest
+    return [manifest.served(shapes) for shapes in detector.detect(images, manifest.lowest_threshold())]
 
 
 def load_detector(directory: str | Path, device: str | None = None) -> Detector:
