@@ -38,8 +38,10 @@ SHAPES_ATTRIBUTE = "shapes"  # how many shapes the pre-annotation wrote on the f
 _SPEC = {"name": CONFIDENCE_LABEL, "type": "tag", "color": "#ffcc00",
          "attributes": [{"name": CONFIDENCE_ATTRIBUTE, "input_type": "number", "values": ["0", "100", "1"],
                          "default_value": "100", "mutable": False},
-                        {"name": SHAPES_ATTRIBUTE, "input_type": "number", "values": ["0", "1000000", "1"],
-                         "default_value": "0", "mutable": False}]}
+                        # -1: not recorded. CVAT reads an attribute a tag lacks as its default, and tags written
+                        # before this attribute existed lack it (JobAnnotation._extend_attributes)
+                        {"name": SHAPES_ATTRIBUTE, "input_type": "number", "values": ["-1", "1000000", "1"],
+                         "default_value": "-1", "mutable": False}]}
 
 
 def ensure_confidence_label(client: Client, task_id: int) -> None:
@@ -218,7 +220,8 @@ def read_arrived(annotations: dict[str, Any], labels: list[Any]) -> dict[int, in
             continue
         value = next((a.get("value") for a in tag.get("attributes") or () if a.get("spec_id") == attribute), None)
         try:
-            found[int(tag["frame"])] = int(float(value))
+            count = int(float(value))
         except (TypeError, ValueError):
-            found[int(tag["frame"])] = None
+            count = -1
+        found[int(tag["frame"])] = count if count >= 0 else None
     return found
