@@ -554,7 +554,7 @@ def _review_edits(ax, review: dict[str, Any], labels: Sequence[Label], frames: i
     ax.set_xlabel("score threshold (★ each label's served threshold)", fontsize=11)
     ax.set_ylabel(f"edits per 100 true objects\n(adds + deletes + moves at IoU < {edits.MOVE_IOU:g})", fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, loc="upper right", framealpha=0.85)
+    ax.legend(fontsize=9, loc="best", framealpha=0.85)
 
 
 def _detector_confusion(ax, review: dict[str, Any], frames: int) -> None:
