@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = annotate.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="NAME[@VERSION] in the store, an architecture, or an artifact directory")
     model.add_argument("--function-url", help="a deployed detector function, e.g. http://localhost:32001")
-    annotate.add_argument("--threshold", type=float, help="minimum score (default: the model's)")
+    annotate.add_argument("--threshold", type=float,
+                          help="minimum score of every label (default: each label's served threshold)")
     annotate.add_argument("--frames", help="a range of task frames, FIRST-LAST, e.g. 0-99 (default: all)")
     annotate.add_argument("--only-unannotated", action="store_true", help="skip frames someone annotated")
     annotate.add_argument("--batch-size", type=int, default=4, help="frames per forward pass (GPU: 8-16)")
