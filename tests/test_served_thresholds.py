@@ -167,7 +167,7 @@ def record(text=""):
 
 def test_publishing_chooses_each_labels_threshold_and_records_the_edits_it_saves():
     detector = Scripted(record().labels)
-    review = runs.served_thresholds(detector, sample(FRAMES), record())
+    review = runs.set_served_thresholds(detector, sample(FRAMES), record())
     assert detector.manifest.thresholds == {"car": 0.85, "cat": 0.25}  # dog: no true dog, keeps score-threshold
     assert review["thresholds"] == {"car": 0.85, "cat": 0.25, "dog": 0.5}
     assert review["served"] == {"objects": 3, "adds": 0, "deletes": 0, "moves": 0, "edits": 0, "per_100": 0.0}
@@ -177,16 +177,16 @@ def test_publishing_chooses_each_labels_threshold_and_records_the_edits_it_saves
 
 def test_a_score_threshold_the_user_set_serves_every_label_and_no_validation_chooses_nothing():
     detector = Scripted(record().labels)
-    review = runs.served_thresholds(detector, sample(FRAMES), record("score-threshold=0.3"))
+    review = runs.set_served_thresholds(detector, sample(FRAMES), record("score-threshold=0.3"))
     assert detector.manifest.thresholds == {} and review["thresholds"] == {"car": 0.5, "cat": 0.5, "dog": 0.5}
-    assert runs.served_thresholds(detector, sample([]), record()) == {} and detector.manifest.thresholds == {}
-    assert runs.served_thresholds(detector, None, record()) == {}  # the validation frames could not be detected
+    assert runs.set_served_thresholds(detector, sample([]), record()) == {} and detector.manifest.thresholds == {}
+    assert runs.set_served_thresholds(detector, None, record()) == {}  # the validation frames could not be detected
 
 
 def test_a_classifier_keeps_its_score_threshold():
     detector = Scripted(record().labels)
     detector.output = "tag"
-    assert runs.served_thresholds(detector, sample(FRAMES), record()) == {} and detector.manifest.thresholds == {}
+    assert runs.set_served_thresholds(detector, sample(FRAMES), record()) == {} and detector.manifest.thresholds == {}
 
 
 def test_detect_served_is_what_every_door_calls():

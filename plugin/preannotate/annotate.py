@@ -93,16 +93,15 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
     """Pre-annotate task ``task_id`` with ``detector`` (or a deployed function at ``function_url``).
 
     ``threshold``: minimum score for every label (default: each label's served threshold, ``Manifest.threshold_of``;
-    for a function, the function's). ``frames``: a range
-    of task frames (default all; deleted frames are skipped). ``only_unannotated``: leave frames that have a shape
-    or a track someone made (any source but ``auto``). ``label_map``: ``model=task`` label renames; predictions
-    whose label the task lacks are counted in ``unmapped``. ``replace``: replace every shape on the frames
-    annotated, not only earlier ``auto`` ones. ``batch_size``: frames per forward pass; 4 pays on the CPU too
-    (on 2 cores SSDlite runs about 1.3x as fast as frame by frame, Faster R-CNN about 1.05x). ``state_dir``:
-    where the resume journal lives (see ``upload.default_state_dir``). ``confidence_tags``: score every frame's
-    uncertainty (``preannotate.uncertainty``; near misses are asked for too) and write it as the frame's confidence
-    tag (``cvat.review``, the label added when missing). Returns what was done; ``CvatError`` for server
-    problems."""
+    for a function, the function's). ``frames``: a range of task frames (default all; deleted frames are skipped).
+    ``only_unannotated``: leave frames that have a shape or a track someone made (any source but ``auto``).
+    ``label_map``: ``model=task`` label renames; predictions whose label the task lacks are counted in ``unmapped``.
+    ``replace``: replace every shape on the frames annotated, not only earlier ``auto`` ones. ``batch_size``: frames
+    per forward pass; 4 pays on the CPU too (on 2 cores SSDlite runs about 1.3x as fast as frame by frame, Faster
+    R-CNN about 1.05x). ``state_dir``: where the resume journal lives (see ``upload.default_state_dir``).
+    ``confidence_tags``: score every frame's uncertainty (``preannotate.uncertainty``; near misses are asked for
+    too) and write it as the frame's confidence tag (``cvat.review``, the label added when missing). Returns what
+    was done; ``CvatError`` for server problems."""
     if (detector is None) == (function_url is None):
         raise ValueError("give a detector (or model reference) or a function_url, not both")
     if threshold is not None and not 0 <= threshold <= 1:

@@ -295,10 +295,10 @@ def publish_run(detector: Any, state: TrainState, run: RunRecord, store: ModelSt
                 provenance: dict[str, Any], promote: Callable[[dict[str, Any]], Promotion] | None) -> TrainingResult:
     """The best weights (already loaded into ``detector``, in inference mode) as the next version of ``name``,
     unless this run published before it was killed; whether it is served is ``promote``'s answer. Each label is
-    served at the threshold that needs the fewest review edits on the validation frames (``served_thresholds``).
+    served at the threshold that needs the fewest review edits on the validation frames (``set_served_thresholds``).
     The run's pictures and ``result.json`` are written beside its checkpoints."""
     sample = _validation_sample(detector, run)
-    review = served_thresholds(detector, sample, run)
+    review = set_served_thresholds(detector, sample, run)
     metrics = {**state.best_metrics, "best_step": state.best_step, "steps": state.step, "stopped": state.stopped,
                "train_frames": len(run.train_items), "val_frames": len(run.val_items),
                **({"review": review} if review else {})}
@@ -381,8 +381,8 @@ def _validation_sample(detector: Any, run: RunRecord) -> tuple[list[Any], list[l
         return None
 
 
-def served_thresholds(detector: Any, sample: tuple[list[Any], list[list[Shape]]] | None, run: RunRecord
-                      ) -> dict[str, Any]:
+def set_served_thresholds(detector: Any, sample: tuple[list[Any], list[list[Shape]]] | None, run: RunRecord
+                          ) -> dict[str, Any]:
     """Set ``detector.manifest.thresholds``: each label's threshold with the fewest review edits on the sample of
     validation frames (``edits.choose_thresholds``; the edits are deletes, adds and moves, each one reviewer
     action). Returns what the manifest's metrics record of it (``review``): the thresholds, and the edits at them
