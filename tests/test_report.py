@@ -283,7 +283,6 @@ def test_a_detectors_report_draws_edits_against_the_threshold_and_its_confusion_
                                   report.precision_recall(frames, found, labels), labels, frames=len(frames),
                                   title="shapes — ssdlite320_mobilenet_v3_large", review=work)
     *_, review, matrix = figure.axes
-    assert figure.get_suptitle().startswith("shapes — ")  # the model's name, not the run folder's
     legend = [t.get_text() for t in review.get_legend().get_texts()]
     box = work["served"]["box"]
     assert legend[0] == f"box: {box['per_100']:.0f} at 0.97 ({box['objects']} objects)"
@@ -301,6 +300,21 @@ def test_a_detectors_report_draws_edits_against_the_threshold_and_its_confusion_
     assert "at the served thresholds" in matrix.get_title()
     keep(paths[0], "report-noisy.png")
     keep(paths[1], "predictions-noisy.png")
+
+
+def test_the_pictures_are_titled_with_the_models_name_and_the_thresholds_they_use(task, tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(report, "_save", lambda figure, path: drawn.setdefault(path.name, figure))
+    run = tmp_path / "run-20261206-182702"
+    write_metrics(run)
+    thresholds = {"box": 0.97, "disc": 0.5, "triangle": 0.5, "blob": 0.5}
+    report.write_report(run, noisy(task), items(task), task.annotations.labels, threshold=thresholds, name="shapes",
+                        max_frames=4)
+    title = drawn["report.png"].get_suptitle()
+    assert title.startswith("shapes — Echo") and run.name not in title  # the model's name, not the run folder's
+    grid = " ".join(t.get_text() for t in drawn["predictions.png"].texts).replace("\n", " ")
+    assert grid.startswith("shapes on 4 of 30 validation frames, detections at the served thresholds: box ≥ 0.97, "
+                           "disc ≥ 0.5") and run.name not in grid
 
 
 def test_the_precision_recall_panel_stays_readable_when_every_curve_sits_at_precision_one(task):

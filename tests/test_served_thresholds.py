@@ -114,7 +114,9 @@ def test_pre_annotating_a_task_writes_each_label_at_its_threshold_and_what_arriv
     options = {"store": store.root, "state_dir": tmp_path / "state", "cache_dir": tmp_path / "chunks",
                "progress": False}
     with make_client(cvat_double.base_url, credentials=cvat_double.credentials) as client:
-        annotate_task(client, task, detector="served", **options)
+        report = annotate_task(client, task, detector="served", **options)
+        assert report.threshold == ("at the served thresholds: " +
+                                    ", ".join(f"{name} ≥ {thresholds[name]:.2g}" for name in ("car", "person")))
         stored = cvat_double.annotations(task)
         name = {cvat_double.label_id(task, label["name"]): label["name"] for label in labels}
         written = [sorted((name[s["label_id"]], round(s["points"][0], 2), round(s["points"][1], 2))
@@ -127,7 +129,8 @@ def test_pre_annotating_a_task_writes_each_label_at_its_threshold_and_what_arriv
                    for t in stored["tags"] if t["label_id"] == confidence.id}
         assert arrived == {frame: len(shapes) for frame, shapes in enumerate(written)}
 
-        annotate_task(client, task, detector="served", threshold=0.1, **options)  # --threshold: every label at it
+        report = annotate_task(client, task, detector="served", threshold=0.1, **options)  # --threshold: every label
+        assert report.threshold == "with score ≥ 0.1"
         again = [sorted((name[s["label_id"]], round(s["points"][0], 2), round(s["points"][1], 2))
                         for s in cvat_double.annotations(task)["shapes"] if s["frame"] == frame)
                  for frame in range(len(FILES))]

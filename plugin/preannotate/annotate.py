@@ -38,6 +38,7 @@ from preannotate.cvat.upload import Journal, TaskWriter, UploadReport, digest
 from preannotate.models import Detector, load_model
 from preannotate.serving import contract
 from preannotate.shapes import Shape
+from preannotate.training.edits import threshold_text
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class AnnotateReport:
     unshared_labels: list[str] = field(default_factory=list)  # model labels the task lacks (known up front)
     seconds: float = 0.0             # from the first frame asked to the last upload done
     model: str = ""                  # what annotated: NAME@VERSION (architecture) or the function's URL
+    threshold: str = ""              # what was kept: "with score ≥ 0.5", "at the served thresholds: car ≥ 0.42, ..."
     confidence: dict[int, float] = field(default_factory=dict)  # frame → how sure the model is (``uncertainty``)
 
     @property
@@ -130,6 +132,9 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
         identity = ["function", function_url]
         report.model = function_url
     threshold_of, lowest = _thresholds(model, threshold, confidence_tags)
+    report.threshold = ("at the function's own thresholds" if threshold_of is None else
+                        threshold_text({label.name: threshold_of(label.name) for label in model.labels})
+                        if model is not None else threshold_text({"": lowest}))
     asked = uncertainty.candidate_threshold(lowest) if confidence_tags else lowest
     if report.unshared_labels:
         log.warning("task %d has no label %s: those predictions are not written", task_id,

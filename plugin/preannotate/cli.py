@@ -421,7 +421,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         reports = ({args.task: annotate_task(client, args.task, **source, **options)} if args.task else
                    annotate_project(client, args.project, **source, **options))
     for task_id, report in reports.items():
-        print(f"task {task_id}: {_count(report.annotated, 'frame')} annotated "
+        print(f"task {task_id}: {_count(report.annotated, 'frame')} annotated by {report.model} {report.threshold} "
               f"({report.frames_per_second:.1f} frames/s), {_count(report.created, 'shape')} created, "
               f"{report.deleted} earlier auto shapes replaced"
               + (f", {_count(report.skipped_annotated, 'annotated frame')} left alone" if report.skipped_annotated

@@ -29,6 +29,7 @@ from preannotate.models.registry import (
     hyperparameters_for,
 )
 from preannotate.shapes import Label, Shape, parse_label_list
+from preannotate.suggest import did_you_mean
 
 __all__ = ["ARCHITECTURES", "DEFAULT_STORE", "Architecture", "Detector", "Manifest", "ModelFamily", "ModelNotFound",
            "ModelReference", "ModelStore", "PretrainedWeightsUnavailable", "UnsupportedLabels", "architecture_of",
@@ -179,5 +180,5 @@ def load_model(reference: str | ModelReference, store: ModelStore | str | Path |
     if reference.architecture:
         return create_detector(reference.architecture, init="pretrained", device=device)
     known = ", ".join(store.names()) or "none"
-    raise ModelNotFound(f"model {reference.name!r} has no published version in {store.root} yet (models there: "
-                        f"{known})")
+    raise ModelNotFound(f"model {reference.name!r} has no published version in {store.root} yet"
+                        f"{did_you_mean(reference.name, store.names())}; models there: {known}")

@@ -227,6 +227,15 @@ def choose_thresholds(curves: Mapping[str, EditCurve]) -> dict[str, float]:
     return {name: best for name, curve in curves.items() if (best := curve.best()) is not None}
 
 
+def threshold_text(thresholds: Mapping[str, float]) -> str:
+    """What a picture or a report says of the threshold it used: ``with score ≥ 0.5``, or each label's when they
+    differ (``at the served thresholds: box ≥ 0.42, disc ≥ 0.37``)."""
+    values = set(thresholds.values())
+    if len(values) <= 1:
+        return f"with score ≥ {next(iter(values), 0.0):g}"
+    return "at the served thresholds: " + ", ".join(f"{name} ≥ {value:.2g}" for name, value in thresholds.items())
+
+
 def count_edits(truth: Sequence[Sequence[Shape]], predicted: Sequence[Sequence[Shape]],
                 threshold: float | Callable[[str], float] = 0.0) -> dict[str, Edits]:
     """Each label's edits over frames, the predictions kept from ``threshold`` (one for all labels, or a label's

@@ -41,6 +41,7 @@ from preannotate.formats import masks
 from preannotate.frames import FrameImages, decode_rgb
 from preannotate.shapes import TAG, FrameAnnotations, Label, Shape
 from preannotate.training import edits
+from preannotate.training.edits import threshold_text
 from preannotate.training.evaluation import (  # noqa: F401 - detect_frames and its batch: part of this module's API
     DETECT_BATCH,
     RECALL_POINTS,
@@ -118,15 +119,6 @@ def _thresholds(threshold: float | Mapping[str, float], labels: Sequence[Label])
     if isinstance(threshold, Mapping):
         return {label.name: float(threshold.get(label.name, 0.0)) for label in labels}
     return {label.name: float(threshold) for label in labels}
-
-
-def threshold_text(thresholds: Mapping[str, float]) -> str:
-    """What a picture says of the threshold it used: ``with score ≥ 0.5``, or each label's when they differ
-    (``at the served thresholds: box ≥ 0.42, disc ≥ 0.37``)."""
-    values = set(thresholds.values())
-    if len(values) <= 1:
-        return f"with score ≥ {next(iter(values), 0.0):g}"
-    return "at the served thresholds: " + ", ".join(f"{name} ≥ {value:.2g}" for name, value in thresholds.items())
 
 
 def review_work(frames: Sequence[FrameAnnotations], predicted: Sequence[Sequence[Shape]], labels: Sequence[Label],
