@@ -10,7 +10,9 @@ every label (what every model was served at before). The shapes CVAT stored are 
 compared with the held-out truth by ``training.edits.count_edits``: adds (objects missed), deletes (shapes matching
 no object), moves (matches below IoU 0.75), per 100 true objects; drawing every object from scratch is 100.
 
-The section "Review work (issue 21)" of bench/RESULTS.md is rewritten.
+The section "Review work (issue 21)" of bench/RESULTS.md is rewritten. The default run trains 120 steps, as ``make demo`` does (about
+2 minutes on 2 idle cores; 38 measured on 2 cores shared with other heavy work); ``--quick`` (fewer frames and steps,
+nothing written) checks that it runs.
 """
 
 from __future__ import annotations
@@ -41,7 +43,12 @@ from preannotate.training.synthetic import generate  # noqa: E402
 from tests.cvat_double import CvatDouble  # noqa: E402
 
 SECTION = "## Review work (issue 21)"
+QUICK = (60, 30, 20)  # frames, steps, held-out frames of --quick
 WIDTH, HEIGHT = 320, 240
+
+
+def say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
 def frames_of(task) -> list[tuple[str, bytes, int, int]]:
@@ -64,6 +71,27 @@ def row(name: str, found: dict[str, Edits]) -> str:
             f"**{whole.per_100:.1f}** |")
 
 
+def verdict(found: dict[str, dict[str, Edits]], validation: dict) -> str:
+    """Whether the served thresholds saved edits over 0.5 on the held-out task, which labels made the difference,
+    and what the validation frames they were chosen on said (how many edits each choice rested on)."""
+    served, half = (sum(found[name].values(), Edits()) for name in ("served", "0.5"))
+    change = served.total - half.total
+    said = ("fewer" if change < 0 else "more") if change else "as many"
+    labels = []
+    for label in sorted(set(found["served"]) | set(found["0.5"])):
+        a, b = found["served"].get(label, Edits()), found["0.5"].get(label, Edits())
+        parts = [f"{n:+d} {what}" for n, what in ((a.adds - b.adds, "adds"), (a.deletes - b.deletes, "deletes"),
+                                                   (a.moves - b.moves, "moves")) if n]
+        if parts:
+            labels.append(f"{label} {', '.join(parts)}")
+    at_them, at_half = validation.get("served") or {}, validation.get("at_score_threshold") or {}
+    return (f"**The served thresholds needed {said} edits than 0.5 on the held-out task** ({served.total} against "
+            f"{half.total}{'; ' + '; '.join(labels) if labels else ''}). On the validation frames they were chosen "
+            f"on ({validation.get('frames', 0)} frames, {at_them.get('objects', 0)} objects) they needed "
+            f"{at_them.get('edits', '?')} edits against {at_half.get('edits', '?')} at 0.5 "
+            f"({at_them.get('per_100', float('nan')):.1f} and {at_half.get('per_100', float('nan')):.1f} per 100).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=200, help="frames to train and validate on (default 200)")
@@ -71,7 +99,13 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=60, help="frames of the held-out task (default 60)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training task (the held-out one: +1000)")
     parser.add_argument("--no-write", action="store_true", help="print, do not touch bench/RESULTS.md")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"--frames {QUICK[0]} --steps {QUICK[1]} --held-out {QUICK[2]}, and --no-write: a check "
+                             "that it runs (a few minutes on 2 busy cores), not figures to quote")
     args = parser.parse_args()
+    if args.quick:
+        args.frames, args.steps, args.held_out = QUICK
+        args.no_write = True
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="bench-review-work-"))
     hp_text = f"{DEFAULT_HYPERPARAMETERS}; num-steps={args.steps}"
@@ -81,6 +115,8 @@ def main() -> None:
         train_items, val_items = data.split_task(seen.annotations, seen.images, val_fraction=0.15, seed=args.seed)
         store = ModelStore(work / "store")
         hp = hyperparameters_for(DEFAULT_ARCHITECTURE, hp_text)
+        say(f"training {DEFAULT_ARCHITECTURE} for {args.steps} steps on {len(train_items)} frames "
+            f"({len(val_items)} to validate on); on 2 cores shared with other work this is the long part")
         result = train_and_publish(TrainingData(labels, train_items, val_items), architecture=DEFAULT_ARCHITECTURE,
                                    hyperparameters=hp, store=store, name="shapes", output_dir=work / "run",
                                    progress=False)
@@ -95,6 +131,8 @@ def main() -> None:
         found = {}
         with CvatDouble() as double, make_client(double.base_url, credentials=double.credentials) as client:
             for name, threshold in (("served", None), ("0.5", 0.5)):
+                say(f"pre-annotating the held-out task ({args.held_out} frames) "
+                    + ("at the served thresholds" if threshold is None else f"at {threshold} for every label"))
                 task_id = double.add_task(f"held-out-{name}", frames_of(held_out), task_labels)
                 annotate_task(client, task_id, detector=detector, threshold=threshold, only_unannotated=True,
                               progress=False, state_dir=work / "journal", cache_dir=work / "chunks" / name)
@@ -116,7 +154,7 @@ def main() -> None:
     text = "\n".join([
         SECTION, "",
         f"Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}; run {info['date']}, "
-        f"{minutes:.1f} min in all ({trained / 60:.1f} training). Command: `python bench/review_work.py` "
+        f"{minutes:.1f} min in all ({trained / 60:.1f} training). Command: `.venv/bin/python bench/review_work.py` "
         f"(`--frames {args.frames} --steps {args.steps} --held-out {args.held_out} --seed {args.seed}`).", "",
         f"Model: `{DEFAULT_ARCHITECTURE}` from random init, `{hp_text}`, on {len(train_items)} synthetic "
         f"{WIDTH}x{HEIGHT} frames ({len(val_items)} more to validate on and choose the thresholds: {thresholds}); "
@@ -131,9 +169,7 @@ def main() -> None:
         row("0.5 for every label (before)", found["0.5"]),
         f"| annotating from scratch | {objects} | {objects} | 0 | 0 | {objects} | **100.0** |", "",
         *per_label, "",
-        "On the validation frames the thresholds were chosen on: "
-        f"{(validation.get('served') or {}).get('per_100', float('nan')):.1f} edits per 100 objects at them, "
-        f"{(validation.get('at_score_threshold') or {}).get('per_100', float('nan')):.1f} at 0.5.",
+        verdict(found, validation),
     ])
     publish(SECTION, text, write=not args.no_write)
 
