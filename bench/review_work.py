@@ -10,9 +10,9 @@ every label (what every model was served at before). The shapes CVAT stored are 
 compared with the held-out truth by ``training.edits.count_edits``: adds (objects missed), deletes (shapes matching
 no object), moves (matches below IoU 0.75), per 100 true objects; drawing every object from scratch is 100.
 
-The section "Review work (issue 21)" of bench/RESULTS.md is rewritten. The default run trains 120 steps, as ``make demo`` does (about
-2 minutes on 2 idle cores; 38 measured on 2 cores shared with other heavy work); ``--quick`` (fewer frames and steps,
-nothing written) checks that it runs.
+The section "Review work (issue 21)" of bench/RESULTS.md is rewritten. The default run trains 120 steps, as
+``make demo`` does (about 2 minutes on 2 idle cores; 38 measured on 2 cores shared with other heavy work);
+``--quick`` (fewer frames and steps, nothing written) checks that it runs.
 """
 
 from __future__ import annotations
