@@ -106,7 +106,7 @@ def test_annotate_a_task_with_a_model_from_the_store(cvat_env, published_store, 
     assert cli(["annotate", "--task", "8", "--model", "boxes", "--store", str(published_store.root),
                 "--threshold", "0", "--frames", "0-1", "--label-map", "car=cat,person=dog"]) == 0
     printed = capsys.readouterr().out
-    assert "task 8: 2 frames annotated" in printed
+    assert re.search(r"task 8: 2 frames annotated by boxes@\d+ \(\w+\) with score ≥ 0 \(", printed), printed
     auto = [s for s in cvat_env.annotations(8)["shapes"] if s["source"] == "auto"]
     assert auto and {s["frame"] for s in auto} <= {0, 1} and {s["type"] for s in auto} == {"rectangle"}
     assert cli(["annotate", "--task", "8", "--model", "boxes", "--store", str(published_store.root),

@@ -22,8 +22,18 @@ def test_demo_trains_publishes_serves_through_nuclio_and_scores_held_out_frames(
     assert "AP@.5 per class: box" in said[4]
     assert ModelStore(tmp_path / "store").versions("demo") == [1]
     predictions = json.loads((tmp_path / "predictions.json").read_text())
-    assert all(p["image_id"] in (1, 2, 3, 4) and p["score"] >= 0.3 and len(p["bbox"]) == 4 for p in predictions)
     truth = json.loads((tmp_path / "ground_truth.json").read_text())  # anyone can score predictions.json
+    # served as CVAT's menu asks when its threshold is left empty: each label at the threshold publishing chose
+    manifest = json.loads((ModelStore(tmp_path / "store").path("demo", 1) / "manifest.json").read_text())
+    assert manifest["thresholds"] and summary["thresholds"] == {**dict.fromkeys(
+        ("box", "disc", "triangle", "blob"), manifest["score_threshold"]), **manifest["thresholds"]}
+    assert manifest["metrics"]["review"]["served"]["per_100"] <= manifest["metrics"]["review"][
+        "at_score_threshold"]["per_100"]  # chosen on these validation frames: never more edits than 0.5 there
+    name = {category["id"]: category["name"] for category in truth["categories"]}
+    assert all(p["image_id"] in (1, 2, 3, 4) and p["score"] >= summary["thresholds"][name[p["category_id"]]]
+               and len(p["bbox"]) == 4 for p in predictions)
+    assert "at the served thresholds" in said[4] and "edits per 100 true objects" in said[4]
+    assert set(summary["edits"]) == {"objects", "adds", "deletes", "moves", "edits", "per_100"}
     assert [image["id"] for image in truth["images"]] == [1, 2, 3, 4]
     assert sorted(p.name for p in (tmp_path / "held-out").iterdir()) == sorted(i["file_name"] for i in truth["images"])
     assert summary["map50"] is not None and 0.0 <= summary["map50"] <= 1.0

@@ -335,6 +335,18 @@ def test_one_grammar_names_a_model_everywhere(tmp_path):
         load_model("cars", tmp_path / "missing")
 
 
+def test_a_mistyped_model_name_gets_did_you_mean(tmp_path):
+    from preannotate.models import load_model
+
+    store = ModelStore(tmp_path)
+    store.publish("demo", lambda directory: Manifest(architecture="ssdlite320_mobilenet_v3_large",
+                                                     labels=parse_label_list("a")))
+    with pytest.raises(ModelNotFound) as raised:
+        load_model("dmeo", store)
+    assert str(raised.value) == (f"model 'dmeo' has no published version in {tmp_path} yet (did you mean demo?); "
+                                 "models there: demo")
+
+
 # --- the written contracts: every registered family and what it loads ----------------------------------------------
 
 def _members(protocol) -> dict[str, inspect.Signature | None]:

@@ -210,7 +210,7 @@ def test_write_report_writes_both_pictures_from_one_pass_of_the_detector(task, t
     echo = Echo(task)
     paths = report.write_report(run, echo, items(task), task.annotations.labels, threshold=0.5)
     assert paths == [run / "report.png", run / "predictions.png"]
-    assert png_size(paths[0]) == (1700, 1000)
+    assert png_size(paths[0]) == (1700, 1500)
     width, height = png_size(paths[1])  # 16 frames of 320×240 doubled, 4 a row: 4 rows
     assert 4 * 640 <= width <= 4 * 640 + 100 and 4 * 480 + 100 <= height <= 4 * 480 + 400
     assert sum(n for n, _ in echo.calls) == 30 and {t for _, t in echo.calls} == {0.0}  # every frame, once
@@ -226,7 +226,7 @@ def test_report_panels_show_losses_validations_per_class_ap_and_curves(task, tmp
     curves = report.precision_recall(frames, found, task.annotations.labels)
     figure = report.report_figure(report.read_records(tmp_path / "metrics.jsonl"), curves,
                                   task.annotations.labels, frames=len(frames), title="run")
-    loss, lr, maps, per_class, pr = figure.axes
+    loss, lr, maps, per_class, pr, review, matrix = figure.axes
     assert {t.get_text() for t in loss.get_legend().get_texts()} == {"total", "bbox_regression", "classification"}
     assert lr.get_lines()[0].get_xdata()[-1] == 120
     assert [len(line.get_xdata()) for line in maps.get_lines()[:2]] == [3, 3]  # mAP@.5 and mAP at 3 validations
@@ -236,8 +236,9 @@ def test_report_panels_show_losses_validations_per_class_ap_and_curves(task, tmp
     assert [t.get_text() for t in pr.get_legend().get_texts()] == [
         "box  AP@.5 1.000", "disc  AP@.5 1.000", "triangle  AP@.5 1.000", "blob  AP@.5 1.000",
         "all classes  mAP@.5 1.000"]
-    for ax in figure.axes:  # titles, axis labels and a legend on every panel
-        assert ax.get_title() and ax.get_xlabel() and ax.get_legend() is not None
+    for ax in figure.axes:  # titles, axis labels and a legend on every panel (the matrix labels its own axes)
+        assert ax.get_title() and (ax in (review, matrix) or ax.get_xlabel() and ax.get_legend() is not None)
+    assert [t.get_text() for t in review.texts] == [t.get_text() for t in matrix.texts] == ["not computed"]
     assert "120 of 120 steps" in figure.get_suptitle()
 
 
@@ -246,18 +247,121 @@ def test_a_mask_model_shows_box_and_mask_ap_and_its_headline_is_the_masks(task, 
     records = report.read_records(tmp_path / "metrics.jsonl")
     curves = report.precision_recall(list(task.annotations.frames.values()), [[]] * 30, task.annotations.labels)
     figure = report.report_figure(records, curves, task.annotations.labels, frames=30)
-    _, _, maps, per_class, pr = figure.axes
+    _, _, maps, per_class, pr, _, _ = figure.axes
     assert {"mAP@.5 (masks)", "mAP@.5 (boxes)"} <= {t.get_text() for t in maps.get_legend().get_texts()}
     assert [t.get_text() for t in per_class.get_legend().get_texts()] == ["box AP@.5", "mask AP@.5 (hatched)"]
     assert "all classes  mAP@.5 0.000" in [t.get_text() for t in pr.get_legend().get_texts()]  # nothing found
     assert pr.get_ylim()[0] < 0  # a curve at zero stays in sight
 
 
+def noisy(task):
+    """``Echo`` with mistakes: each frame's first object missed, a false box on every other frame scored 0.95 (a
+    confident mistake), and a loose one on every third frame that has two objects."""
+    frames = task.annotations.frames
+    extra = {}
+    for number, frame in frames.items():
+        found = [Shape("box", "rectangle", [2.0, 2.0, 40.0, 30.0], frame=number, score=0.95)] if number % 2 else []
+        if number % 3 == 0 and len(frame.shapes) > 1:
+            a1, b1, a2, b2 = frame.shapes[1].bbox()
+            found.append(Shape(frame.shapes[1].label, "rectangle", [a1, b1, a2, b1 + 0.6 * (b2 - b1)], score=0.5))
+        extra[number] = found
+    echo = Echo(task, extra, score=0.9)
+    for _, image in task.images.decoded(frames):
+        echo.answers[key(image)] = echo.answers[key(image)][1:]  # the first object: missed
+    return echo
+
+
+def test_a_detectors_report_draws_edits_against_the_threshold_and_its_confusion_matrix(task, tmp_path):
+    write_metrics(tmp_path)
+    detector = noisy(task)
+    labels = task.annotations.labels
+    thresholds = {"box": 0.97, "disc": 0.5, "triangle": 0.5, "blob": 0.5}  # box: above its confident mistakes
+    paths = report.write_report(tmp_path, detector, items(task), labels, threshold=thresholds, name="shapes")
+    frames, _, found = zip(*report.detect_frames(detector, items(task), 0.0), strict=True)
+    work = report.review_work(frames, found, labels, thresholds)
+    figure = report.report_figure(report.read_records(tmp_path / "metrics.jsonl"),
+                                  report.precision_recall(frames, found, labels), labels, frames=len(frames),
+                                  title="shapes — ssdlite320_mobilenet_v3_large", review=work)
+    *_, review, matrix = figure.axes
+    legend = [t.get_text() for t in review.get_legend().get_texts()]
+    box = work["served"]["box"]
+    assert legend[0] == f"box: {box['per_100']:.0f} at 0.97 ({box['objects']} objects)"
+    assert any(text.startswith("all labels at one threshold; at the served ones") for text in legend)
+    stars = [line for line in review.get_lines() if line.get_marker() == "*"]
+    assert (float(stars[0].get_xdata()[0]), float(stars[0].get_ydata()[0])) == (0.97, box["per_100"])
+    counts = np.asarray(work["confusion"]["matrix"])
+    assert counts[:-1].sum() == sum(len(frame.shapes) for frame in frames)  # every true object: found or missed
+    assert counts[:-1, -1].sum() == work["total"]["adds"] >= len(frames)  # the first of each frame missed
+    assert counts[-1, 0] == 0  # the confident false boxes are above no served threshold ...
+    wide = report.review_work(frames, found, labels, dict.fromkeys(thresholds, 0.5))["confusion"]["matrix"]
+    # ... but at 0.5 they are false positives in the background row (but where one lands on a true object)
+    assert len(frames) // 2 - 2 <= wide[-1][0] <= len(frames) // 2
+    assert [t.get_text() for t in matrix.get_xticklabels()][-1] == "nothing (missed)"
+    assert "at the served thresholds" in matrix.get_title()
+    keep(paths[0], "report-noisy.png")
+    keep(paths[1], "predictions-noisy.png")
+
+
+def test_the_pictures_are_titled_with_the_models_name_and_the_thresholds_they_use(task, tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(report, "_save", lambda figure, path: drawn.setdefault(path.name, figure))
+    run = tmp_path / "run-20261206-182702"
+    write_metrics(run)
+    thresholds = {"box": 0.97, "disc": 0.5, "triangle": 0.5, "blob": 0.5}
+    report.write_report(run, noisy(task), items(task), task.annotations.labels, threshold=thresholds, name="shapes",
+                        max_frames=4)
+    title = drawn["report.png"].get_suptitle()
+    assert title.startswith("shapes — Echo") and run.name not in title  # the model's name, not the run folder's
+    grid = " ".join(t.get_text() for t in drawn["predictions.png"].texts).replace("\n", " ")
+    assert grid.startswith("shapes on 4 of 30 validation frames, detections at the served thresholds: box ≥ 0.97, "
+                           "disc ≥ 0.5") and run.name not in grid
+
+
+def test_the_precision_recall_panel_stays_readable_when_every_curve_sits_at_precision_one(task):
+    frames, _, found = zip(*report.detect_frames(Echo(task), items(task), 0.0), strict=True)
+    figure = report.report_figure([], report.precision_recall(frames, found, task.annotations.labels),
+                                  task.annotations.labels, frames=len(frames))
+    pr = figure.axes[4]
+    classes = pr.get_lines()[:4]
+    assert all(set(line.get_ydata()) == {1.0} for line in classes)  # all four on top of each other
+    assert pr.get_ylim()[1] > 1.05  # below the frame's top border, not on it
+    assert len({line.get_marker() for line in classes}) == 4  # each class its own marker ...
+    marked = [set(np.asarray(line.get_xdata())[line.get_markevery()[0]::line.get_markevery()[1]].round(2))
+              for line in classes]
+    assert all(not (a & b) for i, a in enumerate(marked) for b in marked[i + 1:])  # ... at recalls of its own
+
+
+def test_the_prediction_grid_marks_misses_and_false_positives_and_says_its_thresholds(task, tmp_path):
+    detector = noisy(task)
+    thresholds = {"box": 0.5, "disc": 0.4, "triangle": 0.5, "blob": 0.5}
+    paths = report.write_report(tmp_path, detector, items(task), task.annotations.labels, threshold=thresholds,
+                                name="shapes", max_frames=4)
+    assert png_size(paths[1])[0] > 0
+    frames = [task.annotations.frames[n] for n in (0, 1)]
+    grid = []
+    for frame in frames:
+        image = next(iter(task.images.decoded([frame.frame])))[1]
+        kept = [s for s in detector.answers[key(image)] if s.score >= 0.5]
+        grid.append((image, frame, FrameAnnotations(frame.frame, frame.width, frame.height, frame.name, kept)))
+    figure = report._grid_figure(grid, "t", 2, task.annotations.labels)
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert any(text.startswith("missed: no prediction at IoU ≥ 0.5") for text in legend)
+    assert any(text.startswith("false positive") for text in legend)
+    first, second = figure.axes
+    assert "(1 missed" in first.get_title() and "(1 missed, 1 false" in second.get_title()
+    red = [t.get_text() for t in first.texts if t.get_bbox_patch().get_facecolor()[:3] == (224 / 255, 0.0, 0.0)]
+    assert red == [frames[0].shapes[0].label]  # the missed object's label, on red
+    assert [t.get_text() for t in second.texts if t.get_text().endswith("✗")] == ["box 0.95 ✗"]
+    assert report.threshold_text(thresholds) == \
+        "at the served thresholds: box ≥ 0.5, disc ≥ 0.4, triangle ≥ 0.5, blob ≥ 0.5"
+    assert report.threshold_text(dict.fromkeys(thresholds, 0.5)) == "with score ≥ 0.5"
+
+
 def test_a_run_without_validation_frames_still_shows_its_losses(task, tmp_path):
     write_metrics(tmp_path, validations=1)
     paths = report.write_report(tmp_path, Echo(task), [], task.annotations.labels, threshold=0.5)
     assert [p.name for p in paths] == ["report.png", "predictions.png"]
-    assert png_size(paths[0]) == (1700, 1000)
+    assert png_size(paths[0]) == (1700, 1500)
     figure = report.report_figure(report.read_records(tmp_path / "metrics.jsonl"), None, task.annotations.labels)
     loss, lr, *others = figure.axes
     assert len(loss.get_lines()) == 6 and len(lr.get_lines()) == 1  # 3 series, as logged and smoothed
@@ -280,7 +384,7 @@ def test_a_diverged_run_with_nan_and_infinite_losses_still_gets_its_report(task,
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # NaN, Infinity
     assert math.isnan(report.read_records(tmp_path / "metrics.jsonl")[-1]["loss"])
     paths = report.write_report(tmp_path, Echo(task), items(task)[:3], task.annotations.labels, threshold=0.5)
-    assert png_size(paths[0]) == (1700, 1000)
+    assert png_size(paths[0]) == (1700, 1500)
     figure = report.report_figure(report.read_records(tmp_path / "metrics.jsonl"), None, task.annotations.labels)
     assert 40 < figure.axes[0].get_ylim()[1] < 100
 

@@ -38,6 +38,7 @@ from preannotate.cvat.upload import Journal, TaskWriter, UploadReport, digest
 from preannotate.models import Detector, load_model
 from preannotate.serving import contract
 from preannotate.shapes import Shape
+from preannotate.training.edits import threshold_text
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class AnnotateReport:
     unshared_labels: list[str] = field(default_factory=list)  # model labels the task lacks (known up front)
     seconds: float = 0.0             # from the first frame asked to the last upload done
     model: str = ""                  # what annotated: NAME@VERSION (architecture) or the function's URL
+    threshold: str = ""              # what was kept: "with score ≥ 0.5", "at the served thresholds: car ≥ 0.42, ..."
     confidence: dict[int, float] = field(default_factory=dict)  # frame → how sure the model is (``uncertainty``)
 
     @property
@@ -93,17 +95,17 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
                   before_write: Callable[[], None] | None = None) -> AnnotateReport:
     """Pre-annotate task ``task_id`` with ``detector`` (or a deployed function at ``function_url``).
 
-    ``threshold``: minimum score (default: the model's own; for a function, the function's). ``frames``: a range
-    of task frames (default all; deleted frames are skipped). ``only_unannotated``: leave frames that have a shape
-    or a track someone made (any source but ``auto``). ``label_map``: ``model=task`` label renames; predictions
-    whose label the task lacks are counted in ``unmapped``. ``replace``: replace every shape on the frames
-    annotated, not only earlier ``auto`` ones. ``batch_size``: frames per forward pass; 4 pays on the CPU too
-    (on 2 cores SSDlite runs about 1.3x as fast as frame by frame, Faster R-CNN about 1.05x). ``state_dir``:
-    where the resume journal lives (see ``upload.default_state_dir``). ``confidence_tags``: score every frame's
-    uncertainty (``preannotate.uncertainty``; near misses are asked for too) and write it as the frame's confidence
-    tag (``cvat.review``, the label added when missing). ``before_write``: run before each batch is written; what
-    it raises stops the run there (``upload.TaskWriter``). Returns what was done; ``CvatError`` for server
-    problems."""
+    ``threshold``: minimum score for every label (default: each label's served threshold, ``Manifest.threshold_of``;
+    for a function, the function's). ``frames``: a range of task frames (default all; deleted frames are skipped).
+    ``only_unannotated``: leave frames that have a shape or a track someone made (any source but ``auto``).
+    ``label_map``: ``model=task`` label renames; predictions whose label the task lacks are counted in ``unmapped``.
+    ``replace``: replace every shape on the frames annotated, not only earlier ``auto`` ones. ``batch_size``: frames
+    per forward pass; 4 pays on the CPU too (on 2 cores SSDlite runs about 1.3x as fast as frame by frame, Faster
+    R-CNN about 1.05x). ``state_dir``: where the resume journal lives (see ``upload.default_state_dir``).
+    ``confidence_tags``: score every frame's uncertainty (``preannotate.uncertainty``; near misses are asked for
+    too) and write it as the frame's confidence tag (``cvat.review``, the label added when missing).
+    ``before_write``: run before each batch is written; what it raises stops the run there (``upload.TaskWriter``).
+    Returns what was done; ``CvatError`` for server problems."""
     if (detector is None) == (function_url is None):
         raise ValueError("give a detector (or model reference) or a function_url, not both")
     if threshold is not None and not 0 <= threshold <= 1:
@@ -124,8 +126,6 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
         wanted = [f for f in wanted if f not in human]
     if model is not None:
         report.unshared_labels = writer.unshared(label.name for label in model.labels)
-        if threshold is None:
-            threshold = model.manifest.score_threshold
         identity = ["model", model.manifest.name, model.manifest.version, model.manifest.architecture,
                     model.manifest.created]
         report.model = f"{model.manifest.name or model.manifest.architecture}@{model.manifest.version} " \
@@ -133,8 +133,11 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
     else:
         identity = ["function", function_url]
         report.model = function_url
-    scored = threshold if threshold is not None or not confidence_tags else DEFAULT_FUNCTION_THRESHOLD
-    asked = uncertainty.candidate_threshold(scored) if confidence_tags else threshold
+    threshold_of, lowest = _thresholds(model, threshold, confidence_tags)
+    report.threshold = ("at the function's own thresholds" if threshold_of is None else
+                        threshold_text({label.name: threshold_of(label.name) for label in model.labels})
+                        if model is not None else threshold_text({"": lowest}))
+    asked = uncertainty.candidate_threshold(lowest) if confidence_tags else lowest
     if report.unshared_labels:
         log.warning("task %d has no label %s: those predictions are not written", task_id,
                     ", ".join(report.unshared_labels))
@@ -157,9 +160,10 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
         with closing(predictions):  # on an error: stop the downloads and the decoding thread at once
             for frame, candidates, novelty in predictions:
                 if confidence_tags:
-                    confidence[frame] = report.confidence[frame] = uncertainty.frame_confidence(candidates, scored,
-                                                                                                novelty)
-                    candidates = uncertainty.kept(candidates, scored)
+                    confidence[frame] = report.confidence[frame] = _confidence(candidates, threshold_of, novelty)
+                if threshold_of is not None:  # each label at its own threshold, as uncertainty.kept keeps them
+                    candidates = [shape for shape in candidates
+                                  if shape.score is None or shape.score >= threshold_of(shape.label)]
                 pending[frame] = candidates
                 bar.update(1)
                 if len(pending) >= upload_every:
@@ -184,6 +188,31 @@ def annotate_project(client: Client, project_id: int, *, detector: Detector | st
         tasks = sorted(task.id for task in client.projects.retrieve(project_id).get_tasks())
     model = resolve_detector(detector, store, device) if detector is not None else None
     return {task_id: annotate_task(client, task_id, detector=model, **options) for task_id in tasks}
+
+
+def _thresholds(model: Detector | None, threshold: float | None, confidence_tags: bool
+                ) -> tuple[Callable[[str], float] | None, float | None]:
+    """Each label's threshold and the lowest of them (what to ask the model for): the one given, for every label;
+    else the model's served ones (``Manifest.threshold_of``). A deployed function decides with its own (None)
+    unless confidence is scored, which needs a threshold: then CVAT's default."""
+    if threshold is not None:
+        return (lambda _: threshold), threshold
+    if model is not None:
+        return model.manifest.threshold_of, model.manifest.lowest_threshold()
+    if confidence_tags:
+        return (lambda _: DEFAULT_FUNCTION_THRESHOLD), DEFAULT_FUNCTION_THRESHOLD
+    return None, None
+
+
+def _confidence(candidates: Sequence[Shape], threshold_of: Callable[[str], float], novelty: float) -> float:
+    """``uncertainty.frame_confidence`` with each label judged at its own threshold: the least confident label's
+    (the frame's confidence is 1 minus its largest doubt, so the per-label minimum is the same measure)."""
+    by_label: dict[str, list[Shape]] = {}
+    for shape in candidates:
+        by_label.setdefault(shape.label, []).append(shape)
+    return min((uncertainty.frame_confidence(shapes, threshold_of(label), novelty)
+                for label, shapes in by_label.items()),
+               default=uncertainty.frame_confidence([], 1.0, novelty))
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline

@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = annotate.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="NAME[@VERSION] in the store, an architecture, or an artifact directory")
     model.add_argument("--function-url", help="a deployed detector function, e.g. http://localhost:32001")
-    annotate.add_argument("--threshold", type=float, help="minimum score (default: the model's)")
+    annotate.add_argument("--threshold", type=float,
+                          help="minimum score of every label (default: each label's served threshold)")
     annotate.add_argument("--frames", help="a range of task frames, FIRST-LAST, e.g. 0-99 (default: all)")
     annotate.add_argument("--only-unannotated", action="store_true", help="skip frames someone annotated")
     annotate.add_argument("--batch-size", type=int, default=4, help="frames per forward pass (GPU: 8-16)")
@@ -426,7 +427,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
         reports = ({args.task: annotate_task(client, args.task, **source, **options)} if args.task else
                    annotate_project(client, args.project, **source, **options))
     for task_id, report in reports.items():
-        print(f"task {task_id}: {_count(report.annotated, 'frame')} annotated "
+        print(f"task {task_id}: {_count(report.annotated, 'frame')} annotated by {report.model} {report.threshold} "
               f"({report.frames_per_second:.1f} frames/s), {_count(report.created, 'shape')} created, "
               f"{report.deleted} earlier auto shapes replaced"
               + (f", {_count(report.skipped_annotated, 'annotated frame')} left alone" if report.skipped_annotated
@@ -439,11 +440,12 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 def cmd_review(args: argparse.Namespace) -> int:
     import csv
 
-    from preannotate.cvat.review import CONFIDENCE_LABEL, task_confidences
+    from preannotate.cvat.review import CONFIDENCE_LABEL, review_counts, task_confidences
     from preannotate.uncertainty import ranking
 
     with _connect(args) as client:
         confidences, names = task_confidences(client, args.task)
+        jobs = review_counts(client, args.task) if confidences else []
     if not confidences:
         raise CommandError(f"task {args.task} has no {CONFIDENCE_LABEL} tags: pre-annotate it first "
                            f"(`preannotate annotate --task {args.task} --model NAME`, or a function with "
@@ -460,7 +462,40 @@ def cmd_review(args: argparse.Namespace) -> int:
     _table(rows)
     print(f"{_count(len(ranked), 'frame')} ranked, least confident first: {out}. In CVAT, filter "
           f"attr[\"confidence\"] < 60 on label {CONFIDENCE_LABEL!r} to step through them.")
+    _print_review(args.task, jobs)
     return 0
+
+
+def _print_review(task: int, jobs: list) -> None:
+    """What people changed on the pre-annotated frames of the jobs they started (``cvat.review.ReviewCounts``)."""
+    from preannotate.cvat.review import ReviewCounts
+
+    started = [job for job in jobs if job.started]
+    print()
+    if not started:
+        print(f"review: no job of task {task} has been started yet; its counts come once people save in one")
+        return
+    rows = [("job", "state", "frames", "arrived", "kept", "moved", "deleted", "added", "edits per 100 objects")]
+    for name, counts, state in [*((str(job.job), job.counts, f"{job.state}, {job.stage}") for job in started),
+                                ("all", sum((job.counts for job in started), ReviewCounts()), "")]:
+        per_100 = "" if counts.per_100 is None else f"{counts.per_100:.0f}"
+        rows.append((name, state, str(counts.frames), str(counts.arrived), str(counts.kept), str(counts.moved),
+                     str(counts.deleted), str(counts.added), per_100))
+    print(f"review of task {task} so far, on the pre-annotated frames of the {_count(len(started), 'started job')} "
+          "(drawing every object from scratch is 100 edits per 100 objects):")
+    _table(rows)
+    notes = []
+    if any(job.state != "completed" for job in started):
+        notes.append("frames of a job still in progress count as kept until someone changes them")
+    total = sum((job.counts for job in started), ReviewCounts())
+    if total.uncounted:
+        notes.append(f"{_count(total.uncounted, 'frame')} pre-annotated before this version recorded what arrived: "
+                     "left out")
+    if total.foreign:
+        notes.append(f"{_count(total.foreign, 'auto shape')} beyond what arrived (another writer, such as CVAT's "
+                     "Automatic annotation): left out")
+    notes.append("a relabelled shape stays auto in CVAT and counts as kept")
+    print("; ".join(notes) + ".")
 
 
 def _score(metrics: dict) -> str:

@@ -8,7 +8,7 @@ store to ``$PREANNOTATE_MODEL_STORE``). ``model`` is anything ``preannotate serv
 store (its newest version), ``NAME@VERSION``, an architecture, or an artifact directory. The labels come from the
 model's manifest, each declared with the shape type the model returns (``rectangle``, or ``mask`` — polygons with
 ``--conv-mask-to-poly``; a classifier's ``tag``, returned as cvat-sdk's ``tag``); ``--conf-threshold`` is
-honoured, else the manifest's score threshold.
+honoured for every label, else each label's served threshold (``Manifest.threshold_of``).
 The same ``cvataa.annotate_task`` drives it from Python.
 """
 
@@ -22,7 +22,7 @@ from cvat_sdk import models
 
 from preannotate import devices
 from preannotate.cvat import encoding
-from preannotate.models import Detector, architecture_of, load_model
+from preannotate.models import Detector, architecture_of, detect_served, load_model
 from preannotate.shapes import TAG, Shape
 
 
@@ -42,10 +42,8 @@ class DetectionFunction:
     def detect(self, context: cvataa.DetectionFunctionContext, image: PIL.Image.Image
                ) -> list[cvataa.DetectionAnnotation]:
         threshold = getattr(context, "conf_threshold", None)  # contexts of older cvat-sdk versions lack it
-        if threshold is None:
-            threshold = self.detector.manifest.score_threshold
         conv_mask_to_poly = bool(getattr(context, "conv_mask_to_poly", False))
-        shapes = self.detector.detect([image.convert("RGB")], threshold)[0]
+        shapes = detect_served(self.detector, [image.convert("RGB")], threshold)[0]
         return [request for shape in shapes if (request := self._request(shape, conv_mask_to_poly)) is not None]
 
     def _request(self, shape: Shape, conv_mask_to_poly: bool) -> cvataa.DetectionAnnotation | None:

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from preannotate.formats import coco
-from preannotate.models import ModelStore, hyperparameters_for
+from preannotate.models import Manifest, ModelStore, hyperparameters_for
 from preannotate.shapes import FrameAnnotations
 from preannotate.training import data, report
+from preannotate.training.edits import Edits, count_edits
 from preannotate.training.evaluation import coco_metrics, score_text
 from preannotate.training.recipe import TrainingData, train_and_publish
 from preannotate.training.synthetic import generate
@@ -52,8 +53,9 @@ def _environment(**values: str) -> Iterator[None]:
 
 
 def serve_and_annotate(store: ModelStore, name: str, frames: list[tuple[FrameAnnotations, bytes]],
-                       threshold: float = 0.3) -> list[FrameAnnotations]:
-    """Each frame sent to the Nuclio handler as CVAT sends it; the shapes it answers, per frame."""
+                       threshold: float | None = None) -> list[FrameAnnotations]:
+    """Each frame sent to the Nuclio handler as CVAT sends it (with no threshold, as CVAT's menu does when its
+    field is left empty: each label at its served threshold); the shapes it answers, per frame."""
     import nuclio_sdk
     import nuclio_sdk.test
 
@@ -69,7 +71,8 @@ def serve_and_annotate(store: ModelStore, name: str, frames: list[tuple[FrameAnn
             output.setLevel(logging.WARNING)
         answered = []
         for frame, image in frames:
-            body = {"image": base64.b64encode(image).decode("ascii"), "threshold": threshold}
+            body = {"image": base64.b64encode(image).decode("ascii"),
+                    **({"threshold": threshold} if threshold is not None else {})}
             response = platform.call_handler(nuclio.handler, nuclio_sdk.Event(
                 body=body, content_type="application/json", method="POST", path="/", headers={}))
             if response.status_code != 200:
@@ -156,19 +159,27 @@ def run_demo(output: str | Path, *, architecture: str = DEFAULT_ARCHITECTURE, st
     held.mkdir(exist_ok=True)
     for frame in held_frames:
         (held / Path(frame.name).name).write_bytes(images[frame.frame])
+    served = Manifest.read(store.path("demo", result.version)).served_thresholds()
+    work = sum(count_edits([f.shapes for f in held_frames], [f.shapes for f in predicted]).values(), Edits())
     shown = sorted(range(len(held_frames)), key=lambda i: -len(held_frames[i].shapes))[:GRID_FRAMES]
     report.prediction_grid([(images[held_frames[i].frame], held_frames[i], predicted[i]) for i in sorted(shown)],
                            output / "demo.png", labels=labels,
-                           title=f"demo@{result.version} served through the Nuclio handler: held-out frames")
+                           title=f"demo@{result.version} served through the Nuclio handler, detections "
+                                 f"{report.threshold_text(served)}: held-out frames; {work.per_100 or 0:.0f} review "
+                                 f"edits per 100 true objects ({work.adds} missed, {work.deletes} false, "
+                                 f"{work.moves} loose)")
     summary = {"version": result.version, "steps": result.steps, "validation": result.metrics.get("map50"),
                "map": metrics["map"], "map50": metrics["map50"], "per_class": metrics["per_class"],
+               "thresholds": served, "edits": work.to_dict(),
                "predictions": str(output / "predictions.json"), "ground_truth": str(output / "ground_truth.json"),
                "picture": str(output / "demo.png"), "report": [str(path) for path in result.report],
                "minutes": round((time.monotonic() - started) / 60, 1)}
     per_class = ", ".join(f"{name} {score_text(values['ap50'])}" for name, values in metrics["per_class"].items())
-    say(f"served demo@{result.version} through the Nuclio handler on {held_out} held-out frames: "
-        f"mAP@.5 {score_text(metrics['map50'])}, mAP@[.5:.95] {score_text(metrics['map'])}; "
-        f"AP@.5 per class: {per_class}")
+    say(f"served demo@{result.version} through the Nuclio handler on {held_out} held-out frames "
+        f"({report.threshold_text(served)}): mAP@.5 {score_text(metrics['map50'])}, mAP@[.5:.95] "
+        f"{score_text(metrics['map'])}; AP@.5 per class: {per_class}; a reviewer would make "
+        f"{work.per_100 or 0:.0f} edits per 100 true objects ({work.adds} adds, {work.deletes} deletes, "
+        f"{work.moves} moves; drawing them all from scratch is 100)")
     say(f"predictions (COCO results): {summary['predictions']}, scored against {summary['ground_truth']}; "
         f"picture: {summary['picture']}; {summary['minutes']} min in all")
     return summary

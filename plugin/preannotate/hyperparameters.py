@@ -265,7 +265,8 @@ class Network:
 class Postprocessing:
     """What the model returns: the threshold it is served at and how detections are suppressed."""
 
-    score_threshold: float = _param(0.5, _float, "default detection threshold of the published model", low=0, high=1)
+    score_threshold: float = _param(0.5, _float, "served threshold of a label the validation frames choose none "
+                                    "for (given: of every label)", low=0, high=1)
     # Post-processing (the TF OD API's second-stage keys); None keeps the model's own. See ``POSTPROCESSING``.
     nms_score_threshold: float | None = _param(None, _optional(_float), "score below which detections are dropped "
                                                "before non-maximum suppression", low=0, high=1)

@@ -210,11 +210,7 @@ class TaskWriter:
         report = UploadReport(frames=len(shapes_by_frame))
         old = [stored for frame in shapes_by_frame for stored in self.shapes_on.get(frame, ())
                if self.replace or stored.get("source") == AUTO]
-        old_tags, new_tags = self._confidence_tags(confidence or {})
-        replaced_tags = [stored for frame in shapes_by_frame for stored in self.tags_on.get(frame, ())
-                         if self.replace or stored.get("source") == AUTO]
-        old_tags += [_writable_tag(stored) for stored in replaced_tags]
-        new = []
+        new, new_tags, written = [], [], Counter()
         for frame, shapes in shapes_by_frame.items():
             for shape in shapes:
                 request = self._request(shape, frame)
@@ -225,6 +221,12 @@ class TaskWriter:
                     report.created += 1
                 else:
                     new.append(request)
+                    written[frame] += 1
+        old_tags, confidence_tags = self._confidence_tags(confidence or {}, written)
+        new_tags = confidence_tags + new_tags
+        replaced_tags = [stored for frame in shapes_by_frame for stored in self.tags_on.get(frame, ())
+                         if self.replace or stored.get("source") == AUTO]
+        old_tags += [_writable_tag(stored) for stored in replaced_tags]
         for index, part in enumerate(_chunks(old, self.max_shapes, at_least_one=bool(old_tags))):
             self._patch("delete", [_writable(s) for s in part], old_tags if index == 0 else ())
             report.deleted += len(part)
@@ -243,13 +245,15 @@ class TaskWriter:
             report.created += len(part)
         return report
 
-    def _confidence_tags(self, confidence: Mapping[int, float]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The frames' earlier confidence tags (to delete) and their new ones (to create)."""
+    def _confidence_tags(self, confidence: Mapping[int, float], written: Mapping[int, int]
+                         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The frames' earlier confidence tags (to delete) and their new ones (to create), each saying how many
+        shapes were ``written`` on its frame (what ``review.review_counts`` compares a reviewed frame with)."""
         label = self.labels.get(review.CONFIDENCE_LABEL)
         if not confidence or label is None or review.CONFIDENCE_ATTRIBUTE not in label.attributes:
             return [], []
         old = [_writable_tag(t) for frame in confidence for t in self.confidence_tags_on.pop(frame, ())]
-        new = [review.confidence_tag(frame, value, label.id, label.attributes[review.CONFIDENCE_ATTRIBUTE])
+        new = [review.confidence_tag(frame, value, label.id, label.attributes, written.get(frame, 0))
                for frame, value in confidence.items()]
         return old, new
 

@@ -28,12 +28,13 @@ from preannotate.models.registry import (
     get_architecture,
     hyperparameters_for,
 )
-from preannotate.shapes import Label, parse_label_list
+from preannotate.shapes import Label, Shape, parse_label_list
+from preannotate.suggest import did_you_mean
 
 __all__ = ["ARCHITECTURES", "DEFAULT_STORE", "Architecture", "Detector", "Manifest", "ModelFamily", "ModelNotFound",
            "ModelReference", "ModelStore", "PretrainedWeightsUnavailable", "UnsupportedLabels", "architecture_of",
            "check_label_types", "create_detector", "declared_labels", "default_hyperparameters", "default_store",
-           "family_of", "get_architecture", "hyperparameters_for", "load_detector", "load_model",
+           "detect_served", "family_of", "get_architecture", "hyperparameters_for", "load_detector", "load_model",
            "manifest_hyperparameters", "open_store", "publish_detector", "save_artifact"]
 
 
@@ -140,6 +141,16 @@ def publish_detector(detector: Detector, store: ModelStore, name: str, promote: 
     return store.publish(name, lambda directory: save_artifact(detector, directory, files), promote=promote)
 
 
+def detect_served(detector: Detector, images: Sequence[Any], threshold: float | None = None) -> list[list[Shape]]:
+    """What every door answers: the shapes on each image scoring ``threshold`` or more when someone asks for one
+    (CVAT's menu, ``--threshold``, ``--conf-threshold``: it replaces the served ones, for every label), else each
+    label's served threshold (``Manifest.threshold_of``)."""
+    if threshold is not None:
+        return detector.detect(images, threshold)
+    manifest = detector.manifest
+    return [manifest.served(shapes) for shapes in detector.detect(images, manifest.lowest_threshold())]
+
+
 def load_detector(directory: str | Path, device: str | None = None) -> Detector:
     """Load a published artifact: only its directory is needed."""
     manifest = Manifest.read(Path(directory))
@@ -169,5 +180,5 @@ def load_model(reference: str | ModelReference, store: ModelStore | str | Path |
     if reference.architecture:
         return create_detector(reference.architecture, init="pretrained", device=device)
     known = ", ".join(store.names()) or "none"
-    raise ModelNotFound(f"model {reference.name!r} has no published version in {store.root} yet (models there: "
-                        f"{known})")
+    raise ModelNotFound(f"model {reference.name!r} has no published version in {store.root} yet"
+                        f"{did_you_mean(reference.name, store.names())}; models there: {known}")

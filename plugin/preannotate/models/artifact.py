@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from preannotate.files import write_atomically
-from preannotate.shapes import Label
+from preannotate.shapes import Label, Shape
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -65,6 +65,7 @@ class Manifest:
     input_size: dict[str, Any] = field(default_factory=dict)  # image_size, max_image_size, letterbox
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     score_threshold: float = 0.5
+    thresholds: dict[str, float] = field(default_factory=dict)  # label → its served threshold (training.edits)
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     libraries: dict[str, str] = field(default_factory=dict)
@@ -77,7 +78,8 @@ class Manifest:
             "format_version": self.format_version, "name": self.name, "version": self.version,
             "architecture": self.architecture, "framework": self.framework, "weights": self.weights,
             "labels": [label.to_dict() for label in self.labels], "input_size": self.input_size,
-            "score_threshold": self.score_threshold, "hyperparameters": self.hyperparameters,
+            "score_threshold": self.score_threshold, "thresholds": self.thresholds,
+            "hyperparameters": self.hyperparameters,
             "metrics": self.metrics, "provenance": self.provenance, "libraries": self.libraries,
             "report": self.report, "created": self.created,
         }
@@ -92,10 +94,28 @@ class Manifest:
             framework=data.get("framework", "pytorch"), name=data.get("name", ""), version=data.get("version"),
             weights=data.get("weights", "model.pt"), input_size=data.get("input_size", {}),
             hyperparameters=data.get("hyperparameters", {}), score_threshold=data.get("score_threshold", 0.5),
+            thresholds={str(k): float(v) for k, v in (data.get("thresholds") or {}).items()},
             metrics=data.get("metrics", {}), provenance=data.get("provenance", {}),
             libraries=data.get("libraries", {}), report=list(data.get("report") or []),
             created=data.get("created", ""),
             format_version=data.get("format_version", FORMAT_VERSION))
+
+    def threshold_of(self, label: str) -> float:
+        """The score from which shapes of ``label`` are served when no one asks for a threshold: the one chosen on
+        the validation frames when publishing (``thresholds``), else ``score_threshold``."""
+        return self.thresholds.get(label, self.score_threshold)
+
+    def served_thresholds(self) -> dict[str, float]:
+        """Every label's served threshold."""
+        return {label.name: self.threshold_of(label.name) for label in self.labels}
+
+    def lowest_threshold(self) -> float:
+        """The lowest served threshold: what to ask a detector for before ``served`` keeps each label's own."""
+        return min(self.served_thresholds().values(), default=self.score_threshold)
+
+    def served(self, shapes: list[Shape]) -> list[Shape]:
+        """The shapes scoring at least their label's served threshold (unscored ones always)."""
+        return [shape for shape in shapes if shape.score is None or shape.score >= self.threshold_of(shape.label)]
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:

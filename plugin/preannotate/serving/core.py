@@ -25,6 +25,7 @@ from preannotate.models import (
     ModelStore,
     PretrainedWeightsUnavailable,
     default_store,
+    detect_served,
     load_model,
 )
 from preannotate.serving import contract, following, tracker
@@ -110,7 +111,7 @@ class ModelProvider:
             manifest: Manifest = self._detector.manifest
             info.update(name=manifest.name or self.reference.name, version=manifest.version,
                         architecture=manifest.architecture, labels=[label.to_dict() for label in manifest.labels],
-                        metrics=manifest.metrics)
+                        thresholds=manifest.served_thresholds(), metrics=manifest.metrics)
         return info
 
     def served_labels(self) -> list:
@@ -246,11 +247,8 @@ class App:
     def detect(self, request: Request, _: re.Match) -> Reply:
         detect_request = contract.parse_detect_request(request.body)
         detector = self.provider.current()
-        threshold = detect_request.threshold
-        if threshold is None:
-            threshold = detector.manifest.score_threshold
-        with self._inference:
-            shapes = detector.detect([detect_request.image], threshold)[0]
+        with self._inference:  # a threshold CVAT's menu sends replaces the served ones (README: Serving)
+            shapes = detect_served(detector, [detect_request.image], detect_request.threshold)[0]
         return Reply(200, contract.shapes_to_response(shapes))
 
     def track(self, request: Request, _: re.Match) -> Reply:

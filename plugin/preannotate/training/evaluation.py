@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 DETECT_BATCH = 8  # frames decoded and detected at once when scoring a detector
+SAMPLE_FRAMES = 200  # validation frames the report and the served thresholds are computed over, at most
 
 # The recall points at which COCO interpolates precision (0, 0.01, ..., 1): those of ``precision50`` below.
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
@@ -287,6 +288,23 @@ def detect_frames(detector, items: Sequence[tuple[FrameAnnotations, FrameImages]
             arrays += [array for _, array in group[0][1].decoded([frame.frame for frame, _ in group])]
         for (frame, _), array, shapes in zip(chunk, arrays, detector.detect(arrays, threshold), strict=True):
             yield frame, array, list(shapes)
+
+
+def spread(items: Sequence[Any], count: int) -> list:
+    """Up to ``count`` of ``items``, evenly spread over them, in order."""
+    if len(items) <= count:
+        return list(items)
+    if count <= 0:
+        return []
+    return [items[i] for i in sorted({round(i) for i in np.linspace(0, len(items) - 1, count)})]
+
+
+def sample_detections(detector, items: Sequence[tuple[FrameAnnotations, FrameImages]], count: int = SAMPLE_FRAMES
+                      ) -> tuple[list[tuple[FrameAnnotations, FrameImages]], list[list[Shape]]]:
+    """Up to ``count`` of ``items`` spread over them, and every shape the detector finds on each (threshold 0): the
+    one pass over the validation frames that publishing chooses the served thresholds from and the report draws."""
+    sample = spread(items, count)
+    return sample, [shapes for _, _, shapes in detect_frames(detector, sample, 0.0)]
 
 
 def score_shapes(frames: Sequence[FrameAnnotations], predictions: Sequence[Sequence[Shape]],

@@ -5,9 +5,13 @@
 * ``report.png``: the training losses (total and each component) and the learning rate against steps (from
   ``metrics.jsonl``), mAP@.5 and mAP@[.5:.95] at each validation, AP@.5 per class at the best validation, and
   precision–recall curves per class at IoU .5 of the detector given, run over the validation frames with no score
-  threshold and scored with pycocotools (``evaluation.coco_metrics(curves=True)``) in the frames' own pixels;
+  threshold and scored with pycocotools (``evaluation.coco_metrics(curves=True)``) in the frames' own pixels; then
+  what a reviewer would pay: each label's review edits per 100 true objects against the threshold, its served
+  threshold starred (``training.edits``), and the confusion matrix at the served thresholds (labels and background:
+  a miss is a true object matched to nothing, a false positive a prediction matched to nothing);
 * ``predictions.png`` (``prediction_grid``): validation frames, upscaled, with their ground truth (dashed white on
-  black) and the detections above the threshold (solid, a colour per label, tagged "label 0.93").
+  black) and the detections at the served thresholds (solid, a colour per label, tagged "label 0.93"); a missed
+  object's label is on red, a false positive's tag ends in ✗.
 
 A classifier's report (its detector returns tags) has top-1 and top-5 accuracy at each validation, the accuracy per
 class at the best one, and the confusion matrix of its tags on the validation frames in place of the mAP, AP and
@@ -22,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +40,24 @@ from matplotlib.patches import Polygon, Rectangle
 from preannotate.formats import masks
 from preannotate.frames import FrameImages, decode_rgb
 from preannotate.shapes import TAG, FrameAnnotations, Label, Shape
+from preannotate.training import edits
+from preannotate.training.edits import threshold_text
 from preannotate.training.evaluation import (  # noqa: F401 - detect_frames and its batch: part of this module's API
     DETECT_BATCH,
     RECALL_POINTS,
+    SAMPLE_FRAMES,
     detect_frames,
     headline,
+    sample_detections,
     score_shapes,
+    spread,
 )
 
-__all__ = ["PR_FRAMES", "detect_frames", "precision_recall", "prediction_grid", "report_figure", "write_report"]
+__all__ = ["PR_FRAMES", "detect_frames", "precision_recall", "prediction_grid", "report_figure", "review_work",
+           "threshold_text", "write_report"]
 
 DPI = 100
-PR_FRAMES = 200  # validation frames the precision-recall curves are computed over, at most
+PR_FRAMES = SAMPLE_FRAMES  # validation frames the precision-recall curves are computed over, at most
 MIN_CELL_PX = 560  # frames narrower than this are upscaled by a whole factor to at least this width
 MAX_CELL_PX = 800  # and wider ones shown at most this wide
 MAX_DRAWN = 40  # predictions drawn per frame at most, the most confident (its caption says so when it cuts)
@@ -65,41 +75,65 @@ PREDICTION_WIDTH = 2.8
 # --- write_report ---------------------------------------------------------------------------------------------------
 
 def write_report(run_dir: Path, detector, val_items: Sequence[tuple[FrameAnnotations, FrameImages]],
-                 labels: Sequence[Label], *, threshold: float, max_frames: int = 16) -> list[Path]:
+                 labels: Sequence[Label], *, threshold: float | Mapping[str, float], name: str = "",
+                 sample: tuple[list[tuple[FrameAnnotations, FrameImages]], list[list[Shape]]] | None = None,
+                 max_frames: int = 16) -> list[Path]:
     """Write ``run_dir/report.png`` and ``run_dir/predictions.png``; return their paths.
 
     The detector runs once, with no threshold, over up to ``PR_FRAMES`` validation frames spread over
-    ``val_items``: all its detections make the precision-recall curves, those with ``score >= threshold`` on up to
-    ``max_frames`` of those frames make the prediction grid."""
+    ``val_items`` (or ``sample`` is what it found there, ``evaluation.sample_detections``): all its detections make
+    the precision-recall and edit curves, those scoring ``threshold`` or more (one for all labels, or each label's
+    served one) the confusion matrix and, on up to ``max_frames`` of those frames, the prediction grid. ``name``
+    (the model's name) heads the report, else the run directory's."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     records = read_records(run_dir / "metrics.jsonl")
-    scored = _spread(list(val_items), PR_FRAMES)
-    shown = set(_spread(list(range(len(scored))), max(0, max_frames)))
-    frames, predicted, images = [], [], {}
-    for index, (frame, image, shapes) in enumerate(detect_frames(detector, scored, 0.0)):
-        frames.append(frame)
-        predicted.append(shapes)
-        if index in shown:
-            images[index] = image
+    scored, predicted = sample if sample is not None else sample_detections(detector, list(val_items), PR_FRAMES)
+    frames = [frame for frame, _ in scored]
+    shown = spread(list(range(len(scored))), max(0, max_frames))
+    thresholds = _thresholds(threshold, labels)
     tags = getattr(detector, "output", None) == TAG
     if tags:  # a classifier's frames: their true tag, and no shapes to draw
         frames = [FrameAnnotations(f.frame, f.width, f.height, f.name, tags=f.tags) for f in frames]
     curves = (confusion(frames, predicted, labels) if tags else precision_recall(frames, predicted, labels)) \
         if frames else None
+    review = review_work(frames, predicted, labels, thresholds) if frames and not tags else None
     manifest = getattr(detector, "manifest", None)
     architecture = getattr(manifest, "architecture", "") or type(detector).__name__
     report = run_dir / "report.png"
-    _save(report_figure(records, curves, labels, frames=len(frames), title=f"{run_dir.name} — {architecture}"),
-          report)
-    grid = [(images[i], frames[i], FrameAnnotations(frames[i].frame, frames[i].width, frames[i].height,
-                                                      frames[i].name,
-                                                      [s for s in predicted[i] if _score(s) >= threshold]))
-            for i in sorted(images)]
-    title = (f"{architecture} on {len(grid)} of {len(val_items)} validation frames, "
-             f"{'tags' if tags else 'detections'} with score ≥ {threshold:g}")
+    _save(report_figure(records, curves, labels, frames=len(frames), title=f"{name or run_dir.name} — {architecture}",
+                        review=review), report)
+    grid = []
+    for i in shown:
+        frame, images = scored[i]
+        kept = [s for s in predicted[i] if edits.score_of(s) >= thresholds.get(s.label, 0.0)]
+        grid.append((next(iter(images.decoded([frame.frame])))[1], frames[i],
+                     FrameAnnotations(frame.frame, frame.width, frame.height, frame.name, kept)))
+    title = (f"{name or architecture} on {len(grid)} of {len(val_items)} validation frames, "
+             f"{'tags' if tags else 'detections'} {threshold_text(thresholds)}")
     predictions = prediction_grid(grid, run_dir / "predictions.png", title=title, labels=labels)
     return [report, predictions]
+
+
+def _thresholds(threshold: float | Mapping[str, float], labels: Sequence[Label]) -> dict[str, float]:
+    if isinstance(threshold, Mapping):
+        return {label.name: float(threshold.get(label.name, 0.0)) for label in labels}
+    return {label.name: float(threshold) for label in labels}
+
+
+def review_work(frames: Sequence[FrameAnnotations], predicted: Sequence[Sequence[Shape]], labels: Sequence[Label],
+                thresholds: Mapping[str, float]) -> dict[str, Any]:
+    """What the review panels draw (``training.edits``): each label's edits per 100 true objects at each of
+    ``edits.CURVE_POINTS`` and at its served threshold, the whole at the served thresholds, and the confusion
+    matrix there."""
+    truth = [frame.shapes for frame in frames]
+    curves = edits.edit_curves(truth, predicted, labels)
+    served = {name: curve.at(thresholds.get(name, 0.0)) for name, curve in curves.items()}
+    return {"thresholds": dict(thresholds), "points": [float(t) for t in edits.CURVE_POINTS],
+            "per_100": {name: curve.per_100() for name, curve in curves.items()},
+            "served": {name: found.to_dict() for name, found in served.items()},
+            "total": sum(served.values(), edits.Edits()).to_dict(),
+            "confusion": edits.confusion(truth, predicted, labels, lambda name: thresholds.get(name, 0.0))}
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -143,15 +177,6 @@ def _score(shape: Shape) -> float:
     return 1.0 if shape.score is None else float(shape.score)  # unscored counts as sure, as coco.to_results has it
 
 
-def _spread(items: list, count: int) -> list:
-    """Up to ``count`` of ``items``, evenly spread over them, in order."""
-    if len(items) <= count:
-        return list(items)
-    if count <= 0:
-        return []
-    return [items[i] for i in sorted({round(i) for i in np.linspace(0, len(items) - 1, count)})]
-
-
 def _save(figure: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
@@ -174,23 +199,30 @@ def _say(ax, text: str) -> None:
 # --- report.png -----------------------------------------------------------------------------------------------------
 
 def report_figure(records: Sequence[dict[str, Any]], curves: dict[str, Any] | None, labels: Sequence[Label], *,
-                  frames: int = 0, title: str = "") -> Figure:
-    """The report: losses, learning rate, validation mAP, AP@.5 per class, precision-recall curves. ``curves`` is
-    ``precision_recall``'s answer over ``frames`` validation frames, None when there were none."""
+                  frames: int = 0, title: str = "", review: dict[str, Any] | None = None) -> Figure:
+    """The report: losses, learning rate, validation mAP, AP@.5 per class, precision-recall curves, and for a
+    detector its review edits against the threshold and its confusion matrix. ``curves`` is ``precision_recall``'s
+    answer over ``frames`` validation frames (a classifier's: ``confusion``'s), None when there were none;
+    ``review`` is ``review_work``'s."""
     train = sorted((r for r in records if r.get("event") == "train" and "step" in r), key=lambda r: r["step"])
     validations = sorted((r for r in records if r.get("event") == "validation" and "step" in r),
                          key=lambda r: r["step"])
     end = next((r for r in reversed(records) if r.get("event") == "end"), None)
     best = _best(validations, end)
-    figure = Figure(figsize=(17, 10), dpi=DPI, layout="constrained")
-    grid = figure.add_gridspec(2, 3, width_ratios=(1, 1, 1), height_ratios=(1, 1.15))
+    detector = curves is None or "confusion" not in curves
+    figure = Figure(figsize=(17, 15 if detector else 10), dpi=DPI, layout="constrained")
+    grid = figure.add_gridspec(3 if detector else 2, 3, width_ratios=(1, 1, 1),
+                               height_ratios=(1, 1.15, 1.15) if detector else (1, 1.15))
     loss_ax, lr_ax, map_ax = (figure.add_subplot(grid[0, i]) for i in range(3))
     ap_ax, pr_ax = figure.add_subplot(grid[1, 0]), figure.add_subplot(grid[1, 1:])
+    edits_ax, matrix_ax = (figure.add_subplot(grid[2, :2]), figure.add_subplot(grid[2, 2])) if detector else (None,
+                                                                                                            None)
     interrupted = [r["step"] for r in records if r.get("event") == "interrupted" and "step" in r]
     _losses(loss_ax, train, interrupted)
     _learning_rate(lr_ax, train)
     if curves is None:
-        for ax, what in ((map_ax, "Validation score"), (ap_ax, "Score per class"), (pr_ax, "Errors")):
+        for ax, what in ((map_ax, "Validation score"), (ap_ax, "Score per class"), (pr_ax, "Errors"),
+                         (edits_ax, "Review edits"), (matrix_ax, "Confusion matrix")):
             ax.set_title(what, fontsize=12)
             _say(ax, "no validation frames")
     elif "confusion" in curves:  # a classifier
@@ -201,6 +233,13 @@ def report_figure(records: Sequence[dict[str, Any]], curves: dict[str, Any] | No
         _maps(map_ax, validations, best)
         _per_class(ap_ax, best, curves, labels, frames)
         _precision_recall(pr_ax, curves, labels, frames)
+        if review is None:
+            for ax, what in ((edits_ax, "Review edits"), (matrix_ax, "Confusion matrix")):
+                ax.set_title(what, fontsize=12)
+                _say(ax, "not computed")
+        else:
+            _review_edits(edits_ax, review, labels, frames)
+            _detector_confusion(matrix_ax, review, frames)
     figure.suptitle(_headline(title, train, validations, best, end), fontsize=14, fontweight="bold")
     return figure
 
@@ -426,11 +465,23 @@ def _per_class(ax, best: dict[str, Any] | None, curves: dict[str, Any], labels: 
     ax.legend(fontsize=9, loc="lower right", framealpha=0.85)
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+LINESTYLES = ("-", "--", "-.", ":")
+MARK_EVERY = 10  # a class's markers every tenth recall point, each class from its own offset
+
+
+def _class_style(i: int) -> dict[str, Any]:
+    """How class ``i``'s curve is told apart where it runs on top of another (every class at precision 1): its own
+    marker at recall points no other class of the first ``MARK_EVERY`` marks, and its own dashes."""
+    return {"marker": MARKERS[i % len(MARKERS)], "markevery": (i % MARK_EVERY, MARK_EVERY), "markersize": 6,
+            "markeredgecolor": "black", "markeredgewidth": 0.5, "linestyle": LINESTYLES[i % len(LINESTYLES)]}
+
+
 def _precision_recall(ax, curves: dict[str, Any], labels: Sequence[Label], frames: int) -> None:
     ax.set_title(f"Precision–recall at IoU 0.5 (boxes; every detection on {frames} validation frames)", fontsize=12)
     colours = _colours([label.name for label in labels])
     defined, missing = [], []
-    for label in labels:
+    for i, label in enumerate(labels):
         values = (curves["per_class"].get(label.name) or {}).get("precision50")
         if values is None or min(values) < 0:
             missing.append(label.name)
@@ -438,7 +489,7 @@ def _precision_recall(ax, curves: dict[str, Any], labels: Sequence[Label], frame
         curve = np.asarray(values, dtype=float)
         defined.append(curve)
         ap50 = curves["per_class"][label.name].get("ap50")
-        ax.plot(RECALL_POINTS, curve, color=colours[label.name], linewidth=1.6,
+        ax.plot(RECALL_POINTS, curve, color=colours[label.name], linewidth=1.6, **_class_style(i),
                 label=f"{label.name}  AP@.5 {_fmt(ap50)}")
     if not defined:
         _say(ax, "no ground truth among the validation frames")
@@ -450,10 +501,74 @@ def _precision_recall(ax, curves: dict[str, Any], labels: Sequence[Label], frame
     ax.set_xlabel("recall", fontsize=11)
     ax.set_ylabel("precision", fontsize=11)
     ax.set_xlim(0, 1.0)
-    ax.set_ylim(-0.03, 1.03)  # a curve at 0 stays in sight above the axis
+    ax.set_ylim(-0.04, 1.1)  # a curve at 0 stays above the axis, one at 1 below the frame
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=10, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
               ncols=1 if len(defined) <= 24 else 2)
+
+
+def _review_edits(ax, review: dict[str, Any], labels: Sequence[Label], frames: int) -> None:
+    """Each label's edits per 100 of its true objects against the threshold, its served threshold starred; all
+    labels together at one threshold (black), and drawing everything from scratch (100)."""
+    ax.set_title(f"Review edits against the threshold ({frames} validation frames)", fontsize=12)
+    points = np.asarray(review["points"], float)
+    colours = _colours([label.name for label in labels])
+    served, drawn, missing = review["served"], [], []
+    weighted = np.zeros(len(points))
+    for i, label in enumerate(labels):
+        values = review["per_100"].get(label.name)
+        objects = (served.get(label.name) or {}).get("objects", 0)
+        if not objects or values is None:
+            missing.append(label.name)
+            continue
+        curve = np.asarray([_nan(v) for v in values], float)
+        weighted += curve * objects
+        threshold, at = review["thresholds"].get(label.name, 0.0), served[label.name]["per_100"]
+        style = {k: v for k, v in _class_style(i).items() if k not in ("marker", "markevery")}
+        ax.plot(points, curve, color=colours[label.name], linewidth=1.8, **style,
+                label=f"{_shorten(label.name, 24)}: {at:.0f} at {threshold:.2g} ({objects} objects)")
+        ax.plot([threshold], [at], marker="*", markersize=17, color=colours[label.name], markeredgecolor="black",
+                linestyle="none", zorder=5)
+        drawn.append(at)
+    if not drawn:
+        _say(ax, "no true objects among the validation frames")
+        return
+    total = review["total"]
+    ax.plot(points, weighted / total["objects"], color="black", linewidth=3.0, zorder=1.9,
+            label=f"all labels at one threshold; at the served ones ★: {total['per_100']:.0f} "
+                  f"({total['adds']} adds, {total['deletes']} deletes, {total['moves']} moves)")
+    ax.axhline(100, color="#888888", linestyle=":", linewidth=1.4, label="drawing every object from scratch: 100")
+    if missing:
+        ax.plot([], [], linestyle="none", label="no true objects: " + _shorten(", ".join(missing), 40))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, max(150.0, 1.6 * max(drawn)))  # near threshold 0 the false positives run off the top
+    ax.set_xlabel("score threshold (★ each label's served threshold)", fontsize=11)
+    ax.set_ylabel(f"edits per 100 true objects\n(adds + deletes + moves at IoU < {edits.MOVE_IOU:g})", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, loc="best", framealpha=0.85)
+
+
+def _detector_confusion(ax, review: dict[str, Any], frames: int) -> None:
+    """Labels × labels + background at the served thresholds: the diagonal is right, off it a wrong label, the last
+    column true objects nothing matched (misses), the last row predictions that matched nothing (false
+    positives)."""
+    names, matrix = review["confusion"]["labels"], np.asarray(review["confusion"]["matrix"], int)
+    ax.set_title(f"Confusion matrix at the served thresholds ({frames} validation frames)", fontsize=12)
+    if not matrix.sum():
+        _say(ax, "nothing true and nothing predicted")
+        return
+    ax.imshow(matrix, cmap="Blues", aspect="auto", vmin=0)
+    small = 10 if len(names) <= 20 else 6
+    for (row, column), count in np.ndenumerate(matrix):
+        if count:
+            ax.text(column, row, str(count), ha="center", va="center", fontsize=9 if len(names) <= 20 else 6,
+                    color="white" if count > matrix.max() / 2 else "black")
+    shown = [_shorten(name, 16) for name in names[:-1]]
+    ax.set_xticks(np.arange(len(names)), [*shown, "nothing (missed)"], fontsize=small, rotation=45, ha="right")
+    ax.set_yticks(np.arange(len(names)), [*shown, "nothing (false positive)"], fontsize=small)
+    ax.set_xlabel("predicted (IoU ≥ 0.5, any label)", fontsize=11)
+    ax.set_ylabel("true", fontsize=11)
 
 
 def _shorten(text: str, length: int, keep_end: bool = False) -> str:
@@ -514,7 +629,9 @@ def _grid_figure(frames: Sequence[tuple[bytes | np.ndarray, FrameAnnotations, Fr
     title_lines = textwrap.wrap(title, max(20, int(width * DPI * 0.95 / _text_px("x", 13)))) if title else []
     used = sorted({s.label for _, _, predicted in frames for s in predicted.shapes}, key=names.index)
     tagged = not any(t.shapes or any(s.type != TAG for s in p.shapes) for _, t, p in frames)
-    handles = [] if tagged else _legend_handles(used, colours)  # a classifier's tags say what they are
+    reviews = [edits.review_frame(truth.shapes, predicted.shapes) for _, truth, predicted in frames]
+    marked = (any(r.missed for r in reviews), any(r.false for r in reviews))
+    handles = [] if tagged else _legend_handles(used, colours, *marked)  # a classifier's tags say what they are
     entry_px = max((_text_px(text, 12) for _, text in handles), default=0) * 0.85 + 100  # text, handle, spacing
     legend_columns = max(1, min(len(handles), int(width * DPI * 0.95 // entry_px)))
     legend_rows = math.ceil(len(handles) / legend_columns)
@@ -530,18 +647,29 @@ def _grid_figure(frames: Sequence[tuple[bytes | np.ndarray, FrameAnnotations, Fr
                       bbox_to_anchor=(0.5, 1 - title_h / height), ncols=legend_columns, fontsize=12,
                       frameon=False, handler_map={tuple: HandlerTuple(ndivide=1)}, handlelength=3.2,
                       columnspacing=1.6)
-    for index, ((_, truth, predicted), image) in enumerate(zip(frames, images, strict=True)):
+    for index, ((_, truth, predicted), image, review) in enumerate(zip(frames, images, reviews, strict=True)):
         row, column = divmod(index, columns)
         left = gap + column * (cell_w + gap)
         top = header + row * (cell_h + caption + gap) + caption
         ax = figure.add_axes((left / width, 1 - (top + cell_h) / height, cell_w / width, cell_h / height))
-        _draw_frame(ax, image, truth, predicted, colours, scale, cell)
+        _draw_frame(ax, image, truth, predicted, colours, scale, cell, review)
     return figure
 
 
-def _legend_handles(used: Sequence[str], colours: dict[str, str]) -> list[tuple[Any, str]]:
+MISSED = "#e00000"  # the background of a missed object's label
+FALSE_MARK = " ✗"    # ends the tag of a prediction that matches no true object
+
+
+def _legend_handles(used: Sequence[str], colours: dict[str, str], missed: bool = False, false: bool = False
+                    ) -> list[tuple[Any, str]]:
     truth = (Line2D([], [], **TRUTH_UNDER), Line2D([], [], **TRUTH_OVER))
     handles: list[tuple[Any, str]] = [(truth, "ground truth (dashed, label below)")]
+    if missed:
+        handles.append((Rectangle((0, 0), 1, 1, facecolor=MISSED, edgecolor="black"),
+                        f"missed: no prediction at IoU ≥ {edits.MATCH_IOU:g} (label on red)"))
+    if false:
+        handles.append((Line2D([], [], linestyle="none", marker="x", color="black", markersize=9, markeredgewidth=2),
+                        "false positive: matches no true object (tag ends in ✗)"))
     for name in used:
         handles.append(((Line2D([], [], **PREDICTION_UNDER), Line2D([], [], color=colours[name],
                                                                      linewidth=PREDICTION_WIDTH)),
@@ -554,7 +682,7 @@ def _legend_handles(used: Sequence[str], colours: dict[str, str]) -> list[tuple[
 
 
 def _draw_frame(ax, image: np.ndarray, truth: FrameAnnotations, predicted: FrameAnnotations,
-                colours: dict[str, str], scale: float, cell: int) -> None:
+                colours: dict[str, str], scale: float, cell: int, review: edits.FrameReview | None = None) -> None:
     height, width = image.shape[:2]
     ax.imshow(image, extent=(0, width, height, 0), interpolation="nearest" if scale >= 1 else "antialiased")
     ax.set_xlim(0, width)
@@ -580,13 +708,21 @@ def _draw_frame(ax, image: np.ndarray, truth: FrameAnnotations, predicted: Frame
             ax.add_patch(Polygon(outline, closed=closed, fill=False, joinstyle="round", **PREDICTION_UNDER, zorder=3))
             ax.add_patch(Polygon(outline, closed=closed, fill=False, color=colour, linewidth=PREDICTION_WIDTH,
                                  zorder=4))
-    for shape in truth.shapes:  # the true label under its outline, white on black; predictions' tags go above
-        _tag(ax, shape, shape.label, "#000000", width, height, scale, below=True)
+    review = review or edits.FrameReview()
+    missed, false = set(review.missed), {id(predicted.shapes[i]) for i in review.false}
+    for index, shape in enumerate(truth.shapes):  # the true label under its outline, white on black (a miss: on
+        # red); predictions' tags go above
+        _tag(ax, shape, shape.label, MISSED if index in missed else "#000000", width, height, scale, below=True)
     for shape in shown:  # tags above every outline
         text = f"{shape.label} {shape.score:.2f}" if shape.score is not None else shape.label
-        _tag(ax, shape, text, colours.get(shape.label, PALETTE[0]), width, height, scale)
+        _tag(ax, shape, text + (FALSE_MARK if id(shape) in false else ""), colours.get(shape.label, PALETTE[0]),
+             width, height, scale)
     counts = "" if not truth.shapes and all(s.type == TAG for s in predicted.shapes) else \
         f": {len(truth.shapes)} true, {len(predicted.shapes)} predicted"
+    wrong = [f"{len(part)} {what}" for part, what in ((review.missed, "missed"), (review.false, "false"),
+                                                       (review.loose, "loose")) if part]
+    if wrong:
+        counts += f" ({', '.join(wrong)})"
     if len(shown) < len(predicted.shapes) - len(tags):
         counts += f" ({len(shown)} most confident drawn)"
     room = int(cell * 0.98 // _text_px("x", 11)) - len(counts)

@@ -36,8 +36,9 @@ from preannotate.models import (
     publish_detector,
 )
 from preannotate.models.artifact import library_versions
-from preannotate.shapes import Label
-from preannotate.training.evaluation import headline, summary
+from preannotate.shapes import TAG, Label, Shape
+from preannotate.training import edits
+from preannotate.training.evaluation import headline, sample_detections, summary
 from preannotate.training.logs import EventWriter, MetricsLog
 
 log = logging.getLogger(__name__)
@@ -293,12 +294,16 @@ class RunRecord:
 def publish_run(detector: Any, state: TrainState, run: RunRecord, store: ModelStore | None, name: str,
                 provenance: dict[str, Any], promote: Callable[[dict[str, Any]], Promotion] | None) -> TrainingResult:
     """The best weights (already loaded into ``detector``, in inference mode) as the next version of ``name``,
-    unless this run published before it was killed; whether it is served is ``promote``'s answer. The run's
-    pictures and ``result.json`` are written beside its checkpoints."""
+    unless this run published before it was killed; whether it is served is ``promote``'s answer. Each label is
+    served at the threshold that needs the fewest review edits on the validation frames (``set_served_thresholds``).
+    The run's pictures and ``result.json`` are written beside its checkpoints."""
+    sample = _validation_sample(detector, run)
+    review = set_served_thresholds(detector, sample, run)
     metrics = {**state.best_metrics, "best_step": state.best_step, "steps": state.step, "stopped": state.stopped,
-               "train_frames": len(run.train_items), "val_frames": len(run.val_items)}
+               "train_frames": len(run.train_items), "val_frames": len(run.val_items),
+               **({"review": review} if review else {})}
     result = TrainingResult(name, None, None, metrics, state.step, state.stopped, run.output,
-                            report=_report(detector, run))
+                            report=_report(detector, run, name, sample))
     if store is not None:
         result.version = _already_published(store, name, run.run_id)
         decision = Promotion(True, "served") if promote is None else promote(metrics)
@@ -366,14 +371,46 @@ def _familiar(detector: Any, train_items: Sequence[Any]) -> Any:
     return np.concatenate(vectors)
 
 
-def _report(detector: Any, run: RunRecord) -> list[Path]:
-    """The run's pictures (``training.report``) of the weights about to be published; a picture that cannot be
-    drawn is reported in the log and costs the run nothing."""
+def _validation_sample(detector: Any, run: RunRecord) -> tuple[list[Any], list[list[Shape]]] | None:
+    """Every shape the detector finds on (up to ``SAMPLE_FRAMES`` of) the validation frames; None when it fails,
+    which costs the run its thresholds and pictures (said in the log), not its version."""
+    try:
+        return sample_detections(detector, run.val_items)
+    except Exception:
+        log.exception("the validation frames of %s could not be detected again", run.output)
+        return None
+
+
+def set_served_thresholds(detector: Any, sample: tuple[list[Any], list[list[Shape]]] | None, run: RunRecord
+                          ) -> dict[str, Any]:
+    """Set ``detector.manifest.thresholds``: each label's threshold with the fewest review edits on the sample of
+    validation frames (``edits.choose_thresholds``; the edits are deletes, adds and moves, each one reviewer
+    action). Returns what the manifest's metrics record of it (``review``): the thresholds, and the edits at them
+    and at ``score-threshold``. Nothing is chosen for a classifier, without validation frames, or when the user set
+    ``score-threshold`` (it then serves every label); a label without true objects among the frames keeps it."""
+    manifest = detector.manifest
+    if sample is None or not sample[0] or getattr(detector, "output", None) == TAG:
+        return {}
+    truth, found = [frame.shapes for frame, _ in sample[0]], sample[1]
+    if "score_threshold" not in run.hp.given:
+        manifest.thresholds = edits.choose_thresholds(edits.edit_curves(truth, found, run.labels))
+    served = sum(edits.count_edits(truth, found, manifest.threshold_of).values(), edits.Edits())
+    default = sum(edits.count_edits(truth, found, manifest.score_threshold).values(), edits.Edits())
+    return {"thresholds": manifest.served_thresholds(), "frames": len(truth), "served": served.to_dict(),
+            "at_score_threshold": {"threshold": manifest.score_threshold, **default.to_dict()}}
+
+
+def _report(detector: Any, run: RunRecord, name: str, sample: tuple[list[Any], list[list[Shape]]] | None
+            ) -> list[Path]:
+    """The run's pictures (``training.report``) of the weights about to be published, at their served
+    thresholds; a picture that cannot be drawn is reported in the log and costs the run nothing."""
     from preannotate.training import report
 
+    if sample is None:
+        return []
     try:
         return report.write_report(run.output, detector, run.val_items, run.labels,
-                                   threshold=detector.manifest.score_threshold)
+                                   threshold=detector.manifest.served_thresholds(), name=name, sample=sample)
     except Exception:
         log.exception("the training report of %s could not be drawn", run.output)
         return []
