@@ -217,15 +217,15 @@ def annotate_project(client: Client, project_id: int, *, detector: Detector | st
 
 def _track_jobs(writer: TaskWriter, todo: list[int], covered: list[int]) -> dict[int, tuple[list[int], int | None]]:
     """For each job with frames to do: its last frame to do → (the job's frames its tracks cover, the frame after
-    them where tracks still seen must end, None when that is the job's end: CVAT ends them there)."""
+    them where tracks still seen end: a track left visible would reach every later job, CVAT giving each a piece
+    of it; None at the task's end)."""
     present = writer.frames()
     jobs = {}
     for job in writer.job_ranges():
         doing = [f for f in todo if f in job]
         if doing:
             frames = [f for f in covered if f in job]
-            after = next((f for f in present if f > frames[-1]), None)
-            jobs[doing[-1]] = (frames, after if after in job else None)
+            jobs[doing[-1]] = (frames, next((f for f in present if f > frames[-1]), None))
     return jobs
 
 

@@ -9,8 +9,9 @@ object leaves or is lost, and keyframes only where CVAT's own interpolation woul
   vote), so a car seen as a truck on a few blurred frames stays a car; the track keeps the geometry of every one of
   its detections. A track keeps the shape type most of its detections have (CVAT interpolates one type).
 * **outside**: a keyframe on the first frame a track is not detected on after being seen (the object left, or the
-  tracker lost it) hides it until it is detected again. A track still seen on the last frame ends with the range,
-  as CVAT ends a track with its job, unless ``close_at`` names the frame to hide it on.
+  tracker lost it) hides it until it is detected again. A track still seen on the last frame stays to the end of
+  the task unless ``close_at`` names the frame to hide it on (a job's tracks end on the next job's first frame:
+  CVAT would give every later job a piece of a track left open).
 * **Keyframes** (``keyframes``): the first frame of every visible run and its end (the outside keyframe, placed
   where the motion would carry the object, or the run's last frame), then, Ramer–Douglas–Peucker style, the frame
   where CVAT's interpolation between the keyframes chosen so far overlaps the detection least, as long as that

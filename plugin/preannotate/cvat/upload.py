@@ -189,7 +189,7 @@ class TaskWriter:
         """The frames of each annotation job (not the ground-truth job), in order: where CVAT cuts tracks."""
         with cvat_errors(self.client, f"jobs of task {self.task_id}"):
             jobs = [job for job in self.task.get_jobs() if str(getattr(job, "type", "annotation")) == "annotation"]
-        return sorted(range(job.start_frame, job.stop_frame + 1) for job in jobs)
+        return [range(job.start_frame, job.stop_frame + 1) for job in sorted(jobs, key=lambda job: job.start_frame)]
 
     def _keep_tag(self, stored: dict[str, Any]) -> None:
         confidence = self.labels.get(review.CONFIDENCE_LABEL)
