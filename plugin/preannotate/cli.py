@@ -413,8 +413,8 @@ def _frame_range(text: str | None) -> range | None:
 def cmd_annotate(args: argparse.Namespace) -> int:
     from preannotate.annotate import annotate_project, annotate_task, parse_annotate_as
 
-    options = dict(as_tracks=parse_annotate_as(args.annotate_as), threshold=args.threshold, frames=_frame_range(args.frames),
-                   only_unannotated=args.only_unannotated, batch_size=args.batch_size,
+    options = dict(as_tracks=parse_annotate_as(args.annotate_as), threshold=args.threshold,
+                   frames=_frame_range(args.frames), only_unannotated=args.only_unannotated, batch_size=args.batch_size,
                    upload_every=args.upload_every, label_map=args.label_map, progress=sys.stderr.isatty(),
                    confidence_tags=not args.no_confidence_tags)
     source = dict(detector=args.model, store=args.store, device=args.device) if args.model else dict(

@@ -330,7 +330,8 @@ class TaskWriter:
                                                     query_params={"action": action})
         headers = {**make_request_headers(api), "Content-Type": "application/json",
                    "Accept": "application/vnd.cvat+json"}
-        body = {"shapes": shapes, **({"tags": list(tags)} if tags else {}), **({"tracks": list(tracks)} if tracks else {})}
+        body = {"shapes": shapes, **({"tags": list(tags)} if tags else {}),
+                **({"tracks": list(tracks)} if tracks else {})}
         what = f"{len(shapes)} shapes" + (f", {len(tags)} tags" if tags else "") + \
             (f", {len(tracks)} tracks" if tracks else "")
         with cvat_errors(self.client, f"task {self.task_id} ({action} {what})"):
