@@ -103,7 +103,7 @@ def run(client, task_id, tmp_path, **options):
 
 
 def tracks_of(cvat_double, task_id, source="auto"):
-    """(label, [(frame, outside)], job-relative check) of the stored tracks of ``source``, by first frame."""
+    """(label, [(frame, outside)]) of the stored tracks of ``source``, sorted."""
     names = {label["id"]: label["name"] for label in cvat_double.labels.values()}
     return sorted((names[t["label_id"]], [(s["frame"], s["outside"]) for s in t["shapes"]])
                   for t in cvat_double.annotations(task_id)["tracks"] if t["source"] == source)
