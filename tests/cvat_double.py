@@ -25,10 +25,14 @@ Also modelled, from CVAT's source where nothing was recorded:
   shapes saved with ``PATCH action=create`` every 100 frames and at the end (``DetectionResultCollector``), each save
   with the deliveries an annotation save sends, as from an RQ worker (relative URLs, the user as a dict).
 
+* tracks cut at job boundaries: a task-level write stores one piece of a track in each job it reaches, as
+  ``AnnotationIR.slice`` cuts it (``cvat/apps/dataset_manager/annotation.py``: ``_is_track_inside``,
+  ``_slice_track``; the interpolation is ours, ``preannotate.cvat.annotations``, checked against CVAT's exports), and
+  task-level views close a piece that ends visible inside a job that is not the last with an ``outside`` shape on the
+  next job's first frame (``TrackManager._modify_unmatched_object``); a job-level write stores tracks as sent.
+
 Not modelled: organizations (organization webhooks never fire), exports/imports, task creation over HTTP,
-ping/redelivery, the server-side cutting of tracks at job boundaries (tracks are stored as sent, in the job
-holding their first frame; task-level views add the closing ``outside`` shape the server adds when a track ends
-inside a job that is not the last one), and of the lambda manager: ``/api/lambda/functions``, online calls, label
+ping/redelivery, and of the lambda manager: ``/api/lambda/functions``, online calls, label
 ``mapping`` in a request, masks and skeletons in a function's answer, and functions other than detectors.
 """
 
@@ -1614,11 +1618,10 @@ class CvatDouble:
 
     @staticmethod
     def _within(kind: str, obj: dict, job: Job) -> bool:
-        """Whether ``obj`` falls in the job's frames (AnnotationIR.slice: a track by the span of its shapes)."""
-        frames = [obj.get("frame")] + [s.get("frame") for s in obj.get("shapes") or []] if kind == "tracks" \
-            else [obj.get("frame")]
-        frames = [f for f in frames if isinstance(f, int)]
-        return bool(frames) and min(frames) <= job.stop and max(frames) >= job.start
+        """Whether ``obj`` falls in the job's frames (AnnotationIR.slice: a track as ``_track_inside`` says)."""
+        if kind == "tracks":
+            return _track_inside(obj, job.start, job.stop)
+        return isinstance(obj.get("frame"), int) and job.start <= obj["frame"] <= job.stop
 
     def _holds_any(self, task: Task, job: Job) -> bool:
         return any(job.start <= o["frame"] <= job.stop for kind in _KINDS for o in task.annotations[kind])
@@ -1674,7 +1677,13 @@ class CvatDouble:
             for scope_job in scope:  # ids are handed out job by job, like the server
                 for kind in _KINDS:
                     for sent in data[kind]:
-                        if self._job_of(task, sent["frame"]) is not scope_job:
+                        if kind == "tracks" and job is None:  # a task-level write: one piece per job reached
+                            if not _track_inside(sent, scope_job.start, scope_job.stop):
+                                continue
+                            sent = _slice_track(sent, scope_job.start, scope_job.stop)
+                            if not sent["shapes"]:
+                                continue
+                        elif self._job_of(task, sent["frame"]) is not scope_job:
                             continue
                         stored[kind].append(self._normalize(kind, sent, self._new_id(_ID_COUNTER[kind])))
                         echoed[kind].append(_echo(kind, sent, stored[kind][-1]))
@@ -1767,6 +1776,68 @@ class CvatDouble:
                            _STORED_ORDER["track_shapes"]) for s in sent.get("shapes") or []]
         return _ordered({**common, "shapes": shapes, "attributes": _attrs(sent.get("attributes")),
                          "elements": copy.deepcopy(sent.get("elements") or [])}, _STORED_ORDER["tracks"])
+
+
+def _track_inside(track: dict, start: int, stop: int) -> bool:
+    """``AnnotationIR._is_track_inside``: whether a track is visible somewhere in ``[start, stop]`` (a lone outside
+    shape on ``start`` does not count). Skeleton elements are not modelled."""
+    previous = None
+    for shape in track.get("shapes") or []:
+        if shape["frame"] == start and shape.get("outside"):
+            previous = shape
+            continue
+        if previous and not previous.get("outside") and min(shape["frame"], stop) - max(previous["frame"], start) >= 0:
+            return True
+        previous = shape
+    return previous is not None and not previous.get("outside") and previous["frame"] <= stop
+
+
+def _slice_track(track: dict, start: int, stop: int) -> dict:
+    """``AnnotationIR._slice_track``: the piece of ``track`` a job of ``[start, stop]`` stores. Its keyframes in the
+    range (leading outside ones dropped); when the track has keyframes beyond the range, the interpolated shape on
+    ``start`` where it is visible there without a keyframe, and on ``stop`` where the track goes on past it and the
+    shape there differs from the piece's last (or the outside keyframe that ends it inside the range). CVAT's last
+    branch (an outside shape at ``stop + 1`` of the interpolated list) never holds: that list ends at ``stop``."""
+    from preannotate.cvat.annotations import track_frames
+
+    def scoped(shapes: list[dict]) -> list[dict]:
+        shapes = [s for s in shapes if start <= s["frame"] <= stop]
+        while shapes and shapes[0].get("outside"):
+            shapes.pop(0)
+        return shapes
+
+    track = copy.deepcopy(track)
+    shapes = track.get("shapes") or []
+    segment = scoped(shapes)
+    if len(segment) < len(shapes):
+        keyed = {s["frame"]: s for s in shapes}
+        visible = {frame: (left, points, rotation) for frame, left, points, rotation, _ in
+                   track_frames(track, start, stop + 1)}
+        interpolated = []  # (shape, is a keyframe) on every frame of the range the track is visible or ends on
+        for frame in range(start, stop + 1):
+            if frame in visible:
+                left, points, rotation = visible[frame]
+                shape = {**copy.deepcopy(dict(left)), "frame": frame, "points": points, "rotation": rotation,
+                         "outside": False}
+                shape.pop("id", None)
+                interpolated.append((shape, frame in keyed))
+            elif frame in keyed and keyed[frame].get("outside"):
+                interpolated.append((keyed[frame], True))
+        while interpolated and interpolated[0][0].get("outside"):
+            interpolated.pop(0)
+        if interpolated:
+            last_key = max(s["frame"] for s in shapes)
+            (first, first_is_key), (last, last_is_key) = interpolated[0], interpolated[-1]
+            if not first_is_key:
+                segment.insert(0, first)
+            if last_key >= stop and [float(p) for p in last["points"]] != [float(p) for p in segment[-1]["points"]]:
+                segment.append(last)
+            elif last_is_key and last.get("outside") and (not segment or last["frame"] > segment[-1]["frame"]):
+                segment.append(last)
+    track["shapes"] = segment
+    if segment:
+        track["frame"] = segment[0]["frame"]
+    return track
 
 
 def _char_error(value: Any, *, blank: bool = False, max_length: int | None = None) -> str | None:

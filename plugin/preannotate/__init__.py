@@ -12,9 +12,10 @@ Layers, bottom to top (a module belongs to the first entry naming it or a packag
    file helpers; how sure a model is of a frame; the devices this machine has; "did you mean" for a mistyped name;
 2. formats: `preannotate.formats`
    — the mask codecs, COCO, TF Object Detection API records, dataset folders on disk and their train/val split;
-3. cvat: `preannotate.cvat`
-   — the cvat-sdk bridge: connect, read annotations and frames, write shapes (the one encoder into CVAT's request
-   format), webhooks; it turns CVAT into the vocabulary and back and knows nothing of models;
+3. cvat: `preannotate.cvat`, `preannotate.tracking`
+   — the cvat-sdk bridge: connect, read annotations and frames, write shapes and tracks (the one encoder into CVAT's
+   request format), webhooks; it turns CVAT into the vocabulary and back and knows nothing of models; detections of
+   consecutive frames linked into CVAT tracks, keyframed where CVAT's interpolation would miss them;
 4. models: `preannotate.models`
    — the registry, the model families (``models.family``: the contract each family and each loaded model keeps),
    artifacts, the store and the model-reference grammar;

@@ -6,6 +6,10 @@ uploader (a queue of two batches, so inference only waits on a server slower tha
 through ``upload.TaskWriter``: the frames' earlier ``auto`` shapes are replaced, manual work stays, and a journal
 records the uploaded frames, so an interrupted run started again continues where it stopped and never duplicates.
 
+A video task (CVAT ``mode`` "interpolation") gets tracks instead (``as_tracks``; ``preannotate.tracking``): each
+job's detections are linked into tracks, keyframed where CVAT's interpolation would miss them, and written when the
+job's last frame is detected — a job is the unit of upload and of the journal, since CVAT cuts tracks there anyway.
+
 With ``function_url`` the frames' files are POSTed as CVAT's lambda manager would (``{"image": base64,
 "threshold"?}``) to a Nuclio function or ``preannotate serve``, ``workers`` requests in flight on one connection pool.
 """
@@ -30,14 +34,15 @@ import urllib3
 from cvat_sdk import Client
 from tqdm import tqdm
 
-from preannotate import uncertainty
+from preannotate import tracking, uncertainty
 from preannotate.cvat import review
 from preannotate.cvat.client import CvatError, cvat_errors
 from preannotate.cvat.frames import CvatFrames
 from preannotate.cvat.upload import Journal, TaskWriter, UploadReport, digest
 from preannotate.models import Detector, load_model
 from preannotate.serving import contract
-from preannotate.shapes import Shape
+from preannotate.shapes import TAG, Shape, Track
+from preannotate.suggest import did_you_mean
 from preannotate.training.edits import threshold_text
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # A deployed function decides with its own threshold; scoring uncertainty needs one, and this is CVAT's default.
 DEFAULT_FUNCTION_THRESHOLD = 0.5
+ANNOTATE_AS = ("tracks", "shapes")  # what a task's predictions are written as (default: tracks for a video task)
+
+
+def parse_annotate_as(text: str | None, where: str = "--as") -> bool | None:
+    """``tracks`` → True, ``shapes`` → False, nothing → None (the task decides: tracks for a video task)."""
+    if not text:
+        return None
+    if text.strip().lower() not in ANNOTATE_AS:
+        raise ValueError(f"{where} {text!r}: give tracks or shapes{did_you_mean(text, ANNOTATE_AS)}")
+    return text.strip().lower() == "tracks"
 
 
 class FunctionError(RuntimeError):
@@ -59,6 +74,8 @@ class AnnotateReport:
     skipped_annotated: int = 0       # only_unannotated: frames a person had annotated
     resumed: int = 0                 # frames an interrupted earlier run had finished
     created: int = 0
+    tracks: int = 0                  # tracks created (a video task's predictions), and their keyframes
+    keyframes: int = 0
     deleted: int = 0
     unmapped: Counter[str] = field(default_factory=Counter)  # predictions dropped: the task has no such label
     unshared_labels: list[str] = field(default_factory=list)  # model labels the task lacks (known up front)
@@ -73,6 +90,8 @@ class AnnotateReport:
 
     def add_upload(self, upload: UploadReport) -> None:
         self.created += upload.created
+        self.tracks += upload.tracks
+        self.keyframes += upload.keyframes
         self.deleted += upload.deleted
         self.unmapped.update(upload.unmapped)
 
@@ -92,7 +111,7 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
                   store: str | os.PathLike | None = None, device: str | None = None, workers: int = 2,
                   quality: str = "original", cache_dir: str | os.PathLike | None = None,
                   prefetch: int = 2, confidence_tags: bool = True,
-                  before_write: Callable[[], None] | None = None) -> AnnotateReport:
+                  before_write: Callable[[], None] | None = None, as_tracks: bool | None = None) -> AnnotateReport:
     """Pre-annotate task ``task_id`` with ``detector`` (or a deployed function at ``function_url``).
 
     ``threshold``: minimum score for every label (default: each label's served threshold, ``Manifest.threshold_of``;
@@ -105,7 +124,9 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
     ``confidence_tags``: score every frame's uncertainty (``preannotate.uncertainty``; near misses are asked for
     too) and write it as the frame's confidence tag (``cvat.review``, the label added when missing).
     ``before_write``: run before each batch is written; what it raises stops the run there (``upload.TaskWriter``).
-    Returns what was done; ``CvatError`` for server problems."""
+    ``as_tracks``: link each job's detections into tracks (``preannotate.tracking``; a frame left out by
+    ``only_unannotated`` hides them) rather than write per-frame shapes; default: tracks for a video task, shapes
+    for an image task. Returns what was done; ``CvatError`` for server problems."""
     if (detector is None) == (function_url is None):
         raise ValueError("give a detector (or model reference) or a function_url, not both")
     if threshold is not None and not 0 <= threshold <= 1:
@@ -115,7 +136,9 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
         review.ensure_confidence_label(client, task_id)
     writer = TaskWriter(client, task_id, label_map=label_map, replace=replace, before_write=before_write)
     report = AnnotateReport(task_id)
+    as_tracks = writer.is_video if as_tracks is None else as_tracks
     wanted = [f for f in writer.frames() if frames is None or f in frames]
+    covered = list(wanted)  # a track's frames: those a person annotated too (it is hidden there)
     if frames is not None and not wanted:
         raise CvatError(f"task {task_id} has frames 0-{writer.meta.size - 1}: frames {frames.start}-{frames.stop - 1} "
                         "are none of them")
@@ -142,9 +165,10 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
         log.warning("task %d has no label %s: those predictions are not written", task_id,
                     ", ".join(report.unshared_labels))
     journal = Journal.open(state_dir, client, task_id, digest(identity, threshold, writer.label_map, replace,
-                                                               confidence_tags))
+                                                               confidence_tags, *(["tracks"] if as_tracks else [])))
     report.resumed = sum(f in journal.frames for f in wanted)
     todo = [f for f in wanted if f not in journal.frames]
+    jobs = _track_jobs(writer, todo, covered) if as_tracks else {}
 
     images = CvatFrames(client, task_id, quality=quality, cache_dir=cache_dir, prefetch=prefetch)
     started = time.perf_counter()
@@ -166,11 +190,14 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
                                   if shape.score is None or shape.score >= threshold_of(shape.label)]
                 pending[frame] = candidates
                 bar.update(1)
-                if len(pending) >= upload_every:
-                    uploader.put(pending, confidence)
+                if frame in jobs:  # the job's last frame: its tracks are complete
+                    uploader.put(*_as_tracks(pending, *jobs[frame], lowest), confidence=confidence)
+                    pending, confidence = {}, {}
+                elif not as_tracks and len(pending) >= upload_every:
+                    uploader.put(pending, confidence=confidence)
                     pending, confidence = {}, {}
         if pending:
-            uploader.put(pending, confidence)
+            uploader.put(pending, confidence=confidence)
     report.seconds = time.perf_counter() - started
     report.annotated = len(todo)
     journal.finish()
@@ -216,6 +243,28 @@ def _confidence(candidates: Sequence[Shape], threshold_of: Callable[[str], float
 
 
 # ---------------------------------------------------------------------------------------------------- pipeline
+
+def _track_jobs(writer: TaskWriter, todo: list[int], covered: list[int]) -> dict[int, tuple[list[int], int | None]]:
+    """For each job with frames to do: its last frame to do → (the job's frames its tracks cover, the frame after
+    them where tracks still seen end: a track left visible would reach every later job, CVAT giving each a piece
+    of it; None at the task's end)."""
+    present = writer.frames()
+    jobs = {}
+    for job in writer.job_ranges():
+        doing = [f for f in todo if f in job]
+        if doing:
+            frames = [f for f in covered if f in job]
+            jobs[doing[-1]] = (frames, next((f for f in present if f > frames[-1]), None))
+    return jobs
+
+
+def _as_tracks(pending: dict[int, list[Shape]], frames: list[int], close_at: int | None, threshold: float | None
+               ) -> tuple[dict[int, list[Shape]], list[Track]]:
+    """One job's predictions as (the frames written, with their tags; the tracks)."""
+    objects = {f: [s for s in pending.get(f, ()) if s.type != TAG] for f in frames}
+    tracks = tracking.link(objects, frames, linker=tracking.ByteTrackLinker(threshold or 0.0), close_at=close_at)
+    return {f: [s for s in shapes if s.type == TAG] for f, shapes in pending.items()}, tracks
+
 
 def _detect(model: Detector, images: Iterator[tuple[int, Any]], batch_size: int, threshold: float
             ) -> Iterator[tuple[int, list[Shape], float]]:
@@ -349,10 +398,11 @@ class _Uploader:
         self.thread.start()
         return self
 
-    def put(self, batch: dict[int, Sequence[Shape]], confidence: dict[int, float]) -> None:
+    def put(self, batch: dict[int, Sequence[Shape]], tracks: Sequence[Track] = (), *,
+            confidence: dict[int, float]) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put((batch, confidence))
+        self.queue.put((batch, tracks, confidence))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.queue.put(None)  # the thread drains the queue (skipping work after an error), so this never blocks long
@@ -364,9 +414,9 @@ class _Uploader:
         while (item := self.queue.get()) is not None:
             if self.error is not None:
                 continue
-            batch, confidence = item
+            batch, tracks, confidence = item
             try:
-                self.report.add_upload(self.writer.write(batch, confidence))
+                self.report.add_upload(self.writer.write(batch, confidence, tracks))
                 self.journal.add(batch)
             except BaseException as error:  # re-raised in the inference thread
                 self.error = error

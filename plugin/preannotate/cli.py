@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--batch-size", type=int, default=4, help="frames per forward pass (GPU: 8-16)")
     annotate.add_argument("--upload-every", type=int, default=200, help="frames per upload (finished work is kept)")
     annotate.add_argument("--label-map", help="model=task label renames, e.g. 'automobile=car'")
+    annotate.add_argument("--as", dest="annotate_as", metavar="tracks|shapes",
+                          help="write tracks (objects linked across frames, keyframed where CVAT's interpolation "
+                               "would miss) or per-frame shapes (default: tracks for a video task, else shapes)")
     annotate.add_argument("--device", help="cpu, cuda, cuda:1 or gpu (default: cuda when available)")
     annotate.add_argument("--no-confidence-tags", action="store_true",
                           help="do not tag each frame with the model's confidence (a tag label is added to the "
@@ -415,10 +418,10 @@ def _frame_range(text: str | None) -> range | None:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    from preannotate.annotate import annotate_project, annotate_task
+    from preannotate.annotate import annotate_project, annotate_task, parse_annotate_as
 
-    options = dict(threshold=args.threshold, frames=_frame_range(args.frames),
-                   only_unannotated=args.only_unannotated, batch_size=args.batch_size,
+    options = dict(as_tracks=parse_annotate_as(args.annotate_as), threshold=args.threshold,
+                   frames=_frame_range(args.frames), only_unannotated=args.only_unannotated, batch_size=args.batch_size,
                    upload_every=args.upload_every, label_map=args.label_map, progress=sys.stderr.isatty(),
                    confidence_tags=not args.no_confidence_tags)
     source = dict(detector=args.model, store=args.store, device=args.device) if args.model else dict(
@@ -429,6 +432,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     for task_id, report in reports.items():
         print(f"task {task_id}: {_count(report.annotated, 'frame')} annotated by {report.model} {report.threshold} "
               f"({report.frames_per_second:.1f} frames/s), {_count(report.created, 'shape')} created, "
+              + (f"{_count(report.tracks, 'track')} ({_count(report.keyframes, 'keyframe')}), " if report.tracks
+                 else "") +
               f"{report.deleted} earlier auto shapes replaced"
               + (f", {_count(report.skipped_annotated, 'annotated frame')} left alone" if report.skipped_annotated
                  else "")

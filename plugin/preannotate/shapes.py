@@ -115,6 +115,7 @@ class Shape:
     z_order: int = 0
     source: str = "manual"
     track_id: int | None = None
+    outside: bool = False  # a track's keyframe that hides the object from its frame on (never a per-frame shape)
 
     def __post_init__(self) -> None:
         if self.type not in SHAPE_TYPES and self.type != TAG:
@@ -173,6 +174,25 @@ def ellipse_polygon(points: list[float], rotation: float = 0.0, segments: int = 
         dx, dy = rx * math.cos(t), ry * math.sin(t)
         out += [cx + dx * cos - dy * sin, cy + dx * sin + dy * cos]
     return out
+
+
+@dataclass
+class Track:
+    """One object across frames as CVAT stores it: one label, and keyframes (shapes on their frames, in frame
+    order) between which CVAT interpolates; an ``outside`` keyframe hides the object from its frame until the next
+    keyframe, and after the last visible keyframe the object stays until the end of its job. ``score`` is how sure
+    the model was of it (the mean of its detections' scores); ``attributes`` are the track's own (immutable) ones."""
+
+    label: str
+    keyframes: list[Shape]
+    score: float | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
+    source: str = "auto"
+
+    @property
+    def frames(self) -> range:
+        """From the first keyframe to the last one."""
+        return range(self.keyframes[0].frame, self.keyframes[-1].frame + 1) if self.keyframes else range(0)
 
 
 @dataclass

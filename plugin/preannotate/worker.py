@@ -8,7 +8,8 @@ Two kinds of job:
   (``PREANNOTATE_NUCLIO_DASHBOARD``; without it the log says which labels and the fixing command) — and, with
   ``PREANNOTATE_REANNOTATE=unreviewed``, the project's tasks no one has started are queued for pre-annotation again.
 * **annotate**: one CVAT task pre-annotated by the served version (``annotate.annotate_task``: chunked frames,
-  batched, resumable, ``source=auto``, manual shapes untouched, a confidence tag per frame). A task whose data is
+  batched, resumable, ``source=auto``, manual shapes untouched, a confidence tag per frame; a video task gets
+  tracks, an image task shapes, unless ``PREANNOTATE_ANNOTATE_AS`` says ``tracks`` or ``shapes``). A task whose data is
   still uploading (CVAT sends ``create:task`` before the upload) ends with ``TRY_LATER``: the runner queues it again.
   So does a task on which CVAT's lambda manager (the *Automatic annotation* menu) has a request queued or running:
   one writer per task, as CVAT keeps it between its own requests (409). The job looks before it starts and before
@@ -112,7 +113,7 @@ def _record(job: Job, outcome: dict[str, Any]) -> None:
 def annotate_job(job: Job, store_root: Path, env: dict[str, str]) -> dict[str, Any]:
     """Pre-annotate ``job.request["task"]`` with the served version of ``job.request["model"]``, never while CVAT's
     lambda manager has a request queued or running on the task (see the module docstring)."""
-    from preannotate.annotate import annotate_task
+    from preannotate.annotate import annotate_task, parse_annotate_as
     from preannotate.cvat import lambda_requests
     from preannotate.cvat.client import connect, cvat_errors
     from preannotate.cvat.reader import job_untouched
@@ -143,9 +144,11 @@ def annotate_job(job: Job, store_root: Path, env: dict[str, str]) -> dict[str, A
                 return {"skipped": f"{lambda_requests.LambdaBusy(task_id, busy)}, for more than "
                                    f"{patience / 60:.0f} minutes: the task is left to it"}
             raise _wait_for(lambda_requests.LambdaBusy(task_id, busy), journal)
+        as_tracks = parse_annotate_as(env.get("PREANNOTATE_ANNOTATE_AS"), "PREANNOTATE_ANNOTATE_AS")
         detector = load_model(job.request["model"], store_root, devices.from_environment(env))
         try:
             report = annotate_task(client, task_id, detector=detector, only_unannotated=True, progress=False,
+                                   as_tracks=as_tracks,
                                    state_dir=journal, cache_dir=store_root / ".jobs" / job.id / "chunks",
                                    before_write=lambda: lambda_requests.check_idle(client, task_id))
         except lambda_requests.LambdaBusy as busy_now:
@@ -159,7 +162,7 @@ def annotate_job(job: Job, store_root: Path, env: dict[str, str]) -> dict[str, A
              report.model, report.annotated, report.resumed, report.created,
              ", ".join(f"{frame} ({value:.2f})" for frame, value in least) or "none")
     return {"version": detector.manifest.version, "promoted": None, "task": task_id, "model": report.model,
-            "frames": report.annotated + report.resumed, "shapes": report.created,
+            "frames": report.annotated + report.resumed, "shapes": report.created, "tracks": report.tracks,
             "skipped_annotated": report.skipped_annotated, "least_confident": [f for f, _ in least],
             "unmapped": dict(report.unmapped),
             **({"waited_for": job.outcome["waited_for"]} if "waited_for" in job.outcome else {})}

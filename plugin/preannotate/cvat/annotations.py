@@ -19,7 +19,7 @@ A track stores only its keyframes; the other frames are derived the way CVAT's e
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -95,7 +95,7 @@ def frames_from_annotations(annotations: Any, labels: Iterable[Any] | Mapping[st
     start, stop = min(frames), max(frames) + 1
     for track in sorted(data.get("tracks") or (), key=_id):
         immutable = named(track.get("attributes") or ())
-        for frame, keyframe, points, rotation, mutable in _track_frames(track, start, stop, meta.deleted):
+        for frame, keyframe, points, rotation, mutable in track_frames(track, start, stop, meta.deleted):
             if frame in frames:
                 add(Shape(label=label_of(track), type=keyframe["type"], points=points, frame=frame,
                           rotation=rotation, attributes={**named(mutable), **immutable},
@@ -105,10 +105,11 @@ def frames_from_annotations(annotations: Any, labels: Iterable[Any] | Mapping[st
     return result
 
 
-def _track_frames(track: Mapping[str, Any], start: int, stop: int, deleted: frozenset[int]
-                  ) -> Iterator[tuple[int, Mapping[str, Any], list[float], float, list[dict[str, Any]]]]:
+def track_frames(track: Mapping[str, Any], start: int, stop: int, deleted: Collection[int] = frozenset()
+                 ) -> Iterator[tuple[int, Mapping[str, Any], list[float], float, list[dict[str, Any]]]]:
     """(frame, keyframe at or before it, points, rotation, mutable attribute values) for every frame in
-    ``[start, stop)`` on which the track is visible."""
+    ``[start, stop)`` on which ``track`` (CVAT's JSON: ``shapes`` with ``frame``, ``type``, ``points``,
+    ``rotation``, ``outside``) is visible: CVAT's interpolation, the one implementation of it."""
     keyframes = sorted((s for s in track.get("shapes") or () if s["frame"] not in deleted), key=lambda s: s["frame"])
     carried: dict[int, dict[str, Any]] = {}  # spec_id → value; a keyframe keeps the values it does not set
     for left, right in zip(keyframes, [*keyframes[1:], None], strict=True):
@@ -118,12 +119,13 @@ def _track_frames(track: Mapping[str, Any], start: int, stop: int, deleted: froz
         # Between keyframes the next one may lie beyond the range: interpolate towards it, keep what is inside.
         end = stop if right is None else min(right["frame"], stop)
         for frame in range(max(left["frame"], start), end):
-            points, rotation = _between(left, right, frame)
+            points, rotation = interpolate(left, right, frame)
             yield frame, left, points, rotation, list(carried.values())
 
 
-def _between(left: Mapping[str, Any], right: Mapping[str, Any] | None, frame: int) -> tuple[list[float], float]:
-    """Points and rotation of a track on ``frame``, between keyframe ``left`` (at or before) and ``right``."""
+def interpolate(left: Mapping[str, Any], right: Mapping[str, Any] | None, frame: int) -> tuple[list[float], float]:
+    """Points and rotation of a track on ``frame``, between keyframe ``left`` (at or before) and ``right`` (None:
+    after the last keyframe), as CVAT interpolates them."""
     points, rotation = [float(p) for p in left["points"]], float(left.get("rotation") or 0.0)
     if right is None or frame == left["frame"]:
         return points, rotation
@@ -137,7 +139,7 @@ def _between(left: Mapping[str, Any], right: Mapping[str, Any] | None, frame: in
         moved = [a + (b - a) * t for a, b in zip(points, target, strict=True)]
         return moved, _turn(rotation, float(right.get("rotation") or 0.0), t)
     if kind in ("polygon", "polyline"):
-        return _polyshape_between(points, target, t, closed=kind == "polygon"), rotation
+        return _polyshapeinterpolate(points, target, t, closed=kind == "polygon"), rotation
     return points, rotation  # masks, skeletons and several points: CVAT repeats the previous keyframe
 
 
@@ -149,7 +151,7 @@ def _turn(start: float, end: float, t: float) -> float:
     return (start + diff * t + 360.0) % 360.0
 
 
-def _polyshape_between(left: list[float], right: list[float], t: float, closed: bool) -> list[float]:
+def _polyshapeinterpolate(left: list[float], right: list[float], t: float, closed: bool) -> list[float]:
     """CVAT's polygon/polyline interpolation, ``t`` of the way from ``left`` to ``right``.
 
     Both outlines are assumed to start at the same place and run the same way. Each left vertex pairs with the

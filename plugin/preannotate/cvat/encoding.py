@@ -15,16 +15,19 @@ The rules, the same on every path:
 * groups are left out of requests: a detector's or a file's group ids would join the task's own groups;
 * attributes are written by the target label's attribute ids, by name; names the label lacks are left out;
 * a tag (a classifier's prediction, ``Shape.type == "tag"``) is a ``LabeledImageRequest`` (``labeled_tag``) and a
-  detector item without points, which CVAT's lambda manager stores as a tag (``DetectionResultConverter``).
+  detector item without points, which CVAT's lambda manager stores as a tag (``DetectionResultConverter``);
+* a track (``shapes.Track``) is a ``LabeledTrackRequest`` (``labeled_track``): its keyframes are written like shapes
+  (a keyframe with nothing left is dropped), the track's attributes are the label's immutable ones and each
+  keyframe's its mutable ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from preannotate.formats import masks
-from preannotate.shapes import TAG, Shape
+from preannotate.shapes import TAG, Shape, Track
 
 ROTATING = ("rectangle", "ellipse")
 
@@ -55,22 +58,49 @@ def labeled_shape(shape: Shape, *, frame: int, label_id: int, attribute_ids: Map
     kind, points = encoded
     body = {"type": kind, "frame": frame, "label_id": label_id, "points": points, "rotation": rotation(shape, kind),
             "occluded": bool(shape.occluded), "z_order": int(shape.z_order),
-            "attributes": _attribute_values(shape, attribute_ids)}
+            "attributes": _attribute_values(shape.attributes, attribute_ids)}
     return body if source is None else {**body, "source": source}
 
 
 def labeled_tag(shape: Shape, *, frame: int, label_id: int, attribute_ids: Mapping[str, int] | None = None,
                 source: str | None = "auto") -> dict[str, Any]:
     """A tag as a ``LabeledImageRequest`` body (what the ``tags`` of a PATCH take); ``source`` as for shapes."""
-    body = {"frame": frame, "label_id": label_id, "attributes": _attribute_values(shape, attribute_ids)}
+    body = {"frame": frame, "label_id": label_id, "attributes": _attribute_values(shape.attributes, attribute_ids)}
     return body if source is None else {**body, "source": source}
 
 
-def _attribute_values(shape: Shape, attribute_ids: Mapping[str, int] | None) -> list[dict[str, Any]]:
-    """The shape's attributes by the target label's spec ids; names the label lacks are left out."""
+def labeled_track(track: Track, *, label_id: int, attribute_ids: Mapping[str, int] | None = None,
+                  mutable: Collection[str] = (), label_type: str = "any", source: str = "auto"
+                  ) -> dict[str, Any] | None:
+    """``track`` as a ``LabeledTrackRequest`` body (``mutable``: the names of the label's mutable attributes);
+    None when none of its keyframes is left, or only outside ones."""
+    attribute_ids = attribute_ids or {}
+    shapes = []
+    for keyframe in track.keyframes:
+        encoded = geometry(keyframe, label_type)
+        if encoded is None:
+            continue
+        kind, points = encoded
+        shapes.append({"type": kind, "frame": keyframe.frame, "points": points, "rotation": rotation(keyframe, kind),
+                       "occluded": bool(keyframe.occluded), "outside": bool(keyframe.outside),
+                       "z_order": int(keyframe.z_order),
+                       "attributes": _attribute_values(keyframe.attributes, {n: i for n, i in attribute_ids.items()
+                                                                             if n in mutable})})
+    while shapes and shapes[0]["outside"]:  # a track starts where it is first seen
+        shapes.pop(0)
+    if not shapes:
+        return None
+    immutable = {name: spec for name, spec in attribute_ids.items() if name not in mutable}
+    return {"frame": shapes[0]["frame"], "label_id": label_id, "group": 0, "source": source,
+            "attributes": _attribute_values(track.attributes, immutable),
+            "shapes": shapes}
+
+
+def _attribute_values(attributes: Mapping[str, Any], attribute_ids: Mapping[str, int] | None) -> list[dict[str, Any]]:
+    """Attributes by the target label's spec ids; names the label lacks are left out."""
     attribute_ids = attribute_ids or {}
     return [{"spec_id": attribute_ids[name], "value": str(value)}
-            for name, value in shape.attributes.items() if name in attribute_ids]
+            for name, value in attributes.items() if name in attribute_ids]
 
 
 def shape_from_stored(stored: Mapping[str, Any], label: str, attributes: Mapping[str, str]) -> Shape:

@@ -3,10 +3,13 @@
 * Shapes go in as ``source: "auto"`` with the task's label ids (matched by name, after an optional ``a=b``
   rename); a shape whose label the task lacks is counted in ``UploadReport.unmapped``, never an error.
 * **Idempotent per frame**: writing frames first deletes the ``auto`` shapes and ``auto`` tags (a classifier's)
-  already on exactly those frames, so a re-run replaces instead of duplicating. Everything a person touched stays:
-  ``manual`` and ``file`` shapes and tags, and ``semi-auto`` ones — CVAT turns an ``auto`` shape into
-  ``semi-auto`` when someone edits it. Tracks are never touched; the confidence tag (``review``) is one per frame.
-  ``replace=True`` deletes every shape and tag on those frames instead.
+  already on exactly those frames, and the ``auto`` tracks visible on any of them, so a re-run replaces instead of
+  duplicating. Everything a person touched stays: ``manual`` and ``file`` shapes, tags and tracks, and
+  ``semi-auto`` ones — CVAT turns an ``auto`` shape or track into ``semi-auto`` when someone edits it. The
+  confidence tag (``review``) is one per frame. ``replace=True`` deletes every shape, tag and track there instead.
+* **Tracks** (``shapes.Track``, written with the frames they lie on) should lie within one job each: CVAT keeps one
+  piece of a track per job (``AnnotationIR.slice`` in cvat/apps/dataset_manager/annotation.py cuts what a task-level
+  write sends at job boundaries), so the caller cuts them there (``job_ranges``) and writes a job's frames at once.
 * **Bounded**: frames are written in batches, each batch a PATCH ``action=delete`` then PATCH ``action=create``
   request(s) of at most ``max_shapes`` shapes.
 * **Resumable**: a journal under a state directory, keyed by server, task and a digest of the input, records the
@@ -36,13 +39,13 @@ from cvat_sdk.core.helpers import make_request_headers
 from tqdm import tqdm
 
 from preannotate.cvat import encoding, review
-from preannotate.cvat.annotations import frames_from_annotations, read_labels
+from preannotate.cvat.annotations import frames_from_annotations, read_labels, track_frames
 from preannotate.cvat.client import CvatError, cvat_errors
 from preannotate.cvat.meta import frame_meta
 from preannotate.files import write_atomically
 from preannotate.formats import coco
 from preannotate.frames import frame_ranges, parse_frame_ranges
-from preannotate.shapes import TAG, Shape
+from preannotate.shapes import TAG, Shape, Track
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,9 @@ DEFAULT_MAX_SHAPES = 1000
 class UploadReport:
     frames: int = 0                     # frames written (their auto shapes replaced)
     created: int = 0                    # shapes (and a classifier's tags) created
-    deleted: int = 0                    # earlier shapes deleted
+    tracks: int = 0                     # tracks created
+    keyframes: int = 0                  # their keyframes (outside ones included)
+    deleted: int = 0                    # earlier shapes and tracks deleted
     resumed: int = 0                    # frames skipped: an interrupted run with the same input had written them
     unmapped: Counter[str] = field(default_factory=Counter)     # shapes dropped: label not in the task, by label
     unmatched_images: list[str] = field(default_factory=list)   # import: images matching no frame of the task
@@ -64,6 +69,8 @@ class UploadReport:
     def add(self, other: UploadReport) -> None:
         self.frames += other.frames
         self.created += other.created
+        self.tracks += other.tracks
+        self.keyframes += other.keyframes
         self.deleted += other.deleted
         self.resumed += other.resumed
         self.unmapped.update(other.unmapped)
@@ -142,6 +149,7 @@ class _TaskLabel:
     id: int
     type: str
     attributes: dict[str, int]  # attribute name → spec id
+    mutable: frozenset[str]     # the names of its mutable attributes (a track's keyframes take those)
 
 
 class TaskWriter:
@@ -159,7 +167,8 @@ class TaskWriter:
             self.meta = frame_meta(self.task.get_meta())
             _, response = client.tasks.api.retrieve_annotations(task_id, _parse_response=False)
         self.labels = {label.name: _TaskLabel(label.id, str(label.type),
-                                              {a.name: a.id for a in label.attributes or ()})
+                                              {a.name: a.id for a in label.attributes or ()},
+                                              frozenset(a.name for a in label.attributes or () if a.mutable))
                        for label in self.label_models if getattr(label, "parent_id", None) is None}
         self.annotations = json.loads(response.data)
         self.shapes_on: dict[int, list[dict[str, Any]]] = {}  # frame → stored shapes (GET JSON), kept current
@@ -169,6 +178,18 @@ class TaskWriter:
         self.tags_on: dict[int, list[dict[str, Any]]] = {}  # frame → every other stored tag
         for stored in self.annotations.get("tags") or ():
             self._keep_tag(stored)
+        self.tracks_on: list[dict[str, Any]] = list(self.annotations.get("tracks") or ())  # kept current too
+
+    @property
+    def is_video(self) -> bool:
+        """A video task (CVAT's ``mode`` "interpolation"), whose unit of work is the track."""
+        return str(getattr(self.task, "mode", "")) == "interpolation"
+
+    def job_ranges(self) -> list[range]:
+        """The frames of each annotation job (not the ground-truth job), in order: where CVAT cuts tracks."""
+        with cvat_errors(self.client, f"jobs of task {self.task_id}"):
+            jobs = [job for job in self.task.get_jobs() if str(getattr(job, "type", "annotation")) == "annotation"]
+        return [range(job.start_frame, job.stop_frame + 1) for job in sorted(jobs, key=lambda job: job.start_frame)]
 
     def _keep_tag(self, stored: dict[str, Any]) -> None:
         confidence = self.labels.get(review.CONFIDENCE_LABEL)
@@ -200,8 +221,9 @@ class TaskWriter:
         return [name for name in names if self.label_map.get(name, name) not in self.labels]
 
     def write(self, shapes_by_frame: Mapping[int, Sequence[Shape]],
-              confidence: Mapping[int, float] | None = None) -> UploadReport:
-        """Replace the ``auto`` shapes (every shape with ``replace``) of exactly these frames by the given ones;
+              confidence: Mapping[int, float] | None = None, tracks: Sequence[Track] = ()) -> UploadReport:
+        """Replace the ``auto`` shapes (every shape with ``replace``) of exactly these frames, and the ``auto``
+        tracks visible on them, by the given shapes and ``tracks`` (which should lie on these frames, one job each);
         a frame given with no shapes just loses its earlier ``auto`` shapes. ``confidence`` (frame → 0.0-1.0)
         replaces the frames' confidence tags (``review``) when the task has the confidence label; the tags travel
         in the same requests as the shapes."""
@@ -243,7 +265,39 @@ class TaskWriter:
             for stored in written.get("tags") or ():
                 self._keep_tag(stored)
             report.created += len(part)
+        self._write_tracks(set(shapes_by_frame), tracks, report)
         return report
+
+    def _write_tracks(self, frames: set[int], tracks: Sequence[Track], report: UploadReport) -> None:
+        """Delete the tracks ``write`` replaces on ``frames``, then create ``tracks``, each request holding at most
+        ``max_shapes`` keyframes (a longer track goes alone)."""
+        old = [stored for stored in self.tracks_on if (self.replace or stored.get("source") == AUTO)
+               and self._visible_on(stored, frames)]
+        new = []
+        for track in tracks:
+            label = self.labels.get(self.label_map.get(track.label, track.label))
+            if label is None:
+                report.unmapped[track.label] += 1
+                continue
+            body = encoding.labeled_track(track, label_id=label.id, attribute_ids=label.attributes,
+                                          mutable=label.mutable, label_type=label.type, source=AUTO)
+            if body is not None:
+                new.append(body)
+        for part in _chunks_by_keyframes(old, self.max_shapes):
+            self._patch("delete", [], tracks=[_writable_track(stored) for stored in part])
+            report.deleted += len(part)
+        gone = {id(stored) for stored in old}
+        self.tracks_on = [stored for stored in self.tracks_on if id(stored) not in gone]
+        for part in _chunks_by_keyframes(new, self.max_shapes):
+            self.tracks_on += self._patch("create", [], tracks=part).get("tracks") or []
+            report.tracks += len(part)
+            report.keyframes += sum(len(body["shapes"]) for body in part)
+
+    def _visible_on(self, stored: Mapping[str, Any], frames: set[int]) -> bool:
+        if not frames:
+            return False
+        return any(frame in frames for frame, *_ in
+                   track_frames(stored, min(frames), max(frames) + 1, self.meta.deleted))
 
     def _confidence_tags(self, confidence: Mapping[int, float], written: Mapping[int, int]
                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -269,8 +323,8 @@ class TaskWriter:
         return encoding.labeled_shape(shape, frame=frame, label_id=label.id, attribute_ids=label.attributes,
                                       label_type=label.type, source=AUTO)
 
-    def _patch(self, action: str, shapes: list[dict[str, Any]], tags: Sequence[dict[str, Any]] = ()
-               ) -> dict[str, Any]:
+    def _patch(self, action: str, shapes: list[dict[str, Any]], tags: Sequence[dict[str, Any]] = (),
+               tracks: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
         """PATCH ``/api/tasks/ID/annotations?action=create|delete`` with a plain JSON body (see ``_request``) on
         cvat-sdk's connection, headers and auth, as cvat-sdk's own downloader makes its raw calls. Not through
         ``call_api``: it first walks the body in Python (``model_utils.to_json``), 25x the time of ``json.dumps``
@@ -280,8 +334,10 @@ class TaskWriter:
                                                     query_params={"action": action})
         headers = {**make_request_headers(api), "Content-Type": "application/json",
                    "Accept": "application/vnd.cvat+json"}
-        body = {"shapes": shapes, **({"tags": list(tags)} if tags else {})}
-        what = f"{len(shapes)} shapes" + (f", {len(tags)} tags" if tags else "")
+        body = {"shapes": shapes, **({"tags": list(tags)} if tags else {}),
+                **({"tracks": list(tracks)} if tracks else {})}
+        what = f"{len(shapes)} shapes" + (f", {len(tags)} tags" if tags else "") + \
+            (f", {len(tracks)} tracks" if tracks else "")
         with cvat_errors(self.client, f"task {self.task_id} ({action} {what})"):
             response = api.rest_client.pool_manager.request("PATCH", url, headers=headers,
                                                              body=json.dumps(body).encode())
@@ -295,6 +351,29 @@ def _writable(stored: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stored.items() if k in ("id", "type", "frame", "label_id", "points", "rotation",
                                                        "occluded", "outside", "z_order", "group", "source",
                                                        "attributes", "elements")}
+
+
+def _writable_track(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored track (GET JSON) as a request, its keyframes with it: CVAT cuts a deletion at job boundaries by
+    them before it deletes by id."""
+    track = {k: v for k, v in stored.items() if k in ("id", "frame", "label_id", "group", "source", "attributes",
+                                                       "elements")}
+    return {**track, "shapes": [_writable(shape) for shape in stored.get("shapes") or ()]}
+
+
+def _chunks_by_keyframes(tracks: list[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    """``tracks`` in runs of at most ``size`` keyframes (a track with more goes alone)."""
+    part: list[dict[str, Any]] = []
+    count = 0
+    for track in tracks:
+        weight = len(track.get("shapes") or ())
+        if part and count + weight > size:
+            yield part
+            part, count = [], 0
+        part.append(track)
+        count += weight
+    if part:
+        yield part
 
 
 def _writable_tag(stored: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 from preannotate.formats import masks
 from preannotate.frames import InMemoryFrames
-from preannotate.shapes import AnnotationSet, FrameAnnotations, Label, Shape, ellipse_polygon, rectangle_corners
+from preannotate.shapes import AnnotationSet, FrameAnnotations, Label, Shape, Track, ellipse_polygon, rectangle_corners
 
 LABELS = (Label("box", "rectangle", id=1), Label("disc", "ellipse", id=2), Label("triangle", "polygon", id=3),
           Label("blob", "mask", id=4))
@@ -197,3 +197,130 @@ def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float,
         return 0.0
     smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
     return iw * ih / smaller
+
+
+# ---------------------------------------------------------------------------------------------------------- video
+
+OUT_OF_VIEW = 0.1  # an object with less than this share of its area inside the frame is outside (nobody draws it)
+
+
+@dataclass
+class SyntheticVideo:
+    """A synthetic clip and its truth. ``annotations``: the objects in view on each frame (``track_id`` the object,
+    ``occluded`` where another covers part of it, ``z_order`` its depth); ``tracks``: the same truth as CVAT tracks
+    (one per object, a keyframe on every frame it is in view, an ``outside`` keyframe on the first frame after it
+    left); ``visibility``: ``(frame, object id)`` → the share of its pixels inside the frame that nothing covers (0:
+    hidden behind others)."""
+
+    annotations: AnnotationSet
+    images: InMemoryFrames
+    tracks: list[Track]
+    visibility: dict[tuple[int, int], float]
+
+
+def generate_video(num_frames: int = 120, width: int = 320, height: int = 240, seed: int = 0,
+                   labels: tuple[str, ...] = ("box", "disc", "triangle"), objects: int = 6,
+                   size: tuple[float, float] = (0.15, 0.3), speed: tuple[float, float] = (1.5, 3.5),
+                   turn: float = 0.03, image_format: str = "JPEG", lines: tuple[int, int] = (2, 5),
+                   colour_jitter: int = 25) -> SyntheticVideo:
+    """``num_frames`` frames of ``objects`` objects of the named ``labels`` moving over a still textured background.
+
+    Objects move in pairs that meet: both pass one point of the frame's middle at the same moment, on arcs (speed
+    drawn from ``speed`` px a frame, heading turning by up to ``turn`` radians a frame), so paths curve and cross;
+    the pair's front object (drawn later: the higher ``z_order``) is the larger, so it hides the other for a while.
+    The arcs run on before and after the meeting, so objects enter and leave the frame. An odd object out moves on
+    its own. Everything is a function of ``seed``."""
+    chosen = [label for label in LABELS if label.name in labels]
+    if not chosen:
+        raise ValueError(f"no known labels among {labels}; known: {', '.join(label.name for label in LABELS)}")
+    task_labels = [Label(label.name, label.type, id=i) for i, label in enumerate(chosen, start=1)]
+    rng = np.random.default_rng([seed, 22])
+    background = _background(rng, width, height, lines).astype(np.float32)
+    side = min(width, height)
+    movers = []
+    for pair in range((objects + 1) // 2):
+        meet = (rng.uniform(0.25, 0.75) * width, rng.uniform(0.25, 0.75) * height)
+        when = rng.uniform(0.3, 0.7) * (num_frames - 1)
+        heading = rng.uniform(0, 2 * math.pi)
+        radius = side * rng.uniform(*size) / 2
+        for member in range(2 if 2 * pair + 1 < objects else 1):
+            label = chosen[int(rng.integers(len(chosen)))]
+            outline, shape = _outline(rng, label, 0.0, 0.0, radius * (1.4 if member else 1.0))
+            colour = np.clip(np.array(COLOURS[label.name]) + rng.integers(-colour_jitter, colour_jitter + 1, 3),
+                             0, 255)
+            movers.append({"id": len(movers) + 1, "label": label, "outline": outline, "shape": shape,
+                           "colour": colour, "meet": meet, "when": when, "depth": 2 * pair + member,
+                           "heading": heading + member * rng.uniform(math.pi / 3, 5 * math.pi / 3),
+                           "speed": rng.uniform(*speed), "turn": rng.uniform(-turn, turn)})
+    frames, files, visibility = {}, {}, {}
+    seen: dict[int, list[Shape]] = {mover["id"]: [] for mover in movers}
+    extension = "png" if image_format.upper() == "PNG" else "jpg"
+    for number in range(num_frames):
+        frame_rng = np.random.default_rng([seed, 22, number])
+        canvas = np.clip(background + frame_rng.normal(0, 3, size=background.shape), 0, 255).astype(np.uint8)
+        drawn: list[tuple[dict, np.ndarray, int]] = []
+        for mover in sorted(movers, key=lambda m: m["depth"]):  # back to front
+            dx, dy = _along_arc(mover, number)
+            polygon = [v + (dx if i % 2 == 0 else dy) for i, v in enumerate(mover["outline"])]
+            bitmap = masks.polygon_to_bitmap([polygon], width, height)
+            in_view = int(bitmap.sum())
+            if in_view < OUT_OF_VIEW * _polygon_area(polygon):
+                continue
+            shading = frame_rng.normal(0, 8, size=(in_view, 1))
+            canvas[bitmap] = np.clip(mover["colour"] + shading, 0, 255).astype(np.uint8)
+            for _, below, _ in drawn:  # what is drawn later covers what is below
+                below &= ~bitmap
+            drawn.append((mover, bitmap, in_view))
+        shapes = []
+        for mover, visible, in_view in drawn:
+            share = float(visible.sum()) / in_view
+            visibility[(number, mover["id"])] = share
+            dx, dy = _along_arc(mover, number)
+            shape = mover["shape"]
+            points = [v + (dx if i % 2 == 0 else dy) for i, v in enumerate(shape.points)]
+            if shape.type == "mask":  # a painted mask holds the pixels one sees
+                if not visible.any():
+                    continue
+                points = masks.bitmap_to_cvat_rle(visible)
+            shapes.append(Shape(shape.label, shape.type, [round(float(v), 2) for v in points], frame=number,
+                                rotation=shape.rotation, occluded=share < 1.0, z_order=mover["depth"],
+                                track_id=mover["id"]))
+        for shape in shapes:
+            seen[shape.track_id].append(shape)
+        frames[number] = FrameAnnotations(number, width, height, name=f"frame_{number:06d}.{extension}",
+                                          shapes=shapes)
+        buffer = io.BytesIO()
+        Image.fromarray(canvas).save(buffer, format=image_format, **({"quality": 92} if extension == "jpg" else {}))
+        files[number] = buffer.getvalue()
+    tracks = [Track(mover["label"].name, _truth_keyframes(seen[mover["id"]], num_frames), source="manual")
+              for mover in movers if seen[mover["id"]]]
+    return SyntheticVideo(AnnotationSet(frames=frames, labels=task_labels), InMemoryFrames(files), tracks,
+                          visibility)
+
+
+def _along_arc(mover: dict, frame: int) -> tuple[float, float]:
+    """Where ``mover`` is on ``frame``: on its arc, at its meeting point at its meeting time."""
+    elapsed, heading, turn = frame - mover["when"], mover["heading"], mover["turn"]
+    if abs(turn) < 1e-9:
+        step = mover["speed"] * elapsed
+        return mover["meet"][0] + step * math.cos(heading), mover["meet"][1] + step * math.sin(heading)
+    reach = mover["speed"] / turn
+    return (mover["meet"][0] + reach * (math.sin(heading + turn * elapsed) - math.sin(heading)),
+            mover["meet"][1] - reach * (math.cos(heading + turn * elapsed) - math.cos(heading)))
+
+
+def _polygon_area(polygon: list[float]) -> float:
+    xs, ys = np.asarray(polygon[0::2]), np.asarray(polygon[1::2])
+    return float(abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1))) / 2)
+
+
+def _truth_keyframes(shapes: list[Shape], num_frames: int) -> list[Shape]:
+    """An object's shapes in view, each a keyframe, and an outside keyframe on the first frame of each absence."""
+    keyframes: list[Shape] = []
+    for shape, after in zip(shapes, [*shapes[1:], None], strict=True):
+        keyframes.append(shape)
+        gone = shape.frame + 1
+        if gone < num_frames and (after is None or after.frame > gone):
+            keyframes.append(Shape(shape.label, shape.type, list(shape.points), frame=gone, rotation=shape.rotation,
+                                   z_order=shape.z_order, track_id=shape.track_id, outside=True))
+    return keyframes

@@ -1,0 +1,225 @@
+"""Detections of consecutive frames → CVAT tracks: linked across frames, one label each, ``outside`` where the
+object leaves or is lost, and keyframes only where CVAT's own interpolation would miss the detections.
+
+* **Linking** (``follow``): a ``Linker`` gives each frame's detections track ids, frame after frame. Ours is
+  supervision's ByteTrack (``ByteTrackLinker``): maintained, numpy only, and it keeps a lost object for
+  ``lost_frames`` frames so that one hidden for a moment comes back under its id. It links boxes: a mask or a polygon
+  is linked by its box and keeps its own geometry. Any other tracker fits behind the protocol.
+* **One label per track** (``tracks_from``): the label whose detections' scores add up highest (a score-weighted
+  vote), so a car seen as a truck on a few blurred frames stays a car; the track keeps the geometry of every one of
+  its detections. A track keeps the shape type most of its detections have (CVAT interpolates one type).
+* **outside**: a keyframe on the first frame a track is not detected on after being seen (the object left, or the
+  tracker lost it) hides it until it is detected again. A track still seen on the last frame stays to the end of
+  the task unless ``close_at`` names the frame to hide it on (a job's tracks end on the next job's first frame:
+  CVAT would give every later job a piece of a track left open).
+* **Keyframes** (``keyframes``): the first frame of every visible run and its end (the outside keyframe, placed
+  where the motion would carry the object, or the run's last frame), then, Ramer–Douglas–Peucker style, the frame
+  where CVAT's interpolation between the keyframes chosen so far overlaps the detection least, as long as that
+  overlap is below ``min_iou`` (``KEYFRAME_IOU``, 0.85: the IoU of the interpolated shape and the detection; boxes
+  exactly, rotated boxes, ellipses, polygons and masks by their pixels). The interpolation is CVAT's own
+  (``cvat.annotations.interpolate``), so an object moving linearly needs two keyframes however long it is seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from preannotate.cvat.annotations import interpolate
+from preannotate.formats import masks
+from preannotate.shapes import TAG, Shape, Track
+
+KEYFRAME_IOU = 0.85  # between keyframes, CVAT's interpolation overlaps every detection at least this much
+
+
+class Linker(Protocol):
+    """Gives one frame's detections their track ids, frame after frame (a new linker for each video or job)."""
+
+    def assign(self, boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Track ids (> 0; 0: in no track) of the detections ``boxes`` (N×4 ``x1, y1, x2, y2``) scoring ``scores``."""
+
+
+class ByteTrackLinker:
+    """supervision's ByteTrack. Every detection handed to it may start a track (they already passed the model's
+    threshold: ByteTrack starts tracks only 0.1 above its activation threshold, so that is set 0.1 below
+    ``threshold``); a track not detected for ``lost_frames`` frames (at ``frame_rate``) is given up."""
+
+    def __init__(self, threshold: float = 0.0, lost_frames: int = 30, frame_rate: float = 30.0):
+        import supervision as sv
+
+        with warnings.catch_warnings():
+            # supervision 0.28+ deprecates its ByteTrack for the `trackers` package, which needs the GUI build of
+            # OpenCV (ours is headless); pyproject pins supervision below 0.31, which removed it.
+            warnings.filterwarnings("ignore", message=".*ByteTrack.*", category=FutureWarning)
+            self.tracker = sv.ByteTrack(track_activation_threshold=max(0.0, threshold - 0.1),
+                                        lost_track_buffer=lost_frames, frame_rate=frame_rate)
+        self._detections = sv.Detections
+
+    def assign(self, boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        ids = np.zeros(len(boxes), dtype=int)
+        detections = self._detections(xyxy=np.asarray(boxes, dtype=float).reshape(-1, 4),
+                                      confidence=np.asarray(scores, dtype=float),
+                                      data={"index": np.arange(len(boxes))})
+        tracked = self.tracker.update_with_detections(detections)
+        if len(tracked):
+            ids[tracked.data["index"]] = tracked.tracker_id
+        return ids
+
+
+def link(detections: Mapping[int, Sequence[Shape]], frames: Sequence[int] | None = None, *,
+         linker: Linker | None = None, close_at: int | None = None, min_iou: float = KEYFRAME_IOU) -> list[Track]:
+    """Detections (frame → shapes, as a detector gives them) → tracks with keyframes: ``follow`` then
+    ``tracks_from``. ``frames``: the frames they cover, in order (default: the keys; a frame listed without
+    detections hides every track there). Tags are no objects and are left out."""
+    frames = sorted(detections) if frames is None else list(frames)
+    return tracks_from(follow({f: detections.get(f, ()) for f in frames}, linker), frames, close_at=close_at,
+                       min_iou=min_iou)
+
+
+def follow(detections: Mapping[int, Sequence[Shape]], linker: Linker | None = None) -> dict[int, list[Shape]]:
+    """Each frame's detections (in frame order) that ``linker`` (default a new ``ByteTrackLinker``) put in a
+    track: copies with ``track_id`` set, every frame of ``detections`` present. What a tracking benchmark scores."""
+    linker = linker or ByteTrackLinker()
+    followed: dict[int, list[Shape]] = {}
+    for frame in sorted(detections):
+        objects = [shape for shape in detections[frame] if shape.type != TAG]
+        boxes = np.array([shape.bbox() for shape in objects], dtype=float).reshape(-1, 4)
+        scores = np.array([1.0 if shape.score is None else shape.score for shape in objects], dtype=float)
+        ids = linker.assign(boxes, scores) if objects else np.zeros(0, dtype=int)
+        followed[frame] = [dataclasses.replace(shape, frame=frame, track_id=int(track_id))
+                           for shape, track_id in zip(objects, ids, strict=True) if track_id > 0]
+    return followed
+
+
+def tracks_from(followed: Mapping[int, Sequence[Shape]], frames: Sequence[int] | None = None, *,
+                close_at: int | None = None, min_iou: float = KEYFRAME_IOU) -> list[Track]:
+    """Shapes with their ``track_id`` (``follow``) → one ``Track`` per id, in the order they appear: its label by
+    score-weighted vote, an outside keyframe where it stops being seen, keyframes where CVAT's interpolation would
+    miss (see the module doc). ``frames``: the frames covered, in order (default: the keys of ``followed``)."""
+    frames = sorted(followed) if frames is None else list(frames)
+    seen: dict[int, dict[int, Shape]] = defaultdict(dict)
+    for frame in frames:
+        for shape in followed.get(frame, ()):
+            seen[shape.track_id][frame] = shape
+    tracks = []
+    for by_frame in seen.values():
+        kind = Counter(shape.type for shape in by_frame.values()).most_common(1)[0][0]
+        by_frame = {frame: shape for frame, shape in by_frame.items() if shape.type == kind}
+        label = vote(by_frame.values())
+        chosen: list[Shape] = []
+        for run, after in _runs(frames, by_frame):
+            chosen += keyframes(run, outside_at=after if after is not None else close_at, min_iou=min_iou)
+        scores = [shape.score for shape in by_frame.values() if shape.score is not None]
+        tracks.append(Track(label, [dataclasses.replace(k, label=label, attributes={}, track_id=None)
+                                    for k in chosen],
+                            score=sum(scores) / len(scores) if scores else None))
+    return tracks
+
+
+def vote(shapes: Iterable[Shape]) -> str:
+    """The label whose shapes' scores add up highest (a shape without a score counts 1); ties: the first seen."""
+    weights: dict[str, float] = {}
+    for shape in shapes:
+        weights[shape.label] = weights.get(shape.label, 0.0) + (1.0 if shape.score is None else shape.score)
+    return max(weights, key=weights.__getitem__)
+
+
+def keyframes(run: Sequence[Shape], *, outside_at: int | None = None, min_iou: float = KEYFRAME_IOU) -> list[Shape]:
+    """The keyframes of one visible run (the object's shapes on consecutive frames, in order) and, with
+    ``outside_at``, the outside keyframe that ends it there: see the module doc."""
+    samples = list(run)
+    if outside_at is not None:
+        samples.append(_beyond(samples, outside_at))
+    chosen = {0, len(samples) - 1}
+    spans = [(0, len(samples) - 1)]
+    while spans:
+        first, last = spans.pop()
+        left, right = _stored(samples[first]), _stored(samples[last])
+        worst, least = None, min_iou
+        for k in range(first + 1, last):
+            points, rotation = interpolate(left, right, samples[k].frame)
+            overlap = iou(samples[k], dataclasses.replace(samples[k], points=points, rotation=rotation))
+            if overlap < least:
+                worst, least = k, overlap
+        if worst is not None:
+            chosen.add(worst)
+            spans += [(first, worst), (worst, last)]
+    return [samples[k] for k in sorted(chosen)]
+
+
+def _runs(frames: Sequence[int], seen: Mapping[int, Shape]) -> Iterable[tuple[list[Shape], int | None]]:
+    """The track's visible runs over ``frames``, each with the frame after it (None: it lasts to the end)."""
+    run: list[Shape] = []
+    for frame in frames:
+        if frame in seen:
+            run.append(seen[frame])
+        elif run:
+            yield run, frame
+            run = []
+    if run:
+        yield run, None
+
+
+def _beyond(run: Sequence[Shape], frame: int) -> Shape:
+    """The outside keyframe ending ``run`` on ``frame``: where the run's last motion carries the object (so the run's
+    last frame need not be a keyframe), or its last shape where that cannot be said."""
+    last = run[-1]
+    points = last.points
+    if len(run) > 1 and last.type in ("rectangle", "ellipse", "polygon") and len(run[-2].points) == len(points):
+        before = run[-2]
+        step = (frame - last.frame) / (last.frame - before.frame)
+        carried = [b + (b - a) * step for a, b in zip(before.points, last.points, strict=True)]
+        if last.type != "rectangle" or (carried[2] > carried[0] and carried[3] > carried[1]):
+            points = carried
+    return dataclasses.replace(last, frame=frame, points=[float(p) for p in points], outside=True)
+
+
+def _stored(shape: Shape) -> dict:
+    """A keyframe as CVAT's interpolation reads it."""
+    return {"frame": shape.frame, "type": shape.type, "points": shape.points, "rotation": shape.rotation,
+            "outside": shape.outside}
+
+
+def iou(a: Shape, b: Shape) -> float:
+    """Intersection over union of two shapes: boxes exactly, anything else (rotated boxes, ellipses, polygons,
+    masks) by the pixels it covers; 0 for shapes of different types."""
+    if a.type != b.type:
+        return 0.0
+    if a.type == "rectangle" and not a.rotation % 360 and not b.rotation % 360:
+        return _box_iou(a.bbox(), b.bbox())
+    box_a, box_b = a.bbox(), b.bbox()
+    left, top = math.floor(min(box_a[0], box_b[0])), math.floor(min(box_a[1], box_b[1]))
+    width = math.ceil(max(box_a[2], box_b[2])) - left + 1
+    height = math.ceil(max(box_a[3], box_b[3])) - top + 1
+    pixels_a, pixels_b = _pixels(a, left, top, width, height), _pixels(b, left, top, width, height)
+    union = np.logical_or(pixels_a, pixels_b).sum()
+    return float(np.logical_and(pixels_a, pixels_b).sum() / union) if union else 0.0
+
+
+def _box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, width) * max(0.0, height)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _pixels(shape: Shape, left: int, top: int, width: int, height: int) -> np.ndarray:
+    """The shape's pixels in the window of ``width × height`` at ``left, top``."""
+    if shape.type == "mask":
+        bitmap, (x1, y1, x2, y2) = masks.cvat_rle_box(shape.points)
+        window = np.zeros((height, width), dtype=bool)
+        window[y1 - top:y2 - top + 1, x1 - left:x2 - left + 1] = bitmap
+        return window
+    outline = shape.polygon()
+    shifted = [v - (left if i % 2 == 0 else top) for i, v in enumerate(outline)]
+    return masks.polygon_to_bitmap([shifted], width, height)
+
+
+__all__ = ["KEYFRAME_IOU", "ByteTrackLinker", "Linker", "follow", "iou", "keyframes", "link", "tracks_from", "vote"]
