@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from preannotate.cvat.annotations import frames_from_annotations, track_frames
 from preannotate.cvat.client import CvatError
 from preannotate.cvat.reader import read_finished, read_task
 from preannotate.formats import masks
+from preannotate.models.artifact import Manifest
 from preannotate.shapes import Label, Shape
 from preannotate.tracking import KEYFRAME_IOU, follow, iou, keyframes, link, tracks_from
 
@@ -63,7 +63,7 @@ class ColourDetector:
     labels = [Label("car", id=1), Label("person", id=2)]
     familiar = None
     model = None
-    manifest = SimpleNamespace(name="colours", version=1, architecture="colour", created="", score_threshold=0.5)
+    manifest = Manifest(architecture="colour", labels=labels, name="colours", version=1)
 
     def detect(self, images, threshold):
         return [shapes for shapes, _ in self.detect_scored(images, threshold)]
