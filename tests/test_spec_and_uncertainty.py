@@ -71,3 +71,37 @@ def test_novelty_is_zero_for_a_typical_frame_and_one_beyond_every_training_frame
     assert novelty[0] == 0.0 and novelty[1] == 0.0 and novelty[2] == 1.0
     assert uncertainty.novelty(unlike, familiar[:1]).tolist() == [0.0]  # one frame is no reference
     assert uncertainty.frame_confidence(_scored(0.99), 0.5, novelty=0.9) == pytest.approx(0.1)
+
+
+def test_class_confusion_is_how_close_the_runner_up_class_comes():
+    import numpy as np
+
+    confusion = uncertainty.class_confusion(np.array([[0.9, 0.0, 0.0],     # one class has it all
+                                                      [0.3, 0.3, 0.0],     # two tie
+                                                      [0.06, 0.02, 0.02],  # weak, but clear which class
+                                                      [0.6, 0.2, 0.2]]))
+    assert confusion == pytest.approx([0.0, 1.0, 0.6, 0.6])
+    assert uncertainty.class_confusion(np.zeros((0, 3))).shape == (0,)
+    assert uncertainty.class_confusion(np.array([[0.7]])).tolist() == [0.0]  # one class: nothing to confuse
+
+
+def test_flip_disagreement_pairs_detections_of_a_class_by_overlap():
+    import numpy as np
+
+    def detections(*rows):  # (x1, y1, x2, y2, class, score)
+        rows = np.array(rows, dtype=float).reshape(-1, 6)
+        return rows[:, :4], rows[:, 4].astype(int), rows[:, 5]
+
+    frame = detections((10, 10, 50, 50, 1, 0.9), (60, 10, 90, 40, 2, 0.6))
+    assert uncertainty.flip_disagreement(frame, frame) == 0.0
+    moved_a_little = detections((12, 10, 52, 50, 1, 0.85), (60, 12, 90, 42, 2, 0.6))
+    assert uncertainty.flip_disagreement(frame, moved_a_little) == pytest.approx(0.05)
+    assert uncertainty.flip_disagreement(frame, detections((10, 10, 50, 50, 1, 0.9))) == pytest.approx(0.6)
+    other_class = detections((10, 10, 50, 50, 2, 0.9), (60, 10, 90, 40, 2, 0.6))
+    assert uncertainty.flip_disagreement(frame, other_class) == pytest.approx(0.9)  # a box seen as another class
+    elsewhere = detections((10, 60, 50, 95, 1, 0.9), (60, 10, 90, 40, 2, 0.6))
+    assert uncertainty.flip_disagreement(frame, elsewhere) == pytest.approx(0.9)  # no overlap: no pair
+    nothing = detections()
+    assert uncertainty.flip_disagreement(frame, nothing) == pytest.approx(0.9)
+    assert uncertainty.flip_disagreement(nothing, frame) == pytest.approx(0.9)
+    assert uncertainty.flip_disagreement(nothing, nothing) == 0.0

@@ -70,6 +70,57 @@ def novelty(vectors: np.ndarray, familiar: np.ndarray) -> np.ndarray:
     return np.clip(2.0 * rank - 1.0, 0.0, 1.0)
 
 
+def class_confusion(class_scores: np.ndarray) -> np.ndarray:
+    """How close the runner-up class comes, for each row of ``class_scores`` (a detection's score for every class,
+    background left out): 1 minus the margin between the two best classes once the scores are shared out to sum
+    to 1 — 0 when one class has it all, 1 when two tie. Scale-free: a weak detection is not confused for being
+    weak."""
+    scores = np.asarray(class_scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        return np.zeros(len(scores))
+    shares = scores / np.maximum(scores.sum(axis=1, keepdims=True), 1e-12)
+    best, runner_up = np.sort(shares, axis=1)[:, :-3:-1].T
+    return 1.0 - (best - runner_up)
+
+
+Detections = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (n×4, x1 y1 x2 y2), classes (n), scores (n)
+
+
+def flip_disagreement(frame: Detections, mirrored: Detections, iou: float = 0.5) -> float:
+    """How much a model's detections on a frame and on the frame mirrored left to right (boxes mirrored back)
+    disagree: each detection of either is paired with the same-class detection of the other overlapping it most
+    (at least ``iou``); its disagreement is the difference of their scores (its own score when it has no pair).
+    The frame's is the largest: 0 when both passes saw the same, near 1 when one saw a sure object the other did
+    not."""
+    def one_way(ours: Detections, theirs: Detections) -> float:
+        boxes, classes, scores = ours
+        other_boxes, other_classes, other_scores = theirs
+        if not len(scores):
+            return 0.0
+        overlap = _iou(np.asarray(boxes, np.float64), np.asarray(other_boxes, np.float64))
+        overlap[np.asarray(classes)[:, None] != np.asarray(other_classes)[None, :]] = 0.0
+        paired = np.where(overlap.max(axis=1, initial=0.0) >= iou,
+                          np.asarray(other_scores)[overlap.argmax(axis=1)] if len(other_scores) else 0.0, 0.0)
+        return float(np.abs(np.asarray(scores) - paired).max())
+
+    return max(one_way(frame, mirrored), one_way(mirrored, frame))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of every box of ``a`` with every box of ``b`` (x1 y1 x2 y2 rows)."""
+    a, b = a.reshape(-1, 4), b.reshape(-1, 4)
+    width = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    height = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = width * height
+    area = lambda boxes: (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
+
+
+def unfamiliarity(doubts: Mapping[str, float]) -> float:
+    """How unfamiliar a frame is, from what its detector measured (``Detector.examine``): the served measure."""
+    return float(doubts.get("novelty_early", 0.0))
+
+
 def kept(candidates: Iterable[Shape], threshold: float) -> list[Shape]:
     """The detections written into the task: those at or above the threshold (unscored shapes always)."""
     return [shape for shape in candidates if shape.score is None or shape.score >= threshold]
