@@ -15,7 +15,7 @@ familiar objects on the familiar background, new draws) and ``--unfamiliar`` unf
 
 Every frame goes through ``Detector.examine`` at the candidate threshold the pre-annotation asks for
 (``uncertainty.candidate_threshold`` of the model's threshold), with the mirrored pass, and each candidate measure
-(``CANDIDATES``) scores it. A measure is judged by how well its order puts the unfamiliar frames first: AUROC (the
+(``uncertainty.MEASURES``, and rank averages of some) scores it. A measure is judged by how well its order puts the unfamiliar frames first: AUROC (the
 chance that an unfamiliar frame ranks above an ordinary one, ties half) and recall@K (the share of the unfamiliar
 frames among the K first, K = their number, ties shared out as a random order among equals would). The cost of the
 measures (frames per second of ``detect``, ``examine`` and ``examine`` with the mirrored pass) is measured on the
@@ -55,43 +55,17 @@ BACKGROUNDS = ("checker", "foliage")
 
 @dataclass
 class Frame:
-    """What a candidate measure sees of one frame: its candidate detections and the detector's measures."""
+    """What a candidate measure sees of one frame: its candidate detections and what the detector measured."""
 
     shapes: list[Shape]
-    doubts: dict[str, float]
+    measured: dict[str, float]
 
 
-def close_call(frame: Frame, threshold: float) -> float:
-    return 1.0 - uncertainty.frame_confidence(frame.shapes, threshold)
-
-
-def measure(name: str) -> Callable[[Frame, float], float]:
-    return lambda frame, threshold: frame.doubts.get(name, 0.0)
-
-
-def largest(*parts: Callable[[Frame, float], float]) -> Callable[[Frame, float], float]:
-    return lambda frame, threshold: max(part(frame, threshold) for part in parts)
-
-
-# Each candidate scores a frame (higher: put it earlier); those marked "within a task" are rank averages, which
-# need every frame of the task before any is scored (the pre-annotation tags frames as they are done).
-CANDIDATES: dict[str, Callable[[Frame, float], float]] = {
-    "today: max(close call, early novelty)": largest(close_call, measure("novelty_early")),
-    "close call": close_call,
-    "class margin": measure("margin"),
-    "flip disagreement": measure("flip"),
-    "novelty, early": measure("novelty_early"),
-    "novelty, middle": measure("novelty_middle"),
-    "novelty, deep": measure("novelty_deep"),
-    "max(novelty early, middle)": largest(measure("novelty_early"), measure("novelty_middle")),
-    "max(close call, novelty early, middle)": largest(close_call, measure("novelty_early"),
-                                                      measure("novelty_middle")),
-    "served: uncertainty.frame_confidence": lambda frame, threshold: 1.0 - uncertainty.frame_confidence(
-        frame.shapes, threshold, uncertainty.unfamiliarity(frame.doubts)),
-}
+# The candidates are ``uncertainty.MEASURES`` (the served one marked) and, below, rank averages of some of them:
+# those need every frame of the task before any is scored (the pre-annotation tags frames as they are done).
 RANK_AVERAGES = {
-    "rank average of all five (within a task)": ("close call", "class margin", "flip disagreement",
-                                                 "novelty, early", "novelty, middle"),
+    "rank average of all six (within a task)": ("close call", "class margin", "flip disagreement",
+                                                "novelty, early", "novelty, middle", "novelty, deep"),
     "rank average of close call, novelty early, middle (within a task)": ("close call", "novelty, early",
                                                                           "novelty, middle"),
 }
@@ -177,7 +151,8 @@ def score_case(detector, ordinary: list[np.ndarray], unfamiliar: list[np.ndarray
               for shapes, doubts in detector.examine(images[start:start + 16],
                                                      uncertainty.candidate_threshold(threshold), flip=True)]
     truth = [False] * len(ordinary) + [True] * len(unfamiliar)
-    scores = {name: [candidate(frame, threshold) for frame in frames] for name, candidate in CANDIDATES.items()}
+    scores = {name: [measure(frame.shapes, frame.measured, threshold) for frame in frames]
+              for name, measure in uncertainty.MEASURES.items()}
     for name, parts in RANK_AVERAGES.items():
         scores[name] = list(np.mean([ranks(scores[part]) for part in parts], axis=0))
     return {name: (auroc(values, truth), recall_at_k(values, truth)) for name, values in scores.items()}
@@ -214,14 +189,17 @@ def table(results: Mapping[str, Mapping[str, list[tuple[float, float]]]], kinds:
         cells = [f"{means[kind]:.2f}" for kind in kinds]
         cells += [f"**{np.mean([means[k] for k in members]):.2f}**" for members in groups.values()]
         cells.append(f"**{np.mean(list(means.values())):.2f}**")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        shown = f"**{name}** (served)" if name == uncertainty.SERVED else name
+        lines.append(f"| {shown} | " + " | ".join(cells) + " |")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--steps", type=int, default=300, help="training steps per seed (default 300)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one seed, 40 steps, small tasks: a check that it runs, not a result")
+    parser.add_argument("--steps", type=int, default=100, help="training steps per seed (default 100)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=128, help="the detector's square input side (default 128)")
     parser.add_argument("--width", type=int, default=128, help="frame width (default 128)")
@@ -232,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "preannotate-bench-ranking")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps, args.train_frames, args.ordinary, args.unfamiliar = [1], 40, 60, 8, 4
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.monotonic()
     kinds = [*(f"{unseen} {where}" for where in ("alone", "among") for unseen in UNSEEN), *BACKGROUNDS]

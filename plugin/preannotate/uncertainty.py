@@ -20,7 +20,7 @@ A frame's uncertainty is the larger of the two; its confidence is ``1 - uncertai
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -44,9 +44,7 @@ def ambiguity(score: float, threshold: float) -> float:
 def frame_confidence(candidates: Iterable[Shape], threshold: float, novelty: float = 0.0) -> float:
     """How sure the model is of a frame, from its candidate detections (shapes with scores, near misses included)
     and its ``novelty``."""
-    floor = candidate_threshold(threshold)
-    scores = [shape.score for shape in candidates if shape.score is not None and shape.score >= floor]
-    return 1.0 - max(novelty, max((ambiguity(score, threshold) for score in scores), default=0.0))
+    return 1.0 - max(novelty, close_call(candidates, threshold))
 
 
 def normalized(vectors: np.ndarray) -> np.ndarray:
@@ -116,9 +114,55 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
 
 
-def unfamiliarity(doubts: Mapping[str, float]) -> float:
-    """How unfamiliar a frame is, from what its detector measured (``Detector.examine``): the served measure."""
-    return float(doubts.get("novelty_early", 0.0))
+def close_call(candidates: Iterable[Shape], threshold: float) -> float:
+    """The frame's closest call: the largest ``ambiguity`` among its candidates (0 without any)."""
+    floor = candidate_threshold(threshold)
+    return max((ambiguity(shape.score, threshold) for shape in candidates
+                if shape.score is not None and shape.score >= floor), default=0.0)
+
+
+# What ``Detector.examine`` measures of a frame, by name (each 0 = sure … 1 = in doubt; a model that cannot give one
+# leaves it out, read as 0): novelty at three depths of the backbone, the class margin of its detections and how its
+# detections on the mirrored frame disagree.
+MEASURED = ("novelty_early", "novelty_middle", "novelty_deep", "margin", "flip")
+
+Measure = Callable[[Sequence[Shape], Mapping[str, float], float], float]
+
+
+def _measured(*names: str) -> Measure:
+    """The largest of the named measures of ``Detector.examine``."""
+    return lambda candidates, measured, threshold: max(float(measured.get(name, 0.0)) for name in names)
+
+
+def _largest(*parts: Measure) -> Measure:
+    return lambda candidates, measured, threshold: max(part(candidates, measured, threshold) for part in parts)
+
+
+def _close_call(candidates: Sequence[Shape], measured: Mapping[str, float], threshold: float) -> float:
+    return close_call(candidates, threshold)
+
+
+# The candidate measures of a frame's doubt (higher: review it earlier), from its candidate detections, what
+# ``Detector.examine`` measured and the threshold; ``bench/ranking.py`` judges them on held-out cases and the one
+# named ``SERVED`` ranks the frames people see (``frame_confidence``).
+MEASURES: dict[str, Measure] = {
+    "close call": _close_call,
+    "class margin": _measured("margin"),
+    "flip disagreement": _measured("flip"),
+    "novelty, early": _measured("novelty_early"),
+    "novelty, middle": _measured("novelty_middle"),
+    "novelty, deep": _measured("novelty_deep"),
+    "issue 12: max(close call, novelty early)": _largest(_close_call, _measured("novelty_early")),
+    "max(novelty early, middle)": _measured("novelty_early", "novelty_middle"),
+    "max(close call, novelty early, middle)": _largest(_close_call, _measured("novelty_early", "novelty_middle")),
+}
+SERVED = "issue 12: max(close call, novelty early)"
+
+
+def unfamiliarity(measured: Mapping[str, float]) -> float:
+    """How unfamiliar a frame is, from what its detector measured (``Detector.examine``): the novelty the served
+    measure uses."""
+    return float(measured.get("novelty_early", 0.0))
 
 
 def kept(candidates: Iterable[Shape], threshold: float) -> list[Shape]:
