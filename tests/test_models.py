@@ -397,6 +397,10 @@ def test_examine_measures_what_uncertainty_computes_from_the_models_own_outputs(
 
     torch.manual_seed(0)
     detector = create_detector(architecture, parse_label_list("a,b,c"), hyperparameters="init=random; image-size=64")
+    with torch.no_grad():  # heads start out scoring every class alike: make the classes differ, as trained ones do
+        for name, parameter in detector.model.named_parameters():
+            if "head" in name:
+                parameter += 0.2 * torch.randn_like(parameter)
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(6)]
     detector.familiar = detector.appearance(frames)
@@ -425,6 +429,7 @@ def test_examine_measures_what_uncertainty_computes_from_the_models_own_outputs(
         rows = detector._class_scores_of(image, output, keep)
         labels, scores = output["labels"][keep].numpy(), output["scores"][keep].numpy()
         assert rows[np.arange(len(labels)), labels - 1] == pytest.approx(scores, abs=1e-6)
+        assert np.ptp(rows) > 0.01  # the classes' scores differ: a wrong row would show
         assert measured["margin"] == pytest.approx(max(uncertainty.class_confusion(rows), default=0.0), abs=1e-5)
     unlike = np.full((48, 64, 3), (0, 200, 0), np.uint8)  # flat green: nothing like the noise it was shown
     [(_, measured)] = detector.examine([unlike], threshold)
