@@ -15,11 +15,14 @@ familiar objects on the familiar background, new draws) and ``--unfamiliar`` unf
 
 Every frame goes through ``Detector.examine`` at the candidate threshold the pre-annotation asks for
 (``uncertainty.candidate_threshold`` of the model's threshold), with the mirrored pass, and each candidate measure
-(``uncertainty.MEASURES``, and rank averages of some) scores it. A measure is judged by how well its order puts the unfamiliar frames first: AUROC (the
-chance that an unfamiliar frame ranks above an ordinary one, ties half) and recall@K (the share of the unfamiliar
-frames among the K first, K = their number, ties shared out as a random order among equals would). The cost of the
-measures (frames per second of ``detect``, ``examine`` and ``examine`` with the mirrored pass) is measured on the
-same frames.
+(``uncertainty.MEASURES``, the served one in bold, and rank averages of some) scores it. A measure is judged by how
+well its order puts the unfamiliar frames first: AUROC (the chance that an unfamiliar frame ranks above an ordinary
+one, ties half) and recall@K (the share of the unfamiliar frames among the K first, K = their number, ties shared
+out as a random order among equals would). The cost of the measures (frames per second of ``detect``, ``examine``
+and ``examine`` with the mirrored pass) is measured on the same frames.
+
+The default run (3 seeds, 100 steps each) takes about 30 minutes on 2 shared cores, most of it training (cached:
+a second run scores in minutes); ``--quick`` (one seed, 40 steps, small tasks) checks that it runs and says little.
 
 Writes the "Ranking unfamiliar frames first (issue 21)" section of bench/RESULTS.md (``--no-write`` to skip).
 """
@@ -32,7 +35,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 

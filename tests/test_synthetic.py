@@ -90,7 +90,7 @@ def test_what_generate_drew_before_stays_the_same(arguments, expected):
 
 def test_unseen_kinds_are_drawn_only_when_named_in_their_colour():
     default = generate(40, width=128, height=96, seed=0)
-    assert {s.label for f in default.annotations.frames.values() for s in f.shapes} == {l.name for l in LABELS}
+    assert {s.label for f in default.annotations.frames.values() for s in f.shapes} == {label.name for label in LABELS}
     named = tuple(label.name for label in UNSEEN_LABELS)
     task = generate(12, width=128, height=96, seed=1, labels=named, objects=(1, 1), empty_fraction=0,
                     image_format="PNG")
