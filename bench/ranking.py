@@ -21,8 +21,9 @@ one, ties half) and recall@K (the share of the unfamiliar frames among the K fir
 out as a random order among equals would). The cost of the measures (frames per second of ``detect``, ``examine``
 and ``examine`` with the mirrored pass) is measured on the same frames.
 
-The default run (3 seeds, 100 steps each) takes about 30 minutes on 2 shared cores, most of it training (cached:
-a second run scores in minutes); ``--quick`` (one seed, 40 steps, small tasks) checks that it runs and says little.
+The default run (3 seeds, 100 steps each) took 47 minutes on 2 cores shared with other heavy work (training 5-18
+min per seed, cached for a second run; scoring 5-7 min per seed, most of it the mirrored pass); ``--quick`` (one
+seed, 40 steps, small tasks) checks that it runs and says little.
 
 Writes the "Ranking unfamiliar frames first (issue 21)" section of bench/RESULTS.md (``--no-write`` to skip).
 """

@@ -48,13 +48,13 @@ def test_ambiguity_peaks_at_the_threshold(score, expected):
     assert uncertainty.ambiguity(score, 0.5) == pytest.approx(expected)
 
 
-def test_a_frame_is_as_uncertain_as_its_closest_call():
+def test_a_close_call_is_the_closest_candidate_to_the_threshold():
     threshold = 0.5
-    assert uncertainty.frame_confidence(_scored(0.98, 0.97), threshold) == pytest.approx(0.94)  # 0.97: closest call
-    assert uncertainty.frame_confidence(_scored(0.98, 0.45), threshold) == pytest.approx(0.1)  # a near miss
-    assert uncertainty.frame_confidence(_scored(0.98, 0.55), threshold) == pytest.approx(0.1)  # a barely kept box
-    assert uncertainty.frame_confidence(_scored(0.09), threshold) == 1.0  # clutter under the candidate floor
-    assert uncertainty.frame_confidence([], threshold) == 1.0
+    assert uncertainty.close_call(_scored(0.98, 0.97), threshold) == pytest.approx(0.06)  # 0.97: closest call
+    assert uncertainty.close_call(_scored(0.98, 0.45), threshold) == pytest.approx(0.9)  # a near miss
+    assert uncertainty.close_call(_scored(0.98, 0.55), threshold) == pytest.approx(0.9)  # a barely kept box
+    assert uncertainty.close_call(_scored(0.09), threshold) == 0.0  # clutter under the candidate floor
+    assert uncertainty.close_call([], threshold) == 0.0
     assert [s.score for s in uncertainty.kept(_scored(0.98, 0.45, 0.5), threshold)] == [0.98, 0.5]
     assert uncertainty.candidate_threshold(threshold) == pytest.approx(0.1)
     assert uncertainty.ranking({3: 0.9, 1: 0.2, 2: 0.2, 0: 1.0}) == [(1, 0.2), (2, 0.2), (3, 0.9), (0, 1.0)]
@@ -71,6 +71,7 @@ def test_novelty_is_zero_for_a_typical_frame_and_one_beyond_every_training_frame
     assert novelty[0] == 0.0 and novelty[1] == 0.0 and novelty[2] == 1.0
     assert uncertainty.novelty(unlike, familiar[:1]).tolist() == [0.0]  # one frame is no reference
     assert uncertainty.frame_confidence(_scored(0.99), 0.5, novelty=0.9) == pytest.approx(0.1)
+    assert uncertainty.frame_confidence(_scored(0.5), 0.5, novelty=0.0) == 1.0  # served: a close call is not doubt
 
 
 def test_class_confusion_is_how_close_the_runner_up_class_comes():

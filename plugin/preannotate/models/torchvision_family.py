@@ -227,7 +227,12 @@ class TorchvisionDetector:
     def detect_scored(self, images: Sequence[Image.Image | np.ndarray], threshold: float
                       ) -> list[tuple[list[Shape], float]]:
         """The shapes of each image, with how unfamiliar the image is (0 without a training sample to compare)."""
-        return [(shapes, uncertainty.unfamiliarity(doubts)) for shapes, doubts in self.examine(images, threshold)]
+        # ``detect`` and the novelty only: the served measure (``uncertainty.SERVED``) reads nothing else, and the
+        # class margins ``examine`` also reads cost several times the forward pass (bench/ranking.py)
+        shapes = self.detect(images, threshold)
+        novelty = self._novelty(self._appearance)
+        return [(found, uncertainty.unfamiliarity({name: float(values[i]) for name, values in novelty.items()}))
+                for i, found in enumerate(shapes)]
 
     def appearance(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
         """The appearance of each image, its depths side by side (what ``familiar`` holds for the training
