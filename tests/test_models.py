@@ -398,3 +398,51 @@ def test_what_every_family_creates_and_loads_is_a_detector(architecture, tmp_pat
         assert all(shape.source == "auto" for shape in shapes) and 0.0 <= novelty
         appearance = detector.appearance([image, image])
         assert appearance is None or len(appearance) == 2
+
+
+@pytest.mark.parametrize("architecture", ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"])
+def test_examine_measures_what_uncertainty_computes_from_the_models_own_outputs(architecture):
+    """On many frames: the flip measure is the disagreement of ``detect`` on the frame and on its mirror (boxes
+    mirrored back), the class margin reads for each detection the class scores that gave it its score, and the
+    training frames are familiar at every depth while a frame unlike them is not."""
+    from preannotate import uncertainty
+
+    torch.manual_seed(0)
+    detector = create_detector(architecture, parse_label_list("a,b,c"), hyperparameters="init=random; image-size=64")
+    with torch.no_grad():  # heads start out scoring every class alike: make the classes differ, as trained ones do
+        for name, parameter in detector.model.named_parameters():
+            if "head" in name:
+                parameter += 0.2 * torch.randn_like(parameter)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(6)]
+    detector.familiar = detector.appearance(frames)
+    threshold = 0.02  # random weights score low: let many detections through
+    examined = detector.examine(frames, threshold, flip=True)
+    mirrored = detector.detect([np.ascontiguousarray(frame[:, ::-1]) for frame in frames], threshold)
+
+    def as_arrays(shapes, width=None):
+        boxes = np.array([shape.points for shape in shapes], float).reshape(-1, 4)
+        if width is not None:
+            boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+        return boxes, np.array([shape.label for shape in shapes]), np.array([shape.score for shape in shapes])
+
+    detections = sum(len(shapes) for shapes, _ in examined)
+    assert detections > 10  # enough detections for the margin and the flip to say something
+    for (shapes, measured), frame, flipped in zip(examined, frames, mirrored, strict=True):
+        assert set(measured) <= set(uncertainty.MEASURED)
+        assert measured["flip"] == pytest.approx(uncertainty.flip_disagreement(
+            as_arrays(shapes), as_arrays(flipped, frame.shape[1])), abs=1e-5)
+        assert {"novelty_early", "novelty_middle", "novelty_deep"} <= set(measured)
+        assert all(measured[f"novelty_{depth}"] == 0.0 for depth in ("early", "middle", "deep"))
+    with torch.inference_mode():
+        outputs = detector._outputs(frames)
+    for image, (output, (_, measured)) in enumerate(zip(outputs, examined, strict=True)):
+        keep = detector._candidates(output, threshold)
+        rows = detector._class_scores_of(image, output, keep)
+        labels, scores = output["labels"][keep].numpy(), output["scores"][keep].numpy()
+        assert rows[np.arange(len(labels)), labels - 1] == pytest.approx(scores, abs=1e-6)
+        assert np.ptp(rows) > 0.01  # the classes' scores differ: a wrong row would show
+        assert measured["margin"] == pytest.approx(max(uncertainty.class_confusion(rows), default=0.0), abs=1e-5)
+    unlike = np.full((48, 64, 3), (0, 200, 0), np.uint8)  # flat green: nothing like the noise it was shown
+    [(_, measured)] = detector.examine([unlike], threshold)
+    assert measured["novelty_early"] == 1.0

@@ -62,12 +62,11 @@ class TagClassifier(torch_family.TorchvisionDetector):
     """A trained ``TagModel`` as a ``Detector``: each frame's best class as a tag when it scores ``threshold`` or
     more (none otherwise: a frame the model is unsure of is left for a person)."""
 
-    @torch.inference_mode()
-    def detect(self, images: Sequence[Image.Image | np.ndarray], threshold: float) -> list[list[Shape]]:
+    def _outputs(self, images: Sequence[Image.Image | np.ndarray]) -> list[dict[str, torch.Tensor]]:
         tensors = [self.to_tensor(image) for image in images]
         if self.letterbox:  # padded to a square around the image, as the training letterbox pads
             tensors = [F.center_crop(tensor, [max(tensor.shape[-2:])] * 2) for tensor in tensors]
-        return [self.to_shapes(output, threshold) for output in self.model(tensors)]
+        return self.model(tensors)
 
     def to_shapes(self, output: dict[str, torch.Tensor], threshold: float) -> list[Shape]:
         score, cls = float(output["scores"][0]), int(output["labels"][0])
@@ -92,10 +91,12 @@ def stages(model: TagModel) -> list[torch.nn.Module]:
     return [torch.nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4]
 
 
-def appearance_layer(model: TagModel) -> torch.nn.Module:
-    """A stride-4 stage (what ``uncertainty.novelty`` compares frames by): ResNet's layer1, the third block of
-    EfficientNet's or MobileNetV3's features."""
-    return model.network.layer1 if hasattr(model.network, "layer1") else model.network.features[2]
+def appearance_layers(model: TagModel) -> dict[str, torch.nn.Module]:
+    """Where a frame's appearance is read (``uncertainty.novelty``), by depth: a stride-4 stage (``early``: ResNet's
+    layer1, the third block of EfficientNet's or MobileNetV3's features) and the last one (``deep``)."""
+    blocks = stages(model)
+    return {"early": model.network.layer1 if hasattr(model.network, "layer1") else model.network.features[2],
+            "deep": blocks[-1]}
 
 
 def freeze_backbone(model: TagModel, trainable_layers: int | None, init: str) -> list[torch.nn.Module]:
@@ -129,7 +130,7 @@ def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, ini
         torch_family.load_matching(model, pretrained_state_dict(arch))
     elif state is not None:
         torch_family.load_matching(model, state)
-    return TagClassifier(model, labels, arch.output, device, hp.network.letterbox, appearance_layer(model))
+    return TagClassifier(model, labels, arch.output, device, hp.network.letterbox, appearance_layers(model))
 
 
 def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hyperparameters,
@@ -137,7 +138,7 @@ def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hy
     """A published classifier: its architecture, labels, hyperparameters and weights file."""
     model = network(arch, num_classes(labels), hp)
     return torch_family.restored(model, labels, arch.output, weights_path, device, hp.network.letterbox,
-                                 appearance_layer(model), kind=TagClassifier)
+                                 appearance_layers(model), kind=TagClassifier)
 
 
 # the detectors' files and cache

@@ -276,7 +276,7 @@ def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, ini
     if state is not None:
         torch_family.load_matching(model, state)
     return torch_family.TorchvisionDetector(model, labels, output(composition), device, hp.network.letterbox,
-                                            appearance_layer(model))
+                                            appearance_layers(model))
 
 
 def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hyperparameters,
@@ -284,7 +284,7 @@ def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hy
     """A published composed model: the composition of its hyperparameters rebuilt, its weights loaded."""
     model, composition = _model(arch, labels, hp)
     return torch_family.restored(model, labels, output(composition), weights_path, device, hp.network.letterbox,
-                                 appearance_layer(model))
+                                 appearance_layers(model))
 
 
 def _model(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, weights: str | None = None
@@ -326,11 +326,17 @@ def freeze_backbone(model: nn.Module, trainable_layers: int | None, init: str) -
     return torch_family.freeze_norms(body) if init != "random" else []
 
 
-def appearance_layer(model: nn.Module) -> nn.Module | None:
-    """Where a frame's appearance is read (``uncertainty.novelty``): the last leaf module of the backbone's level-2
-    stage. A leaf, because the feature extractor traces through the blocks and calls only their leaves."""
+def appearance_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Where a frame's appearance is read (``uncertainty.novelty``), by depth: the last leaf module of the backbone's
+    level-2 stage (``early``), of its level-4 stage (``middle``, or the top one below that) and of its top stage
+    (``deep``). Leaves, because the feature extractor traces through the blocks and calls only their leaves."""
     body = model.backbone.body
     if len(body.stages) < 2:
-        return None
-    leaves = [m for m in body.get_submodule(body.stages[1][-1]).modules() if not list(m.children())]
-    return leaves[-1] if leaves else None
+        return {}
+    stages = {"early": body.stages[1], "middle": body.stages[min(3, len(body.stages) - 1)], "deep": body.stages[-1]}
+    layers = {}
+    for depth, modules in stages.items():
+        leaves = [m for m in body.get_submodule(modules[-1]).modules() if not list(m.children())]
+        if leaves:
+            layers[depth] = leaves[-1]
+    return layers

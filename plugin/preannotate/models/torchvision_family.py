@@ -8,11 +8,12 @@ whose label set changed (new heads, kept backbone).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.ssd import SSD
 from torchvision.transforms.v2 import functional as F
 
 from preannotate import uncertainty
@@ -192,49 +194,131 @@ class TorchvisionDetector:
 
     def __init__(self, model: torch.nn.Module, labels: Sequence[Label], output: str,
                  device: str | torch.device | None = None, letterbox: bool = False,
-                 appearance: torch.nn.Module | None = None):
+                 appearance: Mapping[str, torch.nn.Module] | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.letterbox = letterbox  # trained on frames padded to a square: pad them so here too
         self.model = model.to(self.device).eval()
         self.labels = list(labels)
         self.output = output
         self._label_by_class = {label.id: label for label in self.labels}
-        # Early-layer appearance of each image of the last forward pass, and that of a sample of the training
-        # frames (saved with the weights): how unfamiliar a frame is (``uncertainty.novelty``).
+        # The appearance of each image of the last forward pass at each depth of the backbone, and that of a sample
+        # of the training frames (saved with the weights, the depths side by side): how unfamiliar a frame is
+        # (``uncertainty.novelty``). And the score of every class at every box the last pass considered.
         self.familiar: np.ndarray | None = None
-        self._appearance: np.ndarray | None = None
-        layer = appearance or appearance_layer(self.model)
-        if layer is not None:
-            layer.register_forward_hook(self._keep_appearance)
+        self._appearance: dict[str, np.ndarray] = {}
+        self._class_scores: torch.Tensor | None = None
+        layers = appearance_layers(self.model) if appearance is None else appearance
+        for depth, layer in layers.items():
+            layer.register_forward_hook(functools.partial(self._keep_appearance, depth))
+        source = class_score_source(self.model)
+        if source is not None:
+            module, scores = source
+            module.register_forward_hook(lambda _module, _inputs, output: self._keep_class_scores(scores(output)))
 
-    def _keep_appearance(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+    def _keep_appearance(self, depth: str, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
         if not module.training:  # inference only: training must not hold on to its graph
             output = output.detach()  # a forward outside inference mode (a caller's own) must not keep its graph
-            self._appearance = torch.cat([output.mean((2, 3)), output.amax((2, 3))], 1).float().cpu().numpy()
+            self._appearance[depth] = torch.cat([output.mean((2, 3)), output.amax((2, 3))], 1).float().cpu().numpy()
+
+    def _keep_class_scores(self, scores: torch.Tensor) -> None:
+        if not self.model.training:
+            self._class_scores = scores.detach()
 
     def detect_scored(self, images: Sequence[Image.Image | np.ndarray], threshold: float
                       ) -> list[tuple[list[Shape], float]]:
         """The shapes of each image, with how unfamiliar the image is (0 without a training sample to compare)."""
+        # ``detect`` and the novelty only: the served measure (``uncertainty.SERVED``) reads nothing else, and the
+        # class margins ``examine`` also reads cost several times the forward pass (bench/ranking.py)
         shapes = self.detect(images, threshold)
-        if self.familiar is None or self._appearance is None:
-            return [(found, 0.0) for found in shapes]
-        return list(zip(shapes, uncertainty.novelty(self._appearance, self.familiar).tolist(), strict=True))
+        novelty = self._novelty(self._appearance)
+        return [(found, uncertainty.unfamiliarity({name: float(values[i]) for name, values in novelty.items()}))
+                for i, found in enumerate(shapes)]
 
     def appearance(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
-        """The early-layer appearance of each image (what ``familiar`` holds for the training frames)."""
+        """The appearance of each image, its depths side by side (what ``familiar`` holds for the training
+        frames)."""
         self.detect(images, 1.0)
-        return self._appearance
+        return np.concatenate([self._appearance[depth] for depth in DEPTHS if depth in self._appearance], 1)
+
+    @torch.inference_mode()
+    def examine(self, images: Sequence[Image.Image | np.ndarray], threshold: float, flip: bool = False
+                ) -> list[tuple[list[Shape], dict[str, float]]]:
+        """``detect``, with what the forward pass says about how sure the model is of each image, measure by
+        measure (``uncertainty.MEASURES``: those this model can give): the novelty at each depth of its backbone
+        (with ``familiar``), how close the runner-up class comes on its detections (``margin``, where the model's
+        class scores can be read) and, with ``flip``, how much its detections on the mirrored image disagree
+        (``flip``: a second forward pass). Detections scoring under ``threshold`` are not considered."""
+        arrays = [np.asarray(image) for image in images]
+        mirrored = [np.ascontiguousarray(array[:, ::-1]) for array in arrays] if flip else []
+        outputs = self._outputs([*arrays, *mirrored])
+        found = [self._candidates(output, threshold) for output in outputs]
+        novelty = self._novelty({depth: vectors[:len(arrays)] for depth, vectors in self._appearance.items()})
+        examined = []
+        for i, (output, keep) in enumerate(zip(outputs, found[:len(arrays)], strict=False)):
+            doubts = {measure: float(values[i]) for measure, values in novelty.items()}
+            class_scores = self._class_scores_of(i, output, keep)
+            if class_scores is not None:
+                doubts["margin"] = max(uncertainty.class_confusion(class_scores), default=0.0)
+            if flip and "boxes" in output:
+                width = arrays[i].shape[1]
+                other = found[len(arrays) + i]
+                boxes = outputs[len(arrays) + i]["boxes"][other].cpu().numpy()
+                doubts["flip"] = uncertainty.flip_disagreement(
+                    _detections(output, keep),
+                    (np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1),
+                     *_detections(outputs[len(arrays) + i], other)[1:]))
+            examined.append((self.to_shapes(output, threshold), doubts))
+        return examined
+
+    def _novelty(self, appearance: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``uncertainty.novelty`` at each depth whose training sample ``familiar`` holds (a version published
+        before the deeper depths were read holds only the first)."""
+        if self.familiar is None:
+            return {}
+        novelty, start = {}, 0
+        for depth in DEPTHS:
+            if depth not in appearance:
+                continue
+            if start >= self.familiar.shape[1]:
+                break
+            width = appearance[depth].shape[1]
+            novelty[f"novelty_{depth}"] = uncertainty.novelty(appearance[depth],
+                                                                      self.familiar[:, start:start + width])
+            start += width
+        return novelty
+
+    def _candidates(self, output: dict[str, torch.Tensor], threshold: float) -> torch.Tensor:
+        """Which of an output's detections are of the model's labels and score at least ``threshold``."""
+        known = torch.tensor([int(cls) in self._label_by_class for cls in output["labels"].tolist()], dtype=torch.bool,
+                             device=output["labels"].device)
+        return (output["scores"] >= threshold) & known
+
+    def _class_scores_of(self, image: int, output: dict[str, torch.Tensor], keep: torch.Tensor) -> np.ndarray | None:
+        """Every class's score (background left out) at each kept detection of ``image``: the row of the last
+        pass's class scores that gave the detection its score (torchvision keeps only the winning class's score;
+        the row is found by that score: it is the same number, one row of the head's output). None when the model's
+        class scores are not read."""
+        scores = self._class_scores
+        if scores is None:
+            return None
+        rows = scores[image] if scores.dim() == 3 else scores  # one image's boxes (SSD, RetinaNet) or the batch's
+        found = [rows[(rows[:, cls] - score).abs().argmin(), 1:]
+                 for cls, score in zip(output["labels"][keep].tolist(), output["scores"][keep].tolist(), strict=True)]
+        return torch.stack(found).float().cpu().numpy() if found else np.zeros((0, rows.shape[1] - 1), np.float32)
 
     @torch.inference_mode()
     def detect(self, images: Sequence[Image.Image | np.ndarray], threshold: float) -> list[list[Shape]]:
         """Shapes found on each image, in its pixel coordinates, with ``score >= threshold``."""
+        return [self.to_shapes(output, threshold) for output in self._outputs(images)]
+
+    def _outputs(self, images: Sequence[Image.Image | np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        """The model's output for each image, in the image's pixel coordinates (a letterbox taken off)."""
         tensors = [self.to_tensor(image) for image in images]
         if not self.letterbox:
-            return [self.to_shapes(output, threshold) for output in self.model(tensors)]
+            return self.model(tensors)
         sizes = [tuple(tensor.shape[-2:]) for tensor in tensors]
         squares = [F.center_crop(tensor, [max(size)] * 2) for tensor, size in zip(tensors, sizes, strict=True)]
-        return [self.to_shapes(_unpad(output, size), threshold)
-                for output, size in zip(self.model(squares), sizes, strict=True)]
+        return [_unpad(output, size) for output, size in zip(self.model(squares), sizes, strict=True)]
 
     def to_tensor(self, image: Image.Image | np.ndarray) -> torch.Tensor:
         # a read-only HWC view, no copy: the float conversion below makes the one copy the model needs
@@ -329,16 +413,46 @@ def create(arch: Architecture, labels: Sequence[Label], hp: Hyperparameters, ini
     return TorchvisionDetector(model, labels, arch.output, device, hp.network.letterbox)
 
 
-def appearance_layer(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The backbone's early stage whose output is a frame's appearance: stride 4-8, before the network learned what
-    to ignore (SSDlite: the fifth block of its MobileNet; FPN models: the fifth child of their body — ResNet's
-    layer1, MobileNet's fifth block). None for a model built otherwise: its frames are never called unfamiliar."""
+DEPTHS = ("early", "middle", "deep")  # where a frame's appearance is read, in the order ``familiar`` holds them
+
+
+def appearance_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The backbone's stages whose outputs are a frame's appearance, by depth: ``early`` at stride 4-8 (edges and
+    colours, before the network learned what to ignore; SSDlite: the fifth block of its MobileNet, FPN models: the
+    fifth child of their body — ResNet's layer1, MobileNet's fifth block), ``middle`` at stride 16 (SSDlite: the
+    first stride-16 block; ResNet: layer3) and ``deep``, the backbone's last stage. Empty for a model built
+    otherwise: its frames are never called unfamiliar."""
     backbone = getattr(model, "backbone", None)
     if hasattr(backbone, "features"):
-        return list(backbone.features[0].children())[4]
+        blocks = [*backbone.features[0].children()]
+        return {"early": blocks[4], "middle": blocks[7], "deep": backbone.features[1]}
     if hasattr(backbone, "body"):
-        return list(backbone.body.children())[4]
+        children = [*backbone.body.children()]
+        if hasattr(backbone.body, "layer3"):  # ResNet
+            return {"early": children[4], "middle": backbone.body.layer3, "deep": children[-1]}
+        return {"early": children[4], "middle": children[7], "deep": children[-1]}  # MobileNetV3's blocks
+    return {}
+
+
+def class_score_source(model: torch.nn.Module
+                       ) -> tuple[torch.nn.Module, Callable[[Any], torch.Tensor]] | None:
+    """Where the model's score of every class at every box it considers can be read: the module and how its
+    output becomes those scores (as the model's own post-processing computes them: SSD's softmax over the head's
+    logits, RetinaNet's sigmoid, the two-stage models' softmax over their box predictor's logits). None for FCOS
+    (its scores mix in a centreness) and for models built otherwise."""
+    if isinstance(model, SSD):
+        return model.head, lambda output: torch.softmax(output["cls_logits"], -1)
+    if isinstance(model, RetinaNet):
+        return model.head, lambda output: torch.sigmoid(output["cls_logits"])
+    predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)
+    if predictor is not None:
+        return predictor, lambda output: torch.softmax(output[0], -1)
     return None
+
+
+def _detections(output: dict[str, torch.Tensor], keep: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boxes, classes and scores of an output's kept detections, as arrays."""
+    return tuple(output[key][keep].cpu().numpy() for key in ("boxes", "labels", "scores"))
 
 
 APPEARANCE_FILE = "appearance.npy"  # beside the weights: the training sample's appearance
@@ -353,7 +467,7 @@ def load(arch: Architecture, labels: Sequence[Label], weights_path: Path, hp: Hy
 
 
 def restored(model: torch.nn.Module, labels: Sequence[Label], output: str, weights_path: Path,
-             device: str | None, letterbox: bool, appearance: torch.nn.Module | None = None,
+             device: str | None, letterbox: bool, appearance: Mapping[str, torch.nn.Module] | None = None,
              kind: type[TorchvisionDetector] = TorchvisionDetector) -> TorchvisionDetector:
     """``model`` with its published weights (and its training frames' appearance, when saved) as a detector (of
     ``kind``: a classifier's is a subclass)."""

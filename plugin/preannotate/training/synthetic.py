@@ -11,6 +11,23 @@ triangle   polygon      a green triangle                                  polygo
 blob       mask         a yellow irregular star                           mask (its visible pixels)
 =========  ===========  ================================================  ======================
 
+Four more kinds are drawn only when named in ``labels`` (never by default): objects a detector trained on the
+kinds above has never seen (``bench/ranking.py`` asks whether frames holding them are put first for review). Two
+share a trained kind's colour, so only their outline is new:
+
+=========  ===========  ================================================
+label      CVAT type    drawn as
+=========  ===========  ================================================
+cross      polygon      a red plus sign (the colour of box)
+crescent   polygon      a blue crescent (the colour of disc)
+arrow      polygon      an orange arrow
+bar        polygon      a purple long thin bar, at any angle
+=========  ===========  ================================================
+
+``background`` changes what is behind the objects: ``muted`` (the default: smooth muted colour noise with grey
+stripes), or two a model trained on the default has never seen, ``checker`` (a black and white tiled floor) and
+``foliage`` (saturated green and brown leaves).
+
 With ``tags=True`` every frame (but a few) also gets a CVAT tag — what a classifier learns — for its lighting, which
 changes the whole picture, objects included: ``day`` (bright, warm), ``night`` (dark, blue) or ``fog`` (a pale haze
 that flattens the contrast). The tag labels are of CVAT type ``tag``.
@@ -35,7 +52,11 @@ from preannotate.shapes import AnnotationSet, FrameAnnotations, Label, Shape, Tr
 
 LABELS = (Label("box", "rectangle", id=1), Label("disc", "ellipse", id=2), Label("triangle", "polygon", id=3),
           Label("blob", "mask", id=4))
-COLOURS = {"box": (215, 45, 40), "disc": (40, 85, 225), "triangle": (35, 185, 60), "blob": (240, 205, 30)}
+UNSEEN_LABELS = (Label("cross", "polygon"), Label("crescent", "polygon"), Label("arrow", "polygon"),
+                 Label("bar", "polygon"))  # drawn only when named: never part of the default task
+COLOURS = {"box": (215, 45, 40), "disc": (40, 85, 225), "triangle": (35, 185, 60), "blob": (240, 205, 30),
+           "cross": (215, 45, 40), "crescent": (40, 85, 225), "arrow": (245, 130, 20), "bar": (150, 60, 200)}
+BACKGROUNDS = ("muted", "checker", "foliage")
 # Unlabelled look-alikes: the same outlines in colours no label has (they are negatives a detector must refuse).
 DISTRACTOR_COLOURS = ((150, 95, 60), (130, 60, 150), (200, 140, 170), (95, 130, 125))
 TAG_LABELS = (Label("day", "tag"), Label("night", "tag"), Label("fog", "tag"))
@@ -58,15 +79,19 @@ def generate(num_frames: int = 40, width: int = 160, height: int = 120, seed: in
              labels: tuple[str, ...] | None = None, objects: tuple[int, int] = (1, 3),
              size: tuple[float, float] = (0.2, 0.45), empty_fraction: float = 0.05,
              image_format: str = "JPEG", distractors: tuple[int, int] = (0, 0), lines: tuple[int, int] = (2, 5),
-             colour_jitter: int = 25, tags: bool = False) -> SyntheticTask:
+             colour_jitter: int = 25, tags: bool = False, background: str = "muted") -> SyntheticTask:
     """``num_frames`` annotated frames of ``width × height`` with ``objects`` (min, max) objects each, sized
     ``size`` (a fraction of the shorter side), of the named ``labels`` (default: all four); ``distractors`` (min,
     max) unlabelled look-alikes under them, ``lines`` (min, max) grey lines in the background, object colours
-    varying by ``colour_jitter`` per channel; ``tags``: a lighting tag per frame (see the module docstring).
-    ``HARD`` is a harder set than the defaults."""
-    chosen = [label for label in LABELS if labels is None or label.name in labels]
+    varying by ``colour_jitter`` per channel; ``tags``: a lighting tag per frame; ``background``: one of
+    ``BACKGROUNDS`` (see the module docstring). ``HARD`` is a harder set than the defaults."""
+    named = [label.name for label in LABELS] if labels is None else labels
+    chosen = [label for label in (*LABELS, *UNSEEN_LABELS) if label.name in named]
     if not chosen:
-        raise ValueError(f"no known labels among {labels}; known: {', '.join(label.name for label in LABELS)}")
+        known = ", ".join(label.name for label in (*LABELS, *UNSEEN_LABELS))
+        raise ValueError(f"no known labels among {labels}; known: {known}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {', '.join(BACKGROUNDS)}, not {background!r}")
     task_labels = [Label(label.name, label.type, id=i)
                    for i, label in enumerate([*chosen, *(TAG_LABELS if tags else ())], start=1)]
     frames, files = {}, {}
@@ -75,7 +100,7 @@ def generate(num_frames: int = 40, width: int = 160, height: int = 120, seed: in
         rng = np.random.default_rng([seed, number])
         count = 0 if rng.random() < empty_fraction else int(rng.integers(objects[0], objects[1] + 1))
         image, shapes = _frame(rng, width, height, [chosen[int(rng.integers(len(chosen)))] for _ in range(count)],
-                               size, distractors, lines, colour_jitter)
+                               size, distractors, lines, colour_jitter, background)
         for shape in shapes:
             shape.frame = number
         frames[number] = FrameAnnotations(number, width, height, name=f"frame_{number:06d}.{extension}",
@@ -103,8 +128,14 @@ def _lighting(rng: np.random.Generator, image: Image.Image) -> tuple[Image.Image
     return lit, [] if rng.random() < UNTAGGED_FRAMES else [tag]
 
 
-def _background(rng: np.random.Generator, width: int, height: int, lines: tuple[int, int] = (2, 5)) -> np.ndarray:
-    """Muted smooth colour noise with a few grey stripes and grain: texture the objects must be told from."""
+def _background(rng: np.random.Generator, width: int, height: int, lines: tuple[int, int] = (2, 5),
+                style: str = "muted") -> np.ndarray:
+    """Muted smooth colour noise with a few grey stripes and grain: texture the objects must be told from (or
+    another ``style``: see the module docstring)."""
+    if style == "checker":
+        return _checker(rng, width, height)
+    if style == "foliage":
+        return _foliage(rng, width, height)
     coarse = rng.integers(60, 170, size=(4, 5, 3)).astype(np.uint8)
     smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.float32)
     grey = smooth.mean(axis=2, keepdims=True)
@@ -122,6 +153,9 @@ def _background(rng: np.random.Generator, width: int, height: int, lines: tuple[
 def _outline(rng: np.random.Generator, label: Label, cx: float, cy: float, radius: float
              ) -> tuple[list[float], Shape]:
     """A polygon to draw and the CVAT shape that annotates it (mask points are filled in after drawing)."""
+    if label.name in _UNSEEN_OUTLINES:
+        polygon = _UNSEEN_OUTLINES[label.name](rng, cx, cy, radius)
+        return polygon, Shape(label.name, "polygon", [round(v, 2) for v in polygon])
     if label.type == "rectangle":
         half_w, half_h = radius * rng.uniform(0.6, 1.0), radius * rng.uniform(0.6, 1.0)
         rotation = float(rng.choice([0.0, 0.0, 0.0, rng.uniform(-30, 30)]))
@@ -146,10 +180,74 @@ def _outline(rng: np.random.Generator, label: Label, cx: float, cy: float, radiu
     return polygon, Shape(label.name, "mask", [])
 
 
+def _turned(rng: np.random.Generator, cx: float, cy: float, radius: float, unit: list[tuple[float, float]],
+            angle: float | None = None) -> list[float]:
+    """``unit`` (an outline within the unit circle) scaled by ``radius``, turned by ``angle`` (random when None)
+    about its centre and moved to ``(cx, cy)``: flat ``[x0, y0, x1, y1, ...]``."""
+    angle = rng.uniform(0, 2 * math.pi) if angle is None else angle
+    cos, sin = math.cos(angle), math.sin(angle)
+    return [v for x, y in unit for v in (cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos))]
+
+
+def _cross(rng: np.random.Generator, cx: float, cy: float, radius: float) -> list[float]:
+    """A plus sign, arms a third of its width thick, turned up to 20 degrees."""
+    t = rng.uniform(0.14, 0.2)  # half an arm's thickness
+    arm = 0.7
+    unit = [(-t, -arm), (t, -arm), (t, -t), (arm, -t), (arm, t), (t, t), (t, arm), (-t, arm), (-t, t), (-arm, t),
+            (-arm, -t), (-t, -t)]
+    return _turned(rng, cx, cy, radius, unit, math.radians(rng.uniform(-20, 20)))
+
+
+def _crescent(rng: np.random.Generator, cx: float, cy: float, radius: float) -> list[float]:
+    """A disc with a bite: the outer circle's arc, back along a smaller circle's arc inside it."""
+    bite = rng.uniform(0.55, 0.75)  # how far the biting circle's centre sits from the disc's, in radii
+    outer = [(0.8 * math.cos(a), 0.8 * math.sin(a)) for a in np.linspace(0.35 * math.pi, 1.65 * math.pi, 24)]
+    inner = [(bite * 0.8 + 0.7 * math.cos(a), 0.7 * math.sin(a)) for a in np.linspace(1.3 * math.pi, 0.7 * math.pi, 16)]
+    return _turned(rng, cx, cy, radius, outer + inner)
+
+
+def _arrow(rng: np.random.Generator, cx: float, cy: float, radius: float) -> list[float]:
+    """An arrow: a shaft and a head, pointing anywhere."""
+    shaft = rng.uniform(0.12, 0.18)
+    unit = [(-0.8, -shaft), (0.15, -shaft), (0.15, -0.45), (0.8, 0.0), (0.15, 0.45), (0.15, shaft), (-0.8, shaft)]
+    return _turned(rng, cx, cy, radius, unit)
+
+
+def _bar(rng: np.random.Generator, cx: float, cy: float, radius: float) -> list[float]:
+    """A long thin bar (a plank, a pole) at any angle."""
+    half = rng.uniform(0.08, 0.14)
+    return _turned(rng, cx, cy, radius, [(-0.9, -half), (0.9, -half), (0.9, half), (-0.9, half)])
+
+
+_UNSEEN_OUTLINES = {"cross": _cross, "crescent": _crescent, "arrow": _arrow, "bar": _bar}
+
+
+def _checker(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A black and white tiled floor, a little turned, with grain."""
+    cell = rng.uniform(8, 16)
+    angle = rng.uniform(-0.4, 0.4)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    u, v = x * math.cos(angle) + y * math.sin(angle), -x * math.sin(angle) + y * math.cos(angle)
+    tiles = (np.floor(u / cell) + np.floor(v / cell)) % 2
+    dark, light = rng.uniform(20, 50), rng.uniform(200, 235)
+    array = (dark + (light - dark) * tiles)[..., None].repeat(3, axis=2)
+    return np.clip(array + rng.normal(0, 6, size=array.shape), 0, 255).astype(np.uint8)
+
+
+def _foliage(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Saturated leaves: fine green and brown colour noise over a smooth green, with grain."""
+    coarse = rng.uniform(0, 1, size=(height // 4 + 1, width // 4 + 1))
+    fine = np.asarray(Image.fromarray((255 * coarse).astype(np.uint8)).resize((width, height), Image.BILINEAR),
+                      dtype=np.float32)[..., None] / 255
+    leaf, earth = np.array([50, 140, 40]), np.array([110, 75, 35])
+    array = earth + (leaf - earth) * fine * rng.uniform(0.8, 1.2)
+    return np.clip(array + rng.normal(0, 8, size=array.shape), 0, 255).astype(np.uint8)
+
+
 def _frame(rng: np.random.Generator, width: int, height: int, chosen: list[Label], size: tuple[float, float],
-           distractors: tuple[int, int] = (0, 0), lines: tuple[int, int] = (2, 5), colour_jitter: int = 25
-           ) -> tuple[Image.Image, list[Shape]]:
-    canvas = _background(rng, width, height, lines)
+           distractors: tuple[int, int] = (0, 0), lines: tuple[int, int] = (2, 5), colour_jitter: int = 25,
+           background: str = "muted") -> tuple[Image.Image, list[Shape]]:
+    canvas = _background(rng, width, height, lines, background)
     placed: list[tuple[Shape, np.ndarray, tuple[float, float, float, float]]] = []
     side = min(width, height)
     if distractors[1]:
