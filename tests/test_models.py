@@ -446,3 +446,12 @@ def test_examine_measures_what_uncertainty_computes_from_the_models_own_outputs(
     unlike = np.full((48, 64, 3), (0, 200, 0), np.uint8)  # flat green: nothing like the noise it was shown
     [(_, measured)] = detector.examine([unlike], threshold)
     assert measured["novelty_early"] == 1.0
+
+
+def test_a_mirrored_array_view_is_detected_as_its_copy():
+    """``frame[:, ::-1]`` (a mirrored view, negative strides) is what a user's flip gives: torch cannot wrap it."""
+    detector = create_detector("ssdlite320_mobilenet_v3_large", parse_label_list("car,person"), hyperparameters=SMALL)
+    frame = np.asarray(photo(80, 60))
+    mirrored = frame[:, ::-1]
+    assert mirrored.strides[1] < 0
+    assert detector.detect([mirrored], threshold=0.0) == detector.detect([mirrored.copy()], threshold=0.0)

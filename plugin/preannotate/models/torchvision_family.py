@@ -323,6 +323,8 @@ class TorchvisionDetector:
     def to_tensor(self, image: Image.Image | np.ndarray) -> torch.Tensor:
         # a read-only HWC view, no copy: the float conversion below makes the one copy the model needs
         array = np.asarray(image)
+        if any(stride < 0 for stride in array.strides):  # a mirrored view (frame[:, ::-1]): torch takes no such view
+            array = np.ascontiguousarray(array)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "non-writable array": never written to
             tensor = torch.from_numpy(array).permute(2, 0, 1)
