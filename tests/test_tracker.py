@@ -64,7 +64,7 @@ class ColourDetector:
     def detect_scored(self, images, threshold):
         return [(shapes, 0.0) for shapes in self.detect(images, threshold)]
 
-    def appearance(self, images):
+    def appearance(self, images, depth=None):
         if not self.with_appearance:
             return None
         self.appearance_crops += len(images)

@@ -82,7 +82,7 @@ class ColourDetector:
             found.append((shapes, 0.0))
         return found
 
-    def appearance(self, images):
+    def appearance(self, images, depth=None):
         return None
 
 

@@ -43,9 +43,9 @@ class Detector(Protocol):
         """``detect``, with how unfamiliar each image is beside the training frames (``uncertainty.novelty``: 0 is
         like them; always 0 for a model without ``familiar``): what ranks frames for review."""
 
-    def appearance(self, images: Sequence[Any]) -> np.ndarray | None:
-        """One vector per image from an early layer (what ``familiar`` holds for the training frames), or None for a
-        model that has none."""
+    def appearance(self, images: Sequence[Any], depth: str | None = None) -> np.ndarray | None:
+        """One vector per image: its depths (``early``, ``middle``, ``deep``) side by side, as ``familiar`` holds the
+        training frames', or the one ``depth`` named; None for a model that has none."""
 
 
 @runtime_checkable

@@ -319,7 +319,7 @@ class KerasDetector:
         """The shapes of each image with its unfamiliarity: 0, this family keeps no appearance sample."""
         return [(shapes, 0.0) for shapes in self.detect(images, threshold)]
 
-    def appearance(self, images: Sequence[Any]) -> None:
+    def appearance(self, images: Sequence[Any], depth: str | None = None) -> None:
         return None  # no appearance layer is read: its frames are never called unfamiliar
 
 

@@ -234,11 +234,12 @@ class TorchvisionDetector:
         return [(found, uncertainty.unfamiliarity({name: float(values[i]) for name, values in novelty.items()}))
                 for i, found in enumerate(shapes)]
 
-    def appearance(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
+    def appearance(self, images: Sequence[Image.Image | np.ndarray], depth: str | None = None) -> np.ndarray:
         """The appearance of each image, its depths side by side (what ``familiar`` holds for the training
-        frames)."""
+        frames), or the one ``depth`` of ``DEPTHS``."""
         self.detect(images, 1.0)
-        return np.concatenate([self._appearance[depth] for depth in DEPTHS if depth in self._appearance], 1)
+        return np.concatenate([self._appearance[name] for name in DEPTHS if name in self._appearance
+                               and depth in (None, name)], 1)
 
     @torch.inference_mode()
     def examine(self, images: Sequence[Image.Image | np.ndarray], threshold: float, flip: bool = False

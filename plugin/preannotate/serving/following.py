@@ -148,7 +148,8 @@ def looks(detector, image: Image.Image, boxes: Sequence[Box]) -> np.ndarray | No
     """The unit appearance vector of each box's crop, in one pass; None for a model without an appearance layer."""
     if not boxes:
         return None
-    vectors = detector.appearance([image.crop(_pixels(box, image.size)) for box in boxes])
+    # the early depth only: colours and edges tell two objects apart, and 80-odd values keep a state small
+    vectors = detector.appearance([image.crop(_pixels(box, image.size)) for box in boxes], depth="early")
     return None if vectors is None else uncertainty.normalized(vectors)
 
 
