@@ -250,7 +250,8 @@ def test_a_weak_detection_continues_a_track_in_the_task_but_starts_none(cvat_dou
         annotate_task(client, task_id, detector=FadingDetector(), state_dir=tmp_path / "state", replace=True,
                       cache_dir=tmp_path / "chunks", progress=False, confidence_tags=confidence_tags)
         # the car's track runs through its weak frames; the person, never detected at 0.5, gets no track
-        assert tracks_of(cvat_double, task_id) == [("car", [(0, False), (19, False)]), ("car", [(20, False), (39, False)])]
+        assert tracks_of(cvat_double, task_id) == [("car", [(0, False), (19, False)]),
+                                                   ("car", [(20, False), (39, False)])]
     # as per-frame shapes, the weak frames are left out
     annotate_task(client, task_id, detector=FadingDetector(), state_dir=tmp_path / "state", as_tracks=False,
                   cache_dir=tmp_path / "chunks", progress=False)
