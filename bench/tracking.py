@@ -69,7 +69,7 @@ from preannotate.annotate import annotate_task  # noqa: E402
 from preannotate.cvat.reader import read_task  # noqa: E402
 from preannotate.models import ModelStore, hyperparameters_for, load_detector  # noqa: E402
 from preannotate.shapes import Shape  # noqa: E402
-from preannotate.training.edits import MOVE_IOU, review_frame  # noqa: E402
+from preannotate.training.edits import MOVE_IOU, review_frame, threshold_text  # noqa: E402
 from preannotate.training.recipe import TrainingData, train_and_publish  # noqa: E402
 from preannotate.training.synthetic import generate_video  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="test clips (default 0-4; --quick 0 1)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 120 steps, 2 clips of 60 frames")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a published model directory to test instead of training one (the same weights across "
+                             "runs: e.g. one published by an earlier run's train, kept)")
     parser.add_argument("--no-write", action="store_true", help="print, do not touch bench/RESULTS.md")
     args = parser.parse_args(argv)
     if args.quick:
@@ -294,20 +297,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-tracking-") as tmp:
         work = Path(tmp)
         t0 = time.monotonic()
-        result, trained_on = train(args, work)
+        result, trained_on = (None, None) if args.model else train(args, work)
         training_minutes = (time.monotonic() - t0) / 60
-        print(f"trained in {training_minutes:.1f} min: validation {result.metrics}", flush=True)
-        detector = Replayed(load_detector(result.path))
-        threshold = detector.manifest.score_threshold
+        detector = Replayed(load_detector(args.model or result.path))
+        print(f"model ready in {training_minutes:.1f} min: validation {detector.manifest.metrics}", flush=True)
+        threshold = threshold_text({label.name: detector.manifest.threshold_of(label.name)
+                                    for label in detector.labels})
         rows = evaluate(args, detector, work)
-    text = report(args, argv, rows, result, trained_on, training_minutes, threshold, time.monotonic() - started)
+    text = report(args, argv, rows, detector.manifest, trained_on, training_minutes, threshold,
+                  time.monotonic() - started)
     publish(SECTION, text, write=not args.no_write)
     return 0
 
 
 def evaluate(args, detector: Replayed, work: Path) -> dict[str, list]:
     """Each method's per-seed (metrics, edits, looked at, object-frames, tracks) on the test clips ``args.seeds``."""
-    threshold = detector.manifest.score_threshold
     rows: dict[str, list] = defaultdict(list)
     with CvatDouble() as double, make_client(double.base_url, credentials=double.credentials) as client:
         for seed in args.seeds:
@@ -336,9 +340,10 @@ def evaluate(args, detector: Replayed, work: Path) -> dict[str, list]:
                 if method == "shapes":  # the detections every run got, frame by frame (near misses too)
                     detections = {n: shapes for n, (shapes, _) in
                                   zip(sorted(video.annotations.frames), detector.log, strict=True)}
-            for method, linker in (("linked: tracks", tracking.ByteTrackLinker(threshold)),
-                                   ("linked: peer", DefaultByteTrack(threshold))):
-                hypotheses = hypotheses_of(tracking.follow(detections, linker), width, height)
+            for method, linker in (("linked: tracks", tracking.ByteTrackLinker(tracking.START)),
+                               ("linked: peer", DefaultByteTrack(tracking.START))):
+                followed = tracking.follow(detections, linker, detector.manifest.threshold_of)
+                hypotheses = hypotheses_of(followed, width, height)
                 rows[method].append((mot_metrics(truth, hypotheses), review_edits(truth, hypotheses, True),
                                      None, required, None))
             for method, tracked in (("scratch: shapes", False), ("scratch: tracks", True)):
@@ -357,19 +362,24 @@ NAMES = {"shapes": "per-frame shapes (`as_tracks=False`)", "tracks": "**tracks, 
          "(the truth's keyframes at IoU 0.75)"}
 
 
-def report(args, argv, rows, result, trained_on, training_minutes, threshold, seconds) -> str:
+def report(args, argv, rows, manifest, trained_on, training_minutes, threshold, seconds) -> str:
     info = machine()
     given = argv if argv is not None else sys.argv[1:]
+    hp = manifest.hyperparameters
+    model = (f"`{ARCH}` from random init, {args.steps} steps of batch {args.batch} ({training_minutes:.1f} min) on "
+             f"{trained_on} frames of {args.train_clips} synthetic clips (seeds {TRAIN_SEEDS}-"
+             f"{TRAIN_SEEDS + args.train_clips - 1}" if args.model is None else
+             f"`{manifest.architecture}` given with `--model` (published by this script's `train` in an earlier run: "
+             f"random init, {hp.get('num_steps', hp.get('num-steps', '?'))} steps of batch "
+             f"{hp.get('batch_size', hp.get('batch-size', '?'))}")
     lines = [
         SECTION, "",
         "Command: `.venv/bin/python bench/tracking.py`" + (f" (`{' '.join(given)}`)" if given else "") + ".", "",
         f"Machine: {info['cpu']}, {info['cores']} cores (torch threads: {torch.get_num_threads()}); torch "
         f"{torch.__version__}, motmetrics {mm.__version__}, Python {info['python']}; run {info['date']}, "
         f"{seconds:.0f} s in all.", "",
-        f"Method: see `bench/tracking.py`'s docstring. `{ARCH}` from random init, {args.steps} steps of batch "
-        f"{args.batch} ({training_minutes:.1f} min) on {trained_on} frames of {args.train_clips} synthetic clips "
-        f"(seeds {TRAIN_SEEDS}-{TRAIN_SEEDS + args.train_clips - 1}; validation mAP@.5 "
-        f"{result.metrics.get('map50')}), served at its threshold {threshold}. Test clips: seeds "
+        f"Method: see `bench/tracking.py`'s docstring. {model}; validation mAP@.5 "
+        f"{manifest.metrics.get('map50')}), served {threshold}. Test clips: seeds "
         f"{', '.join(map(str, args.seeds))}, {args.frames} frames of 320x240 each, {args.objects} objects on crossing "
         f"arcs (labels {', '.join(LABELS)}), each uploaded as a video task (one job) to the CVAT double and "
         f"pre-annotated by `annotate_task`; every method gets the same detections. Objects less than {VISIBLE:.0%} "

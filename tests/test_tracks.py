@@ -191,6 +191,10 @@ def test_a_weak_detection_continues_a_track_but_never_starts_one():
     linked = link(detections, linker=ByteTrackLinker(0.0), threshold_of={"car": 0.5, "person": 0.5}.__getitem__)
     assert [t.label for t in linked] == ["car"]
     assert sorted(t.label for t in link(detections, linker=ByteTrackLinker(0.0))) == ["car", "person"]
+    # each label at its own served threshold: the person's is 0.2, so its 0.3 starts a track
+    linked = link(detections, threshold_of={"car": 0.5, "person": 0.2}.__getitem__)
+    assert sorted(t.label for t in linked) == ["car", "person"]
+    assert all(not k.outside for t in linked for k in t.keyframes)
 
 
 def test_masks_are_linked_by_their_box_and_keyframed_by_their_pixels():

@@ -128,7 +128,8 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
     ``as_tracks``: link each job's detections into tracks (``preannotate.tracking``; a frame left out by
     ``only_unannotated`` hides them) rather than write per-frame shapes; default: tracks for a video task, shapes
     for an image task. ``linker``: makes each job's ``tracking.Linker`` from the score a detection needs to start a
-    track (the lowest served threshold); it is handed the detections down to the near-miss floor
+    track (``tracking.START``: scores are handed to it on its scale, ``tracking.linker_score``, each label's served
+    threshold at ``START``); it is handed the detections down to the near-miss floor
     (``uncertainty.candidate_threshold``), so weak ones can continue a track. Returns what was done; ``CvatError``
     for server problems."""
     if (detector is None) == (function_url is None):
@@ -197,7 +198,7 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
                 pending[frame] = candidates
                 bar.update(1)
                 if frame in jobs:  # the job's last frame: its tracks are complete
-                    uploader.put(*_as_tracks(pending, *jobs[frame], linker(lowest or 0.0), threshold_of),
+                    uploader.put(*_as_tracks(pending, *jobs[frame], linker(tracking.START), threshold_of),
                                  confidence=confidence)
                     pending, confidence = {}, {}
                 elif not as_tracks and len(pending) >= upload_every:
@@ -270,6 +271,7 @@ def _as_tracks(pending: dict[int, list[Shape]], frames: list[int], close_at: int
     """One job's predictions (weak ones included) as (the frames written, with their tags; the tracks). The job's
     frames not detected are those a person annotated: the tracks are hidden there."""
     objects = {f: [s for s in pending[f] if s.type != TAG] for f in frames if f in pending}
+    threshold_of = threshold_of or (lambda _: 0.0)  # a function's own thresholds: all it gave may start a track
     tracks = tracking.link(objects, frames, linker=linker, threshold_of=threshold_of,
                            hidden=[f for f in frames if f not in pending], close_at=close_at)
     return {f: [s for s in shapes if s.type == TAG] for f, shapes in pending.items()}, tracks

@@ -6,10 +6,12 @@ object leaves or is lost for good, and keyframes only where CVAT's own interpola
   ``lost_frames`` frames so that one hidden for a moment comes back under its id. It links boxes: a mask or a polygon
   is linked by its box and keeps its own geometry. Any other tracker fits behind the protocol.
 * **Weak detections continue tracks, never start one.** The linker is handed the detections down to the near-miss
-  floor (``uncertainty.candidate_threshold``), not only those at the served threshold: ByteTrack's second stage
-  continues a track it follows with a detection scoring above 0.1 (an object half hidden, or blurred, scores low),
-  while a track starts only from a detection at the served threshold. ``tracks_from`` keeps that rule for any linker
-  and per label: a track none of whose detections reaches its label's threshold (``threshold_of``) is dropped.
+  floor (``uncertainty.candidate_threshold``: a fifth of the served threshold), not only those at the served
+  threshold, on one scale for every label (``linker_score``: a label's served threshold at ``START``, 0.5, so the
+  floor is at 0.1): ByteTrack's second stage continues a track it follows with a detection scoring above 0.1 (an
+  object half hidden, or blurred, scores low), while a track starts only from a detection at ``START``, its label's
+  served threshold. ``tracks_from`` keeps that rule for any linker: a track none of whose detections reaches its
+  label's threshold (``threshold_of``) is dropped.
 * **One label per track** (``tracks_from``): the label whose detections' scores add up highest (a score-weighted
   vote), so a car seen as a truck on a few blurred frames stays a car; the track keeps the geometry of every one of
   its detections. A track keeps the shape type most of its detections have (CVAT interpolates one type).
@@ -44,6 +46,7 @@ from preannotate.formats import masks
 from preannotate.shapes import TAG, Shape, Track
 
 KEYFRAME_IOU = 0.85  # between keyframes, CVAT's interpolation overlaps every detection at least this much
+START = 0.5  # on the linker's scale (linker_score), a detection from this score may start a track
 
 
 class Linker(Protocol):
@@ -91,25 +94,38 @@ def link(detections: Mapping[int, Sequence[Shape]], frames: Sequence[int] | None
          hidden: Collection[int] = (), close_at: int | None = None, min_iou: float = KEYFRAME_IOU) -> list[Track]:
     """Detections (frame → shapes, as a detector gives them, weak ones included) → tracks with keyframes: ``follow``
     then ``tracks_from``. ``frames``: the frames they cover, in order (default: the keys; a frame listed without
-    detections is one where nothing was detected). Tags are no objects and are left out."""
+    detections is one where nothing was detected). ``threshold_of``: each label's served threshold (default: every
+    detection may start a track). Tags are no objects and are left out."""
     frames = sorted(detections) if frames is None else list(frames)
-    return tracks_from(follow({f: detections.get(f, ()) for f in frames}, linker), frames,
+    return tracks_from(follow({f: detections.get(f, ()) for f in frames}, linker, threshold_of), frames,
                        threshold_of=threshold_of, hidden=hidden, close_at=close_at, min_iou=min_iou)
 
 
-def follow(detections: Mapping[int, Sequence[Shape]], linker: Linker | None = None) -> dict[int, list[Shape]]:
-    """Each frame's detections (in frame order) that ``linker`` (default a new ``ByteTrackLinker``) put in a
-    track: copies with ``track_id`` set, every frame of ``detections`` present. What a tracking benchmark scores."""
-    linker = linker or ByteTrackLinker()
+def follow(detections: Mapping[int, Sequence[Shape]], linker: Linker | None = None,
+           threshold_of: Callable[[str], float] | None = None) -> dict[int, list[Shape]]:
+    """Each frame's detections (in frame order) that ``linker`` put in a track: copies with ``track_id`` set, every
+    frame of ``detections`` present. What a tracking benchmark scores. The linker sees the scores on its scale
+    (``linker_score``) with ``threshold_of`` (each label's served threshold), as they are without; default linker:
+    a new ``ByteTrackLinker`` starting tracks from ``START`` with ``threshold_of``, from any score without."""
+    linker = linker or ByteTrackLinker(START if threshold_of else 0.0)
     followed: dict[int, list[Shape]] = {}
     for frame in sorted(detections):
         objects = [shape for shape in detections[frame] if shape.type != TAG]
         boxes = np.array([shape.bbox() for shape in objects], dtype=float).reshape(-1, 4)
-        scores = np.array([1.0 if shape.score is None else shape.score for shape in objects], dtype=float)
+        scores = np.array([1.0 if shape.score is None else shape.score if threshold_of is None
+                           else linker_score(shape.score, threshold_of(shape.label)) for shape in objects], dtype=float)
         ids = linker.assign(boxes, scores) if objects else np.zeros(0, dtype=int)
         followed[frame] = [dataclasses.replace(shape, frame=frame, track_id=int(track_id))
                            for shape, track_id in zip(objects, ids, strict=True) if track_id > 0]
     return followed
+
+
+def linker_score(score: float, threshold: float) -> float:
+    """``score`` on the linker's scale, where every label's served ``threshold`` is ``START``: linear from 0 to the
+    threshold and from it to 1 (ByteTrack has one threshold for all labels; the served ones differ by label)."""
+    if score < threshold:
+        return START * score / threshold
+    return START + (1 - START) * (score - threshold) / (1 - threshold) if threshold < 1 else START
 
 
 def tracks_from(followed: Mapping[int, Sequence[Shape]], frames: Sequence[int] | None = None, *,
@@ -250,4 +266,5 @@ def _pixels(shape: Shape, left: int, top: int, width: int, height: int) -> np.nd
     return masks.polygon_to_bitmap([shifted], width, height)
 
 
-__all__ = ["KEYFRAME_IOU", "ByteTrackLinker", "Linker", "follow", "iou", "keyframes", "link", "tracks_from", "vote"]
+__all__ = ["KEYFRAME_IOU", "START", "ByteTrackLinker", "Linker", "follow", "iou", "keyframes", "link", "linker_score",
+           "tracks_from", "vote"]
