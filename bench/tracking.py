@@ -8,10 +8,13 @@ and pre-annotated by ``annotate_task`` with the same detections (the detector's 
 and replayed):
 
 * **shapes**: ``as_tracks=False``, one unrelated shape per detection;
-* **tracks**: ``as_tracks=True``, our defaults (``tracking.ByteTrackLinker``: ByteTrack starting a track from any
-  detection the model kept, a lost track kept 30 frames; keyframes where CVAT's interpolation misses by IoU < 0.85);
+* **tracks**: ``as_tracks=True``, our defaults (``tracking.ByteTrackLinker``: ByteTrack fed the detections down to
+  the near-miss floor, starting a track only from one at its label's served threshold, a weaker one continuing a
+  track; a lost track kept 30 frames, a gap it is found again after bridged by CVAT's interpolation; keyframes where
+  CVAT's interpolation misses by IoU < 0.85);
 * **peer**: the same pipeline with supervision's ``sv.ByteTrack()`` at its own defaults (activation threshold 0.25,
-  matching threshold 0.8, buffer 30, frame rate 30) as the linker.
+  matching threshold 0.8, buffer 30, frame rate 30) as the linker (``annotate_task(linker=...)``), fed the served
+  detections, as a team would feed it what the model serves.
 
 What CVAT stores is read back through ``cvat.reader.read_task`` (tracks interpolated as CVAT interpolates them) and
 scored against the truth. The rows *linked detections* score the linker's output before keyframing
