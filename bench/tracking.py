@@ -8,10 +8,8 @@ and pre-annotated by ``annotate_task`` with the same detections (the detector's 
 and replayed):
 
 * **shapes**: ``as_tracks=False``, one unrelated shape per detection;
-* **tracks**: ``as_tracks=True``, our defaults (``tracking.ByteTrackLinker``: ByteTrack fed the detections down to
-  the near-miss floor, starting a track only from one at its label's served threshold, a weaker one continuing a
-  track; a lost track kept 30 frames, a gap it is found again after bridged by CVAT's interpolation; keyframes where
-  CVAT's interpolation misses by IoU < 0.85);
+* **tracks**: ``as_tracks=True``, our defaults (``tracking.ByteTrackLinker``: ByteTrack starting a track from any
+  detection the model kept, a lost track kept 30 frames; keyframes where CVAT's interpolation misses by IoU < 0.85);
 * **peer**: the same pipeline with supervision's ``sv.ByteTrack()`` at its own defaults (activation threshold 0.25,
   matching threshold 0.8, buffer 30, frame rate 30) as the linker (``annotate_task(linker=...)``), fed the served
   detections, as a team would feed it what the model serves.
@@ -340,13 +338,15 @@ def evaluate(args, detector: Replayed, work: Path) -> dict[str, list]:
                 rows[method].append((mot_metrics(truth, hypotheses),
                                      review_edits(truth, hypotheses, tracked=method != "shapes"), looked_at,
                                      required, len(stored["tracks"])))
-                if method == "shapes":  # the detections every run got, frame by frame (near misses too)
-                    detections = {n: shapes for n, (shapes, _) in
-                                  zip(sorted(video.annotations.frames), detector.log, strict=True)}
-            for method, linker in (("linked: tracks", tracking.ByteTrackLinker(tracking.START)),
-                               ("linked: peer", DefaultByteTrack(tracking.START))):
-                followed = tracking.follow(detections, linker, detector.manifest.threshold_of)
-                hypotheses = hypotheses_of(followed, width, height)
+                if method == "shapes":  # the detections every run wrote, frame by frame, each at its label's
+                    served = detector.manifest.threshold_of
+                    detections = {n: [s for s in shapes if s.score is None or s.score >= served(s.label)]
+                                  for n, (shapes, _) in zip(sorted(video.annotations.frames), detector.log,
+                                                            strict=True)}
+            lowest = detector.manifest.lowest_threshold()
+            for method, linker in (("linked: tracks", tracking.ByteTrackLinker(lowest)),
+                               ("linked: peer", DefaultByteTrack(lowest))):
+                hypotheses = hypotheses_of(tracking.follow(detections, linker), width, height)
                 rows[method].append((mot_metrics(truth, hypotheses), review_edits(truth, hypotheses, True),
                                      None, required, None))
             for method, tracked in (("scratch: shapes", False), ("scratch: tracks", True)):

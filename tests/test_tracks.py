@@ -154,12 +154,11 @@ def test_a_track_whose_detections_disagree_takes_the_label_with_the_highest_summ
     assert track.label == "car" and {k.label for k in track.keyframes} == {"car"}  # 6 x 0.4 beats 2 x 0.95
 
 
-def test_an_object_missed_and_found_again_under_its_track_is_bridged_by_cvats_interpolation():
-    detections = {f: [] if f == 10 or 14 <= f < 18 else [Shape("car", "rectangle", car_box(f), frame=f, score=0.9)]
+def test_a_lost_object_is_outside_until_it_is_seen_again_under_the_same_track():
+    detections = {f: [] if 10 <= f < 14 else [Shape("car", "rectangle", car_box(f), frame=f, score=0.9)]
                   for f in range(24)}
     (track,) = link(detections)
-    # missed on frame 10 and on 14-17 but linked again: hidden or missed, not gone; it moves linearly throughout
-    assert [(k.frame, k.outside) for k in track.keyframes] == [(0, False), (23, False)]
+    assert [(k.frame, k.outside) for k in track.keyframes] == [(0, False), (10, True), (14, False), (23, False)]
 
 
 def test_an_object_lost_for_longer_than_the_linker_waits_is_outside_from_its_last_detection():
@@ -168,33 +167,6 @@ def test_an_object_lost_for_longer_than_the_linker_waits_is_outside_from_its_las
     first, second = link(detections, linker=ByteTrackLinker(lost_frames=3))
     assert [(k.frame, k.outside) for k in first.keyframes] == [(0, False), (10, True)]
     assert not any(k.outside for k in second.keyframes) and second.keyframes[-1].frame == 23
-
-
-def test_tracks_are_outside_on_the_frames_a_person_annotated():
-    detections = {f: [] if f == 12 else [Shape("car", "rectangle", car_box(f), frame=f, score=0.9)]
-                  for f in range(24)}
-    (track,) = link(detections, hidden=[12])
-    assert [(k.frame, k.outside) for k in track.keyframes] == [(0, False), (12, True), (13, False), (23, False)]
-
-
-def test_a_weak_detection_continues_a_track_but_never_starts_one():
-    def car(f):
-        return Shape("car", "rectangle", car_box(f), frame=f, score=0.9 if f < 10 else 0.3)
-
-    def person(f):
-        return Shape("person", "rectangle", person_box(f), frame=f, score=0.3)
-
-    detections = {f: [car(f), person(f)] for f in range(20)}
-    (track,) = link(detections, linker=ByteTrackLinker(0.5), threshold_of=lambda _: 0.5)
-    assert track.label == "car" and [(k.frame, k.outside) for k in track.keyframes] == [(0, False), (19, False)]
-    # whatever the linker: a track none of whose detections reaches its label's threshold is left out
-    linked = link(detections, linker=ByteTrackLinker(0.0), threshold_of={"car": 0.5, "person": 0.5}.__getitem__)
-    assert [t.label for t in linked] == ["car"]
-    assert sorted(t.label for t in link(detections, linker=ByteTrackLinker(0.0))) == ["car", "person"]
-    # each label at its own served threshold: the person's is 0.2, so its 0.3 starts a track
-    linked = link(detections, threshold_of={"car": 0.5, "person": 0.2}.__getitem__)
-    assert sorted(t.label for t in linked) == ["car", "person"]
-    assert all(not k.outside for t in linked for k in t.keyframes)
 
 
 def test_masks_are_linked_by_their_box_and_keyframed_by_their_pixels():
@@ -234,33 +206,6 @@ def test_a_video_task_arrives_as_tracks_cut_at_job_boundaries(cvat_double, clien
         assert len(held) == 2 and all(job.start <= s.frame <= job.stop for t in held for s in t.shapes)
     # the confidence tags are per frame, on video too
     assert len(cvat_double.annotations(task_id)["tags"]) == FRAMES
-
-
-class FadingDetector(ColourDetector):
-    """The car scores 0.3 on frames 10-15 (blurred, say), under the served threshold 0.5; the person always does."""
-
-    def detect_scored(self, images, threshold):
-        found = []
-        for shapes, novelty in super().detect_scored(images, threshold):
-            scored = [dataclasses.replace(shape, score=0.3 if shape.label == "person" or
-                                          10 <= (shape.points[0] - 4) / 2 <= 15 else 0.9) for shape in shapes]
-            found.append(([shape for shape in scored if shape.score >= threshold], novelty))
-        return found
-
-
-def test_a_weak_detection_continues_a_track_in_the_task_but_starts_none(cvat_double, client, tmp_path):
-    task_id = add_video(cvat_double)
-    for confidence_tags in (True, False):
-        annotate_task(client, task_id, detector=FadingDetector(), state_dir=tmp_path / "state", replace=True,
-                      cache_dir=tmp_path / "chunks", progress=False, confidence_tags=confidence_tags)
-        # the car's track runs through its weak frames; the person, never detected at 0.5, gets no track
-        assert tracks_of(cvat_double, task_id) == [("car", [(0, False), (19, False)]),
-                                                   ("car", [(20, False), (39, False)])]
-    # as per-frame shapes, the weak frames are left out
-    annotate_task(client, task_id, detector=FadingDetector(), state_dir=tmp_path / "state", as_tracks=False,
-                  cache_dir=tmp_path / "chunks", progress=False)
-    assert sorted(s["frame"] for s in cvat_double.annotations(task_id)["shapes"]) == [
-        f for f in range(FRAMES) if not 10 <= f <= 15]
 
 
 def test_the_linker_is_chosen_per_call(cvat_double, client, tmp_path):

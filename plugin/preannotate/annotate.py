@@ -127,11 +127,8 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
     ``before_write``: run before each batch is written; what it raises stops the run there (``upload.TaskWriter``).
     ``as_tracks``: link each job's detections into tracks (``preannotate.tracking``; a frame left out by
     ``only_unannotated`` hides them) rather than write per-frame shapes; default: tracks for a video task, shapes
-    for an image task. ``linker``: makes each job's ``tracking.Linker`` from the score a detection needs to start a
-    track (``tracking.START``: scores are handed to it on its scale, ``tracking.linker_score``, each label's served
-    threshold at ``START``); it is handed the detections down to the near-miss floor
-    (``uncertainty.candidate_threshold``), so weak ones can continue a track. Returns what was done; ``CvatError``
-    for server problems."""
+    for an image task. ``linker``: makes each job's ``tracking.Linker`` from the lowest served threshold (the
+    detections it is handed passed their label's). Returns what was done; ``CvatError`` for server problems."""
     if (detector is None) == (function_url is None):
         raise ValueError("give a detector (or model reference) or a function_url, not both")
     if threshold is not None and not 0 <= threshold <= 1:
@@ -165,9 +162,7 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
     report.threshold = ("at the function's own thresholds" if threshold_of is None else
                         threshold_text({label.name: threshold_of(label.name) for label in model.labels})
                         if model is not None else threshold_text({"": lowest}))
-    # near misses are asked for to score confidence, and for tracks (a weak detection may continue one)
-    asked = uncertainty.candidate_threshold(lowest) if lowest is not None and (confidence_tags or as_tracks) \
-        else lowest
+    asked = uncertainty.candidate_threshold(lowest) if confidence_tags else lowest
     if report.unshared_labels:
         log.warning("task %d has no label %s: those predictions are not written", task_id,
                     ", ".join(report.unshared_labels))
@@ -192,14 +187,13 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
             for frame, candidates, novelty in predictions:
                 if confidence_tags:
                     confidence[frame] = report.confidence[frame] = _confidence(candidates, threshold_of, novelty)
-                if threshold_of is not None and not as_tracks:  # each label at its own threshold (uncertainty.kept)
+                if threshold_of is not None:  # each label at its own threshold, as uncertainty.kept keeps them
                     candidates = [shape for shape in candidates
                                   if shape.score is None or shape.score >= threshold_of(shape.label)]
                 pending[frame] = candidates
                 bar.update(1)
                 if frame in jobs:  # the job's last frame: its tracks are complete
-                    uploader.put(*_as_tracks(pending, *jobs[frame], linker(tracking.START), threshold_of),
-                                 confidence=confidence)
+                    uploader.put(*_as_tracks(pending, *jobs[frame], linker(lowest or 0.0)), confidence=confidence)
                     pending, confidence = {}, {}
                 elif not as_tracks and len(pending) >= upload_every:
                     uploader.put(pending, confidence=confidence)
@@ -266,14 +260,11 @@ def _track_jobs(writer: TaskWriter, todo: list[int], covered: list[int]) -> dict
     return jobs
 
 
-def _as_tracks(pending: dict[int, list[Shape]], frames: list[int], close_at: int | None, linker: tracking.Linker,
-               threshold_of: Callable[[str], float] | None) -> tuple[dict[int, list[Shape]], list[Track]]:
-    """One job's predictions (weak ones included) as (the frames written, with their tags; the tracks). The job's
-    frames not detected are those a person annotated: the tracks are hidden there."""
-    objects = {f: [s for s in pending[f] if s.type != TAG] for f in frames if f in pending}
-    threshold_of = threshold_of or (lambda _: 0.0)  # a function's own thresholds: all it gave may start a track
-    tracks = tracking.link(objects, frames, linker=linker, threshold_of=threshold_of,
-                           hidden=[f for f in frames if f not in pending], close_at=close_at)
+def _as_tracks(pending: dict[int, list[Shape]], frames: list[int], close_at: int | None, linker: tracking.Linker
+               ) -> tuple[dict[int, list[Shape]], list[Track]]:
+    """One job's predictions as (the frames written, with their tags; the tracks)."""
+    objects = {f: [s for s in pending.get(f, ()) if s.type != TAG] for f in frames}
+    tracks = tracking.link(objects, frames, linker=linker, close_at=close_at)
     return {f: [s for s in shapes if s.type == TAG] for f, shapes in pending.items()}, tracks
 
 

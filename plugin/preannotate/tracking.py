@@ -1,27 +1,17 @@
 """Detections of consecutive frames → CVAT tracks: linked across frames, one label each, ``outside`` where the
-object leaves or is lost for good, and keyframes only where CVAT's own interpolation would miss the detections.
+object leaves or is lost, and keyframes only where CVAT's own interpolation would miss the detections.
 
 * **Linking** (``follow``): a ``Linker`` gives each frame's detections track ids, frame after frame. Ours is
   supervision's ByteTrack (``ByteTrackLinker``): maintained, numpy only, and it keeps a lost object for
   ``lost_frames`` frames so that one hidden for a moment comes back under its id. It links boxes: a mask or a polygon
   is linked by its box and keeps its own geometry. Any other tracker fits behind the protocol.
-* **Weak detections continue tracks, never start one.** The linker is handed the detections down to the near-miss
-  floor (``uncertainty.candidate_threshold``: a fifth of the served threshold), not only those at the served
-  threshold, on one scale for every label (``linker_score``: a label's served threshold at ``START``, 0.5, so the
-  floor is at 0.1): ByteTrack's second stage continues a track it follows with a detection scoring above 0.1 (an
-  object half hidden, or blurred, scores low), while a track starts only from a detection at ``START``, its label's
-  served threshold. ``tracks_from`` keeps that rule for any linker: a track none of whose detections reaches its
-  label's threshold (``threshold_of``) is dropped.
 * **One label per track** (``tracks_from``): the label whose detections' scores add up highest (a score-weighted
   vote), so a car seen as a truck on a few blurred frames stays a car; the track keeps the geometry of every one of
   its detections. A track keeps the shape type most of its detections have (CVAT interpolates one type).
-* **outside**: a track not detected on some frames and then found again under its id (the linker keeps a lost track
-  ``lost_frames``) was hidden or missed there, not gone: no outside keyframe, CVAT's interpolation between the
-  detections on either side bridges the gap. A track is outside only where it is lost for good (from the frame after
-  its last detection: the object left, or stayed hidden longer than the linker waits) and on the ``hidden`` frames
-  (a person annotated them: the model's tracks stay out of their way). A track still seen on the last frame stays to
-  the end of the task unless ``close_at`` names the frame to hide it on (a job's tracks end on the next job's first
-  frame: CVAT would give every later job a piece of a track left open).
+* **outside**: a keyframe on the first frame a track is not detected on after being seen (the object left, or the
+  tracker lost it) hides it until it is detected again. A track still seen on the last frame stays to the end of
+  the task unless ``close_at`` names the frame to hide it on (a job's tracks end on the next job's first frame:
+  CVAT would give every later job a piece of a track left open).
 * **Keyframes** (``keyframes``): the first frame of every visible run and its end (the outside keyframe, placed
   where the motion would carry the object, or the run's last frame), then, Ramer–Douglas–Peucker style, the frame
   where CVAT's interpolation between the keyframes chosen so far overlaps the detection least, as long as that
@@ -36,7 +26,7 @@ import dataclasses
 import math
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -46,7 +36,6 @@ from preannotate.formats import masks
 from preannotate.shapes import TAG, Shape, Track
 
 KEYFRAME_IOU = 0.85  # between keyframes, CVAT's interpolation overlaps every detection at least this much
-START = 0.5  # on the linker's scale (linker_score), a detection from this score may start a track
 
 
 class Linker(Protocol):
@@ -57,14 +46,9 @@ class Linker(Protocol):
 
 
 class ByteTrackLinker:
-    """supervision's ByteTrack. A detection scoring ``threshold`` or more may start a track; one scoring less only
-    continues a track (down to ByteTrack's floor, 0.1). A track not detected for ``lost_frames`` frames (at
-    ``frame_rate``) is given up.
-
-    ByteTrack's thresholds: detections from ``track_activation_threshold`` on are matched to every track, tracked or
-    lost (first stage), and start a new track from ``det_thresh``, 0.1 above it; those between 0.1 and it are matched
-    only to the tracks followed on the frame before, at IoU 0.5 (second stage). So the activation threshold is set
-    0.1 below ``threshold`` and ``det_thresh`` to ``threshold`` itself (exactly: no rounding of ``- 0.1 + 0.1``)."""
+    """supervision's ByteTrack. Every detection handed to it may start a track (they already passed the model's
+    threshold: ByteTrack starts tracks only 0.1 above its activation threshold, so that is set 0.1 below
+    ``threshold``); a track not detected for ``lost_frames`` frames (at ``frame_rate``) is given up."""
 
     def __init__(self, threshold: float = 0.0, lost_frames: int = 30, frame_rate: float = 30.0):
         import supervision as sv
@@ -75,7 +59,6 @@ class ByteTrackLinker:
             warnings.filterwarnings("ignore", message=".*ByteTrack.*", category=FutureWarning)
             self.tracker = sv.ByteTrack(track_activation_threshold=max(0.0, threshold - 0.1),
                                         lost_track_buffer=lost_frames, frame_rate=frame_rate)
-        self.tracker.det_thresh = threshold
         self._detections = sv.Detections
 
     def assign(self, boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -90,52 +73,35 @@ class ByteTrackLinker:
 
 
 def link(detections: Mapping[int, Sequence[Shape]], frames: Sequence[int] | None = None, *,
-         linker: Linker | None = None, threshold_of: Callable[[str], float] | None = None,
-         hidden: Collection[int] = (), close_at: int | None = None, min_iou: float = KEYFRAME_IOU) -> list[Track]:
-    """Detections (frame → shapes, as a detector gives them, weak ones included) → tracks with keyframes: ``follow``
-    then ``tracks_from``. ``frames``: the frames they cover, in order (default: the keys; a frame listed without
-    detections is one where nothing was detected). ``threshold_of``: each label's served threshold (default: every
-    detection may start a track). Tags are no objects and are left out."""
+         linker: Linker | None = None, close_at: int | None = None, min_iou: float = KEYFRAME_IOU) -> list[Track]:
+    """Detections (frame → shapes, as a detector gives them) → tracks with keyframes: ``follow`` then
+    ``tracks_from``. ``frames``: the frames they cover, in order (default: the keys; a frame listed without
+    detections hides every track there). Tags are no objects and are left out."""
     frames = sorted(detections) if frames is None else list(frames)
-    return tracks_from(follow({f: detections.get(f, ()) for f in frames}, linker, threshold_of), frames,
-                       threshold_of=threshold_of, hidden=hidden, close_at=close_at, min_iou=min_iou)
+    return tracks_from(follow({f: detections.get(f, ()) for f in frames}, linker), frames, close_at=close_at,
+                       min_iou=min_iou)
 
 
-def follow(detections: Mapping[int, Sequence[Shape]], linker: Linker | None = None,
-           threshold_of: Callable[[str], float] | None = None) -> dict[int, list[Shape]]:
-    """Each frame's detections (in frame order) that ``linker`` put in a track: copies with ``track_id`` set, every
-    frame of ``detections`` present. What a tracking benchmark scores. The linker sees the scores on its scale
-    (``linker_score``) with ``threshold_of`` (each label's served threshold), as they are without; default linker:
-    a new ``ByteTrackLinker`` starting tracks from ``START`` with ``threshold_of``, from any score without."""
-    linker = linker or ByteTrackLinker(START if threshold_of else 0.0)
+def follow(detections: Mapping[int, Sequence[Shape]], linker: Linker | None = None) -> dict[int, list[Shape]]:
+    """Each frame's detections (in frame order) that ``linker`` (default a new ``ByteTrackLinker``) put in a
+    track: copies with ``track_id`` set, every frame of ``detections`` present. What a tracking benchmark scores."""
+    linker = linker or ByteTrackLinker()
     followed: dict[int, list[Shape]] = {}
     for frame in sorted(detections):
         objects = [shape for shape in detections[frame] if shape.type != TAG]
         boxes = np.array([shape.bbox() for shape in objects], dtype=float).reshape(-1, 4)
-        scores = np.array([1.0 if shape.score is None else shape.score if threshold_of is None
-                           else linker_score(shape.score, threshold_of(shape.label)) for shape in objects], dtype=float)
+        scores = np.array([1.0 if shape.score is None else shape.score for shape in objects], dtype=float)
         ids = linker.assign(boxes, scores) if objects else np.zeros(0, dtype=int)
         followed[frame] = [dataclasses.replace(shape, frame=frame, track_id=int(track_id))
                            for shape, track_id in zip(objects, ids, strict=True) if track_id > 0]
     return followed
 
 
-def linker_score(score: float, threshold: float) -> float:
-    """``score`` on the linker's scale, where every label's served ``threshold`` is ``START``: linear from 0 to the
-    threshold and from it to 1 (ByteTrack has one threshold for all labels; the served ones differ by label)."""
-    if score < threshold:
-        return START * score / threshold
-    return START + (1 - START) * (score - threshold) / (1 - threshold) if threshold < 1 else START
-
-
 def tracks_from(followed: Mapping[int, Sequence[Shape]], frames: Sequence[int] | None = None, *,
-                threshold_of: Callable[[str], float] | None = None, hidden: Collection[int] = (),
                 close_at: int | None = None, min_iou: float = KEYFRAME_IOU) -> list[Track]:
     """Shapes with their ``track_id`` (``follow``) → one ``Track`` per id, in the order they appear: its label by
-    score-weighted vote, an outside keyframe where it is lost for good or on a ``hidden`` frame, keyframes where
-    CVAT's interpolation would miss (see the module doc). ``frames``: the frames covered, in order (default: the
-    keys of ``followed``). ``threshold_of``: a label's served threshold; a track with no detection at its label's is
-    left out (default: every track is kept)."""
+    score-weighted vote, an outside keyframe where it stops being seen, keyframes where CVAT's interpolation would
+    miss (see the module doc). ``frames``: the frames covered, in order (default: the keys of ``followed``)."""
     frames = sorted(followed) if frames is None else list(frames)
     seen: dict[int, dict[int, Shape]] = defaultdict(dict)
     for frame in frames:
@@ -143,14 +109,11 @@ def tracks_from(followed: Mapping[int, Sequence[Shape]], frames: Sequence[int] |
             seen[shape.track_id][frame] = shape
     tracks = []
     for by_frame in seen.values():
-        if threshold_of is not None and not any(shape.score is None or shape.score >= threshold_of(shape.label)
-                                                for shape in by_frame.values()):
-            continue  # weak detections only: they continue tracks, never make one
         kind = Counter(shape.type for shape in by_frame.values()).most_common(1)[0][0]
         by_frame = {frame: shape for frame, shape in by_frame.items() if shape.type == kind}
         label = vote(by_frame.values())
         chosen: list[Shape] = []
-        for run, after in _runs(frames, by_frame, set(hidden)):
+        for run, after in _runs(frames, by_frame):
             chosen += keyframes(run, outside_at=after if after is not None else close_at, min_iou=min_iou)
         scores = [shape.score for shape in by_frame.values() if shape.score is not None]
         tracks.append(Track(label, [dataclasses.replace(k, label=label, attributes={}, track_id=None)
@@ -190,24 +153,17 @@ def keyframes(run: Sequence[Shape], *, outside_at: int | None = None, min_iou: f
     return [samples[k] for k in sorted(chosen)]
 
 
-def _runs(frames: Sequence[int], seen: Mapping[int, Shape], hidden: Collection[int] = ()
-          ) -> Iterable[tuple[list[Shape], int | None]]:
-    """The track's visible runs over ``frames``, each with the frame it is outside from (None: it lasts to the
-    end). Frames without a detection between two detections are in the run (CVAT interpolates them) unless one of
-    them is ``hidden``; after the last detection the track is outside."""
+def _runs(frames: Sequence[int], seen: Mapping[int, Shape]) -> Iterable[tuple[list[Shape], int | None]]:
+    """The track's visible runs over ``frames``, each with the frame after it (None: it lasts to the end)."""
     run: list[Shape] = []
-    gap: list[int] = []  # frames without a detection since the run's last one
     for frame in frames:
-        if frame in hidden and run:
-            yield run, (gap or [frame])[0]
-            run, gap = [], []
-        elif frame in seen:
+        if frame in seen:
             run.append(seen[frame])
-            gap = []
         elif run:
-            gap.append(frame)
+            yield run, frame
+            run = []
     if run:
-        yield run, gap[0] if gap else None
+        yield run, None
 
 
 def _beyond(run: Sequence[Shape], frame: int) -> Shape:
@@ -266,5 +222,4 @@ def _pixels(shape: Shape, left: int, top: int, width: int, height: int) -> np.nd
     return masks.polygon_to_bitmap([shifted], width, height)
 
 
-__all__ = ["KEYFRAME_IOU", "START", "ByteTrackLinker", "Linker", "follow", "iou", "keyframes", "link", "linker_score",
-           "tracks_from", "vote"]
+__all__ = ["KEYFRAME_IOU", "ByteTrackLinker", "Linker", "follow", "iou", "keyframes", "link", "tracks_from", "vote"]
