@@ -11,7 +11,8 @@ and replayed):
 * **tracks**: ``as_tracks=True``, our defaults (``tracking.ByteTrackLinker``: ByteTrack starting a track from any
   detection the model kept, a lost track kept 30 frames; keyframes where CVAT's interpolation misses by IoU < 0.85);
 * **peer**: the same pipeline with supervision's ``sv.ByteTrack()`` at its own defaults (activation threshold 0.25,
-  matching threshold 0.8, buffer 30, frame rate 30) as the linker.
+  matching threshold 0.8, buffer 30, frame rate 30) as the linker (``annotate_task(linker=...)``), fed the served
+  detections, as a team would feed it what the model serves.
 
 What CVAT stores is read back through ``cvat.reader.read_task`` (tracks interpolated as CVAT interpolates them) and
 scored against the truth. The rows *linked detections* score the linker's output before keyframing
@@ -25,9 +26,10 @@ carry no identity, so each counts as its own track: their IDF1 and switches say 
 Review work (``review_edits``). *To look at*: shapes written, or keyframes written (outside keyframes included: the
 reviewer steps through every keyframe). *Edits per 100 object-frames* (of required truth):
 
-* per-frame shapes, as in issue 21: delete a false positive, draw a missed object, drag a box matched at IoU < 0.75,
-  relabel a matched box of the wrong label. Re-linking shapes into tracks is not counted (a lower bound for a team
-  that wants tracks);
+* per-frame shapes, counted as issue 21 counts a reviewed frame (``training.edits.review_frame``, after the boxes on
+  don't-care objects are left out): delete a false positive, add a missed object, move a box matched at IoU < 0.75;
+  a box of the wrong label is a delete and an add. Re-linking shapes into tracks is not counted (a lower bound for a
+  team that wants tracks);
 * tracks, counted as the CVAT actions that fix them: for each run of consecutive frames where an object is missed or
   its box is off (IoU < 0.75), the keyframes CVAT's interpolation needs to follow the truth over that run within IoU
   0.75 (``tracking.keyframes``: one for a single frame, its first and last and any between where interpolation would
@@ -52,7 +54,6 @@ import time
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
-from unittest import mock
 
 import torchvision  # noqa: F401  before anything imports TensorFlow
 
@@ -64,11 +65,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _results import machine, publish  # noqa: E402
 from cvat_sdk import make_client  # noqa: E402
-from preannotate import tracking, uncertainty  # noqa: E402
+from preannotate import tracking  # noqa: E402
 from preannotate.annotate import annotate_task  # noqa: E402
 from preannotate.cvat.reader import read_task  # noqa: E402
 from preannotate.models import ModelStore, hyperparameters_for, load_detector  # noqa: E402
 from preannotate.shapes import Shape  # noqa: E402
+from preannotate.training.edits import MOVE_IOU, review_frame, threshold_text  # noqa: E402
 from preannotate.training.recipe import TrainingData, train_and_publish  # noqa: E402
 from preannotate.training.synthetic import generate_video  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
@@ -80,22 +82,30 @@ ARCH = "ssdlite320_mobilenet_v3_large"
 LABELS = ("box", "disc", "triangle")
 VISIBLE = 0.25  # a truth object less visible than this is hidden behind others: don't care
 MATCH_IOU = 0.5  # a box on an object (MOTChallenge's threshold)
-LOOSE_IOU = 0.75  # a matched box below this is dragged (issue 21)
+LOOSE_IOU = MOVE_IOU  # a matched box below this is moved (issue 21)
 TRAIN_SEEDS = 100  # training clips are seeds 100, 101, ...; test clips the --seeds (0, 1, ...)
 
 logging.getLogger("cvat_sdk").setLevel(logging.ERROR)
 
 
 class DefaultByteTrack(tracking.ByteTrackLinker):
-    """The peer: supervision's ByteTrack with every setting at its default, behind the same ``Linker`` protocol."""
+    """The peer: supervision's ByteTrack with every setting at its default, behind the same ``Linker`` protocol, fed
+    the served detections (those scoring ``threshold`` or more), as a team would feed it what the model serves."""
 
-    def __init__(self, *_: object):
+    def __init__(self, threshold: float):
         import supervision as sv
 
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*ByteTrack.*", category=FutureWarning)
             self.tracker = sv.ByteTrack()
         self._detections = sv.Detections
+        self.threshold = threshold
+
+    def assign(self, boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        served = np.asarray(scores) >= self.threshold
+        ids = np.zeros(len(boxes), dtype=int)
+        ids[served] = super().assign(np.asarray(boxes)[served], np.asarray(scores)[served])
+        return ids
 
 
 class Replayed:
@@ -197,21 +207,24 @@ def review_edits(truth: dict, hypotheses: dict, tracked: bool) -> Counter:
     for frame in sorted(truth):
         objects, boxes = truth[frame], hypotheses.get(frame, [])
         pairs, false, missed = match(objects, boxes)
+        if not tracked:
+            on_dont_care = {h for t, h, _ in pairs if not objects[t][3]}
+            found = review_frame([Shape(label, "rectangle", list(box)) for _, label, box, required in objects
+                                  if required],
+                                 [Shape(label, "rectangle", list(box)) for h, (_, label, box) in enumerate(boxes)
+                                  if h not in on_dont_care])
+            edits.update(add=len(found.missed), delete=len(found.false), move=len(found.loose))
+            continue
         for t, h, overlap in pairs:
             object_id, label, box, required = objects[t]
             track, track_label, _ = boxes[h]
             object_ids[object_id].append(track)
             track_objects[track].append((object_id, label, track_label))
             if required and overlap < LOOSE_IOU:
-                edits["drag"] += not tracked
                 bad[object_id].append((frame, box))
-            if not tracked and label != track_label:
-                edits["relabel"] += 1
         for t in missed:
-            edits["draw"] += not tracked
             bad[objects[t][0]].append((frame, objects[t][2]))
         for h in false:
-            edits["delete"] += not tracked
             false_frames[boxes[h][0]].append(frame)
         for object_id, _, _, required in objects:
             if required:
@@ -269,65 +282,80 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-clips", type=int, default=4, help="training clips (default 4)")
     parser.add_argument("--frames", type=int, default=120, help="frames per clip (default 120)")
     parser.add_argument("--objects", type=int, default=6, help="objects per clip (default 6)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="test clips (default 0-4)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="test clips (default 0-4; --quick 0 1)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 120 steps, 2 clips of 60 frames")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a published model directory to test instead of training one (the same weights across "
+                             "runs: e.g. one published by an earlier run's train, kept)")
     parser.add_argument("--no-write", action="store_true", help="print, do not touch bench/RESULTS.md")
     args = parser.parse_args(argv)
     if args.quick:
-        args.train_clips, args.frames, args.seeds = 2, 60, args.seeds[:2]
+        args.train_clips, args.frames = 2, 60
+    args.seeds = args.seeds if args.seeds is not None else [0, 1] if args.quick else [0, 1, 2, 3, 4]
     args.steps = args.steps or (120 if args.quick else 600)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-tracking-") as tmp:
         work = Path(tmp)
         t0 = time.monotonic()
-        result, trained_on = train(args, work)
+        result, trained_on = (None, None) if args.model else train(args, work)
         training_minutes = (time.monotonic() - t0) / 60
-        print(f"trained in {training_minutes:.1f} min: validation {result.metrics}", flush=True)
-        detector = Replayed(load_detector(result.path))
-        threshold = detector.manifest.score_threshold
-        rows: dict[str, list] = defaultdict(list)  # method → per-seed (metrics, edits, looked at, object-frames)
-        with CvatDouble() as double, make_client(double.base_url, credentials=double.credentials) as client:
-            for seed in args.seeds:
-                video = generate_video(num_frames=args.frames, seed=seed, labels=LABELS, objects=args.objects)
-                any_frame = video.annotations.frames[0]
-                width, height = any_frame.width, any_frame.height
-                truth = truth_of(video, width, height)
-                required = sum(t[3] for objects in truth.values() for t in objects)
-                clip = [(f.name, video.images.files[n], width, height) for n, f in video.annotations.frames.items()]
-                for method in ("shapes", "tracks", "peer"):
-                    task = double.add_task(f"{method}-{seed}", clip, [{"name": n, "type": "any"} for n in LABELS],
-                                           video="clip.mp4")
-                    detector.log = []
-                    linker = DefaultByteTrack if method == "peer" else tracking.ByteTrackLinker
-                    with mock.patch.object(tracking, "ByteTrackLinker", linker):
-                        annotate_task(client, task, detector=detector, as_tracks=method != "shapes",
-                                      state_dir=work / "state", cache_dir=work / "chunks", progress=False)
-                    stored = double.annotations(task)
-                    looked_at = (len(stored["shapes"]) if method == "shapes"
-                                 else sum(len(track["shapes"]) for track in stored["tracks"]))
-                    frames = {n: [s for s in f.shapes if s.label in LABELS]
-                              for n, f in read_task(client, task).frames.items()}
-                    hypotheses = hypotheses_of(frames, width, height)
-                    rows[method].append((mot_metrics(truth, hypotheses),
-                                         review_edits(truth, hypotheses, tracked=method != "shapes"), looked_at,
-                                         required, len(stored["tracks"])))
-                    if method == "shapes":  # the detections every run wrote, frame by frame
-                        detections = {n: uncertainty.kept(shapes, threshold) for n, (shapes, _) in
-                                      zip(sorted(video.annotations.frames), detector.log, strict=True)}
-                for method, linker in (("linked: tracks", tracking.ByteTrackLinker(threshold)),
-                                       ("linked: peer", DefaultByteTrack())):
-                    hypotheses = hypotheses_of(tracking.follow(detections, linker), width, height)
-                    rows[method].append((mot_metrics(truth, hypotheses), review_edits(truth, hypotheses, True),
-                                         None, required, None))
-                for method, tracked in (("scratch: shapes", False), ("scratch: tracks", True)):
-                    rows[method].append((mot_metrics(truth, {}), review_edits(truth, {}, tracked), None, required,
-                                         None))
-                print(f"seed {seed}: " + ", ".join(
-                    f"{m} MOTA {r[-1][0]['mota']:.3f} IDF1 {r[-1][0]['idf1']:.3f} edits "
-                    f"{100 * sum(r[-1][1].values()) / r[-1][3]:.1f}" for m, r in rows.items()), flush=True)
-    text = report(args, argv, rows, result, trained_on, training_minutes, threshold, time.monotonic() - started)
+        detector = Replayed(load_detector(args.model or result.path))
+        print(f"model ready in {training_minutes:.1f} min: validation {detector.manifest.metrics}", flush=True)
+        threshold = threshold_text({label.name: detector.manifest.threshold_of(label.name)
+                                    for label in detector.labels})
+        rows = evaluate(args, detector, work)
+    text = report(args, argv, rows, detector.manifest, trained_on, training_minutes, threshold,
+                  time.monotonic() - started)
     publish(SECTION, text, write=not args.no_write)
     return 0
+
+
+def evaluate(args, detector: Replayed, work: Path) -> dict[str, list]:
+    """Each method's per-seed (metrics, edits, looked at, object-frames, tracks) on the test clips ``args.seeds``."""
+    rows: dict[str, list] = defaultdict(list)
+    with CvatDouble() as double, make_client(double.base_url, credentials=double.credentials) as client:
+        for seed in args.seeds:
+            video = generate_video(num_frames=args.frames, seed=seed, labels=LABELS, objects=args.objects)
+            any_frame = video.annotations.frames[0]
+            width, height = any_frame.width, any_frame.height
+            truth = truth_of(video, width, height)
+            required = sum(t[3] for objects in truth.values() for t in objects)
+            clip = [(f.name, video.images.files[n], width, height) for n, f in video.annotations.frames.items()]
+            for method in ("shapes", "tracks", "peer"):
+                task = double.add_task(f"{method}-{seed}", clip, [{"name": n, "type": "any"} for n in LABELS],
+                                       video="clip.mp4")
+                detector.log = []
+                annotate_task(client, task, detector=detector, as_tracks=method != "shapes",
+                              linker=DefaultByteTrack if method == "peer" else tracking.ByteTrackLinker,
+                              state_dir=work / "state", cache_dir=work / "chunks", progress=False)
+                stored = double.annotations(task)
+                looked_at = (len(stored["shapes"]) if method == "shapes"
+                             else sum(len(track["shapes"]) for track in stored["tracks"]))
+                frames = {n: [s for s in f.shapes if s.label in LABELS]
+                          for n, f in read_task(client, task).frames.items()}
+                hypotheses = hypotheses_of(frames, width, height)
+                rows[method].append((mot_metrics(truth, hypotheses),
+                                     review_edits(truth, hypotheses, tracked=method != "shapes"), looked_at,
+                                     required, len(stored["tracks"])))
+                if method == "shapes":  # the detections every run wrote, frame by frame, each at its label's
+                    served = detector.manifest.threshold_of
+                    detections = {n: [s for s in shapes if s.score is None or s.score >= served(s.label)]
+                                  for n, (shapes, _) in zip(sorted(video.annotations.frames), detector.log,
+                                                            strict=True)}
+            lowest = detector.manifest.lowest_threshold()
+            for method, linker in (("linked: tracks", tracking.ByteTrackLinker(lowest)),
+                               ("linked: peer", DefaultByteTrack(lowest))):
+                hypotheses = hypotheses_of(tracking.follow(detections, linker), width, height)
+                rows[method].append((mot_metrics(truth, hypotheses), review_edits(truth, hypotheses, True),
+                                     None, required, None))
+            for method, tracked in (("scratch: shapes", False), ("scratch: tracks", True)):
+                rows[method].append((mot_metrics(truth, {}), review_edits(truth, {}, tracked), None, required,
+                                     None))
+            print(f"seed {seed}: " + ", ".join(
+                f"{m} MOTA {r[-1][0]['mota']:.3f} IDF1 {r[-1][0]['idf1']:.3f} edits "
+                f"{100 * sum(r[-1][1].values()) / r[-1][3]:.1f}" for m, r in rows.items()), flush=True)
+    return rows
 
 
 NAMES = {"shapes": "per-frame shapes (`as_tracks=False`)", "tracks": "**tracks, ours** (`as_tracks=True`)",
@@ -337,19 +365,24 @@ NAMES = {"shapes": "per-frame shapes (`as_tracks=False`)", "tracks": "**tracks, 
          "(the truth's keyframes at IoU 0.75)"}
 
 
-def report(args, argv, rows, result, trained_on, training_minutes, threshold, seconds) -> str:
+def report(args, argv, rows, manifest, trained_on, training_minutes, threshold, seconds) -> str:
     info = machine()
     given = argv if argv is not None else sys.argv[1:]
+    hp = manifest.hyperparameters
+    model = (f"`{ARCH}` from random init, {args.steps} steps of batch {args.batch} ({training_minutes:.1f} min) on "
+             f"{trained_on} frames of {args.train_clips} synthetic clips (seeds {TRAIN_SEEDS}-"
+             f"{TRAIN_SEEDS + args.train_clips - 1}" if args.model is None else
+             f"`{manifest.architecture}` given with `--model` (published by this script's `train` in an earlier run: "
+             f"random init, {hp.get('num_steps', hp.get('num-steps', '?'))} steps of batch "
+             f"{hp.get('batch_size', hp.get('batch-size', '?'))}")
     lines = [
         SECTION, "",
         "Command: `.venv/bin/python bench/tracking.py`" + (f" (`{' '.join(given)}`)" if given else "") + ".", "",
         f"Machine: {info['cpu']}, {info['cores']} cores (torch threads: {torch.get_num_threads()}); torch "
         f"{torch.__version__}, motmetrics {mm.__version__}, Python {info['python']}; run {info['date']}, "
         f"{seconds:.0f} s in all.", "",
-        f"Method: see `bench/tracking.py`'s docstring. `{ARCH}` from random init, {args.steps} steps of batch "
-        f"{args.batch} ({training_minutes:.1f} min) on {trained_on} frames of {args.train_clips} synthetic clips "
-        f"(seeds {TRAIN_SEEDS}-{TRAIN_SEEDS + args.train_clips - 1}; validation mAP@.5 "
-        f"{result.metrics.get('map50')}), served at its threshold {threshold}. Test clips: seeds "
+        f"Method: see `bench/tracking.py`'s docstring. {model}; validation mAP@.5 "
+        f"{manifest.metrics.get('map50')}), served {threshold}. Test clips: seeds "
         f"{', '.join(map(str, args.seeds))}, {args.frames} frames of 320x240 each, {args.objects} objects on crossing "
         f"arcs (labels {', '.join(LABELS)}), each uploaded as a video task (one job) to the CVAT double and "
         f"pre-annotated by `annotate_task`; every method gets the same detections. Objects less than {VISIBLE:.0%} "

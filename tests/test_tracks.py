@@ -22,7 +22,7 @@ from preannotate.cvat.reader import read_finished, read_task
 from preannotate.formats import masks
 from preannotate.models.artifact import Manifest
 from preannotate.shapes import Label, Shape
-from preannotate.tracking import KEYFRAME_IOU, follow, iou, keyframes, link, tracks_from
+from preannotate.tracking import KEYFRAME_IOU, ByteTrackLinker, follow, iou, keyframes, link, tracks_from
 
 from tests import cvat_double as double_module
 from tests.conftest import encode
@@ -161,6 +161,14 @@ def test_a_lost_object_is_outside_until_it_is_seen_again_under_the_same_track():
     assert [(k.frame, k.outside) for k in track.keyframes] == [(0, False), (10, True), (14, False), (23, False)]
 
 
+def test_an_object_lost_for_longer_than_the_linker_waits_is_outside_from_its_last_detection():
+    detections = {f: [] if 10 <= f < 15 else [Shape("car", "rectangle", car_box(f), frame=f, score=0.9)]
+                  for f in range(24)}
+    first, second = link(detections, linker=ByteTrackLinker(lost_frames=3))
+    assert [(k.frame, k.outside) for k in first.keyframes] == [(0, False), (10, True)]
+    assert not any(k.outside for k in second.keyframes) and second.keyframes[-1].frame == 23
+
+
 def test_masks_are_linked_by_their_box_and_keyframed_by_their_pixels():
     def mask(frame: int) -> Shape:
         bitmap = np.zeros((48, 96), dtype=bool)
@@ -198,6 +206,18 @@ def test_a_video_task_arrives_as_tracks_cut_at_job_boundaries(cvat_double, clien
         assert len(held) == 2 and all(job.start <= s.frame <= job.stop for t in held for s in t.shapes)
     # the confidence tags are per frame, on video too
     assert len(cvat_double.annotations(task_id)["tags"]) == FRAMES
+
+
+def test_the_linker_is_chosen_per_call(cvat_double, client, tmp_path):
+    made = []
+
+    def linker(threshold):
+        made.append(threshold)
+        return ByteTrackLinker(threshold)
+
+    task_id = add_video(cvat_double)
+    run(client, task_id, tmp_path, linker=linker)
+    assert made == [0.5, 0.5] and len(tracks_of(cvat_double, task_id)) == 4  # one linker per job
 
 
 def test_a_rerun_replaces_the_models_tracks_and_never_touches_a_persons(cvat_double, client, tmp_path):

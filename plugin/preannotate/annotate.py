@@ -111,7 +111,8 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
                   store: str | os.PathLike | None = None, device: str | None = None, workers: int = 2,
                   quality: str = "original", cache_dir: str | os.PathLike | None = None,
                   prefetch: int = 2, confidence_tags: bool = True,
-                  before_write: Callable[[], None] | None = None, as_tracks: bool | None = None) -> AnnotateReport:
+                  before_write: Callable[[], None] | None = None, as_tracks: bool | None = None,
+                  linker: Callable[[float], tracking.Linker] = tracking.ByteTrackLinker) -> AnnotateReport:
     """Pre-annotate task ``task_id`` with ``detector`` (or a deployed function at ``function_url``).
 
     ``threshold``: minimum score for every label (default: each label's served threshold, ``Manifest.threshold_of``;
@@ -126,7 +127,8 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
     ``before_write``: run before each batch is written; what it raises stops the run there (``upload.TaskWriter``).
     ``as_tracks``: link each job's detections into tracks (``preannotate.tracking``; a frame left out by
     ``only_unannotated`` hides them) rather than write per-frame shapes; default: tracks for a video task, shapes
-    for an image task. Returns what was done; ``CvatError`` for server problems."""
+    for an image task. ``linker``: makes each job's ``tracking.Linker`` from the lowest served threshold (the
+    detections it is handed passed their label's). Returns what was done; ``CvatError`` for server problems."""
     if (detector is None) == (function_url is None):
         raise ValueError("give a detector (or model reference) or a function_url, not both")
     if threshold is not None and not 0 <= threshold <= 1:
@@ -191,7 +193,7 @@ def annotate_task(client: Client, task_id: int, *, detector: Detector | str | No
                 pending[frame] = candidates
                 bar.update(1)
                 if frame in jobs:  # the job's last frame: its tracks are complete
-                    uploader.put(*_as_tracks(pending, *jobs[frame], lowest), confidence=confidence)
+                    uploader.put(*_as_tracks(pending, *jobs[frame], linker(lowest or 0.0)), confidence=confidence)
                     pending, confidence = {}, {}
                 elif not as_tracks and len(pending) >= upload_every:
                     uploader.put(pending, confidence=confidence)
@@ -258,11 +260,11 @@ def _track_jobs(writer: TaskWriter, todo: list[int], covered: list[int]) -> dict
     return jobs
 
 
-def _as_tracks(pending: dict[int, list[Shape]], frames: list[int], close_at: int | None, threshold: float | None
+def _as_tracks(pending: dict[int, list[Shape]], frames: list[int], close_at: int | None, linker: tracking.Linker
                ) -> tuple[dict[int, list[Shape]], list[Track]]:
     """One job's predictions as (the frames written, with their tags; the tracks)."""
     objects = {f: [s for s in pending.get(f, ()) if s.type != TAG] for f in frames}
-    tracks = tracking.link(objects, frames, linker=tracking.ByteTrackLinker(threshold or 0.0), close_at=close_at)
+    tracks = tracking.link(objects, frames, linker=linker, close_at=close_at)
     return {f: [s for s in shapes if s.type == TAG] for f, shapes in pending.items()}, tracks
 
 
