@@ -2,8 +2,8 @@
 choice never saw.
 
 A few small detectors are trained (the registry's default ``ssdlite320_mobilenet_v3_large`` from random init, as
-``bench/review_work.py`` trains it) to different strengths: a short and a longer run on the easy synthetic task,
-short runs on the ``HARD`` one (smaller objects, look-alike distractors). Each detects ONCE, at score 0, on a
+``bench/review_work.py`` trains it) to different strengths: runs of several lengths on the easy synthetic task and
+on the ``HARD`` one (smaller objects, look-alike distractors). Each detects ONCE, at score 0, on a
 validation pool and on a held-out set of the same kind of task (other seeds). Then, many times over, a validation set
 is drawn from the pool (``--draws`` draws of each of ``--sizes`` frames); each rule chooses every label's threshold
 from the drawn frames' ``EditCurve`` (``training.edits``), and the edits a reviewer needs on the held-out set at
@@ -192,6 +192,11 @@ def judge(labels, pool: tuple[list, list], held: tuple[list, list], sizes: Seque
     return results
 
 
+def versus(edits: np.ndarray, other: np.ndarray) -> str:
+    """Draws with fewer / as many / more edits than ``other``'s."""
+    return f"{(edits < other).sum()} / {(edits == other).sum()} / {(edits > other).sum()}"
+
+
 def table(rows: list[tuple[str, float, int, dict[int, dict[str, list[tuple[int, int]]]]]]) -> list[str]:
     lines = ["| model (validation mAP@.5, held-out edits per 100 at 0.5) | validation frames | rule | held-out edits "
              "per 100: mean | sd over draws | beats / ties / loses to 0.5 | beats / ties / loses to *fewest, "
@@ -204,10 +209,9 @@ def table(rows: list[tuple[str, float, int, dict[int, dict[str, list[tuple[int, 
             for rule_name, found in by_rule.items():
                 edits = np.array([e for e, _ in found])
                 per_100 = 100 * edits / objects
-                vs = lambda other: (f"{(edits < other).sum()} / {(edits == other).sum()} / "  # noqa: E731
-                                    f"{(edits > other).sum()}")
                 lines.append(f"| {model} ({map50:.2f}, {100 * half[0] / objects:.1f}) | {size} | {rule_name} | "
-                             f"**{per_100.mean():.2f}** | {per_100.std():.2f} | {vs(half)} | {vs(before)} |")
+                             f"**{per_100.mean():.2f}** | {per_100.std():.2f} | {versus(edits, half)} | "
+                             f"{versus(edits, before)} |")
     return lines
 
 
