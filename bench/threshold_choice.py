@@ -16,7 +16,7 @@ Rules:
 * ``fewest, lowest``: the fewest edits on the drawn frames, the lowest threshold among equals (served before this
   benchmark: the edge of the optimal plateau just above the strongest false positive it drops).
 * ``fewest, middle``: the fewest edits, in the middle of the widest run of thresholds that need them (the largest
-  margin between the weakest prediction it keeps and the strongest it drops).
+  margin between the weakest prediction it keeps and the strongest it drops): ``EditCurve.best``, served since.
 * ``0.5 unless it saves 2``: the fewest-edits choice (middle) only where it saves at least 2 edits over 0.5 on the
   drawn frames of that label; 0.5 otherwise (a saving of one edit is the size of sampling noise).
 * ``fewest, smoothed``: the fewest edits averaged over a window of ±0.05 around each threshold (on a grid of 0.01),
@@ -31,6 +31,7 @@ The section "Threshold choice (issue 21)" of bench/RESULTS.md is rewritten; ``--
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 import tempfile
@@ -91,26 +92,23 @@ def fixed(curve: EditCurve) -> float | None:
 
 
 def fewest_lowest(curve: EditCurve) -> float | None:
-    return curve.best()
-
-
-def fewest_middle(curve: EditCurve) -> float | None:
+    """Served before this benchmark: the lowest threshold of the fewest edits, half-way to the score below it."""
     if not curve.objects or not len(curve.scores):
         return None
     cuts, totals = cut_points(curve)
-    fewest = min(totals)
-    runs: list[tuple[float, float]] = []  # contiguous optimal cuts as one interval of thresholds
-    for k, total in zip(cuts, totals, strict=True):
-        if total != fewest:
-            runs.append(None)
-            continue
-        low, high = interval(curve, k)
-        if runs and runs[-1] is not None:
-            runs[-1] = (low, runs[-1][1])
-        else:
-            runs.append((low, high))
-    low, high = max((r for r in runs if r is not None), key=lambda r: r[1] - r[0])
-    return (low + high) / 2
+    kept = max(k for k, total in zip(cuts, totals, strict=True) if total == min(totals))
+    if kept == len(curve.scores):  # every prediction kept: just below the lowest one
+        higher = float(curve.scores[-1])
+        return next((cut for digits in range(2, 7) if (cut := math.floor(higher * 10 ** digits) / 10 ** digits)),
+                    higher)
+    lower, higher = interval(curve, kept)
+    middle = (higher + lower) / 2
+    return next((rounded for digits in range(2, 7) if lower < (rounded := round(middle, digits)) <= higher), middle)
+
+
+def fewest_middle(curve: EditCurve) -> float | None:
+    """Served since: the middle of the widest run of thresholds with the fewest edits (``EditCurve.best``)."""
+    return curve.best()
 
 
 def margin(edits: int = 2) -> Callable[[EditCurve], float | None]:
@@ -140,7 +138,7 @@ def smoothed(window: float = 0.05) -> Callable[[EditCurve], float | None]:
 
 
 RULES: dict[str, Callable[[EditCurve], float | None]] = {
-    "0.5": fixed, "fewest, lowest (before)": fewest_lowest, "fewest, middle": fewest_middle,
+    "0.5": fixed, "fewest, lowest (before)": fewest_lowest, "fewest, middle (served)": fewest_middle,
     "0.5 unless it saves 2": margin(2), "fewest, smoothed ±0.05": smoothed(0.05)}
 
 
