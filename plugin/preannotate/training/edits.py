@@ -33,7 +33,8 @@ the weakest prediction it keeps and the strongest it drops: frames it never saw 
 of a threshold at the run's edge, which sits one score away from a false positive or a missed object.
 ``bench/threshold_choice.py`` judged it against the lowest of equals (served before), 0.5 for every label, 0.5 unless
 the choice saves 2 edits, and the fewest edits averaged over ±0.05, on models of several strengths and many drawn
-validation sets (its table is in bench/RESULTS.md).
+validation sets: the middle had fewer held-out edits than the lowest of equals on every model and size (its table
+is in bench/RESULTS.md).
 """
 
 from __future__ import annotations
