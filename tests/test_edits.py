@@ -166,12 +166,23 @@ def test_a_label_the_model_finds_badly_gets_a_threshold_above_what_it_answers():
     assert chosen > 0.7  # nothing it says is right: nothing is served
 
 
-def test_equal_edits_choose_the_lower_threshold_whose_extra_edits_are_deletes():
+def test_equal_edits_choose_the_middle_of_the_thresholds_that_need_them():
+    # a tight box at 0.9, a loose one at 0.7 (kept: a move; dropped: an add), a false one at 0.2
+    truth = [[box(0, 0, 50, 50)], [box(0, 0, 50, 50)], []]
+    predicted = [[box(0, 0, 50, 50, score=0.9)], [box(0, 0, 50, 30, score=0.7)], [box(0, 0, 50, 50, score=0.2)]]
+    curve = edit_curves(truth, predicted, [Label("car")])["car"]
+    assert curve.at(0.8).total == curve.at(0.45).total == 1 and curve.at(0.1).total == 2
+    # anywhere in (0.2, 0.9] needs 1 edit: the middle, as far as can be from the scores on either side (the lowest
+    # of them, 0.45, sits next to the false positive's score, where frames never seen put theirs on either side)
+    assert curve.best() == 0.55
+
+
+def test_equal_edits_at_separate_thresholds_choose_the_widest_run():
     truth = [[box(0, 0, 50, 50)], [], [box(0, 0, 50, 50)]]
     predicted = [[box(0, 0, 50, 50, score=0.7)], [box(0, 0, 50, 50, score=0.6)], [box(0, 0, 50, 50, score=0.5)]]
     curve = edit_curves(truth, predicted, [Label("car")])["car"]
     assert curve.at(0.65).total == curve.at(0.5).total == 1  # one add, or one delete
-    assert curve.best() == 0.5  # keep everything: just under the lowest score
+    assert curve.best() == 0.25  # (0, 0.5] is wider than (0.6, 0.7]: keep everything, half-way down to 0
 
 
 def test_tied_scores_are_kept_or_dropped_together():

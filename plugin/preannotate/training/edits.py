@@ -13,8 +13,7 @@ or more. Then
 **Why each counts 1.** Each is one action of the reviewer in CVAT's editor: select and delete, draw one box, drag
 an edge or two. The times differ (drawing a box takes several seconds, deleting one about a second), but they
 differ by task, by tool and by person, and a count is what a team can check against its own review (``preannotate
-review`` counts exactly these three in a reviewed task). Where two thresholds need the same number of edits, the
-lower one is chosen: its extra edits are deletes, and a delete is the cheapest of the three. F1 is *not* the same
+review`` counts exactly these three in a reviewed task). F1 is *not* the same
 criterion: with ``N`` true objects, edits without moves are ``FP + N - TP`` while F1 is ``2TP / (TP + FP + N)``;
 60 found and none wrong, or 70 found and 10 wrong, are both 40 edits of 100 objects, but F1 prefers the second.
 
@@ -26,11 +25,20 @@ or a mask is judged by its box, as the box mAP is).
 Matching is greedy by score, so a prediction's match depends only on the predictions more confident than itself:
 the matching made once with every prediction holds for every threshold, and ``EditCurve`` reads the edits at any
 threshold off one sort.
+
+**Which of equals.** Many thresholds need the fewest edits on the validation frames: every one between two
+adjacent scores, and a run of such gaps where a loose match (a move kept, or an add dropped) or a tie of a right and
+a wrong prediction leaves the count unchanged. ``best`` takes the middle of the widest run, as far as it can be from
+the weakest prediction it keeps and the strongest it drops: frames it never saw put their predictions on either side
+of a threshold at the run's edge, which sits one score away from a false positive or a missed object.
+``bench/threshold_choice.py`` judged it against the lowest of equals (served before), 0.5 for every label, 0.5 unless
+the choice saves 2 edits, and the fewest edits averaged over ±0.05, on models of several strengths and many drawn
+validation sets: the middle had fewer held-out edits than the lowest of equals on every model and size (its table
+is in bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -171,9 +179,10 @@ class EditCurve:
         return Edits(self.objects, self.objects - found, kept - found, int(self.loose[:kept].sum()))
 
     def best(self) -> float | None:
-        """The threshold with the fewest edits (the lowest of equals, see the module docstring), about half-way
-        between the lowest score it keeps and the highest it drops; None when nothing can be learned (no true object of
-        the label, or no prediction of it: every threshold is alike)."""
+        """The threshold with the fewest edits, in the middle of the widest run of thresholds that need them (see the
+        module docstring): half-way between the weakest prediction it keeps and the strongest it drops (0 when it
+        drops none); None when nothing can be learned (no true object of the label, or no prediction of it: every
+        threshold is alike)."""
         if not self.objects or not len(self.scores):
             return None
         # A cut can only fall between two different scores: ties are kept or dropped together.
@@ -181,12 +190,17 @@ class EditCurve:
                 len(self.scores)]
         totals = [self._kept(k).total for k in cuts]
         fewest = min(totals)
-        kept = max(k for k, total in zip(cuts, totals, strict=True) if total == fewest)
-        higher = float(self.scores[kept - 1]) if kept else 1.0     # the lowest score kept (or the top)
-        lower = float(self.scores[kept]) if kept < len(self.scores) else None  # the highest dropped
-        if lower is None:  # every prediction kept: just below the lowest one
-            return next((cut for digits in range(2, 7) if (cut := math.floor(higher * 10 ** digits) / 10 ** digits)),
-                        higher)
+        runs: list[tuple[float, float]] = []  # (lower, higher) thresholds of adjacent cuts that need the fewest
+        for k, total, before in zip(cuts, totals, [None, *totals[:-1]], strict=True):
+            if total != fewest:
+                continue
+            lower = float(self.scores[k]) if k < len(self.scores) else 0.0   # the highest score dropped
+            higher = float(self.scores[k - 1]) if k else 1.0                 # the lowest score kept (or the top)
+            if before == fewest:
+                runs[-1] = (lower, runs[-1][1])  # the run goes on down
+            else:
+                runs.append((lower, higher))
+        lower, higher = max(runs, key=lambda run: run[1] - run[0])  # the widest; the highest of equals
         middle = (higher + lower) / 2
         return next((rounded for digits in range(2, 7) if lower < (rounded := round(middle, digits)) <= higher),
                     middle)  # as few digits as keep the same cut: a threshold people read
