@@ -69,7 +69,7 @@ from preannotate import tracking  # noqa: E402
 from preannotate.annotate import annotate_task  # noqa: E402
 from preannotate.cvat.reader import read_task  # noqa: E402
 from preannotate.models import ModelStore, hyperparameters_for, load_detector  # noqa: E402
-from preannotate.shapes import Shape  # noqa: E402
+from preannotate.shapes import Shape, box_iou  # noqa: E402
 from preannotate.training.edits import MOVE_IOU, review_frame, threshold_text  # noqa: E402
 from preannotate.training.recipe import TrainingData, train_and_publish  # noqa: E402
 from preannotate.training.synthetic import generate_video  # noqa: E402
@@ -153,17 +153,13 @@ def hypotheses_of(frames: dict[int, list[Shape]], width: int, height: int) -> di
                 for i, s in enumerate(shapes)] for n, shapes in frames.items()}
 
 
-def box_iou(a, b) -> float:
-    return tracking._box_iou(a, b)
-
-
 def match(truth: list[tuple], hypotheses: list[tuple]) -> tuple[list[tuple[int, int, float]], set[int], set[int]]:
     """One frame: (truth index, hypothesis index, IoU) pairs at IoU >= MATCH_IOU (Hungarian, most overlap), the
     unmatched hypotheses that are false positives (those on a don't-care object left out), the required truths
     missed."""
     pairs = []
     if truth and hypotheses:
-        overlaps = np.array([[box_iou(t[2], h[2]) for h in hypotheses] for t in truth])
+        overlaps = box_iou([t[2] for t in truth], [h[2] for h in hypotheses])
         rows, cols = linear_sum_assignment(-overlaps)
         pairs = [(r, c, float(overlaps[r, c])) for r, c in zip(rows, cols, strict=True) if overlaps[r, c] >= MATCH_IOU]
     matched_t, matched_h = {p[0] for p in pairs}, {p[1] for p in pairs}
@@ -182,8 +178,7 @@ def mot_metrics(truth: dict, hypotheses: dict) -> dict[str, float]:
         on_dont_care = {h for t, h, _ in pairs if not objects[t][3]}
         required = [t for t in objects if t[3]]
         kept = [h for i, h in enumerate(boxes) if i not in on_dont_care]
-        distances = np.array([[1 - box_iou(t[2], h[2]) for h in kept] for t in required]).reshape(len(required),
-                                                                                                   len(kept))
+        distances = 1 - box_iou([t[2] for t in required], [h[2] for h in kept])
         distances[distances > 1 - MATCH_IOU] = np.nan  # no match (motmetrics' iou_matrix needs numpy < 2)
         accumulator.update([t[0] for t in required], [numbers.setdefault(h[0], len(numbers)) for h in kept],
                            distances)

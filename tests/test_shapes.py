@@ -251,3 +251,17 @@ def test_parse_label_list_rejects_an_empty_list(text):
 def test_parse_label_list_rejects_bad_items(text):
     with pytest.raises(ValueError):
         parse_label_list(text)
+
+
+def test_box_iou_is_every_pair_and_zero_for_empty_boxes():
+    from preannotate.shapes import box_iou
+
+    a = [(0, 0, 10, 10), (5, 5, 15, 15), (3, 3, 3, 3)]
+    b = [(0, 0, 10, 10), (20, 20, 30, 30)]
+    got = box_iou(a, b)
+    assert got.shape == (3, 2)
+    assert got[0, 0] == 1.0 and got[0, 1] == 0.0
+    assert got[1, 0] == pytest.approx(25 / 175)
+    assert got[2].tolist() == [0.0, 0.0]  # an empty box overlaps nothing
+    assert box_iou([], b).shape == (0, 2) and box_iou(a, []).shape == (3, 0)
+    assert box_iou((3, 3, 3, 3), (3, 3, 3, 3))[0, 0] == 0.0  # two empty boxes: no division by zero

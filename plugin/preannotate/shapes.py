@@ -20,6 +20,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 # Label types a CVAT label may have, and shape types a CVAT shape may have.
 LABEL_TYPES = ("any", "rectangle", "polygon", "polyline", "points", "ellipse", "cuboid", "mask", "skeleton", "tag")
 SHAPE_TYPES = ("rectangle", "polygon", "polyline", "points", "ellipse", "cuboid", "mask", "skeleton")
@@ -149,6 +151,18 @@ class Shape:
         if self.type == "mask":
             raise ValueError("a mask's outline is traced from its pixels: formats.masks.cvat_rle_to_polygon")
         return [float(p) for p in self.points]
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``len(a) × len(b)`` intersection over union of two sets of ``x1, y1, x2, y2`` boxes (0 where both are empty):
+    the one box IoU, for the edit count, the ranking, the tracks and the tracker."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    width = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    height = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = width * height
+    area_a, area_b = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]), (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def rectangle_corners(points: list[float], rotation: float = 0.0) -> list[float]:

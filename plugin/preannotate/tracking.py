@@ -33,7 +33,7 @@ import numpy as np
 
 from preannotate.cvat.annotations import interpolate
 from preannotate.formats import masks
-from preannotate.shapes import TAG, Shape, Track
+from preannotate.shapes import TAG, Shape, Track, box_iou
 
 KEYFRAME_IOU = 0.85  # between keyframes, CVAT's interpolation overlaps every detection at least this much
 
@@ -192,7 +192,7 @@ def iou(a: Shape, b: Shape) -> float:
     if a.type != b.type:
         return 0.0
     if a.type == "rectangle" and not a.rotation % 360 and not b.rotation % 360:
-        return _box_iou(a.bbox(), b.bbox())
+        return float(box_iou(a.bbox(), b.bbox())[0, 0])
     box_a, box_b = a.bbox(), b.bbox()
     left, top = math.floor(min(box_a[0], box_b[0])), math.floor(min(box_a[1], box_b[1]))
     width = math.ceil(max(box_a[2], box_b[2])) - left + 1
@@ -200,14 +200,6 @@ def iou(a: Shape, b: Shape) -> float:
     pixels_a, pixels_b = _pixels(a, left, top, width, height), _pixels(b, left, top, width, height)
     union = np.logical_or(pixels_a, pixels_b).sum()
     return float(np.logical_and(pixels_a, pixels_b).sum() / union) if union else 0.0
-
-
-def _box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(0.0, width) * max(0.0, height)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _pixels(shape: Shape, left: int, top: int, width: int, height: int) -> np.ndarray:

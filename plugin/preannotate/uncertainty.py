@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from preannotate.shapes import Shape
+from preannotate.shapes import Shape, box_iou
 
 NEAR_MISS = 0.2  # candidates: detections scoring at least this share of the threshold
 
@@ -97,23 +97,13 @@ def flip_disagreement(frame: Detections, mirrored: Detections, iou: float = 0.5)
         other_boxes, other_classes, other_scores = theirs
         if not len(scores):
             return 0.0
-        overlap = _iou(np.asarray(boxes, np.float64), np.asarray(other_boxes, np.float64))
+        overlap = box_iou(boxes, other_boxes)
         overlap[np.asarray(classes)[:, None] != np.asarray(other_classes)[None, :]] = 0.0
         paired = np.where(overlap.max(axis=1, initial=0.0) >= iou,
                           np.asarray(other_scores)[overlap.argmax(axis=1)] if len(other_scores) else 0.0, 0.0)
         return float(np.abs(np.asarray(scores) - paired).max())
 
     return max(one_way(frame, mirrored), one_way(mirrored, frame))
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Intersection over union of every box of ``a`` with every box of ``b`` (x1 y1 x2 y2 rows)."""
-    a, b = a.reshape(-1, 4), b.reshape(-1, 4)
-    width = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    height = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = width * height
-    area = lambda boxes: (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
 
 
 def close_call(candidates: Iterable[Shape], threshold: float) -> float:

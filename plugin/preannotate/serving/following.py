@@ -35,6 +35,7 @@ from scipy.optimize import linear_sum_assignment
 
 from preannotate import uncertainty
 from preannotate.serving.tracker import Box, Drawn, Followed, ReidRequest, TrackRequest, quantized
+from preannotate.shapes import box_iou
 
 MIN_IOU = 0.3            # the motion gate: below it a detection is somewhere else
 APPEARANCE_WEIGHT = 0.3  # appearance breaks near ties of motion; it never outweighs a clearly better overlap
@@ -136,12 +137,8 @@ def reid(detector, request: ReidRequest) -> list[int]:
 # ----------------------------------------------------------------------------------------------- cues
 
 def iou(boxes: Sequence[Box], others: Sequence[Box]) -> np.ndarray:
-    """The IoU of every box with every other (supervision's, as the tracks of pre-annotation use)."""
-    if not len(boxes) or not len(others):
-        return np.zeros((len(boxes), len(others)))
-    import supervision  # imported here: a second to load, only a tracker needs it
-
-    return supervision.box_iou_batch(np.asarray(boxes, np.float64), np.asarray(others, np.float64))
+    """The IoU of every box with every other."""
+    return box_iou(boxes, others)
 
 
 def looks(detector, image: Image.Image, boxes: Sequence[Box]) -> np.ndarray | None:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from preannotate.shapes import TAG, Label, Shape
+from preannotate.shapes import TAG, Label, Shape, box_iou
 
 MATCH_IOU = 0.5   # a prediction and a true object are the same object from this box IoU on (COCO's AP@.5)
 MOVE_IOU = 0.75   # a match below this IoU is a box the reviewer drags into place (COCO's strict AP@.75)
@@ -85,18 +85,6 @@ def boxes(shapes: Sequence[Shape]) -> np.ndarray:
     return np.asarray([shape.bbox() for shape in shapes], dtype=float).reshape(-1, 4)
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``len(a) × len(b)`` IoU of two sets of ``x1, y1, x2, y2`` boxes."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    union = area(a)[:, None] + area(b)[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
 def score_of(shape: Shape) -> float:
     """A shape's score; an unscored one counts as sure (as ``coco.to_results`` has it)."""
     return 1.0 if shape.score is None else float(shape.score)
@@ -108,7 +96,7 @@ def greedy_match(truth: Sequence[Shape], predicted: Sequence[Shape], min_iou: fl
     order, as COCO's stable sort keeps them): each takes the unmatched true object it overlaps most, at ``min_iou``
     or more."""
     order = sorted(range(len(predicted)), key=lambda i: -score_of(predicted[i]))
-    overlaps = iou(boxes([predicted[i] for i in order]), boxes(truth)) if truth and predicted else None
+    overlaps = box_iou(boxes([predicted[i] for i in order]), boxes(truth)) if truth and predicted else None
     taken = np.zeros(len(truth), bool)
     matches = []
     for row, index in enumerate(order):
