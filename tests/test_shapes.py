@@ -265,3 +265,20 @@ def test_box_iou_is_every_pair_and_zero_for_empty_boxes():
     assert got[2].tolist() == [0.0, 0.0]  # an empty box overlaps nothing
     assert box_iou([], b).shape == (0, 2) and box_iou(a, []).shape == (3, 0)
     assert box_iou((3, 3, 3, 3), (3, 3, 3, 3))[0, 0] == 0.0  # two empty boxes: no division by zero
+
+
+def test_a_skeleton_label_round_trips_with_its_sublabels_and_drawing():
+    svg = '<line x1="10" y1="10" x2="40" y2="40" data-type="edge" data-node-from="1" data-node-to="2"></line>'
+    dog = Label("dog", "skeleton", sublabels=(Label("nose", "points"), Label("tail", "points")), svg=svg)
+    data = dog.to_dict()
+    assert [s["name"] for s in data["sublabels"]] == ["nose", "tail"] and data["svg"] == svg
+    assert Label.from_dict(data) == dog
+    assert "sublabels" not in Label("car", "rectangle").to_dict()  # only a skeleton carries them
+
+
+def test_a_skeletons_box_holds_its_visible_keypoints():
+    keypoints = [Shape("nose", "points", [1, 2]), Shape("tail", "points", [30, 40], outside=True),
+                 Shape("ear", "points", [5, 9])]
+    assert Shape("dog", "skeleton", [], elements=keypoints).bbox() == (1.0, 2.0, 5.0, 9.0)
+    hidden = [Shape("nose", "points", [1, 2], outside=True), Shape("tail", "points", [30, 40], outside=True)]
+    assert Shape("dog", "skeleton", [], elements=hidden).bbox() == (1.0, 2.0, 30.0, 40.0)

@@ -6,7 +6,10 @@ from CVAT can be written back unchanged and every conversion lives in one place 
 * rectangle ``[xtl, ytl, xbr, ybr]`` of the *unrotated* box, plus ``rotation`` in degrees about its centre;
 * polygon / polyline / points: flat ``[x1, y1, x2, y2, ...]``;
 * ellipse ``[cx, cy, cx + rx, cy - ry]``;
-* mask: CVAT's row-major run-length encoding followed by the inclusive box ``left, top, right, bottom``.
+* mask: CVAT's row-major run-length encoding followed by the inclusive box ``left, top, right, bottom``;
+* skeleton: no points of its own; ``elements`` holds one ``points`` shape of one point per sublabel (keypoint), its
+  label the sublabel's name, ``outside`` where the keypoint is not visible. Its label's ``sublabels`` name the
+  keypoints in order and ``svg`` is CVAT's drawing of the skeleton (its edges).
 
 A classifier's prediction is a ``Shape`` of type ``tag`` with no points: a frame-level label, which CVAT stores as a
 tag, not a shape (``cvat.encoding``, ``cvat.upload``). What CVAT stores is read into ``FrameAnnotations.tags``.
@@ -64,6 +67,8 @@ class Label:
     type: str = "any"
     attributes: tuple[AttributeSpec, ...] = ()
     id: int | None = None
+    sublabels: tuple[Label, ...] = ()  # a skeleton's keypoints (each of type points), in CVAT's order
+    svg: str = ""  # a skeleton's drawing as CVAT stores it: its edges (<line data-node-from data-node-to>)
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.strip():
@@ -77,13 +82,17 @@ class Label:
                                 "attributes": [a.to_dict() for a in self.attributes]}
         if self.id is not None:
             data = {"id": self.id, **data}
+        if self.type == "skeleton":
+            data["sublabels"] = [sublabel.to_dict() for sublabel in self.sublabels]
+            data["svg"] = self.svg
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Label:
         return cls(name=data["name"], type=data.get("type") or "any",
                    attributes=tuple(AttributeSpec.from_dict(a) for a in data.get("attributes") or ()),
-                   id=data.get("id"))
+                   id=data.get("id"), sublabels=tuple(cls.from_dict(s) for s in data.get("sublabels") or ()),
+                   svg=data.get("svg") or "")
 
 
 def parse_label_list(text: str, default_type: str = "any") -> list[Label]:
@@ -117,7 +126,8 @@ class Shape:
     z_order: int = 0
     source: str = "manual"
     track_id: int | None = None
-    outside: bool = False  # a track's keyframe that hides the object from its frame on (never a per-frame shape)
+    outside: bool = False  # a track's keyframe that hides the object from its frame on; a skeleton's hidden keypoint
+    elements: list[Shape] = field(default_factory=list)  # a skeleton's keypoints (points shapes of one point each)
 
     def __post_init__(self) -> None:
         if self.type not in SHAPE_TYPES and self.type != TAG:
@@ -136,7 +146,11 @@ class Shape:
             cos, sin = math.cos(math.radians(self.rotation)), math.sin(math.radians(self.rotation))
             half_width, half_height = math.hypot(rx * cos, ry * sin), math.hypot(rx * sin, ry * cos)
             return cx - half_width, cy - half_height, cx + half_width, cy + half_height
-        polygon = self.polygon()
+        if self.type == "skeleton":  # its visible keypoints (all of them when none is visible)
+            seen = [e for e in self.elements if not e.outside] or self.elements
+            polygon = [float(p) for e in seen for p in e.points[:2]]
+        else:
+            polygon = self.polygon()
         xs, ys = polygon[0::2], polygon[1::2]
         return min(xs), min(ys), max(xs), max(ys)
 
