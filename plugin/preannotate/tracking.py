@@ -12,6 +12,11 @@ object leaves or is lost, and keyframes only where CVAT's own interpolation woul
   tracker lost it) hides it until it is detected again. A track still seen on the last frame stays to the end of
   the task unless ``close_at`` names the frame to hide it on (a job's tracks end on the next job's first frame:
   CVAT would give every later job a piece of a track left open).
+* **Smoothing** (``smoothed``): a detector's box jitters from frame to frame around an object that moves smoothly;
+  within each visible run the boxes (rectangles and ellipses) are smoothed by a Savitzky–Golay filter
+  (``SMOOTH_FRAMES`` frames, quadratic: a steady or accelerating motion is kept exactly, the jitter averaged out —
+  the offline smoothing StrongSORT's GSI does with a Gaussian process), which lands nearer the object and needs fewer
+  keyframes. Polygons and masks keep their detected geometry (their vertices do not correspond frame to frame).
 * **Keyframes** (``keyframes``): the first frame of every visible run and its end (the outside keyframe, placed
   where the motion would carry the object, or the run's last frame), then, Ramer–Douglas–Peucker style, the frame
   where CVAT's interpolation between the keyframes chosen so far overlaps the detection least, as long as that
@@ -36,6 +41,7 @@ from preannotate.formats import masks
 from preannotate.shapes import TAG, Shape, Track, box_iou
 
 KEYFRAME_IOU = 0.85  # between keyframes, CVAT's interpolation overlaps every detection at least this much
+SMOOTH_FRAMES = 7  # the window a track's boxes are smoothed over (bench/tracking.py measured 5 to 15)
 
 
 class Linker(Protocol):
@@ -73,13 +79,14 @@ class ByteTrackLinker:
 
 
 def link(detections: Mapping[int, Sequence[Shape]], frames: Sequence[int] | None = None, *,
-         linker: Linker | None = None, close_at: int | None = None, min_iou: float = KEYFRAME_IOU) -> list[Track]:
+         linker: Linker | None = None, close_at: int | None = None, min_iou: float = KEYFRAME_IOU,
+         smooth: int = SMOOTH_FRAMES) -> list[Track]:
     """Detections (frame → shapes, as a detector gives them) → tracks with keyframes: ``follow`` then
     ``tracks_from``. ``frames``: the frames they cover, in order (default: the keys; a frame listed without
     detections hides every track there). Tags are no objects and are left out."""
     frames = sorted(detections) if frames is None else list(frames)
     return tracks_from(follow({f: detections.get(f, ()) for f in frames}, linker), frames, close_at=close_at,
-                       min_iou=min_iou)
+                       min_iou=min_iou, smooth=smooth)
 
 
 def follow(detections: Mapping[int, Sequence[Shape]], linker: Linker | None = None) -> dict[int, list[Shape]]:
@@ -98,10 +105,12 @@ def follow(detections: Mapping[int, Sequence[Shape]], linker: Linker | None = No
 
 
 def tracks_from(followed: Mapping[int, Sequence[Shape]], frames: Sequence[int] | None = None, *,
-                close_at: int | None = None, min_iou: float = KEYFRAME_IOU) -> list[Track]:
+                close_at: int | None = None, min_iou: float = KEYFRAME_IOU, smooth: int = SMOOTH_FRAMES
+                ) -> list[Track]:
     """Shapes with their ``track_id`` (``follow``) → one ``Track`` per id, in the order they appear: its label by
-    score-weighted vote, an outside keyframe where it stops being seen, keyframes where CVAT's interpolation would
-    miss (see the module doc). ``frames``: the frames covered, in order (default: the keys of ``followed``)."""
+    score-weighted vote, its runs smoothed over ``smooth`` frames (1: as detected), an outside keyframe where it
+    stops being seen, keyframes where CVAT's interpolation would miss (see the module doc). ``frames``: the frames
+    covered, in order (default: the keys of ``followed``)."""
     frames = sorted(followed) if frames is None else list(frames)
     seen: dict[int, dict[int, Shape]] = defaultdict(dict)
     for frame in frames:
@@ -114,7 +123,8 @@ def tracks_from(followed: Mapping[int, Sequence[Shape]], frames: Sequence[int] |
         label = vote(by_frame.values())
         chosen: list[Shape] = []
         for run, after in _runs(frames, by_frame):
-            chosen += keyframes(run, outside_at=after if after is not None else close_at, min_iou=min_iou)
+            chosen += keyframes(smoothed(run, smooth), outside_at=after if after is not None else close_at,
+                                min_iou=min_iou)
         scores = [shape.score for shape in by_frame.values() if shape.score is not None]
         tracks.append(Track(label, [dataclasses.replace(k, label=label, attributes={}, track_id=None)
                                     for k in chosen],
@@ -128,6 +138,21 @@ def vote(shapes: Iterable[Shape]) -> str:
     for shape in shapes:
         weights[shape.label] = weights.get(shape.label, 0.0) + (1.0 if shape.score is None else shape.score)
     return max(weights, key=weights.__getitem__)
+
+
+def smoothed(run: Sequence[Shape], window: int = SMOOTH_FRAMES) -> list[Shape]:
+    """One visible run (shapes on consecutive frames) with its rectangles' and ellipses' points smoothed over
+    ``window`` frames (see the module doc); shorter runs, other types and ``window`` < 4 as they are."""
+    from scipy.signal import savgol_filter
+
+    window = min(window, len(run) - (len(run) + 1) % 2)  # odd, at most the run
+    if window < 4 or any(shape.type not in ("rectangle", "ellipse") for shape in run):
+        return list(run)
+    points = savgol_filter(np.array([shape.points[:4] for shape in run], dtype=float), window, 2, axis=0,
+                           mode="interp")
+    # to a hundredth of a pixel: a steady motion stays on the pixel grid the detections were on
+    return [dataclasses.replace(shape, points=[round(float(v), 2) for v in row])
+            for shape, row in zip(run, points, strict=True)]
 
 
 def keyframes(run: Sequence[Shape], *, outside_at: int | None = None, min_iou: float = KEYFRAME_IOU) -> list[Shape]:
@@ -214,4 +239,5 @@ def _pixels(shape: Shape, left: int, top: int, width: int, height: int) -> np.nd
     return masks.polygon_to_bitmap([shifted], width, height)
 
 
-__all__ = ["KEYFRAME_IOU", "ByteTrackLinker", "Linker", "follow", "iou", "keyframes", "link", "tracks_from", "vote"]
+__all__ = ["KEYFRAME_IOU", "SMOOTH_FRAMES", "ByteTrackLinker", "Linker", "follow", "iou", "keyframes", "link",
+           "smoothed", "tracks_from", "vote"]
