@@ -249,3 +249,35 @@ def test_the_lambda_manager_fills_missing_keypoints_and_drops_hidden_skeletons(c
     assert [s["type"] for s in converted] == ["skeleton", "points"]  # the all-outside skeleton is dropped
     assert [(e["points"], e["outside"]) for e in converted[0]["elements"]] == [
         ([10.0, 10.0], False), ([20.0, 15.0], True), ([30.0, 20.0], False)]  # back: not returned, at the centroid
+
+
+# --- the function's spec ----------------------------------------------------------------------------------------
+
+def test_the_spec_lists_skeletons_with_their_parts_for_a_keypoint_model_only():
+    from preannotate.cvat import lambda_spec
+    from preannotate.functions import validate_label_spec
+
+    project = read_labels(LABELS) + [Label("car", "rectangle"), Label("thing", "any")]
+    listed, impossible = lambda_spec.spec_labels(project, "skeleton")
+    assert [(label.name, label.type) for label in listed] == [("dog", "skeleton"), ("pin", "points")]
+    assert [label.name for label in impossible] == ["car", "thing"]  # a skeleton maps to no "any" label
+    dog = listed[0].to_dict()
+    assert [(part["name"], part["type"]) for part in dog["sublabels"]] == [("nose", "points"), ("back", "points"),
+                                                                           ("tail", "points")]
+    assert dog["svg"] == project[0].svg and 'data-label-name="tail"' in dog["svg"]
+    assert validate_label_spec(lambda_spec.spec_text(listed)) == []
+    boxes, impossible = lambda_spec.spec_labels(project, "rectangle")
+    assert [label.name for label in boxes] == ["car", "thing"] and [label.name for label in impossible] == ["dog", "pin"]
+    assert lambda_spec.label_types("skeleton") == ("skeleton", "points")
+    with pytest.raises(ValueError, match="no model returns 'keypoints' shapes"):
+        lambda_spec.fills("keypoints")
+
+
+def test_a_skeleton_spec_without_its_parts_or_drawing_is_refused():
+    from preannotate.functions import validate_label_spec
+
+    problems = validate_label_spec('[{"name": "dog", "type": "skeleton"}]')
+    assert problems == ["spec label 'dog': a skeleton needs 'svg': CVAT would hide every model",
+                        "spec label 'dog': a skeleton needs 'sublabels': CVAT would hide every model"]
+    twice = '[{"name": "dog", "type": "skeleton", "svg": "", "sublabels": [{"name": "a"}, {"name": "a"}]}]'
+    assert validate_label_spec(twice) == ["spec label 'dog': a sublabel name appears twice: CVAT skips the function"]

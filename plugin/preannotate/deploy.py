@@ -78,7 +78,8 @@ def render_model_function(store: ModelStore, reference: str, out: Path, cron: st
     if not labels:
         raise DeployError(f"{arch.name} returns {arch.output} shapes: none of the labels "
                           f"({', '.join(f'{label.name} ({label.type})' for label in impossible) or 'none'}) can take "
-                          f"them, so CVAT would get nothing; add a label of type {' or '.join(arch.label_types)}")
+                          f"them, so CVAT would get nothing; add a label of type "
+                          f"{' or '.join(lambda_spec.label_types(arch.output))}")
     if manifest:
         state, source = f"{len(labels)} labels", "the model's manifest"
     elif train_project is not None:
