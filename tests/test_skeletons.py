@@ -267,7 +267,8 @@ def test_the_spec_lists_skeletons_with_their_parts_for_a_keypoint_model_only():
     assert dog["svg"] == project[0].svg and 'data-label-name="tail"' in dog["svg"]
     assert validate_label_spec(lambda_spec.spec_text(listed)) == []
     boxes, impossible = lambda_spec.spec_labels(project, "rectangle")
-    assert [label.name for label in boxes] == ["car", "thing"] and [label.name for label in impossible] == ["dog", "pin"]
+    assert [label.name for label in boxes] == ["car", "thing"]
+    assert [label.name for label in impossible] == ["dog", "pin"]
     assert lambda_spec.label_types("skeleton") == ("skeleton", "points")
     with pytest.raises(ValueError, match="no model returns 'keypoints' shapes"):
         lambda_spec.fills("keypoints")

@@ -514,7 +514,8 @@ def _from_dataset(dataset: Any, writer: TaskWriter, file: str) -> tuple[dict[int
             raise ValueError(f"{file}: category_id {category_id!r} is not among its categories")
         return name_of[category_id]
 
-    shapes, _ = coco.read_shapes(dataset.get("annotations") or [], "annotation", file, label_of, images, AUTO)
+    shapes, _ = coco.read_shapes(dataset.get("annotations") or [], "annotation", file, label_of, images, AUTO,
+                                 keypoints=coco.dataset_keypoints(dataset))
     return {frame: shapes.get(frame, []) for frame, _, _ in images.values()}, unmatched
 
 
