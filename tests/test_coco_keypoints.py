@@ -131,3 +131,46 @@ def test_cvats_keypoints_file_imports_into_a_task_as_skeletons(cvat_double, tmp_
     assert [(e.label, e.points, e.outside) for e in husky.elements] == [
         ("nose", [10.5, 12.25], False), ("back", [30.0, 20.0], False), ("tail", [55.0, 40.0], True)]
     assert [e.points for e in pug.elements] == [[60.0, 10.0], [70.5, 15.5], [90.0, 33.33]]
+
+
+# --- TFRecord ---------------------------------------------------------------------------------------------------
+
+def test_tfrecord_carries_every_objects_keypoints_as_the_tf_od_api_reads_them():
+    pytest.importorskip("tensorflow")
+    from preannotate.formats import tfrecord
+
+    labels = our_labels()
+    frame, name = our_frames()[0]
+    image = encode(photo(frame.width, frame.height))
+    example = tfrecord.frame_example(frame, image, labels, filename=name, source_id="0", with_masks=True)
+    feature = example.features.feature
+
+    def values(key, kind="float_list"):
+        return list(getattr(feature[f"image/object/keypoint/{key}"], kind).value)
+
+    # 4 objects (husky, car, pug, pin), each with all 4 keypoints: the dog's 3, then the pin's 1
+    assert [t.decode() for t in feature["image/object/class/text"].bytes_list.value] == ["dog", "car", "dog", "pin"]
+    assert [t.decode() for t in values("text", "bytes_list")] == ["nose", "back", "tail", "pin"] * 4
+    assert values("visibility", "int64_list") == [2, 1, 0, 0, 0, 0, 0, 0, 2, 2, 2, 0, 0, 0, 0, 2]
+    assert values("num", "int64_list") == [2, 0, 3, 1]
+    assert values("x")[:3] == pytest.approx([10.5 / 96, 30 / 96, 55 / 96])
+    assert values("y")[-1] == pytest.approx(5 / 64)
+    xmin = list(feature["image/object/bbox/xmin"].float_list.value)
+    assert xmin[0] == pytest.approx(10.5 / 96) and len(feature["image/object/mask"].bytes_list.value) == 4
+    read, _, _ = tfrecord.parse_example(example.SerializeToString(), labels)
+    assert [s.type for s in read.shapes] == ["skeleton", "mask", "skeleton", "points"]
+    husky = read.shapes[0]
+    assert [(e.label, e.outside, e.occluded) for e in husky.elements] == [("nose", False, False),
+                                                                          ("back", False, True), ("tail", True, False)]
+    assert husky.elements[0].points == pytest.approx([10.5, 12.25], abs=1e-4)
+    assert read.shapes[3].points == pytest.approx([4.0, 5.0], abs=1e-4)
+
+
+def test_tfrecord_without_keypoint_labels_has_no_keypoint_keys():
+    pytest.importorskip("tensorflow")
+    from preannotate.formats import tfrecord
+
+    frame = FrameAnnotations(0, 32, 32, shapes=[Shape("car", "rectangle", [1, 1, 9, 9])])
+    example = tfrecord.frame_example(frame, encode(photo(32, 32)), [Label("car", "rectangle")], filename="a.jpg",
+                                     source_id="0")
+    assert not [key for key in example.features.feature if "keypoint" in key]
