@@ -282,3 +282,25 @@ def test_a_skeleton_spec_without_its_parts_or_drawing_is_refused():
                         "spec label 'dog': a skeleton needs 'sublabels': CVAT would hide every model"]
     twice = '[{"name": "dog", "type": "skeleton", "svg": "", "sublabels": [{"name": "a"}, {"name": "a"}]}]'
     assert validate_label_spec(twice) == ["spec label 'dog': a sublabel name appears twice: CVAT skips the function"]
+
+
+# --- review work -------------------------------------------------------------------------------------------------
+
+def test_skeletons_and_points_are_matched_by_keypoint_similarity_in_the_edit_count():
+    from preannotate.shapes import keypoint_similarity
+    from preannotate.training.edits import review_frame
+
+    truth = [dog_shape(Shape("nose", "points", [20, 20]), Shape("back", "points", [50, 40]),
+                       Shape("tail", "points", [80, 60], outside=True), score=None),
+             Shape("pin", "points", [10, 10])]
+    near = dog_shape(Shape("nose", "points", [21, 21]), Shape("back", "points", [51, 39]),
+                     Shape("tail", "points", [0, 0]))  # the hidden tail is not judged
+    loose = dog_shape(Shape("nose", "points", [22, 23]), Shape("back", "points", [53, 38]))
+    assert keypoint_similarity([near, loose], truth[:1])[:, 0] == pytest.approx([0.954, 0.736], abs=0.001)
+    point = Shape("pin", "points", [11, 10], score=0.8)  # a box IoU would never match a point (it has no area)
+    assert review_frame(truth, [near, point]).edits(2).total == 0
+    review = review_frame(truth, [loose, point])
+    assert (review.false, review.missed, review.loose) == ([], [], [0])  # one keypoint to drag: a move
+    far = Shape("pin", "points", [40, 40], score=0.8)
+    review = review_frame(truth, [near, far])
+    assert (review.false, review.missed) == ([1], [1])  # the far point: a delete and an add

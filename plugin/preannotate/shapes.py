@@ -213,6 +213,39 @@ def from_skeleton(shape: Shape, label: Label) -> Shape | None:
                  attributes=dict(shape.attributes), occluded=seen[0].occluded, source=shape.source)
 
 
+# How near two skeletons are: COCO's object keypoint similarity (OKS), the IoU of keypoints. One sigma for every
+# keypoint, COCO's mean over a person's 17 (0.072: a skeleton COCO does not define has no measured ones), and a
+# scale of at least a 32x32 box (COCO's small objects), so that a points label's one point has one.
+KEYPOINT_SIGMA = 0.072
+MIN_KEYPOINT_AREA = 32.0 * 32.0
+
+
+def is_keypoint_shape(shape: Shape) -> bool:
+    """A skeleton, or a points shape of one point (a skeleton of one keypoint, ``as_skeleton``)."""
+    return shape.type == "skeleton" or (shape.type == "points" and len(shape.points) == 2)
+
+
+def keypoint_similarity(predicted: Sequence[Shape], truth: Sequence[Shape], sigma: float = KEYPOINT_SIGMA
+                        ) -> np.ndarray:
+    """``len(predicted) × len(truth)`` OKS of keypoint shapes (``is_keypoint_shape``), as COCO computes it: over the
+    true keypoints not outside, ``exp(-d² / (2 s² (2 sigma)²))`` averaged, ``s²`` the true box's area (at least
+    ``MIN_KEYPOINT_AREA``); keypoints pair by name, a predicted one counts wherever it is (outside or not), one it
+    lacks is missed; 0 for a truth with no keypoint in sight."""
+    result = np.zeros((len(predicted), len(truth)))
+    placed = [{e.label: e.points[:2] for e in as_skeleton(shape).elements} for shape in predicted]
+    for j, true_shape in enumerate(truth):
+        seen = [e for e in as_skeleton(true_shape).elements if not e.outside]
+        if not seen:
+            continue
+        x1, y1, x2, y2 = true_shape.bbox()
+        scale = 2 * max((x2 - x1) * (y2 - y1), MIN_KEYPOINT_AREA) * (2 * sigma) ** 2
+        for i, points in enumerate(placed):
+            near = [math.exp(-((points[e.label][0] - e.points[0]) ** 2 + (points[e.label][1] - e.points[1]) ** 2)
+                             / scale) if e.label in points else 0.0 for e in seen]
+            result[i, j] = sum(near) / len(seen)
+    return result
+
+
 def skeleton_edges(label: Label) -> list[tuple[int, int]]:
     """A skeleton label's edges as 1-based positions among its sublabels (COCO's ``skeleton``), from the ``<line
     data-node-from data-node-to>`` of its svg: a node is named by its ``<circle data-node-id data-label-name>``; a
