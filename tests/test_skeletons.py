@@ -304,3 +304,19 @@ def test_skeletons_and_points_are_matched_by_keypoint_similarity_in_the_edit_cou
     far = Shape("pin", "points", [40, 40], score=0.8)
     review = review_frame(truth, [near, far])
     assert (review.false, review.missed) == ([1], [1])  # the far point: a delete and an add
+
+
+def test_a_projects_skeleton_reaches_the_spec_with_its_parts(cvat_double):
+    from preannotate.cvat import lambda_spec
+    from preannotate.deploy import project_labels
+
+    project = cvat_double.add_project("poses", [
+        {"name": "dog", "type": "skeleton", "svg": skeleton_svg(["nose", "tail"], [(1, 2)]),
+         "sublabels": [{"name": "nose"}, {"name": "tail"}]}, {"name": "car", "type": "rectangle"}])
+    with make_client(cvat_double.base_url, credentials=cvat_double.credentials) as client:
+        labels = project_labels(client, project)
+    assert [(label.name, label.type, label.id) for label in labels] == [("dog", "skeleton", None),
+                                                                        ("car", "rectangle", None)]
+    listed, impossible = lambda_spec.spec_labels(labels, "skeleton")
+    assert [s.name for s in listed[0].sublabels] == ["nose", "tail"] and skeleton_edges(listed[0]) == [(1, 2)]
+    assert [label.name for label in impossible] == ["car"]

@@ -7,6 +7,7 @@ Nothing here talks to Nuclio or Kubernetes directly: it renders configurations, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -117,7 +118,8 @@ def project_labels(client, project_id: int) -> list[Label]:
 
     with cvat_errors(client, f"project {project_id}"):
         labels = client.projects.retrieve(project_id).get_labels()
-    return [Label(label.name, label.type, label.attributes) for label in read_labels([m.to_dict() for m in labels])]
+    # without the class index read_labels gives, but with a skeleton's parts and drawing: the spec lists them
+    return [dataclasses.replace(label, id=None) for label in read_labels([m.to_dict() for m in labels])]
 
 
 def pretrained_labels(architecture: str) -> list[Label]:
