@@ -320,3 +320,14 @@ def test_a_projects_skeleton_reaches_the_spec_with_its_parts(cvat_double):
     listed, impossible = lambda_spec.spec_labels(labels, "skeleton")
     assert [s.name for s in listed[0].sublabels] == ["nose", "tail"] and skeleton_edges(listed[0]) == [(1, 2)]
     assert [label.name for label in impossible] == ["car"]
+
+
+def test_a_skeleton_whose_parts_are_unknown_is_not_listed():
+    from preannotate.cvat import lambda_spec
+    from preannotate.cvat.export import merged_labels
+
+    # a function knows only the names of its deployed spec (worker.update_spec): a skeleton named there alone
+    listed, impossible = lambda_spec.spec_labels([Label("dog", "skeleton")], "skeleton")
+    assert listed == [] and [label.name for label in impossible] == ["dog"]
+    dog = read_labels(LABELS)[0]
+    assert merged_labels([[dog], [Label("dog", "skeleton")]]) == [dog]  # an export keeps the parts

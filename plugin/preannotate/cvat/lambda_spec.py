@@ -63,8 +63,8 @@ def spec_labels(labels: Iterable[Label], output: str) -> tuple[list[Label], list
     """``labels`` (a model's, a project's; by name, first wins) typed as a model of ``output`` (``fills``) returns
     them — its own type where the model returns that type (a skeleton with its sublabels and svg), else the model's
     main type where CVAT maps it — and the labels such a model can never fill (a ``points`` or a ``tag`` label for a
-    box model, any label but a skeleton or a points one for a keypoint model) — those are reported, not listed: CVAT
-    would map them and get nothing."""
+    box model, any label but a skeleton or a points one for a keypoint model, a skeleton whose parts are not known)
+    — those are reported, not listed: CVAT would map them and get nothing."""
     types = fills(output)
     listed: dict[str, Label] = {}
     impossible: list[Label] = []
@@ -72,7 +72,7 @@ def spec_labels(labels: Iterable[Label], output: str) -> tuple[list[Label], list
         if label.name in listed or any(label.name == other.name for other in impossible):
             continue
         kind = label.type if label.type in types else types[0] if compatible(types[0], label.type) else None
-        if kind is None:
+        if kind is None or (kind == "skeleton" and not label.sublabels):  # no part to map: every keypoint dropped
             impossible.append(label)
         elif kind == "skeleton":
             listed[label.name] = Label(label.name, kind, label.attributes, label.id,
