@@ -11,7 +11,8 @@ A track stores only its keyframes; the other frames are derived the way CVAT's e
   an exact half turn goes +180°, as in the editor);
 * polygons and polylines pair vertices by their relative position along the outline, so keyframes may have
   different vertex counts (keyframes drawn alike with equal counts simply move vertex by vertex);
-* points move only when both keyframes hold a single point; masks and skeletons repeat the previous keyframe;
+* points move only when both keyframes hold a single point; masks repeat the previous keyframe; a skeleton's
+  keypoints are tracks of their own (its ``elements``), each a one-point track;
 * an ``outside`` keyframe hides the object until the next keyframe that is not outside; after the last keyframe
   a visible object stays until the end of the range; keyframes on deleted frames are ignored (cvat#8834, #9059);
 * mutable attributes come from the latest keyframe at or before the frame, immutable ones from the track.
