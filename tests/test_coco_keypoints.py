@@ -8,12 +8,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cvat_sdk import make_client
 from preannotate.cvat.annotations import frames_from_annotations
 from preannotate.cvat.upload import import_file
 from preannotate.formats import coco
-from preannotate.shapes import FrameAnnotations, Label, Shape, skeleton_edges, skeleton_svg
+from preannotate.shapes import KEYPOINT_SIGMA, FrameAnnotations, Label, Shape, skeleton_edges, skeleton_svg
 
 from tests.conftest import encode, photo
 
@@ -174,3 +175,28 @@ def test_tfrecord_without_keypoint_labels_has_no_keypoint_keys():
     example = tfrecord.frame_example(frame, encode(photo(32, 32)), [Label("car", "rectangle")], filename="a.jpg",
                                      source_id="0")
     assert not [key for key in example.features.feature if "keypoint" in key]
+
+
+def test_predicted_skeletons_are_keypoint_results_pycocotools_evaluates():
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    labels = our_labels()
+    truth = coco.to_coco_keypoints(our_frames(), labels)
+    ground = COCO()
+    ground.dataset = truth
+    ground.createIndex()
+    predicted = [(image_id, frame) for image_id, (frame, _) in enumerate(our_frames(), start=1)]
+    for _, frame in predicted:
+        for shape in frame.shapes:
+            shape.score = 0.9
+    results = coco.to_keypoint_results(predicted, labels)
+    assert [r["category_id"] for r in results] == [1, 1, 2]
+    dog = [label.id for label in labels if label.name == "dog"]
+    evaluation = COCOeval(ground, ground.loadRes(results), "keypoints")
+    evaluation.params.catIds = dog
+    evaluation.params.kpt_oks_sigmas = np.full(3, KEYPOINT_SIGMA)
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    assert evaluation.stats[0] == pytest.approx(1.0)  # the truth, predicted: AP 1

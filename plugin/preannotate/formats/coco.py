@@ -282,6 +282,25 @@ def to_results(frames: Iterable[tuple[int, FrameAnnotations]], labels: Sequence[
     return results
 
 
+def to_keypoint_results(frames: Iterable[tuple[int, FrameAnnotations]], labels: Sequence[Label]
+                        ) -> list[dict[str, Any]]:
+    """Predicted skeletons (and one-point points shapes) as COCO keypoint results, for pycocotools' keypoint
+    evaluation: ``image_id`` given per frame, ``category_id`` by label order as in ``to_coco_keypoints``."""
+    label_of = {label.name: label for label in labels if label.type in KEYPOINT_TYPES}
+    category_of = {label.name: i for i, label in enumerate(labels, start=1)}
+    results = []
+    for image_id, frame in frames:
+        for shape in frame.shapes:
+            if shape.label not in label_of or shape.type not in KEYPOINT_TYPES or \
+                    (shape.type == "points" and len(shape.points) != 2):
+                continue
+            keypoints = skeleton_to_annotation(as_skeleton(shape), keypoint_names(label_of[shape.label]))
+            results.append({"image_id": image_id, "category_id": category_of[shape.label],
+                            "keypoints": keypoints["keypoints"], "bbox": keypoints["bbox"],
+                            "score": round(float(shape.score if shape.score is not None else 1.0), 5)})
+    return results
+
+
 # ------------------------------------------------------------------------------------- files a person gives
 
 def read_file(path: str | os.PathLike) -> tuple[bytes, Any]:
