@@ -84,6 +84,8 @@ def test_edges_follow_the_nodes_names_not_their_order_in_the_drawing():
     assert skeleton_edges(dog) == [(2, 1)]
     made = Label("dog", "skeleton", sublabels=dog.sublabels, svg=skeleton_svg(["nose", "tail"], [(1, 2)]))
     assert skeleton_edges(made) == [(1, 2)]
+    with pytest.raises(ValueError, match=r"the skeleton edge \(1, 3\) joins keypoints it does not have \(1 to 2\)"):
+        skeleton_svg(["nose", "tail"], [(1, 3)])
 
 
 def test_a_points_label_is_learned_as_a_skeleton_of_one_keypoint():

@@ -271,6 +271,9 @@ def skeleton_edges(label: Label) -> list[tuple[int, int]]:
 def skeleton_svg(names: Sequence[str], edges: Sequence[tuple[int, int]] = ()) -> str:
     """A skeleton's svg as CVAT's editor draws it (nodes on a circle in its 100x100 box, ``edges`` as 1-based
     positions), for a skeleton label made outside CVAT (a COCO file's category)."""
+    wrong = [edge for edge in edges if not all(1 <= end <= len(names) for end in edge)]
+    if wrong:
+        raise ValueError(f"the skeleton edge {tuple(wrong[0])} joins keypoints it does not have (1 to {len(names)})")
     spots = [(50 + 40 * math.cos(2 * math.pi * i / max(len(names), 1)),
               50 + 40 * math.sin(2 * math.pi * i / max(len(names), 1))) for i in range(len(names))]
     lines = [f'<line x1="{spots[a - 1][0]:.2f}" y1="{spots[a - 1][1]:.2f}" x2="{spots[b - 1][0]:.2f}" '
