@@ -1388,8 +1388,8 @@ class CvatDouble:
 
     def _update_label(self, spec: dict, owner: dict) -> int | None:
         """LabelSerializer.update_label for a label of ``owner`` ({"project_id": N} or {"task_id": N}); returns the
-        id of a label it deleted. Not modelled: sublabels/skeletons, and the color CVAT derives from the name when
-        none is given (a palette color)."""
+        id of a label it deleted. A new skeleton gets its sublabels and svg (``_add_label``). Not modelled: changing
+        a skeleton's sublabels, and the color CVAT derives from the name when none is given (a palette color)."""
         (owner_key, owner_id), = owner.items()
         attributes = spec.get("attributes") or []
         seen: set[str] = set()
@@ -1408,7 +1408,8 @@ class CvatDouble:
         else:
             if spec.get("name") in (None, ""):  # Label.create: the NOT NULL IntegrityError becomes InvalidLabel
                 raise HttpError(400, ["All label names must be unique"])
-            label = self._add_label({"name": spec["name"], "type": spec.get("type"), "color": spec.get("color")},
+            label = self._add_label({"name": spec["name"], "type": spec.get("type"), "color": spec.get("color"),
+                                     "sublabels": spec.get("sublabels") or [], "svg": spec.get("svg") or ""},
                                     **owner)
         if spec.get("deleted"):
             del self.labels[label["id"]]

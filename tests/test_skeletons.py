@@ -333,3 +333,14 @@ def test_a_skeleton_whose_parts_are_unknown_is_not_listed():
     assert listed == [] and [label.name for label in impossible] == ["dog"]
     dog = read_labels(LABELS)[0]
     assert merged_labels([[dog], [Label("dog", "skeleton")]]) == [dog]  # an export keeps the parts
+
+
+def test_a_skeleton_added_to_a_project_by_patch_gets_its_parts(cvat_double):
+    project = cvat_double.add_project("later", [{"name": "car", "type": "rectangle"}])
+    with make_client(cvat_double.base_url, credentials=cvat_double.credentials) as client:
+        client.projects.retrieve(project).update({"labels": [
+            {"name": "cat", "type": "skeleton", "svg": skeleton_svg(["ear", "tail"], [(1, 2)]),
+             "sublabels": [{"name": "ear", "type": "points"}, {"name": "tail", "type": "points"}]}]})
+        labels = read_labels([label.to_dict() for label in client.projects.retrieve(project).get_labels()])
+    cat = labels[1]
+    assert [s.name for s in cat.sublabels] == ["ear", "tail"] and skeleton_edges(cat) == [(1, 2)]
