@@ -33,7 +33,7 @@ Also modelled, from CVAT's source where nothing was recorded:
 
 Not modelled: organizations (organization webhooks never fire), exports/imports, task creation over HTTP,
 ping/redelivery, and of the lambda manager: ``/api/lambda/functions``, online calls, label
-``mapping`` in a request, masks and skeletons in a function's answer, and functions other than detectors.
+``mapping`` in a request, masks in a function's answer, and functions other than detectors.
 """
 
 from __future__ import annotations
@@ -123,6 +123,9 @@ _TASK_FIELDS = ("url", "id", "name", "project_id", "mode", "owner", "assignee", 
 _DATA_FIELDS = ("data_chunk_size", "data_compressed_chunk_type", "data_original_chunk_type", "size", "image_quality",
                 "data")
 _LABEL_TYPES = ("any", "cuboid", "ellipse", "mask", "points", "polygon", "polyline", "rectangle", "skeleton", "tag")
+# LabelSerializer's field order (``svg`` only on a skeleton: to_representation adds it).
+_LABEL_ORDER = ("id", "name", "color", "attributes", "type", "svg", "sublabels", "project_id", "task_id", "parent_id",
+                "has_parent")
 _ATTRIBUTE_TYPES = ("checkbox", "radio", "number", "text", "select")
 # cvat/apps/webhooks/event_type.py as GET /api/webhooks/events?type=project answers (recorded).
 _PROJECT_EVENTS = ("create:comment", "create:issue", "create:job", "create:task", "delete:comment", "delete:issue",
@@ -685,9 +688,14 @@ class CvatDouble:
         self._next[kind] += 1
         return value
 
-    def _add_label(self, spec: dict, *, task_id: int | None = None, project_id: int | None = None) -> dict:
+    def _add_label(self, spec: dict, *, task_id: int | None = None, project_id: int | None = None,
+                   parent_id: int | None = None) -> dict:
         """A label as LabelSerializer.create_labels stores it; the record as GET /api/labels shows it (``task_id``
-        or ``project_id``, whichever it belongs to). Colors come from a fixed palette, not CVAT's name hash."""
+        or ``project_id``, whichever it belongs to). Colors come from a fixed palette, not CVAT's name hash.
+        A skeleton's ``sublabels`` (``[{"name", "type"?, "attributes"?}]``) are labels of their own with its
+        ``parent_id`` (GET /api/labels lists only top-level labels; the skeleton nests its parts as
+        SublabelSerializer shows them), and its ``svg`` is stored with each ``data-label-name="NAME"`` replaced by
+        ``data-label-id="ID"``, as ``create_labels`` stores it."""
         label_id = self._new_id("label")
         attributes = [{
             "id": self._new_id("attribute"), "name": a["name"], "mutable": a.get("mutable", False),
@@ -695,11 +703,22 @@ class CvatDouble:
             "default_value": a.get("default_value", (a.get("values") or [""])[0]), "values": list(a.get("values", [])),
         } for a in spec.get("attributes", [])]
         owner = {"task_id": task_id} if project_id is None else {"project_id": project_id}
-        self.labels[label_id] = {
+        label_type = spec.get("type") or "any"
+        record = {
             "id": label_id, "name": spec["name"], "color": spec.get("color") or _PALETTE[label_id % len(_PALETTE)],
-            "attributes": attributes, "type": spec.get("type") or "any", "sublabels": [], **owner,
-            "parent_id": None, "has_parent": False,
+            "attributes": attributes, "type": label_type, "sublabels": [], **owner,
+            "parent_id": parent_id, "has_parent": parent_id is not None,
         }
+        self.labels[label_id] = record
+        if label_type == "skeleton":
+            parts = [self._add_label({"type": "points", **part}, task_id=task_id, project_id=project_id,
+                                     parent_id=label_id) for part in spec.get("sublabels") or []]
+            svg = spec.get("svg") or ""
+            for part in parts:
+                svg = svg.replace(f'data-label-name="{part["name"]}"', f'data-label-id="{part["id"]}"')
+            record["sublabels"] = [{key: part[key] for key in ("id", "name", "color", "attributes", "type",
+                                                               "has_parent")} for part in parts]
+            self.labels[label_id] = _ordered({**record, "svg": svg}, _LABEL_ORDER)
         return self.labels[label_id]
 
     def _add_job(self, task: Task, start: int, stop: int, now: str) -> Job:
@@ -1044,7 +1063,8 @@ class CvatDouble:
     def _task_labels(self, task: Task) -> list[dict]:
         project_id = task.record["project_id"]
         key, value = ("project_id", project_id) if project_id is not None else ("task_id", task.id)
-        return sorted((label for label in self.labels.values() if label.get(key) == value), key=lambda x: x["id"])
+        return sorted((label for label in self.labels.values() if label.get(key) == value
+                       and label.get("parent_id") is None), key=lambda x: x["id"])
 
     @staticmethod
     def _job_status(job: Job) -> str:
@@ -1195,12 +1215,18 @@ class CvatDouble:
         for model_label in function.labels:
             model_type = model_label.get("type") or "any"
             for task_label in self._task_labels(task):
-                compatible = (model_type == task_label["type"] or "any" in (model_type, task_label["type"])
-                              or {model_type, task_label["type"]} == {"mask", "polygon"})
+                types = {model_type, task_label["type"]}
+                compatible = (model_type == task_label["type"] or ("any" in types and "skeleton" not in types)
+                              or types == {"mask", "polygon"})
                 if task_label["name"] == model_label["name"] and compatible:
                     names = {a["name"] for a in task_label["attributes"]}
                     mapping[model_label["name"]] = {"label": task_label, "attributes": {
                         a["name"]: a["name"] for a in model_label.get("attributes") or [] if a["name"] in names}}
+                    if model_type == "skeleton":  # its parts by name (all of type points)
+                        parts = {part["name"]: part for part in task_label["sublabels"]}
+                        mapping[model_label["name"]]["sublabels"] = {
+                            part["name"]: parts[part["name"]] for part in model_label.get("sublabels") or []
+                            if part["name"] in parts}
         return mapping
 
     @staticmethod
@@ -1228,13 +1254,27 @@ class CvatDouble:
                 converted["tags"].append({"frame": frame, "label_id": label["id"], "source": "auto",
                                           "attributes": attributes, "group": None})
                 continue
-            if kind in ("mask", "skeleton") or item.get("elements"):
-                raise NotImplementedError("the double does not convert masks or skeletons from a function")
+            if kind == "mask":
+                raise NotImplementedError("the double does not convert masks from a function")
             shape = {"frame": frame, "label_id": label["id"], "source": "auto", "attributes": attributes,
                      "group": item.get("group_id"), "type": kind, "occluded": False,
                      "outside": item.get("outside", False), "points": item.get("points", []), "z_order": 0}
             if kind in ("rectangle", "ellipse"):
                 shape["rotation"] = item.get("rotation", 0)
+            if kind == "skeleton":  # elements of mapped parts; every other part outside at their centroid
+                parts = mapped.get("sublabels") or {}
+                given = {e["label"]: e for e in item.get("elements") or [] if e.get("label") in parts}
+                points = [e["points"] for e in given.values()]
+                count = len(points) or 1
+                centre = [sum(p[0] for p in points) / count, sum(p[1] for p in points) / count]
+                shape["elements"] = [
+                    {"frame": frame, "label_id": part["id"], "source": "auto", "attributes": [], "group": None,
+                     "type": "points", "occluded": False, "z_order": 0,
+                     "points": given[part["name"]]["points"] if part["name"] in given else centre,
+                     "outside": bool(given[part["name"]].get("outside", False)) if part["name"] in given else True}
+                    for part in label["sublabels"]]
+                if all(e["outside"] for e in shape["elements"]):
+                    continue
             converted["shapes"].append(shape)
         return converted
 
@@ -1348,8 +1388,8 @@ class CvatDouble:
 
     def _update_label(self, spec: dict, owner: dict) -> int | None:
         """LabelSerializer.update_label for a label of ``owner`` ({"project_id": N} or {"task_id": N}); returns the
-        id of a label it deleted. Not modelled: sublabels/skeletons, and the color CVAT derives from the name when
-        none is given (a palette color)."""
+        id of a label it deleted. A new skeleton gets its sublabels and svg (``_add_label``). Not modelled: changing
+        a skeleton's sublabels, and the color CVAT derives from the name when none is given (a palette color)."""
         (owner_key, owner_id), = owner.items()
         attributes = spec.get("attributes") or []
         seen: set[str] = set()
@@ -1368,7 +1408,8 @@ class CvatDouble:
         else:
             if spec.get("name") in (None, ""):  # Label.create: the NOT NULL IntegrityError becomes InvalidLabel
                 raise HttpError(400, ["All label names must be unique"])
-            label = self._add_label({"name": spec["name"], "type": spec.get("type"), "color": spec.get("color")},
+            label = self._add_label({"name": spec["name"], "type": spec.get("type"), "color": spec.get("color"),
+                                     "sublabels": spec.get("sublabels") or [], "svg": spec.get("svg") or ""},
                                     **owner)
         if spec.get("deleted"):
             del self.labels[label["id"]]
@@ -1458,8 +1499,8 @@ class CvatDouble:
         elif "task_id" in request.query:
             task = self.tasks.get(request.int_param("task_id") or -1)
             labels = self._task_labels(task) if task else []
-        else:
-            labels = sorted(self.labels.values(), key=lambda x: x["id"])
+        else:  # only first-level labels (a skeleton's parts are nested in it)
+            labels = sorted((x for x in self.labels.values() if x.get("parent_id") is None), key=lambda x: x["id"])
             if "project_id" in request.query:
                 labels = [x for x in labels if str(x.get("project_id")) == request.query["project_id"]]
         return self._page(request, labels)
@@ -1723,8 +1764,10 @@ class CvatDouble:
         (``_validate_attribute_for_existence``: ``spec_id `N` is invalid``)."""
         self._validate_fields(data)
         labels = {label["id"]: label for label in self._task_labels(task)}
+        labels.update({part["id"]: self.labels[part["id"]] for label in list(labels.values())
+                       for part in label["sublabels"]})  # label_set.all(): a skeleton's parts too
         for kind in _KINDS:
-            for obj in data[kind]:
+            for obj in [*data[kind], *(e for o in data[kind] for e in o.get("elements") or [])]:
                 label = labels.get(obj["label_id"])
                 if label is None:
                     raise HttpError(400, [f"label_id `{obj['label_id']}` is invalid"])
@@ -1758,6 +1801,15 @@ class CvatDouble:
                 errors["shapes"] = shape_errors
         elif kind == "shapes" and "type" not in errors:
             errors.update(_shape_errors(obj, ()))
+            elements = obj.get("elements") or []
+            element_errors = [_required_errors(e, ("frame", "label_id", "type")) or _shape_errors(e, ())
+                              if isinstance(e, dict) else _shape_errors(e, ()) for e in elements]
+            if any(element_errors):
+                errors["elements"] = element_errors
+            elif obj.get("type") == "skeleton" and not elements:  # LabeledShapeSerializer.validate
+                errors["elements"] = ["at least one required for skeleton shape"]
+            elif obj.get("type") != "skeleton" and elements:
+                errors["elements"] = ["not allowed for non-skeleton shape"]
         return errors
 
     def _normalize(self, kind: str, sent: dict, obj_id: int, *, update: bool = False) -> dict:
@@ -1767,10 +1819,12 @@ class CvatDouble:
                   "source": sent.get("source", "manual")}
         if kind == "tags":
             return _ordered({**common, "attributes": _attrs(sent.get("attributes"))}, _STORED_ORDER["tags"])
-        if kind == "shapes":
+        if kind == "shapes":  # a skeleton's parts are shapes with ids of their own, and no elements
+            elements = [{key: value for key, value in self._normalize("shapes", element, self._new_id("shape")).items()
+                         if key != "elements"} for element in sent.get("elements") or []]
             return _ordered({**common, **_geometry(sent), "type": sent["type"],
-                             "attributes": _attrs(sent.get("attributes")),
-                             "elements": copy.deepcopy(sent.get("elements") or [])}, _STORED_ORDER["shapes"])
+                             "attributes": _attrs(sent.get("attributes")), "elements": elements},
+                            _STORED_ORDER["shapes"])
         shapes = [_ordered({**_geometry(s), "id": (update and s.get("id")) or self._new_id("track_shape"),
                             "type": s["type"], "frame": s["frame"], "attributes": _attrs(s.get("attributes"))},
                            _STORED_ORDER["track_shapes"]) for s in sent.get("shapes") or []]
@@ -1997,6 +2051,13 @@ def _echo(kind: str, sent: dict, stored: dict) -> dict:
     values as strings, as AttributeValSerializer made them) plus defaults and the ids."""
     obj = {**copy.deepcopy(_WRITE_DEFAULTS[kind]), **copy.deepcopy(sent), "id": stored["id"]}
     obj["attributes"] = _attrs(obj.get("attributes"))
+    if kind == "shapes":  # a skeleton's parts come back with their ids
+        obj["elements"] = [{**copy.deepcopy(_WRITE_DEFAULTS["shapes"]), **element, "id": saved["id"],
+                            "attributes": _attrs(element.get("attributes"))}
+                           for element, saved in zip(obj.get("elements") or [], stored.get("elements") or [],
+                                                     strict=True)]
+        for element in obj["elements"]:
+            element.pop("elements")
     if kind == "tracks":
         obj["shapes"] = [{**copy.deepcopy(_WRITE_DEFAULTS["track_shapes"]), **shape, "id": saved["id"],
                           "attributes": _attrs(shape.get("attributes"))}

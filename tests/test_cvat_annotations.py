@@ -325,12 +325,11 @@ def test_a_track_reappears_after_an_outside_stretch():
                                                        5: [5, 5, 7, 7]}
 
 
-def test_skeletons_are_counted_but_not_kept_cuboids_both():
-    skeleton = {"id": 1, "label_id": SIGN, "type": "skeleton", "frame": 0, "points": [], "elements": [{}]}
+def test_cuboids_are_counted_and_kept():
     cuboid = {"id": 2, "label_id": SIGN, "type": "cuboid", "frame": 0, "points": list(range(16))}
-    result = frames_from_annotations(annotations(shapes=[skeleton, cuboid]), LABELS, meta(1))
+    result = frames_from_annotations(annotations(shapes=[cuboid]), LABELS, meta(1))
     assert [s.type for s in result.frames[0].shapes] == ["cuboid"]
-    assert result.skipped == Counter({"skeleton": 1, "cuboid": 1})
+    assert result.skipped == Counter({"cuboid": 1})
 
 
 def test_video_meta_describes_every_frame_with_one_entry():

@@ -7,6 +7,7 @@ Nothing here talks to Nuclio or Kubernetes directly: it renders configurations, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -78,7 +79,8 @@ def render_model_function(store: ModelStore, reference: str, out: Path, cron: st
     if not labels:
         raise DeployError(f"{arch.name} returns {arch.output} shapes: none of the labels "
                           f"({', '.join(f'{label.name} ({label.type})' for label in impossible) or 'none'}) can take "
-                          f"them, so CVAT would get nothing; add a label of type {' or '.join(arch.label_types)}")
+                          f"them, so CVAT would get nothing; add a label of type "
+                          f"{' or '.join(lambda_spec.label_types(arch.output))}")
     if manifest:
         state, source = f"{len(labels)} labels", "the model's manifest"
     elif train_project is not None:
@@ -116,7 +118,8 @@ def project_labels(client, project_id: int) -> list[Label]:
 
     with cvat_errors(client, f"project {project_id}"):
         labels = client.projects.retrieve(project_id).get_labels()
-    return [Label(label.name, label.type, label.attributes) for label in read_labels([m.to_dict() for m in labels])]
+    # without the class index read_labels gives, but with a skeleton's parts and drawing: the spec lists them
+    return [dataclasses.replace(label, id=None) for label in read_labels([m.to_dict() for m in labels])]
 
 
 def pretrained_labels(architecture: str) -> list[Label]:

@@ -343,6 +343,8 @@ def validate_label_spec(text: str, empty_allowed: bool = False) -> list[str]:
         names.add(label["name"])
         if label.get("type", "any") not in LABEL_TYPES:
             problems.append(f"{where}: type {label.get('type')!r} is not one of {', '.join(LABEL_TYPES)}")
+        if label.get("type") == "skeleton":
+            problems += _skeleton_spec_problems(label, where)
         attribute_names = set()
         for attribute in label.get("attributes", []):
             missing = [k for k in ("name", "input_type", "values") if k not in attribute]
@@ -356,6 +358,24 @@ def validate_label_spec(text: str, empty_allowed: bool = False) -> list[str]:
             if attribute["name"] in attribute_names:
                 problems.append(f"{where}: attribute {attribute['name']!r} appears twice")
             attribute_names.add(attribute["name"])
+    return problems
+
+
+def _skeleton_spec_problems(label: dict, where: str) -> list[str]:
+    """What CVAT's ``LambdaFunction.__init__`` needs of a skeleton: ``svg`` and ``sublabels`` (a missing key hides
+    every function), sublabels named once each (else the function is skipped), of type points."""
+    problems = [f"{where}: a skeleton needs '{key}': CVAT would hide every model"
+                for key in ("svg", "sublabels") if key not in label]
+    sublabels = label.get("sublabels") or []
+    names = [part.get("name") if isinstance(part, dict) else None for part in sublabels]
+    if "sublabels" in label and not sublabels:
+        problems.append(f"{where}: a skeleton without sublabels gets every keypoint dropped")
+    if not all(isinstance(name, str) and name for name in names):
+        problems.append(f"{where}: every sublabel needs a non-empty 'name'")
+    elif len(set(names)) != len(names):
+        problems.append(f"{where}: a sublabel name appears twice: CVAT skips the function")
+    problems += [f"{where}: sublabel {part.get('name')!r} has type {part.get('type')!r}, not points"
+                 for part in sublabels if isinstance(part, dict) and part.get("type", "points") != "points"]
     return problems
 
 

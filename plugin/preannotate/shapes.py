@@ -18,10 +18,12 @@ tag, not a shape (``cvat.encoding``, ``cvat.upload``). What CVAT stores is read 
 from __future__ import annotations
 
 import math
+import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
@@ -165,6 +167,122 @@ class Shape:
         if self.type == "mask":
             raise ValueError("a mask's outline is traced from its pixels: formats.masks.cvat_rle_to_polygon")
         return [float(p) for p in self.points]
+
+
+# ------------------------------------------------------------------------------------------ skeletons and points
+# A model learns keypoints as skeletons. A ``points`` label is learned as a one-point skeleton (its one keypoint named
+# as the label): one shape, one point. A points shape with several points cannot be learned: CVAT stores them as one
+# shape with no order among its points, so nothing says which point is which (``as_skeleton`` refuses it and says
+# so); those are drawn as a skeleton label, or each point as its own shape.
+
+def keypoint_names(label: Label) -> tuple[str, ...]:
+    """The keypoints a model learns for ``label``: a skeleton's sublabels in order, a points label's one point."""
+    if label.type == "skeleton":
+        return tuple(sublabel.name for sublabel in label.sublabels)
+    if label.type == "points":
+        return (label.name,)
+    raise ValueError(f"label {label.name!r} is a {label.type} label: only skeleton and points labels have keypoints")
+
+
+def as_skeleton(shape: Shape) -> Shape:
+    """``shape`` as the skeleton a model learns: a skeleton as it is; a points shape of one point as a skeleton of
+    one keypoint named as its label; a ``ValueError`` that says why for a points shape of several points."""
+    if shape.type == "skeleton":
+        return shape
+    if shape.type != "points":
+        raise ValueError(f"a {shape.type} has no keypoints")
+    if len(shape.points) != 2:
+        raise ValueError(f"a points shape of label {shape.label!r} on frame {shape.frame} holds "
+                         f"{len(shape.points) // 2} points: a model learns one point per points shape (nothing says "
+                         f"which of several points is which); draw each point as its own shape, or use a skeleton "
+                         f"label")
+    keypoint = Shape(shape.label, "points", list(shape.points), frame=shape.frame, occluded=shape.occluded)
+    return Shape(shape.label, "skeleton", [], frame=shape.frame, score=shape.score, attributes=dict(shape.attributes),
+                 group=shape.group, z_order=shape.z_order, source=shape.source, elements=[keypoint])
+
+
+def from_skeleton(shape: Shape, label: Label) -> Shape | None:
+    """A predicted skeleton back in ``label``'s type: a skeleton label's as it is; a points label's as the points
+    shape of its one keypoint (None when that keypoint is not visible)."""
+    if label.type != "points":
+        return shape
+    seen = [e for e in shape.elements if not e.outside]
+    if not seen:
+        return None
+    return Shape(shape.label, "points", list(seen[0].points[:2]), frame=shape.frame, score=shape.score,
+                 attributes=dict(shape.attributes), occluded=seen[0].occluded, source=shape.source)
+
+
+# How near two skeletons are: COCO's object keypoint similarity (OKS), the IoU of keypoints. One sigma for every
+# keypoint, COCO's mean over a person's 17 (0.072: a skeleton COCO does not define has no measured ones), and a
+# scale of at least a 32x32 box (COCO's small objects), so that a points label's one point has one.
+KEYPOINT_SIGMA = 0.072
+MIN_KEYPOINT_AREA = 32.0 * 32.0
+
+
+def is_keypoint_shape(shape: Shape) -> bool:
+    """A skeleton, or a points shape of one point (a skeleton of one keypoint, ``as_skeleton``)."""
+    return shape.type == "skeleton" or (shape.type == "points" and len(shape.points) == 2)
+
+
+def keypoint_similarity(predicted: Sequence[Shape], truth: Sequence[Shape], sigma: float = KEYPOINT_SIGMA
+                        ) -> np.ndarray:
+    """``len(predicted) × len(truth)`` OKS of keypoint shapes (``is_keypoint_shape``), as COCO computes it: over the
+    true keypoints not outside, ``exp(-d² / (2 s² (2 sigma)²))`` averaged, ``s²`` the true box's area (at least
+    ``MIN_KEYPOINT_AREA``); keypoints pair by name, a predicted one counts wherever it is (outside or not), one it
+    lacks is missed; 0 for a truth with no keypoint in sight."""
+    result = np.zeros((len(predicted), len(truth)))
+    placed = [{e.label: e.points[:2] for e in as_skeleton(shape).elements} for shape in predicted]
+    for j, true_shape in enumerate(truth):
+        seen = [e for e in as_skeleton(true_shape).elements if not e.outside]
+        if not seen:
+            continue
+        x1, y1, x2, y2 = true_shape.bbox()
+        scale = 2 * max((x2 - x1) * (y2 - y1), MIN_KEYPOINT_AREA) * (2 * sigma) ** 2
+        for i, points in enumerate(placed):
+            near = [math.exp(-((points[e.label][0] - e.points[0]) ** 2 + (points[e.label][1] - e.points[1]) ** 2)
+                             / scale) if e.label in points else 0.0 for e in seen]
+            result[i, j] = sum(near) / len(seen)
+    return result
+
+
+def skeleton_edges(label: Label) -> list[tuple[int, int]]:
+    """A skeleton label's edges as 1-based positions among its sublabels (COCO's ``skeleton``), from the ``<line
+    data-node-from data-node-to>`` of its svg: a node is named by its ``<circle data-node-id data-label-name>``; a
+    node without one is taken as the position itself, as CVAT's exports (Datumaro) take it."""
+    if not label.svg:
+        return []
+    try:
+        root = ET.fromstring(f"<root>{label.svg}</root>")
+    except ET.ParseError:
+        raise ValueError(f"skeleton {label.name!r}: its svg is not CVAT's drawing of a skeleton") from None
+    position = {sublabel.name: i for i, sublabel in enumerate(label.sublabels, start=1)}
+    node_position = {element.get("data-node-id"): position[element.get("data-label-name")] for element in root
+                     if element.tag == "circle" and element.get("data-label-name") in position}
+    edges = []
+    for element in root:
+        if element.tag == "line":
+            ends = [element.get("data-node-from"), element.get("data-node-to")]
+            if None not in ends:
+                edges.append(tuple(node_position.get(end) or int(end) for end in ends))
+    return edges
+
+
+def skeleton_svg(names: Sequence[str], edges: Sequence[tuple[int, int]] = ()) -> str:
+    """A skeleton's svg as CVAT's editor draws it (nodes on a circle in its 100x100 box, ``edges`` as 1-based
+    positions), for a skeleton label made outside CVAT (a COCO file's category)."""
+    wrong = [edge for edge in edges if not all(1 <= end <= len(names) for end in edge)]
+    if wrong:
+        raise ValueError(f"the skeleton edge {tuple(wrong[0])} joins keypoints it does not have (1 to {len(names)})")
+    spots = [(50 + 40 * math.cos(2 * math.pi * i / max(len(names), 1)),
+              50 + 40 * math.sin(2 * math.pi * i / max(len(names), 1))) for i in range(len(names))]
+    lines = [f'<line x1="{spots[a - 1][0]:.2f}" y1="{spots[a - 1][1]:.2f}" x2="{spots[b - 1][0]:.2f}" '
+             f'y2="{spots[b - 1][1]:.2f}" data-type="edge" data-node-from="{a}" data-node-to="{b}"></line>'
+             for a, b in edges]
+    circles = [f'<circle r="0.75" cx="{x:.2f}" cy="{y:.2f}" data-type="element node" data-element-id="{i}" '
+               f'data-node-id="{i}" data-label-name={quoteattr(name)}></circle>'
+               for i, (name, (x, y)) in enumerate(zip(names, spots, strict=True), start=1)]
+    return "\n".join(lines + circles)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

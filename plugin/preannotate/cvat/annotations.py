@@ -11,7 +11,8 @@ A track stores only its keyframes; the other frames are derived the way CVAT's e
   an exact half turn goes +180°, as in the editor);
 * polygons and polylines pair vertices by their relative position along the outline, so keyframes may have
   different vertex counts (keyframes drawn alike with equal counts simply move vertex by vertex);
-* points move only when both keyframes hold a single point; masks and skeletons repeat the previous keyframe;
+* points move only when both keyframes hold a single point; masks repeat the previous keyframe; a skeleton's
+  keypoints are tracks of their own (its ``elements``), each a one-point track;
 * an ``outside`` keyframe hides the object until the next keyframe that is not outside; after the last keyframe
   a visible object stays until the end of the range; keyframes on deleted frames are ignored (cvat#8834, #9059);
 * mutable attributes come from the latest keyframe at or before the frame, immutable ones from the track.
@@ -19,7 +20,7 @@ A track stores only its keyframes; the other frames are derived the way CVAT's e
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,11 +34,26 @@ from preannotate.shapes import DETECTABLE_TYPES, AnnotationSet, FrameAnnotations
 def read_labels(label_dicts: Iterable[Any] | Mapping[str, Any]) -> list[Label]:
     """``/api/labels`` results (the list, or the whole page) → labels numbered 1..N in CVAT's order: ``Label.id``
     is the model's class index (and the COCO category id), not CVAT's label id, which differs per task and
-    server. Left out, as no class a model learns: skeleton parts, and our confidence tags' label
-    (``review.CONFIDENCE_LABEL``, wherever it stands). ``attribute_names`` maps CVAT's attribute ids to names."""
+    server. Left out, as no class a model learns: our confidence tags' label (``review.CONFIDENCE_LABEL``, wherever
+    it stands), and skeleton parts listed on their own (``parent_id``; CVAT 2.42 nests them in their skeleton's
+    ``sublabels`` instead). A skeleton keeps its sublabels (without CVAT's ids) and its svg, whose nodes CVAT stores
+    by sublabel id (``data-label-id``): they are named (``data-label-name``), as CVAT's exports and functions' specs
+    name them. ``attribute_names`` maps CVAT's attribute ids to names."""
     labels = [Label.from_dict(item) for item in _label_dicts(label_dicts)
               if item.get("parent_id") is None and item["name"] != CONFIDENCE_LABEL]
-    return [Label(label.name, label.type, label.attributes, position) for position, label in enumerate(labels, 1)]
+    named_svg = {item["name"]: _named_svg(item) for item in _label_dicts(label_dicts) if item.get("sublabels")}
+    return [Label(label.name, label.type, label.attributes, position,
+                  tuple(Label(sub.name, sub.type, sub.attributes) for sub in label.sublabels),
+                  named_svg.get(label.name, label.svg))
+            for position, label in enumerate(labels, 1)]
+
+
+def _named_svg(item: Mapping[str, Any]) -> str:
+    """A skeleton's svg with its nodes named by sublabel (CVAT's exports do the same replacement)."""
+    svg = item.get("svg") or ""
+    for sublabel in item.get("sublabels") or ():
+        svg = svg.replace(f'data-label-id="{sublabel["id"]}"', f'data-label-name="{sublabel["name"]}"')
+    return svg
 
 
 def attribute_names(label_dicts: Iterable[Any] | Mapping[str, Any]) -> dict[int, str]:
@@ -55,12 +71,15 @@ def frames_from_annotations(annotations: Any, labels: Iterable[Any] | Mapping[st
     job's range, the job's own. Frames in ``deleted_frames`` are left out.
 
     Shapes a detector cannot learn from (points, polylines, cuboids, skeletons) are counted per frame in
-    ``skipped``; all but skeletons (whose geometry lives in their elements) are kept in the frames as well, so
-    filter on ``shapes.DETECTABLE_TYPES`` when building a detector dataset.
+    ``skipped`` and kept in the frames as well, so filter on ``shapes.DETECTABLE_TYPES`` when building a detector
+    dataset. A skeleton's ``elements`` are its keypoints, one ``points`` shape per sublabel in the label's order
+    (a sublabel it lacks is ``outside`` at the centroid of the others, as CVAT fills one); a skeleton track is
+    interpolated keypoint by keypoint (a keypoint moves like a one-point track).
     """
     data, meta = _plain(annotations), frame_meta(meta)
     label_dicts = _label_dicts(labels)
     label_names = {item["id"]: item["name"] for item in label_dicts}
+    label_names.update({sub["id"]: sub["name"] for item in label_dicts for sub in item.get("sublabels") or ()})
     spec_names = attribute_names(label_dicts)
     frames = _empty_frames(meta, frame_range)
     result = AnnotationSet(frames=frames, labels=read_labels(label_dicts))
@@ -77,11 +96,14 @@ def frames_from_annotations(annotations: Any, labels: Iterable[Any] | Mapping[st
         except KeyError as error:
             raise ValueError(f"attribute spec_id {error.args[0]} is not among the labels given") from None
 
+    sublabel_order = {label.name: [sub.name for sub in label.sublabels] for label in result.labels}
+
     def add(shape: Shape) -> None:
         if shape.type not in DETECTABLE_TYPES:
             result.skipped[shape.type] += 1
-        if shape.type != "skeleton":
-            frames[shape.frame].shapes.append(shape)
+        if shape.type == "skeleton":
+            shape.elements = _in_order(shape.elements, sublabel_order.get(shape.label, ()))
+        frames[shape.frame].shapes.append(shape)
 
     # Sorted by frame and id: the task-level GET does not sort, and job- and task-level reads must give equal frames.
     for tag in sorted(data.get("tags") or (), key=_id):
@@ -89,7 +111,11 @@ def frames_from_annotations(annotations: Any, labels: Iterable[Any] | Mapping[st
             frames[tag["frame"]].tags.append(label_of(tag))
     for raw in sorted(data.get("shapes") or (), key=_id):
         if raw["frame"] in frames:
-            add(encoding.shape_from_stored(raw, label_of(raw), named(raw.get("attributes") or ())))
+            shape = encoding.shape_from_stored(raw, label_of(raw), named(raw.get("attributes") or ()))
+            shape.elements = [encoding.shape_from_stored(element, label_of(element),
+                                                         named(element.get("attributes") or ()))
+                              for element in raw.get("elements") or ()]
+            add(shape)
     if not frames:
         return result
     start, stop = min(frames), max(frames) + 1
@@ -101,8 +127,33 @@ def frames_from_annotations(annotations: Any, labels: Iterable[Any] | Mapping[st
                           rotation=rotation, attributes={**named(mutable), **immutable},
                           group=track.get("group") or 0, occluded=bool(keyframe.get("occluded")),
                           z_order=keyframe.get("z_order") or 0, source=track.get("source") or "manual",
-                          track_id=track.get("id")))
+                          track_id=track.get("id"),
+                          elements=[_keypoint_on(element, label_of(element), frame, meta.deleted)
+                                    for element in track.get("elements") or ()]))
     return result
+
+
+def _keypoint_on(track: Mapping[str, Any], label: str, frame: int, deleted: Collection[int]) -> Shape:
+    """A skeleton track's keypoint (the track of one sublabel) on ``frame``: where it is interpolated to, or
+    ``outside`` where it is hidden (at its latest keyframe's place, or its first one's before it starts)."""
+    for _, keyframe, points, _, _ in track_frames(track, frame, frame + 1, deleted):
+        return Shape(label, "points", points, frame=frame, occluded=bool(keyframe.get("occluded")))
+    keyframes = sorted((s for s in track.get("shapes") or () if s["frame"] not in deleted), key=lambda s: s["frame"])
+    latest = ([s for s in keyframes if s["frame"] <= frame] or keyframes or [{"points": [0.0, 0.0]}])[-1]
+    return Shape(label, "points", [float(p) for p in latest["points"]], frame=frame, outside=True)
+
+
+def _in_order(elements: list[Shape], names: Sequence[str]) -> list[Shape]:
+    """A skeleton's keypoints in its label's sublabel order, one each; a missing one ``outside`` at the centroid
+    of the others (CVAT's ``DetectionResultConverter`` fills a missing sublabel so)."""
+    if not names:
+        return elements
+    by_name = {element.label: element for element in elements}
+    xs = [p for e in elements for p in e.points[0:2:2]] or [0.0]
+    ys = [p for e in elements for p in e.points[1:2:2]] or [0.0]
+    centre = [sum(xs) / len(xs), sum(ys) / len(ys)]
+    frame = elements[0].frame if elements else 0
+    return [by_name.get(name) or Shape(name, "points", list(centre), frame=frame, outside=True) for name in names]
 
 
 def track_frames(track: Mapping[str, Any], start: int, stop: int, deleted: Collection[int] = frozenset()

@@ -18,7 +18,13 @@ The rules, the same on every path:
   detector item without points, which CVAT's lambda manager stores as a tag (``DetectionResultConverter``);
 * a track (``shapes.Track``) is a ``LabeledTrackRequest`` (``labeled_track``): its keyframes are written like shapes
   (a keyframe with nothing left is dropped), the track's attributes are the label's immutable ones and each
-  keyframe's its mutable ones.
+  keyframe's its mutable ones;
+* a skeleton has no points of its own: its keypoints are its ``elements``, each a ``points`` shape of one point
+  with its sublabel's id and ``outside`` where it is hidden, one per sublabel of the target label, as CVAT's lambda
+  manager writes them (``DetectionResultConverter``): a keypoint of a sublabel the label lacks is left out, a
+  sublabel with no keypoint gets one ``outside`` at the centroid of the others, and a skeleton with every keypoint
+  outside (or none) is dropped. In a detector's response it is ``{label, type: "skeleton", elements: [{label,
+  type: "points", points: [x, y], outside}]}``, every keypoint listed.
 """
 
 from __future__ import annotations
@@ -47,11 +53,12 @@ def rotation(shape: Shape, shape_type: str) -> float:
 
 
 def labeled_shape(shape: Shape, *, frame: int, label_id: int, attribute_ids: Mapping[str, int] | None = None,
-                  label_type: str = "any", as_polygon: bool = False, source: str | None = "auto"
-                  ) -> dict[str, Any] | None:
+                  label_type: str = "any", as_polygon: bool = False, source: str | None = "auto",
+                  sublabel_ids: Mapping[str, int] | None = None) -> dict[str, Any] | None:
     """``shape`` as a ``LabeledShapeRequest`` body (a plain dict: cvat-sdk's checked models cost ~200 µs a shape,
     a tenth of a 100-box frame's inference; ``cvat_sdk.models.LabeledShapeRequest(**body)`` builds one).
-    ``source=None`` leaves the source out, for cvat-sdk's driver, which sets it itself."""
+    ``source=None`` leaves the source out, for cvat-sdk's driver, which sets it itself. A skeleton needs its
+    target label's ``sublabel_ids`` (sublabel name → CVAT id, in the label's order); without them it is None."""
     encoded = geometry(shape, label_type, as_polygon)
     if encoded is None:
         return None
@@ -59,7 +66,33 @@ def labeled_shape(shape: Shape, *, frame: int, label_id: int, attribute_ids: Map
     body = {"type": kind, "frame": frame, "label_id": label_id, "points": points, "rotation": rotation(shape, kind),
             "occluded": bool(shape.occluded), "z_order": int(shape.z_order),
             "attributes": _attribute_values(shape.attributes, attribute_ids)}
+    if kind == "skeleton":
+        elements = _elements(shape, sublabel_ids or {}, frame, source)
+        if elements is None:
+            return None
+        body["elements"] = elements
     return body if source is None else {**body, "source": source}
+
+
+def _elements(skeleton: Shape, sublabel_ids: Mapping[str, int], frame: int, source: str | None
+              ) -> list[dict[str, Any]] | None:
+    """A skeleton's keypoints as CVAT's ``SubLabeledShapeRequest`` bodies, one per sublabel (see the module
+    docstring); None when none of them is visible."""
+    given = {element.label: element for element in skeleton.elements if element.label in sublabel_ids}
+    if not any(not element.outside for element in given.values()):
+        return None
+    xs = [float(e.points[0]) for e in given.values()]
+    ys = [float(e.points[1]) for e in given.values()]
+    centre = [sum(xs) / len(xs), sum(ys) / len(ys)]
+    elements = []
+    for name, sublabel_id in sublabel_ids.items():
+        element = given.get(name)
+        body = {"type": "points", "frame": frame, "label_id": sublabel_id,
+                "points": [float(p) for p in element.points[:2]] if element else list(centre),
+                "occluded": bool(element and element.occluded), "outside": element is None or bool(element.outside),
+                "z_order": 0, "rotation": 0.0, "attributes": []}
+        elements.append(body if source is None else {**body, "source": source})
+    return elements
 
 
 def labeled_tag(shape: Shape, *, frame: int, label_id: int, attribute_ids: Mapping[str, int] | None = None,
@@ -109,7 +142,8 @@ def shape_from_stored(stored: Mapping[str, Any], label: str, attributes: Mapping
     return Shape(label=label, type=stored["type"], points=[float(p) for p in stored["points"]],
                  frame=stored["frame"], rotation=float(stored.get("rotation") or 0.0), attributes=dict(attributes),
                  group=stored.get("group") or 0, occluded=bool(stored.get("occluded")),
-                 z_order=stored.get("z_order") or 0, source=stored.get("source") or "manual")
+                 z_order=stored.get("z_order") or 0, source=stored.get("source") or "manual",
+                 outside=bool(stored.get("outside")))
 
 
 def detector_item(shape: Shape) -> dict[str, Any]:
@@ -124,6 +158,10 @@ def detector_item(shape: Shape) -> dict[str, Any]:
     if shape.type == "mask":
         item["mask"] = masks.cvat_rle_to_nuclio_mask(shape.points)
         item["points"] = masks.cvat_rle_to_polygon(shape.points)
+    elif shape.type == "skeleton":  # every keypoint: CVAT fills a missing one at the centroid, outside
+        item["elements"] = [{"label": element.label, "type": "points",
+                             "points": [float(p) for p in element.points[:2]], "outside": bool(element.outside)}
+                            for element in shape.elements]
     else:
         item["points"] = [float(p) for p in shape.points]
     if rotation(shape, shape.type):
@@ -137,11 +175,12 @@ def shape_from_detector_item(item: Mapping[str, Any], frame: int = 0) -> Shape:
     """An item of any CVAT detector's response as a shape with ``source: auto`` (masks in CVAT's RLE; a tag
     without points)."""
     shape_type = item["type"]
-    points = ([] if shape_type == TAG else masks.nuclio_mask_to_cvat_rle(item["mask"]) if shape_type == "mask"
-              else [float(p) for p in item["points"]])
+    points = ([] if shape_type in (TAG, "skeleton") else masks.nuclio_mask_to_cvat_rle(item["mask"])
+              if shape_type == "mask" else [float(p) for p in item["points"]])
     confidence = item.get("confidence")
     return Shape(label=item["label"], type=shape_type, points=points, frame=frame,
                  score=float(confidence) if confidence not in (None, "") else None,
                  rotation=float(item.get("rotation", 0.0)),
                  attributes={a["name"]: a["value"] for a in item.get("attributes") or ()},
-                 group=int(item.get("group_id") or 0), source="auto")
+                 group=int(item.get("group_id") or 0), source="auto", outside=bool(item.get("outside")),
+                 elements=[shape_from_detector_item(element, frame) for element in item.get("elements") or ()])

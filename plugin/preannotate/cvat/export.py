@@ -13,6 +13,7 @@ are named ``task_<id>/<frame name>``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -118,7 +119,7 @@ def merged_labels(label_lists: Sequence[Sequence[Label]]) -> list[Label]:
     for labels in label_lists:
         for label in labels:
             seen.setdefault(label.name, label)
-    return [Label(label.name, label.type, label.attributes, i) for i, label in enumerate(seen.values(), 1)]
+    return [dataclasses.replace(label, id=i) for i, label in enumerate(seen.values(), 1)]  # a skeleton: its parts too
 
 
 def _write(client: Client, tasks: Mapping[int, AnnotationSet], out_dir: str | Path, fmt: str, *, by_task: bool,

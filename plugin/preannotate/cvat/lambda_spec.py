@@ -1,11 +1,16 @@
 """The label spec of a CVAT detector function (``metadata.annotations.spec``): what CVAT's lambda manager can map.
 
 CVAT builds its label mapping from the spec alone: a spec label maps to the task label of the same name when their
-types are compatible (the same, either of them ``any``, or mask with polygon —
+types are compatible (the same, either of them ``any`` unless the other is a skeleton, or mask with polygon —
 ``cvat/apps/lambda_manager/views.py``, ``labels_compatible``), and every returned shape whose label is not mapped is
 dropped without a word (``if item_label not in mapping: continue``). So the spec must list the labels the model
 returns, typed as it returns them, and a function knows its own spec (``FUNCTION_LABELS_ENV``) to say when a newly
 trained version has labels the spec lacks.
+
+A skeleton maps only to a skeleton, and its keypoints by name to the task skeleton's sublabels; a returned keypoint
+whose sublabel is not mapped is dropped. So a skeleton label is listed with its ``sublabels`` (``{name, type:
+"points", attributes}``) and its ``svg`` (both read by ``LambdaFunction.__init__``: a missing one hides every
+function), as CVAT's own ``pth-mmpose-hrnet32`` lists its ``body``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 
-from preannotate.shapes import Label
+from preannotate.shapes import LABEL_TYPES, Label
 
 # The names in the deployed spec, as a JSON list, in the function's own environment: written by the renderer and
 # by whoever updates the spec, so that the function can tell which of its labels CVAT would drop.
@@ -28,19 +33,53 @@ def compatible(spec_type: str, task_type: str) -> bool:
             or any({spec_type, task_type} <= group for group in _COMPATIBLE))
 
 
+# The CVAT shape types a model returns, by its architecture's ``output`` (``models.registry.Architecture.output``),
+# its main type first: the one place that says which labels a model can fill. A keypoint model returns skeletons,
+# and a points label's point (learned as a skeleton of one keypoint, ``shapes.as_skeleton``) as a points shape.
+FILLS: dict[str, tuple[str, ...]] = {
+    "rectangle": ("rectangle",),
+    "mask": ("mask",),           # and polygons: CVAT turns a mask into one for a polygon label
+    "tag": ("tag",),
+    "skeleton": ("skeleton", "points"),
+}
+
+
+def fills(output: str) -> tuple[str, ...]:
+    """The CVAT shape types a model whose architecture's ``output`` is ``output`` returns, its main one first."""
+    try:
+        return FILLS[output]
+    except KeyError:
+        raise ValueError(f"no model returns {output!r} shapes: outputs are {', '.join(FILLS)}") from None
+
+
+def label_types(output: str) -> tuple[str, ...]:
+    """The CVAT label types a model of ``output`` fills: those it returns, and those CVAT maps its main type to."""
+    types = fills(output)
+    mapped = [t for t in LABEL_TYPES if t not in types and compatible(types[0], t)]
+    return (*types, *sorted(mapped, key=lambda t: t == "any"))  # any last
+
+
 def spec_labels(labels: Iterable[Label], output: str) -> tuple[list[Label], list[Label]]:
-    """``labels`` (a model's, a project's; by name, first wins) typed as a model returning ``output`` shapes
-    (``rectangle`` or ``mask``) returns them, and the labels such a model can never fill (a ``points`` or a ``tag``
-    label for a box model) — those are reported, not listed: CVAT would map them and get nothing."""
+    """``labels`` (a model's, a project's; by name, first wins) typed as a model of ``output`` (``fills``) returns
+    them — its own type where the model returns that type (a skeleton with its sublabels and svg), else the model's
+    main type where CVAT maps it — and the labels such a model can never fill (a ``points`` or a ``tag`` label for a
+    box model, any label but a skeleton or a points one for a keypoint model, a skeleton whose parts are not known)
+    — those are reported, not listed: CVAT would map them and get nothing."""
+    types = fills(output)
     listed: dict[str, Label] = {}
     impossible: list[Label] = []
     for label in labels:
         if label.name in listed or any(label.name == other.name for other in impossible):
             continue
-        if compatible(output, label.type):
-            listed[label.name] = Label(label.name, output, label.attributes, label.id)
-        else:
+        kind = label.type if label.type in types else types[0] if compatible(types[0], label.type) else None
+        if kind is None or (kind == "skeleton" and not label.sublabels):  # no part to map: every keypoint dropped
             impossible.append(label)
+        elif kind == "skeleton":
+            listed[label.name] = Label(label.name, kind, label.attributes, label.id,
+                                       tuple(Label(part.name, "points", part.attributes) for part in label.sublabels),
+                                       label.svg)
+        else:
+            listed[label.name] = Label(label.name, kind, label.attributes, label.id)
     return list(listed.values()), impossible
 
 

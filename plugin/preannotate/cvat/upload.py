@@ -150,6 +150,7 @@ class _TaskLabel:
     type: str
     attributes: dict[str, int]  # attribute name → spec id
     mutable: frozenset[str]     # the names of its mutable attributes (a track's keyframes take those)
+    sublabels: dict[str, int] = field(default_factory=dict)  # a skeleton's: sublabel name → id, in its order
 
 
 class TaskWriter:
@@ -168,7 +169,8 @@ class TaskWriter:
             _, response = client.tasks.api.retrieve_annotations(task_id, _parse_response=False)
         self.labels = {label.name: _TaskLabel(label.id, str(label.type),
                                               {a.name: a.id for a in label.attributes or ()},
-                                              frozenset(a.name for a in label.attributes or () if a.mutable))
+                                              frozenset(a.name for a in label.attributes or () if a.mutable),
+                                              {sub.name: sub.id for sub in getattr(label, "sublabels", None) or ()})
                        for label in self.label_models if getattr(label, "parent_id", None) is None}
         self.annotations = json.loads(response.data)
         self.shapes_on: dict[int, list[dict[str, Any]]] = {}  # frame → stored shapes (GET JSON), kept current
@@ -208,10 +210,8 @@ class TaskWriter:
     def human_frames(self) -> set[int]:
         """Frames with a shape, or a visible track, whose source is not ``auto``: someone annotated them."""
         annotated = frames_from_annotations(self.annotations, [m.to_dict() for m in self.label_models], self.meta)
-        human = {number for number, frame in annotated.frames.items()
-                 if any(shape.source != AUTO for shape in frame.shapes)}
-        # skeletons are not in the frames (their geometry lives in their elements): count them here
-        return human | {s["frame"] for s in self.annotations.get("shapes") or () if s.get("source") != AUTO}
+        return {number for number, frame in annotated.frames.items()
+                if any(shape.source != AUTO for shape in frame.shapes)}
 
     def task_label_names(self) -> list[str]:
         return [label.name for label in read_labels([m.to_dict() for m in self.label_models])]
@@ -321,7 +321,7 @@ class TaskWriter:
             return encoding.labeled_tag(shape, frame=frame, label_id=label.id, attribute_ids=label.attributes,
                                         source=AUTO)
         return encoding.labeled_shape(shape, frame=frame, label_id=label.id, attribute_ids=label.attributes,
-                                      label_type=label.type, source=AUTO)
+                                      label_type=label.type, source=AUTO, sublabel_ids=label.sublabels)
 
     def _patch(self, action: str, shapes: list[dict[str, Any]], tags: Sequence[dict[str, Any]] = (),
                tracks: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
@@ -514,7 +514,8 @@ def _from_dataset(dataset: Any, writer: TaskWriter, file: str) -> tuple[dict[int
             raise ValueError(f"{file}: category_id {category_id!r} is not among its categories")
         return name_of[category_id]
 
-    shapes, _ = coco.read_shapes(dataset.get("annotations") or [], "annotation", file, label_of, images, AUTO)
+    shapes, _ = coco.read_shapes(dataset.get("annotations") or [], "annotation", file, label_of, images, AUTO,
+                                 keypoints=coco.dataset_keypoints(dataset))
     return {frame: shapes.get(frame, []) for frame, _, _ in images.values()}, unmatched
 
 

@@ -10,6 +10,21 @@ Deliberate differences from CVAT's own ``COCO 1.0`` export (what a trainer needs
 * ``attributes.track_id`` is CVAT's track id (CVAT renumbers tracks from 0);
 * points, polylines and tags are not exported (neither does CVAT); the readers count them.
 
+Skeletons (and points labels) go to a COCO *keypoints* dataset (``to_coco_keypoints``), field for field as CVAT's
+``COCO Keypoints 1.0`` writes it (Datumaro's ``coco_person_keypoints``, ``_KeypointsConverter``): every label a
+category, a skeleton's with ``keypoints`` (its sublabels' names, in order) and ``skeleton`` (its edges, 1-based);
+each skeleton an annotation with ``keypoints`` ``[x, y, v, ...]`` (v: 0 outside, 1 occluded, 2 visible; an outside
+keypoint keeps the place CVAT stores for it; 2 decimals), ``num_keypoints`` (those not outside), ``bbox`` of the
+keypoints not outside, its ``area`` (w × h), ``segmentation: []``, ``iscrowd: 0`` and ``attributes``
+(``occluded``, ``keyframe`` and the label's). Where ours differs:
+
+* category ids are 1..N over the labels, as in our instances file: CVAT numbers every label *and each skeleton's
+  sublabels* (a skeleton of 3 parts moves the next label's id by 4), which no reader of COCO needs;
+* a points label is a category of one keypoint named as itself, each points shape of one point an annotation (CVAT
+  leaves points out; a model learns them so, ``shapes.as_skeleton``); one of several points is left out and counted;
+* a skeleton grouped with a box or polygon stays its own annotation (CVAT merges the group into one, with the
+  group's outline); the group id stays in ``attributes.group``.
+
 A COCO file a person gives (``preannotate import``) is read by ``read_file``, ``dataset_images``,
 ``dataset_categories`` and ``read_shapes``, which say in one sentence what is not COCO in it, and where.
 """
@@ -27,7 +42,17 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from preannotate.formats import masks
-from preannotate.shapes import DETECTABLE_TYPES, FrameAnnotations, Label, Shape
+from preannotate.shapes import (
+    DETECTABLE_TYPES,
+    FrameAnnotations,
+    Label,
+    Shape,
+    as_skeleton,
+    from_skeleton,
+    keypoint_names,
+    skeleton_edges,
+    skeleton_svg,
+)
 
 
 def categories(labels: Sequence[Label]) -> list[dict[str, Any]]:
@@ -101,9 +126,94 @@ def to_coco(frames: Iterable[tuple[FrameAnnotations, str]], labels: Sequence[Lab
             "annotations": annotations, "categories": categories(labels)}
 
 
+KEYPOINT_TYPES = ("skeleton", "points")  # the label types a keypoints dataset holds
+VISIBLE, OCCLUDED, OUTSIDE = 2, 1, 0     # COCO's keypoint visibility (Datumaro's Points.Visibility)
+
+
+def keypoint_categories(labels: Sequence[Label]) -> list[dict[str, Any]]:
+    """``categories`` with, for a skeleton or points label, its ``keypoints`` and ``skeleton`` (empty for others)."""
+    return [{**category, "keypoints": list(keypoint_names(label)) if label.type in KEYPOINT_TYPES else [],
+             "skeleton": [list(edge) for edge in skeleton_edges(label)] if label.type == "skeleton" else []}
+            for category, label in zip(categories(labels), labels, strict=True)]
+
+
+def skeleton_to_annotation(shape: Shape, names: Sequence[str]) -> dict[str, Any]:
+    """A skeleton (its keypoints named ``names``, in order) → the keypoint part of a COCO annotation, as CVAT's
+    ``COCO Keypoints 1.0`` writes it (see the module docstring)."""
+    by_name = {element.label: element for element in shape.elements}
+    triplets: list[float] = []
+    seen = []
+    for name in names:
+        element = by_name.get(name)
+        if element is None:  # a part the shape lacks: CVAT has none (it fills every part), so outside
+            triplets += [0.0, 0.0, OUTSIDE]
+            continue
+        visibility = OUTSIDE if element.outside else OCCLUDED if element.occluded else VISIBLE
+        x, y = (round(float(v), 2) for v in element.points[:2])  # Datumaro's points keep 2 decimals
+        triplets += [x, y, visibility]
+        if visibility != OUTSIDE:
+            seen.append((x, y))
+    xs, ys = [p[0] for p in seen] or [0.0], [p[1] for p in seen] or [0.0]
+    box = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
+    return {"segmentation": [], "area": box[2] * box[3], "bbox": [round(v, 2) for v in box], "iscrowd": 0,
+            "keypoints": triplets, "num_keypoints": len(seen)}
+
+
+def to_coco_keypoints(frames: Iterable[tuple[FrameAnnotations, str]], labels: Sequence[Label],
+                      skipped: Counter[str] | None = None) -> dict[str, Any]:
+    """A COCO keypoints dataset of ``(frame, file_name)`` pairs (as ``to_coco``): the skeletons of skeleton labels
+    and the points shapes of one point of points labels (see the module docstring). Skeletons and points shapes
+    left out (a label not in ``labels`` or of another type, a points shape of several points) are counted in
+    ``skipped``."""
+    label_of = {label.name: label for label in labels if label.type in KEYPOINT_TYPES}
+    category_of = {label.name: i for i, label in enumerate(labels, start=1)}
+    images, annotations = [], []
+    for image_id, (frame, file_name) in enumerate(frames, start=1):
+        images.append({"id": image_id, "file_name": file_name, "width": frame.width, "height": frame.height,
+                       "frame": frame.frame})
+        for shape in frame.shapes:
+            if shape.type not in KEYPOINT_TYPES:
+                continue
+            label = label_of.get(shape.label)
+            if label is None or (shape.type == "points" and len(shape.points) != 2):
+                if skipped is not None:
+                    skipped[shape.type] += 1
+                continue
+            skeleton = as_skeleton(shape)
+            attributes: dict[str, Any] = {**shape.attributes, "occluded": shape.occluded}
+            if shape.track_id is None:
+                attributes["keyframe"] = False  # on a track's frame it would say whether a keyframe lies there
+            else:
+                attributes["track_id"] = shape.track_id
+            if shape.group:
+                attributes["group"] = shape.group
+            annotation = {"id": len(annotations) + 1, "image_id": image_id, "category_id": category_of[shape.label],
+                          **skeleton_to_annotation(skeleton, keypoint_names(label)), "attributes": attributes}
+            if shape.score is not None:
+                annotation["score"] = shape.score
+            annotations.append(annotation)
+    return {"info": {"description": "exported by cvat-preannotate"}, "licenses": [], "images": images,
+            "annotations": annotations, "categories": keypoint_categories(labels)}
+
+
+def category_label(category: dict[str, Any], label_id: int | None = None) -> Label:
+    """A COCO category as a label: a category with ``keypoints`` a skeleton (its edges drawn from ``skeleton``),
+    or a points label when its one keypoint bears its own name (how ``to_coco_keypoints`` writes one)."""
+    names = [str(name) for name in category.get("keypoints") or ()]
+    if not names:
+        return Label(name=category["name"], id=label_id)
+    if names == [category["name"]] and not category.get("skeleton"):
+        return Label(name=category["name"], type="points", id=label_id)
+    edges = [(int(a), int(b)) for a, b in category.get("skeleton") or ()]
+    return Label(category["name"], "skeleton", id=label_id, sublabels=tuple(Label(n, "points") for n in names),
+                 svg=skeleton_svg(names, edges))
+
+
 def annotation_to_shape(annotation: dict[str, Any], label: str, width: int, height: int, frame: int = 0,
-                        source: str = "manual") -> Shape:
-    """A COCO annotation (ground truth or result) → a shape: a polygon, a mask (RLE) or a rectangle (bbox)."""
+                        source: str = "manual", keypoints: Sequence[str] = ()) -> Shape | None:
+    """A COCO annotation (ground truth or result) → a shape: a polygon, a mask (RLE) or a rectangle (bbox); with
+    ``keypoints`` (its category's names) and ``keypoints`` in it, a skeleton — or, for a category of one keypoint
+    named as itself, a points shape (None when that point is outside)."""
     segmentation = annotation.get("segmentation")
     attributes = dict(annotation.get("attributes") or {})
     common = {"label": label, "frame": frame, "score": annotation.get("score"), "source": source,
@@ -112,6 +222,15 @@ def annotation_to_shape(annotation: dict[str, Any], label: str, width: int, heig
     attributes.pop("rotation", None)
     attributes.pop("keyframe", None)
     common["attributes"] = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in attributes.items()}
+    if keypoints and annotation.get("keypoints"):
+        triplets = [float(v) for v in annotation["keypoints"]]
+        if len(triplets) != 3 * len(keypoints):
+            raise ValueError(f"keypoints holds {len(triplets) / 3:g} points, its category {len(keypoints)}")
+        elements = [Shape(name, "points", triplets[3 * i:3 * i + 2], frame=frame, source=source,
+                          outside=triplets[3 * i + 2] == OUTSIDE, occluded=triplets[3 * i + 2] == OCCLUDED)
+                    for i, name in enumerate(keypoints)]
+        skeleton = Shape(type="skeleton", points=[], elements=elements, **common)
+        return from_skeleton(skeleton, Label(label, "points")) if list(keypoints) == [label] else skeleton
     if isinstance(segmentation, dict):
         bitmap = masks.coco_rle_to_bitmap(segmentation)
         return Shape(type="mask", points=masks.bitmap_to_cvat_rle(bitmap), **common)
@@ -125,10 +244,12 @@ def annotation_to_shape(annotation: dict[str, Any], label: str, width: int, heig
 
 
 def from_coco(dataset: dict[str, Any]) -> tuple[list[Label], list[tuple[FrameAnnotations, str]]]:
-    """A COCO instances dataset → labels (in category order) and ``(frame, file_name)`` pairs."""
+    """A COCO instances or keypoints dataset → labels (in category order; ``category_label``) and
+    ``(frame, file_name)`` pairs."""
     ordered = sorted(dataset["categories"], key=lambda c: c["id"])
-    labels = [Label(name=c["name"], id=i) for i, c in enumerate(ordered, start=1)]
+    labels = [category_label(c, i) for i, c in enumerate(ordered, start=1)]
     name_of = {c["id"]: c["name"] for c in ordered}
+    keypoints_of = dataset_keypoints(dataset)
     frames: dict[int, FrameAnnotations] = {}
     names: dict[int, str] = {}
     for position, image in enumerate(dataset["images"]):
@@ -137,8 +258,10 @@ def from_coco(dataset: dict[str, Any]) -> tuple[list[Label], list[tuple[FrameAnn
         names[image["id"]] = image["file_name"]
     for annotation in dataset["annotations"]:
         frame = frames[annotation["image_id"]]
-        frame.shapes.append(annotation_to_shape(annotation, name_of[annotation["category_id"]], frame.width,
-                                                frame.height, frame.frame))
+        shape = annotation_to_shape(annotation, name_of[annotation["category_id"]], frame.width, frame.height,
+                                    frame.frame, keypoints=keypoints_of.get(annotation["category_id"], ()))
+        if shape is not None:
+            frame.shapes.append(shape)
     return labels, [(frames[i], names[i]) for i in frames]
 
 
@@ -156,6 +279,25 @@ def to_results(frames: Iterable[tuple[int, FrameAnnotations]], labels: Sequence[
             if geometry["segmentation"]:
                 result["segmentation"] = geometry["segmentation"]
             results.append(result)
+    return results
+
+
+def to_keypoint_results(frames: Iterable[tuple[int, FrameAnnotations]], labels: Sequence[Label]
+                        ) -> list[dict[str, Any]]:
+    """Predicted skeletons (and one-point points shapes) as COCO keypoint results, for pycocotools' keypoint
+    evaluation: ``image_id`` given per frame, ``category_id`` by label order as in ``to_coco_keypoints``."""
+    label_of = {label.name: label for label in labels if label.type in KEYPOINT_TYPES}
+    category_of = {label.name: i for i, label in enumerate(labels, start=1)}
+    results = []
+    for image_id, frame in frames:
+        for shape in frame.shapes:
+            if shape.label not in label_of or shape.type not in KEYPOINT_TYPES or \
+                    (shape.type == "points" and len(shape.points) != 2):
+                continue
+            keypoints = skeleton_to_annotation(as_skeleton(shape), keypoint_names(label_of[shape.label]))
+            results.append({"image_id": image_id, "category_id": category_of[shape.label],
+                            "keypoints": keypoints["keypoints"], "bbox": keypoints["bbox"],
+                            "score": round(float(shape.score if shape.score is not None else 1.0), 5)})
     return results
 
 
@@ -196,9 +338,15 @@ def dataset_categories(dataset: dict[str, Any], file: str) -> dict[Any, str]:
         raise ValueError(f"{file}: every category needs an id and a name") from None
 
 
+def dataset_keypoints(dataset: dict[str, Any]) -> dict[Any, tuple[str, ...]]:
+    """A COCO dataset's category id → its keypoint names, for the categories that have some."""
+    return {c["id"]: tuple(str(n) for n in c["keypoints"]) for c in dataset.get("categories") or []
+            if isinstance(c, dict) and c.get("keypoints")}
+
+
 def read_shapes(items: Sequence[Any], kind: str, file: str, label_of: Callable[[Any], str],
-                images: Mapping[Any, tuple[int, int, int]], source: str = "manual"
-                ) -> tuple[dict[int, list[Shape]], list[Any]]:
+                images: Mapping[Any, tuple[int, int, int]], source: str = "manual",
+                keypoints: Mapping[Any, Sequence[str]] | None = None) -> tuple[dict[int, list[Shape]], list[Any]]:
     """COCO annotations or results (``kind``: ``annotation``, ``result``) of ``file`` → frame → shapes, for the
     items whose ``image_id`` is one of ``images`` (image id → frame, width, height); and the image ids of the items
     left out. ``label_of`` names a category id (or raises a ``ValueError`` that says why not). An item that is not
@@ -215,14 +363,20 @@ def read_shapes(items: Sequence[Any], kind: str, file: str, label_of: Callable[[
             elsewhere.append(image_id)
             continue
         bbox, segmentation = item.get("bbox"), item.get("segmentation")
-        if not segmentation and (not isinstance(bbox, list) or len(bbox) != 4
+        names = (keypoints or {}).get(item.get("category_id"), ()) if isinstance(item.get("category_id"),
+                                                                                 Hashable) else ()
+        if not segmentation and not names and (not isinstance(bbox, list) or len(bbox) != 4
                                  or not all(isinstance(v, (int, float)) for v in bbox)):
             raise ValueError(f"{where}: bbox must be [x, y, width, height] (4 numbers), not {bbox!r}"[:300])
         frame, width, height = image
         label = label_of(item.get("category_id"))
         try:
-            shape = annotation_to_shape(item, label, width, height, frame=frame, source=source)
-        except (KeyError, TypeError, ValueError, IndexError):
+            shape = annotation_to_shape(item, label, width, height, frame=frame, source=source, keypoints=names)
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            if names and item.get("keypoints"):
+                raise ValueError(f"{where}: its keypoints are not [x, y, v] for each of its category's "
+                                 f"{len(names)} keypoints ({error})") from None
             raise ValueError(f"{where}: its segmentation is neither polygons nor COCO RLE") from None
-        shapes.setdefault(frame, []).append(shape)
+        if shape is not None:
+            shapes.setdefault(frame, []).append(shape)
     return shapes, elsewhere

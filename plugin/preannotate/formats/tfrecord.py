@@ -9,9 +9,17 @@ when the dataset has masks, ``image/object/mask``: one single-channel 0/1 PNG pe
 pipeline then needs ``load_instance_masks: true`` and ``mask_type: PNG_MASKS``). With masks every object has one
 — rectangles get their filled (rotated) box — because the decoder expects as many masks as boxes.
 
+Keypoints, when the labels have skeleton or points labels, as the TF OD API's ``create_coco_tf_record`` writes them:
+``image/object/keypoint/{x,y}`` (normalized like the boxes), ``/visibility`` (COCO's 0 outside, 1 occluded, 2
+visible), ``/text`` (the names) and ``/num`` (those not outside), the same count for every object, since the decoder
+reshapes them by its ``num_keypoints``: the keypoints of all keypoint labels one after the other
+(``keypoint_layout``; one label's alone in the usual case of one skeleton label), an object filling its label's
+run and 0s elsewhere (a box: 0s only). A skeleton's box is that of its keypoints not outside (its mask, with
+masks, the filled box), a points label's a skeleton of one keypoint (``shapes.as_skeleton``).
+
 Boxes are those of the COCO export (``coco.shape_to_annotation``: rotated rectangles by their rotated corners,
-masks and ellipses by their pixels), so both formats agree. TensorFlow is imported only when records are written
-or read, since nothing else in the package needs it.
+masks and ellipses by their pixels; skeletons by ``coco.skeleton_to_annotation``), so both formats agree. TensorFlow
+is imported only when records are written or read, since nothing else in the package needs it.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import numpy as np
 from PIL import Image
 
 from preannotate.formats import coco, masks
-from preannotate.shapes import FrameAnnotations, Label, Shape
+from preannotate.shapes import FrameAnnotations, Label, Shape, as_skeleton, keypoint_names
 
 MASK_TYPES = ("polygon", "mask", "ellipse")  # shapes that make a dataset a mask dataset
 
@@ -140,6 +148,24 @@ def shape_bitmap(shape: Shape, width: int, height: int) -> np.ndarray:
     return masks.polygon_to_bitmap([shape.polygon()], width, height)
 
 
+def keypoint_layout(labels: Sequence[Label]) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """Where each keypoint label's keypoints lie among every object's: label name → (offset, keypoint names), over
+    the skeleton and points labels in order."""
+    layout, offset = {}, 0
+    for label in labels:
+        if label.type in coco.KEYPOINT_TYPES:
+            layout[label.name] = (offset, keypoint_names(label))
+            offset += len(layout[label.name][1])
+    return layout
+
+
+def _keypoint_geometry(shape: Shape, names: Sequence[str]) -> dict[str, Any] | None:
+    """A skeleton's (or a one-point points shape's) COCO geometry; None for a points shape of several points."""
+    if shape.type == "points" and len(shape.points) != 2:
+        return None
+    return coco.skeleton_to_annotation(as_skeleton(shape), names)
+
+
 def frame_example(frame: FrameAnnotations, image: bytes, labels: Sequence[Label], *, filename: str,
                   source_id: str, with_masks: bool = False, skipped: Counter[str] | None = None) -> Any:
     """One frame → a ``tf.train.Example``. Shapes a detector cannot learn (or with a label not in ``labels``, or
@@ -155,14 +181,27 @@ def frame_example(frame: FrameAnnotations, image: bytes, labels: Sequence[Label]
         raise ValueError(f"frame {frame.frame} ({filename}): the image is {size[0]}x{size[1]} but CVAT says "
                          f"{frame.width}x{frame.height}")
     class_of = {label.name: i for i, label in enumerate(labels, start=1)}
+    layout = keypoint_layout(labels)
+    total = sum(len(names) for _, names in layout.values())
     objects: dict[str, list] = {key: [] for key in ("xmin", "xmax", "ymin", "ymax", "text", "label", "area",
-                                                    "mask")}
+                                                    "mask", "kx", "ky", "kv", "knum")}
     for shape in frame.shapes:
-        geometry = coco.shape_to_annotation(shape, frame.width, frame.height) if shape.label in class_of else None
+        keypoints = shape.type in coco.KEYPOINT_TYPES and shape.label in layout
+        geometry = (None if shape.label not in class_of else
+                    _keypoint_geometry(shape, layout[shape.label][1]) if keypoints else
+                    coco.shape_to_annotation(shape, frame.width, frame.height))
         if geometry is None:
             if skipped is not None:
                 skipped[shape.type] += 1
             continue
+        if layout:
+            offset, names = layout[shape.label] if keypoints else (0, ())
+            triplets = [0.0, 0.0, 0] * offset + list(geometry.get("keypoints", ())) + \
+                [0.0, 0.0, 0] * (total - offset - len(names))
+            objects["kx"] += [v / frame.width for v in triplets[0::3]]
+            objects["ky"] += [v / frame.height for v in triplets[1::3]]
+            objects["kv"] += [int(v) for v in triplets[2::3]]
+            objects["knum"].append(geometry.get("num_keypoints", 0))
         x, y, w, h = geometry["bbox"]
         objects["xmin"].append(x / frame.width)
         objects["xmax"].append((x + w) / frame.width)
@@ -172,7 +211,9 @@ def frame_example(frame: FrameAnnotations, image: bytes, labels: Sequence[Label]
         objects["label"].append(class_of[shape.label])
         objects["area"].append(float(geometry["area"]))
         if with_masks:
-            objects["mask"].append(png_bytes(shape_bitmap(shape, frame.width, frame.height).astype(np.uint8)))
+            bitmap = (masks.polygon_to_bitmap([[x, y, x + w, y, x + w, y + h, x, y + h]], frame.width, frame.height)
+                      if keypoints else shape_bitmap(shape, frame.width, frame.height))
+            objects["mask"].append(png_bytes(bitmap.astype(np.uint8)))
 
     def ints(values):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
@@ -203,6 +244,13 @@ def frame_example(frame: FrameAnnotations, image: bytes, labels: Sequence[Label]
         feature["image/class/label"] = ints([class_of[tag] for tag in tags])
     if with_masks:
         feature["image/object/mask"] = blobs(objects["mask"])
+    if layout:
+        all_names = [name.encode("utf-8") for _, names in layout.values() for name in names]
+        feature.update({"image/object/keypoint/x": floats(objects["kx"]),
+                        "image/object/keypoint/y": floats(objects["ky"]),
+                        "image/object/keypoint/visibility": ints(objects["kv"]),
+                        "image/object/keypoint/num": ints(objects["knum"]),
+                        "image/object/keypoint/text": blobs(all_names * len(objects["label"]))})
     return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
@@ -230,7 +278,9 @@ def parse_example(serialized: bytes, labels: Sequence[Label] | None = None
                   ) -> tuple[FrameAnnotations, bytes, dict[str, str]]:
     """A serialized Example → (frame with rectangles, or masks when the record has them; the image bytes;
     ``{"filename", "source_id", "format", "sha256"}``). Label names come from ``labels`` by ``class/label``
-    when given (the label map wins, as in the TF OD API decoder), else from ``class/text``."""
+    when given (the label map wins, as in the TF OD API decoder), else from ``class/text``. An object of a
+    skeleton or points label of ``labels`` (with their keypoints: ``labels.json``, not the label map) is read back
+    from its keypoints as a skeleton or a points shape (``keypoint_layout``)."""
     tf = tensorflow()
     feature = tf.train.Example.FromString(serialized).features.feature
 
@@ -257,7 +307,21 @@ def parse_example(serialized: bytes, labels: Sequence[Label] | None = None
                   else [t.decode("utf-8") for t in blobs("image/class/text")])
     pngs = blobs("image/object/mask")
     boxes = zip(*(numbers(f"image/object/bbox/{k}") for k in ("xmin", "ymin", "xmax", "ymax")), strict=True)
+    layout = keypoint_layout(labels or ())
+    kx, ky = numbers("image/object/keypoint/x"), numbers("image/object/keypoint/y")
+    kv = numbers("image/object/keypoint/visibility", "int64_list")
+    per_object = len(kx) // len(names) if names and kx else 0
     for i, (name, (x1, y1, x2, y2)) in enumerate(zip(names, boxes, strict=True)):
+        if name in layout and per_object:
+            offset, keypoint_names_ = layout[name]
+            start = i * per_object + offset
+            triplets = [v for k in range(start, start + len(keypoint_names_))
+                        for v in (kx[k] * width, ky[k] * height, kv[k])]
+            shape = coco.annotation_to_shape({"keypoints": triplets}, name, width, height, frame.frame,
+                                             keypoints=keypoint_names_)
+            if shape is not None:
+                frame.shapes.append(shape)
+            continue
         if pngs:
             with Image.open(io.BytesIO(pngs[i])) as mask:
                 bitmap = np.asarray(mask.convert("L")) > 0
