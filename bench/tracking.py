@@ -8,15 +8,18 @@ and pre-annotated by ``annotate_task`` with the same detections (the detector's 
 and replayed):
 
 * **shapes**: ``as_tracks=False``, one unrelated shape per detection;
-* **tracks**: ``as_tracks=True``, our defaults (``tracking.ByteTrackLinker``: ByteTrack starting a track from any
-  detection the model kept, a lost track kept 30 frames; keyframes where CVAT's interpolation misses by IoU < 0.85);
+* **tracks**: ``as_tracks=True``, our defaults (one box per object, ``tracking.DUPLICATE_IOU``;
+  ``tracking.ByteTrackLinker``: ByteTrack starting a track from any detection the model kept, a lost track kept 30
+  frames; each run smoothed over ``tracking.SMOOTH_FRAMES``; keyframes where CVAT's interpolation misses by
+  IoU < 0.85);
 * **peer**: the same pipeline with supervision's ``sv.ByteTrack()`` at its own defaults (activation threshold 0.25,
   matching threshold 0.8, buffer 30, frame rate 30) as the linker (``annotate_task(linker=...)``), fed the served
   detections, as a team would feed it what the model serves.
 
 What CVAT stores is read back through ``cvat.reader.read_task`` (tracks interpolated as CVAT interpolates them) and
-scored against the truth. The rows *linked detections* score the linker's output before keyframing
-(``tracking.follow``): the same detections with the ids each linker gave, which separates linking from keyframing.
+scored against the truth. The rows *linked detections* score the linker's output before smoothing and keyframing
+(``tracking.follow``): ours after one box per object; the peer's on every served detection, which is what
+``sv.ByteTrack()`` gives a team that uses it alone (every detection a keyframe).
 
 Scoring. Boxes are compared after clipping to the frame (a detector cannot see outside it). A truth object less than
 ``VISIBLE`` visible (hidden behind others) is *don't care*, as MOTChallenge treats its distractors: a box on it is
@@ -341,7 +344,8 @@ def evaluate(args, detector: Replayed, work: Path) -> dict[str, list]:
             lowest = detector.manifest.lowest_threshold()
             for method, linker in (("linked: tracks", tracking.ByteTrackLinker(lowest)),
                                ("linked: peer", DefaultByteTrack(lowest))):
-                hypotheses = hypotheses_of(tracking.follow(detections, linker), width, height)
+                overlap = tracking.DUPLICATE_IOU if method == "linked: tracks" else 1.01  # the peer: every box
+                hypotheses = hypotheses_of(tracking.follow(detections, linker, overlap=overlap), width, height)
                 rows[method].append((mot_metrics(truth, hypotheses), review_edits(truth, hypotheses, True),
                                      None, required, None))
             for method, tracked in (("scratch: shapes", False), ("scratch: tracks", True)):
@@ -355,7 +359,8 @@ def evaluate(args, detector: Replayed, work: Path) -> dict[str, list]:
 
 NAMES = {"shapes": "per-frame shapes (`as_tracks=False`)", "tracks": "**tracks, ours** (`as_tracks=True`)",
          "peer": "tracks, peer: `sv.ByteTrack()` defaults", "linked: tracks": "linked detections, ours (before "
-         "keyframes)", "linked: peer": "linked detections, peer (before keyframes)",
+         "smoothing and keyframes)", "linked: peer": "`sv.ByteTrack()` defaults alone (every served detection, each "
+         "a keyframe)",
          "scratch: shapes": "nothing arrives: drawn as shapes", "scratch: tracks": "nothing arrives: drawn as tracks "
          "(the truth's keyframes at IoU 0.75)"}
 

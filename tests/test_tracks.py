@@ -21,10 +21,11 @@ from preannotate.cvat.client import CvatError
 from preannotate.cvat.reader import read_finished, read_task
 from preannotate.formats import masks
 from preannotate.models.artifact import Manifest
-from preannotate.shapes import Label, Shape
+from preannotate.shapes import Label, Shape, box_iou
 from preannotate.tracking import (
     KEYFRAME_IOU,
     ByteTrackLinker,
+    distinct,
     follow,
     iou,
     keyframes,
@@ -209,6 +210,23 @@ def test_smoothing_keeps_a_steady_motion_exact_and_leaves_masks_as_detected():
     assert [s.points for s in smoothed(run)] == [s.points for s in run]
     blob = [Shape("car", "polygon", [f, 0, f + 5, 0, f + 5, 5], frame=f) for f in range(12)]
     assert smoothed(blob) == blob
+
+
+def test_a_second_box_on_one_object_does_not_start_a_second_track_but_a_neighbour_keeps_its_own():
+    """The detector puts a weaker box of another label on the car (IoU 0.6 with it) every frame: one track, the car's.
+    A person walking beside the car, its box overlapping the car's by IoU 0.3, keeps a track of its own."""
+    def frame(f: int) -> list[Shape]:
+        car = car_box(f)
+        return [Shape("car", "rectangle", car, frame=f, score=0.9),
+                Shape("truck", "rectangle", [car[0] + 4, car[1], car[2] + 4, car[3]], frame=f, score=0.6),
+                Shape("person", "rectangle", [car[0] + 8.6, car[1], car[2] + 8.6, car[3]], frame=f, score=0.5)]
+
+    detections = {f: frame(f) for f in range(20)}
+    assert box_iou(detections[0][0].bbox(), detections[0][1].bbox())[0, 0] == pytest.approx(0.6)
+    assert box_iou(detections[0][0].bbox(), detections[0][2].bbox())[0, 0] == pytest.approx(0.3, abs=0.02)
+    assert sorted(track.label for track in link(detections)) == ["car", "person"]
+    assert len(link(detections, overlap=1.01)) == 3  # every box linked: the truck box makes a track of its own
+    assert distinct(detections[0]) == [detections[0][0], detections[0][2]]
 
 
 def test_masks_are_linked_by_their_box_and_keyframed_by_their_pixels():

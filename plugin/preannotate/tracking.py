@@ -1,6 +1,12 @@
 """Detections of consecutive frames → CVAT tracks: linked across frames, one label each, ``outside`` where the
 object leaves or is lost, and keyframes only where CVAT's own interpolation would miss the detections.
 
+* **One box per object** (``distinct``): before linking, a box that overlaps a stronger one of the same frame by
+  IoU ≥ ``DUPLICATE_IOU`` (whatever its label) is left out. A detector's own suppression is per label and looser
+  (SSDlite's 0.55), and a second box on one object starts a second track that takes the object over frame by frame
+  (on bench/tracking.py's clips this halved the merges and false stretches; 0.45, not the 0.3 that measured best
+  there, so that people side by side in a crowd keep their boxes). A team whose scenes are sparse can lower the
+  model's own ``nms-iou-threshold``.
 * **Linking** (``follow``): a ``Linker`` gives each frame's detections track ids, frame after frame. Ours is
   supervision's ByteTrack (``ByteTrackLinker``): maintained, numpy only, and it keeps a lost object for
   ``lost_frames`` frames so that one hidden for a moment comes back under its id. It links boxes: a mask or a polygon
@@ -41,6 +47,7 @@ from preannotate.formats import masks
 from preannotate.shapes import TAG, Shape, Track, box_iou
 
 KEYFRAME_IOU = 0.85  # between keyframes, CVAT's interpolation overlaps every detection at least this much
+DUPLICATE_IOU = 0.45  # a box overlapping a stronger one this much is the same object (see the module doc)
 SMOOTH_FRAMES = 7  # the window a track's boxes are smoothed over (bench/tracking.py measured 5 to 15)
 
 
@@ -80,28 +87,42 @@ class ByteTrackLinker:
 
 def link(detections: Mapping[int, Sequence[Shape]], frames: Sequence[int] | None = None, *,
          linker: Linker | None = None, close_at: int | None = None, min_iou: float = KEYFRAME_IOU,
-         smooth: int = SMOOTH_FRAMES) -> list[Track]:
+         smooth: int = SMOOTH_FRAMES, overlap: float = DUPLICATE_IOU) -> list[Track]:
     """Detections (frame → shapes, as a detector gives them) → tracks with keyframes: ``follow`` then
     ``tracks_from``. ``frames``: the frames they cover, in order (default: the keys; a frame listed without
     detections hides every track there). Tags are no objects and are left out."""
     frames = sorted(detections) if frames is None else list(frames)
-    return tracks_from(follow({f: detections.get(f, ()) for f in frames}, linker), frames, close_at=close_at,
-                       min_iou=min_iou, smooth=smooth)
+    return tracks_from(follow({f: detections.get(f, ()) for f in frames}, linker, overlap=overlap), frames,
+                       close_at=close_at, min_iou=min_iou, smooth=smooth)
 
 
-def follow(detections: Mapping[int, Sequence[Shape]], linker: Linker | None = None) -> dict[int, list[Shape]]:
-    """Each frame's detections (in frame order) that ``linker`` (default a new ``ByteTrackLinker``) put in a
-    track: copies with ``track_id`` set, every frame of ``detections`` present. What a tracking benchmark scores."""
+def follow(detections: Mapping[int, Sequence[Shape]], linker: Linker | None = None, *,
+           overlap: float = DUPLICATE_IOU) -> dict[int, list[Shape]]:
+    """Each frame's ``distinct`` detections (in frame order; ``overlap`` > 1: all of them) that ``linker`` (default a
+    new ``ByteTrackLinker``) put in a track: copies with ``track_id`` set, every frame of ``detections`` present.
+    What a tracking benchmark scores."""
     linker = linker or ByteTrackLinker()
     followed: dict[int, list[Shape]] = {}
     for frame in sorted(detections):
-        objects = [shape for shape in detections[frame] if shape.type != TAG]
+        objects = distinct([shape for shape in detections[frame] if shape.type != TAG], overlap)
         boxes = np.array([shape.bbox() for shape in objects], dtype=float).reshape(-1, 4)
         scores = np.array([1.0 if shape.score is None else shape.score for shape in objects], dtype=float)
         ids = linker.assign(boxes, scores) if objects else np.zeros(0, dtype=int)
         followed[frame] = [dataclasses.replace(shape, frame=frame, track_id=int(track_id))
                            for shape, track_id in zip(objects, ids, strict=True) if track_id > 0]
     return followed
+
+
+def distinct(shapes: Sequence[Shape], overlap: float = DUPLICATE_IOU) -> list[Shape]:
+    """One frame's shapes less those overlapping a stronger one (any label) by box IoU ≥ ``overlap``, strongest
+    first (a shape without a score counts 1)."""
+    order = sorted(range(len(shapes)), key=lambda k: -(1.0 if shapes[k].score is None else shapes[k].score))
+    overlaps = box_iou([shapes[k].bbox() for k in order], [shapes[k].bbox() for k in order])
+    kept: list[int] = []
+    for position in range(len(order)):
+        if all(overlaps[position, other] < overlap for other in kept):
+            kept.append(position)
+    return [shapes[order[position]] for position in kept]
 
 
 def tracks_from(followed: Mapping[int, Sequence[Shape]], frames: Sequence[int] | None = None, *,
@@ -239,5 +260,5 @@ def _pixels(shape: Shape, left: int, top: int, width: int, height: int) -> np.nd
     return masks.polygon_to_bitmap([shifted], width, height)
 
 
-__all__ = ["KEYFRAME_IOU", "SMOOTH_FRAMES", "ByteTrackLinker", "Linker", "follow", "iou", "keyframes", "link",
-           "smoothed", "tracks_from", "vote"]
+__all__ = ["DUPLICATE_IOU", "KEYFRAME_IOU", "SMOOTH_FRAMES", "ByteTrackLinker", "Linker", "distinct", "follow", "iou",
+           "keyframes", "link", "smoothed", "tracks_from", "vote"]
