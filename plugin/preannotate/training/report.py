@@ -157,7 +157,7 @@ def attributes_figure(heads: Mapping[str, Mapping[str, Any]], title: str = "") -
     ax.set_xticks(np.linspace(0, 1, 6))
     ax.set_xlabel("share right on the validation frames (label/attribute (shapes))", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=9, frameon=False)
     return figure
 
 
