@@ -19,7 +19,8 @@ width and height in the frame (and their ratio) go in beside the pixels.
 
 **Unsure is unset.** A value is returned only when its probability is at least ``MIN_CONFIDENCE`` (0.6) and the
 head is *trusted*: on the validation frames it must have been right more often than always answering the value
-most common in training (the majority-class peer), or there was nothing to validate on. Otherwise the attribute is
+most common in training (the majority-class peer) by more than chance would give (5 points, or two standard
+errors of the peer's accuracy on that many shapes), or there was nothing to validate on. Otherwise the attribute is
 left out of the detection, and CVAT shows the label's default value for it, as it does for a shape a person draws.
 """
 
@@ -35,12 +36,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from preannotate.shapes import TAG, AttributeSpec, Label, Shape
+from preannotate.shapes import LEARNED_ATTRIBUTE_TYPES, TAG, AttributeSpec, Label, Shape
 
-LEARNED_TYPES = ("select", "radio", "checkbox")
+LEARNED_TYPES = LEARNED_ATTRIBUTE_TYPES
 CHECKBOX_VALUES = ("false", "true")
 MIN_CONFIDENCE = 0.6  # below this a value is left unset: a reviewer fixes a blank as fast as a wrong one, and a
 # wrong one that looks right is missed
+MARGIN = 0.05  # what a head must beat the majority-class peer by on the validation frames, at least, to be served
 ATTRIBUTES_FILE = "attributes.pt"
 CROP = 48        # the network's input side
 STORED = 56      # crops are cut at this side: training takes random CROP windows of them (a shifted box), serving
@@ -88,8 +90,14 @@ class Head:
 
     @property
     def trusted(self) -> bool:
-        """Served: it beat the majority-class peer on the validation frames, or it had none to be judged on."""
-        return self.accuracy is None or (self.majority is not None and self.accuracy > self.majority)
+        """Served: it beat the majority-class peer on the validation frames by more than chance would (``MARGIN``,
+        or two standard errors of the peer's accuracy on that many shapes), or it had none to be judged on."""
+        if self.accuracy is None:
+            return True
+        if self.majority is None:
+            return False
+        noise = 2 * math.sqrt(self.majority * (1 - self.majority) / max(self.shapes, 1))
+        return self.accuracy >= self.majority + max(MARGIN, noise)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "trusted": self.trusted}

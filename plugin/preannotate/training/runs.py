@@ -36,7 +36,7 @@ from preannotate.models import (
     publish_detector,
 )
 from preannotate.models.artifact import library_versions
-from preannotate.shapes import TAG, Label, Shape
+from preannotate.shapes import LEARNED_ATTRIBUTE_TYPES, TAG, Label, Shape
 from preannotate.training import edits
 from preannotate.training.evaluation import headline, sample_detections, summary
 from preannotate.training.logs import EventWriter, MetricsLog
@@ -366,10 +366,10 @@ def with_attributes(detector: Any, run: RunRecord) -> Any:
     """The detector whose detections carry the attributes its labels' shapes taught (``training.attributes``:
     a crop classifier trained on the run's frames, seeded by its seed), or the detector itself when no label has a
     learnable attribute with a value on the training frames (and for a classifier, whose tags have none)."""
-    from preannotate.models.attributes import AttributedDetector, learnable
-
-    if getattr(detector, "output", None) == TAG or not learnable(run.labels):
-        return detector
+    learned = any(spec.input_type in LEARNED_ATTRIBUTE_TYPES for label in run.labels for spec in label.attributes)
+    if getattr(detector, "output", None) == TAG or not learned:
+        return detector  # and torch is not imported for it
+    from preannotate.models.attributes import AttributedDetector
     from preannotate.training.attributes import train_attribute_model
 
     model = train_attribute_model(run.labels, run.train_items, run.val_items, seed=run.hp.recipe.seed)

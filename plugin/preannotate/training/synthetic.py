@@ -448,11 +448,12 @@ ATTRIBUTE_LABELS = (Label("box", "rectangle", ATTRIBUTE_SPECS, id=1), Label("dis
 
 def generate_attributed(num_frames: int = 60, width: int = 160, height: int = 120, seed: int = 0,
                         objects: tuple[int, int] = (1, 3), image_format: str = "JPEG",
-                        colour_jitter: int = 25) -> SyntheticTask:
+                        colour_jitter: int = 25, stripe_shade: float = 0.35) -> SyntheticTask:
     """Frames of boxes and discs whose attributes are what they look like (``ATTRIBUTE_LABELS``): ``colour`` (a
     select: red, green or blue), ``striped`` (a checkbox: dark bands across it), ``size`` (a radio: small or large,
     by the share of the frame it takes), each drawn at random, and ``note`` (a text: never set, as nothing in the
-    picture tells it). Everything else is as ``generate`` draws it; a function of ``seed``."""
+    picture tells it). Stripes darken the colour to ``stripe_shade`` of it (a shade near 1 is hard to see); colours
+    vary by ``colour_jitter`` per channel. Everything else is as ``generate`` draws it; a function of ``seed``."""
     frames, files = {}, {}
     extension = "png" if image_format.upper() == "PNG" else "jpg"
     side = min(width, height)
@@ -481,7 +482,7 @@ def generate_attributed(num_frames: int = 60, width: int = 160, height: int = 12
                 angle = rng.uniform(0, math.pi)
                 y, x = np.mgrid[0:height, 0:width]
                 bands = ((x * math.cos(angle) + y * math.sin(angle)) % 7) < 3
-                pixels[bands] *= 0.35
+                pixels[bands] *= stripe_shade
             canvas[bitmap] = np.clip(pixels[bitmap] + rng.normal(0, 8, size=(int(bitmap.sum()), 1)), 0,
                                      255).astype(np.uint8)
             shape.attributes = {"colour": colour, "striped": "true" if striped else "false", "size": size}
