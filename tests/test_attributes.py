@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from cvat_sdk import make_client, models
 from preannotate.cvat import lambda_spec
 from preannotate.models import ModelStore, create_detector, load_detector, publish_detector
@@ -30,6 +31,23 @@ from preannotate.training.attributes import examples, train_attribute_model
 from preannotate.training.loop import train
 
 LEARNED = {"colour", "striped", "size"}
+
+
+def box_project_labels() -> list[dict]:
+    """The synthetic labels as a box model's project has them (rectangles), with their attributes."""
+    return [{**label.to_dict(), "type": "rectangle"} for label in synthetic.ATTRIBUTE_LABELS]
+
+
+def published_answering(colour_model, store: ModelStore, detections: int) -> None:
+    """A random SSDlite for the synthetic labels (``detections`` boxes a frame) with the trained attribute model
+    set to answer every attribute (trusted, sure at any probability): what is stored is then what was learned."""
+    model, _ = colour_model
+    torch.manual_seed(0)
+    detector = create_detector("ssdlite320_mobilenet_v3_large", synthetic.ATTRIBUTE_LABELS,
+                               hyperparameters={"score_threshold": 0.3, "max_total_detections": detections})
+    answering = [Head(**{**vars(h), "accuracy": None}) for h in model.heads]
+    publish_detector(AttributedDetector(detector, AttributeModel(model.net, answering, min_confidence=0.0)), store,
+                     "shapes")
 
 
 def items_of(task):
@@ -204,18 +222,11 @@ def test_cvat_stores_the_served_attributes_by_their_spec_ids(cvat_double, colour
     """The function, served over HTTP, called from CVAT's Automatic annotation menu (the double's lambda manager,
     which drops attributes its spec does not list and values the label does not allow): every learned attribute
     arrives under the task label's spec id, and the text attribute is never written."""
-    model, val_task = colour_model
+    _, val_task = colour_model
     store = ModelStore(tmp_path / "store")
-    detector = create_detector("ssdlite320_mobilenet_v3_large", synthetic.ATTRIBUTE_LABELS,
-                               hyperparameters={"score_threshold": 0.3, "max_total_detections": 4})
-    answering = [Head(**{**vars(h), "accuracy": None}) for h in model.heads]  # trusted, sure: every head answers
-    publish_detector(AttributedDetector(detector, AttributeModel(model.net, answering, min_confidence=0.0)), store,
-                     "shapes")
-    project_labels = [label.to_dict() for label in synthetic.ATTRIBUTE_LABELS]
-    for label in project_labels:
-        label.pop("id")
+    published_answering(colour_model, store, 4)
     task = cvat_double.add_task("attributes", [(f"frame_{i}.jpg", data, 96, 72) for i, (_, data) in
-                                               enumerate(val_task.images.encoded([0, 1]))], project_labels)
+                                               enumerate(val_task.images.encoded([0, 1]))], box_project_labels())
     app = App.from_environment({"PREANNOTATE_MODEL": "shapes", "PREANNOTATE_MODEL_STORE": str(store.root),
                                 "PREANNOTATE_API_AUTH": "none", "PREANNOTATE_DEVICE": "cpu"})
     server = make_server(app, "127.0.0.1", 0)
@@ -238,3 +249,45 @@ def test_cvat_stores_the_served_attributes_by_their_spec_ids(cvat_double, colour
         written = {specs[shape["label_id"]][a["spec_id"]]["name"]: a["value"] for a in shape["attributes"]}
         assert set(written) == LEARNED
         assert written["striped"] in ("true", "false") and written["colour"] in synthetic.ATTRIBUTE_COLOURS
+
+
+def test_a_coco_export_keeps_what_the_attribute_classifier_learns_from(tmp_path):
+    """Training reads an exported folder (``recipe.TrainingData.from_folder``): the labels' attribute specs and each
+    shape's values must come back from it as CVAT gave them (a checkbox as "true"/"false")."""
+    from preannotate.formats.dataset import export_dataset, training_split
+
+    task = synthetic.generate_attributed(6, width=96, height=72, seed=2)
+    export_dataset(tmp_path / "data", "coco", task.annotations.labels, sorted(task.annotations.frames.items()),
+                   task.images, val_fraction=0.0, progress=False)
+    labels, train_items, _ = training_split(tmp_path / "data")
+    assert [(name, spec.name) for name, spec in learnable(labels)] == [
+        (label, name) for label in ("box", "disc") for name in ("colour", "striped", "size")]
+    read = [shape.attributes for frame, _ in train_items for shape in frame.shapes]
+    written = [shape.attributes for _, frame in sorted(task.annotations.frames.items()) for shape in frame.shapes]
+    assert sorted(map(sorted, (a.items() for a in read))) == sorted(map(sorted, (a.items() for a in written)))
+
+
+def test_cvat_sdk_auto_annotation_writes_the_learned_attributes_by_the_tasks_spec_ids(cvat_double, colour_model,
+                                                                                      tmp_path):
+    """The cvat-sdk door (``cvat-cli task auto-annotate``): the function declares each label's learned attributes
+    (with the project's input types and values, as cvat-sdk checks them) and its shapes carry them."""
+    import cvat_sdk.auto_annotation as cvataa
+    from cvat_sdk import Client, Config
+    from preannotate import cvat_function
+
+    _, val_task = colour_model
+    store = ModelStore(tmp_path / "store")
+    published_answering(colour_model, store, 3)
+    task = cvat_double.add_task("sdk", [(f"frame_{i}.jpg", data, 96, 72) for i, (_, data) in
+                                        enumerate(val_task.images.encoded([0, 1]))], box_project_labels())
+    function = cvat_function.create(model="shapes", store=str(store.root), device="cpu")
+    assert [[a.name for a in label.attributes] for label in function.spec.labels] == [["colour", "striped", "size"]] * 2
+    with Client(cvat_double.base_url, config=Config(cache_dir=tmp_path / "sdk-cache")) as client:
+        client.login(cvat_double.credentials)
+        cvataa.annotate_task(client, task, function, conf_threshold=0.0)
+    specs = {label["id"]: {a["id"]: a for a in label["attributes"]} for label in cvat_double.labels.values()}
+    shapes = [s for s in cvat_double.tasks[task].annotations["shapes"] if s["source"] == "auto"]
+    assert len(shapes) == 6
+    for shape in shapes:
+        written = {specs[shape["label_id"]][a["spec_id"]]["name"]: a["value"] for a in shape["attributes"]}
+        assert set(written) == LEARNED and written["size"] in synthetic.ATTRIBUTE_SIZES
