@@ -291,3 +291,22 @@ def test_cvat_sdk_auto_annotation_writes_the_learned_attributes_by_the_tasks_spe
     for shape in shapes:
         written = {specs[shape["label_id"]][a["spec_id"]]["name"]: a["value"] for a in shape["attributes"]}
         assert set(written) == LEARNED and written["size"] in synthetic.ATTRIBUTE_SIZES
+
+
+def test_captions_name_the_values_and_the_chart_draws_each_attribute(tmp_path):
+    from preannotate.training import report
+
+    assert report.attribute_text({"colour": "red", "striped": "true", "size": "large"}) == "red striped large"
+    assert report.attribute_text({"colour": "red", "striped": "false", "note": "x"}, ["striped"]) == "no striped"
+    heads = {"box/colour": Head("box", "colour", "select", ["red", "blue"], 0.9, 0.5, 0.95, 0.93, 40).to_dict(),
+             "box/striped": Head("box", "striped", "checkbox", ["false", "true"], 0.5, 0.5, 1.0, 0.5, 40).to_dict()}
+    figure = report.attributes_figure(heads, title="t")
+    texts = [text.get_text() for text in figure.axes[0].texts]
+    assert any("not served" in text for text in texts) and any(text.startswith("0.900") for text in texts)
+    task = synthetic.generate_attributed(2, width=96, height=72, seed=3)
+    frame = task.annotations.frames[0]
+    grid = report._grid_figure([(next(iter(task.images.encoded([0])))[1], frame, type(frame)(0, 96, 72))], "",
+                               4, task.annotations.labels)
+    drawn = {text.get_text() for ax in grid.axes for text in ax.texts}
+    for shape in frame.shapes:  # the truth's label with its values, though nothing was predicted
+        assert f"{shape.label} {report.attribute_text(shape.attributes)}" in drawn

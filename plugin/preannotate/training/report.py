@@ -42,7 +42,7 @@ from matplotlib.patches import Polygon, Rectangle
 
 from preannotate.formats import masks
 from preannotate.frames import FrameImages, decode_rgb
-from preannotate.shapes import TAG, FrameAnnotations, Label, Shape
+from preannotate.shapes import LEARNED_ATTRIBUTE_TYPES, TAG, FrameAnnotations, Label, Shape
 from preannotate.training import edits
 from preannotate.training.edits import threshold_text
 from preannotate.training.evaluation import (  # noqa: F401 - detect_frames and its batch: part of this module's API
@@ -674,6 +674,8 @@ def _grid_figure(frames: Sequence[tuple[bytes | np.ndarray, FrameAnnotations, Fr
     for _, truth, predicted in frames:
         names += [s.label for s in [*truth.shapes, *predicted.shapes] if s.label not in names]
     colours = _colours(names)
+    learned = {label.name: [spec.name for spec in label.attributes if spec.input_type in LEARNED_ATTRIBUTE_TYPES]
+               for label in labels or ()}  # the attribute values the truth's captions show
     widest = max(image.shape[1] for image in images)
     cell = widest * math.ceil(MIN_CELL_PX / widest) if widest < MIN_CELL_PX else min(widest, MAX_CELL_PX)
     scale = cell / widest  # screen pixels per frame pixel
@@ -710,7 +712,7 @@ def _grid_figure(frames: Sequence[tuple[bytes | np.ndarray, FrameAnnotations, Fr
         left = gap + column * (cell_w + gap)
         top = header + row * (cell_h + caption + gap) + caption
         ax = figure.add_axes((left / width, 1 - (top + cell_h) / height, cell_w / width, cell_h / height))
-        _draw_frame(ax, image, truth, predicted, colours, scale, cell, review)
+        _draw_frame(ax, image, truth, predicted, colours, scale, cell, review, learned)
     return figure
 
 
@@ -740,7 +742,8 @@ def _legend_handles(used: Sequence[str], colours: dict[str, str], missed: bool =
 
 
 def _draw_frame(ax, image: np.ndarray, truth: FrameAnnotations, predicted: FrameAnnotations,
-                colours: dict[str, str], scale: float, cell: int, review: edits.FrameReview | None = None) -> None:
+                colours: dict[str, str], scale: float, cell: int, review: edits.FrameReview | None = None,
+                learned: Mapping[str, Sequence[str]] | None = None) -> None:
     height, width = image.shape[:2]
     ax.imshow(image, extent=(0, width, height, 0), interpolation="nearest" if scale >= 1 else "antialiased")
     ax.set_xlim(0, width)
@@ -768,10 +771,11 @@ def _draw_frame(ax, image: np.ndarray, truth: FrameAnnotations, predicted: Frame
                                  zorder=4))
     review = review or edits.FrameReview()
     missed, false = set(review.missed), {id(predicted.shapes[i]) for i in review.false}
-    learned = sorted({name for shape in predicted.shapes for name in shape.attributes})  # what the model fills
+    filled = sorted({name for shape in predicted.shapes for name in shape.attributes})  # what the model fills
     for index, shape in enumerate(truth.shapes):  # the true label under its outline, white on black (a miss: on
-        # red); predictions' tags go above
-        text = " ".join(filter(None, (shape.label, attribute_text(shape.attributes, learned))))
+        # red), with the values of the attributes a model learns; predictions' tags go above
+        names = (learned or {}).get(shape.label, filled)
+        text = " ".join(filter(None, (shape.label, attribute_text(shape.attributes, names))))
         _tag(ax, shape, text, MISSED if index in missed else "#000000", width, height, scale, below=True)
     for shape in shown:  # tags above every outline
         text = f"{shape.label} {shape.score:.2f}" if shape.score is not None else shape.label
