@@ -310,3 +310,15 @@ def test_captions_name_the_values_and_the_chart_draws_each_attribute(tmp_path):
     drawn = {text.get_text() for ax in grid.axes for text in ax.texts}
     for shape in frame.shapes:  # the truth's label with its values, though nothing was predicted
         assert f"{shape.label} {report.attribute_text(shape.attributes)}" in drawn
+
+
+def test_the_same_frames_and_seed_train_the_same_weights():
+    task = synthetic.generate_attributed(10, width=96, height=72, seed=6)
+    first, second = (train_attribute_model(synthetic.ATTRIBUTE_LABELS, items_of(task), [], seed=4, steps=3)
+                     for _ in range(2))
+    torch.manual_seed(99)  # whatever the global generator holds
+    third = train_attribute_model(synthetic.ATTRIBUTE_LABELS, items_of(task), [], seed=4, steps=3)
+    for model in (second, third):
+        assert all(torch.equal(a, b) for a, b in zip(first.net.state_dict().values(), model.net.state_dict().values(),
+                                                     strict=True))
+    assert all(head.accuracy is None and head.trusted for head in first.heads), "unvalidated: served, unscored"

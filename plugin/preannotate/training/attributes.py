@@ -104,13 +104,13 @@ def train_attribute_model(labels: Sequence[Label], train_items: Sequence[Any], v
     for index, head in enumerate(heads):  # the majority-class peer's answer
         counts = Counter(int(v) for v in targets[:, index] if v != UNKNOWN)
         head.default = head.values[counts.most_common(1)[0][0]] if counts else ""
-    net = AttributeNet([len(head.values) for head in heads])
     total = steps if steps is not None else steps_for(len(crops))
     threads = torch.get_num_threads()
     try:  # one thread: a network this small gains little from more, and loses ten times that when cores are shared
         torch.set_num_threads(1)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # the same frames and seed: the same weights
             torch.manual_seed(seed)
+            net = AttributeNet([len(head.values) for head in heads])
             _fit(net, crops, geometries, targets, total, np.random.default_rng([seed, 23]))
     finally:
         torch.set_num_threads(threads)
