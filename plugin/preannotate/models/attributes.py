@@ -47,6 +47,7 @@ ATTRIBUTES_FILE = "attributes.pt"
 CROP = 48        # the network's input side
 STORED = 56      # crops are cut at this side: training takes random CROP windows of them (a shifted box), serving
 #                  the middle one
+BATCH = 256      # crops through the network at a time, when serving
 CONTEXT = 0.15   # of the box's size on each side: what surrounds the object (a detector's box may be short of it)
 
 
@@ -139,31 +140,27 @@ def geometry(box: Sequence[float], width: int, height: int) -> list[float]:
     return [w / width, h / height, math.sqrt(w * h / (width * height)), math.log(w / h)]
 
 
-def cut(image: np.ndarray, box: Sequence[float], side: int = STORED) -> np.ndarray:
+def picture(image: Any) -> Image.Image:
+    """An RGB image (PIL, or an ``HxWx3`` array) as the PIL image crops are cut from: converted once per frame."""
+    return image.convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+
+
+def cut(image: Image.Image | np.ndarray, box: Sequence[float], side: int = STORED) -> np.ndarray:
     """The box with ``CONTEXT`` around it, squashed to ``side × side`` (outside the frame: black), ``3×side×side``."""
+    image = image if isinstance(image, Image.Image) else picture(image)
     x1, y1, x2, y2 = box
     pad_x, pad_y = CONTEXT * max(x2 - x1, 1.0), CONTEXT * max(y2 - y1, 1.0)
     window = (x1 - pad_x, y1 - pad_y, x2 + pad_x, y2 + pad_y)
-    return np.ascontiguousarray(_placed(np.asarray(image), window, side).transpose(2, 0, 1))
-
-
-def _inside(window: tuple[float, ...], image: np.ndarray) -> tuple[float, ...]:
-    height, width = np.asarray(image).shape[:2]
-    return (max(0.0, window[0]), max(0.0, window[1]), min(float(width), window[2]), min(float(height), window[3]))
-
-
-def _placed(image: np.ndarray, window: tuple[float, ...], side: int) -> np.ndarray:
-    """The window as ``side × side``: the frame's part of it resized into its place, black where it is outside."""
-    inside = _inside(window, image)
-    out = np.zeros((side, side, 3), np.uint8)
+    inside = (max(0.0, window[0]), max(0.0, window[1]), min(float(image.width), window[2]),
+              min(float(image.height), window[3]))
+    out = np.zeros((side, side, 3), np.uint8)  # the window's part inside the frame, resized into its place
     scale_x, scale_y = side / (window[2] - window[0]), side / (window[3] - window[1])
     left, top = round((inside[0] - window[0]) * scale_x), round((inside[1] - window[1]) * scale_y)
     right, bottom = round((inside[2] - window[0]) * scale_x), round((inside[3] - window[1]) * scale_y)
-    if right - left < 1 or bottom - top < 1 or inside[2] <= inside[0] or inside[3] <= inside[1]:
-        return out
-    part = Image.fromarray(image).resize((right - left, bottom - top), Image.BILINEAR, box=inside)
-    out[top:bottom, left:right] = np.asarray(part)
-    return out
+    if right - left >= 1 and bottom - top >= 1 and inside[2] > inside[0] and inside[3] > inside[1]:
+        out[top:bottom, left:right] = np.asarray(image.resize((right - left, bottom - top), Image.BILINEAR,
+                                                              box=inside))
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
 def middle(crops: torch.Tensor) -> torch.Tensor:
@@ -188,10 +185,14 @@ class AttributeModel:
 
     def probabilities(self, crops: torch.Tensor, geometries: torch.Tensor) -> list[np.ndarray]:
         """Per head, ``N × values`` probabilities of ``STORED`` crops."""
-        if not len(crops):
-            return [np.zeros((0, len(head.values))) for head in self.heads]
+        chunks: list[list[np.ndarray]] = [[] for _ in self.heads]
         with torch.inference_mode():
-            return [logits.softmax(1).numpy() for logits in self.net(middle(crops), geometries)]
+            for start in range(0, len(crops), BATCH):  # a bounded batch: a frame may hold hundreds of detections
+                logits = self.net(middle(crops[start:start + BATCH]), geometries[start:start + BATCH])
+                for chunk, head_logits in zip(chunks, logits, strict=True):
+                    chunk.append(head_logits.softmax(1).numpy())
+        return [np.concatenate(chunk) if chunk else np.zeros((0, len(head.values)))
+                for chunk, head in zip(chunks, self.heads, strict=True)]
 
     def fill(self, images: Sequence[Any], shapes: Sequence[list[Shape]]) -> None:
         """Set the learned attributes of every shape (of a label with heads) found on each image, in place: the
@@ -200,14 +201,12 @@ class AttributeModel:
                   if shape.type != TAG and shape.label in self._heads_of]
         if not wanted:
             return
-        arrays = {i: np.asarray(images[i].convert("RGB") if isinstance(images[i], Image.Image) else images[i])
-                  for i in {i for i, _ in wanted}}
+        pictures = {i: picture(images[i]) for i in {i for i, _ in wanted}}
         crops, geometries = [], []
         for i, shape in wanted:
-            height, width = arrays[i].shape[:2]
             box = shape.bbox()
-            crops.append(cut(arrays[i], box))
-            geometries.append(geometry(box, width, height))
+            crops.append(cut(pictures[i], box))
+            geometries.append(geometry(box, *pictures[i].size))
         probabilities = self.probabilities(torch.from_numpy(np.stack(crops)),
                                            torch.tensor(geometries, dtype=torch.float32))
         for row, (_, shape) in enumerate(wanted):

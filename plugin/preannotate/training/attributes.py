@@ -33,13 +33,14 @@ from preannotate.models.attributes import (
     cut,
     geometry,
     learnable,
+    picture,
     values_of,
 )
 from preannotate.shapes import TAG, Label
 
 log = logging.getLogger(__name__)
 
-BATCH = 64
+BATCH = 64                    # crops a step
 LEARNING_RATE = 3e-3
 EPOCHS = 30                   # over the training crops; within MIN_STEPS .. MAX_STEPS optimizer steps
 MIN_STEPS, MAX_STEPS = 60, 600
@@ -62,8 +63,9 @@ def examples(items: Sequence[Any], heads: Sequence[Head]) -> tuple[torch.Tensor,
         shapes = [s for s in frame.shapes if s.type != TAG and s.label in by_label and not s.outside]
         if not shapes:
             continue
-        _, image = next(iter(images.decoded([frame.frame])))
-        height, width = image.shape[:2]
+        _, array = next(iter(images.decoded([frame.frame])))
+        image = picture(array)
+        width, height = image.size
         for shape in shapes:
             box = shape.bbox()
             if box[2] - box[0] < 1 or box[3] - box[1] < 1:
