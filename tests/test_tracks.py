@@ -164,6 +164,19 @@ def test_a_track_whose_detections_disagree_takes_the_label_with_the_highest_summ
     assert track.label == "car" and {k.label for k in track.keyframes} == {"car"}  # 6 x 0.4 beats 2 x 0.95
 
 
+def test_a_track_takes_the_attributes_most_of_its_detections_give_and_leaves_the_undecided_unset():
+    """Issue 23: CVAT keeps a label's immutable attributes on the track, so a track without them loses what the
+    model learned; an attribute its detections do not agree on (no value with most of the score) stays unset."""
+    def colour(f: int) -> dict[str, str]:
+        return {"colour": "red" if f < 6 else "blue", "parked": "true" if f % 2 else "false"}
+
+    detections = {f: [Shape("car", "rectangle", car_box(f), frame=f, score=0.9, attributes=colour(f))]
+                  for f in range(8)}
+    (track,) = link(detections)
+    assert track.attributes == {"colour": "red"}  # 6 of 8 say red; parked is split 4 to 4
+    assert all(k.attributes == colour(k.frame) for k in track.keyframes if not k.outside)
+
+
 def test_a_lost_object_is_outside_until_it_is_seen_again_under_the_same_track():
     detections = {f: [] if 10 <= f < 14 else [Shape("car", "rectangle", car_box(f), frame=f, score=0.9)]
                   for f in range(24)}

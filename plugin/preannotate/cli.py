@@ -12,6 +12,7 @@ from pathlib import Path
 from preannotate import __version__
 from preannotate.models.reference import DEFAULT_STORE
 from preannotate.models.registry import DEFAULT_ARCHITECTURE
+from preannotate.shapes import LEARNED_ATTRIBUTE_TYPES
 
 
 class CommandError(Exception):
@@ -276,12 +277,16 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     if args.models_command == "architectures":
         rows = [{"name": a.name, "output": a.output, "pretrained": a.pretrained_kind, "image_size": a.image_size,
-                 "description": a.description} for a in ARCHITECTURES.values()]
+                 "description": a.description,
+                 "attributes": [] if a.output == "tag" else list(LEARNED_ATTRIBUTE_TYPES)}
+                for a in ARCHITECTURES.values()]
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
             _table([("ARCHITECTURE", "OUTPUT", "DESCRIPTION")]
                    + [(row["name"], row["output"], row["description"]) for row in rows])
+            print("\nEvery detector also learns its labels' select, radio and checkbox attributes (a classifier on "
+                  "each object's crop, published with it); number and text attributes are left to people.")
         return 0
     if args.models_command == "list":
         store = _store(args)

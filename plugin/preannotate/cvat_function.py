@@ -7,8 +7,10 @@ cvat-cli calls ``create(**parameters)`` (the ``-p`` values; the model defaults t
 store to ``$PREANNOTATE_MODEL_STORE``). ``model`` is anything ``preannotate serve --model`` takes: a name in the
 store (its newest version), ``NAME@VERSION``, an architecture, or an artifact directory. The labels come from the
 model's manifest, each declared with the shape type the model returns (``rectangle``, or ``mask`` — polygons with
-``--conv-mask-to-poly``; a classifier's ``tag``, returned as cvat-sdk's ``tag``); ``--conf-threshold`` is
-honoured for every label, else each label's served threshold (``Manifest.threshold_of``).
+``--conv-mask-to-poly``; a classifier's ``tag``, returned as cvat-sdk's ``tag``), with the select, radio and checkbox
+attributes the model learned (``models.attributes``; cvat-sdk maps them to the task's by name, and wants the same
+input types and values); ``--conf-threshold`` is honoured for every label, else each label's served threshold
+(``Manifest.threshold_of``).
 The same ``cvataa.annotate_task`` drives it from Python.
 """
 
@@ -36,8 +38,16 @@ class DetectionFunction:
         # Every label is declared with the shape type the model returns ("rectangle" or "mask"), so cvat-sdk
         # checks it against the task's label types before the first frame; ids are local to the spec.
         output = architecture_of(detector.manifest).output
+        learned = getattr(detector, "attribute_model", None)  # models.attributes.AttributedDetector
+        self._attribute_ids: dict[str, dict[str, int]] = {}  # label → attribute name → its id in the spec
+        attributes: dict[str, list[models.AttributeRequest]] = {}
+        for number, head in enumerate(learned.heads if learned is not None else ()):
+            self._attribute_ids.setdefault(head.label, {})[head.name] = number
+            attributes.setdefault(head.label, []).append(cvataa.attribute_spec(
+                head.name, number, head.input_type, [] if head.input_type == "checkbox" else list(head.values)))
         self.spec = cvataa.DetectionFunctionSpec(labels=[
-            cvataa.label_spec(label.name, index, type=output) for index, label in enumerate(self.labels)])
+            cvataa.label_spec(label.name, index, type=output, attributes=attributes.get(label.name, []))
+            for index, label in enumerate(self.labels)])
 
     def detect(self, context: cvataa.DetectionFunctionContext, image: PIL.Image.Image
                ) -> list[cvataa.DetectionAnnotation]:
@@ -50,8 +60,9 @@ class DetectionFunction:
         label_id = self._id_of.get(shape.label)
         if label_id is not None and shape.type == TAG:
             return models.LabeledImageRequest(**encoding.labeled_tag(shape, frame=0, label_id=label_id, source=None))
-        body = None if label_id is None else encoding.labeled_shape(shape, frame=0, label_id=label_id,
-                                                                     as_polygon=conv_mask_to_poly, source=None)
+        body = None if label_id is None else encoding.labeled_shape(
+            shape, frame=0, label_id=label_id, attribute_ids=self._attribute_ids.get(shape.label),
+            as_polygon=conv_mask_to_poly, source=None)
         return None if body is None else models.LabeledShapeRequest(**body)
 
 

@@ -33,6 +33,8 @@ SHAPE_TYPES = ("rectangle", "polygon", "polyline", "points", "ellipse", "cuboid"
 # Shapes a detector can learn from and predict; the others are counted and reported by the readers.
 DETECTABLE_TYPES = ("rectangle", "polygon", "mask", "ellipse")
 ATTRIBUTE_INPUT_TYPES = ("number", "checkbox", "text", "select", "radio")
+LEARNED_ATTRIBUTE_TYPES = ("select", "radio", "checkbox")  # what a model learns (models.attributes); number and
+# text attributes are left to people
 TAG = "tag"  # a classifier's prediction: the frame's label, no geometry
 
 

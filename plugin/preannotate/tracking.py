@@ -129,9 +129,10 @@ def tracks_from(followed: Mapping[int, Sequence[Shape]], frames: Sequence[int] |
                 close_at: int | None = None, min_iou: float = KEYFRAME_IOU, smooth: int = SMOOTH_FRAMES
                 ) -> list[Track]:
     """Shapes with their ``track_id`` (``follow``) → one ``Track`` per id, in the order they appear: its label by
-    score-weighted vote, its runs smoothed over ``smooth`` frames (1: as detected), an outside keyframe where it
-    stops being seen, keyframes where CVAT's interpolation would miss (see the module doc). ``frames``: the frames
-    covered, in order (default: the keys of ``followed``)."""
+    score-weighted vote, its attributes too (``vote_attributes``: CVAT keeps a label's immutable attributes on the
+    track; each keyframe keeps its own, for the mutable ones), its runs smoothed over ``smooth`` frames (1: as
+    detected), an outside keyframe where it stops being seen, keyframes where CVAT's interpolation would miss (see the
+    module doc). ``frames``: the frames covered, in order (default: the keys of ``followed``)."""
     frames = sorted(followed) if frames is None else list(frames)
     seen: dict[int, dict[int, Shape]] = defaultdict(dict)
     for frame in frames:
@@ -147,10 +148,23 @@ def tracks_from(followed: Mapping[int, Sequence[Shape]], frames: Sequence[int] |
             chosen += keyframes(smoothed(run, smooth), outside_at=after if after is not None else close_at,
                                 min_iou=min_iou)
         scores = [shape.score for shape in by_frame.values() if shape.score is not None]
-        tracks.append(Track(label, [dataclasses.replace(k, label=label, attributes={}, track_id=None)
+        tracks.append(Track(label, [dataclasses.replace(k, label=label, track_id=None,
+                                                        attributes=dict(k.attributes) if k.label == label else {})
                                     for k in chosen],
-                            score=sum(scores) / len(scores) if scores else None))
+                            score=sum(scores) / len(scores) if scores else None,
+                            attributes=vote_attributes([s for s in by_frame.values() if s.label == label])))
     return tracks
+
+
+def vote_attributes(shapes: Sequence[Shape]) -> dict[str, str]:
+    """Each attribute's value whose shapes' scores add up to more than half of all the shapes' (a shape without a
+    score counts 1): what most of a track says; an attribute no value has a majority for is left unset."""
+    total = sum(1.0 if shape.score is None else shape.score for shape in shapes)
+    weights: dict[tuple[str, str], float] = {}
+    for shape in shapes:
+        for name, value in shape.attributes.items():
+            weights[name, value] = weights.get((name, value), 0.0) + (1.0 if shape.score is None else shape.score)
+    return {name: value for (name, value), weight in weights.items() if weight > total / 2}
 
 
 def vote(shapes: Iterable[Shape]) -> str:

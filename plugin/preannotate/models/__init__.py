@@ -126,6 +126,9 @@ def save_artifact(detector: Detector, directory: Path, files: Sequence[Path] = (
     report) that the manifest lists; return the manifest written."""
     family = family_of(get_architecture(detector.manifest.architecture))
     family.write_weights(detector, Path(directory) / detector.manifest.weights)
+    attribute_model = getattr(detector, "attribute_model", None)  # models.attributes.AttributedDetector
+    if attribute_model is not None:
+        detector.manifest.attributes = attribute_model.save(Path(directory))
     for file in files:
         shutil.copyfile(file, Path(directory) / Path(file).name)
     detector.manifest.report = [Path(file).name for file in files]
@@ -158,6 +161,10 @@ def load_detector(directory: str | Path, device: str | None = None) -> Detector:
     detector = family_of(arch).load(arch, manifest.labels, Path(directory) / manifest.weights,
                                   manifest_hyperparameters(manifest), device=device)
     detector.manifest = manifest
+    if manifest.attributes:  # its detections carry the attributes it learned
+        from preannotate.models.attributes import AttributedDetector, AttributeModel
+
+        detector = AttributedDetector(detector, AttributeModel.load(Path(directory), manifest.attributes))
     return detector
 
 

@@ -70,6 +70,7 @@ class Manifest:
     provenance: dict[str, Any] = field(default_factory=dict)
     libraries: dict[str, str] = field(default_factory=dict)
     report: list[str] = field(default_factory=list)  # pictures of its training run, beside the weights
+    attributes: dict[str, Any] = field(default_factory=dict)  # its attribute classifier (models.attributes), if any
     created: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -82,6 +83,7 @@ class Manifest:
             "hyperparameters": self.hyperparameters,
             "metrics": self.metrics, "provenance": self.provenance, "libraries": self.libraries,
             "report": self.report, "created": self.created,
+            **({"attributes": self.attributes} if self.attributes else {}),
         }
 
     @classmethod
@@ -97,7 +99,7 @@ class Manifest:
             thresholds={str(k): float(v) for k, v in (data.get("thresholds") or {}).items()},
             metrics=data.get("metrics", {}), provenance=data.get("provenance", {}),
             libraries=data.get("libraries", {}), report=list(data.get("report") or []),
-            created=data.get("created", ""),
+            created=data.get("created", ""), attributes=dict(data.get("attributes") or {}),
             format_version=data.get("format_version", FORMAT_VERSION))
 
     def threshold_of(self, label: str) -> float:

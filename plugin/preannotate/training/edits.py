@@ -284,3 +284,39 @@ def confusion(truth: Sequence[Sequence[Shape]], predicted: Sequence[Sequence[Sha
             if k not in matched:
                 matrix[index[shape.label], background] += 1
     return {"labels": [*names, BACKGROUND], "matrix": matrix.tolist()}
+
+
+def attribute_edits(truth: Sequence[Sequence[Shape]], predicted: Sequence[Sequence[Shape]],
+                    labels: Sequence[Label], names: Mapping[str, Sequence[str]],
+                    threshold: float | Callable[[str], float] = 0.0) -> dict[str, dict[str, int]]:
+    """The attribute changes a reviewer makes on the objects a model found, per ``label/attribute`` of ``names``
+    (label → the attribute names the model fills): on each prediction kept from ``threshold`` and matched to a true
+    object of its label (as ``review_frame`` matches), one **edit** when the value it arrives with — its own, or the
+    label's default when the model left it unset — is not the true one. Each is one action (a click in the
+    attribute panel), like an add, a delete or a move, but it is counted apart from those: a shape's attributes do
+    not change how it is matched, the edits of ``count_edits`` stay box edits, and this adds to them. ``checked`` is
+    the matched objects with a true value; ``unset`` how many of the edits were left unset by the model."""
+    threshold_of = threshold if callable(threshold) else (lambda _: float(threshold))
+    defaults = {(label.name, spec.name): spec.default_value or (spec.values[0] if spec.values else "")
+                for label in labels for spec in label.attributes}
+    counts: dict[str, dict[str, int]] = {f"{label}/{name}": {"checked": 0, "edits": 0, "unset": 0}
+                                         for label, attributes in names.items() for name in attributes}
+    for true_shapes, found in zip(truth, predicted, strict=True):
+        for label, attributes in names.items():
+            mine = [s for s in true_shapes if s.type != TAG and s.label == label]
+            theirs = [s for s in found if s.type != TAG and s.label == label and score_of(s) >= threshold_of(label)]
+            for row, true_index, _ in greedy_match(mine, theirs):
+                if true_index is None:
+                    continue
+                for name in attributes:
+                    want = mine[true_index].attributes.get(name)
+                    if want is None:
+                        continue
+                    got = theirs[row].attributes.get(name)
+                    count = counts[f"{label}/{name}"]
+                    count["checked"] += 1
+                    arrives = got if got is not None else defaults.get((label, name), "")
+                    if str(arrives).lower() != str(want).lower():
+                        count["edits"] += 1
+                        count["unset"] += got is None
+    return counts

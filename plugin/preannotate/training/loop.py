@@ -13,7 +13,7 @@ GPUs under ``MirroredStrategy``). The output directory holds::
     records/            the TensorFlow runs' frames as TF OD API TFRecords
     metrics.jsonl       a record per logged step and per validation
     events.out.tfevents.*  the same as TensorBoard scalars
-    report.png, predictions.png   the run's pictures (``training.report``)
+    report.png, predictions.png   the run's pictures (``training.report``; attributes.png when it learned some)
     result.json         the published version, once published
 
 A run killed even with SIGKILL and started again on the same directory resumes from its checkpoint and ends at the
@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 # Everything a run writes into its directory, whatever its framework: ``train(restart=True)`` removes it all (not a
 # dataset exported beside it). Each adapter's ``FILES`` must be among these (a test checks).
 RUN_FILES = ("run.json", "last.pt", "best.pt", "last.keras.npz", "best.weights.npz", "records", "metrics.jsonl",
-             "result.json", "report.png", "predictions.png")
+             "result.json", "report.png", "predictions.png", "attributes.png")
 ADAPTERS = {"pytorch": "preannotate.training.torch_adapter", "tensorflow": "preannotate.training.keras_adapter"}
 
 

@@ -11,7 +11,10 @@
   a miss is a true object matched to nothing, a false positive a prediction matched to nothing);
 * ``predictions.png`` (``prediction_grid``): validation frames, upscaled, with their ground truth (dashed white on
   black) and the detections at the served thresholds (solid, a colour per label, tagged "label 0.93"); a missed
-  object's label is on red, a false positive's tag ends in ✗.
+  object's label is on red, a false positive's tag ends in ✗. Learned attributes follow the label, on the
+  detections and on the truth (``attribute_text``: "box 0.93 red striped large");
+* ``attributes.png``, for a model that learned attributes (``attributes_figure``): each attribute's accuracy on the
+  validation frames' true boxes beside the majority-class peer's, and the share it answers.
 
 A classifier's report (its detector returns tags) has top-1 and top-5 accuracy at each validation, the accuracy per
 class at the best one, and the confusion matrix of its tags on the validation frames in place of the mAP, AP and
@@ -39,7 +42,7 @@ from matplotlib.patches import Polygon, Rectangle
 
 from preannotate.formats import masks
 from preannotate.frames import FrameImages, decode_rgb
-from preannotate.shapes import TAG, FrameAnnotations, Label, Shape
+from preannotate.shapes import LEARNED_ATTRIBUTE_TYPES, TAG, FrameAnnotations, Label, Shape
 from preannotate.training import edits
 from preannotate.training.edits import threshold_text
 from preannotate.training.evaluation import (  # noqa: F401 - detect_frames and its batch: part of this module's API
@@ -112,7 +115,62 @@ def write_report(run_dir: Path, detector, val_items: Sequence[tuple[FrameAnnotat
     title = (f"{name or architecture} on {len(grid)} of {len(val_items)} validation frames, "
              f"{'tags' if tags else 'detections'} {threshold_text(thresholds)}")
     predictions = prediction_grid(grid, run_dir / "predictions.png", title=title, labels=labels)
-    return [report, predictions]
+    attribute_model = getattr(detector, "attribute_model", None)  # models.attributes.AttributedDetector
+    if attribute_model is None:
+        return [report, predictions]
+    chart = run_dir / "attributes.png"
+    _save(attributes_figure(attribute_model.metrics, title=f"{name or run_dir.name} — attributes"), chart)
+    return [report, predictions, chart]
+
+
+def attributes_figure(heads: Mapping[str, Mapping[str, Any]], title: str = "") -> Figure:
+    """``attributes.png``: each learned attribute's accuracy on the validation frames' true boxes beside the
+    majority-class peer's (always its commonest training value), with the share it answers (the rest it leaves
+    unset) and the accuracy of those answers; an attribute not served (it did not beat the peer) is marked."""
+    keys = list(heads)
+    figure = Figure(figsize=(9, 1.6 + 0.55 * max(1, len(keys))), dpi=DPI, layout="constrained")
+    ax = figure.add_subplot()
+    ax.set_title(title or "Attributes", fontsize=12, fontweight="bold")
+    if not keys:
+        _say(ax, "no learned attributes")
+        return figure
+    rows = np.arange(len(keys))
+    accuracy = [_nan(heads[k].get("accuracy")) for k in keys]
+    peer = [_nan(heads[k].get("majority")) for k in keys]
+    ax.barh(rows - 0.2, np.nan_to_num(accuracy), height=0.38, color=PALETTE[1], edgecolor="black", linewidth=0.6,
+            label="accuracy (true boxes)")
+    ax.barh(rows + 0.2, np.nan_to_num(peer), height=0.38, color="#bbbbbb", edgecolor="black", linewidth=0.6,
+            label="majority-class peer")
+    for row, key in zip(rows, keys, strict=True):
+        head = heads[key]
+        if head.get("accuracy") is None:
+            text = "no validation shapes"
+        else:
+            answered, right = head.get("answered"), head.get("answered_accuracy")
+            text = f"{head['accuracy']:.3f}; answers {answered:.0%}"
+            text += "" if right is None else f" ({right:.3f} right)"
+            text += "" if head.get("trusted", True) else "; not served"
+        ax.text(np.nan_to_num(accuracy[row]) + 0.01, row - 0.2, text, va="center", fontsize=9)
+    ax.set_yticks(rows, [f"{k} ({heads[k].get('shapes', 0)})" for k in keys], fontsize=10)
+    ax.set_ylim(len(keys) - 0.5, -0.6)
+    ax.set_xlim(0, 1.45)
+    ax.set_xticks(np.linspace(0, 1, 6))
+    ax.set_xlabel("share right on the validation frames (label/attribute (shapes))", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2, fontsize=9, frameon=False)
+    return figure
+
+
+def attribute_text(attributes: Mapping[str, str], names: Sequence[str] | None = None) -> str:
+    """Attribute values for a caption: a select's or radio's value, a checkbox's name when true and ``no name``
+    when false (only ``names`` when given)."""
+    words = []
+    for name, value in attributes.items():
+        if names is not None and name not in names:
+            continue
+        lowered = str(value).lower()
+        words.append(name if lowered == "true" else f"no {name}" if lowered == "false" else str(value))
+    return " ".join(words)
 
 
 def _thresholds(threshold: float | Mapping[str, float], labels: Sequence[Label]) -> dict[str, float]:
@@ -616,6 +674,8 @@ def _grid_figure(frames: Sequence[tuple[bytes | np.ndarray, FrameAnnotations, Fr
     for _, truth, predicted in frames:
         names += [s.label for s in [*truth.shapes, *predicted.shapes] if s.label not in names]
     colours = _colours(names)
+    learned = {label.name: [spec.name for spec in label.attributes if spec.input_type in LEARNED_ATTRIBUTE_TYPES]
+               for label in labels or ()}  # the attribute values the truth's captions show
     widest = max(image.shape[1] for image in images)
     cell = widest * math.ceil(MIN_CELL_PX / widest) if widest < MIN_CELL_PX else min(widest, MAX_CELL_PX)
     scale = cell / widest  # screen pixels per frame pixel
@@ -652,7 +712,7 @@ def _grid_figure(frames: Sequence[tuple[bytes | np.ndarray, FrameAnnotations, Fr
         left = gap + column * (cell_w + gap)
         top = header + row * (cell_h + caption + gap) + caption
         ax = figure.add_axes((left / width, 1 - (top + cell_h) / height, cell_w / width, cell_h / height))
-        _draw_frame(ax, image, truth, predicted, colours, scale, cell, review)
+        _draw_frame(ax, image, truth, predicted, colours, scale, cell, review, learned)
     return figure
 
 
@@ -682,7 +742,8 @@ def _legend_handles(used: Sequence[str], colours: dict[str, str], missed: bool =
 
 
 def _draw_frame(ax, image: np.ndarray, truth: FrameAnnotations, predicted: FrameAnnotations,
-                colours: dict[str, str], scale: float, cell: int, review: edits.FrameReview | None = None) -> None:
+                colours: dict[str, str], scale: float, cell: int, review: edits.FrameReview | None = None,
+                learned: Mapping[str, Sequence[str]] | None = None) -> None:
     height, width = image.shape[:2]
     ax.imshow(image, extent=(0, width, height, 0), interpolation="nearest" if scale >= 1 else "antialiased")
     ax.set_xlim(0, width)
@@ -710,11 +771,15 @@ def _draw_frame(ax, image: np.ndarray, truth: FrameAnnotations, predicted: Frame
                                  zorder=4))
     review = review or edits.FrameReview()
     missed, false = set(review.missed), {id(predicted.shapes[i]) for i in review.false}
+    filled = sorted({name for shape in predicted.shapes for name in shape.attributes})  # what the model fills
     for index, shape in enumerate(truth.shapes):  # the true label under its outline, white on black (a miss: on
-        # red); predictions' tags go above
-        _tag(ax, shape, shape.label, MISSED if index in missed else "#000000", width, height, scale, below=True)
+        # red), with the values of the attributes a model learns; predictions' tags go above
+        names = (learned or {}).get(shape.label, filled)
+        text = " ".join(filter(None, (shape.label, attribute_text(shape.attributes, names))))
+        _tag(ax, shape, text, MISSED if index in missed else "#000000", width, height, scale, below=True)
     for shape in shown:  # tags above every outline
         text = f"{shape.label} {shape.score:.2f}" if shape.score is not None else shape.label
+        text = " ".join(filter(None, (text, attribute_text(shape.attributes))))
         _tag(ax, shape, text + (FALSE_MARK if id(shape) in false else ""), colours.get(shape.label, PALETTE[0]),
              width, height, scale)
     counts = "" if not truth.shapes and all(s.type == TAG for s in predicted.shapes) else \

@@ -36,7 +36,7 @@ from preannotate.models import (
     publish_detector,
 )
 from preannotate.models.artifact import library_versions
-from preannotate.shapes import TAG, Label, Shape
+from preannotate.shapes import LEARNED_ATTRIBUTE_TYPES, TAG, Label, Shape
 from preannotate.training import edits
 from preannotate.training.evaluation import headline, sample_detections, summary
 from preannotate.training.logs import EventWriter, MetricsLog
@@ -296,12 +296,18 @@ def publish_run(detector: Any, state: TrainState, run: RunRecord, store: ModelSt
     """The best weights (already loaded into ``detector``, in inference mode) as the next version of ``name``,
     unless this run published before it was killed; whether it is served is ``promote``'s answer. Each label is
     served at the threshold that needs the fewest review edits on the validation frames (``set_served_thresholds``).
+    The labels' select, radio and checkbox attributes are learned here, from the same frames, by a classifier on the
+    shapes' crops that the version carries beside the weights (``with_attributes``).
     The run's pictures and ``result.json`` are written beside its checkpoints."""
+    detector = with_attributes(detector, run)
     sample = _validation_sample(detector, run)
     review = set_served_thresholds(detector, sample, run)
+    attribute_model = getattr(detector, "attribute_model", None)
     metrics = {**state.best_metrics, "best_step": state.best_step, "steps": state.step, "stopped": state.stopped,
                "train_frames": len(run.train_items), "val_frames": len(run.val_items),
-               **({"review": review} if review else {})}
+               **({"review": review} if review else {}),
+               **({"attributes": _attribute_review(attribute_model, sample, detector.manifest, run.labels)}
+                  if attribute_model is not None else {})}
     result = TrainingResult(name, None, None, metrics, state.step, state.stopped, run.output,
                             report=_report(detector, run, name, sample))
     if store is not None:
@@ -354,6 +360,35 @@ def claim_directory(output: Path, identity: dict[str, Any]) -> tuple[str | None,
         return None, (f"{output} holds another run (different {', '.join(changed)}): train into another directory, "
                       "or start this one over")
     return run_id, None
+
+
+def with_attributes(detector: Any, run: RunRecord) -> Any:
+    """The detector whose detections carry the attributes its labels' shapes taught (``training.attributes``:
+    a crop classifier trained on the run's frames, seeded by its seed), or the detector itself when no label has a
+    learnable attribute with a value on the training frames (and for a classifier, whose tags have none)."""
+    learned = any(spec.input_type in LEARNED_ATTRIBUTE_TYPES for label in run.labels for spec in label.attributes)
+    if getattr(detector, "output", None) == TAG or not learned:
+        return detector  # and torch is not imported for it
+    from preannotate.models.attributes import AttributedDetector
+    from preannotate.training.attributes import train_attribute_model
+
+    model = train_attribute_model(run.labels, run.train_items, run.val_items, seed=run.hp.recipe.seed)
+    return detector if model is None else AttributedDetector(detector, model)
+
+
+def _attribute_review(attribute_model: Any, sample: tuple[list[Any], list[list[Shape]]] | None, manifest: Manifest,
+                      labels: Sequence[Label]) -> dict[str, Any]:
+    """Each learned attribute's validation figures (on true boxes), with the reviewer's attribute edits on the
+    detections matched to true objects at the served thresholds (``edits.attribute_edits``: ``review``)."""
+    metrics = attribute_model.metrics
+    if sample is None or not sample[0]:
+        return metrics
+    names: dict[str, list[str]] = {}
+    for head in attribute_model.heads:
+        names.setdefault(head.label, []).append(head.name)
+    review = edits.attribute_edits([frame.shapes for frame, _ in sample[0]], sample[1], labels, names,
+                                   manifest.threshold_of)
+    return {key: {**figures, "review": review[key]} for key, figures in metrics.items()}
 
 
 def _familiar(detector: Any, train_items: Sequence[Any]) -> Any:

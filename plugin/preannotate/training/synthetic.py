@@ -48,7 +48,16 @@ from PIL import Image, ImageDraw
 
 from preannotate.formats import masks
 from preannotate.frames import InMemoryFrames
-from preannotate.shapes import AnnotationSet, FrameAnnotations, Label, Shape, Track, ellipse_polygon, rectangle_corners
+from preannotate.shapes import (
+    AnnotationSet,
+    AttributeSpec,
+    FrameAnnotations,
+    Label,
+    Shape,
+    Track,
+    ellipse_polygon,
+    rectangle_corners,
+)
 
 LABELS = (Label("box", "rectangle", id=1), Label("disc", "ellipse", id=2), Label("triangle", "polygon", id=3),
           Label("blob", "mask", id=4))
@@ -422,3 +431,70 @@ def _truth_keyframes(shapes: list[Shape], num_frames: int) -> list[Shape]:
             keyframes.append(Shape(shape.label, shape.type, list(shape.points), frame=gone, rotation=shape.rotation,
                                    z_order=shape.z_order, track_id=shape.track_id, outside=True))
     return keyframes
+
+
+# ----------------------------------------------------------------------------------------------------- attributes
+
+ATTRIBUTE_COLOURS = {"red": (215, 45, 40), "green": (35, 170, 60), "blue": (40, 85, 225)}
+ATTRIBUTE_SIZES = {"small": (0.14, 0.22), "large": (0.40, 0.52)}  # diameter, as a share of the frame's shorter side
+ATTRIBUTE_SPECS = (
+    AttributeSpec("colour", "select", tuple(ATTRIBUTE_COLOURS), default_value="red"),
+    AttributeSpec("striped", "checkbox", ("false",), default_value="false"),
+    AttributeSpec("size", "radio", tuple(ATTRIBUTE_SIZES), default_value="small"),
+    AttributeSpec("note", "text", ()),  # a person's words: never learned, never filled
+)
+ATTRIBUTE_LABELS = (Label("box", "rectangle", ATTRIBUTE_SPECS, id=1), Label("disc", "ellipse", ATTRIBUTE_SPECS, id=2))
+
+
+def generate_attributed(num_frames: int = 60, width: int = 160, height: int = 120, seed: int = 0,
+                        objects: tuple[int, int] = (1, 3), image_format: str = "JPEG",
+                        colour_jitter: int = 25, stripe_shade: float = 0.35) -> SyntheticTask:
+    """Frames of boxes and discs whose attributes are what they look like (``ATTRIBUTE_LABELS``): ``colour`` (a
+    select: red, green or blue), ``striped`` (a checkbox: dark bands across it), ``size`` (a radio: small or large,
+    by the share of the frame it takes), each drawn at random, and ``note`` (a text: never set, as nothing in the
+    picture tells it). Stripes darken the colour to ``stripe_shade`` of it (a shade near 1 is hard to see); colours
+    vary by ``colour_jitter`` per channel. Everything else is as ``generate`` draws it; a function of ``seed``."""
+    frames, files = {}, {}
+    extension = "png" if image_format.upper() == "PNG" else "jpg"
+    side = min(width, height)
+    for number in range(num_frames):
+        rng = np.random.default_rng([seed, number, 23])
+        canvas = _background(rng, width, height)
+        placed: list[tuple[Shape, np.ndarray, tuple[float, float, float, float]]] = []
+        for _ in range(int(rng.integers(objects[0], objects[1] + 1))):
+            label = ATTRIBUTE_LABELS[int(rng.integers(len(ATTRIBUTE_LABELS)))]
+            colour, size = (str(rng.choice(list(ATTRIBUTE_COLOURS))), str(rng.choice(list(ATTRIBUTE_SIZES))))
+            striped = bool(rng.random() < 0.5)
+            for _ in range(30):  # a place that overlaps the objects already there by at most a fifth
+                radius = side * rng.uniform(*ATTRIBUTE_SIZES[size]) / 2
+                cx, cy = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
+                polygon, shape = _outline(rng, label, cx, cy, radius)
+                box = (min(polygon[0::2]), min(polygon[1::2]), max(polygon[0::2]), max(polygon[1::2]))
+                if all(_overlap(box, other) <= 1 / 5 for _, _, other in placed):
+                    break
+            else:
+                continue
+            bitmap = masks.polygon_to_bitmap([polygon], width, height)
+            paint = np.clip(np.array(ATTRIBUTE_COLOURS[colour]) + rng.integers(-colour_jitter, colour_jitter + 1, 3),
+                            0, 255).astype(np.float32)
+            pixels = np.broadcast_to(paint, (height, width, 3)).copy()
+            if striped:  # dark bands, 3 of every 7 pixels, at any angle
+                angle = rng.uniform(0, math.pi)
+                y, x = np.mgrid[0:height, 0:width]
+                bands = ((x * math.cos(angle) + y * math.sin(angle)) % 7) < 3
+                pixels[bands] *= stripe_shade
+            canvas[bitmap] = np.clip(pixels[bitmap] + rng.normal(0, 8, size=(int(bitmap.sum()), 1)), 0,
+                                     255).astype(np.uint8)
+            shape.attributes = {"colour": colour, "striped": "true" if striped else "false", "size": size}
+            shape.frame = number
+            for below, below_bitmap, _ in placed:
+                if (below_bitmap & bitmap).any():
+                    below.occluded = True
+                    below_bitmap &= ~bitmap
+            placed.append((shape, bitmap, box))
+        frames[number] = FrameAnnotations(number, width, height, name=f"frame_{number:06d}.{extension}",
+                                          shapes=[shape for shape, _, _ in placed])
+        buffer = io.BytesIO()
+        Image.fromarray(canvas).save(buffer, format=image_format, **({"quality": 92} if extension == "jpg" else {}))
+        files[number] = buffer.getvalue()
+    return SyntheticTask(AnnotationSet(frames=frames, labels=list(ATTRIBUTE_LABELS)), InMemoryFrames(files))
