@@ -19,6 +19,7 @@ from preannotate.shapes import Label
 # by whoever updates the spec, so that the function can tell which of its labels CVAT would drop.
 FUNCTION_LABELS_ENV = "PREANNOTATE_FUNCTION_LABELS"
 _COMPATIBLE = ({"mask", "polygon"},)
+FITTED_TYPES = ("rectangle", "ellipse")  # label types a mask model serves by fitting its masks
 
 
 def compatible(spec_type: str, task_type: str) -> bool:
@@ -28,20 +29,40 @@ def compatible(spec_type: str, task_type: str) -> bool:
             or any({spec_type, task_type} <= group for group in _COMPATIBLE))
 
 
-def spec_labels(labels: Iterable[Label], output: str) -> tuple[list[Label], list[Label]]:
+def spec_labels(labels: Iterable[Label], output: str, outlines: Mapping[str, str] | None = None
+                ) -> tuple[list[Label], list[Label]]:
     """``labels`` (a model's, a project's; by name, first wins) typed as a model returning ``output`` shapes
     (``rectangle`` or ``mask``) returns them, and the labels such a model can never fill (a ``points`` or a ``tag``
-    label for a box model) — those are reported, not listed: CVAT would map them and get nothing."""
+    label for a box model) — those are reported, not listed: CVAT would map them and get nothing.
+
+    A mask model fits its masks to rectangle and ellipse labels (``shapes.served_outline``), so it lists those as
+    ``rectangle`` and ``ellipse``; an ``any`` label as ``outlines`` (a manifest's, label → outline) says it is
+    served, else as ``mask``. A box model returns upright rectangles only: an ellipse label is one it cannot fill."""
+    outlines = outlines or {}
     listed: dict[str, Label] = {}
     impossible: list[Label] = []
     for label in labels:
         if label.name in listed or any(label.name == other.name for other in impossible):
             continue
-        if compatible(output, label.type):
-            listed[label.name] = Label(label.name, output, label.attributes, label.id)
+        served = output
+        if output == "mask":
+            fitted = label.type if label.type in FITTED_TYPES else outlines.get(label.name, "mask")
+            served = "rectangle" if fitted == "rotated-rectangle" else fitted
+        if compatible(served, label.type):
+            listed[label.name] = Label(label.name, served, label.attributes, label.id)
         else:
             impossible.append(label)
     return list(listed.values()), impossible
+
+
+def cannot_fill(label: Label) -> str:
+    """Why ``spec_labels`` left ``label`` out, in one sentence for the operator (only a box model leaves an ellipse
+    label out)."""
+    if label.type == "ellipse":
+        return (f"{label.name} ({label.type}): a box model returns upright rectangles, not ellipses; a mask model "
+                "(maskrcnn_resnet50_fpn, or custom with head=mask-rcnn) fills ellipse and rotated-rectangle labels")
+    return (f"{label.name} ({label.type}): the model cannot return {label.type} shapes, so CVAT could map nothing "
+            "to it")
 
 
 def spec_text(labels: Sequence[Label]) -> str:

@@ -57,10 +57,13 @@ class Architecture:
 
     @property
     def label_types(self) -> tuple[str, ...]:
-        """The CVAT label types this model's output fills: boxes fill rectangle labels; instance masks fill mask
-        and polygon labels (CVAT's lambda manager turns a mask into a polygon for a polygon label); a classifier's
-        tags fill tag labels."""
-        return {"rectangle": ("rectangle", "any"), "tag": ("tag", "any")}.get(self.output, ("mask", "polygon", "any"))
+        """The CVAT label types this model's output fills: boxes fill rectangle labels, upright only (a rotated
+        rectangle is served as the upright box around it, an ellipse label not at all); instance masks fill mask
+        and polygon labels (CVAT's lambda manager turns a mask into a polygon for a polygon label) and rectangle and
+        ellipse labels, each mask fitted to its label's shape, rotated rectangles included
+        (``formats.masks.fit_outline``); a classifier's tags fill tag labels."""
+        return {"rectangle": ("rectangle", "any"), "tag": ("tag", "any")}.get(
+            self.output, ("mask", "polygon", "rectangle", "ellipse", "any"))
 
     @property
     def function_name(self) -> str:

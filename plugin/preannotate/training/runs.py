@@ -36,7 +36,7 @@ from preannotate.models import (
     publish_detector,
 )
 from preannotate.models.artifact import library_versions
-from preannotate.shapes import TAG, Label, Shape
+from preannotate.shapes import TAG, Label, Shape, served_outlines
 from preannotate.training import edits
 from preannotate.training.evaluation import headline, sample_detections, summary
 from preannotate.training.logs import EventWriter, MetricsLog
@@ -297,6 +297,8 @@ def publish_run(detector: Any, state: TrainState, run: RunRecord, store: ModelSt
     unless this run published before it was killed; whether it is served is ``promote``'s answer. Each label is
     served at the threshold that needs the fewest review edits on the validation frames (``set_served_thresholds``).
     The run's pictures and ``result.json`` are written beside its checkpoints."""
+    if getattr(detector, "output", None) == "mask":  # each label served in the shape people drew it in
+        detector.manifest.outlines = served_outlines(run.labels, [frame for frame, _ in run.train_items])
     sample = _validation_sample(detector, run)
     review = set_served_thresholds(detector, sample, run)
     metrics = {**state.best_metrics, "best_step": state.best_step, "steps": state.step, "stopped": state.stopped,
