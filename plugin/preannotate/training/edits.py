@@ -19,8 +19,9 @@ criterion: with ``N`` true objects, edits without moves are ``FP + N - TP`` whil
 
 A prediction of the wrong label is counted as a delete and an add (per label, as COCO does): CVAT lets a reviewer
 change a label in one action, so on frames where that happens the count is an upper bound; the confusion matrix
-(``confusion``) shows how often it does. IoU is that of the shapes' bounding boxes, whatever their type (a polygon
-or a mask is judged by its box, as the box mAP is).
+(``confusion``) shows how often it does. IoU is that of the shapes' bounding boxes (a polygon or a mask is judged by
+its box, as the box mAP is), except where either shape is a rotated rectangle or an ellipse: their box holds corners
+they do not have, so those are judged by their outlines (``formats.masks.shape_iou``).
 
 Matching is greedy by score, so a prediction's match depends only on the predictions more confident than itself:
 the matching made once with every prediction holds for every threshold, and ``EditCurve`` reads the edits at any
@@ -44,7 +45,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from preannotate.shapes import TAG, Label, Shape, box_iou
+from preannotate.formats.masks import shape_iou
+from preannotate.shapes import TAG, Label, Shape, box_iou, is_turned
 
 MATCH_IOU = 0.5   # a prediction and a true object are the same object from this box IoU on (COCO's AP@.5)
 MOVE_IOU = 0.75   # a match below this IoU is a box the reviewer drags into place (COCO's strict AP@.75)
@@ -90,13 +92,27 @@ def score_of(shape: Shape) -> float:
     return 1.0 if shape.score is None else float(shape.score)
 
 
+def overlap(predicted: Sequence[Shape], truth: Sequence[Shape]) -> np.ndarray:
+    """``len(predicted) × len(truth)`` IoU: of the boxes, or of the outlines where either shape is turned (a rotated
+    rectangle or an ellipse; see the module doc). Outlines whose boxes do not meet do not meet either."""
+    overlaps = box_iou(boxes(predicted), boxes(truth))
+    for row, column in zip(*np.nonzero(overlaps), strict=True):
+        if _turned(predicted[row]) or _turned(truth[column]):
+            overlaps[row, column] = shape_iou(predicted[row], truth[column])
+    return overlaps
+
+
+def _turned(shape: Shape) -> bool:
+    return shape.type == "ellipse" or is_turned(shape)
+
+
 def greedy_match(truth: Sequence[Shape], predicted: Sequence[Shape], min_iou: float = MATCH_IOU
                  ) -> list[tuple[int, int | None, float]]:
     """``(prediction index, true index or None, IoU)`` for each prediction, most confident first (ties in the given
     order, as COCO's stable sort keeps them): each takes the unmatched true object it overlaps most, at ``min_iou``
     or more."""
     order = sorted(range(len(predicted)), key=lambda i: -score_of(predicted[i]))
-    overlaps = box_iou(boxes([predicted[i] for i in order]), boxes(truth)) if truth and predicted else None
+    overlaps = overlap([predicted[i] for i in order], truth) if truth and predicted else None
     taken = np.zeros(len(truth), bool)
     matches = []
     for row, index in enumerate(order):

@@ -297,8 +297,13 @@ def publish_run(detector: Any, state: TrainState, run: RunRecord, store: ModelSt
     unless this run published before it was killed; whether it is served is ``promote``'s answer. Each label is
     served at the threshold that needs the fewest review edits on the validation frames (``set_served_thresholds``).
     The run's pictures and ``result.json`` are written beside its checkpoints."""
+    outlines = served_outlines(run.labels, [frame for frame, _ in run.train_items])
     if getattr(detector, "output", None) == "mask":  # each label served in the shape people drew it in
-        detector.manifest.outlines = served_outlines(run.labels, [frame for frame, _ in run.train_items])
+        detector.manifest.outlines = outlines
+    elif turned := [name for name, outline in outlines.items() if outline in ("rotated-rectangle", "ellipse")]:
+        log.warning("%s: drawn as rotated rectangles or ellipses, served as the upright boxes around them (a box "
+                    "model cannot turn a box); a mask model (maskrcnn_resnet50_fpn, or custom with head=mask-rcnn) "
+                    "serves them in their own type", ", ".join(turned))
     sample = _validation_sample(detector, run)
     review = set_served_thresholds(detector, sample, run)
     metrics = {**state.best_metrics, "best_step": state.best_step, "steps": state.step, "stopped": state.stopped,
