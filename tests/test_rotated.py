@@ -187,6 +187,9 @@ def test_exports_keep_the_turned_outline():
     dataset = coco.to_coco([(FrameAnnotations(0, WIDTH, HEIGHT, shapes=[rectangle, ellipse]), "f.jpg")],
                            [Label("plate", "rectangle"), Label("cell", "ellipse")])
     assert [a["attributes"]["rotation"] for a in dataset["annotations"]] == [30, 20]
+    _, [(frame, _)] = coco.from_coco(dataset)  # the importer gives the rotated rectangle back
+    back = frame.shapes[0]
+    assert (back.type, back.rotation) == ("rectangle", 30) and np.allclose(back.points, rectangle.points, atol=1e-3)
 
 
 def test_the_tfrecord_keeps_the_upright_box_and_the_turned_mask():
