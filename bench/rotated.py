@@ -15,6 +15,7 @@ Writes the "Rotated boxes and ellipses (issue 23)" section of bench/RESULTS.md (
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(train_items)} training, {len(val_items)} validation and {len(test_items)} held-out 160×120 frames of "
         "`generate_turned` (long boxes and discs at any angle, look-alike distractors); the model designer's small "
         f"Mask R-CNN (`{MODEL}`) from random init, {args.steps} steps of {args.batch} frames: "
-        f"{trained / 60:.1f} min of training. Published, it serves {', '.join(f'{n} as {t}' for n, t in kinds)} "
+        f"{trained / 60:.1f} min for the whole run (training, 2 validations, publishing; load average "
+        f"{os.getloadavg()[0]:.1f} at the end). Published, it serves {', '.join(f'{n} as {t}' for n, t in kinds)} "
         f"(the manifest's outlines: {detector.manifest.outlines}).", "",
         "Held-out mAP@.5, IoU of the outlines (COCO segm: the rotated rectangles and ellipses themselves):", "",
         "| served as | mAP@.5 | mAP@[.5:.95] | AP@.5 box / disc |",

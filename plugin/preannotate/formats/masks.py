@@ -23,7 +23,7 @@ import numpy as np
 from cvat_sdk.masks import decode_mask, encode_mask
 from pycocotools import mask as coco_mask
 
-from preannotate.shapes import Shape, box_iou
+from preannotate.shapes import OUTLINES, Shape, box_iou
 
 
 def bitmap_to_cvat_rle(bitmap: np.ndarray) -> list[float]:
@@ -252,7 +252,7 @@ def fit_outline(bitmap: np.ndarray, outline: str) -> tuple[str, list[float], flo
             (cx, cy), (width, height), angle = cv2.fitEllipse(xy)
         width, height, angle = _smaller_turn(width, height, angle)
         return "ellipse", [cx, cy, cx + width / 2, cy - height / 2], angle
-    raise ValueError(f"outline {outline!r} is not one of rectangle, rotated-rectangle, ellipse, mask")
+    raise ValueError(f"outline {outline!r} is not one of {', '.join(OUTLINES)}")
 
 
 def _smaller_turn(width: float, height: float, angle: float) -> tuple[float, float, float]:
