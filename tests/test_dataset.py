@@ -164,9 +164,10 @@ def test_coco_round_trip(tmp_path):
         assert path.read_bytes() == images.files[original.frame]
         assert (frame.width, frame.height, frame.name) == (original.width, original.height, original.name)
     first, second = read[0][0].shapes, read[1][0].shapes
-    assert [(s.label, s.type) for s in first] == [("car", "rectangle"), ("car", "polygon"), ("person", "polygon")]
+    assert [(s.label, s.type) for s in first] == [("car", "rectangle"), ("car", "rectangle"), ("person", "polygon")]
     assert first[0].points == [10.5, 8.25, 40, 28] and first[0].attributes == {"color": "red"}
-    assert np.allclose(first[1].points, frames[0].shapes[1].polygon(), atol=1e-3)  # the rotated rectangle
+    rotated = frames[0].shapes[1]  # written as its corners with its rotation, read back as the rotated rectangle
+    assert np.allclose(first[1].points, rotated.points, atol=1e-3) and first[1].rotation == rotated.rotation
     assert first[2].points == frames[0].shapes[2].points
     assert [(s.label, s.type) for s in second] == [("road", "mask"), ("sign", "mask"), ("car", "rectangle")]
     assert np.array_equal(masks.cvat_rle_to_bitmap(second[0].points, 80, 60), road_bitmap())

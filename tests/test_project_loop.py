@@ -64,13 +64,14 @@ def test_deploy_for_a_project_before_any_training_lists_the_project_labels(cvat_
     nuctl = shlex.split(lines[-1])
     assert nuctl[:2] == ["nuctl", "deploy"] and nuctl[nuctl.index("--path") + 1] == str(out)
 
-    # a mask model takes the polygon and mask labels (CVAT maps mask to polygon), not the rectangle one
+    # a mask model takes the polygon and mask labels (CVAT maps mask to polygon), and the rectangle one: it serves
+    # each mask fitted to the label's shape (a rectangle, rotated where people rotate them; issue 23)
     code, lines, err = _deploy(capsys, "--model", "streets", "--train-project", "6", "--arch", "maskrcnn_resnet50_fpn",
                                "--store", str(store), "--out", str(out), "--dry-run")
     assert code == 0, err
     spec = json.loads(yaml.safe_load((out / "function.yaml").read_text())["metadata"]["annotations"]["spec"])
-    assert [(label["name"], label["type"]) for label in spec] == [("person", "mask"), ("road", "mask"),
-                                                                   ("sign", "mask")]
+    assert [(label["name"], label["type"]) for label in spec] == [("car", "rectangle"), ("person", "mask"),
+                                                                   ("road", "mask"), ("sign", "mask")]
 
     # the TensorFlow default, for the users of the TF OD API: a tf- function on the TensorFlow base image
     code, lines, err = _deploy(capsys, "--model", "streets-tf", "--train-project", "6", "--arch",

@@ -220,9 +220,12 @@ def test_mask_rcnn_learns_from_polygons_masks_and_ellipses(tmp_path):
     detector = load_detector(result.path, device="cpu")
     assert [(label.name, label.type) for label in detector.manifest.labels] == [
         ("disc", "ellipse"), ("triangle", "polygon"), ("blob", "mask")]
+    assert detector.manifest.outlines == {"disc": "ellipse"}  # served as people drew it: its masks fitted
     frame, images = val_items[0]
     (_, image), = images.decoded([frame.frame])
-    assert all(shape.type == "mask" for shape in detector.detect([image], threshold=0.0)[0])
+    served = {(shape.label, shape.type) for shape in detector.detect([image], threshold=0.0)[0]}
+    # (three steps may find nothing; test_rotated.py serves every type from a mask model's output)
+    assert served <= {("disc", "ellipse"), ("triangle", "mask"), ("blob", "mask")}
 
 
 def test_fine_tuning_a_previous_version_on_a_changed_label_set_keeps_the_backbone(tmp_path):

@@ -276,16 +276,19 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{architecture}: {fetch_weights(architecture)}")
         return 0
     if args.models_command == "architectures":
-        rows = [{"name": a.name, "output": a.output, "pretrained": a.pretrained_kind, "image_size": a.image_size,
-                 "description": a.description,
+        rows = [{"name": a.name, "output": a.output, "fills": list(a.label_types), "pretrained": a.pretrained_kind,
+                 "image_size": a.image_size, "description": a.description,
                  "attributes": [] if a.output == "tag" else list(LEARNED_ATTRIBUTE_TYPES)}
                 for a in ARCHITECTURES.values()]
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
-            _table([("ARCHITECTURE", "OUTPUT", "DESCRIPTION")]
-                   + [(row["name"], row["output"], row["description"]) for row in rows])
-            print("\nEvery detector also learns its labels' select, radio and checkbox attributes (a classifier on "
+            _table([("ARCHITECTURE", "OUTPUT", "FILLS", "DESCRIPTION")]
+                   + [(row["name"], row["output"], ",".join(row["fills"]), row["description"]) for row in rows])
+            print("FILLS: the CVAT label types it fills. Boxes are upright: a rotated rectangle is served as the box "
+                  "around it and an ellipse label not at all; a mask model serves both in their own type (custom: "
+                  "with head=mask-rcnn)")
+            print("Every detector also learns its labels' select, radio and checkbox attributes (a classifier on "
                   "each object's crop, published with it); number and text attributes are left to people.")
         return 0
     if args.models_command == "list":

@@ -73,7 +73,8 @@ def render_model_function(store: ModelStore, reference: str, out: Path, cron: st
         manifest = None
     default = parsed.architecture or DEFAULT_ARCHITECTURE
     arch = get_architecture(architecture or (manifest.architecture if manifest else default))
-    labels, impossible = lambda_spec.spec_labels(manifest.labels if manifest else first_labels, arch.output)
+    labels, impossible = lambda_spec.spec_labels(manifest.labels if manifest else first_labels, arch.output,
+                                                 manifest.outlines if manifest else None)
     if kind != "detector" and arch.output == "tag":
         raise DeployError(f"{arch.name} is a classifier: it finds no boxes, so it has nothing to follow as a {kind}")
     if not labels:
@@ -256,8 +257,7 @@ def deploy_model(model: str, *, store: str | os.PathLike | None = None, train_pr
         print(f"# {parsed.name} has no version yet: the function serves {parsed.name}'s pretrained weights until "
               "one is trained under that name", file=out)
     for label in impossible if kind == "detector" else ():  # a tracker's or reid's spec is empty: no label is left
-        print(f"# left out of the spec: {label.name} ({label.type}): the model cannot return {label.type} shapes, "
-              "so CVAT could map nothing to it", file=out)
+        print(f"# left out of the spec: {lambda_spec.cannot_fill(label)}", file=out)
     commands = nuctl_commands(directory, gpu, environ, platform=platform, namespace=namespace, registry=registry,
                               base_image=base_image)
     run_commands(commands, dry_run, out, NUCTL_HINT)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from xml.sax.saxutils import quoteattr
@@ -322,6 +322,55 @@ def ellipse_polygon(points: list[float], rotation: float = 0.0, segments: int = 
         dx, dy = rx * math.cos(t), ry * math.sin(t)
         out += [cx + dx * cos - dy * sin, cy + dx * sin + dy * cos]
     return out
+
+
+# What a mask model serves a label as (``served_outline``): its masks, or each mask fitted to the label's own shape.
+OUTLINES = ("mask", "rectangle", "rotated-rectangle", "ellipse")
+
+
+def is_turned(shape: Shape) -> bool:
+    """A rectangle whose rotation is no multiple of 90° (within half a degree): turned a quarter or a half, a box is
+    still upright."""
+    return shape.type == "rectangle" and abs((float(shape.rotation) + 45) % 90 - 45) > 0.5
+
+
+def served_outline(label: Label, shapes: Iterable[Shape]) -> str:
+    """What a mask model serves ``label`` as (one of ``OUTLINES``), from its CVAT type and the shapes people made of
+    it (``shapes``: any, those of other labels are passed over) — the one rule:
+
+    * an ``ellipse`` label: ``ellipse``;
+    * a ``rectangle`` label: ``rotated-rectangle`` when more of its rectangles are turned (``is_turned``) than
+      upright, else ``rectangle``;
+    * an ``any`` label: what most of its shapes are (ellipse, turned rectangle, upright rectangle, or mask for
+      polygons and masks), ``mask`` on a tie or with none;
+    * any other label (``polygon``, ``mask``): ``mask``.
+
+    A box model serves every label as upright rectangles, whatever this says (``models.registry``)."""
+    kinds = Counter(_outline_kind(shape) for shape in shapes if shape.label == label.name)
+    kinds.pop(None, None)
+    if label.type == "ellipse":
+        return "ellipse"
+    if label.type == "rectangle":
+        return "rotated-rectangle" if kinds["rotated-rectangle"] > kinds["rectangle"] else "rectangle"
+    if label.type == "any" and kinds:
+        (first, count), *rest = kinds.most_common(2)
+        return first if not rest or rest[0][1] < count else "mask"
+    return "mask"
+
+
+def served_outlines(labels: Iterable[Label], frames: Iterable[FrameAnnotations]) -> dict[str, str]:
+    """``served_outline`` of each label over the shapes of ``frames``, for the labels not served as masks (what a
+    mask model's manifest records: ``Manifest.outlines``)."""
+    shapes = [shape for frame in frames for shape in frame.shapes]
+    return {label.name: outline for label in labels if (outline := served_outline(label, shapes)) != "mask"}
+
+
+def _outline_kind(shape: Shape) -> str | None:
+    if shape.type == "ellipse":
+        return "ellipse"
+    if shape.type == "rectangle":
+        return "rotated-rectangle" if is_turned(shape) else "rectangle"
+    return "mask" if shape.type in ("polygon", "mask") else None
 
 
 @dataclass

@@ -34,7 +34,6 @@ object leaves or is lost, and keyframes only where CVAT's own interpolation woul
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -247,31 +246,9 @@ def _stored(shape: Shape) -> dict:
 
 
 def iou(a: Shape, b: Shape) -> float:
-    """Intersection over union of two shapes: boxes exactly, anything else (rotated boxes, ellipses, polygons,
-    masks) by the pixels it covers; 0 for shapes of different types."""
-    if a.type != b.type:
-        return 0.0
-    if a.type == "rectangle" and not a.rotation % 360 and not b.rotation % 360:
-        return float(box_iou(a.bbox(), b.bbox())[0, 0])
-    box_a, box_b = a.bbox(), b.bbox()
-    left, top = math.floor(min(box_a[0], box_b[0])), math.floor(min(box_a[1], box_b[1]))
-    width = math.ceil(max(box_a[2], box_b[2])) - left + 1
-    height = math.ceil(max(box_a[3], box_b[3])) - top + 1
-    pixels_a, pixels_b = _pixels(a, left, top, width, height), _pixels(b, left, top, width, height)
-    union = np.logical_or(pixels_a, pixels_b).sum()
-    return float(np.logical_and(pixels_a, pixels_b).sum() / union) if union else 0.0
-
-
-def _pixels(shape: Shape, left: int, top: int, width: int, height: int) -> np.ndarray:
-    """The shape's pixels in the window of ``width × height`` at ``left, top``."""
-    if shape.type == "mask":
-        bitmap, (x1, y1, x2, y2) = masks.cvat_rle_box(shape.points)
-        window = np.zeros((height, width), dtype=bool)
-        window[y1 - top:y2 - top + 1, x1 - left:x2 - left + 1] = bitmap
-        return window
-    outline = shape.polygon()
-    shifted = [v - (left if i % 2 == 0 else top) for i, v in enumerate(outline)]
-    return masks.polygon_to_bitmap([shifted], width, height)
+    """Intersection over union of two keyframes: ``formats.masks.shape_iou`` (boxes exactly, anything else by its
+    pixels); 0 for shapes of different types (CVAT interpolates one type)."""
+    return masks.shape_iou(a, b) if a.type == b.type else 0.0
 
 
 __all__ = ["DUPLICATE_IOU", "KEYFRAME_IOU", "SMOOTH_FRAMES", "ByteTrackLinker", "Linker", "distinct", "follow", "iou",

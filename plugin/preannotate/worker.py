@@ -231,7 +231,7 @@ def sync_function_spec(store_root: Path, name: str, env: dict[str, str],
     output = architecture_of(manifest).output
     # The spec keeps what CVAT maps now (the project's labels not learned yet stay listed) and gains the new ones.
     kept = [Label(label, output) for label in deployed]
-    labels, _ = lambda_spec.spec_labels([*manifest.labels, *kept], output)
+    labels, _ = lambda_spec.spec_labels([*manifest.labels, *kept], output, manifest.outlines)
     function = function_name_from_environment(env)
     try:
         dashboard = NuclioDashboard.from_environment(env)

@@ -38,7 +38,9 @@ def compatible(spec_type: str, task_type: str) -> bool:
 # and a points label's point (learned as a skeleton of one keypoint, ``shapes.as_skeleton``) as a points shape.
 FILLS: dict[str, tuple[str, ...]] = {
     "rectangle": ("rectangle",),
-    "mask": ("mask",),           # and polygons: CVAT turns a mask into one for a polygon label
+    # and polygons: CVAT turns a mask into one for a polygon label; rectangles (rotated too) and ellipses: its masks
+    # fitted to the label's outline (``formats.masks.fit_outline``)
+    "mask": ("mask", "rectangle", "ellipse"),
     "tag": ("tag",),
     "skeleton": ("skeleton", "points"),
 }
@@ -59,19 +61,29 @@ def label_types(output: str) -> tuple[str, ...]:
     return (*types, *sorted(mapped, key=lambda t: t == "any"))  # any last
 
 
-def spec_labels(labels: Iterable[Label], output: str) -> tuple[list[Label], list[Label]]:
+def spec_labels(labels: Iterable[Label], output: str, outlines: Mapping[str, str] | None = None
+                ) -> tuple[list[Label], list[Label]]:
     """``labels`` (a model's, a project's; by name, first wins) typed as a model of ``output`` (``fills``) returns
     them — its own type where the model returns that type (a skeleton with its sublabels and svg), else the model's
     main type where CVAT maps it — and the labels such a model can never fill (a ``points`` or a ``tag`` label for a
     box model, any label but a skeleton or a points one for a keypoint model, a skeleton whose parts are not known)
-    — those are reported, not listed: CVAT would map them and get nothing."""
+    — those are reported, not listed: CVAT would map them and get nothing.
+
+    A mask model fits its masks to rectangle and ellipse labels (``shapes.served_outline``), so it lists those as
+    ``rectangle`` and ``ellipse``; an ``any`` label as ``outlines`` (a manifest's, label → outline) says it is
+    served, else as ``mask``. A box model returns upright rectangles only: an ellipse label is one it cannot fill."""
     types = fills(output)
+    outlines = outlines or {}
     listed: dict[str, Label] = {}
     impossible: list[Label] = []
     for label in labels:
         if label.name in listed or any(label.name == other.name for other in impossible):
             continue
-        kind = label.type if label.type in types else types[0] if compatible(types[0], label.type) else None
+        main = types[0]
+        if output == "mask":  # an `any` label: its masks fitted to the outline people drew it in
+            fitted = outlines.get(label.name, "mask")
+            main = "rectangle" if fitted == "rotated-rectangle" else fitted
+        kind = label.type if label.type in types else main if compatible(main, label.type) else None
         if kind is None or (kind == "skeleton" and not label.sublabels):  # no part to map: every keypoint dropped
             impossible.append(label)
         elif kind == "skeleton":
@@ -81,6 +93,16 @@ def spec_labels(labels: Iterable[Label], output: str) -> tuple[list[Label], list
         else:
             listed[label.name] = Label(label.name, kind, label.attributes, label.id)
     return list(listed.values()), impossible
+
+
+def cannot_fill(label: Label) -> str:
+    """Why ``spec_labels`` left ``label`` out, in one sentence for the operator (only a box model leaves an ellipse
+    label out)."""
+    if label.type == "ellipse":
+        return (f"{label.name} ({label.type}): a box model returns upright rectangles, not ellipses; a mask model "
+                "(maskrcnn_resnet50_fpn, or custom with head=mask-rcnn) fills ellipse and rotated-rectangle labels")
+    return (f"{label.name} ({label.type}): the model cannot return {label.type} shapes, so CVAT could map nothing "
+            "to it")
 
 
 def spec_text(labels: Sequence[Label]) -> str:

@@ -211,15 +211,16 @@ def category_label(category: dict[str, Any], label_id: int | None = None) -> Lab
 
 def annotation_to_shape(annotation: dict[str, Any], label: str, width: int, height: int, frame: int = 0,
                         source: str = "manual", keypoints: Sequence[str] = ()) -> Shape | None:
-    """A COCO annotation (ground truth or result) → a shape: a polygon, a mask (RLE) or a rectangle (bbox); with
-    ``keypoints`` (its category's names) and ``keypoints`` in it, a skeleton — or, for a category of one keypoint
+    """A COCO annotation (ground truth or result) → a shape: a polygon, a mask (RLE) or a rectangle (bbox); four
+    corners with a ``rotation`` attribute (a rotated rectangle as ``to_coco`` writes it) → that rotated rectangle;
+    with ``keypoints`` (its category's names) and ``keypoints`` in it, a skeleton — or, for a category of one keypoint
     named as itself, a points shape (None when that point is outside)."""
     segmentation = annotation.get("segmentation")
     attributes = dict(annotation.get("attributes") or {})
     common = {"label": label, "frame": frame, "score": annotation.get("score"), "source": source,
               "occluded": bool(attributes.pop("occluded", False)), "group": int(attributes.pop("group", 0) or 0),
               "track_id": attributes.pop("track_id", None)}
-    attributes.pop("rotation", None)
+    rotation = attributes.pop("rotation", None)
     attributes.pop("keyframe", None)
     common["attributes"] = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in attributes.items()}
     if keypoints and annotation.get("keypoints"):
@@ -235,12 +236,26 @@ def annotation_to_shape(annotation: dict[str, Any], label: str, width: int, heig
         bitmap = masks.coco_rle_to_bitmap(segmentation)
         return Shape(type="mask", points=masks.bitmap_to_cvat_rle(bitmap), **common)
     if isinstance(segmentation, list) and segmentation and len(segmentation[0]) >= 6:
+        if len(segmentation) == 1 and len(segmentation[0]) == 8 and rotation:  # our export of a rotated rectangle
+            points, turned = unrotated_rectangle(segmentation[0], float(rotation))
+            return Shape(type="rectangle", points=points, rotation=turned, **common)
         if len(segmentation) == 1:
             return Shape(type="polygon", points=[float(v) for v in segmentation[0]], **common)
         bitmap = masks.polygon_to_bitmap(segmentation, width, height)  # several parts: one mask instance
         return Shape(type="mask", points=masks.bitmap_to_cvat_rle(bitmap), **common)
     x, y, w, h = (float(v) for v in annotation["bbox"])
     return Shape(type="rectangle", points=[x, y, x + w, y + h], **common)
+
+
+def unrotated_rectangle(corners: Sequence[float], rotation: float) -> tuple[list[float], float]:
+    """The four corners of a rectangle turned ``rotation`` degrees (as ``Shape.polygon`` gives them, the way the
+    export writes a rotated rectangle) → CVAT's rectangle: the unrotated box about their centre, and the rotation."""
+    xy = np.asarray(corners, dtype=float).reshape(4, 2)
+    centre = xy.mean(axis=0)
+    angle = np.radians(rotation)
+    back = (xy - centre) @ np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    low, high = back.min(axis=0) + centre, back.max(axis=0) + centre
+    return [round(float(v), 3) for v in (*low, *high)], float(rotation) % 360
 
 
 def from_coco(dataset: dict[str, Any]) -> tuple[list[Label], list[tuple[FrameAnnotations, str]]]:

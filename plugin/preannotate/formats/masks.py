@@ -7,16 +7,23 @@
   inclusive box ``xtl, ytl, xbr, ybr``;
 * **COCO RLE**: column-major runs over the whole image (pycocotools), ``{"size": [h, w], "counts": ...}``;
 * **polygon**: a flat ``[x1, y1, ...]`` outline in pixel-edge coordinates (pixel ``i`` spans ``[i, i + 1)``).
+
+A mask model serves a label drawn as rotated rectangles or ellipses by fitting each predicted mask (``fit_outline``:
+OpenCV's ``minAreaRect`` and ``fitEllipse``, into CVAT's encodings), and any two shapes are compared by the pixels
+they cover (``shape_iou``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import cv2
 import numpy as np
 from cvat_sdk.masks import decode_mask, encode_mask
 from pycocotools import mask as coco_mask
+
+from preannotate.shapes import OUTLINES, Shape, box_iou
 
 
 def bitmap_to_cvat_rle(bitmap: np.ndarray) -> list[float]:
@@ -205,3 +212,85 @@ def _whole_numbers(values: Sequence[float]) -> np.ndarray:
         bad = next(v for v in values if not float(v).is_integer())
         raise ValueError(f"mask values must be whole numbers, got {bad!r}")
     return array.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------ fitted outlines and IoU
+
+def fit_outline(bitmap: np.ndarray, outline: str) -> tuple[str, list[float], float] | None:
+    """A predicted mask as the shape its label is served as (``shapes.served_outline``): ``(CVAT type, points,
+    rotation)``, or None when the mask is empty (or ``outline`` is ``mask``: it stays a mask).
+
+    * ``rectangle``: the mask's tight box, unrotated;
+    * ``rotated-rectangle``: the smallest rotated rectangle holding its largest region (``cv2.minAreaRect``), shrunk
+      about its centre to the mask's area where it is larger (a turned side's pixel staircase sticks out), as CVAT
+      encodes it: the unrotated box ``[xtl, ytl, xbr, ybr]`` about the same centre, and the clockwise rotation;
+    * ``ellipse``: the ellipse fitted to that region's outline (``cv2.fitEllipse``), as CVAT encodes it:
+      ``[cx, cy, cx + rx, cy - ry]`` and the clockwise rotation.
+
+    The outline OpenCV fits is the region's pixel-edge outline (``bitmap_to_polygon``), so a fitted shape covers the
+    pixels rather than runs through their centres. Of the equal encodings (a quarter turn with the sides swapped),
+    the rotation is the smaller turn, ``[0, 45]`` or ``(315, 360)``: a box that is nearly upright comes out nearly
+    unrotated, as a person would draw it."""
+    if outline == "mask":
+        return None
+    corners = bitmap_to_polygon(bitmap, tolerance=0)
+    if len(corners) < 6:
+        return None
+    xy = np.asarray(corners, dtype=np.float32).reshape(-1, 2)
+    if outline == "rectangle":
+        return "rectangle", [float(v) for v in (*xy.min(axis=0), *xy.max(axis=0))], 0.0
+    if outline == "rotated-rectangle":
+        (cx, cy), (width, height), angle = cv2.minAreaRect(xy)
+        # the pixel-edge staircase of a turned side sticks out up to half a pixel: scaled to the mask's area
+        shrink = min(1.0, math.sqrt(float(np.count_nonzero(bitmap)) / max(width * height, 1e-9)))
+        width, height, angle = _smaller_turn(width * shrink, height * shrink, angle)
+        return "rectangle", [cx - width / 2, cy - height / 2, cx + width / 2, cy + height / 2], angle
+    if outline == "ellipse":
+        if len(xy) < 5:  # fitEllipse needs five points: a region of a pixel or two is its rectangle's ellipse
+            (cx, cy), (width, height), angle = cv2.minAreaRect(xy)
+        else:
+            (cx, cy), (width, height), angle = cv2.fitEllipse(xy)
+        width, height, angle = _smaller_turn(width, height, angle)
+        return "ellipse", [cx, cy, cx + width / 2, cy - height / 2], angle
+    raise ValueError(f"outline {outline!r} is not one of {', '.join(OUTLINES)}")
+
+
+def _smaller_turn(width: float, height: float, angle: float) -> tuple[float, float, float]:
+    """OpenCV's rotated rectangle (the side ``width`` turned ``angle`` degrees clockwise on the image) as its equal
+    with the smaller turn: a quarter turn swaps the sides, a half turn changes nothing; rotation in ``[0, 360)``."""
+    angle = float(angle) % 180
+    if angle > 90:
+        angle -= 180
+    if angle > 45:
+        width, height, angle = height, width, angle - 90
+    elif angle <= -45:
+        width, height, angle = height, width, angle + 90
+    return float(width), float(height), round(angle, 2) % 360
+
+
+def shape_iou(a: Shape, b: Shape) -> float:
+    """Intersection over union of two shapes of any geometric type: two unrotated rectangles exactly, anything else
+    (rotated rectangles, ellipses, polygons, masks, or a pair of different types) by the pixels it covers."""
+    if a.type == b.type == "rectangle" and not a.rotation % 360 and not b.rotation % 360:
+        return float(box_iou(a.bbox(), b.bbox())[0, 0])
+    box_a, box_b = a.bbox(), b.bbox()
+    if float(box_iou(box_a, box_b)[0, 0]) == 0.0:  # shapes whose boxes do not meet do not meet
+        return 0.0
+    left, top = math.floor(min(box_a[0], box_b[0])), math.floor(min(box_a[1], box_b[1]))
+    width = math.ceil(max(box_a[2], box_b[2])) - left + 1
+    height = math.ceil(max(box_a[3], box_b[3])) - top + 1
+    pixels_a, pixels_b = _pixels(a, left, top, width, height), _pixels(b, left, top, width, height)
+    union = np.logical_or(pixels_a, pixels_b).sum()
+    return float(np.logical_and(pixels_a, pixels_b).sum() / union) if union else 0.0
+
+
+def _pixels(shape: Shape, left: int, top: int, width: int, height: int) -> np.ndarray:
+    """The shape's pixels in the window of ``width × height`` at ``left, top``."""
+    if shape.type == "mask":
+        bitmap, (x1, y1, x2, y2) = cvat_rle_box(shape.points)
+        window = np.zeros((height, width), dtype=bool)
+        window[y1 - top:y2 - top + 1, x1 - left:x2 - left + 1] = bitmap
+        return window
+    outline = shape.polygon()
+    shifted = [v - (left if i % 2 == 0 else top) for i, v in enumerate(outline)]
+    return polygon_to_bitmap([shifted], width, height)

@@ -28,7 +28,7 @@ from preannotate.models.registry import (
     get_architecture,
     hyperparameters_for,
 )
-from preannotate.shapes import Label, Shape, parse_label_list
+from preannotate.shapes import Label, Shape, parse_label_list, served_outlines
 from preannotate.suggest import did_you_mean
 
 __all__ = ["ARCHITECTURES", "DEFAULT_STORE", "Architecture", "Detector", "Manifest", "ModelFamily", "ModelNotFound",
@@ -105,6 +105,8 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
         hyperparameters=hp.to_dict(), score_threshold=hp.post.score_threshold,
         provenance={"init": init, **({"previous": str(previous)} if previous else {})},
         libraries=library_versions())
+    if arch.resolved(hp).output == "mask":  # by the labels' types until training sees their shapes (training.runs)
+        detector.manifest.outlines = served_outlines(labels, [])
     return detector
 
 

@@ -66,6 +66,9 @@ class Manifest:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     score_threshold: float = 0.5
     thresholds: dict[str, float] = field(default_factory=dict)  # label → its served threshold (training.edits)
+    # label → what a mask model serves it as when not a mask (shapes.served_outline: rectangle, rotated-rectangle,
+    # ellipse), decided from the shapes it learned from
+    outlines: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     libraries: dict[str, str] = field(default_factory=dict)
@@ -80,6 +83,7 @@ class Manifest:
             "architecture": self.architecture, "framework": self.framework, "weights": self.weights,
             "labels": [label.to_dict() for label in self.labels], "input_size": self.input_size,
             "score_threshold": self.score_threshold, "thresholds": self.thresholds,
+            **({"outlines": self.outlines} if self.outlines else {}),
             "hyperparameters": self.hyperparameters,
             "metrics": self.metrics, "provenance": self.provenance, "libraries": self.libraries,
             "report": self.report, "created": self.created,
@@ -97,6 +101,7 @@ class Manifest:
             weights=data.get("weights", "model.pt"), input_size=data.get("input_size", {}),
             hyperparameters=data.get("hyperparameters", {}), score_threshold=data.get("score_threshold", 0.5),
             thresholds={str(k): float(v) for k, v in (data.get("thresholds") or {}).items()},
+            outlines={str(k): str(v) for k, v in (data.get("outlines") or {}).items()},
             metrics=data.get("metrics", {}), provenance=data.get("provenance", {}),
             libraries=data.get("libraries", {}), report=list(data.get("report") or []),
             created=data.get("created", ""), attributes=dict(data.get("attributes") or {}),
@@ -106,6 +111,10 @@ class Manifest:
         """The score from which shapes of ``label`` are served when no one asks for a threshold: the one chosen on
         the validation frames when publishing (``thresholds``), else ``score_threshold``."""
         return self.thresholds.get(label, self.score_threshold)
+
+    def outline_of(self, label: str) -> str:
+        """What a mask model serves ``label`` as (``shapes.OUTLINES``): ``mask`` unless ``outlines`` says."""
+        return self.outlines.get(label, "mask")
 
     def served_thresholds(self) -> dict[str, float]:
         """Every label's served threshold."""

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from preannotate.cvat import lambda_spec
 from preannotate.hyperparameters import (
     COMPOSITION,
     KNOBS,
@@ -57,10 +58,12 @@ class Architecture:
 
     @property
     def label_types(self) -> tuple[str, ...]:
-        """The CVAT label types this model's output fills: boxes fill rectangle labels; instance masks fill mask
-        and polygon labels (CVAT's lambda manager turns a mask into a polygon for a polygon label); a classifier's
-        tags fill tag labels."""
-        return {"rectangle": ("rectangle", "any"), "tag": ("tag", "any")}.get(self.output, ("mask", "polygon", "any"))
+        """The CVAT label types this model's output fills: boxes fill rectangle labels, upright only (a rotated
+        rectangle is served as the upright box around it, an ellipse label not at all); instance masks fill mask
+        and polygon labels (CVAT's lambda manager turns a mask into a polygon for a polygon label) and rectangle and
+        ellipse labels, each mask fitted to its label's shape, rotated rectangles included
+        (``formats.masks.fit_outline``); a classifier's tags fill tag labels."""
+        return lambda_spec.label_types(self.output)
 
     @property
     def function_name(self) -> str:

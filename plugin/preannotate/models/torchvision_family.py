@@ -337,13 +337,20 @@ class TorchvisionDetector:
         classes = output["labels"][keep].cpu().tolist()
         scores = output["scores"][keep].cpu().tolist()
         bitmaps = (output["masks"][keep, 0] > 0.5).cpu().numpy() if "masks" in output else None
+        manifest = getattr(self, "manifest", None)  # set once made or loaded (models.create_detector, load_detector)
         shapes = []
         for i, (box, cls, score) in enumerate(zip(boxes, classes, scores, strict=True)):
             label = self._label_by_class.get(cls)
             if label is None:
                 continue
             if bitmaps is not None:  # a mask model's detection with no mask pixel found nothing
-                if bitmaps[i].any():
+                outline = manifest.outline_of(label.name) if manifest is not None else "mask"
+                fitted = masks.fit_outline(bitmaps[i], outline) if outline != "mask" else None
+                if fitted is not None:  # served in its label's own shape: a (rotated) rectangle or an ellipse
+                    kind, points, rotation = fitted
+                    shapes.append(Shape(label.name, kind, [round(p, 2) for p in points], rotation=round(rotation, 2),
+                                        score=score, source="auto"))
+                elif outline == "mask" and bitmaps[i].any():
                     shapes.append(Shape(label.name, "mask", masks.bitmap_to_cvat_rle(bitmaps[i]), score=score,
                                         source="auto"))
             else:

@@ -11,8 +11,12 @@ Response: a JSON list, one item per shape::
     {"confidence": "0.81", "label": "road", "type": "mask",
      "mask": [<0/1 bitmap of the box, row-major>..., xtl, ytl, xbr, ybr], "points": [<polygon>]}
     {"confidence": "0.97", "label": "daytime", "type": "tag", "attributes": []}     # a classifier: CVAT stores a tag
+    {"confidence": "0.90", "label": "plate", "type": "rectangle", "points": [xtl, ytl, xbr, ybr], "rotation": 30.0}
+    {"confidence": "0.85", "label": "cell", "type": "ellipse", "points": [cx, cy, cx + rx, cy - ry], "rotation": 12.5}
 
-``points`` of a mask item is its outline, used when the user asks CVAT to convert masks to polygons.
+``points`` of a mask item is its outline, used when the user asks CVAT to convert masks to polygons. ``rotation``
+(degrees, clockwise, about the centre; left out when 0) comes with rectangles and ellipses only, the types CVAT
+honours it for: a mask model serves a label drawn rotated or as ellipses that way (``formats.masks.fit_outline``).
 Coordinates are absolute pixels of the image as sent (after its EXIF orientation).
 """
 

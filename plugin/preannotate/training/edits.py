@@ -19,10 +19,12 @@ criterion: with ``N`` true objects, edits without moves are ``FP + N - TP`` whil
 
 A prediction of the wrong label is counted as a delete and an add (per label, as COCO does): CVAT lets a reviewer
 change a label in one action, so on frames where that happens the count is an upper bound; the confusion matrix
-(``confusion``) shows how often it does. IoU is that of the shapes' bounding boxes, whatever their type (a polygon
-or a mask is judged by its box, as the box mAP is) — but for skeletons and points, where a box says little (a point
-has none), the object keypoint similarity (``shapes.keypoint_similarity``, COCO's OKS) takes its place, at the same
-0.5 and 0.75, as COCO's keypoint AP does: a loose match there is a keypoint or two the reviewer drags.
+(``confusion``) shows how often it does. IoU is that of the shapes' bounding boxes (a polygon or a mask is judged by
+its box, as the box mAP is), except where either shape is a rotated rectangle or an ellipse: their box holds corners
+they do not have, so those are judged by their outlines (``formats.masks.shape_iou``). For skeletons and points,
+where a box says little (a point has none), the object keypoint similarity (``shapes.keypoint_similarity``, COCO's
+OKS) takes its place, at the same 0.5 and 0.75, as COCO's keypoint AP does: a loose match there is a keypoint or two
+the reviewer drags.
 
 Matching is greedy by score, so a prediction's match depends only on the predictions more confident than itself:
 the matching made once with every prediction holds for every threshold, and ``EditCurve`` reads the edits at any
@@ -46,7 +48,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from preannotate.shapes import TAG, Label, Shape, box_iou, is_keypoint_shape, keypoint_similarity
+from preannotate.formats.masks import shape_iou
+from preannotate.shapes import TAG, Label, Shape, box_iou, is_keypoint_shape, is_turned, keypoint_similarity
 
 MATCH_IOU = 0.5   # a prediction and a true object are the same object from this box IoU on (COCO's AP@.5)
 MOVE_IOU = 0.75   # a match below this IoU is a box the reviewer drags into place (COCO's strict AP@.75)
@@ -87,16 +90,26 @@ def boxes(shapes: Sequence[Shape]) -> np.ndarray:
     return np.asarray([shape.bbox() for shape in shapes], dtype=float).reshape(-1, 4)
 
 
-def overlap(predicted: Sequence[Shape], truth: Sequence[Shape]) -> np.ndarray:
-    """``len(predicted) × len(truth)``: the keypoint similarity when all are skeletons or points, else box IoU."""
-    if all(is_keypoint_shape(shape) for shape in (*predicted, *truth)):
-        return keypoint_similarity(predicted, truth)
-    return box_iou(boxes(predicted), boxes(truth))
-
-
 def score_of(shape: Shape) -> float:
     """A shape's score; an unscored one counts as sure (as ``coco.to_results`` has it)."""
     return 1.0 if shape.score is None else float(shape.score)
+
+
+def overlap(predicted: Sequence[Shape], truth: Sequence[Shape]) -> np.ndarray:
+    """``len(predicted) × len(truth)``: the keypoint similarity when all are skeletons or points, else IoU: of the
+    boxes, or of the outlines where either shape is turned (a rotated rectangle or an ellipse; see the module doc).
+    Outlines whose boxes do not meet do not meet either."""
+    if all(is_keypoint_shape(shape) for shape in (*predicted, *truth)):
+        return keypoint_similarity(predicted, truth)
+    overlaps = box_iou(boxes(predicted), boxes(truth))
+    for row, column in zip(*np.nonzero(overlaps), strict=True):
+        if _turned(predicted[row]) or _turned(truth[column]):
+            overlaps[row, column] = shape_iou(predicted[row], truth[column])
+    return overlaps
+
+
+def _turned(shape: Shape) -> bool:
+    return shape.type == "ellipse" or is_turned(shape)
 
 
 def greedy_match(truth: Sequence[Shape], predicted: Sequence[Shape], min_iou: float = MATCH_IOU

@@ -308,16 +308,27 @@ def sample_detections(detector, items: Sequence[tuple[FrameAnnotations, FrameIma
 
 
 def score_shapes(frames: Sequence[FrameAnnotations], predictions: Sequence[Sequence[Shape]],
-                 labels: Sequence[Label], *, curves: bool = False) -> dict[str, Any]:
-    """Box COCO metrics of ``predictions`` (the shapes found on each frame, scored) against the frames' ground
-    truth, in the frames' own pixels (``coco_metrics``; ``curves``: each class's precision at IoU .5)."""
+                 labels: Sequence[Label], *, curves: bool = False, iou_type: str = "bbox") -> dict[str, Any]:
+    """COCO metrics of ``predictions`` (the shapes found on each frame, scored) against the frames' ground truth, in
+    the frames' own pixels (``coco_metrics``; ``curves``: each class's precision at IoU .5). ``iou_type``: ``bbox``
+    judges every shape by its upright box; ``segm`` by its outline (a rotated rectangle by its corners, an ellipse
+    by its pixels, an upright rectangle by itself): the mAP of rotated rectangles and ellipses."""
     ordered = [Label(label.name, label.type, label.attributes, i) for i, label in enumerate(labels, start=1)]
-    truth = coco.to_coco([(frame, frame.name) for frame in frames], ordered)
-    found = [FrameAnnotations(frame.frame, frame.width, frame.height, frame.name, list(shapes))
+    outlined = _outlined if iou_type == "segm" else list
+    truth = coco.to_coco([(FrameAnnotations(frame.frame, frame.width, frame.height, frame.name,
+                                            outlined(frame.shapes)), frame.name) for frame in frames], ordered)
+    found = [FrameAnnotations(frame.frame, frame.width, frame.height, frame.name, outlined(shapes))
              for frame, shapes in zip(frames, predictions, strict=True)]
-    results = [{k: v for k, v in r.items() if k != "segmentation"}
+    results = [r if iou_type == "segm" else {k: v for k, v in r.items() if k != "segmentation"}
                for r in coco.to_results(list(enumerate(found, start=1)), ordered)]
-    return coco_metrics(truth, results, ordered, "bbox", curves=curves)
+    return coco_metrics(truth, results, ordered, iou_type, curves=curves)
+
+
+def _outlined(shapes: Iterable[Shape]) -> list[Shape]:
+    """Upright rectangles as the polygons of their corners: COCO writes no segmentation for them, and ``segm``
+    scores every shape by one."""
+    return [Shape(shape.label, "polygon", shape.polygon(), frame=shape.frame, score=shape.score)
+            if shape.type == "rectangle" and not shape.rotation % 360 else shape for shape in shapes]
 
 
 def score_detector(detector, items: Sequence[tuple[FrameAnnotations, FrameImages]], labels: Sequence[Label]

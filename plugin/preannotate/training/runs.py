@@ -36,7 +36,7 @@ from preannotate.models import (
     publish_detector,
 )
 from preannotate.models.artifact import library_versions
-from preannotate.shapes import LEARNED_ATTRIBUTE_TYPES, TAG, Label, Shape
+from preannotate.shapes import LEARNED_ATTRIBUTE_TYPES, TAG, Label, Shape, served_outlines
 from preannotate.training import edits
 from preannotate.training.evaluation import headline, sample_detections, summary
 from preannotate.training.logs import EventWriter, MetricsLog
@@ -299,6 +299,13 @@ def publish_run(detector: Any, state: TrainState, run: RunRecord, store: ModelSt
     The labels' select, radio and checkbox attributes are learned here, from the same frames, by a classifier on the
     shapes' crops that the version carries beside the weights (``with_attributes``).
     The run's pictures and ``result.json`` are written beside its checkpoints."""
+    outlines = served_outlines(run.labels, [frame for frame, _ in run.train_items])
+    if getattr(detector, "output", None) == "mask":  # each label served in the shape people drew it in
+        detector.manifest.outlines = outlines
+    elif turned := [name for name, outline in outlines.items() if outline in ("rotated-rectangle", "ellipse")]:
+        log.warning("%s: drawn as rotated rectangles or ellipses, served as the upright boxes around them (a box "
+                    "model cannot turn a box); a mask model (maskrcnn_resnet50_fpn, or custom with head=mask-rcnn) "
+                    "serves them in their own type", ", ".join(turned))
     detector = with_attributes(detector, run)
     sample = _validation_sample(detector, run)
     review = set_served_thresholds(detector, sample, run)

@@ -28,6 +28,9 @@ bar        polygon      a purple long thin bar, at any angle
 stripes), or two a model trained on the default has never seen, ``checker`` (a black and white tiled floor) and
 ``foliage`` (saturated green and brown leaves).
 
+With ``turned=True`` boxes and discs are long and turned at any angle (rotated rectangles, ellipses with a
+rotation): what a mask model learns to serve in their own shape (``bench/rotated.py``; ``generate_turned``).
+
 With ``tags=True`` every frame (but a few) also gets a CVAT tag — what a classifier learns — for its lighting, which
 changes the whole picture, objects included: ``day`` (bright, warm), ``night`` (dark, blue) or ``fog`` (a pale haze
 that flattens the contrast). The tag labels are of CVAT type ``tag``.
@@ -88,12 +91,14 @@ def generate(num_frames: int = 40, width: int = 160, height: int = 120, seed: in
              labels: tuple[str, ...] | None = None, objects: tuple[int, int] = (1, 3),
              size: tuple[float, float] = (0.2, 0.45), empty_fraction: float = 0.05,
              image_format: str = "JPEG", distractors: tuple[int, int] = (0, 0), lines: tuple[int, int] = (2, 5),
-             colour_jitter: int = 25, tags: bool = False, background: str = "muted") -> SyntheticTask:
+             colour_jitter: int = 25, tags: bool = False, background: str = "muted", turned: bool = False
+             ) -> SyntheticTask:
     """``num_frames`` annotated frames of ``width × height`` with ``objects`` (min, max) objects each, sized
     ``size`` (a fraction of the shorter side), of the named ``labels`` (default: all four); ``distractors`` (min,
     max) unlabelled look-alikes under them, ``lines`` (min, max) grey lines in the background, object colours
     varying by ``colour_jitter`` per channel; ``tags``: a lighting tag per frame; ``background``: one of
-    ``BACKGROUNDS`` (see the module docstring). ``HARD`` is a harder set than the defaults."""
+    ``BACKGROUNDS`` (see the module docstring); ``turned``: long boxes and discs at any angle. ``HARD`` is a harder
+    set than the defaults."""
     named = [label.name for label in LABELS] if labels is None else labels
     chosen = [label for label in (*LABELS, *UNSEEN_LABELS) if label.name in named]
     if not chosen:
@@ -109,7 +114,7 @@ def generate(num_frames: int = 40, width: int = 160, height: int = 120, seed: in
         rng = np.random.default_rng([seed, number])
         count = 0 if rng.random() < empty_fraction else int(rng.integers(objects[0], objects[1] + 1))
         image, shapes = _frame(rng, width, height, [chosen[int(rng.integers(len(chosen)))] for _ in range(count)],
-                               size, distractors, lines, colour_jitter, background)
+                               size, distractors, lines, colour_jitter, background, turned)
         for shape in shapes:
             shape.frame = number
         frames[number] = FrameAnnotations(number, width, height, name=f"frame_{number:06d}.{extension}",
@@ -120,6 +125,15 @@ def generate(num_frames: int = 40, width: int = 160, height: int = 120, seed: in
         image.save(buffer, format=image_format, **({"quality": 92} if extension == "jpg" else {}))
         files[number] = buffer.getvalue()
     return SyntheticTask(AnnotationSet(frames=frames, labels=task_labels), InMemoryFrames(files))
+
+
+def generate_turned(num_frames: int = 40, width: int = 160, height: int = 120, seed: int = 0,
+                   **options) -> SyntheticTask:
+    """Frames of long boxes (rotated rectangles) and discs (ellipses), each turned at any angle, among look-alike
+    distractors: the rotated-rectangle and ellipse task (``generate`` with ``turned=True``)."""
+    settings = {"labels": ("box", "disc"), "objects": (1, 3), "size": (0.3, 0.55), "distractors": (0, 1),
+                **options}
+    return generate(num_frames, width, height, seed, turned=True, **settings)
 
 
 def _lighting(rng: np.random.Generator, image: Image.Image) -> tuple[Image.Image, list[str]]:
@@ -159,9 +173,19 @@ def _background(rng: np.random.Generator, width: int, height: int, lines: tuple[
     return np.clip(np.asarray(image, dtype=np.float32) + grain, 0, 255).astype(np.uint8)
 
 
-def _outline(rng: np.random.Generator, label: Label, cx: float, cy: float, radius: float
+def _outline(rng: np.random.Generator, label: Label, cx: float, cy: float, radius: float, turned: bool = False
              ) -> tuple[list[float], Shape]:
-    """A polygon to draw and the CVAT shape that annotates it (mask points are filled in after drawing)."""
+    """A polygon to draw and the CVAT shape that annotates it (mask points are filled in after drawing);
+    ``turned``: a long box or disc at any angle."""
+    if turned and label.type in ("rectangle", "ellipse"):
+        half_long = radius * rng.uniform(0.8, 1.0)
+        half_short = half_long * rng.uniform(0.3, 0.55)
+        rotation = round(float(rng.uniform(0, 180)), 2)
+        if label.type == "rectangle":
+            points = [cx - half_long, cy - half_short, cx + half_long, cy + half_short]
+            return rectangle_corners(points, rotation), Shape(label.name, "rectangle", points, rotation=rotation)
+        points = [cx, cy, cx + half_long, cy - half_short]
+        return ellipse_polygon(points, rotation, 48), Shape(label.name, "ellipse", points, rotation=rotation)
     if label.name in _UNSEEN_OUTLINES:
         polygon = _UNSEEN_OUTLINES[label.name](rng, cx, cy, radius)
         return polygon, Shape(label.name, "polygon", [round(v, 2) for v in polygon])
@@ -255,7 +279,7 @@ def _foliage(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
 
 def _frame(rng: np.random.Generator, width: int, height: int, chosen: list[Label], size: tuple[float, float],
            distractors: tuple[int, int] = (0, 0), lines: tuple[int, int] = (2, 5), colour_jitter: int = 25,
-           background: str = "muted") -> tuple[Image.Image, list[Shape]]:
+           background: str = "muted", turned: bool = False) -> tuple[Image.Image, list[Shape]]:
     canvas = _background(rng, width, height, lines, background)
     placed: list[tuple[Shape, np.ndarray, tuple[float, float, float, float]]] = []
     side = min(width, height)
@@ -272,7 +296,7 @@ def _frame(rng: np.random.Generator, width: int, height: int, chosen: list[Label
         for _ in range(30):  # find a place that overlaps the objects already there by at most a third
             radius = side * rng.uniform(*size) / 2
             cx, cy = rng.uniform(radius, width - radius), rng.uniform(radius, height - radius)
-            polygon, shape = _outline(rng, label, cx, cy, radius)
+            polygon, shape = _outline(rng, label, cx, cy, radius, turned)
             box = (min(polygon[0::2]), min(polygon[1::2]), max(polygon[0::2]), max(polygon[1::2]))
             if all(_overlap(box, other) <= 1 / 3 for _, _, other in placed):
                 break
