@@ -64,7 +64,7 @@ def check_label_types(arch: Architecture, labels: Sequence[Label]) -> None:
     wrong = [label for label in labels if label.type not in arch.label_types]
     if wrong:
         listed = ", ".join(f"{label.name} ({label.type})" for label in wrong)
-        output = {"rectangle": "boxes", "mask": "masks", "tag": "frame tags"}[arch.output]
+        output = {"rectangle": "boxes", "mask": "masks", "tag": "frame tags", "skeleton": "keypoints"}[arch.output]
         raise UnsupportedLabels(f"{arch.name} predicts {output}: it cannot fill {listed}; its labels may be "
                                 f"{', '.join(arch.label_types)}")
 
