@@ -2,8 +2,8 @@
 
 Two architectures: ``keypointrcnn_resnet50_fpn`` (torchvision's builder; COCO's person-pose weights: a ``person``
 skeleton of 17 keypoints, heads for other labels start fresh) and ``keypointrcnn_mobilenet_v3_large_fpn``
-(torchvision's ``KeypointRCNN`` over the MobileNetV3-Large FPN of ``fasterrcnn_mobilenet_v3_large_fpn``, a keypoint
-head of four 128-channel convolutions instead of eight of 512: trainable from random weights on a CPU).
+(torchvision's ``KeypointRCNN`` over the MobileNetV3-Large FPN of ``fasterrcnn_mobilenet_v3_large_fpn``, with light
+heads, ``registry``'s ``build``: trainable from random weights on a CPU).
 
 The keypoint head has one channel per keypoint of every keypoint label (``models.keypoints.KeypointLayout``);
 a detection of a label reads its own channels and comes back as a CVAT ``skeleton`` with one ``points`` element per
@@ -26,6 +26,7 @@ from PIL import Image
 from torchvision.models.detection import KeypointRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.keypoint_rcnn import KeypointRCNNHeads, KeypointRCNNPredictor
 from torchvision.transforms.v2 import functional as F
 
@@ -54,8 +55,11 @@ def build_model(arch: Architecture, labels: Sequence[Label], image_size: int | N
         # as torchvision's fasterrcnn_mobilenet_v3_large_fpn: its two top stages into an FPN, 15 anchors a place
         backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", fpn=True, weights=None, trainable_layers=6)
         anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
-        layers = arch.build["keypoint_head"]  # torchvision's: eight of 512
-        return KeypointRCNN(backbone, classes, rpn_anchor_generator=anchors, rpn_score_thresh=0.05,
+        layers, box = arch.build["keypoint_head"], arch.build["box_head"]  # torchvision's: 8 × 512, 1024
+        pool = 7  # the box head's region side, as torchvision's MultiScaleRoIAlign gives it
+        return KeypointRCNN(backbone, None, rpn_anchor_generator=anchors, rpn_score_thresh=0.05,
+                            box_head=TwoMLPHead(backbone.out_channels * pool * pool, box),
+                            box_predictor=FastRCNNPredictor(box, classes),
                             keypoint_head=KeypointRCNNHeads(backbone.out_channels, layers),
                             keypoint_predictor=KeypointRCNNPredictor(layers[-1], keypoints),
                             **size, **arch.build.get("rcnn", {}))

@@ -18,6 +18,7 @@ label's which keypoint, the box an object of keypoints is detected by, a skeleto
 
 from __future__ import annotations
 
+import math
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -105,6 +106,21 @@ def object_box(keypoints: Sequence[tuple[float, float, bool]], width: int, heigh
     return x1, y1, x2, y2
 
 
+POINT_REACH = 8.0  # pixels: a served point farther off than about this is one a reviewer moves
+
+
+def review_box(shape: Shape) -> tuple[float, float, float, float]:
+    """The box a skeleton or points shape is matched by when review edits are counted (box IoU, ``training.edits``):
+    its visible keypoints' box grown by ``BOX_MARGIN`` and by ``POINT_REACH`` on each side, so that a single point
+    has an extent and two points ``POINT_REACH`` apart still overlap by a third."""
+    seen = [e.points[:2] for e in shape.elements if not e.outside] or [e.points[:2] for e in shape.elements] \
+        if shape.type == "skeleton" else [shape.points[i:i + 2] for i in range(0, len(shape.points) - 1, 2)]
+    xs, ys = [float(p[0]) for p in seen], [float(p[1]) for p in seen]
+    grow_x = BOX_MARGIN * (max(xs) - min(xs)) + POINT_REACH
+    grow_y = BOX_MARGIN * (max(ys) - min(ys)) + POINT_REACH
+    return min(xs) - grow_x, min(ys) - grow_y, max(xs) + grow_x, max(ys) + grow_y
+
+
 def skeleton_edges(label: Label) -> list[tuple[int, int]]:
     """A skeleton label's edges as pairs of keypoint indices (0-based, in ``sublabels`` order), read from its CVAT
     ``svg``: ``<line data-node-from data-node-to>`` between nodes, a node being the ``<circle>`` naming its sublabel
@@ -137,11 +153,9 @@ def skeleton_svg(names: Sequence[str], edges: Sequence[tuple[int, int]],
     """A skeleton's drawing as CVAT's skeleton editor stores it: a ``<line>`` per edge (0-based indices into
     ``names``) between ``<circle>`` nodes numbered from 1, each naming its sublabel; ``positions`` on CVAT's 100×100
     canvas (default: on a circle)."""
-    import math
-
     if positions is None:
-        positions = [(50 + 40 * math.cos(2 * math.pi * i / len(names)), 50 + 40 * math.sin(2 * math.pi * i / len(names)))
-                     for i in range(len(names))]
+        turns = [2 * math.pi * i / len(names) for i in range(len(names))]
+        positions = [(50 + 40 * math.cos(turn), 50 + 40 * math.sin(turn)) for turn in turns]
     at = [(round(x, 3), round(y, 3)) for x, y in positions]
     lines = [f'<line x1="{at[a][0]}" y1="{at[a][1]}" x2="{at[b][0]}" y2="{at[b][1]}" data-type="edge" '
              f'data-node-from="{a + 1}" data-node-to="{b + 1}"></line>' for a, b in edges]

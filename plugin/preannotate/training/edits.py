@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from preannotate.models.keypoints import KEYPOINT_TYPES, review_box
 from preannotate.shapes import TAG, Label, Shape, box_iou
 
 MATCH_IOU = 0.5   # a prediction and a true object are the same object from this box IoU on (COCO's AP@.5)
@@ -81,8 +82,10 @@ class Edits:
 
 
 def boxes(shapes: Sequence[Shape]) -> np.ndarray:
-    """``N×4`` ``x1, y1, x2, y2`` of the shapes' bounding boxes."""
-    return np.asarray([shape.bbox() for shape in shapes], dtype=float).reshape(-1, 4)
+    """``N×4`` ``x1, y1, x2, y2`` of the shapes' bounding boxes (of a skeleton or points shape, its keypoints' box
+    grown so a point has an extent: ``keypoints.review_box``)."""
+    return np.asarray([review_box(shape) if shape.type in KEYPOINT_TYPES else shape.bbox() for shape in shapes],
+                      dtype=float).reshape(-1, 4)
 
 
 def score_of(shape: Shape) -> float:

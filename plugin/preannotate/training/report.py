@@ -39,6 +39,7 @@ from matplotlib.patches import Polygon, Rectangle
 
 from preannotate.formats import masks
 from preannotate.frames import FrameImages, decode_rgb
+from preannotate.models.keypoints import skeleton_edges
 from preannotate.shapes import TAG, FrameAnnotations, Label, Shape
 from preannotate.training import edits
 from preannotate.training.edits import threshold_text
@@ -616,6 +617,7 @@ def _grid_figure(frames: Sequence[tuple[bytes | np.ndarray, FrameAnnotations, Fr
     for _, truth, predicted in frames:
         names += [s.label for s in [*truth.shapes, *predicted.shapes] if s.label not in names]
     colours = _colours(names)
+    edges = {label.name: skeleton_edges(label) for label in labels or ()}
     widest = max(image.shape[1] for image in images)
     cell = widest * math.ceil(MIN_CELL_PX / widest) if widest < MIN_CELL_PX else min(widest, MAX_CELL_PX)
     scale = cell / widest  # screen pixels per frame pixel
@@ -652,7 +654,7 @@ def _grid_figure(frames: Sequence[tuple[bytes | np.ndarray, FrameAnnotations, Fr
         left = gap + column * (cell_w + gap)
         top = header + row * (cell_h + caption + gap) + caption
         ax = figure.add_axes((left / width, 1 - (top + cell_h) / height, cell_w / width, cell_h / height))
-        _draw_frame(ax, image, truth, predicted, colours, scale, cell, review)
+        _draw_frame(ax, image, truth, predicted, colours, scale, cell, review, edges)
     return figure
 
 
@@ -682,7 +684,8 @@ def _legend_handles(used: Sequence[str], colours: dict[str, str], missed: bool =
 
 
 def _draw_frame(ax, image: np.ndarray, truth: FrameAnnotations, predicted: FrameAnnotations,
-                colours: dict[str, str], scale: float, cell: int, review: edits.FrameReview | None = None) -> None:
+                colours: dict[str, str], scale: float, cell: int, review: edits.FrameReview | None = None,
+                edges: Mapping[str, Sequence[tuple[int, int]]] | None = None) -> None:
     height, width = image.shape[:2]
     ax.imshow(image, extent=(0, width, height, 0), interpolation="nearest" if scale >= 1 else "antialiased")
     ax.set_xlim(0, width)
@@ -699,12 +702,12 @@ def _draw_frame(ax, image: np.ndarray, truth: FrameAnnotations, predicted: Frame
     # Truth's white dashes go over everything, its black under everything: a detection right on the truth shows
     # as its colour with the truth's dashes running along the middle, rather than hiding it.
     for shape in truth.shapes:
-        for outline, closed in _outlines(shape, width, height):
+        for outline, closed in _outlines(shape, width, height, (edges or {}).get(shape.label, ())):
             ax.add_patch(Polygon(outline, closed=closed, fill=False, joinstyle="round", **TRUTH_UNDER, zorder=2))
             ax.add_patch(Polygon(outline, closed=closed, fill=False, **TRUTH_OVER, zorder=5))
     for shape in shown:
         colour = colours.get(shape.label, PALETTE[0])
-        for outline, closed in _outlines(shape, width, height):
+        for outline, closed in _outlines(shape, width, height, (edges or {}).get(shape.label, ())):
             ax.add_patch(Polygon(outline, closed=closed, fill=False, joinstyle="round", **PREDICTION_UNDER, zorder=3))
             ax.add_patch(Polygon(outline, closed=closed, fill=False, color=colour, linewidth=PREDICTION_WIDTH,
                                  zorder=4))
@@ -771,10 +774,19 @@ def _tag(ax, shape: Shape, text: str, colour: str, width: int, height: int, scal
             bbox={"boxstyle": "square,pad=0.18", "facecolor": colour, "edgecolor": "black", "linewidth": 0.6})
 
 
-def _outlines(shape: Shape, width: int, height: int) -> list[tuple[np.ndarray, bool]]:
+def _outlines(shape: Shape, width: int, height: int, edges: Sequence[tuple[int, int]] = ()
+              ) -> list[tuple[np.ndarray, bool]]:
     """The outlines to draw for a shape, as ``(N×2 points, closed)``: every region of a mask, a polygon, a sampled
-    ellipse or rotated rectangle; a polyline open; points as a tiny closed square each; anything else its box."""
+    ellipse or rotated rectangle; a polyline open; points as a tiny closed square each; a skeleton its ``edges``
+    (keypoint index pairs, ``keypoints.skeleton_edges``) between visible keypoints, open, and its visible keypoints
+    as points (a hidden one is not drawn); anything else its box."""
     try:
+        if shape.type == "skeleton":
+            seen = {i: element.points[:2] for i, element in enumerate(shape.elements)
+                    if not element.outside and len(element.points) >= 2}
+            lines = [(np.asarray([seen[a], seen[b]], dtype=float), False) for a, b in edges if a in seen and b in seen]
+            dots = Shape(shape.label, "points", [v for point in seen.values() for v in point])
+            return lines + _outlines(dots, width, height)
         if shape.type == "mask":
             return [(outline, True) for outline in _mask_outlines(shape.points)]
         if shape.type in ("rectangle", "polygon", "ellipse"):
@@ -783,6 +795,8 @@ def _outlines(shape: Shape, width: int, height: int) -> list[tuple[np.ndarray, b
         if shape.type == "polyline":
             return [(np.asarray(shape.points, dtype=float).reshape(-1, 2), False)]
         if shape.type == "points":
+            if not shape.points:
+                return []
             r = max(2.0, min(width, height) / 120)
             return [(np.array([[x - r, y - r], [x + r, y - r], [x + r, y + r], [x - r, y + r]]), True)
                     for x, y in np.asarray(shape.points, dtype=float).reshape(-1, 2)]
