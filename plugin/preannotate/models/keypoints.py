@@ -11,6 +11,7 @@ label's which keypoint, the box an object of keypoints is detected by, a skeleto
   its heatmap is not sure where it is (``VISIBLE_CONFIDENCE``), which is what a hidden joint looks like to it.
 * **A points shape of several points** is several one-point objects (CVAT's points shape is a set); each
   prediction comes back as a points shape of one point.
+* **OKS** (the keypoint AP) scales distances by the object's box area, and a lone point's by ``POINT_SCALE``.
 * **The box** of an object is its visible keypoints' box grown by ``BOX_MARGIN`` of its size on each side and to at
   least ``MIN_BOX`` of the frame's shorter side (a single point has no extent; Keypoint R-CNN learns only keypoints
   inside the box, and one on its very edge is lost to rounding).
@@ -34,6 +35,9 @@ MIN_BOX = 0.08
 # padded keypoint box, about 1.5-2x a person's segmentation area: 0.072 / sqrt(1.7) ~ 0.055, rounded to a uniform 0.05
 # (a keypoint 5 % of the object's size off scores OKS 0.61 on its own).
 OKS_SIGMA = 0.05
+# The scale OKS judges a lone point by (a points label's object has no size of its own): as if it belonged to an
+# object a quarter of the frame's shorter side across, so a point 2 % of that side off scores OKS 0.73, 4 % off 0.28.
+POINT_SCALE = 0.25
 # A keypoint is served visible when its heatmap gives its most likely cell at least this probability (softmax over
 # the 56x56 cells the loss is a cross-entropy over); bench/keypoints.py measures how often that agrees with people.
 VISIBLE_CONFIDENCE = 0.1
@@ -106,19 +110,29 @@ def object_box(keypoints: Sequence[tuple[float, float, bool]], width: int, heigh
     return x1, y1, x2, y2
 
 
-POINT_REACH = 8.0  # pixels: a served point farther off than about this is one a reviewer moves
+POINT_REACH = 12.0  # pixels each side of a point: the extent a point is matched by (below)
 
 
 def review_box(shape: Shape) -> tuple[float, float, float, float]:
     """The box a skeleton or points shape is matched by when review edits are counted (box IoU, ``training.edits``):
     its visible keypoints' box grown by ``BOX_MARGIN`` and by ``POINT_REACH`` on each side, so that a single point
-    has an extent and two points ``POINT_REACH`` apart still overlap by a third."""
+    has an extent: a point served within about 3 px is right (IoU 0.75), up to 8 px off it is moved (IoU 0.5), and
+    farther off it is another point (the 24 px square is about a fingertip on a 1080p frame)."""
     seen = [e.points[:2] for e in shape.elements if not e.outside] or [e.points[:2] for e in shape.elements] \
         if shape.type == "skeleton" else [shape.points[i:i + 2] for i in range(0, len(shape.points) - 1, 2)]
     xs, ys = [float(p[0]) for p in seen], [float(p[1]) for p in seen]
     grow_x = BOX_MARGIN * (max(xs) - min(xs)) + POINT_REACH
     grow_y = BOX_MARGIN * (max(ys) - min(ys)) + POINT_REACH
     return min(xs) - grow_x, min(ys) - grow_y, max(xs) + grow_x, max(ys) + grow_y
+
+
+def oks_area(box: Sequence[float], keypoints: int, width: int, height: int) -> float:
+    """The area OKS scales an object's keypoint distances by: its box's (``object_box``), or for a lone point (a
+    points label) that of a square ``POINT_SCALE`` of the frame's shorter side across."""
+    if keypoints == 1:
+        return (POINT_SCALE * min(width, height)) ** 2
+    x1, y1, x2, y2 = box
+    return (x2 - x1) * (y2 - y1)
 
 
 def skeleton_edges(label: Label) -> list[tuple[int, int]]:

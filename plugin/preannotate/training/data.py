@@ -196,7 +196,7 @@ class DetectionDataset(Dataset):
             torch.manual_seed(int(seed))
             image, target = self.transform(tv_tensors.Image(image), target)
         if self.layout is not None:
-            target = _with_visibility(target, tuple(image.shape[-2:]))
+            target = _with_visibility(target, tuple(image.shape[-2:]), self.layout.total)
         # plain tensors: models index and stack them, and tv_tensor subclasses only slow that down
         return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) for k, v in target.items()}
 
@@ -219,11 +219,11 @@ class DetectionDataset(Dataset):
         return target
 
 
-def _with_visibility(target: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
-    """Transformed keypoints and their visibility as Keypoint R-CNN takes them (``N×K×3``); one moved off the frame
-    is not visible."""
+def _with_visibility(target: dict[str, Any], size: tuple[int, int], keypoints: int) -> dict[str, Any]:
+    """Transformed keypoints and their visibility as Keypoint R-CNN takes them (``N×keypoints×3``); one moved off
+    the frame is not visible."""
     height, width = size
-    xy = target.pop("keypoints").as_subclass(torch.Tensor).reshape(len(target["labels"]), -1, 2)
+    xy = target.pop("keypoints").as_subclass(torch.Tensor).reshape(len(target["labels"]), keypoints, 2)
     visibility = target.pop("visibility").reshape(xy.shape[:2]).clone()
     visibility[(xy[..., 0] < 0) | (xy[..., 1] < 0) | (xy[..., 0] >= width) | (xy[..., 1] >= height)] = 0
     xy = xy * (visibility > 0).unsqueeze(-1)

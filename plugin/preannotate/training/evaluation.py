@@ -33,7 +33,7 @@ from pycocotools.cocoeval import COCOeval
 
 from preannotate.formats import coco
 from preannotate.frames import FrameImages
-from preannotate.models.keypoints import OKS_SIGMA, KeypointLayout, object_box, object_keypoints
+from preannotate.models.keypoints import OKS_SIGMA, KeypointLayout, object_box, object_keypoints, oks_area
 from preannotate.shapes import FrameAnnotations, Label, Shape
 
 if TYPE_CHECKING:
@@ -110,10 +110,11 @@ def _rle(bitmap: np.ndarray) -> dict[str, Any]:
 
 class CocoAccumulator:
     """Ground truth and detections, image by image, as COCO dicts (image ids from 1); with ``keypoints`` (a keypoint
-    model) the targets' and outputs' keypoints too."""
+    model's channels) the targets' and outputs' keypoints too."""
 
-    def __init__(self, with_masks: bool, keypoints: bool = False):
+    def __init__(self, with_masks: bool, keypoints: KeypointLayout | None = None):
         self.with_masks, self.keypoints = with_masks, keypoints
+        self._counts = {} if keypoints is None else {first: count for first, count in keypoints.slots.values()}
         self.images: list[dict[str, Any]] = []
         self.annotations: list[dict[str, Any]] = []
         self.results: dict[str, list[dict[str, Any]]] = {"bbox": [], "segm": [], "keypoints": []}
@@ -129,8 +130,11 @@ class CocoAccumulator:
             if target_masks is not None:
                 annotation["segmentation"] = _rle(target_masks[i])
                 annotation["area"] = float(target_masks[i].sum())
-            if self.keypoints:
-                annotation.update(_coco_keypoints(target["keypoints"][i].tolist()))
+            if self.keypoints is not None:
+                points = target["keypoints"][i].tolist()
+                annotation.update(_coco_keypoints(points))
+                first = next((channel for channel, point in enumerate(points) if point[2] > 0), None)
+                annotation["area"] = oks_area(box, self._counts.get(first, 0), width, height)
             self.annotations.append(annotation)
         boxes, scores, labels = (output[k].detach().cpu() for k in ("boxes", "scores", "labels"))
         output_masks = (output["masks"][:, 0] > 0.5).cpu().numpy() if self.with_masks else None
@@ -139,7 +143,7 @@ class CocoAccumulator:
             result = {"image_id": image_id, "category_id": int(label), "bbox": [x1, y1, x2 - x1, y2 - y1],
                       "score": float(score)}
             self.results["bbox"].append(result)
-            if self.keypoints:
+            if self.keypoints is not None:
                 xy = output["keypoints"][i, :, :2].tolist()
                 self.results["keypoints"].append({**result, "keypoints": [v for x, y in xy for v in (x, y, 1)]})
             if output_masks is not None:
@@ -152,9 +156,9 @@ class CocoAccumulator:
         out = {"bbox": coco_metrics(ground_truth, self.results["bbox"], labels, "bbox"), "images": len(self.images)}
         if self.with_masks:
             out["segm"] = coco_metrics(ground_truth, self.results["segm"], labels, "segm")
-        if self.keypoints:
+        if self.keypoints is not None:
             out["keypoints"] = coco_metrics(ground_truth, self.results["keypoints"], labels, "keypoints")
-        headline = out["segm" if self.with_masks else "keypoints" if self.keypoints else "bbox"]
+        headline = out["segm" if self.with_masks else "keypoints" if self.keypoints is not None else "bbox"]
         return {"map": headline["map"], "map50": headline["map50"], **out}
 
 
@@ -265,7 +269,7 @@ def _recalibrate(model, batches, device, frozen) -> int:
 
 def evaluate(model: torch.nn.Module, batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[dict]]],
              labels: Sequence[Label], with_masks: bool = False, device: torch.device | str = "cpu",
-             keypoints: bool = False) -> dict[str, Any]:
+             keypoints: KeypointLayout | None = None) -> dict[str, Any]:
     """COCO metrics of ``model`` on ``batches`` of ``(images, targets)`` (a validation loader; ``keypoints``: a
     keypoint model's, scored by OKS too). The model is left in eval mode."""
     import torch
@@ -377,8 +381,9 @@ def score_keypoints(frames: Sequence[FrameAnnotations], predictions: Sequence[Se
                     continue
                 row = _in_layout(layout, label.name, [(x, y, 2 if seen else 0) for x, y, seen in points])
                 x1, y1, x2, y2 = box
+                area = oks_area(box, len(layout.channels(label.name)), frame.width, frame.height)
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label.id,
-                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": area,
                                     "iscrowd": 0, **_coco_keypoints(row)})
                 truths.append((label.name, points))
         for shape in sorted(found, key=lambda shape: -(shape.score or 0.0)):  # best first: it takes its truth

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from preannotate.files import replacing
 from preannotate.models import Detector, create_detector, family_of
+from preannotate.models.keypoints import KeypointLayout
 from preannotate.training import data, optim
 from preannotate.training.evaluation import evaluate, evaluate_tags, recalibrate_batch_norm
 from preannotate.training.loop import RunSpec, StepOutcome
@@ -178,7 +179,7 @@ class Adapter:
             if self.tags:
                 return evaluate_tags(self.model, self.val_loader, self.spec.labels, self.device)
             return evaluate(self.model, self.val_loader, self.spec.labels, self.with_masks, self.device,
-                            keypoints=self.with_keypoints)
+                            keypoints=KeypointLayout.of(self.spec.labels) if self.with_keypoints else None)
         finally:
             self._train_mode()
 
@@ -207,7 +208,7 @@ class Adapter:
     def _dataset(self, items: Sequence[data.Item], train: bool) -> data.DetectionDataset:
         hp = self.spec.hp
         transform = data.transforms(hp, self.spec.arch.fixed_size, train, boxes=not self.tags,
-                                    keypoints=self.with_keypoints)
+                                    keypoints=KeypointLayout.of(self.spec.labels) if self.with_keypoints else None)
         return data.DetectionDataset(items, self.spec.labels, transform, self.with_masks,
                                      hp.recipe.seed if train else 0, tags=self.tags, keypoints=self.with_keypoints)
 
