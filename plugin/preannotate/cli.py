@@ -275,13 +275,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{architecture}: {fetch_weights(architecture)}")
         return 0
     if args.models_command == "architectures":
-        rows = [{"name": a.name, "output": a.output, "pretrained": a.pretrained_kind, "image_size": a.image_size,
-                 "description": a.description} for a in ARCHITECTURES.values()]
+        rows = [{"name": a.name, "output": a.output, "fills": list(a.label_types), "pretrained": a.pretrained_kind,
+                 "image_size": a.image_size, "description": a.description} for a in ARCHITECTURES.values()]
         if args.json:
             print(json.dumps(rows, indent=2))
-        else:
-            _table([("ARCHITECTURE", "OUTPUT", "DESCRIPTION")]
-                   + [(row["name"], row["output"], row["description"]) for row in rows])
+        else:  # what each fills: the CVAT label types its output can be served as (Architecture.label_types)
+            _table([("ARCHITECTURE", "OUTPUT", "FILLS", "DESCRIPTION")]
+                   + [(row["name"], row["output"], ",".join(row["fills"]), row["description"]) for row in rows])
         return 0
     if args.models_command == "list":
         store = _store(args)
