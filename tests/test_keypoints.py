@@ -322,3 +322,19 @@ def test_a_keypoint_model_trains_through_the_one_loop_and_publishes_oks(tmp_path
     manifest = load_detector(result.path).manifest
     assert "keypoints" in manifest.metrics and manifest.metrics["map"] == manifest.metrics["keypoints"]["map"]
     assert manifest.labels[0].sublabels and (tmp_path / "run" / "predictions.png").exists()
+
+
+def test_labels_numbered_for_a_run_or_a_model_keep_their_keypoints(tmp_path):
+    """The run and ``create_detector`` number labels 1..N: a skeleton keeps its sublabels and drawing (they rebuilt
+    labels from name, type and attributes, and a keypoint model then had no keypoints to learn)."""
+    from preannotate.training.loop import RunSpec
+
+    unnumbered = [skeleton_label("dog", ["head", "tail"], [(0, 1)]), Label("nose", "points")]
+    task = synthetic.generate_skeletons(2, 64, 48)
+    spec = RunSpec.prepare("keypointrcnn_mobilenet_v3_large_fpn", unnumbered,
+                           [(frame, task.images) for frame in task.annotations.frames.values()], [], tmp_path,
+                           "init=random; num-steps=1", None)
+    assert [(label.id, label.sublabels, label.svg) for label in spec.labels] == [
+        (1, unnumbered[0].sublabels, unnumbered[0].svg), (2, (), "")]
+    detector = create_detector("keypointrcnn_mobilenet_v3_large_fpn", unnumbered, hyperparameters=SMALL)
+    assert detector.labels[0].sublabels == unnumbered[0].sublabels and detector.layout.total == 3
