@@ -52,9 +52,12 @@ def build_model(arch: Architecture, labels: Sequence[Label], image_size: int | N
     size = {"min_size": image_size or arch.image_size, "max_size": max_image_size or arch.max_image_size}
     classes = num_classes(labels) + 1
     if arch.build.get("backbone") == "mobilenet_v3_large":
-        # as torchvision's fasterrcnn_mobilenet_v3_large_fpn: its two top stages into an FPN, 15 anchors a place
-        backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", fpn=True, weights=None, trainable_layers=6)
-        anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+        # torchvision's fasterrcnn_mobilenet_v3_large_fpn feeds its FPN only the stride-32 stages: a keypoint needs a
+        # finer place than a box, so the stages from stride 8 on (``returned_layers``), 15 anchors a place
+        stages = arch.build["returned_layers"]
+        backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", fpn=True, weights=None, trainable_layers=6,
+                                      returned_layers=list(stages))
+        anchors = AnchorGenerator(((16, 32, 64, 128, 256),) * (len(stages) + 1), ((0.5, 1.0, 2.0),) * (len(stages) + 1))
         layers, box = arch.build["keypoint_head"], arch.build["box_head"]  # torchvision's: 8 × 512, 1024
         pool = 7  # the box head's region side, as torchvision's MultiScaleRoIAlign gives it
         return KeypointRCNN(backbone, None, rpn_anchor_generator=anchors, rpn_score_thresh=0.05,

@@ -144,7 +144,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
 ]}
 
 # Keypoint R-CNN (models.keypoint_family): skeleton and points labels. The light one trains from random weights on a
-# CPU: its heads are where the time goes (they run once per sampled region), so a keypoint head of four 64-channel
+# CPU: its FPN starts at stride 8 (keypoints need finer places than boxes), and its heads are where the time goes
+# (they run once per sampled region), so a keypoint head of four 64-channel
 # convolutions (torchvision's: eight of 512), a box head of 256 (1024), 64 sampled regions an image (512), and at most
 # 50 detections a frame.
 _KEYPOINT_KNOBS = (*_TORCH_KNOBS, *_RPN)
@@ -160,7 +161,8 @@ for _arch in [
         "MobileNet_V3_Large_Weights.IMAGENET1K_V1", pretrained_kind="backbone", image_size=320, max_image_size=640,
         defaults={**_RCNN, "batch_size": 4, "initial_learning_rate": 0.002}, scratch=_RCNN_SCRATCH,
         postprocessing=_TORCH_POSTPROCESSING, knobs=_KEYPOINT_KNOBS,
-        build={"backbone": "mobilenet_v3_large", "keypoint_head": (64, 64, 64, 64), "box_head": 256,
+        build={"backbone": "mobilenet_v3_large", "returned_layers": (2, 3, 4, 5), "keypoint_head": (64, 64, 64, 64),
+               "box_head": 256,
                "rcnn": {"box_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 1000,
                         "rpn_post_nms_top_n_train": 500, "rpn_pre_nms_top_n_test": 150,
                         "rpn_post_nms_top_n_test": 150, "box_detections_per_img": 50}}),
