@@ -24,7 +24,8 @@ from preannotate.training.evaluation import CocoAccumulator, score_keypoints
 DOG = skeleton_label("dog", ["head", "tail", "paw"], [(0, 1), (1, 2)], label_id=1)
 LABELS = [DOG, Label("nose", "points", id=2), Label("car", "rectangle", id=3)]
 SMALL = "init=random; image-size=96; max-image-size=128"
-KEYPOINT_MODELS = ["keypointrcnn_mobilenet_v3_large_fpn", "keypointrcnn_resnet50_fpn"]
+KEYPOINT_MODELS = ["keypointrcnn_mobilenet_v3_large_fpn",
+                   pytest.param("keypointrcnn_resnet50_fpn", marks=pytest.mark.slow)]  # a minute on a busy CPU
 
 
 def dog(head, tail, paw, hidden=()) -> Shape:

@@ -151,11 +151,6 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
 _KEYPOINT_KNOBS = (*_TORCH_KNOBS, *_RPN)
 for _arch in [
     Architecture(
-        "keypointrcnn_resnet50_fpn", "keypoint", "skeleton",
-        "Keypoint R-CNN, ResNet-50 FPN: skeletons and points (COCO's person pose; train it on your skeletons)",
-        "KeypointRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=90, defaults=_RCNN, scratch=_RCNN_SCRATCH,
-        postprocessing=_TORCH_POSTPROCESSING, knobs=_KEYPOINT_KNOBS),
-    Architecture(
         "keypointrcnn_mobilenet_v3_large_fpn", "keypoint", "skeleton",
         "Keypoint R-CNN, MobileNetV3-Large FPN, light keypoint head: skeletons and points, trainable on a CPU",
         "MobileNet_V3_Large_Weights.IMAGENET1K_V1", pretrained_kind="backbone", image_size=320, max_image_size=640,
@@ -166,6 +161,11 @@ for _arch in [
                "rcnn": {"box_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 1000,
                         "rpn_post_nms_top_n_train": 500, "rpn_pre_nms_top_n_test": 150,
                         "rpn_post_nms_top_n_test": 150, "box_detections_per_img": 50}}),
+    Architecture(
+        "keypointrcnn_resnet50_fpn", "keypoint", "skeleton",
+        "Keypoint R-CNN, ResNet-50 FPN: skeletons and points (COCO's person pose; train it on your skeletons)",
+        "KeypointRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=90, defaults=_RCNN, scratch=_RCNN_SCRATCH,
+        postprocessing=_TORCH_POSTPROCESSING, knobs=_KEYPOINT_KNOBS),
 ]:
     ARCHITECTURES[_arch.name] = _arch
 
