@@ -339,3 +339,13 @@ def test_labels_numbered_for_a_run_or_a_model_keep_their_keypoints(tmp_path):
         (1, unnumbered[0].sublabels, unnumbered[0].svg), (2, (), "")]
     detector = create_detector("keypointrcnn_mobilenet_v3_large_fpn", unnumbered, hyperparameters=SMALL)
     assert detector.labels[0].sublabels == unnumbered[0].sublabels and detector.layout.total == 3
+
+
+def test_the_reports_precision_of_a_keypoint_model_is_by_oks():
+    from preannotate.training.report import precision_recall
+
+    truth = FrameAnnotations(0, 200, 200, shapes=[dog((20, 20), (100, 40), (60, 150))])
+    found = [dog((20, 20), (100, 40), (60, 150))]
+    found[0].score = 0.8
+    curves = precision_recall([truth], [found], LABELS)
+    assert curves["per_class"]["dog"]["precision50"][:101] == [1.0] * 101  # found, at every recall

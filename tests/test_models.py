@@ -32,7 +32,8 @@ from tests.conftest import photo
 SMALL = {"image_size": 96, "max_image_size": 128}
 
 
-@pytest.mark.parametrize("name", [name for name, arch in ARCHITECTURES.items() if arch.output not in ("tag", "skeleton")])
+@pytest.mark.parametrize("name", [name for name, arch in ARCHITECTURES.items()
+                                  if arch.output not in ("tag", "skeleton")])
 def test_every_architecture_builds_and_detects_on_our_labels(name):  # classifiers, keypoints: their own test files
     detector = create_detector(name, parse_label_list("car,person"), hyperparameters=SMALL)
     image = photo(80, 60)

@@ -361,11 +361,12 @@ def score_detector(detector, items: Sequence[tuple[FrameAnnotations, FrameImages
 
 
 def score_keypoints(frames: Sequence[FrameAnnotations], predictions: Sequence[Sequence[Shape]],
-                    labels: Sequence[Label]) -> dict[str, Any]:
+                    labels: Sequence[Label], *, curves: bool = False) -> dict[str, Any]:
     """Keypoint AP (OKS, ``coco_metrics`` with ``iou_type="keypoints"``) of the skeleton and points shapes a
     detector served on each frame against the frames' own, in the frames' pixels: what CVAT receives, scored. Also
     ``visibility``: the share of truly visible and of truly hidden keypoints of matched objects that came back so
-    (a prediction is matched to the true object of its label with the nearest visible keypoints)."""
+    (a prediction is matched to the true object of its label with the nearest visible keypoints). ``curves``: each
+    class's precision at OKS .5 (as ``coco_metrics`` gives it at IoU .5)."""
     ordered = [dataclasses.replace(label, id=i) for i, label in enumerate(labels, start=1)]
     layout, by_name = KeypointLayout.of(ordered), {label.name: label for label in ordered}
     images, annotations, results = [], [], []
@@ -395,7 +396,8 @@ def score_keypoints(frames: Sequence[FrameAnnotations], predictions: Sequence[Se
             results.append({"image_id": image_id, "category_id": label.id, "score": float(shape.score or 0.0),
                             "keypoints": [v for point in row for v in point]})
             _count_visibility(agree, label.name, points, truths)
-    scored = coco_metrics({"images": images, "annotations": annotations}, results, ordered, "keypoints")
+    scored = coco_metrics({"images": images, "annotations": annotations}, results, ordered, "keypoints",
+                          curves=curves)
     scored["visibility"] = {kind: (round(came / total, 4) if total else None) for kind, (came, total) in
                             agree.items()}
     return scored

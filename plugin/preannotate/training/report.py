@@ -39,7 +39,7 @@ from matplotlib.patches import Polygon, Rectangle
 
 from preannotate.formats import masks
 from preannotate.frames import FrameImages, decode_rgb
-from preannotate.models.keypoints import skeleton_edges
+from preannotate.models.keypoints import KEYPOINT_TYPES, skeleton_edges
 from preannotate.shapes import TAG, FrameAnnotations, Label, Shape
 from preannotate.training import edits
 from preannotate.training.edits import threshold_text
@@ -50,6 +50,7 @@ from preannotate.training.evaluation import (  # noqa: F401 - detect_frames and 
     detect_frames,
     headline,
     sample_detections,
+    score_keypoints,
     score_shapes,
     spread,
 )
@@ -157,7 +158,10 @@ def precision_recall(frames: Sequence[FrameAnnotations], predictions: Sequence[S
                      labels: Sequence[Label]) -> dict[str, Any]:
     """Box COCO metrics of ``predictions`` (the shapes found on each frame, scored) against the frames' ground
     truth, in the frames' own pixels, with each class's precision at IoU .5 over COCO's 101 recall points
-    (``per_class[name]["precision50"]``, see ``coco_metrics``)."""
+    (``per_class[name]["precision50"]``, see ``coco_metrics``); a keypoint model's (skeleton and points labels) by
+    OKS in place of IoU (``score_keypoints``)."""
+    if any(label.type in KEYPOINT_TYPES for label in labels):
+        return score_keypoints(frames, predictions, labels, curves=True)
     return score_shapes(frames, predictions, labels, curves=True)
 
 
