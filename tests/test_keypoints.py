@@ -19,7 +19,7 @@ from preannotate.models.keypoints import (
 )
 from preannotate.shapes import FrameAnnotations, Label, Shape
 from preannotate.training import data, synthetic
-from preannotate.training.evaluation import CocoAccumulator, score_keypoints
+from preannotate.training.evaluation import CocoAccumulator, score_keypoints, summary
 
 DOG = skeleton_label("dog", ["head", "tail", "paw"], [(0, 1), (1, 2)], label_id=1)
 LABELS = [DOG, Label("nose", "points", id=2), Label("car", "rectangle", id=3)]
@@ -264,6 +264,7 @@ def test_the_validation_scores_keypoints_by_oks_and_makes_it_the_headline():
     metrics = accumulator.metrics(LABELS)
     assert metrics["keypoints"]["map"] == pytest.approx(1.0) and metrics["map"] == metrics["keypoints"]["map"]
     assert metrics["bbox"]["map"] == pytest.approx(1.0)
+    assert summary(metrics) == "keypoint AP@.5 1.000, keypoint AP 1.000"
     shifted = CocoAccumulator(False, keypoints=layout)
     shifted.add(target, {**exact, "keypoints": keypoints + torch.tensor([4.0, 0, 0])}, 64, 64)
     assert shifted.metrics(LABELS)["map"] < 0.5

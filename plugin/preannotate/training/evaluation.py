@@ -181,7 +181,8 @@ def summary(metrics: dict[str, Any], missing: str = "none") -> str:
     """The scores people read, as one phrase: ``mAP@.5 0.912, mAP 0.640`` or ``top-1 0.950, top-5 1.000``."""
     if "top1" in metrics:
         return f"top-1 {score_text(metrics.get('top1'), missing)}, top-5 {score_text(metrics.get('top5'), missing)}"
-    return f"mAP@.5 {score_text(metrics.get('map50'), missing)}, mAP {score_text(metrics.get('map'), missing)}"
+    what = "keypoint AP" if "keypoints" in metrics else "mAP"  # a keypoint model's headline is OKS's
+    return f"{what}@.5 {score_text(metrics.get('map50'), missing)}, {what} {score_text(metrics.get('map'), missing)}"
 
 
 def accuracy(truth: Sequence[int], ranked: Sequence[Sequence[int]], labels: Sequence[Label]) -> dict[str, Any]:
