@@ -36,7 +36,7 @@ def test_no_function_is_rendered_with_an_empty_spec():
     untrained = sorted(set(ARCHITECTURES) - set(COCO_MODELS))
     # an ImageNet backbone only: no labels before training (deployed for a project, `preannotate deploy`)
     assert untrained == ["custom", "fasterrcnn_resnet101_fpn", "keras_retinanet_efficientnet_b0",
-                         "keras_ssd_mobilenet_v2_fpnlite_320"]
+                         "keras_ssd_mobilenet_v2_fpnlite_320", "keypointrcnn_mobilenet_v3_large_fpn"]
     assert not any((REPO / "functions" / ARCHITECTURES[name].framework / name).exists() for name in untrained)
     config = functions.function_config(ARCHITECTURES[untrained[0]], [], gpu=False)
     assert functions.validate_config(config, gpu=False) == [
@@ -190,7 +190,7 @@ def test_gpu_file_must_request_a_gpu_and_one_worker():
 def test_functions_cli_renders_and_validates(tmp_path, capsys):
     assert cli(["functions", "render", "--out", str(tmp_path)]) == 0
     assert cli(["functions", "validate", str(tmp_path)]) == 0
-    assert "13 function directories checked, 0 problems" in capsys.readouterr().out
+    assert "14 function directories checked, 0 problems" in capsys.readouterr().out
     broken = tmp_path / "pytorch" / "retinanet_resnet50_fpn" / "nuclio" / "function-gpu.yaml"
     broken.write_text(broken.read_text().replace("description:", "summary:"))
     assert cli(["functions", "validate", str(tmp_path)]) == 1

@@ -32,8 +32,9 @@ from tests.conftest import photo
 SMALL = {"image_size": 96, "max_image_size": 128}
 
 
-@pytest.mark.parametrize("name", [name for name, arch in ARCHITECTURES.items() if arch.output != "tag"])
-def test_every_architecture_builds_and_detects_on_our_labels(name):  # the classifiers: test_classifier.py
+@pytest.mark.parametrize("name", [name for name, arch in ARCHITECTURES.items()
+                                  if arch.output not in ("tag", "skeleton")])
+def test_every_architecture_builds_and_detects_on_our_labels(name):  # classifiers, keypoints: their own test files
     detector = create_detector(name, parse_label_list("car,person"), hyperparameters=SMALL)
     image = photo(80, 60)
     shapes = detector.detect([image, photo(64, 48, seed=1)], threshold=0.0)
@@ -384,7 +385,8 @@ def test_every_registered_family_provides_what_the_family_protocol_names(family)
 def test_what_every_family_creates_and_loads_is_a_detector(architecture, tmp_path):
     from preannotate.models.family import Detector
 
-    labels = parse_label_list("day:tag,night:tag" if get_architecture(architecture).output == "tag" else "a,b")
+    output = get_architecture(architecture).output
+    labels = parse_label_list({"tag": "day:tag,night:tag", "skeleton": "a:points,b:points"}.get(output, "a,b"))
     created = create_detector(architecture, labels, hyperparameters="init=random; image-size=64")
     store = ModelStore(tmp_path)
     loaded = load_detector(store.path("m", publish_detector(created, store, "m")))

@@ -10,6 +10,7 @@ answer is a ``ModelFamily``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import shutil
 from collections.abc import Sequence
@@ -64,7 +65,7 @@ def check_label_types(arch: Architecture, labels: Sequence[Label]) -> None:
     wrong = [label for label in labels if label.type not in arch.label_types]
     if wrong:
         listed = ", ".join(f"{label.name} ({label.type})" for label in wrong)
-        output = {"rectangle": "boxes", "mask": "masks", "tag": "frame tags"}[arch.output]
+        output = {"rectangle": "boxes", "mask": "masks", "tag": "frame tags", "skeleton": "keypoints"}[arch.output]
         raise UnsupportedLabels(f"{arch.name} predicts {output}: it cannot fill {listed}; its labels may be "
                                 f"{', '.join(arch.label_types)}")
 
@@ -88,7 +89,7 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
         if init != "pretrained":
             raise ValueError("labels are needed unless the model starts from pretrained weights (COCO's, ImageNet's)")
         labels = family.pretrained_labels(arch)
-    labels = [label if label.id is not None else Label(label.name, label.type, label.attributes, i)
+    labels = [label if label.id is not None else dataclasses.replace(label, id=i)
               for i, label in enumerate(labels, start=1)]
     state = None
     if init == "previous":

@@ -31,7 +31,8 @@ class PretrainedWeightsUnavailable(RuntimeError):
 class Architecture:
     name: str
     family: str                      # the module in preannotate.models that builds and runs it (models.family)
-    output: str                      # "rectangle" (boxes), "mask" (instance masks, also sent as polygons) or "tag"
+    output: str                      # "rectangle" (boxes), "mask" (instance masks, also sent as polygons), "tag" or
+    #                                  "skeleton" (keypoints: skeleton and points labels)
     description: str
     pretrained: str | None           # torchvision weights enum member with COCO (or backbone) weights
     pretrained_kind: str = "coco"    # "coco": whole detector trained on COCO; "backbone": ImageNet backbone only;
@@ -58,11 +59,12 @@ class Architecture:
 
     @property
     def label_types(self) -> tuple[str, ...]:
-        """The CVAT label types this model's output fills: boxes fill rectangle labels, upright only (a rotated
-        rectangle is served as the upright box around it, an ellipse label not at all); instance masks fill mask
-        and polygon labels (CVAT's lambda manager turns a mask into a polygon for a polygon label) and rectangle and
-        ellipse labels, each mask fitted to its label's shape, rotated rectangles included
-        (``formats.masks.fit_outline``); a classifier's tags fill tag labels."""
+        """The CVAT label types this model's output fills (``cvat.lambda_spec.FILLS``): boxes fill rectangle labels,
+        upright only (a rotated rectangle is served as the upright box around it, an ellipse label not at all);
+        instance masks fill mask and polygon labels (CVAT's lambda manager turns a mask into a polygon for a polygon
+        label) and rectangle and ellipse labels, each mask fitted to its label's shape, rotated rectangles included
+        (``formats.masks.fit_outline``); a classifier's tags fill tag labels; a keypoint model's keypoints fill
+        skeleton labels and points labels (one point each)."""
         return lambda_spec.label_types(self.output)
 
     @property
@@ -143,6 +145,32 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in [
         "MaskRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=90, defaults=_RCNN, scratch=_RCNN_SCRATCH,
         postprocessing=_TORCH_POSTPROCESSING, knobs=(*_TORCH_KNOBS, *_RPN)),
 ]}
+
+# Keypoint R-CNN (models.keypoint_family): skeleton and points labels. The light one trains from random weights on a
+# CPU: its FPN starts at stride 8 (keypoints need finer places than boxes), and its heads are where the time goes
+# (they run once per sampled region), so a keypoint head of four 64-channel
+# convolutions (torchvision's: eight of 512), a box head of 256 (1024), 64 sampled regions an image (512), and at most
+# 50 detections a frame.
+_KEYPOINT_KNOBS = (*_TORCH_KNOBS, *_RPN)
+for _arch in [
+    Architecture(
+        "keypointrcnn_mobilenet_v3_large_fpn", "keypoint", "skeleton",
+        "Keypoint R-CNN, MobileNetV3-Large FPN, light keypoint head: skeletons and points, trainable on a CPU",
+        "MobileNet_V3_Large_Weights.IMAGENET1K_V1", pretrained_kind="backbone", image_size=320, max_image_size=640,
+        defaults={**_RCNN, "batch_size": 4, "initial_learning_rate": 0.002}, scratch=_RCNN_SCRATCH,
+        postprocessing=_TORCH_POSTPROCESSING, knobs=_KEYPOINT_KNOBS,
+        build={"backbone": "mobilenet_v3_large", "returned_layers": (2, 3, 4, 5), "keypoint_head": (64, 64, 64, 64),
+               "box_head": 256,
+               "rcnn": {"box_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 1000,
+                        "rpn_post_nms_top_n_train": 500, "rpn_pre_nms_top_n_test": 150,
+                        "rpn_post_nms_top_n_test": 150, "box_detections_per_img": 50}}),
+    Architecture(
+        "keypointrcnn_resnet50_fpn", "keypoint", "skeleton",
+        "Keypoint R-CNN, ResNet-50 FPN: skeletons and points (COCO's person pose; train it on your skeletons)",
+        "KeypointRCNN_ResNet50_FPN_Weights.COCO_V1", cpu_timeout_s=90, defaults=_RCNN, scratch=_RCNN_SCRATCH,
+        postprocessing=_TORCH_POSTPROCESSING, knobs=_KEYPOINT_KNOBS),
+]:
+    ARCHITECTURES[_arch.name] = _arch
 
 # TensorFlow: keras-hub's RetinaNet detector (anchors, focal loss, FPN) over a feature-pyramid encoder, trained from
 # the TFRecords of our bridge (training.keras_adapter). ``build``: the encoder (keras_family.ENCODERS), the pyramid

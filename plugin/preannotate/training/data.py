@@ -1,10 +1,16 @@
 """Annotated frames → what torchvision detection models train on: ``(image tensor, {"boxes", "labels", "masks"?})``
-(a classifier: ``{"labels": [the class of the frame's tag]}``).
+(a classifier: ``{"labels": [the class of the frame's tag]}``; a keypoint model: ``"keypoints"`` ``N×K×3`` too, COCO's
+``x, y, visibility`` in the model's channels, ``models.keypoints``).
 
 Geometry comes from ``formats.coco.shape_to_annotation`` — the box and outline the COCO export writes — so training
 sees exactly what an export holds (rotated rectangles by their corners, ellipses and masks by their pixels). Images
 and targets go through ``torchvision.transforms.v2`` together (boxes and masks are ``tv_tensors``), so a flip, a
 resize or a letterbox moves them with the pixels.
+
+Skeleton and points shapes are objects of a keypoint model only: their box is their visible keypoints' box, padded
+(``keypoints.object_box``), and a keypoint's visibility is 2, or 0 (not learned) where CVAT has it ``outside``, where
+another label owns the channel, or where an augmentation moved it off the frame. A keypoint model's frames are never
+flipped: a flip turns a left paw into a right one, and a project's skeleton does not say which keypoints pair up.
 
 Resizing happens here, not only inside the model, so that batches are small before they cross process boundaries;
 it is the model's own rule (so serving, which hands the model the original image, sees the same geometry):
@@ -33,6 +39,7 @@ from torchvision.transforms import v2
 from preannotate.formats import coco, masks
 from preannotate.frames import FrameImages, decode_rgb
 from preannotate.hyperparameters import Hyperparameters
+from preannotate.models.keypoints import KeypointLayout, object_box, object_keypoints
 from preannotate.shapes import AnnotationSet, FrameAnnotations, Label
 
 Item = tuple[FrameAnnotations, FrameImages]  # a frame's annotations and where its image comes from
@@ -49,9 +56,11 @@ def split_task(annotations: AnnotationSet, images: FrameImages, val_fraction: fl
             [(annotations.frames[key], images) for key in splits.get("val", [])])
 
 
-def transforms(hp: Hyperparameters, fixed_size: bool, train: bool, boxes: bool = True) -> v2.Transform:
+def transforms(hp: Hyperparameters, fixed_size: bool, train: bool, boxes: bool = True, keypoints: bool = False
+               ) -> v2.Transform:
     """Resize (or letterbox) to ``image-size`` (``hp.network``), then the ``augment`` augmentations (``hp.recipe``)
-    when training; ``boxes``: the targets have boxes to keep on the image (a classifier's have none)."""
+    when training; ``boxes``: the targets have boxes to keep on the image (a classifier's have none); ``keypoints``:
+    and keypoints (never flipped, see the module docstring), dropped with their boxes."""
     size = hp.network.image_size
     steps: list[v2.Transform] = []
     if size:
@@ -64,7 +73,7 @@ def transforms(hp: Hyperparameters, fixed_size: bool, train: bool, boxes: bool =
         else:
             steps.append(v2.Resize(size, max_size=hp.network.max_image_size, antialias=True))
     if train:
-        if "flip" in hp.recipe.augment:
+        if "flip" in hp.recipe.augment and not keypoints:
             steps.append(v2.RandomHorizontalFlip())
         if "scale" in hp.recipe.augment:
             steps.append(v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.7, 1.3),
@@ -72,9 +81,16 @@ def transforms(hp: Hyperparameters, fixed_size: bool, train: bool, boxes: bool =
         if "colour" in hp.recipe.augment:
             steps.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02))
     if boxes:
-        steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(min_size=1)]
+        steps += [v2.ClampBoundingBoxes(),
+                  v2.SanitizeBoundingBoxes(min_size=1, labels_getter=_per_object if keypoints else "default")]
     steps.append(v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True))
     return v2.Compose(steps)
+
+
+def _per_object(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """What is dropped with a box that left the frame: its class, keypoints and their visibility."""
+    target = inputs[1]
+    return tuple(target[key] for key in ("labels", "keypoints", "visibility") if key in target)
 
 
 def decode(data: bytes) -> torch.Tensor:
@@ -102,6 +118,39 @@ def targets(frame: FrameAnnotations, labels: Sequence[Label], with_masks: bool
     return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(classes, np.int64), masks_array)
 
 
+def keypoint_targets(frame: FrameAnnotations, labels: Sequence[Label], layout: KeypointLayout
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boxes ``(N, 4)``, class indices ``(N,)`` and keypoints ``(N, K, 3)`` (``x, y, visibility`` in the layout's
+    channels) of a keypoint model's objects on the frame: one per skeleton, one per point of a points shape (an
+    object with no visible keypoint teaches nothing and is left out), and the boxes of its other labels' shapes."""
+    label_of = {label.name: label for label in labels}
+    boxes, classes, keypoints = [], [], []
+    for shape in frame.shapes:
+        label = label_of.get(shape.label)
+        if label is None:
+            continue
+        if shape.label in layout.slots:
+            for found in object_keypoints(shape, label):
+                box = object_box(found, frame.width, frame.height)
+                if box is None:
+                    continue
+                row = np.zeros((layout.total, 3), np.float32)
+                for channel, (x, y, visible) in zip(layout.channels(shape.label), found, strict=True):
+                    row[channel] = (x, y, 2.0) if visible else (0.0, 0.0, 0.0)
+                boxes.append(box)
+                classes.append(label.id)
+                keypoints.append(row)
+            continue
+        annotation = coco.shape_to_annotation(shape, frame.width, frame.height)
+        if annotation is not None:
+            x, y, w, h = annotation["bbox"]
+            boxes.append((x, y, x + w, y + h))
+            classes.append(label.id)
+            keypoints.append(np.zeros((layout.total, 3), np.float32))
+    return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(classes, np.int64),
+            np.asarray(keypoints, np.float32).reshape(-1, layout.total, 3))
+
+
 def _bitmap(annotation: dict[str, Any], width: int, height: int) -> np.ndarray:
     segmentation = annotation["segmentation"]
     if isinstance(segmentation, dict):
@@ -117,12 +166,14 @@ def _bitmap(annotation: dict[str, Any], width: int, height: int) -> np.ndarray:
 class DetectionDataset(Dataset):
     """``(image, target)`` pairs of annotated frames. A key is an index, or ``(index, draw)`` where ``draw`` seeds
     the sample's augmentations (see the module docstring). With ``tags`` the target is the class of the frame's
-    first tag (``{"labels": [class]}``, see ``tag_examples``) instead of its shapes."""
+    first tag (``{"labels": [class]}``, see ``tag_examples``) instead of its shapes. With ``keypoints`` (a keypoint
+    model's targets, ``keypoint_targets``) the transform must be ``transforms(..., keypoints=True)``."""
 
     def __init__(self, items: Sequence[Item], labels: Sequence[Label], transform: v2.Transform,
-                 with_masks: bool = False, seed: int = 0, tags: bool = False):
+                 with_masks: bool = False, seed: int = 0, tags: bool = False, keypoints: bool = False):
         self.items, self.labels, self.transform = list(items), list(labels), transform
         self.with_masks, self.seed, self.tags = with_masks, seed, tags
+        self.layout = KeypointLayout.of(self.labels) if keypoints else None
         self.class_of = {label.name: label.id for label in self.labels}
 
     def __len__(self) -> int:
@@ -144,10 +195,20 @@ class DetectionDataset(Dataset):
             seed = np.random.SeedSequence([self.seed, index if draw is None else draw]).generate_state(1)[0]
             torch.manual_seed(int(seed))
             image, target = self.transform(tv_tensors.Image(image), target)
+        if self.layout is not None:
+            target = _with_visibility(target, tuple(image.shape[-2:]), self.layout.total)
         # plain tensors: models index and stack them, and tv_tensor subclasses only slow that down
         return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) for k, v in target.items()}
 
     def _shapes(self, frame: FrameAnnotations) -> dict[str, Any]:
+        if self.layout is not None:
+            boxes, classes, keypoints = keypoint_targets(frame, self.labels, self.layout)
+            return {"boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY",
+                                                      canvas_size=(frame.height, frame.width)),
+                    "labels": torch.from_numpy(classes),
+                    "keypoints": tv_tensors.KeyPoints(torch.from_numpy(keypoints[..., :2]),
+                                                      canvas_size=(frame.height, frame.width)),
+                    "visibility": torch.from_numpy(keypoints[..., 2])}
         boxes, classes, bitmaps = targets(frame, self.labels, self.with_masks)
         target: dict[str, Any] = {
             "boxes": tv_tensors.BoundingBoxes(torch.from_numpy(boxes), format="XYXY",
@@ -156,6 +217,17 @@ class DetectionDataset(Dataset):
         if bitmaps is not None:
             target["masks"] = tv_tensors.Mask(torch.from_numpy(bitmaps.astype(np.uint8)))
         return target
+
+
+def _with_visibility(target: dict[str, Any], size: tuple[int, int], keypoints: int) -> dict[str, Any]:
+    """Transformed keypoints and their visibility as Keypoint R-CNN takes them (``N×keypoints×3``); one moved off
+    the frame is not visible."""
+    height, width = size
+    xy = target.pop("keypoints").as_subclass(torch.Tensor).reshape(len(target["labels"]), keypoints, 2)
+    visibility = target.pop("visibility").reshape(xy.shape[:2]).clone()
+    visibility[(xy[..., 0] < 0) | (xy[..., 1] < 0) | (xy[..., 0] >= width) | (xy[..., 1] >= height)] = 0
+    xy = xy * (visibility > 0).unsqueeze(-1)
+    return {**target, "keypoints": torch.cat([xy, visibility.unsqueeze(-1).to(xy.dtype)], -1)}
 
 
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):

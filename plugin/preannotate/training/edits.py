@@ -21,10 +21,10 @@ A prediction of the wrong label is counted as a delete and an add (per label, as
 change a label in one action, so on frames where that happens the count is an upper bound; the confusion matrix
 (``confusion``) shows how often it does. IoU is that of the shapes' bounding boxes (a polygon or a mask is judged by
 its box, as the box mAP is), except where either shape is a rotated rectangle or an ellipse: their box holds corners
-they do not have, so those are judged by their outlines (``formats.masks.shape_iou``). For skeletons and points,
-where a box says little (a point has none), the object keypoint similarity (``shapes.keypoint_similarity``, COCO's
-OKS) takes its place, at the same 0.5 and 0.75, as COCO's keypoint AP does: a loose match there is a keypoint or two
-the reviewer drags.
+they do not have, so those are judged by their outlines (``formats.masks.shape_iou``). For skeletons, where a
+box says little, the object keypoint similarity (``shapes.keypoint_similarity``, COCO's OKS) takes its place, at the
+same 0.5 and 0.75, as COCO's keypoint AP does: a loose match there is a keypoint or two the reviewer drags. A lone
+point has no box: it is judged by a box grown around it (``models.keypoints.review_box``).
 
 Matching is greedy by score, so a prediction's match depends only on the predictions more confident than itself:
 the matching made once with every prediction holds for every threshold, and ``EditCurve`` reads the edits at any
@@ -49,7 +49,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from preannotate.formats.masks import shape_iou
-from preannotate.shapes import TAG, Label, Shape, box_iou, is_keypoint_shape, is_turned, keypoint_similarity
+from preannotate.models.keypoints import KEYPOINT_TYPES, review_box
+from preannotate.shapes import TAG, Label, Shape, box_iou, is_turned, keypoint_similarity
 
 MATCH_IOU = 0.5   # a prediction and a true object are the same object from this box IoU on (COCO's AP@.5)
 MOVE_IOU = 0.75   # a match below this IoU is a box the reviewer drags into place (COCO's strict AP@.75)
@@ -86,8 +87,10 @@ class Edits:
 
 
 def boxes(shapes: Sequence[Shape]) -> np.ndarray:
-    """``N×4`` ``x1, y1, x2, y2`` of the shapes' bounding boxes."""
-    return np.asarray([shape.bbox() for shape in shapes], dtype=float).reshape(-1, 4)
+    """``N×4`` ``x1, y1, x2, y2`` of the shapes' bounding boxes (of a skeleton or points shape, its keypoints' box
+    grown so a point has an extent: ``keypoints.review_box``)."""
+    return np.asarray([review_box(shape) if shape.type in KEYPOINT_TYPES else shape.bbox() for shape in shapes],
+                      dtype=float).reshape(-1, 4)
 
 
 def score_of(shape: Shape) -> float:
@@ -96,10 +99,11 @@ def score_of(shape: Shape) -> float:
 
 
 def overlap(predicted: Sequence[Shape], truth: Sequence[Shape]) -> np.ndarray:
-    """``len(predicted) × len(truth)``: the keypoint similarity when all are skeletons or points, else IoU: of the
-    boxes, or of the outlines where either shape is turned (a rotated rectangle or an ellipse; see the module doc).
+    """``len(predicted) × len(truth)``: the keypoint similarity when all are skeletons, else IoU: of the boxes (a
+    point's grown to a size, ``keypoints.review_box``: OKS at a skeleton's scale would call a point 6 px off a miss),
+    or of the outlines where either shape is turned (a rotated rectangle or an ellipse; see the module doc).
     Outlines whose boxes do not meet do not meet either."""
-    if all(is_keypoint_shape(shape) for shape in (*predicted, *truth)):
+    if all(shape.type == "skeleton" for shape in (*predicted, *truth)):
         return keypoint_similarity(predicted, truth)
     overlaps = box_iou(boxes(predicted), boxes(truth))
     for row, column in zip(*np.nonzero(overlaps), strict=True):

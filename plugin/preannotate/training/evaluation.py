@@ -1,4 +1,9 @@
-"""COCO metrics with pycocotools: mAP@[.5:.95], mAP@.5, mAP@.75 and per-class AP, for boxes and for masks.
+"""COCO metrics with pycocotools: mAP@[.5:.95], mAP@.5, mAP@.75 and per-class AP, for boxes, masks and keypoints.
+
+A keypoint model is scored by COCO's keypoint AP: object keypoint similarity (OKS) in place of IoU, with a uniform
+per-keypoint sigma (``models.keypoints.OKS_SIGMA``: COCO defines sigmas for a person only; that module says why
+0.05) and the object's padded keypoint box as its area; keypoints CVAT has ``outside`` are not scored. Its
+headline ``map`` is the keypoint AP (what it hands CVAT), its boxes are scored beside it.
 
 ``evaluate`` runs a torch model over a validation loader and scores it in the coordinates the loader gives (the
 resized frames: IoU does not care about scale); ``score_detector`` runs any ``Detector`` over frames and scores its
@@ -14,8 +19,10 @@ and a promotion compare, whatever the model: mAP, or top-1 accuracy.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +33,7 @@ from pycocotools.cocoeval import COCOeval
 
 from preannotate.formats import coco
 from preannotate.frames import FrameImages
+from preannotate.models.keypoints import OKS_SIGMA, KeypointLayout, object_box, object_keypoints, oks_area
 from preannotate.shapes import FrameAnnotations, Label, Shape
 
 if TYPE_CHECKING:
@@ -53,6 +61,8 @@ def coco_metrics(ground_truth: dict[str, Any], results: list[dict[str, Any]], la
         if not results:  # loadRes cannot take an empty list: nothing found scores zero where there was something
             return _empty(gt, labels, curves)
         evaluation = COCOeval(gt, gt.loadRes(results), iou_type)
+        if iou_type == "keypoints":
+            evaluation.params.kpt_oks_sigmas = np.full(len(results[0]["keypoints"]) // 3, OKS_SIGMA)
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
@@ -99,13 +109,15 @@ def _rle(bitmap: np.ndarray) -> dict[str, Any]:
 
 
 class CocoAccumulator:
-    """Ground truth and detections, image by image, as COCO dicts (image ids from 1)."""
+    """Ground truth and detections, image by image, as COCO dicts (image ids from 1); with ``keypoints`` (a keypoint
+    model's channels) the targets' and outputs' keypoints too."""
 
-    def __init__(self, with_masks: bool):
-        self.with_masks = with_masks
+    def __init__(self, with_masks: bool, keypoints: KeypointLayout | None = None):
+        self.with_masks, self.keypoints = with_masks, keypoints
+        self._counts = {} if keypoints is None else {first: count for first, count in keypoints.slots.values()}
         self.images: list[dict[str, Any]] = []
         self.annotations: list[dict[str, Any]] = []
-        self.results: dict[str, list[dict[str, Any]]] = {"bbox": [], "segm": []}
+        self.results: dict[str, list[dict[str, Any]]] = {"bbox": [], "segm": [], "keypoints": []}
 
     def add(self, target: dict[str, torch.Tensor], output: dict[str, torch.Tensor], height: int, width: int) -> None:
         image_id = len(self.images) + 1
@@ -118,6 +130,11 @@ class CocoAccumulator:
             if target_masks is not None:
                 annotation["segmentation"] = _rle(target_masks[i])
                 annotation["area"] = float(target_masks[i].sum())
+            if self.keypoints is not None:
+                points = target["keypoints"][i].tolist()
+                annotation.update(_coco_keypoints(points))
+                first = next((channel for channel, point in enumerate(points) if point[2] > 0), None)
+                annotation["area"] = oks_area(box, self._counts.get(first, 0), width, height)
             self.annotations.append(annotation)
         boxes, scores, labels = (output[k].detach().cpu() for k in ("boxes", "scores", "labels"))
         output_masks = (output["masks"][:, 0] > 0.5).cpu().numpy() if self.with_masks else None
@@ -126,6 +143,9 @@ class CocoAccumulator:
             result = {"image_id": image_id, "category_id": int(label), "bbox": [x1, y1, x2 - x1, y2 - y1],
                       "score": float(score)}
             self.results["bbox"].append(result)
+            if self.keypoints is not None:
+                xy = output["keypoints"][i, :, :2].tolist()
+                self.results["keypoints"].append({**result, "keypoints": [v for x, y in xy for v in (x, y, 1)]})
             if output_masks is not None:
                 self.results["segm"].append({**result, "segmentation": _rle(output_masks[i])})
 
@@ -136,8 +156,16 @@ class CocoAccumulator:
         out = {"bbox": coco_metrics(ground_truth, self.results["bbox"], labels, "bbox"), "images": len(self.images)}
         if self.with_masks:
             out["segm"] = coco_metrics(ground_truth, self.results["segm"], labels, "segm")
-        headline = out["segm" if self.with_masks else "bbox"]
+        if self.keypoints is not None:
+            out["keypoints"] = coco_metrics(ground_truth, self.results["keypoints"], labels, "keypoints")
+        headline = out["segm" if self.with_masks else "keypoints" if self.keypoints is not None else "bbox"]
         return {"map": headline["map"], "map50": headline["map50"], **out}
+
+
+def _coco_keypoints(keypoints: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """COCO's ``keypoints`` (flat ``x, y, v``) and ``num_keypoints`` of one object's ``K×3`` keypoints."""
+    return {"keypoints": [float(v) for point in keypoints for v in point[:3]],
+            "num_keypoints": sum(1 for point in keypoints if point[2] > 0)}
 
 
 def headline(metrics: dict[str, Any]) -> float | None:
@@ -146,14 +174,15 @@ def headline(metrics: dict[str, Any]) -> float | None:
 
 
 def headline_name(metrics: dict[str, Any]) -> str:
-    return "top-1 accuracy" if "top1" in metrics else "mAP"
+    return "top-1 accuracy" if "top1" in metrics else "keypoint AP (OKS)" if "keypoints" in metrics else "mAP"
 
 
 def summary(metrics: dict[str, Any], missing: str = "none") -> str:
     """The scores people read, as one phrase: ``mAP@.5 0.912, mAP 0.640`` or ``top-1 0.950, top-5 1.000``."""
     if "top1" in metrics:
         return f"top-1 {score_text(metrics.get('top1'), missing)}, top-5 {score_text(metrics.get('top5'), missing)}"
-    return f"mAP@.5 {score_text(metrics.get('map50'), missing)}, mAP {score_text(metrics.get('map'), missing)}"
+    what = "keypoint AP" if "keypoints" in metrics else "mAP"  # a keypoint model's headline is OKS's
+    return f"{what}@.5 {score_text(metrics.get('map50'), missing)}, {what} {score_text(metrics.get('map'), missing)}"
 
 
 def accuracy(truth: Sequence[int], ranked: Sequence[Sequence[int]], labels: Sequence[Label]) -> dict[str, Any]:
@@ -240,14 +269,14 @@ def _recalibrate(model, batches, device, frozen) -> int:
 
 
 def evaluate(model: torch.nn.Module, batches: Iterable[tuple[Sequence[torch.Tensor], Sequence[dict]]],
-             labels: Sequence[Label], with_masks: bool = False, device: torch.device | str = "cpu"
-             ) -> dict[str, Any]:
-    """COCO metrics of ``model`` on ``batches`` of ``(images, targets)`` (a validation loader). The model is
-    left in eval mode."""
+             labels: Sequence[Label], with_masks: bool = False, device: torch.device | str = "cpu",
+             keypoints: KeypointLayout | None = None) -> dict[str, Any]:
+    """COCO metrics of ``model`` on ``batches`` of ``(images, targets)`` (a validation loader; ``keypoints``: a
+    keypoint model's, scored by OKS too). The model is left in eval mode."""
     import torch
 
     model.eval()
-    accumulator = CocoAccumulator(with_masks)
+    accumulator = CocoAccumulator(with_masks, keypoints)
     with torch.inference_mode():
         _accumulate(model, batches, device, accumulator)
     return accumulator.metrics(labels)
@@ -313,7 +342,7 @@ def score_shapes(frames: Sequence[FrameAnnotations], predictions: Sequence[Seque
     the frames' own pixels (``coco_metrics``; ``curves``: each class's precision at IoU .5). ``iou_type``: ``bbox``
     judges every shape by its upright box; ``segm`` by its outline (a rotated rectangle by its corners, an ellipse
     by its pixels, an upright rectangle by itself): the mAP of rotated rectangles and ellipses."""
-    ordered = [Label(label.name, label.type, label.attributes, i) for i, label in enumerate(labels, start=1)]
+    ordered = [dataclasses.replace(label, id=i) for i, label in enumerate(labels, start=1)]
     outlined = _outlined if iou_type == "segm" else list
     truth = coco.to_coco([(FrameAnnotations(frame.frame, frame.width, frame.height, frame.name,
                                             outlined(frame.shapes)), frame.name) for frame in frames], ordered)
@@ -341,3 +370,71 @@ def score_detector(detector, items: Sequence[tuple[FrameAnnotations, FrameImages
         predicted.append(shapes)
     box = score_shapes(frames, predicted, labels)
     return {"map": box["map"], "map50": box["map50"], "bbox": box, "images": len(frames)}
+
+
+def score_keypoints(frames: Sequence[FrameAnnotations], predictions: Sequence[Sequence[Shape]],
+                    labels: Sequence[Label], *, curves: bool = False) -> dict[str, Any]:
+    """Keypoint AP (OKS, ``coco_metrics`` with ``iou_type="keypoints"``) of the skeleton and points shapes a
+    detector served on each frame against the frames' own, in the frames' pixels: what CVAT receives, scored. Also
+    ``visibility``: the share of truly visible and of truly hidden keypoints of matched objects that came back so
+    (a prediction is matched to the true object of its label with the nearest visible keypoints). ``curves``: each
+    class's precision at OKS .5 (as ``coco_metrics`` gives it at IoU .5)."""
+    ordered = [dataclasses.replace(label, id=i) for i, label in enumerate(labels, start=1)]
+    layout, by_name = KeypointLayout.of(ordered), {label.name: label for label in ordered}
+    images, annotations, results = [], [], []
+    agree = {"visible": [0, 0], "hidden": [0, 0]}  # [came back so, of]
+    for image_id, (frame, found) in enumerate(zip(frames, predictions, strict=True), start=1):
+        images.append({"id": image_id, "width": frame.width, "height": frame.height})
+        truths = []
+        for shape in frame.shapes:
+            label = by_name.get(shape.label)
+            for points in (object_keypoints(shape, label) if label is not None else []):
+                box = object_box(points, frame.width, frame.height)
+                if box is None:
+                    continue
+                row = _in_layout(layout, label.name, [(x, y, 2 if seen else 0) for x, y, seen in points])
+                x1, y1, x2, y2 = box
+                area = oks_area(box, len(layout.channels(label.name)), frame.width, frame.height)
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label.id,
+                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": area,
+                                    "iscrowd": 0, **_coco_keypoints(row)})
+                truths.append((label.name, points))
+        for shape in sorted(found, key=lambda shape: -(shape.score or 0.0)):  # best first: it takes its truth
+            label = by_name.get(shape.label)
+            points = (object_keypoints(shape, label) or [[]])[0] if label is not None else []
+            if not points or label.name not in layout.slots:
+                continue
+            row = _in_layout(layout, label.name, [(x, y, 1) for x, y, _ in points])
+            results.append({"image_id": image_id, "category_id": label.id, "score": float(shape.score or 0.0),
+                            "keypoints": [v for point in row for v in point]})
+            _count_visibility(agree, label.name, points, truths)
+    scored = coco_metrics({"images": images, "annotations": annotations}, results, ordered, "keypoints",
+                          curves=curves)
+    scored["visibility"] = {kind: (round(came / total, 4) if total else None) for kind, (came, total) in
+                            agree.items()}
+    return scored
+
+
+def _in_layout(layout: KeypointLayout, label: str, points: Sequence[tuple[float, float, float]]) -> list[list[float]]:
+    row = [[0.0, 0.0, 0.0] for _ in range(layout.total)]
+    for channel, point in zip(layout.channels(label), points, strict=True):
+        row[channel] = [float(v) for v in point]
+    return row
+
+
+def _count_visibility(agree: dict[str, list[int]], label: str, predicted: Sequence[tuple[float, float, bool]],
+                      truths: list[tuple[str, Sequence[tuple[float, float, bool]]]]) -> None:
+    """Count whether each keypoint of ``predicted`` came back visible as the nearest true object of its label not
+    yet taken (which it takes: predictions come best first, so duplicates find none left) has it."""
+    def distance(truth: Sequence[tuple[float, float, bool]]) -> float:
+        pairs = [(p, t) for p, t in zip(predicted, truth, strict=True) if t[2]]
+        return sum(math.hypot(p[0] - t[0], p[1] - t[1]) for p, t in pairs) / len(pairs) if pairs else math.inf
+
+    mine = [i for i, (name, _) in enumerate(truths) if name == label]
+    if not mine:
+        return
+    nearest = min(mine, key=lambda i: distance(truths[i][1]))
+    for (_, _, seen), (_, _, truly) in zip(predicted, truths.pop(nearest)[1], strict=True):
+        kind = "visible" if truly else "hidden"
+        agree[kind][0] += seen == truly
+        agree[kind][1] += 1

@@ -26,6 +26,7 @@ everything in train mode can score near zero in eval mode.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import logging
 import math
@@ -110,7 +111,7 @@ class RunSpec:
                 named = ", ".join(label.name for label in labels) or "a tag label"
                 raise ValueError(f"no training frame has a tag of {named}: tag frames in CVAT (labels of type tag) "
                                  "to train a classifier")
-        numbered = [Label(label.name, label.type, label.attributes, i) for i, label in enumerate(labels, 1)]
+        numbered = [dataclasses.replace(label, id=i) for i, label in enumerate(labels, 1)]  # sublabels kept
         previous = Path(previous) if previous else None
         hp = effective_hyperparameters(arch.name, hyperparameters, len(train_items), previous=previous is not None)
         check_batch_size(arch.name, hp)

@@ -42,6 +42,7 @@ from matplotlib.patches import Polygon, Rectangle
 
 from preannotate.formats import masks
 from preannotate.frames import FrameImages, decode_rgb
+from preannotate.models.keypoints import KEYPOINT_TYPES, skeleton_edges
 from preannotate.shapes import LEARNED_ATTRIBUTE_TYPES, TAG, FrameAnnotations, Label, Shape
 from preannotate.training import edits
 from preannotate.training.edits import threshold_text
@@ -52,6 +53,7 @@ from preannotate.training.evaluation import (  # noqa: F401 - detect_frames and 
     detect_frames,
     headline,
     sample_detections,
+    score_keypoints,
     score_shapes,
     spread,
 )
@@ -214,7 +216,10 @@ def precision_recall(frames: Sequence[FrameAnnotations], predictions: Sequence[S
                      labels: Sequence[Label]) -> dict[str, Any]:
     """Box COCO metrics of ``predictions`` (the shapes found on each frame, scored) against the frames' ground
     truth, in the frames' own pixels, with each class's precision at IoU .5 over COCO's 101 recall points
-    (``per_class[name]["precision50"]``, see ``coco_metrics``)."""
+    (``per_class[name]["precision50"]``, see ``coco_metrics``); a keypoint model's (skeleton and points labels) by
+    OKS in place of IoU (``score_keypoints``)."""
+    if any(label.type in KEYPOINT_TYPES for label in labels):
+        return score_keypoints(frames, predictions, labels, curves=True)
     return score_shapes(frames, predictions, labels, curves=True)
 
 
@@ -676,6 +681,7 @@ def _grid_figure(frames: Sequence[tuple[bytes | np.ndarray, FrameAnnotations, Fr
     colours = _colours(names)
     learned = {label.name: [spec.name for spec in label.attributes if spec.input_type in LEARNED_ATTRIBUTE_TYPES]
                for label in labels or ()}  # the attribute values the truth's captions show
+    edges = {label.name: skeleton_edges(label) for label in labels or ()}
     widest = max(image.shape[1] for image in images)
     cell = widest * math.ceil(MIN_CELL_PX / widest) if widest < MIN_CELL_PX else min(widest, MAX_CELL_PX)
     scale = cell / widest  # screen pixels per frame pixel
@@ -712,7 +718,7 @@ def _grid_figure(frames: Sequence[tuple[bytes | np.ndarray, FrameAnnotations, Fr
         left = gap + column * (cell_w + gap)
         top = header + row * (cell_h + caption + gap) + caption
         ax = figure.add_axes((left / width, 1 - (top + cell_h) / height, cell_w / width, cell_h / height))
-        _draw_frame(ax, image, truth, predicted, colours, scale, cell, review, learned)
+        _draw_frame(ax, image, truth, predicted, colours, scale, cell, review, learned, edges)
     return figure
 
 
@@ -743,7 +749,8 @@ def _legend_handles(used: Sequence[str], colours: dict[str, str], missed: bool =
 
 def _draw_frame(ax, image: np.ndarray, truth: FrameAnnotations, predicted: FrameAnnotations,
                 colours: dict[str, str], scale: float, cell: int, review: edits.FrameReview | None = None,
-                learned: Mapping[str, Sequence[str]] | None = None) -> None:
+                learned: Mapping[str, Sequence[str]] | None = None,
+                edges: Mapping[str, Sequence[tuple[int, int]]] | None = None) -> None:
     height, width = image.shape[:2]
     ax.imshow(image, extent=(0, width, height, 0), interpolation="nearest" if scale >= 1 else "antialiased")
     ax.set_xlim(0, width)
@@ -760,12 +767,12 @@ def _draw_frame(ax, image: np.ndarray, truth: FrameAnnotations, predicted: Frame
     # Truth's white dashes go over everything, its black under everything: a detection right on the truth shows
     # as its colour with the truth's dashes running along the middle, rather than hiding it.
     for shape in truth.shapes:
-        for outline, closed in _outlines(shape, width, height):
+        for outline, closed in _outlines(shape, width, height, (edges or {}).get(shape.label, ())):
             ax.add_patch(Polygon(outline, closed=closed, fill=False, joinstyle="round", **TRUTH_UNDER, zorder=2))
             ax.add_patch(Polygon(outline, closed=closed, fill=False, **TRUTH_OVER, zorder=5))
     for shape in shown:
         colour = colours.get(shape.label, PALETTE[0])
-        for outline, closed in _outlines(shape, width, height):
+        for outline, closed in _outlines(shape, width, height, (edges or {}).get(shape.label, ())):
             ax.add_patch(Polygon(outline, closed=closed, fill=False, joinstyle="round", **PREDICTION_UNDER, zorder=3))
             ax.add_patch(Polygon(outline, closed=closed, fill=False, color=colour, linewidth=PREDICTION_WIDTH,
                                  zorder=4))
@@ -836,10 +843,19 @@ def _tag(ax, shape: Shape, text: str, colour: str, width: int, height: int, scal
             bbox={"boxstyle": "square,pad=0.18", "facecolor": colour, "edgecolor": "black", "linewidth": 0.6})
 
 
-def _outlines(shape: Shape, width: int, height: int) -> list[tuple[np.ndarray, bool]]:
+def _outlines(shape: Shape, width: int, height: int, edges: Sequence[tuple[int, int]] = ()
+              ) -> list[tuple[np.ndarray, bool]]:
     """The outlines to draw for a shape, as ``(N×2 points, closed)``: every region of a mask, a polygon, a sampled
-    ellipse or rotated rectangle; a polyline open; points as a tiny closed square each; anything else its box."""
+    ellipse or rotated rectangle; a polyline open; points as a tiny closed square each; a skeleton its ``edges``
+    (keypoint index pairs, ``keypoints.skeleton_edges``) between visible keypoints, open, and its visible keypoints
+    as points (a hidden one is not drawn); anything else its box."""
     try:
+        if shape.type == "skeleton":
+            seen = {i: element.points[:2] for i, element in enumerate(shape.elements)
+                    if not element.outside and len(element.points) >= 2}
+            lines = [(np.asarray([seen[a], seen[b]], dtype=float), False) for a, b in edges if a in seen and b in seen]
+            dots = Shape(shape.label, "points", [v for point in seen.values() for v in point])
+            return lines + _outlines(dots, width, height)
         if shape.type == "mask":
             return [(outline, True) for outline in _mask_outlines(shape.points)]
         if shape.type in ("rectangle", "polygon", "ellipse"):
@@ -848,6 +864,8 @@ def _outlines(shape: Shape, width: int, height: int) -> list[tuple[np.ndarray, b
         if shape.type == "polyline":
             return [(np.asarray(shape.points, dtype=float).reshape(-1, 2), False)]
         if shape.type == "points":
+            if not shape.points:
+                return []
             r = max(2.0, min(width, height) / 120)
             return [(np.array([[x - r, y - r], [x + r, y - r], [x + r, y + r], [x - r, y + r]]), True)
                     for x, y in np.asarray(shape.points, dtype=float).reshape(-1, 2)]

@@ -35,6 +35,11 @@ With ``tags=True`` every frame (but a few) also gets a CVAT tag — what a class
 changes the whole picture, objects included: ``day`` (bright, warm), ``night`` (dark, blue) or ``fog`` (a pale haze
 that flattens the contrast). The tag labels are of CVAT type ``tag``.
 
+``generate_skeletons`` makes a pose task: stick figures (a ``figure`` skeleton of 7 keypoints — head, neck, hip, both
+hands, both feet; left limbs orange, right limbs cyan) in random poses, grey boards in front of some of them (a
+keypoint behind a board is ``outside``: not visible), and ``marker`` points (small green diamonds, a CVAT ``points``
+label of one point).
+
 Frames are textured (smooth colour noise, stripes, grain) and stored as JPEG or PNG bytes in ``InMemoryFrames``,
 so they go through the same decoders and formats as CVAT's frames. Objects may overlap (then the one below is
 ``occluded``); some frames are empty, as real tasks have negatives. Everything is a function of ``seed``.
@@ -51,6 +56,7 @@ from PIL import Image, ImageDraw
 
 from preannotate.formats import masks
 from preannotate.frames import InMemoryFrames
+from preannotate.models.keypoints import skeleton_label
 from preannotate.shapes import (
     AnnotationSet,
     AttributeSpec,
@@ -328,6 +334,104 @@ def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float,
         return 0.0
     smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
     return iw * ih / smaller
+
+
+# ---------------------------------------------------------------------------------------------------------- skeletons
+
+FIGURE_KEYPOINTS = ("head", "neck", "hip", "left_hand", "right_hand", "left_foot", "right_foot")
+FIGURE_EDGES = ((0, 1), (1, 2), (1, 3), (1, 4), (2, 5), (2, 6))
+# where CVAT's skeleton editor shows the figure's nodes (its 100×100 canvas)
+FIGURE_LAYOUT = ((50, 10), (50, 30), (50, 60), (25, 45), (75, 45), (35, 95), (65, 95))
+SKELETON_LABELS = (skeleton_label("figure", FIGURE_KEYPOINTS, FIGURE_EDGES, 1, FIGURE_LAYOUT),
+                   Label("marker", "points", id=2))
+LIMB_COLOURS = {"body": (235, 235, 235), "left": (250, 150, 30), "right": (40, 210, 230), "head": (245, 215, 60)}
+MARKER_COLOUR = (40, 200, 70)
+BOARD_TONES = (95, 150)  # the grey of the boards hiding parts of figures
+
+
+def generate_skeletons(num_frames: int = 40, width: int = 160, height: int = 120, seed: int = 0,
+                       figures: tuple[int, int] = (1, 2), markers: tuple[int, int] = (0, 2),
+                       occluded_fraction: float = 0.5, size: tuple[float, float] = (0.55, 0.9),
+                       image_format: str = "JPEG") -> SyntheticTask:
+    """``num_frames`` frames of ``figures`` (min, max) stick figures ``size`` (a fraction of the frame's height)
+    tall and ``markers`` (min, max) points; ``occluded_fraction`` of the figures have a grey board in front of
+    a part of them, the keypoints behind it ``outside`` (see the module docstring)."""
+    frames, files = {}, {}
+    extension = "png" if image_format.upper() == "PNG" else "jpg"
+    for number in range(num_frames):
+        rng = np.random.default_rng([seed, number, 23])
+        image = Image.fromarray(_background(rng, width, height))
+        draw = ImageDraw.Draw(image)
+        shapes = []
+        for _ in range(int(rng.integers(figures[0], figures[1] + 1))):
+            joints = _pose(rng, width, height, size)
+            _draw_figure(draw, joints, height)
+            hidden = np.zeros(len(joints), bool)
+            if rng.random() < occluded_fraction:
+                board = _board(rng, joints, width, height)
+                tone = int(rng.integers(*BOARD_TONES))
+                draw.rectangle(board, fill=(tone, tone, tone), outline=(60, 60, 60))
+                x1, y1, x2, y2 = board
+                hidden = (joints[:, 0] >= x1) & (joints[:, 0] <= x2) & (joints[:, 1] >= y1) & (joints[:, 1] <= y2)
+            for shape in shapes:  # a board or a later figure hides what it covers of the figures drawn before
+                shape.occluded = shape.occluded or bool(hidden.any())
+            shapes.append(Shape("figure", "skeleton", [], frame=number, elements=[
+                Shape(name, "points", [round(float(x), 2), round(float(y), 2)], frame=number, outside=bool(gone))
+                for name, (x, y), gone in zip(FIGURE_KEYPOINTS, joints, hidden, strict=True)]))
+        for _ in range(int(rng.integers(markers[0], markers[1] + 1))):
+            x, y = rng.uniform(0.05, 0.95) * width, rng.uniform(0.05, 0.95) * height
+            r = max(2.5, 0.03 * height)
+            draw.polygon([(x, y - r), (x + r, y), (x, y + r), (x - r, y)], fill=MARKER_COLOUR, outline=(0, 0, 0))
+            shapes.append(Shape("marker", "points", [round(x, 2), round(y, 2)], frame=number))
+        frames[number] = FrameAnnotations(number, width, height, name=f"frame_{number:06d}.{extension}",
+                                          shapes=shapes)
+        buffer = io.BytesIO()
+        image.save(buffer, format=image_format, **({"quality": 92} if extension == "jpg" else {}))
+        files[number] = buffer.getvalue()
+    return SyntheticTask(AnnotationSet(frames=frames, labels=list(SKELETON_LABELS)), InMemoryFrames(files))
+
+
+def _pose(rng: np.random.Generator, width: int, height: int, size: tuple[float, float]) -> np.ndarray:
+    """A figure's 7 joints (``FIGURE_KEYPOINTS``), inside the frame: a torso leaning a little, arms and legs at
+    random angles."""
+    tall = height * rng.uniform(*size)
+    torso, head, arm, leg = 0.32 * tall, 0.13 * tall, 0.3 * tall, 0.42 * tall
+    lean = rng.uniform(-0.35, 0.35)
+    hip = np.array([0.0, 0.0])
+    neck = hip + torso * np.array([math.sin(lean), -math.cos(lean)])
+    top = neck + head * np.array([math.sin(lean), -math.cos(lean)])
+    limb = lambda start, length, angle: start + length * np.array([math.sin(angle), math.cos(angle)])  # noqa: E731
+    joints = np.stack([top, neck, hip,
+                       limb(neck, arm, rng.uniform(0.4, 2.6)), limb(neck, arm, -rng.uniform(0.4, 2.6)),
+                       limb(hip, leg, rng.uniform(0.1, 0.7)), limb(hip, leg, -rng.uniform(0.1, 0.7))])
+    low, high = joints.min(0), joints.max(0)
+    margin = 0.06 * min(width, height)
+    span = np.array([width, height]) - 2 * margin - (high - low)
+    offset = margin - low + rng.uniform(0, 1, 2) * np.clip(span, 0, None)
+    return joints + offset
+
+
+def _draw_figure(draw: ImageDraw.ImageDraw, joints: np.ndarray, height: int) -> None:
+    thick = max(2, int(0.035 * height))
+    head, neck, hip, left_hand, right_hand, left_foot, right_foot = (tuple(float(v) for v in j) for j in joints)
+    for (start, end), side in (((neck, hip), "body"), ((neck, left_hand), "left"), ((hip, left_foot), "left"),
+                               ((neck, right_hand), "right"), ((hip, right_foot), "right")):
+        draw.line([start, end], fill=LIMB_COLOURS[side], width=thick)
+    r = max(3.0, float(np.hypot(*(joints[0] - joints[1]))) * 0.55)
+    cx, cy = head
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=LIMB_COLOURS["head"], outline=(0, 0, 0))
+    for x, y in (left_hand, right_hand, left_foot, right_foot):  # hands and feet: small dark knobs
+        draw.ellipse([x - thick, y - thick, x + thick, y + thick], fill=(30, 30, 30))
+
+
+def _board(rng: np.random.Generator, joints: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """A grey board over one or two of the figure's joints (not all: some of it stays to be found)."""
+    hidden = rng.choice(len(joints), size=int(rng.integers(1, 3)), replace=False)
+    low, high = joints[hidden].min(0), joints[hidden].max(0)
+    pad = 0.07 * min(width, height)
+    x1, y1 = np.clip(low - pad * rng.uniform(0.5, 1.5, 2), 0, [width, height])
+    x2, y2 = np.clip(high + pad * rng.uniform(0.5, 1.5, 2), 0, [width, height])
+    return int(x1), int(y1), int(x2), int(y2)
 
 
 # ---------------------------------------------------------------------------------------------------------- video

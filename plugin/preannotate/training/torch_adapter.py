@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from preannotate.files import replacing
 from preannotate.models import Detector, create_detector, family_of
+from preannotate.models.keypoints import KeypointLayout
 from preannotate.training import data, optim
 from preannotate.training.evaluation import evaluate, evaluate_tags, recalibrate_batch_norm
 from preannotate.training.loop import RunSpec, StepOutcome
@@ -55,6 +56,7 @@ class Adapter:
             torch.cuda.set_device(self.device)
         self.tags = spec.arch.output == "tag"
         self.with_masks = spec.arch.output == "mask"
+        self.with_keypoints = spec.arch.output == "skeleton"
         self.checkpoint, self.best = spec.output / "last.pt", spec.output / "best.pt"
         self.stage: int | None = None
 
@@ -176,7 +178,8 @@ class Adapter:
                 return None
             if self.tags:
                 return evaluate_tags(self.model, self.val_loader, self.spec.labels, self.device)
-            return evaluate(self.model, self.val_loader, self.spec.labels, self.with_masks, self.device)
+            return evaluate(self.model, self.val_loader, self.spec.labels, self.with_masks, self.device,
+                            keypoints=KeypointLayout.of(self.spec.labels) if self.with_keypoints else None)
         finally:
             self._train_mode()
 
@@ -204,9 +207,10 @@ class Adapter:
 
     def _dataset(self, items: Sequence[data.Item], train: bool) -> data.DetectionDataset:
         hp = self.spec.hp
-        transform = data.transforms(hp, self.spec.arch.fixed_size, train, boxes=not self.tags)
+        transform = data.transforms(hp, self.spec.arch.fixed_size, train, boxes=not self.tags,
+                                    keypoints=KeypointLayout.of(self.spec.labels) if self.with_keypoints else None)
         return data.DetectionDataset(items, self.spec.labels, transform, self.with_masks,
-                                     hp.recipe.seed if train else 0, tags=self.tags)
+                                     hp.recipe.seed if train else 0, tags=self.tags, keypoints=self.with_keypoints)
 
     def _val_loader(self):
         return data.loader(self._dataset(self.spec.val_items, False), batch_size=self.spec.hp.recipe.batch_size,
