@@ -45,6 +45,13 @@ def store(tmp_path_factory):
     publish_detector(create_detector("keypointrcnn_mobilenet_v3_large_fpn", POSE_LABELS,
                                      hyperparameters="init=random; image-size=96; max-image-size=128; "
                                                      "nms-score-threshold=0; max-total-detections=300"), store, "pose")
+    torch.manual_seed(4)  # random masks of both labels, turned ones among them, on the first frame
+    outlines = create_detector("custom", [Label("plate", "rectangle"), Label("cell", "ellipse")], device="cpu",
+                               hyperparameters="init=random; backbone=resnet18; top-level=4; neck=fpn; "
+                                               "neck-levels=3-4; neck-channels=32; head=mask-rcnn; image-size=96; "
+                                               "max-image-size=128; nms-score-threshold=0; max-total-detections=100")
+    outlines.manifest.outlines = {"plate": "rotated-rectangle", "cell": "ellipse"}
+    publish_detector(outlines, store, "outlines")
     return store
 
 
@@ -142,6 +149,23 @@ def test_skeletons_and_points_are_declared_with_their_keypoints_and_returned_wit
     expected = sorted((s.label, s.type, tuple(float(v) for v in s.points),
                        tuple((e.label, tuple(float(v) for v in e.points), False) for e in s.elements)) for s in found)
     assert stored == expected and {kind for _, kind, _, _ in stored} == {"skeleton", "points"}
+
+
+def test_a_mask_model_returns_rotated_rectangles_and_ellipses_in_their_labels_types(cvat_double, client, store):
+    function = cvat_function.create(model="outlines", store=str(store.root))
+    assert [(label.name, label.type) for label in function.spec.labels] == [("plate", "rectangle"),
+                                                                             ("cell", "ellipse")]
+    task = add_task(cvat_double, [{"name": "plate", "type": "rectangle"}, {"name": "cell", "type": "ellipse"}],
+                    frames=FILES[:1])
+    cvataa.annotate_task(client, task, function, conf_threshold=0.0)
+    labels = {label["id"]: label["name"] for label in cvat_double.labels.values()}
+    stored = sorted((labels[s["label_id"]], s["type"], tuple(s["points"]), round(s["rotation"], 2))
+                    for s in cvat_double.annotations(task)["shapes"])
+    found = function.detector.detect([decode_rgb(FILES[0])], 0.0)[0]
+    assert stored == sorted((s.label, s.type, tuple(float(v) for v in s.points), round(s.rotation % 360, 2))
+                            for s in found)
+    assert {(label, kind) for label, kind, _, rotation in stored if rotation} == {("plate", "rectangle"),
+                                                                                  ("cell", "ellipse")}
 
 
 def test_create_needs_a_model(monkeypatch, store):
