@@ -15,8 +15,9 @@ from cvat_sdk import Client, Config
 from preannotate import cvat_function
 from preannotate.annotate import annotate_task
 from preannotate.frames import decode_rgb
-from preannotate.models import ModelStore, create_detector, publish_detector
-from preannotate.shapes import parse_label_list
+from preannotate.models import ModelStore, create_detector, keypoint_family, publish_detector
+from preannotate.models.keypoints import skeleton_label
+from preannotate.shapes import Label, parse_label_list
 
 from tests import cvat_double as double_module
 from tests.conftest import encode, photo, run_while_advancing
@@ -25,6 +26,8 @@ cvat_double = double_module.cvat_double
 logging.getLogger("cvat_sdk").setLevel(logging.ERROR)  # cvat-sdk 2.80 warns about the 2.42 server
 
 FILES = [encode(photo(64, 48, seed=i)) for i in range(4)]
+DOG = skeleton_label("dog", ["head", "tail", "paw"], [(0, 1), (1, 2)], label_id=1)
+POSE_LABELS = [DOG, Label("nose", "points", id=2)]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,17 @@ def store(tmp_path_factory):
     torch.manual_seed(1)
     publish_detector(create_detector("maskrcnn_resnet50_fpn", parse_label_list("road:mask,person:mask"),
                                      hyperparameters={"image_size": 96, "max_image_size": 128}), store, "masks")
+    torch.manual_seed(0)
+    publish_detector(create_detector("keypointrcnn_mobilenet_v3_large_fpn", POSE_LABELS,
+                                     hyperparameters="init=random; image-size=96; max-image-size=128; "
+                                                     "nms-score-threshold=0; max-total-detections=300"), store, "pose")
+    torch.manual_seed(4)  # random masks of both labels, turned ones among them, on the first frame
+    outlines = create_detector("custom", [Label("plate", "rectangle"), Label("cell", "ellipse")], device="cpu",
+                               hyperparameters="init=random; backbone=resnet18; top-level=4; neck=fpn; "
+                                               "neck-levels=3-4; neck-channels=32; head=mask-rcnn; image-size=96; "
+                                               "max-image-size=128; nms-score-threshold=0; max-total-detections=100")
+    outlines.manifest.outlines = {"plate": "rotated-rectangle", "cell": "ellipse"}
+    publish_detector(outlines, store, "outlines")
     return store
 
 
@@ -111,6 +125,47 @@ def test_masks_and_masks_as_polygons(cvat_double, client, store):
     cvataa.annotate_task(client, task, function, conf_threshold=0.75, conv_mask_to_poly=True, clear_existing=True)
     polygons = stored(cvat_double, task)
     assert len(polygons) == len(masks) and {kind for _, _, kind, _ in polygons} == {"polygon"}
+
+
+def test_skeletons_and_points_are_declared_with_their_keypoints_and_returned_with_every_one(cvat_double, client,
+                                                                                          store, monkeypatch):
+    """A keypoint model's skeleton label is declared with a keypoint per part, its points label as points; each
+    skeleton comes back with an element per part (by the task's sublabel ids) and each point as a points shape."""
+    # Random heatmaps are sure of no keypoint: served outside, every skeleton would be dropped (as CVAT drops one).
+    monkeypatch.setattr(keypoint_family, "VISIBLE_CONFIDENCE", 0.0)
+    function = cvat_function.create(model="pose", store=str(store.root))
+    assert [(label.name, label.id, label.type, [(part.name, part.id) for part in getattr(label, "sublabels", [])])
+            for label in function.spec.labels] == [
+        ("dog", 0, "skeleton", [("head", 0), ("tail", 1), ("paw", 2)]), ("nose", 1, "points", [])]
+    task = add_task(cvat_double, [{"name": "dog", "type": "skeleton", "svg": DOG.svg,
+                                   "sublabels": [{"name": part.name, "type": "points"} for part in DOG.sublabels]},
+                                  {"name": "nose", "type": "points"}], frames=FILES[:1])
+    cvataa.annotate_task(client, task, function, conf_threshold=0.0)
+    labels = {label["id"]: label["name"] for label in cvat_double.labels.values()}
+    stored = sorted((labels[s["label_id"]], s["type"], tuple(s["points"]),
+                     tuple((labels[e["label_id"]], tuple(e["points"]), e["outside"]) for e in s.get("elements", [])))
+                    for s in cvat_double.annotations(task)["shapes"])
+    found = function.detector.detect([decode_rgb(FILES[0])], 0.0)[0]
+    expected = sorted((s.label, s.type, tuple(float(v) for v in s.points),
+                       tuple((e.label, tuple(float(v) for v in e.points), False) for e in s.elements)) for s in found)
+    assert stored == expected and {kind for _, kind, _, _ in stored} == {"skeleton", "points"}
+
+
+def test_a_mask_model_returns_rotated_rectangles_and_ellipses_in_their_labels_types(cvat_double, client, store):
+    function = cvat_function.create(model="outlines", store=str(store.root))
+    assert [(label.name, label.type) for label in function.spec.labels] == [("plate", "rectangle"),
+                                                                             ("cell", "ellipse")]
+    task = add_task(cvat_double, [{"name": "plate", "type": "rectangle"}, {"name": "cell", "type": "ellipse"}],
+                    frames=FILES[:1])
+    cvataa.annotate_task(client, task, function, conf_threshold=0.0)
+    labels = {label["id"]: label["name"] for label in cvat_double.labels.values()}
+    stored = sorted((labels[s["label_id"]], s["type"], tuple(s["points"]), round(s["rotation"], 2))
+                    for s in cvat_double.annotations(task)["shapes"])
+    found = function.detector.detect([decode_rgb(FILES[0])], 0.0)[0]
+    assert stored == sorted((s.label, s.type, tuple(float(v) for v in s.points), round(s.rotation % 360, 2))
+                            for s in found)
+    assert {(label, kind) for label, kind, _, rotation in stored if rotation} == {("plate", "rectangle"),
+                                                                                  ("cell", "ellipse")}
 
 
 def test_create_needs_a_model(monkeypatch, store):

@@ -344,3 +344,54 @@ def test_a_skeleton_added_to_a_project_by_patch_gets_its_parts(cvat_double):
         labels = read_labels([label.to_dict() for label in client.projects.retrieve(project).get_labels()])
     cat = labels[1]
     assert [s.name for s in cat.sublabels] == ["ear", "tail"] and skeleton_edges(cat) == [(1, 2)]
+
+
+# --- exported and read back ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["coco", "tfrecord"])
+def test_a_task_with_skeletons_exports_its_keypoints_and_trains_from_them(cvat_double, skeleton_task, monkeypatch,
+                                                                         tmp_path, capsys, fmt):
+    """``preannotate export`` as a user types it: the COCO folder holds CVAT's *COCO Keypoints 1.0* file beside the
+    instances, the records their keypoint keys; either reads back (what training reads) with the same skeletons."""
+    from preannotate.cli import main as cli
+    from preannotate.formats.dataset import read_dataset, training_split
+
+    dog = dog_shape(Shape("nose", "points", [20, 20]), Shape("back", "points", [50, 40], occluded=True),
+                    Shape("tail", "points", [80, 60], outside=True))
+    with make_client(cvat_double.base_url, credentials=cvat_double.credentials) as client:
+        TaskWriter(client, skeleton_task).write({0: [dog, Shape("pin", "points", [7, 8], score=0.6)],
+                                                 1: [dog_shape(Shape("nose", "points", [30, 30]),
+                                                               Shape("back", "points", [60, 50]),
+                                                               Shape("tail", "points", [90, 70]))]})
+    for key, value in (("CVAT_URL", cvat_double.base_url), ("CVAT_USERNAME", cvat_double.credentials[0]),
+                       ("CVAT_PASSWORD", cvat_double.credentials[1]), ("PREANNOTATE_CACHE", str(tmp_path / "c"))):
+        monkeypatch.setenv(key, value)
+    out = tmp_path / fmt
+    assert cli(["export", "--task", str(skeleton_task), "--format", fmt, "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    if fmt == "coco":
+        import json
+
+        written = json.loads((out / "annotations" / "person_keypoints_train.json").read_text())
+        assert [(c["name"], c["keypoints"]) for c in written["categories"]] == [
+            ("dog", ["nose", "back", "tail"]), ("pin", ["pin"])]
+        assert [a["num_keypoints"] for a in written["annotations"]] == [2, 1, 3]
+    labels, splits = read_dataset(out)
+    assert [(label.name, label.type, [s.name for s in label.sublabels]) for label in labels] == [
+        ("dog", "skeleton", ["nose", "back", "tail"]), ("pin", "points", [])]
+
+    def keypoints(frames):  # (the records keep float32 shares of the frame: to a hundredth of a pixel)
+        return sorted((frame.frame, shape.label, shape.type, tuple(round(v, 2) for v in shape.points),
+                       tuple((e.label, tuple(round(v, 2) for v in e.points), e.occluded, e.outside)
+                             for e in shape.elements))
+                      for frame in frames for shape in frame.shapes)
+
+    assert keypoints(frame for frame, _ in splits["train"]) == [
+        (0, "dog", "skeleton", (), (("nose", (20.0, 20.0), False, False), ("back", (50.0, 40.0), True, False),
+                                    ("tail", (80.0, 60.0), False, True))),
+        (0, "pin", "points", (7.0, 8.0), ()),
+        (1, "dog", "skeleton", (), (("nose", (30.0, 30.0), False, False), ("back", (60.0, 50.0), False, False),
+                                    ("tail", (90.0, 70.0), False, False)))]
+    trained_labels, train_items, _ = training_split(out)
+    assert trained_labels[0].sublabels == labels[0].sublabels and keypoints(f for f, _ in train_items) == \
+        keypoints(frame for frame, _ in splits["train"])

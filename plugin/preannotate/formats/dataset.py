@@ -10,7 +10,10 @@ Layouts written by ``export_dataset`` (and read by ``read_dataset``)::
     labels.json                        labels.json
 
 COCO has no place for tags; TFRecord keeps them as ``image/class/*``; the ImageNet layout is tags only
-(``formats.imagenet`` says why that layout).
+(``formats.imagenet`` says why that layout). When a label is a skeleton or a points label, the COCO folder also
+holds ``annotations/person_keypoints_<split>.json`` (CVAT's *COCO Keypoints 1.0* layout, ``coco.to_coco_keypoints``)
+with those shapes, and the records their ``image/object/keypoint/*`` keys; a COCO folder of keypoints files alone
+(CVAT's own export) is read too.
 
 ``labels.json`` keeps the CVAT labels with their types and attributes (neither COCO categories nor the label map
 can), so a model trained from the folder knows what shapes to predict.
@@ -42,6 +45,7 @@ from preannotate.frames import FrameImages, decode_rgb
 from preannotate.shapes import FrameAnnotations, Label
 
 FORMATS = ("coco", "tfrecord", "imagenet")
+COCO_FILES = ("instances", "person_keypoints")  # annotations/<kind>_<split>.json: shapes, then skeletons and points
 FRAMES_PER_SHARD = 1000  # default sharding: a few hundred MB per file for typical photos
 ImageRef = Path | Callable[[], bytes]  # how read_dataset hands out a frame's image
 
@@ -174,12 +178,20 @@ def export_dataset(out_dir: str | Path, fmt: str, labels: Sequence[Label],
                     target.write_bytes(data)
                 pairs.append((frame, name))
                 bar.update()
-            dataset = coco.to_coco(pairs, labels, skipped)
-            path = out / "annotations" / f"instances_{split}.json"
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(json.dumps(dataset, separators=(",", ":")))
-            summary.files.append(path)
-            objects = len(dataset["annotations"])
+            written = {"instances": coco.to_coco(pairs, labels, skipped)}
+            if any(label.type in coco.KEYPOINT_TYPES for label in labels):
+                # skeletons and points go to a keypoints file of their own, as CVAT's COCO Keypoints 1.0
+                # writes it: what the instances file left out of them is there, or counted there
+                for kind in coco.KEYPOINT_TYPES:
+                    skipped.pop(kind, None)
+                written["person_keypoints"] = coco.to_coco_keypoints(pairs, labels, skipped)
+            objects = 0
+            for prefix, dataset in written.items():
+                path = out / "annotations" / f"{prefix}_{split}.json"
+                path.parent.mkdir(exist_ok=True)
+                path.write_text(json.dumps(dataset, separators=(",", ":")))
+                summary.files.append(path)
+                objects += len(dataset["annotations"])
         elif fmt == "imagenet":
             objects = sum(imagenet.write_frame(out, split, frame, data, name, labels, skipped)
                           for _, frame, data, name in _counted(named, bar))
@@ -207,12 +219,21 @@ def read_dataset(path: str | Path) -> tuple[list[Label], dict[str, list[tuple[Fr
     saved = ([Label.from_dict(item) for item in json.loads((root / "labels.json").read_text())]
              if (root / "labels.json").exists() else None)
     splits: dict[str, list[tuple[FrameAnnotations, ImageRef]]] = {}
-    files = sorted((root / "annotations").glob("instances_*.json"))
-    if files:
+    files = {kind: {file.stem.removeprefix(f"{kind}_"): file
+                    for file in sorted((root / "annotations").glob(f"{kind}_*.json"))}
+             for kind in COCO_FILES}
+    if any(files.values()):
         labels = None
-        for file in files:
-            labels, pairs = coco.from_coco(json.loads(file.read_text()))
-            splits[file.stem.removeprefix("instances_")] = [(frame, root / "images" / name) for frame, name in pairs]
+        for split in sorted(set().union(*files.values())):
+            frames: dict[str, FrameAnnotations] = {}  # by file name: the instances and keypoints of one image
+            for kind in COCO_FILES:  # the keypoints file last: its categories know the skeletons' keypoints
+                if split in files[kind]:
+                    labels, pairs = coco.from_coco(json.loads(files[kind][split].read_text()))
+                    for frame, name in pairs:
+                        known = frames.setdefault(name, frame)
+                        if known is not frame:
+                            known.shapes += frame.shapes
+            splits[split] = [(frame, root / "images" / name) for name, frame in frames.items()]
         return _prefer_saved(saved, labels), splits
     if (root / "label_map.pbtxt").exists():
         from preannotate.formats import tfrecord
@@ -223,9 +244,10 @@ def read_dataset(path: str | Path) -> tuple[list[Label], dict[str, list[tuple[Fr
             match = re.fullmatch(r"(.+?)\.(?:record|tfrecord)(?:-\d{5}-of-\d{5})?", file.name)
             if match:
                 by_split[match.group(1)].append(file)
+        labels = _prefer_saved(saved, labels)  # with their keypoints, which the label map cannot hold
         splits = {split: list(tfrecord.read_records(paths, labels)) for split, paths in by_split.items()}
         if splits:
-            return _prefer_saved(saved, labels), splits
+            return labels, splits
     if imagenet.is_folder(root):
         return imagenet.read(root, saved)
     raise ValueError(f"{root} holds no dataset: a COCO folder (annotations/instances_<split>.json, images/), "
