@@ -389,7 +389,8 @@ def runtime_section(rows: list[dict], info: dict[str, str], total_s: float, load
                          f"{speedup:.2f}x{target} | {'yes' if runtime == row['auto'] else ''} |")
     lines += ["", "A function's start (a process of its own: imports, `init_context`, loading the model — exporting "
               "its graph the first time, *exporting* rows —, the first request) and its resident memory:", "",
-              "| model | runtime | start-up s | RSS after the first request MB | peak RSS MB |", "|---|---|---:|---:|---:|"]
+              "| model | runtime | start-up s | RSS after the first request MB | peak RSS MB |",
+              "|---|---|---:|---:|---:|"]
     for row in rows:
         for kind, start in row["starts"].items():
             lines.append(f"| {row['arch']} | {kind} | {start['start_s']:.1f} | {start['rss_mb']:.0f} | "

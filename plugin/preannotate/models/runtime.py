@@ -35,15 +35,17 @@ GRAPH_FILE = "model.onnx"  # beside a version's weights: the exported graph, wha
 EAGER = {"pytorch": "torch", "tensorflow": "tensorflow"}  # the runtime of a model not converted, by its framework
 
 # Which runtime runs each architecture's exported graph fastest on a CPU, and the measurement that says so:
-# `python bench/inference_overhead.py --runtimes` on this project's 2-core CPU, median ms per 320×320 frame of the
-# exported graph (backbone and head) beside the served handler end to end; bench/RESULTS.md holds the run. An
-# architecture not listed keeps its framework under ``auto`` (not measured; PREANNOTATE_RUNTIME=openvino converts
-# any torchvision detector).
+# `python bench/inference_overhead.py --runtimes --repetitions 15` on this project's 2-core CPU (2026-12-06, shared:
+# load 4-7; the runtimes interleaved in one run), median ms per 640x480 JPEG, the graph alone (backbone and head on
+# the transformed batch) and the served Nuclio handler end to end; bench/RESULTS.md holds the run. An architecture
+# not listed keeps its framework under ``auto`` (not measured; PREANNOTATE_RUNTIME=openvino converts any
+# torchvision detector).
 FASTEST_ON_CPU: dict[str, str] = {
-    # graph: torch 33.7 ms, openvino 8.0 ms, onnxruntime 13.6 ms; handler end to end: torch 45 ms, openvino 17 ms
+    # graph: torch 530, openvino 33, onnxruntime 36 ms; handler: torch 751, openvino 107 (7.0x), onnxruntime 140
     "ssdlite320_mobilenet_v3_large": "openvino",
-    # graph (the FPN backbone; RPN and box head stay eager): torch 20.5, openvino 6.3, onnxruntime 12.3 ms;
-    # handler end to end: torch 43 ms, openvino 27 ms
+    # graph (the FPN backbone; the RPN and box head stay eager): torch 944, openvino 57, onnxruntime 60 ms;
+    # handler: torch 1407, openvino 284 (5.0x), onnxruntime 437 (3.2x; onnxruntime#14326 is about the whole
+    # model, NMS and RoIAlign included, which stay in PyTorch here)
     "fasterrcnn_mobilenet_v3_large_320_fpn": "openvino",
 }
 

@@ -28,10 +28,10 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
-from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.ssd import SSD
 from torchvision.transforms.v2 import functional as F
 
