@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# tests/test_runtime.py runs in a process of its own: with OpenVINO loaded beside torch and TensorFlow, a later
+# test's subprocess crashed the test process (not yet bisected; a function loads one framework, not all three).
 test-all: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --ignore=tests/test_runtime.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests/test_runtime.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/python -m ruff check plugin tests bench functions

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +40,8 @@ from nuclio_sdk import Event
 from nuclio_sdk.test import Platform
 from PIL import Image, ImageDraw, ImageFilter
 from preannotate.models import ModelStore, create_detector, publish_detector
+from preannotate.models import runtime as runtimes
+from preannotate.models.torchvision_family import ExportedPart
 from preannotate.serving import contract, nuclio
 from preannotate.shapes import parse_label_list
 
@@ -273,15 +276,158 @@ def section(rows: list[dict], info: dict[str, str], total_s: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+RUNTIME_SECTION = "## Runtimes on the CPU (issue 24)"
+RUNTIME_MODELS = ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"]
+RUNTIMES = ["torch", "openvino", "onnxruntime"]
+RUNTIME_TARGET = 2.5  # the served SSDlite handler, converted against eager, end to end
+
+START = """
+import json, os, resource, sys, time
+started = time.perf_counter()
+from nuclio_sdk import Event
+from nuclio_sdk.test import Platform
+from preannotate.serving import nuclio
+response = Platform().call_handler(nuclio.handler, Event(body=json.loads(sys.argv[1]), content_type="application/json",
+                                                        method="POST", path="/"))
+assert response.status_code == 200, response.body
+status = open("/proc/self/status").read()
+print(json.dumps({"start_s": time.perf_counter() - started,
+                  "rss_mb": int(status.split("VmRSS:")[1].split()[0]) / 1024,
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def function_start(store: Path, name: str, runtime: str, body: dict) -> dict:
+    """A function's start in a process of its own: imports, ``init_context``, the model's load (and, the first time
+    a version runs converted, its export) and the first request; its peak resident memory."""
+    env = {**os.environ, "PREANNOTATE_MODEL_STORE": str(store), "PREANNOTATE_MODEL": name,
+           "PREANNOTATE_RUNTIME": runtime, "PREANNOTATE_DEVICE": "cpu"}
+    done = subprocess.run([sys.executable, "-c", START, json.dumps(body)], env=env, capture_output=True, text=True,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_runtimes(arch: str, jpeg: bytes, repetitions: int, store_root: Path) -> dict:
+    """The served handler per frame and the exported graph alone under each runtime, interleaved; the function's
+    start-up and memory with and without the converted form."""
+    torch.manual_seed(0)
+    name = arch.replace("_", "-")
+    publish_detector(create_detector(arch, parse_label_list(LABELS), init="random", device="cpu"),
+                     ModelStore(store_root), name)
+    directory = ModelStore(store_root).resolve(name)
+    body = {"image": base64.b64encode(jpeg).decode("ascii"), "threshold": THRESHOLD}
+    starts = {"torch": function_start(store_root, name, "torch", body),
+              "openvino, exporting": function_start(store_root, name, "openvino", body),
+              "openvino": function_start(store_root, name, "openvino", body)}
+    (directory / runtimes.GRAPH_FILE).unlink()
+    starts["onnxruntime, exporting"] = function_start(store_root, name, "onnxruntime", body)
+    starts["onnxruntime"] = function_start(store_root, name, "onnxruntime", body)
+
+    os.environ.update(PREANNOTATE_MODEL_STORE=str(store_root), PREANNOTATE_MODEL=name, PREANNOTATE_DEVICE="cpu")
+    platforms, graphs = {}, {}
+    image = contract.decode_image(jpeg)
+    for runtime in RUNTIMES:
+        os.environ["PREANNOTATE_RUNTIME"] = runtime
+        platform = Platform()
+        contexts = []
+        platform.call_handler_with_context_mutation(nuclio.handler, Event(body=body, content_type="application/json",
+                                                                          method="POST", path="/"),
+                                                    lambda c, found=contexts: found.append(c) or c)
+        platforms[runtime] = platform
+        served = contexts[0].user_data.app.provider.current()
+        assert served.manifest.runtime == runtime, served.manifest.runtime
+        batch = served.model.transform([served.to_tensor(image)])[0].tensors
+        if runtime == "torch":
+            part = ExportedPart(served.model).eval()
+            graphs[runtime] = lambda part=part, batch=batch: part(batch)
+        else:
+            array = batch.numpy()
+            graphs[runtime] = lambda graph=served.runner.backbone.graph, array=array: graph(array)
+    handler = {runtime: [] for runtime in RUNTIMES}
+    graph = {runtime: [] for runtime in RUNTIMES}
+    with torch.inference_mode():
+        for repetition in range(repetitions + 3):  # three warm-up rounds
+            for runtime in RUNTIMES:
+                started = time.perf_counter()
+                response = platforms[runtime].call_handler(nuclio.handler, Event(
+                    body=body, content_type="application/json", method="POST", path="/"))
+                elapsed = time.perf_counter() - started
+                assert response.status_code == 200, response.body
+                began = time.perf_counter()
+                graphs[runtime]()
+                if repetition >= 3:
+                    handler[runtime].append(ms(elapsed))
+                    graph[runtime].append(ms(time.perf_counter() - began))
+    os.environ.pop("PREANNOTATE_RUNTIME")
+    return {"arch": arch, "n": repetitions, "starts": starts,
+            "handler": {runtime: statistics.median(values) for runtime, values in handler.items()},
+            "graph": {runtime: statistics.median(values) for runtime, values in graph.items()},
+            "auto": runtimes.chosen(arch, "cpu", "auto")}
+
+
+def runtime_section(rows: list[dict], info: dict[str, str], total_s: float, load: str) -> str:
+    lines = [RUNTIME_SECTION, "",
+             "Command: `.venv/bin/python bench/inference_overhead.py --runtimes`.", "",
+             f"Machine: {info['cpu']}, {info['cores']} cores (torch threads: {info['torch_threads']}); torch "
+             f"{info['torch']}, openvino {_version('openvino')}, onnxruntime {_version('onnxruntime')}; run "
+             f"{info['date']}, {total_s:.0f} s in all; load average at the start {load} (the machine is shared: "
+             "the ratios, measured in the same run and interleaved, are what to read).", "",
+             "Method: a random-init model published into a temporary store, served by the real Nuclio handler "
+             "(nuclio_sdk's test platform) once per runtime (`PREANNOTATE_RUNTIME`), on one synthetic 640x480 JPEG; "
+             "the three handlers and each one's exported graph alone (the backbone and, for SSDlite, the head, on "
+             "the transformed batch: eager `ExportedPart` for torch) are called in turn, medians reported. "
+             "OpenVINO runs in float32.", "",
+             "| model | runtime | graph ms | handler ms | handler speed-up over torch | chosen by auto |",
+             "|---|---|---:|---:|---:|---|"]
+    for row in rows:
+        for runtime in RUNTIMES:
+            speedup = row["handler"]["torch"] / row["handler"][runtime]
+            target = ""
+            if row["arch"] == RUNTIME_MODELS[0] and runtime == row["auto"] != "torch":
+                target = f" ({'pass' if speedup >= RUNTIME_TARGET else 'miss'}: >= {RUNTIME_TARGET})"
+            lines.append(f"| {row['arch']} | {runtime} | {row['graph'][runtime]:.1f} | {row['handler'][runtime]:.1f} | "
+                         f"{speedup:.2f}x{target} | {'yes' if runtime == row['auto'] else ''} |")
+    lines += ["", "A function's start (a process of its own: imports, `init_context`, loading the model — exporting "
+              "its graph the first time, *exporting* rows —, the first request) and its resident memory:", "",
+              "| model | runtime | start-up s | RSS after the first request MB | peak RSS MB |",
+              "|---|---|---:|---:|---:|"]
+    for row in rows:
+        for kind, start in row["starts"].items():
+            lines.append(f"| {row['arch']} | {kind} | {start['start_s']:.1f} | {start['rss_mb']:.0f} | "
+                         f"{start['peak_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-write", action="store_true", help="print only, leave bench/RESULTS.md alone")
     parser.add_argument("--check", action="store_true", help=f"exit 1 when a ratio is over {TARGET}")
+    parser.add_argument("--runtimes", action="store_true",
+                        help="eager PyTorch against the converted graph (OpenVINO, ONNX Runtime): issue 24's table")
+    parser.add_argument("--repetitions", type=int, default=40, help="handler calls per runtime (--runtimes)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
     info = machine()
     jpeg = synthetic_photo()
+    if args.runtimes:
+        load = " ".join(f"{value:.1f}" for value in os.getloadavg())
+        rows = []
+        with tempfile.TemporaryDirectory(prefix="preannotate-bench-") as store:
+            for arch in RUNTIME_MODELS:
+                rows.append(bench_runtimes(arch, jpeg, args.repetitions, Path(store)))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        _results.publish(RUNTIME_SECTION, runtime_section(rows, info, time.perf_counter() - started, load),
+                         write=not args.no_write)
+        return 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="preannotate-bench-") as store:
         for arch, repetitions, warmup in MODELS:

@@ -33,6 +33,9 @@ _SCRATCH = tempfile.mkdtemp(prefix="preannotate-tests-")
 atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)  # nothing left in the temporary directory
 os.environ.setdefault("PREANNOTATE_CACHE", os.path.join(_SCRATCH, "chunks"))
 os.environ.setdefault("PREANNOTATE_STATE_DIR", os.path.join(_SCRATCH, "journal"))
+# Models run in eager PyTorch unless a test asks for another runtime (tests/test_runtime.py): exporting a version's
+# graph for OpenVINO costs seconds, once per store, and most tests make their own store.
+os.environ.setdefault("PREANNOTATE_RUNTIME", "torch")
 
 
 # Two kinds of wait. Something that answers at once (a thread, a local server accepting a request) gets a fixed,

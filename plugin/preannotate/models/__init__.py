@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from preannotate.hyperparameters import Hyperparameters
+from preannotate.models import runtime as runtimes
 from preannotate.models.artifact import Manifest, ModelNotFound, ModelStore, library_versions, now_iso
 from preannotate.models.family import Detector, ModelFamily
 from preannotate.models.reference import DEFAULT_STORE, ModelReference, default_store, open_store
@@ -105,7 +106,7 @@ def create_detector(architecture: str, labels: Sequence[Label] | None = None, in
         input_size={key: hp.value(key) for key in ("image_size", "max_image_size", "letterbox")},
         hyperparameters=hp.to_dict(), score_threshold=hp.post.score_threshold,
         provenance={"init": init, **({"previous": str(previous)} if previous else {})},
-        libraries=library_versions())
+        libraries=library_versions(), runtime=runtimes.EAGER.get(arch.framework, arch.framework))
     if arch.resolved(hp).output == "mask":  # by the labels' types until training sees their shapes (training.runs)
         detector.manifest.outlines = served_outlines(labels, [])
     return detector
@@ -157,13 +158,16 @@ def detect_served(detector: Detector, images: Sequence[Any], threshold: float | 
     return [manifest.served(shapes) for shapes in detector.detect(images, manifest.lowest_threshold())]
 
 
-def load_detector(directory: str | Path, device: str | None = None) -> Detector:
-    """Load a published artifact: only its directory is needed."""
+def load_detector(directory: str | Path, device: str | None = None, runtime: str | None = None) -> Detector:
+    """Load a published artifact: only its directory is needed. ``runtime`` (default ``PREANNOTATE_RUNTIME``, else
+    ``auto``) says what runs its network (``models.runtime``); the manifest's ``runtime`` says what does."""
     manifest = Manifest.read(Path(directory))
     arch = get_architecture(manifest.architecture)
-    detector = family_of(arch).load(arch, manifest.labels, Path(directory) / manifest.weights,
-                                  manifest_hyperparameters(manifest), device=device)
+    family = family_of(arch)
+    detector = family.load(arch, manifest.labels, Path(directory) / manifest.weights,
+                           manifest_hyperparameters(manifest), device=device)
     detector.manifest = manifest
+    manifest.runtime = runtimes.use(detector, family, Path(directory), arch.framework, runtime)
     if manifest.attributes:  # its detections carry the attributes it learned
         from preannotate.models.attributes import AttributedDetector, AttributeModel
 
@@ -172,13 +176,15 @@ def load_detector(directory: str | Path, device: str | None = None) -> Detector:
 
 
 def load_model(reference: str | ModelReference, store: ModelStore | str | Path | None = None,
-               device: str | None = None, version: int | None = None) -> Detector:
+               device: str | None = None, version: int | None = None, runtime: str | None = None) -> Detector:
     """The detector a reference names (``models.reference``: an artifact directory, ``NAME``, ``NAME@VERSION``, or
     an architecture's pretrained weights while nothing is published under its name); ``version`` overrides the
-    store's choice. ``ModelNotFound`` says what the store holds instead."""
+    store's choice; ``runtime`` as ``load_detector`` takes it (pretrained weights outside a store run in their
+    framework: there is no version to keep the exported graph beside). ``ModelNotFound`` says what the store holds
+    instead."""
     reference = reference if isinstance(reference, ModelReference) else ModelReference.parse(reference)
     if reference.path is not None:
-        return load_detector(reference.path, device)
+        return load_detector(reference.path, device, runtime)
     root = store.root if isinstance(store, ModelStore) else Path(store or default_store())
     if not root.is_dir() and reference.architecture and reference.version is None and version is None:
         return create_detector(reference.architecture, init="pretrained", device=device)  # no store needed
@@ -186,7 +192,7 @@ def load_model(reference: str | ModelReference, store: ModelStore | str | Path |
     if version is None:
         version = reference.wanted_version(store)
     if version is not None:
-        return load_detector(store.resolve(f"{reference.name}@{version}"), device)
+        return load_detector(store.resolve(f"{reference.name}@{version}"), device, runtime)
     if reference.architecture:
         return create_detector(reference.architecture, init="pretrained", device=device)
     known = ", ".join(store.names()) or "none"

@@ -75,6 +75,7 @@ class Manifest:
     report: list[str] = field(default_factory=list)  # pictures of its training run, beside the weights
     attributes: dict[str, Any] = field(default_factory=dict)  # its attribute classifier (models.attributes), if any
     created: str = ""
+    runtime: str = ""  # what runs the loaded model's network (``models.runtime``): set when loaded, not published
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,7 +87,7 @@ class Manifest:
             **({"outlines": self.outlines} if self.outlines else {}),
             "hyperparameters": self.hyperparameters,
             "metrics": self.metrics, "provenance": self.provenance, "libraries": self.libraries,
-            "report": self.report, "created": self.created,
+            "report": self.report, "created": self.created, **({"runtime": self.runtime} if self.runtime else {}),
             **({"attributes": self.attributes} if self.attributes else {}),
         }
 
@@ -139,7 +140,8 @@ class Manifest:
             raise ModelNotFound(f"{path} is not a valid manifest: {error}") from None
 
     def write(self, directory: Path) -> None:
-        (Path(directory) / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        written = {key: value for key, value in self.to_dict().items() if key != "runtime"}  # this process's own
+        (Path(directory) / MANIFEST_FILE).write_text(json.dumps(written, indent=2) + "\n")
 
 
 def library_versions() -> dict[str, str]:

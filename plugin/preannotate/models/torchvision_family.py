@@ -8,11 +8,13 @@ whose label set changed (new heads, kept backbone).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
 import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image
-from torchvision.models.detection import FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.ssd import SSD
 from torchvision.transforms.v2 import functional as F
 
@@ -198,6 +201,7 @@ class TorchvisionDetector:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.letterbox = letterbox  # trained on frames padded to a square: pad them so here too
         self.model = model.to(self.device).eval()
+        self.runner = self.model  # what detects: the model, or a copy whose exported part runs converted
         self.labels = list(labels)
         self.output = output
         self._label_by_class = {label.id: label for label in self.labels}
@@ -217,8 +221,24 @@ class TorchvisionDetector:
 
     def _keep_appearance(self, depth: str, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
         if not module.training:  # inference only: training must not hold on to its graph
-            output = output.detach()  # a forward outside inference mode (a caller's own) must not keep its graph
-            self._appearance[depth] = torch.cat([output.mean((2, 3)), output.amax((2, 3))], 1).float().cpu().numpy()
+            # detached: a forward outside inference mode (a caller's own) must not keep its graph
+            self._appearance[depth] = appearance_vectors(output.detach()).float().cpu().numpy()
+
+    def run_converted(self, graph: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
+        """Detect through ``graph`` from now on: the exported part (``export_graph``) compiled by another runtime
+        (``models.runtime``) runs in place of the backbone (and SSD's, RetinaNet's or FCOS's head) in a copy of the
+        model, whose transform, anchors, decoding and NMS are the model's own. ``model`` stays the whole eager
+        network (what is trained and saved)."""
+        runner = copy.copy(self.model)
+        runner.__dict__["_modules"] = dict(self.model._modules)  # its own parts: swapping them leaves the model
+        runner.backbone = ConvertedPart(graph, self._appearance)
+        if not isinstance(self.model, GeneralizedRCNN):  # one-stage: the head is in the graph too
+            runner.head = HeadOutputs(runner.backbone)
+            source = class_score_source(self.model)
+            if source is not None:  # the class scores, read as from the eager head
+                runner.head.register_forward_hook(
+                    lambda _module, _inputs, output: self._keep_class_scores(source[1](output)))
+        self.runner = runner
 
     def _keep_class_scores(self, scores: torch.Tensor) -> None:
         if not self.model.training:
@@ -316,10 +336,10 @@ class TorchvisionDetector:
         """The model's output for each image, in the image's pixel coordinates (a letterbox taken off)."""
         tensors = [self.to_tensor(image) for image in images]
         if not self.letterbox:
-            return self.model(tensors)
+            return self.runner(tensors)
         sizes = [tuple(tensor.shape[-2:]) for tensor in tensors]
         squares = [F.center_crop(tensor, [max(size)] * 2) for tensor, size in zip(tensors, sizes, strict=True)]
-        return [_unpad(output, size) for output, size in zip(self.model(squares), sizes, strict=True)]
+        return [_unpad(output, size) for output, size in zip(self.runner(squares), sizes, strict=True)]
 
     def to_tensor(self, image: Image.Image | np.ndarray) -> torch.Tensor:
         # a read-only HWC view, no copy: the float conversion below makes the one copy the model needs
@@ -458,6 +478,102 @@ def class_score_source(model: torch.nn.Module
     if predictor is not None:
         return predictor, lambda output: torch.softmax(output[0], -1)
     return None
+
+
+def appearance_vectors(output: torch.Tensor) -> torch.Tensor:
+    """One layer's output as each image's appearance at its depth: each channel's mean and maximum, side by side."""
+    return torch.cat([output.mean((2, 3)), output.amax((2, 3))], 1)
+
+
+def convertible(detector: TorchvisionDetector) -> bool:
+    """Whether the detector can run its exported part converted (``models.runtime``): torchvision's detection
+    models, whose backbone (and one-stage head) is a graph without Python control flow over its values."""
+    return type(detector) is TorchvisionDetector and isinstance(detector.model, (SSD, GeneralizedRCNN, RetinaNet,
+                                                                                 FCOS))
+
+
+class ExportedPart(torch.nn.Module):
+    """What runs on the transformed batch, as one graph to export, its outputs by name: the head's (a one-stage
+    model's: ``cls_logits``, ``bbox_regression``...), the backbone's features (``feature:KEY``; of a one-stage
+    model only one channel of each: the sizes its anchors are laid on) and each depth's appearance
+    (``appearance:DEPTH``, as ``appearance_vectors`` reads it)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.backbone = model.backbone
+        self.head = None if isinstance(model, GeneralizedRCNN) else model.head
+        self.layers = appearance_layers(model)
+
+    def named(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [layer.register_forward_hook(lambda _m, _i, output, depth=depth: seen.update(
+            {f"appearance:{depth}": appearance_vectors(output)})) for depth, layer in self.layers.items()]
+        try:
+            features = self.backbone(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if self.head is None:
+            return {**{f"feature:{key}": value for key, value in features.items()}, **seen}
+        return {**self.head(list(features.values())),
+                **{f"feature:{key}": value[:, :1] for key, value in features.items()}, **seen}
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.named(images).values())
+
+
+def export_graph(detector: TorchvisionDetector, path: Path) -> None:
+    """Export the detector's ``ExportedPart`` to ONNX at ``path``, for any batch and image size."""
+    model = detector.model
+    part = ExportedPart(model).eval()
+    with torch.no_grad():  # an example batch as the model's own transform makes it, from a 4:3 frame
+        example = model.transform([torch.rand(3, 480, 640, device=detector.device)])[0].tensors
+        names = list(part.named(example))
+        outputs = part(example)
+        dynamic = {"images": {0: "batch", 2: "height", 3: "width"},
+                   **{name: {axis: f"{name}_{axis}" for axis in range(output.dim())}
+                      for name, output in zip(names, outputs, strict=True)}}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on shapes read as Python numbers: constant here
+            torch.onnx.export(part, (example,), str(path), input_names=["images"], output_names=names,
+                              dynamic_axes=dynamic, opset_version=17, dynamo=False)
+
+
+class ConvertedPart(torch.nn.Module):
+    """In the copy of a model that runs converted, in the place of its backbone: runs the exported graph and
+    hands on what it computed — the features to the model, the head's outputs to ``HeadOutputs`` (in the head's
+    place), each depth's appearance into ``appearance`` (the detector's)."""
+
+    def __init__(self, graph: Callable[[np.ndarray], dict[str, np.ndarray]], appearance: dict[str, np.ndarray]):
+        super().__init__()
+        self.graph = graph
+        self.appearance = appearance
+        self.head_outputs: dict[str, torch.Tensor] = {}
+
+    def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        features, head = OrderedDict(), {}
+        for name, value in self.graph(images.float().contiguous().numpy()).items():
+            kind, _, key = name.partition(":")
+            if kind == "appearance":
+                self.appearance[key] = value
+            elif kind == "feature":
+                features[key] = torch.from_numpy(value)
+            else:
+                head[name] = torch.from_numpy(value)
+        self.head_outputs = head
+        return features
+
+
+class HeadOutputs(torch.nn.Module):
+    """In the copy of a one-stage model that runs converted, in the place of its head: what the graph computed
+    for it (``ConvertedPart``)."""
+
+    def __init__(self, part: ConvertedPart):
+        super().__init__()
+        self._part = [part]  # held, not a submodule: it is the backbone's
+
+    def forward(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self._part[0].head_outputs
 
 
 def _detections(output: dict[str, torch.Tensor], keep: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

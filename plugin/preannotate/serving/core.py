@@ -27,6 +27,7 @@ from preannotate.models import (
     default_store,
     detect_served,
     load_model,
+    runtime,
 )
 from preannotate.serving import contract, following, tracker
 from preannotate.suggest import did_you_mean
@@ -110,7 +111,8 @@ class ModelProvider:
         if self._detector is not None:
             manifest: Manifest = self._detector.manifest
             info.update(name=manifest.name or self.reference.name, version=manifest.version,
-                        architecture=manifest.architecture, labels=[label.to_dict() for label in manifest.labels],
+                        architecture=manifest.architecture, runtime=manifest.runtime,
+                        labels=[label.to_dict() for label in manifest.labels],
                         thresholds=manifest.served_thresholds(), metrics=manifest.metrics)
         return info
 
@@ -200,6 +202,7 @@ class App:
             raise RuntimeError("PREANNOTATE_MODEL is not set: name a model in the store, an architecture, "
                                "or an artifact directory")
         device = devices.from_environment(env)
+        runtime.requested(env)  # a misspelt PREANNOTATE_RUNTIME stops the start, not the first request
         project = env.get("PREANNOTATE_TRAIN_PROJECT")
         return cls(ModelProvider(reference, store, device, how_to_train(env, store, reference)),
                    lambda_spec.spec_names(env), project, env.get("PREANNOTATE_FUNCTION_KIND") or "detector")

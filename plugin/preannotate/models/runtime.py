@@ -1,0 +1,164 @@
+"""Which runtime runs a model's network: its framework's own (eager PyTorch), or its exported graph through OpenVINO
+or ONNX Runtime.
+
+On a CPU a detector's backbone and head — what runs on the batch once it is resized and normalised: the exported
+graph — run several times faster through OpenVINO than in eager PyTorch. What surrounds them (the resize, the
+anchors, the box decoding, NMS) stays the family's own code, run the same way whatever runs the graph.
+
+``PREANNOTATE_RUNTIME`` names the runtime: ``auto`` (the default) takes the one ``FASTEST_ON_CPU`` measured fastest
+for the architecture, on a CPU; a GPU keeps PyTorch (CUDA). The graph is exported once, the first time a version is
+loaded to run converted, into ``GRAPH_FILE`` beside its weights (atomically: a temporary file renamed), and either
+runtime reads that file. A family whose models can run converted provides ``convertible(detector)``,
+``export_graph(detector, path)`` and detectors with ``run_converted(graph)`` (``models.torchvision_family``); the
+others run in their framework.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from preannotate.suggest import did_you_mean
+
+log = logging.getLogger(__name__)
+
+ENVIRONMENT = "PREANNOTATE_RUNTIME"
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
+CONVERTED = ("openvino", "onnxruntime")
+GRAPH_FILE = "model.onnx"  # beside a version's weights: the exported graph, what OpenVINO and ONNX Runtime read
+EAGER = {"pytorch": "torch", "tensorflow": "tensorflow"}  # the runtime of a model not converted, by its framework
+
+# Which runtime runs each architecture's exported graph fastest on a CPU, and the measurement that says so:
+# `python bench/inference_overhead.py --runtimes --repetitions 15` on this project's 2-core CPU (2026-12-06, shared:
+# load 4-7; the runtimes interleaved in one run), median ms per 640x480 JPEG, the graph alone (backbone and head on
+# the transformed batch) and the served Nuclio handler end to end; bench/RESULTS.md holds the run. An architecture
+# not listed keeps its framework under ``auto`` (not measured; PREANNOTATE_RUNTIME=openvino converts any
+# torchvision detector).
+FASTEST_ON_CPU: dict[str, str] = {
+    # graph: torch 530, openvino 33, onnxruntime 36 ms; handler: torch 751, openvino 107 (7.0x), onnxruntime 140
+    "ssdlite320_mobilenet_v3_large": "openvino",
+    # graph (the FPN backbone; the RPN and box head stay eager): torch 944, openvino 57, onnxruntime 60 ms;
+    # handler: torch 1407, openvino 284 (5.0x), onnxruntime 437 (3.2x; onnxruntime#14326 is about the whole
+    # model, NMS and RoIAlign included, which stay in PyTorch here)
+    "fasterrcnn_mobilenet_v3_large_320_fpn": "openvino",
+}
+
+Graph = Callable[[np.ndarray], dict[str, np.ndarray]]  # the exported graph compiled: images in, named outputs out
+
+
+class RuntimeChoiceError(ValueError):
+    """A runtime that does not exist, or cannot run here (its package is missing)."""
+
+
+def requested(environ: Mapping[str, str] | None = None) -> str:
+    """The runtime ``PREANNOTATE_RUNTIME`` asks for (``auto`` when it is not set); ``RuntimeChoiceError`` for a
+    name that is none."""
+    raw = (os.environ if environ is None else environ).get(ENVIRONMENT, "")
+    return checked(raw, ENVIRONMENT)
+
+
+def checked(name: str | None, given_as: str = ENVIRONMENT) -> str:
+    """``name`` as one of ``RUNTIMES`` (``auto`` when empty); ``RuntimeChoiceError`` when it is none of them."""
+    value = (name or "").strip().lower() or "auto"
+    if value not in RUNTIMES:
+        raise RuntimeChoiceError(f"{given_as}={name}: there is no such runtime{did_you_mean(value, RUNTIMES)}; "
+                                 f"give one of {', '.join(RUNTIMES)}")
+    return value
+
+
+def chosen(architecture: str, device: str, wanted: str) -> str:
+    """The runtime to run ``architecture`` on ``device`` with: ``wanted``, ``auto`` resolved by ``FASTEST_ON_CPU``;
+    ``torch`` on anything but a CPU (the converted graph runs on the CPU, PyTorch on the GPU)."""
+    if not str(device).startswith("cpu"):
+        return "torch"
+    if wanted == "auto":
+        return FASTEST_ON_CPU.get(architecture, "torch")
+    return wanted
+
+
+def use(detector: Any, family: Any, directory: Path, framework: str, wanted: str | None = None) -> str:
+    """Make ``detector`` (loaded from ``directory`` by ``family``) run on the runtime chosen for it (``wanted``:
+    default ``PREANNOTATE_RUNTIME``), exporting its graph the first time; return the runtime it runs on."""
+    wanted = checked(wanted) if wanted is not None else requested()
+    eager = EAGER.get(framework, framework)
+    runtime = chosen(detector.manifest.architecture, str(getattr(detector, "device", "cpu")), wanted)
+    convertible = getattr(family, "convertible", None)
+    if runtime == "torch" or convertible is None or not convertible(detector):
+        if runtime != "torch" and wanted != "auto":
+            log.warning("%s=%s: %s runs only in %s here", ENVIRONMENT, wanted, detector.manifest.architecture, eager)
+        return eager
+    try:
+        runner = compiled(graph_file(Path(directory), lambda path: family.export_graph(detector, path)), runtime)
+    except RuntimeChoiceError:
+        if wanted != "auto":
+            raise
+        log.warning("%s is not installed: %s runs in %s", runtime, detector.manifest.architecture, eager)
+        return eager
+    detector.run_converted(runner)
+    return runtime
+
+
+def graph_file(directory: Path, export: Callable[[Path], Any]) -> Path:
+    """The version's exported graph (``GRAPH_FILE`` in ``directory``), exported by ``export`` (into the path it is
+    given) when it is not there yet: into a temporary file renamed into place, so that a process loading the
+    version at the same time never reads half a graph. A store this process cannot write to (a read-only volume)
+    gets its graph exported into a temporary directory, again at each start."""
+    path = directory / GRAPH_FILE
+    if path.is_file():
+        return path
+    try:
+        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".onnx.partial")
+    except OSError:
+        log.warning("cannot write the exported graph beside %s: exported for this process only", directory)
+        path = Path(tempfile.mkdtemp(prefix="preannotate-graph-")) / GRAPH_FILE
+        export(path)
+        return path
+    os.close(handle)
+    try:
+        export(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def compiled(path: Path, runtime: str) -> Graph:
+    """The exported graph at ``path`` compiled by ``runtime`` for this CPU: images (``NCHW`` float32) in, its
+    outputs by name out."""
+    if runtime == "openvino":
+        try:
+            import openvino
+        except ImportError:
+            raise RuntimeChoiceError(_missing("openvino")) from None
+        # float32 throughout: on a CPU with bfloat16 units (AMX, AVX512-BF16) OpenVINO would otherwise compute in
+        # bfloat16 and answer otherwise than PyTorch does (class logits off by a fifth)
+        model = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        names = [output.get_any_name() for output in model.outputs]
+
+        def run(images: np.ndarray) -> dict[str, np.ndarray]:
+            # an infer request per call: one compiled model serves every thread
+            results = model.create_infer_request().infer(images)
+            return {name: results[output] for name, output in zip(names, model.outputs, strict=True)}
+        return run
+    if runtime == "onnxruntime":
+        try:
+            import onnxruntime
+        except ImportError:
+            raise RuntimeChoiceError(_missing("onnxruntime")) from None
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [output.name for output in session.get_outputs()]
+        image_input = session.get_inputs()[0].name
+        return lambda images: dict(zip(names, session.run(names, {image_input: images}), strict=True))
+    raise RuntimeChoiceError(f"{runtime} does not run exported graphs; give one of {', '.join(CONVERTED)}")
+
+
+def _missing(package: str) -> str:
+    return (f"{ENVIRONMENT}={package}: the {package} package is not installed here (pip install {package}); or set "
+            f"{ENVIRONMENT}=torch")
