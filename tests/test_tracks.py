@@ -414,3 +414,20 @@ def test_annotated_frames_are_shapes_of_one_type_per_track_as_cvat_reads_them(cv
                                           data.get_meta())
     assert sum(len(frame.shapes) for frame in annotations.frames.values()) == 70
     assert {dataclasses.astuple(s)[1] for frame in annotations.frames.values() for s in frame.shapes} == {"rectangle"}
+
+
+def test_skeletons_and_points_arrive_frame_by_frame_on_a_video_beside_the_tracks():
+    """CVAT tracks a skeleton as a track per keypoint (not built): on a video task a keypoint model's skeletons and
+    points are written as per-frame shapes, its boxes as tracks, its tags stay tags."""
+    from preannotate.annotate import _as_tracks
+
+    def dog(f: int) -> Shape:
+        return Shape("dog", "skeleton", [], frame=f, score=0.9,
+                     elements=[Shape("nose", "points", [10.0 + f, 10.0]), Shape("tail", "points", [30.0 + f, 20.0])])
+
+    pending = {f: [Shape("car", "rectangle", car_box(f), frame=f, score=0.9), dog(f),
+                   Shape("pin", "points", [5.0, 5.0 + f], frame=f, score=0.8), Shape("day", "tag", [], frame=f)]
+               for f in range(10)}
+    frames, tracks = _as_tracks(pending, list(range(10)), None, ByteTrackLinker())
+    assert [track.label for track in tracks] == ["car"]
+    assert all(sorted(s.type for s in frames[f]) == ["points", "skeleton", "tag"] for f in range(10))

@@ -41,7 +41,7 @@ from preannotate.cvat.frames import CvatFrames
 from preannotate.cvat.upload import Journal, TaskWriter, UploadReport, digest
 from preannotate.models import Detector, load_model
 from preannotate.serving import contract
-from preannotate.shapes import TAG, Shape, Track
+from preannotate.shapes import Shape, Track
 from preannotate.suggest import did_you_mean
 from preannotate.training.edits import threshold_text
 
@@ -262,10 +262,10 @@ def _track_jobs(writer: TaskWriter, todo: list[int], covered: list[int]) -> dict
 
 def _as_tracks(pending: dict[int, list[Shape]], frames: list[int], close_at: int | None, linker: tracking.Linker
                ) -> tuple[dict[int, list[Shape]], list[Track]]:
-    """One job's predictions as (the frames written, with their tags; the tracks)."""
-    objects = {f: [s for s in pending.get(f, ()) if s.type != TAG] for f in frames}
+    """One job's predictions as (the frames written, with their tags and what is not linked; the tracks)."""
+    objects = {f: [s for s in pending.get(f, ()) if tracking.linked(s)] for f in frames}
     tracks = tracking.link(objects, frames, linker=linker, close_at=close_at)
-    return {f: [s for s in shapes if s.type == TAG] for f, shapes in pending.items()}, tracks
+    return {f: [s for s in shapes if not tracking.linked(s)] for f, shapes in pending.items()}, tracks
 
 
 def _detect(model: Detector, images: Iterator[tuple[int, Any]], batch_size: int, threshold: float

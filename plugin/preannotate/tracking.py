@@ -46,6 +46,7 @@ from preannotate.formats import masks
 from preannotate.shapes import TAG, Shape, Track, box_iou
 
 KEYFRAME_IOU = 0.85  # between keyframes, CVAT's interpolation overlaps every detection at least this much
+PER_FRAME_TYPES = ("skeleton", "points")  # arrive as per-frame shapes, not tracks (see ``linked``)
 DUPLICATE_IOU = 0.45  # a box overlapping a stronger one this much is the same object (see the module doc)
 SMOOTH_FRAMES = 7  # the window a track's boxes are smoothed over (bench/tracking.py measured 5 to 15)
 
@@ -84,6 +85,12 @@ class ByteTrackLinker:
         return ids
 
 
+def linked(shape: Shape) -> bool:
+    """Whether ``shape`` is linked into a track on a video task: not a tag (no object), nor a skeleton or a point
+    (CVAT tracks a skeleton as one track per keypoint, which is not built here: they arrive frame by frame)."""
+    return shape.type != TAG and shape.type not in PER_FRAME_TYPES
+
+
 def link(detections: Mapping[int, Sequence[Shape]], frames: Sequence[int] | None = None, *,
          linker: Linker | None = None, close_at: int | None = None, min_iou: float = KEYFRAME_IOU,
          smooth: int = SMOOTH_FRAMES, overlap: float = DUPLICATE_IOU) -> list[Track]:
@@ -103,7 +110,7 @@ def follow(detections: Mapping[int, Sequence[Shape]], linker: Linker | None = No
     linker = linker or ByteTrackLinker()
     followed: dict[int, list[Shape]] = {}
     for frame in sorted(detections):
-        objects = distinct([shape for shape in detections[frame] if shape.type != TAG], overlap)
+        objects = distinct([shape for shape in detections[frame] if linked(shape)], overlap)
         boxes = np.array([shape.bbox() for shape in objects], dtype=float).reshape(-1, 4)
         scores = np.array([1.0 if shape.score is None else shape.score for shape in objects], dtype=float)
         ids = linker.assign(boxes, scores) if objects else np.zeros(0, dtype=int)
@@ -251,5 +258,5 @@ def iou(a: Shape, b: Shape) -> float:
     return masks.shape_iou(a, b) if a.type == b.type else 0.0
 
 
-__all__ = ["DUPLICATE_IOU", "KEYFRAME_IOU", "SMOOTH_FRAMES", "ByteTrackLinker", "Linker", "distinct", "follow", "iou",
-           "keyframes", "link", "smoothed", "tracks_from", "vote"]
+__all__ = ["DUPLICATE_IOU", "KEYFRAME_IOU", "PER_FRAME_TYPES", "SMOOTH_FRAMES", "ByteTrackLinker", "Linker", "distinct",
+           "follow", "iou", "keyframes", "link", "linked", "smoothed", "tracks_from", "vote"]
