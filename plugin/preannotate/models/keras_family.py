@@ -161,7 +161,7 @@ class ClassNMS(keras.layers.Layer):
 BOX_VARIANCE = (0.1, 0.1, 0.2, 0.2)  # the TF OD API's box coder (scale factors 10, 10, 5, 5)
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # the TF OD API's sigmoid focal loss
 CLASS_PRIOR = 0.01                    # the class logits' starting probability (bias -4.6, the OD API's)
-BN_MOMENTUM = 0.99                    # head and neck batch norms (Keras's default; the OD API's 0.997 is for 50k+ steps)
+BN_MOMENTUM = 0.99                    # neck and head batch norms (Keras's default; the OD API's 0.997 suits long runs)
 
 
 @keras.saving.register_keras_serializable(package="preannotate")
