@@ -105,7 +105,7 @@ def quality(frames: int, steps: int, batch: int, size: int, work: Path) -> dict[
     held_out = max(8, frames // 6)
     train_items, val_items = items[held_out:], items[:held_out]
     labels = task.annotations.labels
-    scores = {}
+    scores, detectors = {}, {}
     for name in (TORCH_DEFAULT, TF_DEFAULT):
         start = time.perf_counter()
         train(name, labels, train_items, [], work / name, hyperparameters=f"init=random;num-steps={steps};"
@@ -115,7 +115,26 @@ def quality(frames: int, steps: int, batch: int, size: int, work: Path) -> dict[
         _load_last(name, detector, work / name)
         metrics = score_detector(detector, val_items, labels)
         scores[name] = {"map50": metrics["map50"], "map": metrics["map"], "seconds": seconds}
+        detectors[name] = create_detector(name, labels, hyperparameters="init=random", device="cpu")  # at 320 px,
+        _load_last(name, detectors[name], work / name)  # with the trained weights: NMS sees what it would serve
+    for name, ms in serving(detectors, 30).items():
+        scores[name]["serve_ms"] = ms
     return {"scores": scores, "train": len(train_items), "val": len(val_items)}
+
+
+def serving(detectors: dict, repeats: int) -> dict[str, float]:
+    """Median ms of each detector's ``detect`` on one 640x480 frame at its registry size, on the CPU, the
+    detectors taking turns (the same load on both)."""
+    image = np.random.default_rng(1).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    times = {name: [] for name in detectors}
+    for detector in detectors.values():
+        detector.detect([image], 0.5)  # traced, warmed
+    for _ in range(repeats):
+        for name, detector in detectors.items():
+            start = time.perf_counter()
+            detector.detect([image], 0.5)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1000 for name, values in times.items()}
 
 
 def _load_last(name: str, detector, run: Path) -> None:
@@ -141,8 +160,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of ours and plain")
     parser.add_argument("--quality", action="store_true", help="also train both defaults and score them")
     parser.add_argument("--quality-steps", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per framework (0: its own choice); "
+                        "1 trains faster on a loaded 2-core machine")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     task = generate(args.frames, width=160, height=120, seed=5)
     items = [(frame, task.images) for frame in task.annotations.frames.values()]
     labels = task.annotations.labels
@@ -161,7 +188,8 @@ def main() -> int:
     machine = _results.machine()
     lines = [SECTION, "",
              f"Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}, {machine['date']}. "
-             f"`python bench/keras_detectors.py{' --quality' if args.quality else ''}`: {TF_DEFAULT} from random "
+             f"`python bench/keras_detectors.py{' --quality' if args.quality else ''}"
+             f"{f' --threads {args.threads}' if args.threads else ''}`: {TF_DEFAULT} from random "
              f"weights, {args.frames} synthetic frames at {args.size} px, batch {args.batch}, {args.warmup} warm-up "
              f"+ {args.steps} timed steps, {args.repeats} interleaved rounds.", "",
              "| measure | ours | peer | ratio | target |", "|---|---|---|---|---|",
@@ -177,11 +205,16 @@ def main() -> int:
         lines += ["", f"Quality at the same budget ({args.quality_steps} steps, batch {args.batch}, {args.size} px, "
                       f"from random weights, {scored['train']} training frames; scored on {scored['val']} held-out "
                       "frames by `evaluation.score_detector`):", "",
-                  "| model | framework | mAP@.5 | mAP | training s |", "|---|---|---|---|---|"]
+                  "| model | framework | mAP@.5 | mAP | training s | detect ms per 640x480 frame (320 px, CPU) |",
+                  "|---|---|---|---|---|---|"]
         for name, score in scored["scores"].items():
             framework = "tensorflow" if name == TF_DEFAULT else "pytorch"
             lines.append(f"| {name} | {framework} | {score['map50']:.3f} | {score['map']:.3f} | "
-                         f"{score['seconds']:.0f} |")
+                         f"{score['seconds']:.0f} | {score['serve_ms']:.1f} |")
+        tf_score, torch_score = scored["scores"][TF_DEFAULT], scored["scores"][TORCH_DEFAULT]
+        lines += ["", f"TF default / torch default: mAP@.5 {tf_score['map50'] / max(torch_score['map50'], 1e-9):.2f}x "
+                      f"(target >= 0.9x), detect time {tf_score['serve_ms'] / torch_score['serve_ms']:.2f}x "
+                      "(target <= 1.0x)."]
     _results.publish(SECTION, "\n".join(lines) + "\n", write=not args.no_write)
     return 0
 

@@ -156,7 +156,9 @@ def test_records_pipeline_is_deterministic_resumable_and_in_pixels(tmp_path):
 
 def test_the_tensorflow_function_serves_cvat_shapes_without_loading_torch(tmp_path):
     store = ModelStore(tmp_path / "store")
-    publish_detector(create_detector(SSD, parse_label_list("car,person"), hyperparameters=SMALL), store, "tf-cars")
+    # untrained, the class head says its prior (0.01) everywhere: a zero score floor lets its boxes through
+    publish_detector(create_detector(SSD, parse_label_list("car,person"), hyperparameters=SMALL +
+                                     ";nms-score-threshold=0"), store, "tf-cars")
     (tmp_path / "frame.b64").write_text(b64(encode(photo(80, 60))))
     script = f"""
 import json, sys
@@ -267,3 +269,48 @@ def test_pretrained_weights_that_cannot_be_fetched_say_what_to_do():
         family.pretrained_labels(get_architecture(SSD))
     coco = family.pretrained_labels(get_architecture("keras_retinanet_resnet50_fpn"))
     assert len(coco) == 80 and (coco[0].name, coco[0].id) == ("person", 2)  # the preset's class index 1
+
+
+def test_the_tf_default_is_the_od_apis_fpn_lite_neck_and_weight_shared_separable_head():
+    model = create_detector(SSD, parse_label_list("car,person"), hyperparameters=SMALL).model
+    features = model.backbone(np.zeros((1, 96, 96, 3), np.float32))
+    assert sorted(features) == ["P3", "P4", "P5", "P6", "P7"] and {f.shape[-1] for f in features.values()} == {128}
+    assert model.anchor_generator.num_base_anchors == 6  # 2 scales x 3 aspect ratios per location
+    tower = [layer for layer in model.layers if layer.name.startswith("head_tower_")]
+    assert len(tower) == 4 and all(isinstance(layer, family.keras.layers.SeparableConv2D) for layer in tower)
+    assert all(len(layer._inbound_nodes) == 5 for layer in tower)  # one kernel for the five levels
+    norms = [layer for layer in model.layers if layer.name.startswith("head_P")]
+    assert sum(isinstance(layer, family.keras.layers.BatchNormalization) for layer in norms) == 4 * 5  # per level
+
+
+def test_an_untrained_tf_default_starts_at_the_class_prior_with_boxes_on_its_anchors():
+    # keras-hub's RetinaNet put the prior on its box head: every class started at 0.5 (a first loss of ~270) and
+    # every box at exp(-4.6) of its anchor
+    model = create_detector(SSD, parse_label_list("car,person"), hyperparameters=SMALL).model
+    image = np.random.default_rng(0).uniform(0, 255, (1, 96, 96, 3)).astype(np.float32)
+    out = model(image, training=False)
+    scores = 1 / (1 + np.exp(-np.asarray(out["cls_logits"])))
+    assert np.median(scores) == pytest.approx(0.01, rel=0.5)  # the OD API's class_prediction_bias_init -4.6
+    assert np.median(np.abs(np.asarray(out["bbox_regression"]))) < 1.0
+
+
+def test_anchors_sit_on_the_centres_of_their_cells():
+    model = create_detector(SSD, parse_label_list("car"), hyperparameters=SMALL).model
+    anchors = model.anchor_generator(np.zeros((1, 96, 96, 3), np.float32))
+    first = np.asarray(anchors["P3"])[0]  # the first anchor of the top-left cell (stride 8)
+    assert ((first[0] + first[2]) / 2, (first[1] + first[3]) / 2) == (4.0, 4.0)
+
+
+def test_box_targets_decode_back_to_their_boxes():
+    model = create_detector(SSD, parse_label_list("car,person"), hyperparameters=SMALL).model
+    images = np.zeros((1, 96, 96, 3), np.float32)
+    box = np.array([[[20.0, 30.0, 50.0, 70.0], [0.0, 0.0, 0.0, 0.0]]], np.float32)  # and a padding box
+    targets, classes = model.label_encoder(images, box, np.array([[1.0, -1.0]], np.float32))
+    assert np.isfinite(np.asarray(targets)).all()
+    positive = np.asarray(classes)[0] == 1.0
+    assert positive.any()  # the box has anchors (its best one at least)
+    logits = np.where(positive[None, :, None], 10.0, -10.0) * np.eye(2)[1][None, None]
+    decoded = model.decode_predictions({"bbox_regression": np.asarray(targets) * positive[None, :, None],
+                                        "cls_logits": logits.astype(np.float32)}, images)
+    assert decoded["num_detections"][0] >= 1
+    np.testing.assert_allclose(np.asarray(decoded["boxes"])[0][0], box[0][0], atol=0.5)

@@ -187,7 +187,8 @@ for _arch in [
         min_batch_size=2, defaults={**_SSD, "optimizer": "rmsprop", "schedule": "step", "schedule_gamma": 0.95,
                                      "schedule_step_size": 800, "rmsprop_epsilon": 1.0},
         scratch=_KERAS_SCRATCH, postprocessing=_KERAS_POSTPROCESSING,
-        build={"encoder": "mobilenet_v2", "min_level": 3, "max_level": 6, "head_convs": 2},
+        build={"encoder": "mobilenet_v2", "neck": "fpn_lite", "min_level": 3, "max_level": 7, "depth": 128,
+               "head_convs": 4},
         framework="tensorflow"),
     Architecture(
         "keras_retinanet_resnet50_fpn", "keras", "rectangle",
