@@ -115,15 +115,26 @@ def to_coco(frames: Iterable[tuple[FrameAnnotations, str]], labels: Sequence[Lab
                 attributes["rotation"] = shape.rotation
             if shape.track_id is not None:
                 attributes["track_id"] = shape.track_id
-            if shape.group:
-                attributes["group"] = shape.group
-            annotation = {"id": len(annotations) + 1, "image_id": image_id, "category_id": category_of[shape.label],
-                          **geometry, "attributes": attributes}
-            if shape.score is not None:
-                annotation["score"] = shape.score
-            annotations.append(annotation)
+            _add(annotations, image_id, category_of[shape.label], geometry, shape, attributes)
+    return _document(images, annotations, categories(labels))
+
+
+def _add(annotations: list[dict[str, Any]], image_id: int, category_id: int, geometry: dict[str, Any], shape: Shape,
+         attributes: dict[str, Any]) -> None:
+    """One shape's COCO annotation (its group and score too), appended with the next id."""
+    if shape.group:
+        attributes["group"] = shape.group
+    annotation = {"id": len(annotations) + 1, "image_id": image_id, "category_id": category_id, **geometry,
+                  "attributes": attributes}
+    if shape.score is not None:
+        annotation["score"] = shape.score
+    annotations.append(annotation)
+
+
+def _document(images: list[dict[str, Any]], annotations: list[dict[str, Any]], categories: list[dict[str, Any]]
+              ) -> dict[str, Any]:
     return {"info": {"description": "exported by cvat-preannotate"}, "licenses": [], "images": images,
-            "annotations": annotations, "categories": categories(labels)}
+            "annotations": annotations, "categories": categories}
 
 
 KEYPOINT_TYPES = ("skeleton", "points")  # the label types a keypoints dataset holds
@@ -185,15 +196,9 @@ def to_coco_keypoints(frames: Iterable[tuple[FrameAnnotations, str]], labels: Se
                 attributes["keyframe"] = False  # on a track's frame it would say whether a keyframe lies there
             else:
                 attributes["track_id"] = shape.track_id
-            if shape.group:
-                attributes["group"] = shape.group
-            annotation = {"id": len(annotations) + 1, "image_id": image_id, "category_id": category_of[shape.label],
-                          **skeleton_to_annotation(skeleton, keypoint_names(label)), "attributes": attributes}
-            if shape.score is not None:
-                annotation["score"] = shape.score
-            annotations.append(annotation)
-    return {"info": {"description": "exported by cvat-preannotate"}, "licenses": [], "images": images,
-            "annotations": annotations, "categories": keypoint_categories(labels)}
+            _add(annotations, image_id, category_of[shape.label],
+                 skeleton_to_annotation(skeleton, keypoint_names(label)), shape, attributes)
+    return _document(images, annotations, keypoint_categories(labels))
 
 
 def category_label(category: dict[str, Any], label_id: int | None = None) -> Label:
