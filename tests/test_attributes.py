@@ -322,3 +322,21 @@ def test_the_same_frames_and_seed_train_the_same_weights():
         assert all(torch.equal(a, b) for a, b in zip(first.net.state_dict().values(), model.net.state_dict().values(),
                                                      strict=True))
     assert all(head.accuracy is None and head.trusted for head in first.heads), "unvalidated: served, unscored"
+
+
+def test_a_tensorflow_model_is_published_without_attributes_and_says_so(caplog):
+    """The crop classifier is a torch network; torch imported after TensorFlow crashes the process (a Keras training
+    job died with SIGSEGV): a Keras version's detections arrive without attributes, and the run says why."""
+    from types import SimpleNamespace
+
+    from preannotate.models import Manifest, hyperparameters_for
+    from preannotate.training.runs import RunRecord, with_attributes
+
+    labels = [Label("box", "rectangle", (AttributeSpec("colour", "select", ("red", "green")),), id=1)]
+    keras = SimpleNamespace(output="rectangle", manifest=Manifest(architecture="keras_ssd_mobilenet_v2_fpnlite_320",
+                                                                  labels=labels, name="k", version=1))
+    run = RunRecord(output=None, hp=hyperparameters_for("keras_ssd_mobilenet_v2_fpnlite_320"), labels=labels,
+                    train_items=[], val_items=[], previous=None, run_id="r")
+    with caplog.at_level("WARNING"):
+        assert with_attributes(keras, run) is keras
+    assert "attributes are learned beside torch models only" in caplog.text

@@ -288,7 +288,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             print("FILLS: the CVAT label types it fills. Boxes are upright: a rotated rectangle is served as the box "
                   "around it and an ellipse label not at all; a mask model serves both in their own type (custom: "
                   "with head=mask-rcnn)")
-            print("Every detector also learns its labels' select, radio and checkbox attributes (a classifier on "
+            print("Every torch detector also learns its labels' select, radio and checkbox attributes (a classifier on "
                   "each object's crop, published with it); number and text attributes are left to people.")
         return 0
     if args.models_command == "list":

@@ -376,6 +376,11 @@ def with_attributes(detector: Any, run: RunRecord) -> Any:
     learned = any(spec.input_type in LEARNED_ATTRIBUTE_TYPES for label in run.labels for spec in label.attributes)
     if getattr(detector, "output", None) == TAG or not learned:
         return detector  # and torch is not imported for it
+    if get_architecture(detector.manifest.architecture).framework != "pytorch":
+        # the crop classifier is a torch network, and torch imported after TensorFlow crashes the process
+        log.warning("attributes are learned beside torch models only: %s runs in TensorFlow, so its detections "
+                    "arrive without them (people set them)", detector.manifest.architecture)
+        return detector
     from preannotate.models.attributes import AttributedDetector
     from preannotate.training.attributes import train_attribute_model
 
