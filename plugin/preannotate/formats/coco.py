@@ -102,8 +102,7 @@ def to_coco(frames: Iterable[tuple[FrameAnnotations, str]], labels: Sequence[Lab
     category_of = {label.name: i for i, label in enumerate(labels, start=1)}
     images, annotations = [], []
     for image_id, (frame, file_name) in enumerate(frames, start=1):
-        images.append({"id": image_id, "file_name": file_name, "width": frame.width, "height": frame.height,
-                       "frame": frame.frame})
+        images.append(_image(image_id, frame, file_name))
         for shape in frame.shapes:
             geometry = shape_to_annotation(shape, frame.width, frame.height) if shape.label in category_of else None
             if geometry is None:
@@ -129,6 +128,10 @@ def _add(annotations: list[dict[str, Any]], image_id: int, category_id: int, geo
     if shape.score is not None:
         annotation["score"] = shape.score
     annotations.append(annotation)
+
+
+def _image(image_id: int, frame: FrameAnnotations, file_name: str) -> dict[str, Any]:
+    return {"id": image_id, "file_name": file_name, "width": frame.width, "height": frame.height, "frame": frame.frame}
 
 
 def _document(images: list[dict[str, Any]], annotations: list[dict[str, Any]], categories: list[dict[str, Any]]
@@ -180,8 +183,7 @@ def to_coco_keypoints(frames: Iterable[tuple[FrameAnnotations, str]], labels: Se
     category_of = {label.name: i for i, label in enumerate(labels, start=1)}
     images, annotations = [], []
     for image_id, (frame, file_name) in enumerate(frames, start=1):
-        images.append({"id": image_id, "file_name": file_name, "width": frame.width, "height": frame.height,
-                       "frame": frame.frame})
+        images.append(_image(image_id, frame, file_name))
         for shape in frame.shapes:
             if shape.type not in KEYPOINT_TYPES:
                 continue
