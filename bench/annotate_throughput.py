@@ -58,7 +58,8 @@ from preannotate.shapes import parse_label_list  # noqa: E402
 from tests.cvat_double import PASSWORD, CvatDouble  # noqa: E402
 
 SECTION = "## Pre-annotation throughput (issue 4)"
-ARCHITECTURES = ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"]
+ARCHITECTURES = ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn",
+                 "keras_ssd_mobilenet_v2_fpnlite_320"]
 LABELS = "car,person,bicycle,dog"
 TASK_LABELS = [{"name": name, "type": "rectangle"} for name in LABELS.split(",")]
 TARGET_BARE, TARGET_CLI = 0.95, 1.2  # for TARGETED, on the CPU
@@ -188,8 +189,13 @@ def bench_model(arch: str, frames: int, thresholds: list[float], repeat: int, cl
     rows = []
     with make_client(base_url, credentials=("admin", password)) as client:
         client.logger.setLevel(logging.ERROR)
-        # the same weights under each runtime (models.runtime): eager PyTorch and the converted graph
-        detectors = {runtime: load_model(name, store.root, device="cpu", runtime=runtime) for runtime in runtimes}
+        # the same weights under each runtime (models.runtime): the framework's own (eager PyTorch, TensorFlow)
+        # and the converted graph; by the runtime each loaded on (a family's graph not read by one: its framework)
+        detectors = {}
+        for runtime in runtimes:
+            detector = load_model(name, store.root, device="cpu", runtime=runtime)
+            detectors.setdefault(detector.manifest.runtime, detector)
+        eager = next(iter(detectors))  # the first runtime asked for: "torch", the framework's own
         # The frames for the bare run: decoded from the task's chunks by the decoder our pipeline uses.
         decoded = [array for _, array in CvatFrames(client, new_task(), cache_dir=work / "warm").decoded(range(frames))]
         for threshold in thresholds:
@@ -218,7 +224,7 @@ def bench_model(arch: str, frames: int, thresholds: list[float], repeat: int, cl
                     loads.append(load)
                     served.append(load.server)
                     counts.add(shapes_of(task))
-                if len(counts) != 1 or (runtime == "torch" and counts != cli_counts):
+                if len(counts) != 1 or (runtime == eager and counts != cli_counts):
                     raise RuntimeError(f"{arch} at {threshold}: the pipelines wrote different numbers of shapes: "
                                        f"ours ({runtime}) {counts}, cvat-cli {cli_counts}")
                 rows.append({"arch": arch, "threshold": threshold, "runtime": runtime, "frames": frames,
@@ -259,8 +265,8 @@ def report(rows: list[dict], seconds: float, frames: int, repeat: int, cli_repea
         "(upload-heavy).", "",
         f"| model | threshold | runtime (ours, bare) | shapes (ours / cvat-cli) | bare fr/s (1 / {BATCH} per call) | "
         f"ours fr/s | ours / bare (1 / {BATCH} per call) | the double's CPU during ours (ms/frame) | cvat-cli fr/s "
-        "(eager torch; without / with start-up) | ours / cvat-cli (without / with) | targets | other processes, "
-        "steal (cores) |",
+        "(eager torch or tensorflow; without / with start-up) | ours / cvat-cli (without / with) | targets | "
+        "other processes, steal (cores) |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for row in rows:

@@ -39,8 +39,9 @@ import torchvision
 from nuclio_sdk import Event
 from nuclio_sdk.test import Platform
 from PIL import Image, ImageDraw, ImageFilter
-from preannotate.models import ModelStore, create_detector, publish_detector
+from preannotate.models import ModelStore, create_detector, family_of, publish_detector
 from preannotate.models import runtime as runtimes
+from preannotate.models.registry import get_architecture
 from preannotate.models.torchvision_family import ExportedPart
 from preannotate.serving import contract, nuclio
 from preannotate.shapes import parse_label_list
@@ -277,12 +278,12 @@ def section(rows: list[dict], info: dict[str, str], total_s: float) -> str:
 
 
 RUNTIME_SECTION = "## Runtimes on the CPU (issue 24)"
-RUNTIME_MODELS = ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn"]
-RUNTIMES = ["torch", "openvino", "onnxruntime"]
+RUNTIME_MODELS = ["ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn",
+                  "keras_ssd_mobilenet_v2_fpnlite_320"]
 RUNTIME_TARGET = 2.5  # the served SSDlite handler, converted against eager, end to end
 
 START = """
-import json, os, resource, sys, time
+import json, os, sys, time
 started = time.perf_counter()
 from nuclio_sdk import Event
 from nuclio_sdk.test import Platform
@@ -293,7 +294,7 @@ assert response.status_code == 200, response.body
 status = open("/proc/self/status").read()
 print(json.dumps({"start_s": time.perf_counter() - started,
                   "rss_mb": int(status.split("VmRSS:")[1].split()[0]) / 1024,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_mb": int(status.split("VmHWM:")[1].split()[0]) / 1024}))
 """
 
 
@@ -307,6 +308,24 @@ def function_start(store: Path, name: str, runtime: str, body: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def graph_alone(served, image: np.ndarray, runtime: str):
+    """A call of what the runtime runs of ``served`` (the exported part, on the batch the detector prepares from
+    ``image``): eagerly (torchvision's ``ExportedPart``, the Keras model as a ``tf.function``) or converted."""
+    if served.manifest.framework == "tensorflow":
+        from preannotate.models.keras_family import tf
+        batch = np.stack([served.square(image)[0]]).astype(np.float32)
+        if runtime == "torch":
+            network = tf.function(lambda images: served.model(images, training=False))
+            return lambda: network(tf.constant(batch))
+        return lambda: served.graph(batch)
+    batch = served.model.transform([served.to_tensor(image)])[0].tensors
+    if runtime == "torch":
+        part = ExportedPart(served.model).eval()
+        return lambda: part(batch)
+    array = batch.numpy()
+    return lambda: served.runner.backbone.graph(array)
+
+
 def bench_runtimes(arch: str, jpeg: bytes, repetitions: int, store_root: Path) -> dict:
     """The served handler per frame and the exported graph alone under each runtime, interleaved; the function's
     start-up and memory with and without the converted form."""
@@ -315,18 +334,22 @@ def bench_runtimes(arch: str, jpeg: bytes, repetitions: int, store_root: Path) -
     publish_detector(create_detector(arch, parse_label_list(LABELS), init="random", device="cpu"),
                      ModelStore(store_root), name)
     directory = ModelStore(store_root).resolve(name)
+    family = family_of(get_architecture(arch))
+    kinds = ["torch", *family.CONVERTS_TO]  # "torch": the model's own framework
     body = {"image": base64.b64encode(jpeg).decode("ascii"), "threshold": THRESHOLD}
-    starts = {"torch": function_start(store_root, name, "torch", body),
-              "openvino, exporting": function_start(store_root, name, "openvino", body),
-              "openvino": function_start(store_root, name, "openvino", body)}
-    (directory / runtimes.GRAPH_FILE).unlink()
-    starts["onnxruntime, exporting"] = function_start(store_root, name, "onnxruntime", body)
-    starts["onnxruntime"] = function_start(store_root, name, "onnxruntime", body)
+    starts = {}
+    for runtime in kinds:
+        if runtime != "torch":
+            for path in directory.iterdir():  # the graph and what it reads: exported again by this runtime's start
+                if path.name.startswith("model.") and path.name != family.WEIGHTS_FILE:
+                    path.unlink()
+            starts[f"{runtime}, exporting"] = function_start(store_root, name, runtime, body)
+        starts[runtime] = function_start(store_root, name, runtime, body)
 
     os.environ.update(PREANNOTATE_MODEL_STORE=str(store_root), PREANNOTATE_MODEL=name, PREANNOTATE_DEVICE="cpu")
     platforms, graphs = {}, {}
     image = contract.decode_image(jpeg)
-    for runtime in RUNTIMES:
+    for runtime in kinds:
         os.environ["PREANNOTATE_RUNTIME"] = runtime
         platform = Platform()
         contexts = []
@@ -335,19 +358,14 @@ def bench_runtimes(arch: str, jpeg: bytes, repetitions: int, store_root: Path) -
                                                     lambda c, found=contexts: found.append(c) or c)
         platforms[runtime] = platform
         served = contexts[0].user_data.app.provider.current()
-        assert served.manifest.runtime == runtime, served.manifest.runtime
-        batch = served.model.transform([served.to_tensor(image)])[0].tensors
-        if runtime == "torch":
-            part = ExportedPart(served.model).eval()
-            graphs[runtime] = lambda part=part, batch=batch: part(batch)
-        else:
-            array = batch.numpy()
-            graphs[runtime] = lambda graph=served.runner.backbone.graph, array=array: graph(array)
-    handler = {runtime: [] for runtime in RUNTIMES}
-    graph = {runtime: [] for runtime in RUNTIMES}
+        expected = runtimes.EAGER[served.manifest.framework] if runtime == "torch" else runtime
+        assert served.manifest.runtime == expected, served.manifest.runtime
+        graphs[runtime] = graph_alone(served, image, runtime)
+    handler = {runtime: [] for runtime in kinds}
+    graph = {runtime: [] for runtime in kinds}
     with torch.inference_mode():
         for repetition in range(repetitions + 3):  # three warm-up rounds
-            for runtime in RUNTIMES:
+            for runtime in kinds:
                 started = time.perf_counter()
                 response = platforms[runtime].call_handler(nuclio.handler, Event(
                     body=body, content_type="application/json", method="POST", path="/"))
@@ -359,10 +377,13 @@ def bench_runtimes(arch: str, jpeg: bytes, repetitions: int, store_root: Path) -
                     handler[runtime].append(ms(elapsed))
                     graph[runtime].append(ms(time.perf_counter() - began))
     os.environ.pop("PREANNOTATE_RUNTIME")
-    return {"arch": arch, "n": repetitions, "starts": starts,
-            "handler": {runtime: statistics.median(values) for runtime, values in handler.items()},
-            "graph": {runtime: statistics.median(values) for runtime, values in graph.items()},
-            "auto": runtimes.chosen(arch, "cpu", "auto")}
+    eager = runtimes.EAGER[get_architecture(arch).framework]
+    named = {runtime: eager if runtime == "torch" else runtime for runtime in kinds}
+    return {"arch": arch, "n": repetitions, "starts": {kind.replace("torch", eager): start
+                                                       for kind, start in starts.items()},
+            "handler": {named[runtime]: statistics.median(values) for runtime, values in handler.items()},
+            "graph": {named[runtime]: statistics.median(values) for runtime, values in graph.items()},
+            "eager": eager, "auto": named[runtimes.chosen(arch, "cpu", "auto")]}
 
 
 def runtime_section(rows: list[dict], info: dict[str, str], total_s: float, load: str) -> str:
@@ -374,16 +395,16 @@ def runtime_section(rows: list[dict], info: dict[str, str], total_s: float, load
              "the ratios, measured in the same run and interleaved, are what to read).", "",
              "Method: a random-init model published into a temporary store, served by the real Nuclio handler "
              "(nuclio_sdk's test platform) once per runtime (`PREANNOTATE_RUNTIME`), on one synthetic 640x480 JPEG; "
-             "the three handlers and each one's exported graph alone (the backbone and, for SSDlite, the head, on "
-             "the transformed batch: eager `ExportedPart` for torch) are called in turn, medians reported. "
-             "OpenVINO runs in float32.", "",
-             "| model | runtime | graph ms | handler ms | handler speed-up over torch | chosen by auto |",
+             "the handlers and each one's exported graph alone (the backbone and, for SSDlite, the head, on "
+             "the transformed batch: eager `ExportedPart` for torch; the Keras model's forward pass, a "
+             "`tf.function`, for tensorflow) are called in turn, medians reported. OpenVINO runs in float32.", "",
+             "| model | runtime | graph ms | handler ms | handler speed-up over its framework | chosen by auto |",
              "|---|---|---:|---:|---:|---|"]
     for row in rows:
-        for runtime in RUNTIMES:
-            speedup = row["handler"]["torch"] / row["handler"][runtime]
+        for runtime in row["handler"]:
+            speedup = row["handler"][row["eager"]] / row["handler"][runtime]
             target = ""
-            if row["arch"] == RUNTIME_MODELS[0] and runtime == row["auto"] != "torch":
+            if row["arch"] == RUNTIME_MODELS[0] and runtime == row["auto"] != row["eager"]:
                 target = f" ({'pass' if speedup >= RUNTIME_TARGET else 'miss'}: >= {RUNTIME_TARGET})"
             lines.append(f"| {row['arch']} | {runtime} | {row['graph'][runtime]:.1f} | {row['handler'][runtime]:.1f} | "
                          f"{speedup:.2f}x{target} | {'yes' if runtime == row['auto'] else ''} |")
@@ -413,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtimes", action="store_true",
                         help="eager PyTorch against the converted graph (OpenVINO, ONNX Runtime): issue 24's table")
     parser.add_argument("--repetitions", type=int, default=40, help="handler calls per runtime (--runtimes)")
+    parser.add_argument("--models", default=",".join(RUNTIME_MODELS), help="architectures (--runtimes)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -422,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         load = " ".join(f"{value:.1f}" for value in os.getloadavg())
         rows = []
         with tempfile.TemporaryDirectory(prefix="preannotate-bench-") as store:
-            for arch in RUNTIME_MODELS:
+            for arch in args.models.split(","):
                 rows.append(bench_runtimes(arch, jpeg, args.repetitions, Path(store)))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         _results.publish(RUNTIME_SECTION, runtime_section(rows, info, time.perf_counter() - started, load),

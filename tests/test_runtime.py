@@ -1,14 +1,22 @@
 """The second runtime (models.runtime): a version's exported graph runs through OpenVINO (or ONNX Runtime) and gives
-the answers eager PyTorch gives; ``PREANNOTATE_RUNTIME`` chooses, ``auto`` by the measured table, a GPU keeps
-PyTorch; the graph is exported once, beside the version, atomically; the runtime in use is in the manifest and in
-``/health``."""
+the answers eager PyTorch (or TensorFlow, for a Keras model) gives; ``PREANNOTATE_RUNTIME`` chooses, ``auto`` by
+the measured table, a GPU keeps PyTorch; the graph is exported once, beside the version, atomically; the runtime in
+use is in the manifest and in ``/health``."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from preannotate.models import Manifest, ModelStore, create_detector, load_detector, load_model, publish_detector
+from preannotate.models import (
+    Manifest,
+    ModelStore,
+    create_detector,
+    load_detector,
+    load_model,
+    publish_detector,
+    torchvision_family,
+)
 from preannotate.models import runtime as runtimes
 from preannotate.serving.core import App, ModelProvider, Request
 from preannotate.shapes import box_iou, parse_label_list
@@ -86,7 +94,8 @@ def assert_same_answers(eager, converted, frames, threshold=0.2):
             assert iou(best, shape) >= 0.99
             assert abs(best.score - shape.score) <= 1e-3
         assert other_novelty == pytest.approx(novelty, abs=1e-3)
-    np.testing.assert_allclose(converted.appearance(frames), eager.appearance(frames), rtol=1e-3, atol=1e-4)
+    if eager.appearance(frames) is not None:
+        np.testing.assert_allclose(converted.appearance(frames), eager.appearance(frames), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("architecture,runtime", [
@@ -109,7 +118,7 @@ def test_the_converted_graph_answers_as_eager_pytorch(store, frames, architectur
 def test_the_graph_is_exported_once_beside_the_version_and_atomically(store, frames, monkeypatch):
     directory = store.resolve("ssdlite")
     load_detector(directory, "cpu", "openvino")
-    graph = directory / runtimes.GRAPH_FILE
+    graph = directory / torchvision_family.GRAPH_FILE
     assert graph.is_file() and not [p for p in directory.iterdir() if p.name.startswith(".")]  # no partial file
     written = graph.stat().st_mtime_ns
     monkeypatch.setattr("preannotate.models.torchvision_family.export_graph",
@@ -125,8 +134,22 @@ def test_an_export_that_fails_leaves_no_graph_behind(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        runtimes.graph_file(tmp_path, broken)
+        runtimes.graph_file(tmp_path, broken, "model.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_graph_of_two_files_appears_whole_the_file_that_names_it_last(tmp_path, monkeypatch):
+    def export(path):  # as OpenVINO's IR is written: the weights beside the graph
+        path.write_text("<net/>")
+        path.with_suffix(".bin").write_bytes(b"weights")
+
+    moved = []
+    replace = runtimes.os.replace
+    monkeypatch.setattr(runtimes.os, "replace", lambda source, target: (moved.append(target.name),
+                                                                        replace(source, target)))
+    assert runtimes.graph_file(tmp_path, export, "model.xml") == tmp_path / "model.xml"
+    assert moved == ["model.bin", "model.xml"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.bin", "model.xml"]
 
 
 def test_a_store_this_process_cannot_write_to_still_runs_converted(store, tmp_path, monkeypatch):
@@ -134,18 +157,18 @@ def test_a_store_this_process_cannot_write_to_still_runs_converted(store, tmp_pa
     copy = tmp_path / "version"
     copy.mkdir()
     for file in source.iterdir():
-        if file.name != runtimes.GRAPH_FILE:
+        if file.name != torchvision_family.GRAPH_FILE:
             (copy / file.name).write_bytes(file.read_bytes())
-    mkstemp = runtimes.tempfile.mkstemp
+    mkdtemp = runtimes.tempfile.mkdtemp
 
     def read_only(*args, dir=None, **kwargs):
         if dir == copy:
             raise PermissionError(13, "Read-only file system")
-        return mkstemp(*args, dir=dir, **kwargs)
+        return mkdtemp(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(runtimes.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(runtimes.tempfile, "mkdtemp", read_only)
     assert load_detector(copy, "cpu", "openvino").manifest.runtime == "openvino"
-    assert not (copy / runtimes.GRAPH_FILE).exists()
+    assert not (copy / torchvision_family.GRAPH_FILE).exists()
 
 
 def test_auto_runs_what_the_table_measured_fastest_on_a_cpu_and_pytorch_on_a_gpu():
@@ -188,4 +211,50 @@ def test_models_that_do_not_convert_run_in_their_framework(tmp_path, monkeypatch
     monkeypatch.setenv("PREANNOTATE_RUNTIME", "openvino")
     classifier = load_model("tags", store, device="cpu")
     assert classifier.manifest.runtime == "torch" and classifier.runner is classifier.model
-    assert not (store.resolve("tags") / runtimes.GRAPH_FILE).exists()
+    assert not (store.resolve("tags") / torchvision_family.GRAPH_FILE).exists()
+
+
+# A Keras detector: its forward pass (pixel scaling, encoder, FPN, heads) exported as OpenVINO IR; anchors, decoding
+# and NMS stay keras-hub's, in TensorFlow.
+KERAS = "keras_ssd_mobilenet_v2_fpnlite_320"
+
+
+@pytest.fixture(scope="module")
+def keras_store(tmp_path_factory):
+    """A version of the TF default whose predictors' weights are seeded random, so that its scores differ from box
+    to box and from class to class as a trained model's do."""
+    detector = create_detector(KERAS, parse_label_list("box,disc,triangle"), device="cpu",
+                               hyperparameters={"score_threshold": 0.3})
+    generator = np.random.default_rng(1)
+    for layer in detector.model.layers:
+        if layer.name in ("classification_head", "box_head"):
+            layer.set_weights([generator.normal(0, 0.5, weight.shape).astype("float32")
+                               for weight in layer.get_weights()])
+    store = ModelStore(tmp_path_factory.mktemp("keras-store"))
+    publish_detector(detector, store, "tf-default")
+    return store
+
+
+def test_a_keras_model_runs_through_openvino_as_tensorflow_answers(keras_store, frames):
+    from preannotate.models import keras_family
+
+    directory = keras_store.resolve("tf-default")
+    eager = load_detector(directory, "cpu", "torch")  # its own framework
+    converted = load_detector(directory, "cpu", "openvino")
+    assert (eager.manifest.runtime, converted.manifest.runtime) == ("tensorflow", "openvino")
+    assert eager.graph is None and converted.graph is not None
+    assert_same_answers(eager, converted, frames)
+    network, converted.model.call = converted.model.call, lambda *_, **__: pytest.fail("ran in TensorFlow")
+    try:
+        assert converted.detect(frames, 0.2)  # the graph detects; the Keras network is not run
+    finally:
+        converted.model.call = network
+    assert (directory / keras_family.GRAPH_FILE).is_file() and (directory / "model.bin").is_file()
+    assert not [path for path in directory.iterdir() if path.name.startswith(".")]
+    assert runtimes.chosen(KERAS, converted.device, "auto") == runtimes.FASTEST_ON_CPU[KERAS]
+
+
+def test_a_runtime_that_cannot_read_the_familys_graph_leaves_it_in_its_framework(keras_store, caplog):
+    detector = load_detector(keras_store.resolve("tf-default"), "cpu", "onnxruntime")
+    assert detector.manifest.runtime == "tensorflow"
+    assert "keras_ssd_mobilenet_v2_fpnlite_320 runs in tensorflow or openvino" in caplog.text

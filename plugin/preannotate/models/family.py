@@ -1,10 +1,12 @@
-"""The two written contracts of the models layer, where model code plugs in.
+"""The written contracts of the models layer, where model code plugs in.
 
 * ``ModelFamily`` — a module ``preannotate.models.<family>_family`` that builds, loads, saves and freezes the models of
   the registry's architectures naming it (``Architecture.family``). A module is the implementation (PEP 544: modules
   satisfy protocols); ``tests/test_models.py`` checks every registered family against this one, member by member.
 * ``Detector`` — a loaded model: what serving, pre-annotation, evaluation, the report and training ask of it,
   whatever its framework and whatever it returns (boxes, masks, tags).
+* ``ConvertibleFamily`` — what a family adds when its detectors can run their network's exported graph through
+  another runtime (``models.runtime``: OpenVINO, ONNX Runtime); a family without it runs in its framework.
 
 Adding a family is one module that provides every member of ``ModelFamily`` and one registry entry per architecture
 (``models.registry.ARCHITECTURES``: its ``family``, ``framework`` and defaults); nothing else names families.
@@ -12,7 +14,7 @@ Adding a family is one module that provides every member of ``ModelFamily`` and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -82,3 +84,26 @@ class ModelFamily(Protocol):
     def freeze_backbone(self, model: Any, trainable_layers: int | None, init: str) -> list[Any]:
         """Freeze all but the last ``trainable_layers`` backbone stages (None: the family's default for ``init``);
         returns the layers whose statistics must stay frozen (kept in inference mode while training)."""
+
+
+@runtime_checkable
+class ConvertibleFamily(Protocol):
+    """A family whose detectors can run converted: ``export_graph`` writes the part of the network that runs on the
+    prepared batch (what the framework would run eagerly) as a file another runtime reads, and the detector's
+    ``run_converted`` runs that graph, compiled, in its place; everything around it (resize, anchors, decoding,
+    NMS) stays the family's own code. ``models.runtime`` decides when, exports once per version and compiles."""
+
+    GRAPH_FILE: str                # the exported graph's file beside a version's weights (``model.onnx``)
+    CONVERTS_TO: tuple[str, ...]   # the runtimes that read it (``openvino``, ``onnxruntime``)
+
+    def convertible(self, detector: Detector) -> bool:
+        """Whether this detector's network can be exported (not every model of the family need be)."""
+
+    def export_graph(self, detector: Detector, path: Path) -> None:
+        """Write the exported graph to ``path`` (and any file it reads, beside it)."""
+
+
+class ConvertedDetector(Detector, Protocol):
+    def run_converted(self, graph: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
+        """Detect through ``graph`` (images in, the graph's outputs by name out) from now on; ``model`` stays the
+        framework's whole network (what training steps and publishing saves)."""

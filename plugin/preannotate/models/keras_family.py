@@ -41,7 +41,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,11 @@ from keras_hub.src.models.retinanet.retinanet_label_encoder import RetinaNetLabe
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.keras"
+# The exported graph (models.runtime): the network's forward pass — pixel scaling, encoder, FPN, heads; anchors,
+# decoding and NMS stay ``decode_predictions`` in TensorFlow — as OpenVINO's IR (Keras's own export writes it, and
+# ``model.bin`` beside it); ONNX would need tf2onnx, which has not kept up with TensorFlow.
+GRAPH_FILE = "model.xml"
+CONVERTS_TO = ("openvino",)
 BOX_FORMAT = "xyxy"          # pixels of the square the model sees
 NMS_SCORE_FLOOR = 0.05       # detections kept before a request's own threshold (torchvision's default floor)
 NMS_IOU = 0.5
@@ -446,16 +451,29 @@ class KerasDetector:
     def __init__(self, model: keras.Model, labels: Sequence[Label], image_size: int, letterbox: bool = False,
                  device: str | None = None):
         self.model = model
-        self.device = "/CPU:0" if device == "cpu" else None  # else TensorFlow's choice: its first GPU, if any
+        # on the CPU when asked or when TensorFlow sees no GPU; else TensorFlow's choice: its first GPU
+        self.device = "/CPU:0" if device == "cpu" or not tf.config.list_physical_devices("GPU") else None
         self.labels = list(labels)
         self.output = "rectangle"
         self.image_size, self.letterbox = int(image_size), letterbox
         self.familiar = None  # no appearance sample: frames are never called unfamiliar
+        self.graph: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None  # the converted forward pass, if any
         self._label_by_class = {label.id - 1: label for label in self.labels}
         self.predict = tf.function(self._predict, reduce_retracing=True, autograph=False)  # no Python control flow
 
     def _predict(self, batch):
         return self.model.decode_predictions(self.model(batch, training=False), batch)
+
+    def run_converted(self, graph: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
+        """Detect through ``graph`` from now on: the network's forward pass (``export_graph``) compiled by another
+        runtime (``models.runtime``); its raw outputs are decoded as the eager model's are (``decode_predictions``:
+        anchors, box variances, NMS). ``model`` stays the Keras model (what is trained and saved)."""
+        self.graph = graph
+        decode = tf.function(self.model.decode_predictions, reduce_retracing=True, autograph=False)
+
+        def predict(batch):
+            return decode({name: tf.constant(value) for name, value in graph(batch.numpy()).items()}, batch)
+        self.predict = predict
 
     def square(self, image: Any) -> tuple[np.ndarray, float, float, int, int]:
         """The frame as the model's input, with how to map its boxes back (x and y scale, left and top pad)."""
@@ -536,3 +554,15 @@ def read_weights(path: Path) -> list[tuple[str, np.ndarray]]:
 
 def write_weights(detector: KerasDetector, path: Path) -> None:
     detector.model.save(path)
+
+
+def convertible(detector: KerasDetector) -> bool:
+    """Whether the detector can run its forward pass converted (``models.runtime``): every Keras detector here."""
+    return isinstance(detector, KerasDetector)
+
+
+def export_graph(detector: KerasDetector, path: Path) -> None:
+    """Export the detector's forward pass as OpenVINO IR at ``path`` (``.xml``; its weights into ``.bin`` beside
+    it), for any batch and image size."""
+    detector.model.export(str(path), format="openvino", verbose=False,
+                          input_signature=[keras.InputSpec(shape=(None, None, None, 3), dtype="float32")])

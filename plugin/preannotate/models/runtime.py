@@ -1,22 +1,24 @@
-"""Which runtime runs a model's network: its framework's own (eager PyTorch), or its exported graph through OpenVINO
-or ONNX Runtime.
+"""Which runtime runs a model's network: its framework's own (eager PyTorch, or TensorFlow for a Keras model), or
+its exported graph through OpenVINO or ONNX Runtime.
 
 On a CPU a detector's backbone and head — what runs on the batch once it is resized and normalised: the exported
-graph — run several times faster through OpenVINO than in eager PyTorch. What surrounds them (the resize, the
-anchors, the box decoding, NMS) stays the family's own code, run the same way whatever runs the graph.
+graph — run several times faster through OpenVINO than in eager PyTorch or TensorFlow. What surrounds them (the
+resize, the anchors, the box decoding, NMS) stays the family's own code, run the same way whatever runs the graph.
 
 ``PREANNOTATE_RUNTIME`` names the runtime: ``auto`` (the default) takes the one ``FASTEST_ON_CPU`` measured fastest
-for the architecture, on a CPU; a GPU keeps PyTorch (CUDA). The graph is exported once, the first time a version is
-loaded to run converted, into ``GRAPH_FILE`` beside its weights (atomically: a temporary file renamed), and either
-runtime reads that file. A family whose models can run converted provides ``convertible(detector)``,
-``export_graph(detector, path)`` and detectors with ``run_converted(graph)`` (``models.torchvision_family``); the
-others run in their framework.
+for the architecture, on a CPU; a GPU keeps the framework (CUDA); ``torch`` is the model's own framework (TensorFlow
+for a Keras model). The graph is exported once, the first time a version is loaded to run converted, into the
+family's ``GRAPH_FILE`` beside its weights (atomically: written in a temporary directory, the file that names the
+graph moved into place last), and the runtime reads that file. A family whose models can run converted is a
+``models.family.ConvertibleFamily`` (``models.torchvision_family``: ONNX, read by both runtimes;
+``models.keras_family``: OpenVINO's own IR); the others run in their framework.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from preannotate.models.family import ConvertibleFamily
 from preannotate.suggest import did_you_mean
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,6 @@ log = logging.getLogger(__name__)
 ENVIRONMENT = "PREANNOTATE_RUNTIME"
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 CONVERTED = ("openvino", "onnxruntime")
-GRAPH_FILE = "model.onnx"  # beside a version's weights: the exported graph, what OpenVINO and ONNX Runtime read
 EAGER = {"pytorch": "torch", "tensorflow": "tensorflow"}  # the runtime of a model not converted, by its framework
 
 # Which runtime runs each architecture's exported graph fastest on a CPU, and the measurement that says so:
@@ -47,6 +49,9 @@ FASTEST_ON_CPU: dict[str, str] = {
     # handler: torch 1407, openvino 284 (5.0x), onnxruntime 437 (3.2x; onnxruntime#14326 is about the whole
     # model, NMS and RoIAlign included, which stay in PyTorch here)
     "fasterrcnn_mobilenet_v3_large_320_fpn": "openvino",
+    # the TF default: its forward pass through OpenVINO, keras-hub's decoding and TensorFlow's NMS around it
+    # (2026-12-07, idle): graph: tensorflow 37.6, openvino 11.8 ms; handler: tensorflow 43.8, openvino 20.6 (2.1x)
+    "keras_ssd_mobilenet_v2_fpnlite_320": "openvino",
 }
 
 Graph = Callable[[np.ndarray], dict[str, np.ndarray]]  # the exported graph compiled: images in, named outputs out
@@ -74,8 +79,9 @@ def checked(name: str | None, given_as: str = ENVIRONMENT) -> str:
 
 def chosen(architecture: str, device: str, wanted: str) -> str:
     """The runtime to run ``architecture`` on ``device`` with: ``wanted``, ``auto`` resolved by ``FASTEST_ON_CPU``;
-    ``torch`` on anything but a CPU (the converted graph runs on the CPU, PyTorch on the GPU)."""
-    if not str(device).startswith("cpu"):
+    ``torch`` (the framework) on anything but a CPU (the converted graph runs on the CPU, the framework on the
+    GPU). ``device`` as torch (``cpu``, ``cuda:0``) or TensorFlow (``/CPU:0``) names it."""
+    if "cpu" not in str(device).lower():
         return "torch"
     if wanted == "auto":
         return FASTEST_ON_CPU.get(architecture, "torch")
@@ -88,13 +94,18 @@ def use(detector: Any, family: Any, directory: Path, framework: str, wanted: str
     wanted = checked(wanted) if wanted is not None else requested()
     eager = EAGER.get(framework, framework)
     runtime = chosen(detector.manifest.architecture, str(getattr(detector, "device", "cpu")), wanted)
-    convertible = getattr(family, "convertible", None)
-    if runtime == "torch" or convertible is None or not convertible(detector):
+    if runtime == "torch" or not isinstance(family, ConvertibleFamily) or not family.convertible(detector):
         if runtime != "torch" and wanted != "auto":
             log.warning("%s=%s: %s runs only in %s here", ENVIRONMENT, wanted, detector.manifest.architecture, eager)
         return eager
+    readers = family.CONVERTS_TO
+    if runtime not in readers:
+        log.warning("%s=%s: %s runs in %s or %s", ENVIRONMENT, wanted, detector.manifest.architecture, eager,
+                    " or ".join(readers))
+        return eager
     try:
-        runner = compiled(graph_file(Path(directory), lambda path: family.export_graph(detector, path)), runtime)
+        graph = graph_file(Path(directory), lambda path: family.export_graph(detector, path), family.GRAPH_FILE)
+        runner = compiled(graph, runtime)
     except RuntimeChoiceError:
         if wanted != "auto":
             raise
@@ -104,34 +115,34 @@ def use(detector: Any, family: Any, directory: Path, framework: str, wanted: str
     return runtime
 
 
-def graph_file(directory: Path, export: Callable[[Path], Any]) -> Path:
-    """The version's exported graph (``GRAPH_FILE`` in ``directory``), exported by ``export`` (into the path it is
-    given) when it is not there yet: into a temporary file renamed into place, so that a process loading the
-    version at the same time never reads half a graph. A store this process cannot write to (a read-only volume)
-    gets its graph exported into a temporary directory, again at each start."""
-    path = directory / GRAPH_FILE
+def graph_file(directory: Path, export: Callable[[Path], Any], name: str) -> Path:
+    """The version's exported graph (``name`` in ``directory``), exported by ``export`` (into the path it is given,
+    with any files beside it that the graph reads: OpenVINO's weights) when it is not there yet. Exported into a
+    temporary directory and moved into place, the file ``name`` last: a process loading the version at the same
+    time finds the whole graph or none. A store this process cannot write to (a read-only volume) gets its graph
+    exported into a temporary directory, again at each start."""
+    path = directory / name
     if path.is_file():
         return path
     try:
-        handle, temporary = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".onnx.partial")
+        staging = Path(tempfile.mkdtemp(dir=directory, prefix=".graph."))
     except OSError:
         log.warning("cannot write the exported graph beside %s: exported for this process only", directory)
-        path = Path(tempfile.mkdtemp(prefix="preannotate-graph-")) / GRAPH_FILE
+        path = Path(tempfile.mkdtemp(prefix="preannotate-graph-")) / name
         export(path)
         return path
-    os.close(handle)
     try:
-        export(Path(temporary))
-        os.replace(temporary, path)
+        export(staging / name)
+        for file in sorted(staging.iterdir(), key=lambda file: file.name == name):
+            os.replace(file, directory / file.name)
     finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
 def compiled(path: Path, runtime: str) -> Graph:
-    """The exported graph at ``path`` compiled by ``runtime`` for this CPU: images (``NCHW`` float32) in, its
-    outputs by name out."""
+    """The exported graph at ``path`` compiled by ``runtime`` for this CPU: images (float32, laid out as the
+    graph takes them) in, its outputs by name out."""
     if runtime == "openvino":
         try:
             import openvino

@@ -485,6 +485,12 @@ def appearance_vectors(output: torch.Tensor) -> torch.Tensor:
     return torch.cat([output.mean((2, 3)), output.amax((2, 3))], 1)
 
 
+# The exported graph (models.runtime): the backbone and a one-stage model's head as ONNX, read by OpenVINO and
+# ONNX Runtime alike.
+GRAPH_FILE = "model.onnx"
+CONVERTS_TO = ("openvino", "onnxruntime")
+
+
 def convertible(detector: TorchvisionDetector) -> bool:
     """Whether the detector can run its exported part converted (``models.runtime``): torchvision's detection
     models, whose backbone (and one-stage head) is a graph without Python control flow over its values."""
