@@ -37,20 +37,22 @@ CONVERTED = ("openvino", "onnxruntime")
 EAGER = {"pytorch": "torch", "tensorflow": "tensorflow"}  # the runtime of a model not converted, by its framework
 
 # Which runtime runs each architecture's exported graph fastest on a CPU, and the measurement that says so:
-# `python bench/inference_overhead.py --runtimes --repetitions 15` on this project's 2-core CPU (2026-12-06, shared:
-# load 4-7; the runtimes interleaved in one run), median ms per 640x480 JPEG, the graph alone (backbone and head on
-# the transformed batch) and the served Nuclio handler end to end; bench/RESULTS.md holds the run. An architecture
-# not listed keeps its framework under ``auto`` (not measured; PREANNOTATE_RUNTIME=openvino converts any
-# torchvision detector).
+# `python bench/inference_overhead.py --runtimes --repetitions 15` on this project's 2-core CPU, median ms per
+# 640x480 JPEG, the graph alone (what runs on the transformed batch) and the served Nuclio handler end to end, the
+# runtimes interleaved in one run; bench/RESULTS.md holds the run. An architecture not listed keeps its framework
+# under ``auto`` (not measured; PREANNOTATE_RUNTIME=openvino converts any torchvision or Keras detector).
 FASTEST_ON_CPU: dict[str, str] = {
-    # graph: torch 530, openvino 33, onnxruntime 36 ms; handler: torch 751, openvino 107 (7.0x), onnxruntime 140
+    # idle (2026-12-07): graph torch 37.3, openvino 10.2, onnxruntime 8.3; handler 77.1, 23.8 (3.2x), 21.4 (3.6x).
+    # ONNX Runtime is ahead by 8 % idle (60 repetitions: 21.1 against 22.9 ms) but was 30 % behind with the CPU
+    # shared (load 4-7, 2026-12-06: handler 107 against 140 ms), as a function's CPU usually is; and the base image
+    # carries OpenVINO, not ONNX Runtime
     "ssdlite320_mobilenet_v3_large": "openvino",
-    # graph (the FPN backbone; the RPN and box head stay eager): torch 944, openvino 57, onnxruntime 60 ms;
-    # handler: torch 1407, openvino 284 (5.0x), onnxruntime 437 (3.2x; onnxruntime#14326 is about the whole
-    # model, NMS and RoIAlign included, which stay in PyTorch here)
+    # the graph is the FPN backbone (the RPN and box head stay eager): graph 43.4, 14.3, 14.0; handler 125.1,
+    # 72.5 (1.7x), 81.4 (1.5x). onnxruntime#14326 is about the whole model, NMS and RoIAlign included, which stay
+    # in PyTorch here; loaded (2026-12-06): handler 1407, 284 (5.0x), 437 (3.2x)
     "fasterrcnn_mobilenet_v3_large_320_fpn": "openvino",
-    # the TF default: its forward pass through OpenVINO, keras-hub's decoding and TensorFlow's NMS around it
-    # (2026-12-07, idle): graph: tensorflow 37.6, openvino 11.8 ms; handler: tensorflow 43.8, openvino 20.6 (2.1x)
+    # the TF default: its forward pass through OpenVINO (no ONNX export: tf2onnx), keras-hub's decoding and
+    # TensorFlow's NMS around it: graph tensorflow 36.5, openvino 11.4; handler 42.3, 20.3 (2.1x)
     "keras_ssd_mobilenet_v2_fpnlite_320": "openvino",
 }
 
