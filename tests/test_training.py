@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -327,6 +328,27 @@ def test_targets_of_every_shape_type_agree_with_the_coco_export():
     for i in range(4):  # every mask fills its box
         ys, xs = np.nonzero(bitmaps[i])
         assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == pytest.approx(boxes[i].tolist(), abs=1.01)
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        return torch.full((1,), float(index)), {"index": index}
+
+
+def test_loader_workers_outlive_the_signals_that_stop_their_trainer():
+    """A server stopping sends SIGTERM to its job's process group (Ctrl-C: SIGINT to the terminal's): the trainer
+    checkpoints and stops; a worker that died first would kill the trainer before it saved."""
+    batches = iter(data.loader(_Numbers(), batch_size=1, workers=1))
+    first = next(batches)
+    [worker] = batches._workers
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        os.kill(worker.pid, signum)
+    # a worker killed here would surface as torch's "DataLoader worker ... is killed by signal" below
+    rest = [images[0].item() for images, _ in batches]
+    assert [first[0][0].item(), *rest] == [float(i) for i in range(64)]
 
 
 def test_batches_resume_where_they_stopped_and_ranks_share_each_step():

@@ -128,6 +128,13 @@ def _training(url: str, job_id: str, store: Path, past_step: int = 0) -> dict:
     return job
 
 
+def _stopped(server: subprocess.Popen, store: Path, job_id: str) -> int:
+    """The server's exit status, waited for while its job checkpoints and stops (bounded by the job's activity)."""
+    wait_while_advancing(lambda: server.poll() is not None, job_activity(JobStore(store), job_id),
+                         f"the server to stop job {job_id}")
+    return server.returncode
+
+
 def _processes_of(job_id: str) -> list[int]:
     """The processes running the job (`python -m preannotate.worker run STORE JOB`)."""
     found = []
@@ -162,7 +169,7 @@ def test_a_local_server_stopped_by_sigterm_stops_its_training_job_which_the_next
             _training(url, job_id, store)
             assert _processes_of(job_id)
             server.send_signal(signal.SIGTERM)
-            assert server.wait() == 0  # it waited for its job to checkpoint and stop
+            assert _stopped(server, store, job_id) == 0  # it waited for its job to checkpoint and stop
             said = server.stderr.read()
             assert f"stopping job {job_id}: it saves a checkpoint, and the next `preannotate serve`" in said, said
         assert _processes_of(job_id) == []  # gone with the server
@@ -174,7 +181,7 @@ def test_a_local_server_stopped_by_sigterm_stops_its_training_job_which_the_next
         with _serving(env, store) as (server, url):  # the next server resumes it
             assert _training(url, job_id, store, past_step=last_step)["attempts"] == 2
             server.send_signal(signal.SIGINT)  # Ctrl-C stops it the same way
-            assert server.wait() == 0
+            assert _stopped(server, store, job_id) == 0
         assert _processes_of(job_id) == []
     finally:  # what a failure would leave behind
         for pid in _processes_of(job_id):

@@ -273,8 +273,11 @@ def default_workers() -> int:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers decode one frame at a time; threads would only fight the training step
-    # Ctrl-C reaches the whole process group: the trainer checkpoints and stops; its workers must not die first
+    # Ctrl-C (and a server's SIGTERM to a job's process group) reaches every process of the group: the trainer
+    # checkpoints and stops; its workers must not die first, or the trainer dies of their death before it saves.
+    # They end when the trainer shuts its loader down, or with it (torch's watchdog of the parent).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def loader(dataset: DetectionDataset, *, batch_sampler: Sampler | None = None, batch_size: int = 1,
