@@ -20,6 +20,7 @@ from preannotate.models import (
 from preannotate.models import runtime as runtimes
 from preannotate.serving.core import App, ModelProvider, Request
 from preannotate.shapes import box_iou, parse_label_list
+from preannotate.training.loop import train
 from preannotate.training.synthetic import generate
 
 # In the slow suite, and `make test-all` runs this file in a pytest process of its own: with OpenVINO loaded in the
@@ -258,3 +259,21 @@ def test_a_runtime_that_cannot_read_the_familys_graph_leaves_it_in_its_framework
     detector = load_detector(keras_store.resolve("tf-default"), "cpu", "onnxruntime")
     assert detector.manifest.runtime == "tensorflow"
     assert "keras_ssd_mobilenet_v2_fpnlite_320 runs in tensorflow or openvino" in caplog.text
+
+
+@pytest.mark.parametrize("architecture", ["ssdlite320_mobilenet_v3_large", KERAS])
+def test_a_trained_model_answers_alike_converted(architecture, tmp_path):
+    """Weights as training leaves them (a short run on the synthetic shapes), published and loaded as a function
+    loads them: the converted graph finds what the framework finds."""
+    task = generate(48, width=160, height=120, seed=5, objects=(2, 4), size=(0.25, 0.45))
+    items = [(frame, task.images) for frame in task.annotations.frames.values()]
+    store = ModelStore(tmp_path / "store")
+    train(architecture, task.annotations.labels, items, [], tmp_path / "run", store=store, name="trained",
+          hyperparameters="init=random; num-steps=80; batch-size=4; image-size=160; num-validations=0",
+          progress=False, workers=0)
+    directory = store.resolve("trained")
+    eager, converted = load_detector(directory, "cpu", "torch"), load_detector(directory, "cpu", "openvino")
+    assert converted.manifest.runtime == "openvino"
+    unseen = generate(3, width=160, height=120, seed=9, objects=(2, 4), size=(0.25, 0.45))
+    assert_same_answers(eager, converted, [np.asarray(image) for _, image in unseen.images.decoded(
+        sorted(unseen.annotations.frames))], threshold=0.05)
