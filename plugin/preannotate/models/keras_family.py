@@ -63,7 +63,9 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.keras"
 # The exported graph (models.runtime): the network's forward pass — pixel scaling, encoder, FPN, heads; anchors,
 # decoding and NMS stay ``decode_predictions`` in TensorFlow — as OpenVINO's IR (Keras's own export writes it, and
-# ``model.bin`` beside it); ONNX would need tf2onnx, which has not kept up with TensorFlow.
+# ``model.bin`` beside it); ONNX would need tf2onnx, which has not kept up with TensorFlow. Two processes exporting
+# a version at once leave a matching pair whichever files win: the export writes the same ``model.bin`` byte for byte
+# (only the node names in ``model.xml`` differ).
 GRAPH_FILE = "model.xml"
 CONVERTS_TO = ("openvino",)
 BOX_FORMAT = "xyxy"          # pixels of the square the model sees
