@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = score_detector(detector, items, task.annotations.labels)
             scores[detector.manifest.runtime] = metrics
             print(detector.manifest.runtime, metrics["map50"], metrics["map"], file=sys.stderr)
-    quoted = " ".join(f'"{part}"' if " " in part else part for part in command[1:])
+    quoted = " ".join(["preannotate"] + [f'"{part}"' if " " in part else part for part in command[3:]])
     lines = [SECTION, "",
              f"Command: `.venv/bin/python bench/tf_default_from_export.py --frames {args.frames} --held-back "
              f"{args.held_back} --steps {args.steps} --batch {args.batch}`"
