@@ -102,8 +102,8 @@ def use(detector: Any, family: Any, directory: Path, framework: str, wanted: str
         return eager
     readers = family.CONVERTS_TO
     if runtime not in readers:
-        log.warning("%s=%s: %s runs in %s or %s", ENVIRONMENT, wanted, detector.manifest.architecture, eager,
-                    " or ".join(readers))
+        log.warning("%s=%s: %s runs in %s or %s, not %s; serving it in %s", ENVIRONMENT, wanted,
+                    detector.manifest.architecture, eager, " or ".join(readers), runtime, eager)
         return eager
     try:
         graph = graph_file(Path(directory), lambda path: family.export_graph(detector, path), family.GRAPH_FILE)
