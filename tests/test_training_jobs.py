@@ -96,11 +96,12 @@ def test_a_completed_job_retrains_the_function_and_the_next_detection_uses_the_n
 
 @contextlib.contextmanager
 def _serving(env: dict[str, str], store):
-    """`preannotate serve` for the project's model, as a person starts it: the process and its URL once it
-    listens; killed when the block ends, if still there."""
+    """`preannotate serve` for the project's model, as a person starts it in a terminal (Ctrl-C stops it, even
+    when these tests run in the background, whose processes inherit SIGINT ignored): the process and its URL once
+    it listens; killed when the block ends, if still there."""
     server = subprocess.Popen([sys.executable, "-m", "preannotate.cli", "serve", "--model", "shapes", "--store",
                                str(store), "--port", "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+                              text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         while not lines or not lines[-1].startswith("serving"):
@@ -129,9 +130,17 @@ def _training(url: str, job_id: str, store: Path, past_step: int = 0) -> dict:
 
 
 def _stopped(server: subprocess.Popen, store: Path, job_id: str) -> int:
-    """The server's exit status, waited for while its job checkpoints and stops (bounded by the job's activity)."""
-    wait_while_advancing(lambda: server.poll() is not None, job_activity(JobStore(store), job_id),
-                         f"the server to stop job {job_id}")
+    """The server's exit status, waited for while its job checkpoints and stops (bounded by the job's activity);
+    AssertionError as soon as the job trains on instead (it stops at its next step; steps are logged every 50)."""
+    jobs = JobStore(store)
+    told_at = jobs.progress(job_id).get("step", 0)
+
+    def exited() -> bool:
+        step = jobs.progress(job_id).get("step", 0)
+        assert step <= told_at + 100, f"job {job_id} trains on after its server was told to stop ({told_at} → {step})"
+        return server.poll() is not None
+
+    wait_while_advancing(exited, job_activity(jobs, job_id), f"the server to stop job {job_id}")
     return server.returncode
 
 
