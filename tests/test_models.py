@@ -380,6 +380,25 @@ def test_every_registered_family_provides_what_the_family_protocol_names(family)
             assert list(inspect.signature(provided).parameters) == list(signature.parameters), f"{family}.{name}"
 
 
+@pytest.mark.parametrize("family", sorted({arch.family for arch in ARCHITECTURES.values()}))
+def test_the_families_that_run_converted_provide_what_their_protocol_names(family):
+    from preannotate.models import runtime
+    from preannotate.models.family import ConvertedDetector, ConvertibleFamily
+
+    module = family_of(next(arch for arch in ARCHITECTURES.values() if arch.family == family))
+    assert isinstance(module, ConvertibleFamily) == (family in ("torchvision", "keras"))  # the others: eager
+    if not isinstance(module, ConvertibleFamily):
+        return
+    assert isinstance(module.GRAPH_FILE, str) and module.CONVERTS_TO
+    assert set(module.CONVERTS_TO) <= set(runtime.CONVERTED)
+    for name in ("convertible", "export_graph"):
+        expected = inspect.signature(getattr(ConvertibleFamily, name)).parameters
+        assert list(inspect.signature(getattr(module, name)).parameters) == list(expected)[1:], f"{family}.{name}"
+    detector = inspect.signature(module.export_graph).parameters["detector"].annotation
+    run = inspect.signature(getattr(module, detector).run_converted).parameters
+    assert list(run) == list(inspect.signature(ConvertedDetector.run_converted).parameters)
+
+
 @pytest.mark.parametrize("architecture", [next(a.name for a in ARCHITECTURES.values() if a.family == family)
                                           for family in sorted({a.family for a in ARCHITECTURES.values()})])
 def test_what_every_family_creates_and_loads_is_a_detector(architecture, tmp_path):

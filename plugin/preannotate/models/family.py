@@ -90,8 +90,9 @@ class ModelFamily(Protocol):
 class ConvertibleFamily(Protocol):
     """A family whose detectors can run converted: ``export_graph`` writes the part of the network that runs on the
     prepared batch (what the framework would run eagerly) as a file another runtime reads, and the detector's
-    ``run_converted`` runs that graph, compiled, in its place; everything around it (resize, anchors, decoding,
-    NMS) stays the family's own code. ``models.runtime`` decides when, exports once per version and compiles."""
+    ``run_converted`` (``ConvertedDetector``) runs that graph, compiled, in its place; everything around it (resize,
+    anchors, decoding, NMS) stays the family's own code. ``models.runtime`` decides when, exports once per version
+    and compiles."""
 
     GRAPH_FILE: str                # the exported graph's file beside a version's weights (``model.onnx``)
     CONVERTS_TO: tuple[str, ...]   # the runtimes that read it (``openvino``, ``onnxruntime``)
@@ -104,6 +105,8 @@ class ConvertibleFamily(Protocol):
 
 
 class ConvertedDetector(Detector, Protocol):
+    """A detector of a ``ConvertibleFamily``: what ``models.runtime`` hands the compiled graph to."""
+
     def run_converted(self, graph: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
         """Detect through ``graph`` (images in, the graph's outputs by name out) from now on; ``model`` stays the
         framework's whole network (what training steps and publishing saves)."""
