@@ -167,7 +167,7 @@ def load_detector(directory: str | Path, device: str | None = None, runtime: str
     detector = family.load(arch, manifest.labels, Path(directory) / manifest.weights,
                            manifest_hyperparameters(manifest), device=device)
     detector.manifest = manifest
-    manifest.runtime = runtimes.use(detector, family, Path(directory), arch.framework, runtime)
+    manifest.runtime = runtimes.use(detector, family, Path(directory), runtime)
     if manifest.attributes:  # its detections carry the attributes it learned
         from preannotate.models.attributes import AttributedDetector, AttributeModel
 

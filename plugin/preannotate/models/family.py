@@ -28,6 +28,11 @@ if TYPE_CHECKING:
     from preannotate.models.registry import Architecture
 
 
+# A network's exported graph compiled by another runtime (``models.runtime``): images in (laid out as the graph
+# takes them), its outputs by name out.
+Graph = Callable[["np.ndarray"], dict[str, "np.ndarray"]]
+
+
 @runtime_checkable
 class Detector(Protocol):
     """A model ready to use. ``images`` are RGB ``HxWx3`` uint8 arrays (or PIL images); shapes come back in each
@@ -107,6 +112,6 @@ class ConvertibleFamily(Protocol):
 class ConvertedDetector(Detector, Protocol):
     """A detector of a ``ConvertibleFamily``: what ``models.runtime`` hands the compiled graph to."""
 
-    def run_converted(self, graph: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
+    def run_converted(self, graph: Graph) -> None:
         """Detect through ``graph`` (images in, the graph's outputs by name out) from now on; ``model`` stays the
         framework's whole network (what training steps and publishing saves)."""

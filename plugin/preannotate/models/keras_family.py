@@ -41,7 +41,7 @@ import contextlib
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ import numpy as np
 
 from preannotate.formats.tfrecord import tensorflow
 from preannotate.hyperparameters import Hyperparameters
+from preannotate.models.family import Graph
 from preannotate.models.registry import Architecture, PretrainedWeightsUnavailable, num_classes
 from preannotate.shapes import Label, Shape
 
@@ -459,14 +460,14 @@ class KerasDetector:
         self.output = "rectangle"
         self.image_size, self.letterbox = int(image_size), letterbox
         self.familiar = None  # no appearance sample: frames are never called unfamiliar
-        self.graph: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None  # the converted forward pass, if any
+        self.graph: Graph | None = None  # the converted forward pass, if any
         self._label_by_class = {label.id - 1: label for label in self.labels}
         self.predict = tf.function(self._predict, reduce_retracing=True, autograph=False)  # no Python control flow
 
     def _predict(self, batch):
         return self.model.decode_predictions(self.model(batch, training=False), batch)
 
-    def run_converted(self, graph: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
+    def run_converted(self, graph: Graph) -> None:
         """Detect through ``graph`` from now on: the network's forward pass (``export_graph``) compiled by another
         runtime (``models.runtime``); its raw outputs are decoded as the eager model's are (``decode_predictions``:
         anchors, box variances, NMS). ``model`` stays the Keras model (what is trained and saved)."""

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from preannotate.models.family import ConvertibleFamily
+from preannotate.models.family import ConvertibleFamily, Detector, Graph, ModelFamily
 from preannotate.suggest import did_you_mean
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,6 @@ FASTEST_ON_CPU: dict[str, str] = {
     # TensorFlow's NMS around it: graph tensorflow 36.5, openvino 11.4; handler 42.3, 20.3 (2.1x)
     "keras_ssd_mobilenet_v2_fpnlite_320": "openvino",
 }
-
-Graph = Callable[[np.ndarray], dict[str, np.ndarray]]  # the exported graph compiled: images in, named outputs out
 
 
 class RuntimeChoiceError(ValueError):
@@ -90,10 +88,11 @@ def chosen(architecture: str, device: str, wanted: str) -> str:
     return wanted
 
 
-def use(detector: Any, family: Any, directory: Path, framework: str, wanted: str | None = None) -> str:
+def use(detector: Detector, family: ModelFamily, directory: Path, wanted: str | None = None) -> str:
     """Make ``detector`` (loaded from ``directory`` by ``family``) run on the runtime chosen for it (``wanted``:
     default ``PREANNOTATE_RUNTIME``), exporting its graph the first time; return the runtime it runs on."""
     wanted = checked(wanted) if wanted is not None else requested()
+    framework = detector.manifest.framework
     eager = EAGER.get(framework, framework)
     runtime = chosen(detector.manifest.architecture, str(getattr(detector, "device", "cpu")), wanted)
     if runtime == "torch" or not isinstance(family, ConvertibleFamily) or not family.convertible(detector):

@@ -38,6 +38,7 @@ from torchvision.transforms.v2 import functional as F
 from preannotate import uncertainty
 from preannotate.formats import masks
 from preannotate.hyperparameters import HyperparameterError, Hyperparameters
+from preannotate.models.family import Graph
 from preannotate.models.registry import Architecture, PretrainedWeightsUnavailable, num_classes
 from preannotate.shapes import Label, Shape
 
@@ -224,7 +225,7 @@ class TorchvisionDetector:
             # detached: a forward outside inference mode (a caller's own) must not keep its graph
             self._appearance[depth] = appearance_vectors(output.detach()).float().cpu().numpy()
 
-    def run_converted(self, graph: Callable[[np.ndarray], dict[str, np.ndarray]]) -> None:
+    def run_converted(self, graph: Graph) -> None:
         """Detect through ``graph`` from now on: the exported part (``export_graph``) compiled by another runtime
         (``models.runtime``) runs in place of the backbone (and SSD's, RetinaNet's or FCOS's head) in a copy of the
         model, whose transform, anchors, decoding and NMS are the model's own. ``model`` stays the whole eager
@@ -550,7 +551,7 @@ class ConvertedPart(torch.nn.Module):
     hands on what it computed — the features to the model, the head's outputs to ``HeadOutputs`` (in the head's
     place), each depth's appearance into ``appearance`` (the detector's)."""
 
-    def __init__(self, graph: Callable[[np.ndarray], dict[str, np.ndarray]], appearance: dict[str, np.ndarray]):
+    def __init__(self, graph: Graph, appearance: dict[str, np.ndarray]):
         super().__init__()
         self.graph = graph
         self.appearance = appearance
