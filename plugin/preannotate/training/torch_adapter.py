@@ -208,7 +208,7 @@ class Adapter:
     def _dataset(self, items: Sequence[data.Item], train: bool) -> data.DetectionDataset:
         hp = self.spec.hp
         transform = data.transforms(hp, self.spec.arch.fixed_size, train, boxes=not self.tags,
-                                    keypoints=KeypointLayout.of(self.spec.labels) if self.with_keypoints else None)
+                                    keypoints=self.with_keypoints)
         return data.DetectionDataset(items, self.spec.labels, transform, self.with_masks,
                                      hp.recipe.seed if train else 0, tags=self.tags, keypoints=self.with_keypoints)
 
